@@ -1,1 +1,225 @@
-fn main() {}
+//! `worker`: serve a model over OpenAI HTTP and gRPC, fetch known models, benchmark.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use worker::api::{self, Service, WorkerInfo};
+use worker::backend::{Backend, cpu::CpuBackend, kv_block_bytes};
+use worker::chat::ChatTemplate;
+use worker::engine::{self, EngineConfig};
+use worker::{fetch, model};
+
+#[derive(Parser)]
+#[command(name = "worker", version, about = "Sovereign inference worker: Llama-family models on a paged KV cache")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve a model over OpenAI-compatible HTTP and the gateway's gRPC contract.
+    Serve(ServeArgs),
+    /// Download a known model into the cache directory and print its path.
+    FetchModel {
+        /// Model alias (known: smollm2).
+        name: String,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// A GGUF file, a Hugging Face model directory, or a known alias (smollm2) that is
+    /// fetched into the cache on first use.
+    #[arg(long)]
+    model: String,
+    /// CPU threads for the forward pass (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Memory for the KV cache, in MiB.
+    #[arg(long, default_value_t = 512)]
+    kv_cache_mb: usize,
+    /// Longest sequence (prompt + completion); default: the model's context, bounded by
+    /// the KV cache.
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    /// Most sequences in one batch.
+    #[arg(long, default_value_t = 64)]
+    max_num_seqs: usize,
+    /// Token budget of one engine step (decode tokens + prefill chunk tokens).
+    #[arg(long, default_value_t = 512)]
+    max_batched_tokens: usize,
+    /// Largest prefill chunk of one sequence in one step.
+    #[arg(long, default_value_t = 256)]
+    max_prefill_chunk: usize,
+    /// Requests allowed to wait beyond the running batch before new ones get 429.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// OpenAI-compatible HTTP listener.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http_addr: SocketAddr,
+    /// gRPC listener (the gateway's contract).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    grpc_addr: SocketAddr,
+    /// Pool this worker belongs to (reported by Info and /v1/models).
+    #[arg(long, default_value = "local")]
+    pool: String,
+    /// ISO 3166-1 alpha-2 country the worker runs in.
+    #[arg(long, default_value = "EU")]
+    country: String,
+    /// Model id clients use (default: the alias, or the file/directory name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, default_value_t = api::http::DEFAULT_BODY_LIMIT)]
+    body_limit: usize,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::FetchModel { name } => {
+            let p = fetch::fetch(&name)?;
+            println!("{}", p.display());
+            Ok(())
+        }
+        Cmd::Serve(a) => serve(a),
+    }
+}
+
+/// A loaded model with its engine running.
+pub struct Running {
+    pub service: Service,
+}
+
+fn start_engine(a: &ModelArgs, served_name: Option<String>, pool: &str, country: &str) -> Result<Service> {
+    let path: PathBuf = fetch::resolve_model(&a.model)?;
+    let t0 = std::time::Instant::now();
+    let loaded = model::load(&path).with_context(|| format!("loading model {}", path.display()))?;
+    let mut cfg = loaded.config.clone();
+    let block_size = 16;
+    let num_blocks = (a.kv_cache_mb << 20) / kv_block_bytes(&cfg, block_size);
+    if num_blocks < 2 {
+        bail!("--kv-cache-mb {} holds fewer than 2 KV blocks for this model", a.kv_cache_mb);
+    }
+    let max_model_len = a.max_model_len.unwrap_or(cfg.max_context).min(cfg.max_context).min(num_blocks * block_size);
+    cfg.max_context = max_model_len;
+    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let tok_str = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or("").to_string();
+    let chat = match &loaded.chat_template {
+        Some(t) => ChatTemplate::new(t, &tok_str(tokenizer.bos()), &tok_str(tokenizer.eos()))
+            .context("the model's chat template does not compile")?,
+        None => ChatTemplate::chatml(),
+    };
+    let vocab = cfg.vocab_size;
+    let backend = CpuBackend::new(cfg.clone(), Arc::new(loaded.weights), num_blocks, block_size, threads)?;
+    let backend_name = backend.name();
+    tracing::info!(
+        model = %path.display(), layers = cfg.n_layers, hidden = cfg.hidden, vocab, num_blocks, max_model_len,
+        backend = %backend_name, load_ms = t0.elapsed().as_millis() as u64, "model loaded"
+    );
+    let engine = engine::start(
+        Box::new(backend),
+        Arc::clone(&tokenizer),
+        vocab,
+        EngineConfig {
+            block_size,
+            num_blocks,
+            max_num_seqs: a.max_num_seqs,
+            max_batched_tokens: a.max_batched_tokens.max(a.max_num_seqs),
+            max_prefill_chunk: a.max_prefill_chunk.max(1),
+            max_queue: a.max_queue,
+            max_model_len,
+        },
+    );
+    let model_id = served_name.unwrap_or_else(|| {
+        if fetch::known(&a.model).is_some() {
+            a.model.clone()
+        } else {
+            path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+        }
+    });
+    Ok(Service {
+        engine,
+        chat: Arc::new(chat),
+        info: Arc::new(WorkerInfo {
+            model_id,
+            pool: pool.to_string(),
+            country: country.to_string(),
+            backend: backend_name,
+            context_length: max_model_len,
+        }),
+    })
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let svc = start_engine(&a.model, a.served_model_name.clone(), &a.pool, &a.country)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let http = tokio::net::TcpListener::bind(a.http_addr)
+            .await
+            .with_context(|| format!("cannot listen on --http-addr {}", a.http_addr))?;
+        let grpc = tokio::net::TcpListener::bind(a.grpc_addr)
+            .await
+            .with_context(|| format!("cannot listen on --grpc-addr {}", a.grpc_addr))?;
+        tracing::info!(http = %http.local_addr()?, grpc = %grpc.local_addr()?, model = %svc.info.model_id,
+            pool = %svc.info.pool, country = %svc.info.country, "worker ready");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut stop_http = stop_rx.clone();
+        let mut stop_grpc = stop_rx;
+        let router = api::http::router(svc.clone(), a.body_limit);
+        let http_task = tokio::spawn(async move {
+            axum::serve(http, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop_http.changed().await;
+                })
+                .await
+        });
+        let grpc_task = tokio::spawn(
+            tonic::transport::Server::builder().add_service(api::grpc::server(svc.clone())).serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                async move {
+                    let _ = stop_grpc.changed().await;
+                },
+            ),
+        );
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        let (h, g) = tokio::join!(http_task, grpc_task);
+        h??;
+        g??;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 
@@ -116,7 +117,7 @@ pub struct GgufFile {
     pub version: u32,
     pub metadata: BTreeMap<String, Value>,
     pub tensors: Vec<TensorInfo>,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
 }
 
 impl GgufFile {
@@ -196,7 +197,7 @@ impl GgufFile {
             }
             tensors.push(TensorInfo { name, dims, ty, start: start as usize, len });
         }
-        Ok(Self { path: path.into(), version, metadata, tensors, mmap })
+        Ok(Self { path: path.into(), version, metadata, tensors, mmap: Arc::new(mmap) })
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
@@ -206,6 +207,11 @@ impl GgufFile {
     /// The raw bytes of a tensor (bounds were checked at open).
     pub fn data(&self, t: &TensorInfo) -> &[u8] {
         &self.mmap[t.start..t.start + t.len]
+    }
+
+    /// The shared memory map, for weights that borrow tensor bytes without copying.
+    pub fn mmap(&self) -> Arc<Mmap> {
+        Arc::clone(&self.mmap)
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
