@@ -82,6 +82,7 @@ async function runOnce() {
     };
 }
 
+const loadStart = os.loadavg()[0];
 await runOnce(); // warm-up (page in weights, pick kernels)
 const runs = [];
 for (let r = 0; r < REPS; r++) runs.push(await runOnce());
@@ -100,6 +101,8 @@ console.log(JSON.stringify({
     model: path.basename(MODEL),
     threads: THREADS,
     cpu: os.cpus()[0]?.model,
+    n_cpus: os.cpus().length,
+    loadavg_1m_start_end: [+loadStart.toFixed(2), +os.loadavg()[0].toFixed(2)],  // >~0.5 before start => noisy
     n_prompt: N_PROMPT,
     n_gen: N_GEN,
     reps: REPS,

@@ -17,7 +17,8 @@ use crate::backend::{Backend, SeqChunk};
 use crate::kv_cache::BlockManager;
 use crate::metrics::Metrics;
 use crate::sampler::{Sampler, SamplingParams};
-use crate::scheduler::{NewSequence, Scheduler, SchedulerConfig, SeqId, StepPlan};
+use crate::kv_cache::SeqId;
+use crate::scheduler::{NewSequence, Scheduler, SchedulerConfig, StepPlan};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// Limits of the engine (see docs/worker.md for the matching flags).
@@ -222,7 +223,7 @@ pub fn start(
     tokenizer: Arc<Tokenizer>,
     vocab_size: usize,
     config: EngineConfig,
-) -> EngineHandle {
+) -> Result<EngineHandle, EngineError> {
     let metrics = Arc::new(Metrics::default());
     metrics.kv_blocks_total.store(config.num_blocks as u64, Ordering::Relaxed);
     let (tx, rx) = std_mpsc::channel();
@@ -245,8 +246,9 @@ pub fn start(
         max_batched_tokens: config.max_batched_tokens,
         max_prefill_chunk: config.max_prefill_chunk,
         max_model_len: config.max_model_len,
-    });
-    let bm = BlockManager::new(config.num_blocks, config.block_size);
+    })
+    .map_err(|e| EngineError(e.to_string()))?;
+    let bm = BlockManager::new(config.num_blocks, config.block_size).map_err(|e| EngineError(e.to_string()))?;
     let mut engine = Engine {
         rx,
         backend,
@@ -264,10 +266,14 @@ pub fn start(
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || engine.run())
-        .map(|_| ())
-        .unwrap_or_else(|e| tracing::error!("cannot start the engine thread: {e}"));
-    handle
+        .map_err(|e| EngineError(format!("cannot start the engine thread: {e}")))?;
+    Ok(handle)
 }
+
+/// The engine could not start (invalid limits, no thread).
+#[derive(Debug, thiserror::Error)]
+#[error("engine: {0}")]
+pub struct EngineError(pub String);
 
 struct Engine {
     rx: std_mpsc::Receiver<Command>,
@@ -310,16 +316,34 @@ impl Engine {
         match cmd {
             Command::Submit { seq, prompt, params, max_tokens, tx } => {
                 self.arrival += 1;
-                let sampler = Sampler::new(params.sampling.clone(), self.vocab_size);
+                let sampler = match Sampler::new(params.sampling.clone(), self.vocab_size) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Validated by the handle already; a bug guard.
+                        tracing::error!(error = %e, "sampling parameters refused");
+                        let _ = tx.send(Event::Done { reason: FinishReason::Error, usage: Usage::default() });
+                        self.pending.fetch_sub(1, Ordering::AcqRel);
+                        return;
+                    }
+                };
                 let prompt_len = prompt.len();
+                let added = self.sched.validate(&self.bm, prompt_len, max_tokens).and_then(|()| {
+                    self.sched.add(NewSequence { id: seq, prompt, max_tokens, priority: params.priority, arrival: self.arrival })
+                });
+                if let Err(e) = added {
+                    // The handle checks the same limits first, so this is a bug guard.
+                    tracing::error!(error = %e, "request refused by the scheduler");
+                    let _ = tx.send(Event::Done { reason: FinishReason::Error, usage: Usage::default() });
+                    self.pending.fetch_sub(1, Ordering::AcqRel);
+                    return;
+                }
                 self.metrics.prompt_tokens.fetch_add(prompt_len as u64, Ordering::Relaxed);
-                self.sched.add(NewSequence { id: seq, prompt, max_tokens, priority: params.priority, arrival: self.arrival });
                 self.active.insert(
                     seq,
                     Active {
                         tx,
                         sampler,
-                        decoder: IncrementalDecoder::new(Arc::clone(&self.tokenizer)),
+                        decoder: IncrementalDecoder::new(true),
                         params,
                         max_tokens,
                         prompt_len,
@@ -371,7 +395,7 @@ impl Engine {
             .iter()
             .map(|s| SeqChunk { tokens: &s.tokens, start: s.start, block_table: &s.block_table, want_logits: s.sample })
             .collect();
-        let logits = match self.backend.forward(&chunks) {
+        let mut logits = match self.backend.forward(&chunks) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "backend step failed; failing the step's requests");
@@ -413,7 +437,7 @@ impl Engine {
             let _ = a.tx.send(Event::Token { id: tok, text: held });
             return self.finish(id, FinishReason::Stop);
         }
-        a.held.push_str(&a.decoder.push(tok));
+        a.held.push_str(&a.decoder.push(&self.tokenizer, tok));
         if let Some(cut) = first_stop(&a.held, &a.params.stop) {
             a.held.truncate(cut);
             let held = std::mem::take(&mut a.held);
@@ -445,9 +469,9 @@ impl Engine {
 
     fn publish_load(&mut self) {
         let m = &self.metrics;
-        let (q, hits) = self.bm.prefix_stats();
-        m.prefix_queried_tokens.store(q, Ordering::Relaxed);
-        m.prefix_hit_tokens.store(hits, Ordering::Relaxed);
+        let stats = self.bm.prefix_cache_stats();
+        m.prefix_queried_tokens.store(stats.queries, Ordering::Relaxed);
+        m.prefix_hit_tokens.store(stats.hits, Ordering::Relaxed);
         let load = Load {
             queued: self.sched.num_waiting(),
             running: self.sched.num_running(),

@@ -105,7 +105,9 @@ impl BlockManager {
     /// A manager for `num_blocks` blocks of `block_size` tokens each, all free.
     pub fn new(num_blocks: usize, block_size: usize) -> Result<Self, KvError> {
         if block_size == 0 {
-            return Err(KvError::InvalidConfig("block_size must be at least 1".into()));
+            return Err(KvError::InvalidConfig(
+                "block_size must be at least 1".into(),
+            ));
         }
         if num_blocks == 0 || num_blocks >= NIL as usize {
             return Err(KvError::InvalidConfig(format!(
@@ -435,7 +437,10 @@ impl FreeList {
             head: if n == 0 { NIL } else { 0 },
             tail: if n == 0 { NIL } else { n as BlockId - 1 },
             len: n,
-            prev: ids.clone().map(|b| b.checked_sub(1).unwrap_or(NIL)).collect(),
+            prev: ids
+                .clone()
+                .map(|b| b.checked_sub(1).unwrap_or(NIL))
+                .collect(),
             next: ids
                 .map(|b| if b as usize + 1 == n { NIL } else { b + 1 })
                 .collect(),
@@ -498,8 +503,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_config() {
-        assert!(matches!(BlockManager::new(8, 0), Err(KvError::InvalidConfig(_))));
-        assert!(matches!(BlockManager::new(0, 16), Err(KvError::InvalidConfig(_))));
+        assert!(matches!(
+            BlockManager::new(8, 0),
+            Err(KvError::InvalidConfig(_))
+        ));
+        assert!(matches!(
+            BlockManager::new(0, 16),
+            Err(KvError::InvalidConfig(_))
+        ));
         assert!(BlockManager::new(1, 16).is_ok());
     }
 
@@ -508,10 +519,22 @@ mod tests {
         let mut bm = BlockManager::new(10, 16).unwrap();
         let prompt = toks(1, 40);
         let a = run_prompt(&mut bm, 1, &prompt);
-        assert_eq!(a, Allocation { cached_tokens: 0, num_new_tokens: 40 });
+        assert_eq!(
+            a,
+            Allocation {
+                cached_tokens: 0,
+                num_new_tokens: 40
+            }
+        );
         assert_eq!(bm.num_cached_blocks(), 2);
         let b = run_prompt(&mut bm, 2, &prompt);
-        assert_eq!(b, Allocation { cached_tokens: 32, num_new_tokens: 8 });
+        assert_eq!(
+            b,
+            Allocation {
+                cached_tokens: 32,
+                num_new_tokens: 8
+            }
+        );
         let (t1, t2) = (bm.block_table(1).unwrap(), bm.block_table(2).unwrap());
         assert_eq!(t1[..2], t2[..2]);
         assert_ne!(t1[2], t2[2]);
@@ -534,10 +557,22 @@ mod tests {
         run_prompt(&mut bm, 1, &prompt);
         assert_eq!(bm.cached_prefix_len(&prompt), 16);
         let a = run_prompt(&mut bm, 2, &prompt);
-        assert_eq!(a, Allocation { cached_tokens: 16, num_new_tokens: 16 });
+        assert_eq!(
+            a,
+            Allocation {
+                cached_tokens: 16,
+                num_new_tokens: 16
+            }
+        );
         let longer: Vec<u32> = prompt.iter().copied().chain([7]).collect();
         let b = run_prompt(&mut bm, 3, &longer);
-        assert_eq!(b, Allocation { cached_tokens: 32, num_new_tokens: 1 });
+        assert_eq!(
+            b,
+            Allocation {
+                cached_tokens: 32,
+                num_new_tokens: 1
+            }
+        );
     }
 
     #[test]
@@ -586,7 +621,13 @@ mod tests {
         // Once there is room, the cached prefix is shared.
         bm.free(2);
         let a = bm.allocate(3, &long, 0, long.len()).unwrap();
-        assert_eq!(a, Allocation { cached_tokens: 8, num_new_tokens: 8 });
+        assert_eq!(
+            a,
+            Allocation {
+                cached_tokens: 8,
+                num_new_tokens: 8
+            }
+        );
         bm.check_invariants().unwrap();
     }
 
@@ -604,7 +645,10 @@ mod tests {
         ));
         assert_eq!(
             bm.allocate(1, &[1, 2], 1, 1),
-            Err(KvError::NoBlockTable { seq: 1, num_computed: 1 })
+            Err(KvError::NoBlockTable {
+                seq: 1,
+                num_computed: 1
+            })
         );
         bm.free(42);
         bm.commit_full_blocks(42, &[1, 2, 3, 4], 4);

@@ -145,7 +145,7 @@ fn start_engine(a: &ModelArgs, served_name: Option<String>, pool: &str, country:
             max_queue: a.max_queue,
             max_model_len,
         },
-    );
+    )?;
     let model_id = served_name.unwrap_or_else(|| {
         if fetch::known(&a.model).is_some() {
             a.model.clone()

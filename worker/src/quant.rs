@@ -439,8 +439,8 @@ pub fn dot_row(ty: GgmlType, bytes: &[u8], x: &[f32]) -> f32 {
     portable::dot_row(ty, bytes, x)
 }
 
-/// Elements dequantized at a time by [`dot_rows_multi`] (a multiple of every block size; the
-/// 4 KiB buffer stays in L1 while every activation vector is multiplied with it).
+/// Elements dequantized at a time by the portable [`dot_rows_multi`] (a multiple of every block
+/// size; the 4 KiB buffer stays in L1 while every activation vector is multiplied with it).
 const MULTI_CHUNK: usize = 1024;
 
 /// `out[j] = dot_row(ty, bytes, xs[j])` for every `j`, dequantizing each block of the row once
@@ -466,7 +466,19 @@ pub fn dot_rows_multi(ty: GgmlType, bytes: &[u8], xs: &[&[f32]], out: &mut [f32]
         *o = dot_row(ty, bytes, x);
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
+        unsafe { avx2::dot_rows_multi(ty, bytes, xs, out) };
+        return;
+    }
     out.fill(0.0);
+    multi_chunks(ty, bytes, xs, out);
+}
+
+/// Portable [`dot_rows_multi`]: walks the row in [`MULTI_CHUNK`]-element chunks, dequantizing
+/// each chunk once into a stack buffer and accumulating it against every vector.
+fn multi_chunks(ty: GgmlType, bytes: &[u8], xs: &[&[f32]], out: &mut [f32]) {
     let mut buf = [0f32; MULTI_CHUNK];
     let bytes_per_chunk = MULTI_CHUNK / ty.block_size() * ty.type_size();
     let mut start = 0;
@@ -475,7 +487,7 @@ pub fn dot_rows_multi(ty: GgmlType, bytes: &[u8], xs: &[&[f32]], out: &mut [f32]
         let w = &mut buf[..len];
         dequantize_unchecked(ty, chunk, w);
         for (o, x) in out.iter_mut().zip(xs) {
-            *o += dot_f32(w, &x[start..start + len]);
+            *o += portable::dot_f32(w, &x[start..start + len]);
         }
         start += len;
     }
@@ -553,17 +565,16 @@ mod portable {
     }
 
     pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-        let (ac, at) = a.as_chunks::<LANES>();
-        let (bc, bt) = b.as_chunks::<LANES>();
+        let n = a.len().min(b.len());
+        let (ac, at) = a[..n].as_chunks::<LANES>();
+        let (bc, bt) = b[..n].as_chunks::<LANES>();
         let mut acc = [0f32; LANES];
         for (ac, bc) in ac.iter().zip(bc) {
             acc_block(&mut acc, ac, bc);
         }
         let mut sum: f32 = acc.iter().sum();
-        if ac.len() == bc.len() {
-            for (a, b) in at.iter().zip(bt) {
-                sum = madd(*a, *b, sum);
-            }
+        for (a, b) in at.iter().zip(bt) {
+            sum = madd(*a, *b, sum);
         }
         sum
     }
@@ -573,11 +584,12 @@ mod portable {
             GgmlType::F32 => {
                 let mut w = [0f32; LANES];
                 let head = x.len() / LANES * LANES;
-                let mut sum = dot_blocks::<{ 4 * LANES }, LANES>(&bytes[..4 * head], &x[..head], |b, y| {
-                    for (y, f) in y.iter_mut().zip(b.as_chunks::<4>().0) {
-                        *y = f32::from_le_bytes(*f);
-                    }
-                });
+                let mut sum =
+                    dot_blocks::<{ 4 * LANES }, LANES>(&bytes[..4 * head], &x[..head], |b, y| {
+                        for (y, f) in y.iter_mut().zip(b.as_chunks::<4>().0) {
+                            *y = f32::from_le_bytes(*f);
+                        }
+                    });
                 let tail = &bytes[4 * head..];
                 for (w, f) in w.iter_mut().zip(tail.as_chunks::<4>().0) {
                     *w = f32::from_le_bytes(*f);
@@ -600,8 +612,11 @@ mod portable {
 }
 
 /// AVX2 + FMA + F16C kernels. Quantized values are widened to i32 lanes straight from memory
-/// (`vpmovzxbd`), unpacked with shifts/masks, converted to f32 and multiplied with the
-/// activations; block scales are factored out of each (sub-)block sum.
+/// (`vpmovzxbd`), unpacked with shifts/masks and converted to f32. For the 32-element blocks and
+/// Q6_K the block scales are factored out of each (sub-)block sum; Q4_K/Q5_K dequantize a
+/// super-block into a stack buffer first (measured faster). `dot_rows_multi` decodes each block
+/// into a stack buffer once and multiplies it into register accumulators for up to four
+/// activation vectors at a time.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -670,21 +685,24 @@ mod avx2 {
         _mm256_cvtepi32_ps(v)
     }
 
-    /// Runs `$blk(block, x_block, acc) -> acc` over the row with two accumulator chains.
-    macro_rules! two_chains {
+    /// Runs `$blk(block, x_block, acc) -> acc` over the row with four accumulator chains.
+    macro_rules! four_chains {
         ($blocks:expr, $xs:expr, $blk:ident) => {{
-            let (bp, bt) = $blocks.as_chunks::<2>();
-            let (xp, xt) = $xs.as_chunks::<2>();
-            let mut a0 = _mm256_setzero_ps();
-            let mut a1 = _mm256_setzero_ps();
-            for (b, x) in bp.iter().zip(xp) {
-                a0 = $blk(&b[0], &x[0], a0);
-                a1 = $blk(&b[1], &x[1], a1);
+            let (bq, bt) = $blocks.as_chunks::<4>();
+            let (xq, xt) = $xs.as_chunks::<4>();
+            let mut a = [_mm256_setzero_ps(); 4];
+            for (b, x) in bq.iter().zip(xq) {
+                for k in 0..4 {
+                    a[k] = $blk(&b[k], &x[k], a[k]);
+                }
             }
             for (b, x) in bt.iter().zip(xt) {
-                a0 = $blk(b, x, a0);
+                a[0] = $blk(b, x, a[0]);
             }
-            hsum(_mm256_add_ps(a0, a1))
+            hsum(_mm256_add_ps(
+                _mm256_add_ps(a[0], a[1]),
+                _mm256_add_ps(a[2], a[3]),
+            ))
         }};
     }
 
@@ -738,7 +756,12 @@ mod avx2 {
         for (wc, xc) in wc.iter().zip(xc) {
             for (k, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: 32k + 32 <= 128 bytes and 8k + 8 <= 32 floats.
-                let (w, v) = unsafe { (ld(wc.as_ptr().add(32 * k).cast()), ld(xc.as_ptr().add(8 * k))) };
+                let (w, v) = unsafe {
+                    (
+                        ld(wc.as_ptr().add(32 * k).cast()),
+                        ld(xc.as_ptr().add(8 * k)),
+                    )
+                };
                 *acc = _mm256_fmadd_ps(w, v, *acc);
             }
         }
@@ -822,7 +845,7 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     fn dot_q4_0(blocks: &[[u8; 18]], xs: &[[f32; 32]]) -> f32 {
-        two_chains!(blocks, xs, blk_q4_0)
+        four_chains!(blocks, xs, blk_q4_0)
     }
 
     /// `acc + d * sum(q * x) + m * sum(x)` for one Q4_1 block.
@@ -846,13 +869,16 @@ mod avx2 {
             let s0 = _mm256_fmadd_ps(e1, x1, _mm256_mul_ps(e0, x0));
             let s1 = _mm256_fmadd_ps(e3, x3, _mm256_mul_ps(e2, x2));
             let sx = _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3));
-            _mm256_fmadd_ps(m, sx, _mm256_fmadd_ps(d, _mm256_add_ps(s0, s1), acc))
+            _mm256_add_ps(
+                acc,
+                _mm256_fmadd_ps(m, sx, _mm256_mul_ps(d, _mm256_add_ps(s0, s1))),
+            )
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     fn dot_q4_1(blocks: &[[u8; 20]], xs: &[[f32; 32]]) -> f32 {
-        two_chains!(blocks, xs, blk_q4_1)
+        four_chains!(blocks, xs, blk_q4_1)
     }
 
     /// `acc + d * sum(q * x)` for one Q8_0 block.
@@ -880,108 +906,7 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     fn dot_q8_0(blocks: &[[u8; 34]], xs: &[[f32; 32]]) -> f32 {
-        two_chains!(blocks, xs, blk_q8_0)
-    }
-
-    /// Q4_K/Q5_K super-block body: `d * sc[s] * sum(q * x) - dmin * m[s] * sum(x)` over the
-    /// eight sub-blocks. `q5` supplies the fifth bits (Q5_K) or nothing (Q4_K).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn blk_k4(
-        d: __m256,
-        dmin: __m256,
-        scales: &[u8; 12],
-        qs: &[u8; 128],
-        qh: Option<&[u8; 32]>,
-        x: &[f32; 256],
-        acc: __m256,
-    ) -> __m256 {
-        let (sc, mn) = scales_mins_k4(scales);
-        let m4 = _mm256_set1_epi32(0x0F);
-        let bit4 = _mm256_set1_epi32(0x10);
-        let xp = x.as_ptr();
-        let qp = qs.as_ptr();
-        // Fifth bits of elements l = 8g..8g+8, shifted right by 2j for sub-block pair j.
-        let mut h = [_mm256_setzero_si256(); 4];
-        if let Some(qh) = qh {
-            for (g, h) in h.iter_mut().enumerate() {
-                // SAFETY: 8g + 8 <= 32.
-                *h = unsafe { u8x8(qh.as_ptr().add(8 * g)) };
-            }
-        }
-        let mut sq = [_mm256_setzero_ps(); 8];
-        let mut sx = [_mm256_setzero_ps(); 8];
-        for j in 0..4 {
-            let (mut s_lo, mut s_hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let (mut x_lo, mut x_hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            for (g, h) in h.iter_mut().enumerate() {
-                // SAFETY: 32j + 8g + 8 <= 128 bytes; 64j + 32 + 8g + 8 <= 256 floats.
-                let (v, xl, xh) = unsafe {
-                    (
-                        u8x8(qp.add(32 * j + 8 * g)),
-                        ld(xp.add(64 * j + 8 * g)),
-                        ld(xp.add(64 * j + 32 + 8 * g)),
-                    )
-                };
-                let mut lo = _mm256_and_si256(v, m4);
-                let mut hi = _mm256_srli_epi32::<4>(v);
-                if qh.is_some() {
-                    lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi32::<4>(*h), bit4));
-                    hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi32::<3>(*h), bit4));
-                    *h = _mm256_srli_epi32::<2>(*h);
-                }
-                s_lo = _mm256_fmadd_ps(ps(lo), xl, s_lo);
-                s_hi = _mm256_fmadd_ps(ps(hi), xh, s_hi);
-                x_lo = _mm256_add_ps(x_lo, xl);
-                x_hi = _mm256_add_ps(x_hi, xh);
-            }
-            sq[2 * j] = s_lo;
-            sq[2 * j + 1] = s_hi;
-            sx[2 * j] = x_lo;
-            sx[2 * j + 1] = x_hi;
-        }
-        // Scales and mins of the eight sub-blocks as vectors, then per-sub-block broadcasts.
-        let mut ds = [0f32; 8];
-        let mut dm = [0f32; 8];
-        let (d0, m0) = (_mm256_cvtss_f32(d), _mm256_cvtss_f32(dmin));
-        for s in 0..8 {
-            ds[s] = d0 * f32::from(sc[s]);
-            dm[s] = m0 * f32::from(mn[s]);
-        }
-        let mut a = acc;
-        let mut b = _mm256_setzero_ps();
-        for s in 0..8 {
-            a = _mm256_fmadd_ps(_mm256_set1_ps(ds[s]), sq[s], a);
-            b = _mm256_fmadd_ps(_mm256_set1_ps(dm[s]), sx[s], b);
-        }
-        _mm256_sub_ps(a, b)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn blk_q4_k(b: &[u8; 144], x: &[f32; 256], acc: __m256) -> __m256 {
-        let d = f16_splat(b[0], b[1]);
-        let dmin = f16_splat(b[2], b[3]);
-        blk_k4(d, dmin, super::sub::<4, 12, 144>(b), super::sub::<16, 128, 144>(b), None, x, acc)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn dot_q4_k(blocks: &[[u8; 144]], xs: &[[f32; 256]]) -> f32 {
-        two_chains!(blocks, xs, blk_q4_k)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn blk_q5_k(b: &[u8; 176], x: &[f32; 256], acc: __m256) -> __m256 {
-        let d = f16_splat(b[0], b[1]);
-        let dmin = f16_splat(b[2], b[3]);
-        let qh = super::sub::<16, 32, 176>(b);
-        blk_k4(d, dmin, super::sub::<4, 12, 176>(b), super::sub::<48, 128, 176>(b), Some(qh), x, acc)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn dot_q5_k(blocks: &[[u8; 176]], xs: &[[f32; 256]]) -> f32 {
-        two_chains!(blocks, xs, blk_q5_k)
+        four_chains!(blocks, xs, blk_q8_0)
     }
 
     /// `acc + sum over 16-element groups of d * sc * sum((q - 32) * x)` for one Q6_K block.
@@ -994,7 +919,12 @@ mod avx2 {
         let k32 = _mm256_set1_epi32(32);
         let bp = b.as_ptr();
         let xp = x.as_ptr();
-        let mut a = [acc, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()];
+        let mut a = [
+            acc,
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+        ];
         for n in 0..2 {
             for is in 0..2 {
                 let mut s = [_mm256_setzero_ps(); 4];
@@ -1013,7 +943,8 @@ mod avx2 {
                             _mm256_and_si256(vc, m4),
                             _mm256_and_si256(_mm256_slli_epi32::<2>(h), m30),
                         );
-                        let q3 = _mm256_or_si256(_mm256_srli_epi32::<4>(va), _mm256_and_si256(h, m30));
+                        let q3 =
+                            _mm256_or_si256(_mm256_srli_epi32::<4>(va), _mm256_and_si256(h, m30));
                         let q4 = _mm256_or_si256(
                             _mm256_srli_epi32::<4>(vc),
                             _mm256_and_si256(_mm256_srli_epi32::<2>(h), m30),
@@ -1036,7 +967,419 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     fn dot_q6_k(blocks: &[[u8; 210]], xs: &[[f32; 256]]) -> f32 {
-        two_chains!(blocks, xs, blk_q6_k)
+        four_chains!(blocks, xs, blk_q6_k)
+    }
+
+    // ---- Vectorized dequantization into a buffer (for dot_rows_multi and the K-quant dots).
+    // These use FMA where the reference rounds twice, so they are not bit-exact.
+
+    /// # Safety
+    /// `p..p + 8` must be writable.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn st(p: *mut f32, v: __m256) {
+        // SAFETY: per the function contract.
+        unsafe { _mm256_storeu_ps(p, v) }
+    }
+
+    /// Eight u8 values from an array, converted to f32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn u8x8_ps(v: &[u8; 8]) -> __m256 {
+        // SAFETY: an 8-byte array.
+        ps(unsafe { u8x8(v.as_ptr()) })
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn deq_k4(
+        d: f32,
+        dmin: f32,
+        scales: &[u8; 12],
+        qs: &[u8; 128],
+        qh: Option<&[u8; 32]>,
+        y: &mut [f32; 256],
+    ) {
+        let (sc, mn) = scales_mins_k4(scales);
+        let mut ds = [0f32; 8];
+        let mut dm = [0f32; 8];
+        // SAFETY: 8-float arrays.
+        unsafe {
+            st(
+                ds.as_mut_ptr(),
+                _mm256_mul_ps(_mm256_set1_ps(d), u8x8_ps(&sc)),
+            );
+            st(
+                dm.as_mut_ptr(),
+                _mm256_mul_ps(_mm256_set1_ps(dmin), u8x8_ps(&mn)),
+            );
+        }
+        let m4 = _mm256_set1_epi32(0x0F);
+        let bit4 = _mm256_set1_epi32(0x10);
+        let mut h = [_mm256_setzero_si256(); 4];
+        if let Some(qh) = qh {
+            for (g, h) in h.iter_mut().enumerate() {
+                // SAFETY: 8g + 8 <= 32.
+                *h = unsafe { u8x8(qh.as_ptr().add(8 * g)) };
+            }
+        }
+        let qp = qs.as_ptr();
+        let yp = y.as_mut_ptr();
+        for j in 0..4 {
+            let (dl, dh) = (_mm256_set1_ps(ds[2 * j]), _mm256_set1_ps(ds[2 * j + 1]));
+            let (ml, mh) = (_mm256_set1_ps(dm[2 * j]), _mm256_set1_ps(dm[2 * j + 1]));
+            for (g, h) in h.iter_mut().enumerate() {
+                // SAFETY: 32j + 8g + 8 <= 128 bytes; 64j + 32 + 8g + 8 <= 256 floats.
+                unsafe {
+                    let v = u8x8(qp.add(32 * j + 8 * g));
+                    let mut lo = _mm256_and_si256(v, m4);
+                    let mut hi = _mm256_srli_epi32::<4>(v);
+                    if qh.is_some() {
+                        lo =
+                            _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi32::<4>(*h), bit4));
+                        hi =
+                            _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi32::<3>(*h), bit4));
+                        *h = _mm256_srli_epi32::<2>(*h);
+                    }
+                    st(yp.add(64 * j + 8 * g), _mm256_fmsub_ps(ps(lo), dl, ml));
+                    st(yp.add(64 * j + 32 + 8 * g), _mm256_fmsub_ps(ps(hi), dh, mh));
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn deq_q4_k(b: &[u8; 144], y: &mut [f32; 256]) {
+        let (d, dmin) = (super::f16_le(b[0], b[1]), super::f16_le(b[2], b[3]));
+        deq_k4(
+            d,
+            dmin,
+            super::sub::<4, 12, 144>(b),
+            super::sub::<16, 128, 144>(b),
+            None,
+            y,
+        );
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn deq_q5_k(b: &[u8; 176], y: &mut [f32; 256]) {
+        let (d, dmin) = (super::f16_le(b[0], b[1]), super::f16_le(b[2], b[3]));
+        let qh = super::sub::<16, 32, 176>(b);
+        deq_k4(
+            d,
+            dmin,
+            super::sub::<4, 12, 176>(b),
+            super::sub::<48, 128, 176>(b),
+            Some(qh),
+            y,
+        );
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn deq_q6_k(b: &[u8; 210], y: &mut [f32; 256]) {
+        let d = super::f16_le(b[208], b[209]);
+        let m4 = _mm256_set1_epi32(0x0F);
+        let m30 = _mm256_set1_epi32(0x30);
+        let k32 = _mm256_set1_epi32(32);
+        let mut ds = [0f32; 16];
+        // SAFETY: bytes 192..208 of a 210-byte block; 16-float array.
+        unsafe {
+            let sc = _mm_loadu_si128(b.as_ptr().add(192).cast());
+            let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc));
+            let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(sc)));
+            st(ds.as_mut_ptr(), _mm256_mul_ps(_mm256_set1_ps(d), lo));
+            st(ds.as_mut_ptr().add(8), _mm256_mul_ps(_mm256_set1_ps(d), hi));
+        }
+        let bp = b.as_ptr();
+        let yp = y.as_mut_ptr();
+        for n in 0..2 {
+            for g in 0..4 {
+                let is = g / 2;
+                // SAFETY: ql: 64n + 32 + 8g + 8 <= 128; qh: 128 + 32n + 8g + 8 <= 192;
+                // y: 128n + 96 + 8g + 8 <= 256.
+                unsafe {
+                    let va = u8x8(bp.add(64 * n + 8 * g));
+                    let vc = u8x8(bp.add(64 * n + 32 + 8 * g));
+                    let h = u8x8(bp.add(128 + 32 * n + 8 * g));
+                    let q1 = _mm256_or_si256(
+                        _mm256_and_si256(va, m4),
+                        _mm256_and_si256(_mm256_slli_epi32::<4>(h), m30),
+                    );
+                    let q2 = _mm256_or_si256(
+                        _mm256_and_si256(vc, m4),
+                        _mm256_and_si256(_mm256_slli_epi32::<2>(h), m30),
+                    );
+                    let q3 = _mm256_or_si256(_mm256_srli_epi32::<4>(va), _mm256_and_si256(h, m30));
+                    let q4 = _mm256_or_si256(
+                        _mm256_srli_epi32::<4>(vc),
+                        _mm256_and_si256(_mm256_srli_epi32::<2>(h), m30),
+                    );
+                    for (k, q) in [q1, q2, q3, q4].into_iter().enumerate() {
+                        let e = ps(_mm256_sub_epi32(q, k32));
+                        let scale = _mm256_set1_ps(ds[8 * n + is + 2 * k]);
+                        st(yp.add(128 * n + 32 * k + 8 * g), _mm256_mul_ps(e, scale));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Dot of a 256-float buffer with 256 activations into eight accumulators.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn acc256(w: &[f32; 256], x: &[f32; 256], acc: &mut [__m256; 8]) {
+        for i in 0..4 {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: 64i + 8k + 8 <= 256 for both arrays.
+                unsafe {
+                    let o = 64 * i + 8 * k;
+                    *acc = _mm256_fmadd_ps(ld(w.as_ptr().add(o)), ld(x.as_ptr().add(o)), *acc);
+                }
+            }
+        }
+    }
+
+    macro_rules! buffered {
+        ($blocks:expr, $xs:expr, $deq:ident) => {{
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut buf = [0f32; 256];
+            for (b, x) in $blocks.iter().zip($xs) {
+                $deq(b, &mut buf);
+                acc256(&buf, x, &mut acc);
+            }
+            let s0 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let s1 = _mm256_add_ps(_mm256_add_ps(acc[4], acc[5]), _mm256_add_ps(acc[6], acc[7]));
+            hsum(_mm256_add_ps(s0, s1))
+        }};
+    }
+
+    /// Q4_K: vectorized dequantization into a stack buffer beats fusing the sub-block scales
+    /// into the dot product here (fewer live registers, no per-sub-block reductions).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_q4_k(blocks: &[[u8; 144]], xs: &[[f32; 256]]) -> f32 {
+        buffered!(blocks, xs, deq_q4_k)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_q5_k(blocks: &[[u8; 176]], xs: &[[f32; 256]]) -> f32 {
+        buffered!(blocks, xs, deq_q5_k)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn deq_q4_0(b: &[u8; 18], y: &mut [f32; 32]) {
+        let d = f16_splat(b[0], b[1]);
+        let m4 = _mm256_set1_epi32(0x0F);
+        let eight = _mm256_set1_epi32(8);
+        let (q, yp) = (b.as_ptr(), y.as_mut_ptr());
+        // SAFETY: bytes 2..18 of an 18-byte block, floats 0..32 of a 32-float block.
+        unsafe {
+            let v0 = u8x8(q.add(2));
+            let v1 = u8x8(q.add(10));
+            let e = [
+                _mm256_and_si256(v0, m4),
+                _mm256_and_si256(v1, m4),
+                _mm256_srli_epi32::<4>(v0),
+                _mm256_srli_epi32::<4>(v1),
+            ];
+            for (k, e) in e.into_iter().enumerate() {
+                st(
+                    yp.add(8 * k),
+                    _mm256_mul_ps(ps(_mm256_sub_epi32(e, eight)), d),
+                );
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn deq_q4_1(b: &[u8; 20], y: &mut [f32; 32]) {
+        let d = f16_splat(b[0], b[1]);
+        let m = f16_splat(b[2], b[3]);
+        let m4 = _mm256_set1_epi32(0x0F);
+        let (q, yp) = (b.as_ptr(), y.as_mut_ptr());
+        // SAFETY: bytes 4..20 of a 20-byte block, floats 0..32 of a 32-float block.
+        unsafe {
+            let v0 = u8x8(q.add(4));
+            let v1 = u8x8(q.add(12));
+            let e = [
+                _mm256_and_si256(v0, m4),
+                _mm256_and_si256(v1, m4),
+                _mm256_srli_epi32::<4>(v0),
+                _mm256_srli_epi32::<4>(v1),
+            ];
+            for (k, e) in e.into_iter().enumerate() {
+                st(yp.add(8 * k), _mm256_fmadd_ps(ps(e), d, m));
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn deq_q8_0(b: &[u8; 34], y: &mut [f32; 32]) {
+        let d = f16_splat(b[0], b[1]);
+        let (q, yp) = (b.as_ptr(), y.as_mut_ptr());
+        for k in 0..4 {
+            // SAFETY: bytes 2 + 8k + 8 <= 34, floats 8k + 8 <= 32.
+            unsafe { st(yp.add(8 * k), _mm256_mul_ps(i8x8_ps(q.add(2 + 8 * k)), d)) };
+        }
+    }
+
+    /// F16 or BF16 elements to f32: eight at a time, then the tail.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn deq_half(bytes: &[u8], out: &mut [f32], bf16: bool) {
+        let (hc, ht) = bytes.as_chunks::<16>();
+        let (yc, yt) = out.as_chunks_mut::<8>();
+        for (h, y) in hc.iter().zip(yc) {
+            // SAFETY: a 16-byte array and an 8-float array.
+            unsafe {
+                let h = _mm_loadu_si128(h.as_ptr().cast());
+                let v = if bf16 {
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+                } else {
+                    _mm256_cvtph_ps(h)
+                };
+                st(y.as_mut_ptr(), v);
+            }
+        }
+        for (h, y) in ht.as_chunks::<2>().0.iter().zip(yt) {
+            *y = if bf16 {
+                super::bf16_le(h[0], h[1])
+            } else {
+                super::f16_le(h[0], h[1])
+            };
+        }
+    }
+
+    /// `[dot(w, x) for x in xs]` for one row given as blocks, `N` vectors at a time: each
+    /// block is decoded once (by `dec`, into a small stack buffer) and multiplied into `C`
+    /// accumulators per vector. Returns the sums over the whole blocks only.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn multi<const TS: usize, const BS: usize, const N: usize, const C: usize>(
+        blocks: &[[u8; TS]],
+        xs: [&[f32]; N],
+        dec: &impl Fn(&[u8; TS], &mut [f32; BS]),
+    ) -> [f32; N] {
+        const { assert!(BS.is_multiple_of(8 * C)) };
+        let n = blocks.len() * BS;
+        assert!(
+            xs.iter().all(|x| x.len() >= n),
+            "activation vector too short"
+        );
+        let mut acc = [[_mm256_setzero_ps(); C]; N];
+        let mut w = [0f32; BS];
+        for (i, b) in blocks.iter().enumerate() {
+            dec(b, &mut w);
+            for k0 in (0..BS / 8).step_by(C) {
+                for c in 0..C {
+                    let k = k0 + c;
+                    // SAFETY: 8k + 8 <= BS (BS / 8 is a multiple of C), and
+                    // BS * i + 8k + 8 <= n <= x.len() (asserted).
+                    unsafe {
+                        let wv = ld(w.as_ptr().add(8 * k));
+                        for (acc, x) in acc.iter_mut().zip(&xs) {
+                            let v = ld(x.as_ptr().add(BS * i + 8 * k));
+                            acc[c] = _mm256_fmadd_ps(wv, v, acc[c]);
+                        }
+                    }
+                }
+            }
+        }
+        acc.map(|a| {
+            hsum(
+                a.into_iter()
+                    .fold(_mm256_setzero_ps(), |s, v| _mm256_add_ps(s, v)),
+            )
+        })
+    }
+
+    /// Runs [`multi`] over `xs` in groups of four (then three, two, one).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn multi_groups<const TS: usize, const BS: usize>(
+        blocks: &[[u8; TS]],
+        xs: &[&[f32]],
+        out: &mut [f32],
+        dec: impl Fn(&[u8; TS], &mut [f32; BS]),
+    ) {
+        for (xs, out) in xs.chunks(4).zip(out.chunks_mut(4)) {
+            match xs {
+                [a, b, c, d] => {
+                    out.copy_from_slice(&multi::<TS, BS, 4, 2>(blocks, [a, b, c, d], &dec))
+                }
+                [a, b, c] => out.copy_from_slice(&multi::<TS, BS, 3, 2>(blocks, [a, b, c], &dec)),
+                [a, b] => out.copy_from_slice(&multi::<TS, BS, 2, 4>(blocks, [a, b], &dec)),
+                [a] => out.copy_from_slice(&multi::<TS, BS, 1, 4>(blocks, [a], &dec)),
+                _ => {}
+            }
+        }
+    }
+
+    /// F32/F16/BF16 rows: groups of 32 elements through [`multi_groups`], then the tail.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn multi_plain<const TS: usize>(
+        bytes: &[u8],
+        xs: &[&[f32]],
+        out: &mut [f32],
+        dec: impl Fn(&[u8; TS], &mut [f32; 32]),
+        scalar: impl Fn(&[u8]) -> f32,
+    ) {
+        let (blocks, tail) = bytes.as_chunks::<TS>();
+        multi_groups(blocks, xs, out, dec);
+        let width = TS / 32;
+        let head = blocks.len() * 32;
+        for (o, x) in out.iter_mut().zip(xs) {
+            for (w, x) in tail.chunks_exact(width).zip(&x[head..]) {
+                *o = scalar(w).mul_add(*x, *o);
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; every vector must have as many elements as the
+    /// row (`bytes`), and `out` one slot per vector.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_rows_multi(ty: GgmlType, bytes: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+        let f32le = |b: &[u8]| f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        match ty {
+            GgmlType::F32 => multi_plain(
+                bytes,
+                xs,
+                out,
+                |b: &[u8; 128], y| {
+                    for (y, b) in y.iter_mut().zip(b.as_chunks::<4>().0) {
+                        *y = f32::from_le_bytes(*b);
+                    }
+                },
+                f32le,
+            ),
+            GgmlType::F16 => multi_plain(
+                bytes,
+                xs,
+                out,
+                |b: &[u8; 64], y| deq_half(b, y, false),
+                |b| super::f16_le(b[0], b[1]),
+            ),
+            GgmlType::BF16 => multi_plain(
+                bytes,
+                xs,
+                out,
+                |b: &[u8; 64], y| deq_half(b, y, true),
+                |b| super::bf16_le(b[0], b[1]),
+            ),
+            GgmlType::Q4_0 => multi_groups(bytes.as_chunks().0, xs, out, |b, y| deq_q4_0(b, y)),
+            GgmlType::Q4_1 => multi_groups(bytes.as_chunks().0, xs, out, |b, y| deq_q4_1(b, y)),
+            GgmlType::Q8_0 => multi_groups(bytes.as_chunks().0, xs, out, |b, y| deq_q8_0(b, y)),
+            GgmlType::Q4_K => multi_groups(bytes.as_chunks().0, xs, out, |b, y| deq_q4_k(b, y)),
+            GgmlType::Q5_K => multi_groups(bytes.as_chunks().0, xs, out, |b, y| deq_q5_k(b, y)),
+            GgmlType::Q6_K => multi_groups(bytes.as_chunks().0, xs, out, |b, y| deq_q6_k(b, y)),
+        }
     }
 }
 
@@ -1079,7 +1422,9 @@ mod tests {
         let mut bytes = Vec::new();
         match ty {
             GgmlType::F32 => (0..n).for_each(|_| bytes.extend(rng.f32().to_le_bytes())),
-            GgmlType::F16 => (0..n).for_each(|_| bytes.extend(f16::from_f32(rng.f32()).to_le_bytes())),
+            GgmlType::F16 => {
+                (0..n).for_each(|_| bytes.extend(f16::from_f32(rng.f32()).to_le_bytes()))
+            }
             GgmlType::BF16 => (0..n).for_each(|_| {
                 bytes.extend(half::bf16::from_f32(rng.f32()).to_le_bytes());
             }),
@@ -1109,8 +1454,16 @@ mod tests {
 
     /// Double-precision reference dot product and the scale to measure its error against.
     fn reference_dot(w: &[f32], x: &[f32]) -> (f64, f64) {
-        let dot = w.iter().zip(x).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
-        let mag = w.iter().zip(x).map(|(a, b)| (f64::from(*a) * f64::from(*b)).abs()).sum();
+        let dot = w
+            .iter()
+            .zip(x)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum();
+        let mag = w
+            .iter()
+            .zip(x)
+            .map(|(a, b)| (f64::from(*a) * f64::from(*b)).abs())
+            .sum();
         (dot, mag)
     }
 
@@ -1155,7 +1508,10 @@ mod tests {
         );
         let err = GgmlType::try_from(11).unwrap_err();
         assert_eq!(err.to_string(), "unsupported tensor type Q3_K (11)");
-        assert_eq!(GgmlType::try_from(1000).unwrap_err().to_string(), "unknown tensor type id 1000");
+        assert_eq!(
+            GgmlType::try_from(1000).unwrap_err().to_string(),
+            "unknown tensor type id 1000"
+        );
         assert_eq!(GgmlType::Q4_1.row_bytes(576), Ok(18 * 20));
         assert_eq!(GgmlType::Q6_K.row_bytes(512), Ok(420));
         assert_eq!(GgmlType::F16.row_bytes(3), Ok(6));
@@ -1228,18 +1584,23 @@ mod tests {
     fn dot_rows_multi_matches_dot_row() {
         let mut rng = Rng(2);
         for ty in GgmlType::ALL {
-            // Long enough to span several MULTI_CHUNK chunks, plus a partial one.
-            for n in [256usize, 2560, 4096 + 512] {
+            // Long enough to span several MULTI_CHUNK chunks, plus a partial one; F32/F16/BF16
+            // rows also get a length with a tail that is not a whole 32-element group.
+            let odd = if ty.block_size() == 1 { 1000 + 13 } else { 256 };
+            for n in [256usize, 2560, 4096 + 512, odd] {
                 let bytes = random_row(ty, n, &mut rng);
                 let w = dequant(ty, &bytes, n);
-                for batch in [0usize, 1, 2, 5] {
+                for batch in [0usize, 1, 2, 3, 4, 5, 9] {
                     let xs: Vec<Vec<f32>> = (0..batch).map(|_| random_vec(n, &mut rng)).collect();
                     let refs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
                     let mut out = vec![f32::NAN; batch];
                     dot_rows_multi(ty, &bytes, &refs, &mut out);
-                    for (o, x) in out.iter().zip(&xs) {
+                    let mut portable = vec![0.0; batch];
+                    multi_chunks(ty, &bytes, &refs, &mut portable);
+                    for ((o, p), x) in out.iter().zip(&portable).zip(&xs) {
                         let (want, mag) = reference_dot(&w, x);
                         assert_close(*o, want, mag, ty.name());
+                        assert_close(*p, want, mag, ty.name());
                         assert_close(dot_row(ty, &bytes, x), f64::from(*o), mag, ty.name());
                     }
                 }
@@ -1263,7 +1624,10 @@ mod tests {
             }
             if ty.block_size() > 1 {
                 let r = dequantize_row(ty, &bytes[..good], &mut out[..n - 1]);
-                assert!(matches!(r, Err(QuantError::NotBlockMultiple { .. })), "{r:?}");
+                assert!(
+                    matches!(r, Err(QuantError::NotBlockMultiple { .. })),
+                    "{r:?}"
+                );
             }
             assert_eq!(dequantize_row(ty, &bytes[..good], &mut out), Ok(()));
         }
@@ -1307,17 +1671,18 @@ mod tests {
         }
     }
 
-    /// Single-thread dot_row throughput on a 49152 x 576 matrix (an lm_head of a small model).
-    /// Run with `cargo test --release -- --ignored --nocapture bench_dot_row`.
+    /// Single-thread throughput of `dot_row` (AVX2 and portable) and `dot_rows_multi` (4
+    /// vectors) on a 49152 x 576 matrix (an lm_head of a small model; 512 columns for the
+    /// K-quants) and on an L2-resident 2048-row slice of it. Best of several passes.
+    /// Run with `cargo test --release -- --ignored --nocapture bench_dot_row`
+    /// (`BENCH_TYPES=Q4_1,Q8_0` to select types).
     #[test]
     #[ignore = "micro benchmark"]
     fn bench_dot_row() {
         use std::time::Instant;
-        let (rows, cols) = (49152usize, 576usize);
         let mut rng = Rng(3);
-        let x = random_vec(cols, &mut rng);
-        let xs: Vec<Vec<f32>> = (0..4).map(|_| random_vec(cols, &mut rng)).collect();
-        let xrefs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
+        let x = random_vec(576, &mut rng);
+        let xs: Vec<Vec<f32>> = (0..4).map(|_| random_vec(576, &mut rng)).collect();
         for ty in [
             GgmlType::Q4_1,
             GgmlType::Q8_0,
@@ -1327,38 +1692,43 @@ mod tests {
             GgmlType::Q6_K,
             GgmlType::F16,
         ] {
-            let cols = if ty.block_size() == QK_K { 512 } else { cols };
-            let rb = ty.row_bytes(cols).expect("row bytes");
-            let row = random_row(ty, cols, &mut rng);
-            let mut m = Vec::with_capacity(rows * rb);
-            for _ in 0..rows {
-                m.extend_from_slice(&row);
+            if let Ok(only) = std::env::var("BENCH_TYPES")
+                && !only.split(',').any(|t| t == ty.name())
+            {
+                continue;
             }
+            let cols = if ty.block_size() == QK_K { 512 } else { 576 };
+            let rb = ty.row_bytes(cols).expect("row bytes");
+            let m = random_row(ty, cols * 49152, &mut rng);
             let x = &x[..cols];
-            let mut run = |name: &str, f: &dyn Fn(&[u8]) -> f32| {
-                let mut best = f64::MAX;
-                let mut sink = 0.0;
-                for _ in 0..5 {
-                    let t = Instant::now();
-                    for r in m.chunks_exact(rb) {
-                        sink += f(r);
+            let xr: Vec<&[f32]> = xs.iter().map(|v| &v[..cols]).collect();
+            for rows in [49152usize, 2048] {
+                let m = &m[..rows * rb];
+                let passes = if rows == 2048 { 200 } else { 15 };
+                let run = |name: &str, f: &dyn Fn(&[u8]) -> f32| {
+                    let mut best = f64::MAX;
+                    let mut sink = 0.0;
+                    for _ in 0..passes {
+                        let t = Instant::now();
+                        for r in m.chunks_exact(rb) {
+                            sink += f(r);
+                        }
+                        best = best.min(t.elapsed().as_secs_f64());
                     }
-                    best = best.min(t.elapsed().as_secs_f64());
-                }
-                println!(
-                    "{ty:5} {name:9} {rows}x{cols}: {:6.2} GB/s of weights, {:7.3} ms/matrix ({sink:.1})",
-                    m.len() as f64 / best / 1e9,
-                    best * 1e3
-                );
-            };
-            run("dot_row", &|r| dot_row(ty, r, x));
-            run("portable", &|r| portable::dot_row(ty, r, x));
-            let xr: Vec<&[f32]> = xrefs.iter().map(|v| &v[..cols]).collect();
-            run("multi x4", &|r| {
-                let mut out = [0f32; 4];
-                dot_rows_multi(ty, r, &xr, &mut out);
-                out[0]
-            });
+                    println!(
+                        "{ty:5} {name:9} {rows:5}x{cols}: {:6.2} GB/s of weights, {:8.1} us/matrix ({sink:.0})",
+                        m.len() as f64 / best / 1e9,
+                        best * 1e6
+                    );
+                };
+                run("dot_row", &|r| dot_row(ty, r, x));
+                run("portable", &|r| portable::dot_row(ty, r, x));
+                run("multi x4", &|r| {
+                    let mut out = [0f32; 4];
+                    dot_rows_multi(ty, r, &xr, &mut out);
+                    out[0]
+                });
+            }
         }
     }
 }

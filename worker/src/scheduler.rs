@@ -137,7 +137,9 @@ impl Scheduler {
         .into_iter()
         .find(|&(_, v)| v == 0);
         if let Some((name, _)) = zero {
-            return Err(ScheduleError::InvalidConfig(format!("{name} must be at least 1")));
+            return Err(ScheduleError::InvalidConfig(format!(
+                "{name} must be at least 1"
+            )));
         }
         Ok(Self {
             config,
@@ -232,13 +234,18 @@ impl Scheduler {
     /// Records that `plan` was executed: advances computed counts, registers newly full
     /// blocks in the prefix cache, and appends `sampled` tokens to sequences whose step had
     /// `sample` set. Entries for sequences finished since the plan was made are ignored.
-    pub fn on_step_done(&mut self, bm: &mut BlockManager, plan: &StepPlan, sampled: &[(SeqId, u32)]) {
+    pub fn on_step_done(
+        &mut self,
+        bm: &mut BlockManager,
+        plan: &StepPlan,
+        sampled: &[(SeqId, u32)],
+    ) {
         let mut expect_sample = HashSet::new();
         for s in &plan.seqs {
             let Some(seq) = self.seqs.get_mut(&s.id) else {
                 continue;
             };
-            let end = s.start + s.tokens.len();
+            let end = s.start.saturating_add(s.tokens.len());
             if !seq.running || seq.num_computed != s.start || end > seq.tokens.len() {
                 continue; // stale plan entry
             }
@@ -311,13 +318,13 @@ impl Scheduler {
             .is_some_and(|s| s.tokens.len() >= self.config.max_model_len)
     }
 
-    /// Tokens `id` may compute in one step within `budget`, or `None` if it has nothing to
+    /// Tokens `seq` may compute in one step within `budget`, or `None` if it has nothing to
     /// compute (waiting for a sampled token, or at the length limit).
     fn next_chunk(&self, seq: &Seq, budget: usize) -> Option<usize> {
         if seq.tokens.len() >= self.config.max_model_len {
             return None;
         }
-        let remaining = seq.tokens.len() - seq.num_computed;
+        let remaining = seq.tokens.len().saturating_sub(seq.num_computed);
         let n = remaining.min(budget).min(self.config.max_prefill_chunk);
         (n > 0).then_some(n)
     }
@@ -332,22 +339,26 @@ impl Scheduler {
                 continue; // preempted earlier in this step
             }
             let id = key.2;
-            loop {
-                let Some(seq) = self.seqs.get(&id) else {
-                    break;
-                };
+            while let Some(seq) = self.seqs.get(&id) {
                 let Some(n) = self.next_chunk(seq, *budget) else {
                     break;
                 };
                 match bm.allocate(id, &seq.tokens, seq.num_computed, n) {
                     Ok(a) => {
-                        plan.seqs.push(scheduled(bm, id, seq, seq.num_computed, a.num_new_tokens, 0));
+                        plan.seqs.push(scheduled(
+                            bm,
+                            id,
+                            seq,
+                            seq.num_computed,
+                            a.num_new_tokens,
+                            0,
+                        ));
                         *budget -= a.num_new_tokens;
                         break;
                     }
                     Err(KvError::OutOfBlocks { .. }) => {
-                        // Everything before `key` is already scheduled, so the last running
-                        // sequence is at or after it.
+                        // Sequences before `key` were handled already this step and keep
+                        // their blocks; the victim is the last one, at or after `key`.
                         let Some(victim) = self.running.last().copied() else {
                             break;
                         };
@@ -381,7 +392,14 @@ impl Scheduler {
             };
             match bm.allocate(id, &seq.tokens, 0, n) {
                 Ok(a) => {
-                    let sched = scheduled(bm, id, seq, a.cached_tokens, a.num_new_tokens, a.cached_tokens);
+                    let sched = scheduled(
+                        bm,
+                        id,
+                        seq,
+                        a.cached_tokens,
+                        a.num_new_tokens,
+                        a.cached_tokens,
+                    );
                     plan.seqs.push(sched);
                     *budget -= a.num_new_tokens;
                     self.waiting.remove(&key);
@@ -451,7 +469,12 @@ mod tests {
         tokens
     }
 
-    fn config(max_num_seqs: usize, budget: usize, chunk: usize, max_model_len: usize) -> SchedulerConfig {
+    fn config(
+        max_num_seqs: usize,
+        budget: usize,
+        chunk: usize,
+        max_model_len: usize,
+    ) -> SchedulerConfig {
         SchedulerConfig {
             max_num_seqs,
             max_batched_tokens: budget,
@@ -461,7 +484,13 @@ mod tests {
     }
 
     fn req(id: SeqId, prompt: Vec<u32>, max_tokens: usize, priority: i32) -> NewSequence {
-        NewSequence { id, prompt, max_tokens, priority, arrival: id }
+        NewSequence {
+            id,
+            prompt,
+            max_tokens,
+            priority,
+            arrival: id,
+        }
     }
 
     /// An engine around the scheduler: executes plans against a shadow KV store (checking
@@ -487,7 +516,9 @@ mod tests {
         }
 
         fn add(&mut self, r: NewSequence) {
-            self.sched.validate(&self.bm, r.prompt.len(), r.max_tokens).unwrap();
+            self.sched
+                .validate(&self.bm, r.prompt.len(), r.max_tokens)
+                .unwrap();
             self.sched.add(r).unwrap();
         }
 
@@ -527,8 +558,10 @@ mod tests {
             self.sched.on_step_done(&mut self.bm, &plan, &sampled);
             for &(id, _) in &sampled {
                 let generated = self.sched.num_generated(id).unwrap();
-                if generated >= self.sched.max_tokens(id).unwrap() || self.sched.at_length_limit(id) {
-                    self.done.insert(id, self.sched.seq_tokens(id).unwrap().to_vec());
+                if generated >= self.sched.max_tokens(id).unwrap() || self.sched.at_length_limit(id)
+                {
+                    self.done
+                        .insert(id, self.sched.seq_tokens(id).unwrap().to_vec());
                     prop_assert!(self.sched.finish(&mut self.bm, id));
                 }
             }
@@ -552,7 +585,9 @@ mod tests {
     }
 
     fn prompt(seed: u32, n: usize) -> Vec<u32> {
-        (0..n as u32).map(|i| (seed * 7919 + i * 31) % 1000).collect()
+        (0..n as u32)
+            .map(|i| (seed * 7919 + i * 31) % 1000)
+            .collect()
     }
 
     #[test]
@@ -566,7 +601,15 @@ mod tests {
             let s = &plan.seqs[0];
             starts.push((s.start, s.tokens.len(), s.sample));
         }
-        assert_eq!(starts, [(0, 32, false), (32, 32, false), (64, 32, false), (96, 4, true)]);
+        assert_eq!(
+            starts,
+            [
+                (0, 32, false),
+                (32, 32, false),
+                (64, 32, false),
+                (96, 4, true)
+            ]
+        );
         sim.run_to_end(10).unwrap();
         assert_eq!(sim.done[&1], reference(&prompt(1, 100), 3, 256));
     }
@@ -585,10 +628,22 @@ mod tests {
     #[test]
     fn priority_then_arrival_orders_admission() {
         let mut sim = Sim::new(config(1, 64, 64, 256), 32, 16);
-        sim.add(NewSequence { arrival: 0, ..req(10, prompt(1, 5), 1, 0) });
-        sim.add(NewSequence { arrival: 1, ..req(11, prompt(2, 5), 1, 5) });
-        sim.add(NewSequence { arrival: 2, ..req(12, prompt(3, 5), 1, 5) });
-        sim.add(NewSequence { arrival: 3, ..req(13, prompt(4, 5), 1, -1) });
+        sim.add(NewSequence {
+            arrival: 0,
+            ..req(10, prompt(1, 5), 1, 0)
+        });
+        sim.add(NewSequence {
+            arrival: 1,
+            ..req(11, prompt(2, 5), 1, 5)
+        });
+        sim.add(NewSequence {
+            arrival: 2,
+            ..req(12, prompt(3, 5), 1, 5)
+        });
+        sim.add(NewSequence {
+            arrival: 3,
+            ..req(13, prompt(4, 5), 1, -1)
+        });
         let mut order = Vec::new();
         while sim.sched.has_work() {
             order.extend(sim.step().unwrap().seqs.iter().map(|s| s.id));
@@ -611,8 +666,8 @@ mod tests {
     #[test]
     fn preempted_sequence_goes_back_to_waiting() {
         let mut sim = Sim::new(config(4, 64, 64, 256), 4, 4);
-        sim.add(req(1, prompt(1, 7), 20, 1));
-        sim.add(req(2, prompt(2, 7), 20, 0));
+        sim.add(req(1, prompt(1, 7), 8, 1));
+        sim.add(req(2, prompt(2, 7), 8, 0));
         let mut preempted = None;
         for _ in 0..20 {
             let plan = sim.step().unwrap();
@@ -636,13 +691,19 @@ mod tests {
         sim.add(req(2, prompt(1, 32), 1, 0));
         let plan = sim.step().unwrap();
         let s = &plan.seqs[0];
-        assert_eq!((s.cached_tokens, s.start, s.tokens.len(), s.sample), (16, 16, 16, true));
+        assert_eq!(
+            (s.cached_tokens, s.start, s.tokens.len(), s.sample),
+            (16, 16, 16, true)
+        );
         let longer: Vec<u32> = prompt(1, 32).into_iter().chain([5]).collect();
         sim.run_to_end(10).unwrap();
         sim.add(req(3, longer.clone(), 2, 0));
         let plan = sim.step().unwrap();
         let s = &plan.seqs[0];
-        assert_eq!((s.cached_tokens, s.start, s.tokens.len(), s.sample), (32, 32, 1, true));
+        assert_eq!(
+            (s.cached_tokens, s.start, s.tokens.len(), s.sample),
+            (32, 32, 1, true)
+        );
         sim.run_to_end(10).unwrap();
         assert_eq!(sim.done[&3], reference(&longer, 2, 256));
         assert!(sim.bm.prefix_cache_stats().hits >= 48);
@@ -659,8 +720,8 @@ mod tests {
     #[test]
     fn finish_cancels_anywhere_and_is_idempotent() {
         let mut sim = Sim::new(config(1, 64, 64, 256), 8, 4);
-        sim.add(req(1, prompt(1, 9), 50, 0));
-        sim.add(req(2, prompt(2, 9), 50, 0));
+        sim.add(req(1, prompt(1, 9), 20, 0));
+        sim.add(req(2, prompt(2, 9), 20, 0));
         sim.step().unwrap();
         assert_eq!((sim.sched.num_running(), sim.sched.num_waiting()), (1, 1));
         assert!(sim.sched.finish(&mut sim.bm, 2)); // waiting
@@ -677,19 +738,32 @@ mod tests {
         let sched = Scheduler::new(config(4, 64, 64, 100)).unwrap();
         let bm = BlockManager::new(4, 16).unwrap();
         assert_eq!(sched.validate(&bm, 0, 5), Err(ScheduleError::EmptyPrompt));
-        assert!(matches!(sched.validate(&bm, 100, 5), Err(ScheduleError::PromptTooLong { .. })));
+        assert!(matches!(
+            sched.validate(&bm, 100, 5),
+            Err(ScheduleError::PromptTooLong { .. })
+        ));
         let err = sched.validate(&bm, 60, 10).unwrap_err();
         assert_eq!(
             err,
-            ScheduleError::ExceedsKvCapacity { num_tokens: 70, needed_blocks: 5, total_blocks: 4 }
+            ScheduleError::ExceedsKvCapacity {
+                num_tokens: 70,
+                needed_blocks: 5,
+                total_blocks: 4
+            }
         );
         assert!(err.to_string().contains("only 4"));
         assert_eq!(sched.validate(&bm, 60, 4), Ok(()));
         assert!(Scheduler::new(config(4, 0, 64, 100)).is_err());
         let mut sched = sched;
         sched.add(req(1, vec![1], 1, 0)).unwrap();
-        assert_eq!(sched.add(req(1, vec![1], 1, 0)), Err(ScheduleError::DuplicateSequence(1)));
-        assert_eq!(sched.add(req(2, vec![], 1, 0)), Err(ScheduleError::EmptyPrompt));
+        assert_eq!(
+            sched.add(req(1, vec![1], 1, 0)),
+            Err(ScheduleError::DuplicateSequence(1))
+        );
+        assert_eq!(
+            sched.add(req(2, vec![], 1, 0)),
+            Err(ScheduleError::EmptyPrompt)
+        );
     }
 
     #[derive(Debug, Clone)]
@@ -703,19 +777,28 @@ mod tests {
     }
 
     fn request() -> impl Strategy<Value = Request> {
-        (0..20usize, 0..3usize, 1..30usize, 1..24usize, -2..3i32, prop::option::weighted(0.2, 0..30usize))
-            .prop_map(|(at_step, prefix, suffix_len, max_tokens, priority, cancel_after)| Request {
-                at_step,
-                prefix,
-                suffix_len,
-                max_tokens,
-                priority,
-                cancel_after,
-            })
+        (
+            0..20usize,
+            0..3usize,
+            1..30usize,
+            1..24usize,
+            -2..3i32,
+            prop::option::weighted(0.2, 0..30usize),
+        )
+            .prop_map(
+                |(at_step, prefix, suffix_len, max_tokens, priority, cancel_after)| Request {
+                    at_step,
+                    prefix,
+                    suffix_len,
+                    max_tokens,
+                    priority,
+                    cancel_after,
+                },
+            )
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(256))]
+        #![proptest_config(ProptestConfig::with_cases(512))]
 
         /// Random arrivals, priorities, shared prefixes, cancellations and tight resources:
         /// every step respects the budget, the sequence cap and the KV invariants; every

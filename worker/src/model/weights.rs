@@ -441,10 +441,11 @@ fn gguf_tokenizer(f: &GgufFile) -> Result<Tokenizer, String> {
         eos: id("tokenizer.ggml.eos_token_id")?,
         unk: id("tokenizer.ggml.unknown_token_id")?,
         eot: id("tokenizer.ggml.eot_token_id")?,
-        add_bos: flag("tokenizer.ggml.add_bos_token")?.unwrap_or(matches!(kind, VocabKind::SentencePiece)),
+        add_bos: flag("tokenizer.ggml.add_bos_token")?
+            .unwrap_or_else(|| TokenizerSpec::default_add_bos(kind, f.get_str("tokenizer.ggml.pre").ok().flatten())),
         add_eos: flag("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
         add_space_prefix: flag("tokenizer.ggml.add_space_prefix")?
-            .unwrap_or(matches!(kind, VocabKind::SentencePiece)),
+            .unwrap_or_else(|| TokenizerSpec::default_add_space_prefix(kind)),
         kind,
     };
     if spec.tokens.is_empty() {

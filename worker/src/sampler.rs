@@ -1,0 +1,1028 @@
+//! Token sampling: turns one position's logits into the next token id.
+//!
+//! Owns: [`SamplingParams`] and their validation (the request layer maps [`SamplingError`] to a
+//! 400 with [`SamplingError::param`] / [`SamplingError::reason`]), OpenAI/vLLM-style penalties
+//! (repetition over prompt + generated tokens, presence/frequency over generated tokens),
+//! greedy decoding, temperature, top-k, top-p, min-p, and a small seeded PRNG so that a fixed
+//! seed reproduces a completion exactly.
+//!
+//! Must not: know about tokenizers, stop conditions, models or batching (one [`Sampler`] per
+//! sequence; the caller passes the token history), allocate per call in steady state (scratch
+//! buffers are kept and reused), or panic on any logit values (NaN is treated as `-inf`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// How to pick the next token. The defaults are the OpenAI API's: plain sampling at
+/// temperature 1 with every filter and penalty off.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// Softmax temperature in `[0, 2]`; `0` means greedy (argmax).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; `0` = off (values above the vocabulary size
+    /// keep everything).
+    pub top_k: usize,
+    /// Nucleus sampling: keep the smallest set of most likely tokens whose probability reaches
+    /// `top_p`, in `(0, 1]`; `1` = off.
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one, in `[0, 1]`; `0` = off.
+    pub min_p: f32,
+    /// Seed for reproducible sampling; `None` seeds from the clock.
+    pub seed: Option<u64>,
+    /// Multiplicative penalty (> 0) on every token in the prompt or the output so far:
+    /// positive logits are divided by it, negative ones multiplied; `1` = off.
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every token already generated, in `[-2, 2]`.
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence from the logit of every token already generated, in `[-2, 2]`.
+    pub frequency_penalty: f32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: None,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+        }
+    }
+}
+
+/// An impossible sampling parameter. `Display` is a sentence for the API user; [`Self::param`]
+/// and [`Self::reason`] are short machine-readable strings.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+pub enum SamplingError {
+    #[error("temperature must be a number between 0 and 2, got {0}")]
+    Temperature(f32),
+    #[error("top_p must be greater than 0 and at most 1, got {0}")]
+    TopP(f32),
+    #[error("min_p must be between 0 and 1, got {0}")]
+    MinP(f32),
+    #[error("repetition_penalty must be a positive number, got {0}")]
+    RepetitionPenalty(f32),
+    #[error("presence_penalty must be between -2 and 2, got {0}")]
+    PresencePenalty(f32),
+    #[error("frequency_penalty must be between -2 and 2, got {0}")]
+    FrequencyPenalty(f32),
+}
+
+impl SamplingError {
+    /// The offending request field, as named in the OpenAI API.
+    pub fn param(&self) -> &'static str {
+        match self {
+            Self::Temperature(_) => "temperature",
+            Self::TopP(_) => "top_p",
+            Self::MinP(_) => "min_p",
+            Self::RepetitionPenalty(_) => "repetition_penalty",
+            Self::PresencePenalty(_) => "presence_penalty",
+            Self::FrequencyPenalty(_) => "frequency_penalty",
+        }
+    }
+
+    /// A short machine-readable reason, e.g. `"temperature_out_of_range"`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Temperature(_) => "temperature_out_of_range",
+            Self::TopP(_) => "top_p_out_of_range",
+            Self::MinP(_) => "min_p_out_of_range",
+            Self::RepetitionPenalty(_) => "repetition_penalty_out_of_range",
+            Self::PresencePenalty(_) => "presence_penalty_out_of_range",
+            Self::FrequencyPenalty(_) => "frequency_penalty_out_of_range",
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding (temperature 0), everything else default.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+
+    /// Rejects impossible values (NaN anywhere included). `top_k` is never an error: values
+    /// above the vocabulary size mean "no limit".
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        let t = self.temperature;
+        if !(0.0..=2.0).contains(&t) {
+            return Err(SamplingError::Temperature(t));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(SamplingError::TopP(self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(SamplingError::MinP(self.min_p));
+        }
+        let rp = self.repetition_penalty;
+        if !(rp > 0.0 && rp.is_finite()) {
+            return Err(SamplingError::RepetitionPenalty(rp));
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return Err(SamplingError::PresencePenalty(self.presence_penalty));
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return Err(SamplingError::FrequencyPenalty(self.frequency_penalty));
+        }
+        Ok(())
+    }
+}
+
+/// xoshiro256** (Blackman & Vigna), seeded through splitmix64.
+#[derive(Debug, Clone)]
+struct Rng {
+    s: [u64; 4],
+}
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        let mut st = seed;
+        let s = [
+            splitmix64(&mut st),
+            splitmix64(&mut st),
+            splitmix64(&mut st),
+            splitmix64(&mut st),
+        ];
+        // splitmix64 is a bijection of distinct states, so the four words cannot all be zero.
+        Self { s }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = self.s[1] << 17;
+        self.s[2] ^= self.s[0];
+        self.s[3] ^= self.s[1];
+        self.s[1] ^= self.s[2];
+        self.s[0] ^= self.s[3];
+        self.s[2] ^= t;
+        self.s[3] = self.s[3].rotate_left(45);
+        result
+    }
+
+    /// Uniform in `[0, 1)` with 53 random bits.
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// A seed for requests without one: wall clock, a process-wide counter and the stack address,
+/// mixed (two samplers created in the same nanosecond still differ).
+fn fresh_seed() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let local = 0u8;
+    let mut st = nanos ^ count.rotate_left(32) ^ (&raw const local as u64);
+    splitmix64(&mut st)
+}
+
+/// A token still in the running: its (penalized) logit, its unnormalized probability and id.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    logit: f32,
+    weight: f32,
+    id: u32,
+}
+
+/// More likely first; equal logits by lower token id (so every order is deterministic and the
+/// first candidate is exactly the greedy choice).
+fn by_rank(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
+    b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id))
+}
+
+/// `exp(x)` is below `e^-87` (about 1.6e-38, near the smallest normal f32) for tokens further
+/// than `87 * temperature` below the best one; they get weight 0 and are never drawn.
+const MIN_EXPONENT: f32 = -87.0;
+
+/// Top-p first looks for the nucleus among this many best tokens (sorted), which is where it
+/// lies for the peaked distributions of real models.
+const NUCLEUS_PREFIX: usize = 256;
+
+/// Samples tokens for one sequence. Keeps its RNG state and scratch buffers across calls.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    seed: u64,
+    rng: Rng,
+    /// Per-token occurrence counts; all zero between calls.
+    counts: Vec<u32>,
+    /// Per-token unnormalized probabilities of the current call.
+    weights: Vec<f32>,
+    candidates: Vec<Candidate>,
+}
+
+impl Sampler {
+    /// A sampler for logits over `vocab_size` tokens (scratch space is sized for it up front;
+    /// other logit lengths still work). Fails if the parameters do not [`validate`].
+    ///
+    /// [`validate`]: SamplingParams::validate
+    pub fn new(params: SamplingParams, vocab_size: usize) -> Result<Self, SamplingError> {
+        params.validate()?;
+        let seed = params.seed.unwrap_or_else(fresh_seed);
+        let sampled = params.temperature > 0.0;
+        let filtered = params.top_k > 0 || params.top_p < 1.0 || params.min_p > 0.0;
+        Ok(Self {
+            params,
+            seed,
+            rng: Rng::new(seed),
+            counts: if params.has_penalties() {
+                vec![0; vocab_size]
+            } else {
+                Vec::new()
+            },
+            weights: vec![0.0; if sampled { vocab_size } else { 0 }],
+            candidates: Vec::with_capacity(if sampled && filtered {
+                vocab_size.min(4096)
+            } else {
+                0
+            }),
+        })
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// The seed in use (the generated one when the parameters had none), for logging and replay.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Picks the next token from `logits` (one per vocabulary entry).
+    ///
+    /// `history` is the prompt plus the tokens generated so far (for the repetition penalty),
+    /// `generated` the generated tokens alone (for the presence and frequency penalties); ids
+    /// outside `logits` are ignored. `logits` is modified in place: the penalties are applied,
+    /// then NaN becomes `-inf` and `+inf` becomes `f32::MAX`.
+    ///
+    /// Never panics. If no token has a finite logit (or `logits` is empty) the result is the
+    /// greedy choice among them: token 0 when all are `-inf`/NaN.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32], generated: &[u32]) -> u32 {
+        if self.params.has_penalties() {
+            self.apply_penalties(logits, history, generated);
+        }
+        // After the penalties: a repetition penalty below 1 can overflow a logit to +inf.
+        let max = sanitize(logits);
+        if self.params.temperature == 0.0 || max == f32::NEG_INFINITY {
+            return logits.iter().position(|&l| l == max).unwrap_or(0) as u32;
+        }
+        self.sample_tempered(logits, max)
+    }
+
+    fn apply_penalties(&mut self, logits: &mut [f32], history: &[u32], generated: &[u32]) {
+        let p = self.params;
+        let n = logits.len();
+        if self.counts.len() < n {
+            self.counts.resize(n, 0);
+        }
+        let counts = &mut self.counts;
+        if p.repetition_penalty != 1.0 {
+            let rp = p.repetition_penalty;
+            for &t in history {
+                let t = t as usize;
+                if t < n && counts[t] == 0 {
+                    counts[t] = 1;
+                    let l = &mut logits[t];
+                    *l = if *l > 0.0 { *l / rp } else { *l * rp };
+                }
+            }
+            for &t in history {
+                if let Some(c) = counts.get_mut(t as usize) {
+                    *c = 0;
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for &t in generated {
+                if let Some(c) = counts[..n].get_mut(t as usize) {
+                    *c = c.saturating_add(1);
+                }
+            }
+            for &t in generated {
+                let t = t as usize;
+                if t < n && counts[t] > 0 {
+                    logits[t] -= p.presence_penalty + p.frequency_penalty * counts[t] as f32;
+                    counts[t] = 0;
+                }
+            }
+        }
+    }
+
+    /// Temperature, top-k, top-p, min-p, then a draw from what is left. `max` is the largest
+    /// logit and is finite; `logits` holds no NaN or +inf.
+    fn sample_tempered(&mut self, logits: &[f32], max: f32) -> u32 {
+        let p = self.params;
+        let n = logits.len();
+        if self.weights.len() < n {
+            self.weights.resize(n, 0.0);
+        }
+        let w = &mut self.weights[..n];
+        // The argmax gets exactly exp(0) = 1.
+        for (w, &l) in w.iter_mut().zip(logits) {
+            *w = weight((l - max) / p.temperature);
+        }
+        let w = &*w;
+        let top_k = if p.top_k > 0 && p.top_k < n {
+            p.top_k
+        } else {
+            0
+        };
+        if top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            let u = self.rng.next_f64();
+            return draw_dense(w, u).unwrap_or_else(|| argmax(logits));
+        }
+
+        // Candidates: tokens at or above a threshold that provably keeps every token the
+        // filters could keep.
+        let mut floor = f32::MIN_POSITIVE;
+        let mut goal = None;
+        if top_k > 0 {
+            floor = floor.max(kth_largest_lower_bound(w, top_k));
+        } else if p.top_p < 1.0 {
+            let total = sum(w);
+            let g = f64::from(p.top_p) * total;
+            goal = Some(g);
+            // The tokens above a bound on the NUCLEUS_PREFIX-th weight usually carry the
+            // nucleus; they are a prefix by rank, so if they reach the goal it lies among them.
+            let bound = kth_largest_lower_bound(w, NUCLEUS_PREFIX.min(n));
+            if sum_at_least(w, bound) >= g {
+                floor = floor.max(bound);
+            }
+        } else {
+            // min-p alone: the best token has weight 1.
+            floor = floor.max(p.min_p);
+        }
+        let cand = &mut self.candidates;
+        cand.clear();
+        cand.extend(
+            w.iter()
+                .zip(logits)
+                .enumerate()
+                .filter(|(_, (w, _))| **w >= floor)
+                .map(|(id, (&weight, &logit))| Candidate {
+                    logit,
+                    weight,
+                    id: id as u32,
+                }),
+        );
+        if top_k > 0 && top_k < cand.len() {
+            cand.select_nth_unstable_by(top_k - 1, by_rank);
+            cand.truncate(top_k);
+        }
+        let mut total = cand.iter().map(|c| f64::from(c.weight)).sum::<f64>();
+        if p.top_p < 1.0 {
+            let goal = goal.unwrap_or(f64::from(p.top_p) * total);
+            total = nucleus(cand, goal);
+        }
+        if p.min_p > 0.0 {
+            let best = cand.iter().map(|c| c.weight).fold(0.0, f32::max);
+            let threshold = p.min_p * best;
+            cand.retain(|c| c.weight >= threshold);
+            total = cand.iter().map(|c| f64::from(c.weight)).sum();
+        }
+        let target = self.rng.next_f64() * total;
+        let mut acc = 0f64;
+        for c in cand.iter() {
+            acc += f64::from(c.weight);
+            if acc > target {
+                return c.id;
+            }
+        }
+        // Rounding left `target` at the very top: the last candidate with any weight (the
+        // argmax always survives with weight 1, so the fallback is only a guard).
+        cand.iter()
+            .rev()
+            .find(|c| c.weight > 0.0)
+            .map_or_else(|| argmax(logits), |c| c.id)
+    }
+}
+
+impl SamplingParams {
+    fn has_penalties(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+    }
+}
+
+/// NaN to `-inf`, `+inf` to `f32::MAX`; returns the largest value. Branch-free so that it
+/// vectorizes.
+fn sanitize(logits: &mut [f32]) -> f32 {
+    const L: usize = 16;
+    let clean = |v: f32| {
+        if v.is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            v.min(f32::MAX)
+        }
+    };
+    let mut m = [f32::NEG_INFINITY; L];
+    let (chunks, tail) = logits.as_chunks_mut::<L>();
+    for c in chunks {
+        for i in 0..L {
+            c[i] = clean(c[i]);
+            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
+        }
+    }
+    for v in tail {
+        *v = clean(*v);
+        m[0] = if *v > m[0] { *v } else { m[0] };
+    }
+    m.iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+/// `exp(x)` for `x <= 0`, 0 below [`MIN_EXPONENT`]. A branch-free range reduction plus a
+/// degree-6 polynomial (about 1 ulp), so that the loop over the vocabulary vectorizes; exactly
+/// 1 at `x = 0`.
+#[inline(always)]
+fn weight(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let xc = x.max(MIN_EXPONENT);
+    let k = (xc * std::f32::consts::LOG2_E).round_ties_even();
+    let r = k.mul_add(-LN2_LO, k.mul_add(-LN2_HI, xc));
+    let p = (1.0 / 720.0f32)
+        .mul_add(r, 1.0 / 120.0)
+        .mul_add(r, 1.0 / 24.0)
+        .mul_add(r, 1.0 / 6.0)
+        .mul_add(r, 0.5)
+        .mul_add(r, 1.0)
+        .mul_add(r, 1.0);
+    // k is in [-126, 0]: 2^k is a normal float.
+    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    if x >= MIN_EXPONENT { p * scale } else { 0.0 }
+}
+
+/// Sum of `f(v)` over a slice with 16 independent f32 lanes (a plain `.sum()` is one serial
+/// dependency chain, which does not vectorize).
+#[inline(always)]
+fn lane_sum(c: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let (lanes, tail) = c.as_chunks::<L>();
+    for l in lanes {
+        for i in 0..L {
+            acc[i] += f(l[i]);
+        }
+    }
+    for &v in tail {
+        acc[0] += f(v);
+    }
+    acc.iter().sum()
+}
+
+/// Sum of all weights (f32 lanes per chunk, f64 across chunks).
+fn sum(w: &[f32]) -> f64 {
+    w.chunks(1024).map(|c| f64::from(lane_sum(c, |v| v))).sum()
+}
+
+/// Sum of the weights that are at least `bound`.
+fn sum_at_least(w: &[f32], bound: f32) -> f64 {
+    w.chunks(1024)
+        .map(|c| f64::from(lane_sum(c, |v| if v >= bound { v } else { 0.0 })))
+        .sum()
+}
+
+/// A value that at least `k` weights reach (so every one of the `k` largest does): the
+/// smallest of the maxima of at least `k` disjoint groups. One vectorizable pass; for the
+/// unordered logits of real vocabularies it keeps only a few times `k` tokens.
+fn kth_largest_lower_bound(w: &[f32], k: usize) -> f32 {
+    let size = (w.len() / k.max(1)).max(1);
+    w.chunks(size)
+        .map(|c| {
+            let mut m = [0f32; 8];
+            let (lanes, tail) = c.as_chunks::<8>();
+            for l in lanes {
+                for i in 0..8 {
+                    m[i] = if l[i] > m[i] { l[i] } else { m[i] };
+                }
+            }
+            tail.iter()
+                .chain(&m)
+                .fold(0.0, |a: f32, &b| if b > a { b } else { a })
+        })
+        .fold(f32::INFINITY, f32::min)
+}
+
+/// Draws an index with probability proportional to `w` (`u` uniform in `[0, 1)`), skipping
+/// whole chunks by their sums. `None` only if every weight is 0.
+fn draw_dense(w: &[f32], u: f64) -> Option<u32> {
+    const CHUNK: usize = 256;
+    let target = u * sum(w);
+    let mut acc = 0f64;
+    for (ci, c) in w.chunks(CHUNK).enumerate() {
+        let s = f64::from(lane_sum(c, |v| v));
+        if acc + s > target {
+            for (j, &v) in c.iter().enumerate() {
+                acc += f64::from(v);
+                if acc > target {
+                    return Some((ci * CHUNK + j) as u32);
+                }
+            }
+            // The chunk's own rounding: its last token with any weight.
+            return c
+                .iter()
+                .rposition(|&v| v > 0.0)
+                .map(|j| (ci * CHUNK + j) as u32);
+        }
+        acc += s;
+    }
+    w.iter().rposition(|&v| v > 0.0).map(|j| j as u32)
+}
+
+/// Keeps the smallest most-likely prefix of `cand` whose weight reaches `goal` (at least one
+/// candidate); returns the kept weight. `cand` must hold every token of the nucleus.
+///
+/// First sorts the best [`NUCLEUS_PREFIX`] candidates (found with `select_nth_unstable`); if
+/// the nucleus is larger, a weighted quickselect over the rest finds the cut in linear time.
+fn nucleus(cand: &mut Vec<Candidate>, goal: f64) -> f64 {
+    let weight = |c: &Candidate| f64::from(c.weight);
+    let k = NUCLEUS_PREFIX.min(cand.len());
+    if k < cand.len() {
+        cand.select_nth_unstable_by(k - 1, by_rank);
+    }
+    cand[..k].sort_unstable_by(by_rank);
+    let mut acc = 0f64;
+    for i in 0..k {
+        acc += weight(&cand[i]);
+        if acc >= goal {
+            cand.truncate(i + 1);
+            return acc;
+        }
+    }
+    // Everything in cand[..lo] is kept; the cut lies in cand[lo..hi].
+    let (mut lo, mut hi) = (k, cand.len());
+    while hi - lo > NUCLEUS_PREFIX {
+        let mid = lo + (hi - lo) / 2;
+        cand[lo..hi].select_nth_unstable_by(mid - lo, by_rank);
+        let upper: f64 = cand[lo..=mid].iter().map(weight).sum();
+        if acc + upper >= goal {
+            hi = mid + 1;
+        } else {
+            acc += upper;
+            lo = mid + 1;
+        }
+    }
+    cand[lo..hi].sort_unstable_by(by_rank);
+    for i in lo..hi {
+        acc += weight(&cand[i]);
+        if acc >= goal {
+            cand.truncate(i + 1);
+            return acc;
+        }
+    }
+    // Rounding kept the sum just under the goal: keep the whole range.
+    cand.truncate(hi);
+    acc
+}
+
+/// Index of the largest value, the lowest index among equals; NaN never wins (0 if all are).
+fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    let mut best_value = f32::NEG_INFINITY;
+    for (i, &v) in values.iter().enumerate() {
+        if v > best_value {
+            best = i;
+            best_value = v;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams {
+            seed: Some(42),
+            ..SamplingParams::default()
+        };
+        f(&mut p);
+        p
+    }
+
+    fn sampler(p: SamplingParams, vocab: usize) -> Sampler {
+        Sampler::new(p, vocab).expect("valid params")
+    }
+
+    /// Deterministic pseudo-random logits in roughly [-scale, scale].
+    fn random_logits(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut rng = Rng::new(seed);
+        (0..n)
+            .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale)
+            .collect()
+    }
+
+    #[test]
+    fn validate_rejects_impossible_values() {
+        assert_eq!(SamplingParams::default().validate(), Ok(()));
+        assert_eq!(SamplingParams::greedy().validate(), Ok(()));
+        let ok = params(|p| {
+            p.temperature = 2.0;
+            p.top_k = usize::MAX;
+            p.top_p = 1e-9;
+            p.min_p = 1.0;
+            p.repetition_penalty = 0.01;
+            p.presence_penalty = -2.0;
+            p.frequency_penalty = 2.0;
+        });
+        assert_eq!(ok.validate(), Ok(()));
+        let cases: Vec<(SamplingParams, &str)> = vec![
+            (params(|p| p.temperature = -0.1), "temperature"),
+            (params(|p| p.temperature = 2.5), "temperature"),
+            (params(|p| p.temperature = f32::NAN), "temperature"),
+            (params(|p| p.top_p = 0.0), "top_p"),
+            (params(|p| p.top_p = 1.01), "top_p"),
+            (params(|p| p.top_p = f32::NAN), "top_p"),
+            (params(|p| p.min_p = -0.5), "min_p"),
+            (params(|p| p.min_p = 1.5), "min_p"),
+            (params(|p| p.repetition_penalty = 0.0), "repetition_penalty"),
+            (
+                params(|p| p.repetition_penalty = -1.0),
+                "repetition_penalty",
+            ),
+            (
+                params(|p| p.repetition_penalty = f32::INFINITY),
+                "repetition_penalty",
+            ),
+            (params(|p| p.presence_penalty = 2.5), "presence_penalty"),
+            (params(|p| p.frequency_penalty = -3.0), "frequency_penalty"),
+            (
+                params(|p| p.frequency_penalty = f32::NAN),
+                "frequency_penalty",
+            ),
+        ];
+        for (p, field) in cases {
+            let err = p.validate().expect_err(field);
+            assert_eq!(err.param(), field);
+            assert_eq!(err.reason(), format!("{field}_out_of_range"));
+            assert!(err.to_string().starts_with(field), "{err}");
+            assert!(Sampler::new(p, 10).is_err());
+        }
+        let err = params(|p| p.temperature = 3.0).validate().expect_err("bad");
+        assert_eq!(
+            err.to_string(),
+            "temperature must be a number between 0 and 2, got 3"
+        );
+    }
+
+    #[test]
+    fn greedy_is_argmax_with_lowest_index_on_ties() {
+        let mut s = sampler(SamplingParams::greedy(), 8);
+        let mut logits = vec![0.5, 3.0, -1.0, 3.0, 2.9, f32::NAN, 1.0, 3.0];
+        assert_eq!(s.sample(&mut logits, &[], &[]), 1);
+        for seed in 0..20 {
+            let mut logits = random_logits(1000, seed, 10.0);
+            let want = argmax(&logits);
+            assert_eq!(s.sample(&mut logits, &[], &[]), want);
+        }
+    }
+
+    #[test]
+    fn filters_that_keep_one_token_are_greedy() {
+        for seed in 0..20 {
+            let logits = random_logits(5000, seed, 8.0);
+            let want = argmax(&logits);
+            let variants = [
+                params(|p| p.top_k = 1),
+                params(|p| p.top_p = 1e-6),
+                params(|p| p.min_p = 1.0),
+                params(|p| {
+                    p.temperature = 2.0;
+                    p.top_k = 100;
+                    p.top_p = 1e-6;
+                }),
+            ];
+            for p in variants {
+                let mut s = sampler(
+                    params(|q| {
+                        *q = SamplingParams {
+                            seed: Some(seed),
+                            ..p
+                        }
+                    }),
+                    5000,
+                );
+                for _ in 0..5 {
+                    assert_eq!(s.sample(&mut logits.clone(), &[], &[]), want, "{p:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn penalties_change_the_right_logits() {
+        let p = params(|p| {
+            p.temperature = 0.0;
+            p.repetition_penalty = 2.0;
+        });
+        let mut s = sampler(p, 6);
+        let mut logits = vec![4.0, -4.0, 4.0, -4.0, 1.0, 1.0];
+        // Token 0 twice and 1 in history (each penalized once); 9 is out of range.
+        s.sample(&mut logits, &[0, 1, 0, 9], &[]);
+        assert_eq!(logits, [2.0, -8.0, 4.0, -4.0, 1.0, 1.0]);
+
+        let p = params(|p| {
+            p.temperature = 0.0;
+            p.presence_penalty = 0.5;
+            p.frequency_penalty = 0.25;
+        });
+        let mut s = sampler(p, 6);
+        let mut logits = vec![1.0; 6];
+        // History-only tokens (4) are not penalized; generated 2 three times, 3 once.
+        s.sample(&mut logits, &[4, 2, 3, 2, 2], &[2, 3, 2, 2, 77]);
+        assert_eq!(
+            logits,
+            [1.0, 1.0, 1.0 - 0.5 - 0.75, 1.0 - 0.5 - 0.25, 1.0, 1.0]
+        );
+        // The scratch counts are reset: a second call penalizes the same amount again.
+        let mut logits = vec![1.0; 6];
+        s.sample(&mut logits, &[], &[3]);
+        assert_eq!(logits, [1.0, 1.0, 1.0, 0.25, 1.0, 1.0]);
+
+        // Penalties steer greedy decoding away from a repeated token.
+        let p = params(|p| {
+            p.temperature = 0.0;
+            p.repetition_penalty = 1.5;
+        });
+        let mut s = sampler(p, 3);
+        assert_eq!(s.sample(&mut vec![3.0, 2.5, 0.0], &[], &[]), 0);
+        assert_eq!(s.sample(&mut vec![3.0, 2.5, 0.0], &[0], &[0]), 1);
+    }
+
+    #[test]
+    fn identical_seeds_give_identical_outputs() {
+        let p = params(|p| {
+            p.temperature = 1.3;
+            p.top_k = 50;
+            p.top_p = 0.95;
+            p.min_p = 0.01;
+            p.seed = Some(7);
+        });
+        let run = |p: SamplingParams| {
+            let mut s = sampler(p, 2000);
+            (0..200)
+                .map(|i| s.sample(&mut random_logits(2000, i, 5.0), &[], &[]))
+                .collect::<Vec<_>>()
+        };
+        let a = run(p);
+        assert_eq!(a, run(p));
+        assert_ne!(a, run(SamplingParams { seed: Some(8), ..p }));
+        // Unseeded samplers get distinct generated seeds.
+        let s1 = sampler(SamplingParams::default(), 10);
+        let s2 = sampler(SamplingParams::default(), 10);
+        assert_ne!(s1.seed(), s2.seed());
+        // Reusing a seed reported by an unseeded sampler replays it.
+        let replay = SamplingParams {
+            seed: Some(s1.seed()),
+            ..SamplingParams::default()
+        };
+        let mut a = s1.clone();
+        let mut b = sampler(replay, 10);
+        for i in 0..50 {
+            let l = random_logits(10, i, 2.0);
+            assert_eq!(
+                a.sample(&mut l.clone(), &[], &[]),
+                b.sample(&mut l.clone(), &[], &[])
+            );
+        }
+    }
+
+    /// Draw counts over a fixed small vocabulary against the expected probabilities.
+    fn chi_square(p: SamplingParams, logits: &[f32], expected: &[f64], draws: usize) -> f64 {
+        let mut s = sampler(p, logits.len());
+        let mut counts = vec![0usize; logits.len()];
+        for _ in 0..draws {
+            counts[s.sample(&mut logits.to_vec(), &[], &[]) as usize] += 1;
+        }
+        let mut chi = 0.0;
+        for (c, e) in counts.iter().zip(expected) {
+            if *e == 0.0 {
+                assert_eq!(*c, 0, "a token with probability 0 was drawn: {counts:?}");
+            } else {
+                let e = e * draws as f64;
+                chi += (*c as f64 - e).powi(2) / e;
+            }
+        }
+        chi
+    }
+
+    fn softmax(logits: &[f32], t: f64) -> Vec<f64> {
+        let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let w: Vec<f64> = logits
+            .iter()
+            .map(|&l| {
+                if l.is_nan() {
+                    0.0
+                } else {
+                    ((f64::from(l) - f64::from(m)) / t).exp()
+                }
+            })
+            .collect();
+        let sum: f64 = w.iter().sum();
+        w.iter().map(|w| w / sum).collect()
+    }
+
+    fn keep_and_renormalize(p: &[f64], keep: &[usize]) -> Vec<f64> {
+        let sum: f64 = keep.iter().map(|&i| p[i]).sum();
+        (0..p.len())
+            .map(|i| if keep.contains(&i) { p[i] / sum } else { 0.0 })
+            .collect()
+    }
+
+    #[test]
+    fn sampling_follows_the_softmax() {
+        let logits = [1.0, 2.0, 0.5, 3.0, -1.0, 2.5, f32::NAN, f32::NEG_INFINITY];
+        let draws = 40_000;
+        // Chi-square with 5 degrees of freedom: 30 is far beyond any plausible value (p < 1e-5)
+        // for a correct sampler, and the draws are deterministic anyway (fixed seeds).
+        let t = 0.8;
+        let probs = softmax(&logits, t);
+        let chi = chi_square(params(|p| p.temperature = 0.8), &logits, &probs, draws);
+        eprintln!("chi-square temperature: {chi:.2}");
+        assert!(chi < 30.0, "temperature: chi-square {chi}");
+
+        // top_k = 3 keeps tokens 3, 5, 1.
+        let p1 = softmax(&logits, 1.0);
+        let chi = chi_square(
+            params(|p| p.top_k = 3),
+            &logits,
+            &keep_and_renormalize(&p1, &[3, 5, 1]),
+            draws,
+        );
+        assert!(chi < 30.0, "top_k: chi-square {chi}");
+
+        // top_p: p(3) ~ 0.43, p(5) ~ 0.26, p(1) ~ 0.16; 0.8 needs those three.
+        assert!(p1[3] + p1[5] < 0.8 && p1[3] + p1[5] + p1[1] >= 0.8);
+        let chi = chi_square(
+            params(|p| p.top_p = 0.8),
+            &logits,
+            &keep_and_renormalize(&p1, &[3, 5, 1]),
+            draws,
+        );
+        assert!(chi < 30.0, "top_p: chi-square {chi}");
+
+        // min_p = 0.3: keeps tokens with p >= 0.3 * p(3): 3 (1.0), 5 (0.61), 1 (0.37).
+        let chi = chi_square(
+            params(|p| p.min_p = 0.3),
+            &logits,
+            &keep_and_renormalize(&p1, &[3, 5, 1]),
+            draws,
+        );
+        assert!(chi < 30.0, "min_p: chi-square {chi}");
+    }
+
+    #[test]
+    fn nan_and_infinite_logits() {
+        // NaN is never selected, greedy or sampled.
+        let mut logits = vec![f32::NAN; 100];
+        logits[17] = -5.0;
+        logits[60] = -6.0;
+        let mut g = sampler(SamplingParams::greedy(), 100);
+        assert_eq!(g.sample(&mut logits.clone(), &[], &[]), 17);
+        let mut s = sampler(params(|p| p.temperature = 2.0), 100);
+        for _ in 0..500 {
+            let t = s.sample(&mut logits.clone(), &[], &[]);
+            assert!(t == 17 || t == 60, "{t}");
+        }
+        // +inf wins; all-NaN and empty logits do not panic.
+        let mut l = vec![0.0, f32::INFINITY, 1.0, f32::INFINITY];
+        assert_eq!(s.sample(&mut l.clone(), &[], &[]), 1);
+        assert_eq!(g.sample(&mut l, &[], &[]), 1);
+        assert_eq!(s.sample(&mut vec![f32::NAN; 5], &[], &[]), 0);
+        // A repetition penalty below 1 can overflow a huge logit to +inf (found by proptest).
+        let mut r = sampler(
+            params(|p| {
+                p.temperature = 0.4;
+                p.top_p = 0.001;
+                p.min_p = 0.5;
+                p.repetition_penalty = 0.1;
+            }),
+            3,
+        );
+        let mut l = vec![f32::NAN, 0.0, 3.3e38];
+        assert_eq!(r.sample(&mut l, &[2], &[2]), 2);
+        assert_eq!(l[2], f32::MAX);
+        assert_eq!(s.sample(&mut [], &[1, 2], &[3]), 0);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics_and_stays_in_range(
+            logits in proptest::collection::vec(proptest::num::f32::ANY, 1..300),
+            history in proptest::collection::vec(0u32..400, 0..50),
+            temperature in 0.0f32..=2.0,
+            top_k in 0usize..400,
+            top_p in 0.001f32..=1.0,
+            min_p in 0.0f32..=1.0,
+            rp in 0.1f32..3.0,
+            seed in proptest::num::u64::ANY,
+        ) {
+            let p = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                seed: Some(seed),
+                repetition_penalty: rp,
+                presence_penalty: 0.5,
+                frequency_penalty: -0.5,
+            };
+            let mut s = sampler(p, logits.len());
+            let t = s.sample(&mut logits.clone(), &history, &history) as usize;
+            proptest::prop_assert!(t < logits.len());
+            if logits.iter().any(|l| !l.is_nan()) {
+                proptest::prop_assert!(!logits[t].is_nan());
+            }
+        }
+    }
+
+    /// Time per `sample` call on a 128k vocabulary. Run with
+    /// `cargo test --release -- --ignored --nocapture bench_sample`.
+    #[test]
+    #[ignore = "micro benchmark"]
+    fn bench_sample() {
+        let vocab = 128_256;
+        let logits = random_logits(vocab, 1, 12.0);
+        let history: Vec<u32> = (0..2000).map(|i| (i * 7919) % vocab as u32).collect();
+        for (name, p) in [
+            ("greedy", SamplingParams::greedy()),
+            ("temperature 0.7", params(|p| p.temperature = 0.7)),
+            ("top_k 40", params(|p| p.top_k = 40)),
+            ("top_p 0.9", params(|p| p.top_p = 0.9)),
+            ("min_p 0.05", params(|p| p.min_p = 0.05)),
+            (
+                "all + penalties",
+                params(|p| {
+                    p.top_k = 40;
+                    p.top_p = 0.9;
+                    p.min_p = 0.05;
+                    p.repetition_penalty = 1.1;
+                    p.presence_penalty = 0.5;
+                    p.frequency_penalty = 0.5;
+                }),
+            ),
+        ] {
+            let mut s = sampler(p, vocab);
+            let mut buf = logits.clone();
+            let iters = 200;
+            let t0 = std::time::Instant::now();
+            let mut sink = 0u64;
+            for _ in 0..iters {
+                buf.copy_from_slice(&logits);
+                sink += u64::from(s.sample(&mut buf, &history, &history[1000..]));
+            }
+            let per = t0.elapsed().as_secs_f64() / f64::from(iters) * 1e6;
+            println!("{name:16} {per:8.1} us/sample ({sink})");
+        }
+    }
+}
+#[cfg(test)]
+mod prof {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn prof_parts() {
+        let n = 128_256;
+        let mut rng = Rng::new(1);
+        let logits: Vec<f32> = (0..n).map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * 12.0).collect();
+        let mut l = logits.clone();
+        let mut w = vec![0f32; n];
+        let it = 300;
+        let t = std::time::Instant::now();
+        let mut m = 0.0;
+        for _ in 0..it { l.copy_from_slice(&logits); m += sanitize(&mut l); }
+        eprintln!("copy+sanitize {:.1} us {m}", t.elapsed().as_secs_f64() / it as f64 * 1e6);
+        let t = std::time::Instant::now();
+        for _ in 0..it { for (w, &x) in w.iter_mut().zip(&l) { *w = weight((x - 12.0) / 0.7); } }
+        eprintln!("weights {:.1} us", t.elapsed().as_secs_f64() / it as f64 * 1e6);
+        let t = std::time::Instant::now();
+        let mut s = 0.0;
+        for _ in 0..it { s += sum(std::hint::black_box(&w)); }
+        eprintln!("sum {:.1} us {s}", t.elapsed().as_secs_f64() / it as f64 * 1e6);
+        let t = std::time::Instant::now();
+        let mut s = 0;
+        for i in 0..it { s += draw_dense(std::hint::black_box(&w), (i as f64) / it as f64).unwrap(); }
+        eprintln!("draw {:.1} us {s}", t.elapsed().as_secs_f64() / it as f64 * 1e6);
+        let t = std::time::Instant::now();
+        let mut s = 0.0;
+        for _ in 0..it { s += kth_largest_lower_bound(std::hint::black_box(&w), 40); }
+        eprintln!("kth {:.1} us {s}", t.elapsed().as_secs_f64() / it as f64 * 1e6);
+    }
+}
