@@ -45,7 +45,11 @@ mod tests {
     fn classification_order_and_parse() {
         assert!(Classification::Public < Classification::Internal);
         assert!(Classification::Internal < Classification::Restricted);
-        for c in [Classification::Public, Classification::Internal, Classification::Restricted] {
+        for c in [
+            Classification::Public,
+            Classification::Internal,
+            Classification::Restricted,
+        ] {
             assert_eq!(c.to_string().parse::<Classification>(), Ok(c));
         }
         assert!("secret".parse::<Classification>().is_err());

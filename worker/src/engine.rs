@@ -15,9 +15,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::backend::{Backend, SeqChunk};
 use crate::kv_cache::BlockManager;
+use crate::kv_cache::SeqId;
 use crate::metrics::Metrics;
 use crate::sampler::{Sampler, SamplingParams};
-use crate::kv_cache::SeqId;
 use crate::scheduler::{NewSequence, Scheduler, SchedulerConfig, StepPlan};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -77,8 +77,14 @@ pub struct Usage {
 pub enum Event {
     /// One sampled token and the text it completes (may be empty while a character or a
     /// possible stop string is incomplete).
-    Token { id: u32, text: String },
-    Done { reason: FinishReason, usage: Usage },
+    Token {
+        id: u32,
+        text: String,
+    },
+    Done {
+        reason: FinishReason,
+        usage: Usage,
+    },
 }
 
 /// Why a request was refused before it was queued; each maps to one HTTP status and
@@ -90,7 +96,11 @@ pub enum SubmitError {
     #[error(
         "this model's maximum context length is {max} tokens; the request has {prompt} prompt tokens and asks for {requested} more"
     )]
-    ContextLength { max: usize, prompt: usize, requested: usize },
+    ContextLength {
+        max: usize,
+        prompt: usize,
+        requested: usize,
+    },
     #[error("{0}")]
     Sampling(String),
     #[error("the queue is full ({0} requests waiting); retry later")]
@@ -113,7 +123,13 @@ pub struct Load {
 }
 
 enum Command {
-    Submit { seq: SeqId, prompt: Vec<u32>, params: GenerateParams, max_tokens: usize, tx: mpsc::UnboundedSender<Event> },
+    Submit {
+        seq: SeqId,
+        prompt: Vec<u32>,
+        params: GenerateParams,
+        max_tokens: usize,
+        tx: mpsc::UnboundedSender<Event>,
+    },
 }
 
 /// Cheap to clone; shared by the HTTP and gRPC servers.
@@ -133,9 +149,15 @@ pub struct EngineHandle {
 impl EngineHandle {
     /// Validate and queue a request. The receiver yields `Token`s then one `Done`;
     /// dropping it cancels the request (its blocks are freed at the next step).
-    pub fn submit(&self, prompt: Vec<u32>, params: GenerateParams) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+    pub fn submit(
+        &self,
+        prompt: Vec<u32>,
+        params: GenerateParams,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
         let refuse = |e: SubmitError| {
-            self.metrics.requests_rejected.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .requests_rejected
+                .fetch_add(1, Ordering::Relaxed);
             Err(e)
         };
         if self.draining.load(Ordering::Relaxed) {
@@ -154,10 +176,16 @@ impl EngineHandle {
         let blocks_needed = (prompt.len() + max_tokens.max(1)).div_ceil(self.config.block_size);
         if prompt.len() >= max || max_tokens > room || blocks_needed > self.config.num_blocks {
             let max = max.min(self.config.num_blocks * self.config.block_size);
-            return refuse(SubmitError::ContextLength { max, prompt: prompt.len(), requested: max_tokens });
+            return refuse(SubmitError::ContextLength {
+                max,
+                prompt: prompt.len(),
+                requested: max_tokens,
+            });
         }
         if max_tokens == 0 {
-            return refuse(SubmitError::Sampling("max_tokens must be at least 1".into()));
+            return refuse(SubmitError::Sampling(
+                "max_tokens must be at least 1".into(),
+            ));
         }
         let pending = self.pending.fetch_add(1, Ordering::AcqRel) as usize;
         if pending >= self.config.max_queue + self.config.max_num_seqs {
@@ -166,7 +194,17 @@ impl EngineHandle {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let seq = self.next_id.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Command::Submit { seq, prompt, params, max_tokens, tx }).is_err() {
+        if self
+            .tx
+            .send(Command::Submit {
+                seq,
+                prompt,
+                params,
+                max_tokens,
+                tx,
+            })
+            .is_err()
+        {
             self.pending.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::Stopped);
         }
@@ -225,9 +263,14 @@ pub fn start(
     config: EngineConfig,
 ) -> Result<EngineHandle, EngineError> {
     let metrics = Arc::new(Metrics::default());
-    metrics.kv_blocks_total.store(config.num_blocks as u64, Ordering::Relaxed);
+    metrics
+        .kv_blocks_total
+        .store(config.num_blocks as u64, Ordering::Relaxed);
     let (tx, rx) = std_mpsc::channel();
-    let (load_tx, load_rx) = watch::channel(Load { kv_blocks_total: config.num_blocks, ..Load::default() });
+    let (load_tx, load_rx) = watch::channel(Load {
+        kv_blocks_total: config.num_blocks,
+        ..Load::default()
+    });
     let draining = Arc::new(AtomicBool::new(false));
     let pending = Arc::new(AtomicU64::new(0));
     let handle = EngineHandle {
@@ -248,7 +291,8 @@ pub fn start(
         max_model_len: config.max_model_len,
     })
     .map_err(|e| EngineError(e.to_string()))?;
-    let bm = BlockManager::new(config.num_blocks, config.block_size).map_err(|e| EngineError(e.to_string()))?;
+    let bm = BlockManager::new(config.num_blocks, config.block_size)
+        .map_err(|e| EngineError(e.to_string()))?;
     let mut engine = Engine {
         rx,
         backend,
@@ -314,30 +358,53 @@ impl Engine {
 
     fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Submit { seq, prompt, params, max_tokens, tx } => {
+            Command::Submit {
+                seq,
+                prompt,
+                params,
+                max_tokens,
+                tx,
+            } => {
                 self.arrival += 1;
                 let sampler = match Sampler::new(params.sampling.clone(), self.vocab_size) {
                     Ok(s) => s,
                     Err(e) => {
                         // Validated by the handle already; a bug guard.
                         tracing::error!(error = %e, "sampling parameters refused");
-                        let _ = tx.send(Event::Done { reason: FinishReason::Error, usage: Usage::default() });
+                        let _ = tx.send(Event::Done {
+                            reason: FinishReason::Error,
+                            usage: Usage::default(),
+                        });
                         self.pending.fetch_sub(1, Ordering::AcqRel);
                         return;
                     }
                 };
                 let prompt_len = prompt.len();
-                let added = self.sched.validate(&self.bm, prompt_len, max_tokens).and_then(|()| {
-                    self.sched.add(NewSequence { id: seq, prompt, max_tokens, priority: params.priority, arrival: self.arrival })
-                });
+                let added = self
+                    .sched
+                    .validate(&self.bm, prompt_len, max_tokens)
+                    .and_then(|()| {
+                        self.sched.add(NewSequence {
+                            id: seq,
+                            prompt,
+                            max_tokens,
+                            priority: params.priority,
+                            arrival: self.arrival,
+                        })
+                    });
                 if let Err(e) = added {
                     // The handle checks the same limits first, so this is a bug guard.
                     tracing::error!(error = %e, "request refused by the scheduler");
-                    let _ = tx.send(Event::Done { reason: FinishReason::Error, usage: Usage::default() });
+                    let _ = tx.send(Event::Done {
+                        reason: FinishReason::Error,
+                        usage: Usage::default(),
+                    });
                     self.pending.fetch_sub(1, Ordering::AcqRel);
                     return;
                 }
-                self.metrics.prompt_tokens.fetch_add(prompt_len as u64, Ordering::Relaxed);
+                self.metrics
+                    .prompt_tokens
+                    .fetch_add(prompt_len as u64, Ordering::Relaxed);
                 self.active.insert(
                     seq,
                     Active {
@@ -360,9 +427,16 @@ impl Engine {
 
     /// Requests whose receiver is gone are finished now, freeing their blocks.
     fn reap_cancelled(&mut self) {
-        let gone: Vec<SeqId> = self.active.iter().filter(|(_, a)| a.tx.is_closed()).map(|(id, _)| *id).collect();
+        let gone: Vec<SeqId> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.tx.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
         for id in gone {
-            self.metrics.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .requests_cancelled
+                .fetch_add(1, Ordering::Relaxed);
             self.remove(id);
         }
     }
@@ -376,7 +450,9 @@ impl Engine {
 
     fn step(&mut self) {
         let plan: StepPlan = self.sched.schedule(&mut self.bm);
-        self.metrics.preemptions.fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .preemptions
+            .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
         if plan.seqs.is_empty() {
             // Nothing fits right now (all blocks held); wait for a command instead of spinning.
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -393,7 +469,12 @@ impl Engine {
         let chunks: Vec<SeqChunk<'_>> = plan
             .seqs
             .iter()
-            .map(|s| SeqChunk { tokens: &s.tokens, start: s.start, block_table: &s.block_table, want_logits: s.sample })
+            .map(|s| SeqChunk {
+                tokens: &s.tokens,
+                start: s.start,
+                block_table: &s.block_table,
+                want_logits: s.sample,
+            })
             .collect();
         let mut logits = match self.backend.forward(&chunks) {
             Ok(l) => l,
@@ -409,7 +490,9 @@ impl Engine {
         let mut rows = logits.chunks_exact_mut(self.vocab_size);
         for s in plan.seqs.iter().filter(|s| s.sample) {
             let Some(row) = rows.next() else { break };
-            let Some(a) = self.active.get_mut(&s.id) else { continue };
+            let Some(a) = self.active.get_mut(&s.id) else {
+                continue;
+            };
             let history = self.sched.seq_tokens(s.id).unwrap_or(&[]);
             let tok = a.sampler.sample(row, history, &a.generated);
             sampled.push((s.id, tok));
@@ -423,32 +506,54 @@ impl Engine {
     /// Apply stop conditions for one new token and send what can be sent.
     fn after_token(&mut self, id: SeqId, tok: u32) {
         let at_limit = self.sched.at_length_limit(id);
-        let Some(a) = self.active.get_mut(&id) else { return };
+        let Some(a) = self.active.get_mut(&id) else {
+            return;
+        };
         let now = Instant::now();
         match a.last_token {
-            None => self.metrics.ttft.observe(now.duration_since(a.arrived).as_secs_f64()),
-            Some(t) => self.metrics.itl.observe(now.duration_since(t).as_secs_f64()),
+            None => self
+                .metrics
+                .ttft
+                .observe(now.duration_since(a.arrived).as_secs_f64()),
+            Some(t) => self
+                .metrics
+                .itl
+                .observe(now.duration_since(t).as_secs_f64()),
         }
         a.last_token = Some(now);
         a.generated.push(tok);
-        self.metrics.generation_tokens.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .generation_tokens
+            .fetch_add(1, Ordering::Relaxed);
         if !a.params.ignore_eos && self.tokenizer.stop_tokens().contains(&tok) {
             let held = std::mem::take(&mut a.held);
-            let _ = a.tx.send(Event::Token { id: tok, text: held });
+            let _ = a.tx.send(Event::Token {
+                id: tok,
+                text: held,
+            });
             return self.finish(id, FinishReason::Stop);
         }
         a.held.push_str(&a.decoder.push(&self.tokenizer, tok));
         if let Some(cut) = first_stop(&a.held, &a.params.stop) {
             a.held.truncate(cut);
             let held = std::mem::take(&mut a.held);
-            let _ = a.tx.send(Event::Token { id: tok, text: held });
+            let _ = a.tx.send(Event::Token {
+                id: tok,
+                text: held,
+            });
             return self.finish(id, FinishReason::Stop);
         }
         let length = a.generated.len() >= a.max_tokens || at_limit;
-        let keep = if length { 0 } else { stop_prefix_len(&a.held, &a.params.stop) };
+        let keep = if length {
+            0
+        } else {
+            stop_prefix_len(&a.held, &a.params.stop)
+        };
         let text: String = a.held.drain(..a.held.len() - keep).collect();
         if a.tx.send(Event::Token { id: tok, text }).is_err() {
-            self.metrics.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .requests_cancelled
+                .fetch_add(1, Ordering::Relaxed);
             return self.remove(id);
         }
         if length {
@@ -458,10 +563,16 @@ impl Engine {
 
     fn finish(&mut self, id: SeqId, reason: FinishReason) {
         if let Some(a) = self.active.get(&id) {
-            let usage = Usage { prompt_tokens: a.prompt_len, completion_tokens: a.generated.len(), cached_tokens: a.cached_tokens };
+            let usage = Usage {
+                prompt_tokens: a.prompt_len,
+                completion_tokens: a.generated.len(),
+                cached_tokens: a.cached_tokens,
+            };
             let _ = a.tx.send(Event::Done { reason, usage });
             if matches!(reason, FinishReason::Stop | FinishReason::Length) {
-                self.metrics.requests_finished.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .requests_finished
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
         self.remove(id);
@@ -470,7 +581,8 @@ impl Engine {
     fn publish_load(&mut self) {
         let m = &self.metrics;
         let stats = self.bm.prefix_cache_stats();
-        m.prefix_queried_tokens.store(stats.queries, Ordering::Relaxed);
+        m.prefix_queried_tokens
+            .store(stats.queries, Ordering::Relaxed);
         m.prefix_hit_tokens.store(stats.hits, Ordering::Relaxed);
         let load = Load {
             queued: self.sched.num_waiting(),
@@ -482,7 +594,8 @@ impl Engine {
         };
         m.queued.store(load.queued as u64, Ordering::Relaxed);
         m.running.store(load.running as u64, Ordering::Relaxed);
-        m.kv_blocks_used.store(load.kv_blocks_used as u64, Ordering::Relaxed);
+        m.kv_blocks_used
+            .store(load.kv_blocks_used as u64, Ordering::Relaxed);
         self.load_tx.send_if_modified(|old| {
             let changed = *old != load;
             *old = load;
@@ -493,7 +606,11 @@ impl Engine {
 
 /// Byte index where the earliest stop string starts in `text`.
 fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
 }
 
 /// Length of the longest suffix of `text` that is a proper prefix of a stop string (that
@@ -512,7 +629,10 @@ fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
 
 /// Milliseconds since the Unix epoch (for load snapshots).
 pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

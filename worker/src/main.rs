@@ -13,7 +13,11 @@ use worker::engine::{self, EngineConfig};
 use worker::{fetch, model};
 
 #[derive(Parser)]
-#[command(name = "worker", version, about = "Sovereign inference worker: Llama-family models on a paged KV cache")]
+#[command(
+    name = "worker",
+    version,
+    about = "Sovereign inference worker: Llama-family models on a paged KV cache"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -86,7 +90,9 @@ struct ServeArgs {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -105,7 +111,12 @@ pub struct Running {
     pub service: Service,
 }
 
-fn start_engine(a: &ModelArgs, served_name: Option<String>, pool: &str, country: &str) -> Result<Service> {
+fn start_engine(
+    a: &ModelArgs,
+    served_name: Option<String>,
+    pool: &str,
+    country: &str,
+) -> Result<Service> {
     let path: PathBuf = fetch::resolve_model(&a.model)?;
     let t0 = std::time::Instant::now();
     let loaded = model::load(&path).with_context(|| format!("loading model {}", path.display()))?;
@@ -113,20 +124,41 @@ fn start_engine(a: &ModelArgs, served_name: Option<String>, pool: &str, country:
     let block_size = 16;
     let num_blocks = (a.kv_cache_mb << 20) / kv_block_bytes(&cfg, block_size);
     if num_blocks < 2 {
-        bail!("--kv-cache-mb {} holds fewer than 2 KV blocks for this model", a.kv_cache_mb);
+        bail!(
+            "--kv-cache-mb {} holds fewer than 2 KV blocks for this model",
+            a.kv_cache_mb
+        );
     }
-    let max_model_len = a.max_model_len.unwrap_or(cfg.max_context).min(cfg.max_context).min(num_blocks * block_size);
+    let max_model_len = a
+        .max_model_len
+        .unwrap_or(cfg.max_context)
+        .min(cfg.max_context)
+        .min(num_blocks * block_size);
     cfg.max_context = max_model_len;
-    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let threads = a.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     let tokenizer = Arc::new(loaded.tokenizer);
-    let tok_str = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or("").to_string();
+    let tok_str = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.id_to_token(i))
+            .unwrap_or("")
+            .to_string()
+    };
     let chat = match &loaded.chat_template {
         Some(t) => ChatTemplate::new(t, &tok_str(tokenizer.bos()), &tok_str(tokenizer.eos()))
             .context("the model's chat template does not compile")?,
         None => ChatTemplate::chatml(),
     };
     let vocab = cfg.vocab_size;
-    let backend = CpuBackend::new(cfg.clone(), Arc::new(loaded.weights), num_blocks, block_size, threads)?;
+    let backend = CpuBackend::new(
+        cfg.clone(),
+        Arc::new(loaded.weights),
+        num_blocks,
+        block_size,
+        threads,
+    )?;
     let backend_name = backend.name();
     tracing::info!(
         model = %path.display(), layers = cfg.n_layers, hidden = cfg.hidden, vocab, num_blocks, max_model_len,
@@ -150,7 +182,9 @@ fn start_engine(a: &ModelArgs, served_name: Option<String>, pool: &str, country:
         if fetch::known(&a.model).is_some() {
             a.model.clone()
         } else {
-            path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
         }
     });
     Ok(Service {
@@ -168,7 +202,10 @@ fn start_engine(a: &ModelArgs, served_name: Option<String>, pool: &str, country:
 
 fn serve(a: ServeArgs) -> Result<()> {
     let svc = start_engine(&a.model, a.served_model_name.clone(), &a.pool, &a.country)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let http = tokio::net::TcpListener::bind(a.http_addr)
             .await
@@ -211,13 +248,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
     }
     #[cfg(not(unix))]

@@ -277,8 +277,10 @@ impl Sampler {
         }
         // After the penalties: a repetition penalty below 1 can overflow a logit to +inf.
         let max = sanitize(logits);
-        if self.params.temperature == 0.0 || max == f32::NEG_INFINITY {
-            return logits.iter().position(|&l| l == max).unwrap_or(0) as u32;
+        // A temperature so small that 1 / t overflows is greedy in all but exact ties.
+        let t = self.params.temperature;
+        if t == 0.0 || !(1.0 / t).is_finite() || max == f32::NEG_INFINITY {
+            return first_index_of(logits, max);
         }
         self.sample_tempered(logits, max)
     }
@@ -331,9 +333,10 @@ impl Sampler {
             self.weights.resize(n, 0.0);
         }
         let w = &mut self.weights[..n];
+        let inv_t = 1.0 / p.temperature;
         // The argmax gets exactly exp(0) = 1.
         for (w, &l) in w.iter_mut().zip(logits) {
-            *w = weight((l - max) / p.temperature);
+            *w = weight((l - max) * inv_t);
         }
         let w = &*w;
         let top_k = if p.top_k > 0 && p.top_k < n {
@@ -356,11 +359,18 @@ impl Sampler {
             let total = sum(w);
             let g = f64::from(p.top_p) * total;
             goal = Some(g);
-            // The tokens above a bound on the NUCLEUS_PREFIX-th weight usually carry the
-            // nucleus; they are a prefix by rank, so if they reach the goal it lies among them.
-            let bound = kth_largest_lower_bound(w, NUCLEUS_PREFIX.min(n));
-            if sum_at_least(w, bound) >= g {
-                floor = floor.max(bound);
+            // The tokens at or above a bound on the k-th largest weight are a prefix by rank:
+            // if they reach the goal, the nucleus lies among them. Real distributions are
+            // peaked and the first bound suffices; flat ones need a larger k.
+            for k in [NUCLEUS_PREFIX, 8 * NUCLEUS_PREFIX, 64 * NUCLEUS_PREFIX] {
+                if k >= n {
+                    break;
+                }
+                let bound = kth_largest_lower_bound(w, k);
+                if sum_at_least(w, bound) >= g {
+                    floor = floor.max(bound);
+                    break;
+                }
             }
         } else {
             // min-p alone: the best token has weight 1.
@@ -368,17 +378,18 @@ impl Sampler {
         }
         let cand = &mut self.candidates;
         cand.clear();
-        cand.extend(
-            w.iter()
-                .zip(logits)
-                .enumerate()
-                .filter(|(_, (w, _))| **w >= floor)
-                .map(|(id, (&weight, &logit))| Candidate {
-                    logit,
-                    weight,
-                    id: id as u32,
-                }),
-        );
+        // Skip whole chunks below the floor with a vectorized max (usually almost all of them).
+        const CHUNK: usize = 64;
+        for (ci, (wc, lc)) in w.chunks(CHUNK).zip(logits.chunks(CHUNK)).enumerate() {
+            if lane_max(wc) >= floor {
+                for (j, (&weight, &logit)) in wc.iter().zip(lc).enumerate() {
+                    if weight >= floor {
+                        let id = (ci * CHUNK + j) as u32;
+                        cand.push(Candidate { logit, weight, id });
+                    }
+                }
+            }
+        }
         if top_k > 0 && top_k < cand.len() {
             cand.select_nth_unstable_by(top_k - 1, by_rank);
             cand.truncate(top_k);
@@ -446,15 +457,19 @@ fn sanitize(logits: &mut [f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
-/// `exp(x)` for `x <= 0`, 0 below [`MIN_EXPONENT`]. A branch-free range reduction plus a
-/// degree-6 polynomial (about 1 ulp), so that the loop over the vocabulary vectorizes; exactly
-/// 1 at `x = 0`.
+/// `exp(x)` for `x <= 0`, 0 below [`MIN_EXPONENT`] (and for NaN). A branch-free range
+/// reduction plus a degree-6 polynomial (about 1 ulp) with no float-to-int conversion, so that
+/// the loop over the vocabulary vectorizes; exactly 1 at `x = 0`.
 #[inline(always)]
 fn weight(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    let xc = x.max(MIN_EXPONENT);
-    let k = (xc * std::f32::consts::LOG2_E).round_ties_even();
+    // Adding 1.5 * 2^23 rounds to an integer, which then sits in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    const MAGIC_BITS: u32 = 0x4B40_0000;
+    let xc = x.clamp(MIN_EXPONENT, 0.0);
+    let t = xc * std::f32::consts::LOG2_E + MAGIC;
+    let k = t - MAGIC; // round(x / ln 2), in [-126, 0]
     let r = k.mul_add(-LN2_LO, k.mul_add(-LN2_HI, xc));
     let p = (1.0 / 720.0f32)
         .mul_add(r, 1.0 / 120.0)
@@ -463,8 +478,8 @@ fn weight(x: f32) -> f32 {
         .mul_add(r, 0.5)
         .mul_add(r, 1.0)
         .mul_add(r, 1.0);
-    // k is in [-126, 0]: 2^k is a normal float.
-    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    // 2^k from its bits: biased exponent k + 127 is in [1, 127], a normal float.
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(MAGIC_BITS).wrapping_add(127) << 23);
     if x >= MIN_EXPONENT { p * scale } else { 0.0 }
 }
 
@@ -499,24 +514,34 @@ fn sum_at_least(w: &[f32], bound: f32) -> f64 {
 }
 
 /// A value that at least `k` weights reach (so every one of the `k` largest does): the
-/// smallest of the maxima of at least `k` disjoint groups. One vectorizable pass; for the
-/// unordered logits of real vocabularies it keeps only a few times `k` tokens.
+/// smallest of the maxima of `k` disjoint groups. One vectorizable pass; for the unordered
+/// logits of real vocabularies it keeps only a few times `k` tokens. 0 (no bound) if `k` is 0
+/// or exceeds the length.
 fn kth_largest_lower_bound(w: &[f32], k: usize) -> f32 {
-    let size = (w.len() / k.max(1)).max(1);
-    w.chunks(size)
-        .map(|c| {
-            let mut m = [0f32; 8];
-            let (lanes, tail) = c.as_chunks::<8>();
-            for l in lanes {
-                for i in 0..8 {
-                    m[i] = if l[i] > m[i] { l[i] } else { m[i] };
-                }
-            }
-            tail.iter()
-                .chain(&m)
-                .fold(0.0, |a: f32, &b| if b > a { b } else { a })
-        })
-        .fold(f32::INFINITY, f32::min)
+    if k == 0 || k > w.len() {
+        return 0.0;
+    }
+    // k - 1 groups of `size`, the last one takes the remainder too.
+    let size = w.len() / k;
+    let (head, last) = w.split_at(size * (k - 1));
+    head.chunks(size)
+        .map(lane_max)
+        .fold(lane_max(last), f32::min)
+}
+
+/// Largest of non-negative, non-NaN values (0 for an empty slice), with 8 independent lanes.
+#[inline(always)]
+fn lane_max(c: &[f32]) -> f32 {
+    let mut m = [0f32; 8];
+    let (lanes, tail) = c.as_chunks::<8>();
+    for l in lanes {
+        for i in 0..8 {
+            m[i] = if l[i] > m[i] { l[i] } else { m[i] };
+        }
+    }
+    tail.iter()
+        .chain(&m)
+        .fold(0.0, |a: f32, &b| if b > a { b } else { a })
 }
 
 /// Draws an index with probability proportional to `w` (`u` uniform in `[0, 1)`), skipping
@@ -589,6 +614,19 @@ fn nucleus(cand: &mut Vec<Candidate>, goal: f64) -> f64 {
     // Rounding kept the sum just under the goal: keep the whole range.
     cand.truncate(hi);
     acc
+}
+
+/// Index of the first element equal to `value` (0 if none), 64 elements at a time.
+fn first_index_of(values: &[f32], value: f32) -> u32 {
+    const CHUNK: usize = 64;
+    for (ci, c) in values.chunks(CHUNK).enumerate() {
+        if c.iter().fold(false, |any, &v| any | (v == value))
+            && let Some(j) = c.iter().position(|&v| v == value)
+        {
+            return (ci * CHUNK + j) as u32;
+        }
+    }
+    0
 }
 
 /// Index of the largest value, the lowest index among equals; NaN never wins (0 if all are).
@@ -953,13 +991,21 @@ mod tests {
         }
     }
 
-    /// Time per `sample` call on a 128k vocabulary. Run with
-    /// `cargo test --release -- --ignored --nocapture bench_sample`.
+    /// Time per `sample` call on a 128k vocabulary, for flat (uniform in [-12, 12]: large
+    /// top-p nuclei, many min-p survivors) and peaked (Gaussian, sigma 3) logits; best of five
+    /// rounds. Run with `cargo test --release -- --ignored --nocapture bench_sample`.
     #[test]
     #[ignore = "micro benchmark"]
     fn bench_sample() {
         let vocab = 128_256;
-        let logits = random_logits(vocab, 1, 12.0);
+        let flat = random_logits(vocab, 1, 12.0);
+        let mut rng = Rng::new(5);
+        let peaked: Vec<f32> = (0..vocab)
+            .map(|_| {
+                let (u1, u2) = (rng.next_f64().max(1e-300), rng.next_f64());
+                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * 3.0) as f32
+            })
+            .collect();
         let history: Vec<u32> = (0..2000).map(|i| (i * 7919) % vocab as u32).collect();
         for (name, p) in [
             ("greedy", SamplingParams::greedy()),
@@ -979,20 +1025,29 @@ mod tests {
                 }),
             ),
         ] {
-            let mut s = sampler(p, vocab);
-            let mut buf = logits.clone();
-            let iters = 200;
-            let t0 = std::time::Instant::now();
-            let mut sink = 0u64;
-            for _ in 0..iters {
-                buf.copy_from_slice(&logits);
-                sink += u64::from(s.sample(&mut buf, &history, &history[1000..]));
+            let mut line = format!("{name:16}");
+            for (dist, logits) in [("flat", &flat), ("peaked", &peaked)] {
+                let mut s = sampler(p, vocab);
+                let mut buf = logits.clone();
+                let mut best = f64::MAX;
+                let mut sink = 0u64;
+                for _ in 0..5 {
+                    let iters = 40;
+                    let t0 = std::time::Instant::now();
+                    for _ in 0..iters {
+                        buf.copy_from_slice(logits);
+                        sink += u64::from(s.sample(&mut buf, &history, &history[1000..]));
+                    }
+                    best = best.min(t0.elapsed().as_secs_f64() / f64::from(iters));
+                }
+                line += &format!(" {dist} {:7.1} us", best * 1e6);
+                std::hint::black_box(sink);
             }
-            let per = t0.elapsed().as_secs_f64() / f64::from(iters) * 1e6;
-            println!("{name:16} {per:8.1} us/sample ({sink})");
+            println!("{line}");
         }
     }
 }
+
 #[cfg(test)]
 mod prof {
     use super::*;
@@ -1001,28 +1056,96 @@ mod prof {
     fn prof_parts() {
         let n = 128_256;
         let mut rng = Rng::new(1);
-        let logits: Vec<f32> = (0..n).map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * 12.0).collect();
+        let logits: Vec<f32> = (0..n)
+            .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * 12.0)
+            .collect();
         let mut l = logits.clone();
         let mut w = vec![0f32; n];
         let it = 300;
         let t = std::time::Instant::now();
         let mut m = 0.0;
-        for _ in 0..it { l.copy_from_slice(&logits); m += sanitize(&mut l); }
-        eprintln!("copy+sanitize {:.1} us {m}", t.elapsed().as_secs_f64() / it as f64 * 1e6);
+        for _ in 0..it {
+            l.copy_from_slice(&logits);
+            m += sanitize(&mut l);
+        }
+        eprintln!(
+            "copy+sanitize {:.1} us {m}",
+            t.elapsed().as_secs_f64() / it as f64 * 1e6
+        );
         let t = std::time::Instant::now();
-        for _ in 0..it { for (w, &x) in w.iter_mut().zip(&l) { *w = weight((x - 12.0) / 0.7); } }
-        eprintln!("weights {:.1} us", t.elapsed().as_secs_f64() / it as f64 * 1e6);
+        for _ in 0..it {
+            for (w, &x) in w.iter_mut().zip(&l) {
+                *w = weight((x - 12.0) * (1.0 / 0.7));
+            }
+        }
+        eprintln!(
+            "weights {:.1} us",
+            t.elapsed().as_secs_f64() / it as f64 * 1e6
+        );
         let t = std::time::Instant::now();
         let mut s = 0.0;
-        for _ in 0..it { s += sum(std::hint::black_box(&w)); }
-        eprintln!("sum {:.1} us {s}", t.elapsed().as_secs_f64() / it as f64 * 1e6);
+        for _ in 0..it {
+            s += sum(std::hint::black_box(&w));
+        }
+        eprintln!(
+            "sum {:.1} us {s}",
+            t.elapsed().as_secs_f64() / it as f64 * 1e6
+        );
         let t = std::time::Instant::now();
         let mut s = 0;
-        for i in 0..it { s += draw_dense(std::hint::black_box(&w), (i as f64) / it as f64).unwrap(); }
-        eprintln!("draw {:.1} us {s}", t.elapsed().as_secs_f64() / it as f64 * 1e6);
+        for i in 0..it {
+            s += draw_dense(std::hint::black_box(&w), (i as f64) / it as f64).unwrap();
+        }
+        eprintln!(
+            "draw {:.1} us {s}",
+            t.elapsed().as_secs_f64() / it as f64 * 1e6
+        );
         let t = std::time::Instant::now();
         let mut s = 0.0;
-        for _ in 0..it { s += kth_largest_lower_bound(std::hint::black_box(&w), 40); }
-        eprintln!("kth {:.1} us {s}", t.elapsed().as_secs_f64() / it as f64 * 1e6);
+        for _ in 0..it {
+            s += kth_largest_lower_bound(std::hint::black_box(&w), 40);
+        }
+        eprintln!(
+            "kth {:.1} us {s}",
+            t.elapsed().as_secs_f64() / it as f64 * 1e6
+        );
+        for (name, p) in [
+            (
+                "topk",
+                SamplingParams {
+                    top_k: 40,
+                    seed: Some(1),
+                    ..SamplingParams::default()
+                },
+            ),
+            (
+                "minp",
+                SamplingParams {
+                    min_p: 0.05,
+                    seed: Some(1),
+                    ..SamplingParams::default()
+                },
+            ),
+            (
+                "topp",
+                SamplingParams {
+                    top_p: 0.9,
+                    seed: Some(1),
+                    ..SamplingParams::default()
+                },
+            ),
+        ] {
+            let mut smp = Sampler::new(p, n).unwrap();
+            let t = std::time::Instant::now();
+            let mut s = 0;
+            for _ in 0..1000 {
+                l.copy_from_slice(&logits);
+                s += smp.sample(&mut l, &[], &[]);
+            }
+            eprintln!(
+                "{name} {:.1} us {s}",
+                t.elapsed().as_secs_f64() / 1000.0 * 1e6
+            );
+        }
     }
 }

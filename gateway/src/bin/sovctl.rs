@@ -3,7 +3,11 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "sovctl", version, about = "Sovereign inference gateway: operator and auditor tools")]
+#[command(
+    name = "sovctl",
+    version,
+    about = "Sovereign inference gateway: operator and auditor tools"
+)]
 struct Cli {}
 
 fn main() -> anyhow::Result<()> {

@@ -104,7 +104,11 @@ pub fn dense_causal_attention(
             let mut s: Vec<f64> = (0..=t)
                 .map(|j| {
                     let kv = &k[(j * n_kv_heads + kvh) * hd..][..hd];
-                    qv.iter().zip(kv).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale as f64
+                    qv.iter()
+                        .zip(kv)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
+                        * scale as f64
                 })
                 .collect();
             let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -132,7 +136,9 @@ mod tests {
 
     /// Deterministic pseudo-random values in [-1, 1).
     fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
                 s ^= s << 13;

@@ -36,12 +36,20 @@ impl RopeTable {
                 sin.push(theta.sin() as f32);
             }
         }
-        Self { style, rot_dim: half * 2, max_pos, cos, sin }
+        Self {
+            style,
+            rot_dim: half * 2,
+            max_pos,
+            cos,
+            sin,
+        }
     }
 
     /// Plain Llama frequencies: `base^(-2i/rot_dim)`.
     pub fn inv_freq(base: f64, rot_dim: usize) -> Vec<f64> {
-        (0..rot_dim / 2).map(|i| base.powf(-((2 * i) as f64) / rot_dim as f64)).collect()
+        (0..rot_dim / 2)
+            .map(|i| base.powf(-((2 * i) as f64) / rot_dim as f64))
+            .collect()
     }
 
     pub fn max_pos(&self) -> usize {

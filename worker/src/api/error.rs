@@ -37,7 +37,11 @@ impl ApiError {
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::NOT_FOUND, code: "not_found", ..Self::bad_request("", message) }
+        Self {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            ..Self::bad_request("", message)
+        }
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
@@ -77,7 +81,9 @@ impl From<SubmitError> for ApiError {
         let message = e.to_string();
         match e {
             SubmitError::EmptyPrompt => ApiError::bad_request("empty_prompt", message),
-            SubmitError::ContextLength { .. } => ApiError::bad_request("context_length_exceeded", message),
+            SubmitError::ContextLength { .. } => {
+                ApiError::bad_request("context_length_exceeded", message)
+            }
             SubmitError::Sampling(_) => ApiError::bad_request("invalid_sampling_params", message),
             SubmitError::QueueFull(_) => ApiError {
                 status: StatusCode::TOO_MANY_REQUESTS,
@@ -111,7 +117,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, axum::Json(self.to_json())).into_response();
         if let Some(s) = self.retry_after {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         resp
     }

@@ -39,15 +39,28 @@ impl Worker for Grpc {
     type GenerateStream = BoxStream<pb::GenerateChunk>;
     type WatchLoadStream = BoxStream<pb::LoadSnapshot>;
 
-    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
         let r = req.into_inner();
         self.svc.check_model(&r.model).map_err(|e| e.to_status())?;
         let input = match r.input {
-            Some(pb::generate_request::Input::Chat(c)) => {
-                Input::Chat(c.messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect())
-            }
+            Some(pb::generate_request::Input::Chat(c)) => Input::Chat(
+                c.messages
+                    .into_iter()
+                    .map(|m| ChatMessage {
+                        role: m.role,
+                        content: m.content,
+                    })
+                    .collect(),
+            ),
             Some(pb::generate_request::Input::Prompt(p)) => Input::Text(p),
-            None => return Err(Status::invalid_argument("invalid_request: input (chat or prompt) is required")),
+            None => {
+                return Err(Status::invalid_argument(
+                    "invalid_request: input (chat or prompt) is required",
+                ));
+            }
         };
         let s = r.sampling.unwrap_or_default();
         let opts = RequestOptions {
@@ -65,11 +78,18 @@ impl Worker for Grpc {
             ignore_eos: false,
         };
         let (prompt, params) = self.svc.prepare(input, &opts).map_err(|e| e.to_status())?;
-        let rx = self.svc.engine.submit(prompt, params).map_err(|e| super::ApiError::from(e).to_status())?;
+        let rx = self
+            .svc
+            .engine
+            .submit(prompt, params)
+            .map_err(|e| super::ApiError::from(e).to_status())?;
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(|ev| match ev {
-            Event::Token { id, text } => {
-                Ok(pb::GenerateChunk { text, token_ids: vec![id], finish_reason: String::new(), usage: None })
-            }
+            Event::Token { id, text } => Ok(pb::GenerateChunk {
+                text,
+                token_ids: vec![id],
+                finish_reason: String::new(),
+                usage: None,
+            }),
             Event::Done { reason, usage } => Ok(pb::GenerateChunk {
                 text: String::new(),
                 token_ids: Vec::new(),
@@ -84,7 +104,10 @@ impl Worker for Grpc {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn info(&self, _req: Request<pb::InfoRequest>) -> Result<Response<pb::InfoReply>, Status> {
+    async fn info(
+        &self,
+        _req: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoReply>, Status> {
         let i = &self.svc.info;
         let c = &self.svc.engine.config;
         Ok(Response::new(pb::InfoReply {
@@ -101,7 +124,10 @@ impl Worker for Grpc {
         }))
     }
 
-    async fn watch_load(&self, _req: Request<pb::WatchLoadRequest>) -> Result<Response<Self::WatchLoadStream>, Status> {
+    async fn watch_load(
+        &self,
+        _req: Request<pb::WatchLoadRequest>,
+    ) -> Result<Response<Self::WatchLoadStream>, Status> {
         let mut rx = self.svc.engine.watch_load();
         // One snapshot at once, then on every change, and at least every 100 ms.
         let stream = async_stream(move |tx| async move {
@@ -121,7 +147,10 @@ impl Worker for Grpc {
         Ok(Response::new(stream))
     }
 
-    async fn drain(&self, req: Request<pb::DrainRequest>) -> Result<Response<pb::DrainReply>, Status> {
+    async fn drain(
+        &self,
+        req: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainReply>, Status> {
         let mut remaining = self.svc.engine.drain();
         if req.into_inner().wait {
             while remaining > 0 {
@@ -129,7 +158,9 @@ impl Worker for Grpc {
                 remaining = self.svc.engine.in_flight();
             }
         }
-        Ok(Response::new(pb::DrainReply { remaining: remaining as u32 }))
+        Ok(Response::new(pb::DrainReply {
+            remaining: remaining as u32,
+        }))
     }
 }
 

@@ -41,11 +41,16 @@ pub fn router(svc: Service, body_limit: usize) -> Router {
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| ApiError {
-        status: StatusCode::PAYLOAD_TOO_LARGE,
-        code: "request_too_large",
-        ..ApiError::bad_request("", format!("the request body exceeds the limit of {limit} bytes"))
-    })
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            code: "request_too_large",
+            ..ApiError::bad_request(
+                "",
+                format!("the request body exceeds the limit of {limit} bytes"),
+            )
+        })
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -74,14 +79,30 @@ async fn completions(State(st): State<AppState>, body: Body) -> Response {
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn generate(svc: &Service, kind: Kind, input: Input, common: &CommonFields) -> Result<Response, ApiError> {
+async fn generate(
+    svc: &Service,
+    kind: Kind,
+    input: Input,
+    common: &CommonFields,
+) -> Result<Response, ApiError> {
     svc.check_model(&common.model)?;
     let opts = common.options()?;
     let (prompt, params) = svc.prepare(input, &opts)?;
     let rx = svc.engine.submit(prompt, params)?;
     let meta = ResponseMeta {
-        id: format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, random_id()),
-        created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        id: format!(
+            "{}-{}",
+            if kind == Kind::Chat {
+                "chatcmpl"
+            } else {
+                "cmpl"
+            },
+            random_id()
+        ),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
         model: svc.info.model_id.clone(),
         kind,
     };
@@ -109,10 +130,14 @@ fn usage_json(u: &Usage) -> Value {
 }
 
 fn finish_error(reason: FinishReason) -> Option<ApiError> {
-    (reason == FinishReason::Error).then(|| ApiError::internal("the inference backend failed while generating"))
+    (reason == FinishReason::Error)
+        .then(|| ApiError::internal("the inference backend failed while generating"))
 }
 
-async fn collect_response(meta: ResponseMeta, mut rx: UnboundedReceiver<Event>) -> Result<Response, ApiError> {
+async fn collect_response(
+    meta: ResponseMeta,
+    mut rx: UnboundedReceiver<Event>,
+) -> Result<Response, ApiError> {
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
         match ev {
@@ -122,22 +147,40 @@ async fn collect_response(meta: ResponseMeta, mut rx: UnboundedReceiver<Event>) 
                     return Err(e);
                 }
                 let choice = match meta.kind {
-                    Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
-                        "logprobs": null, "finish_reason": reason.as_str()}),
-                    Kind::Text => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason.as_str()}),
+                    Kind::Chat => {
+                        json!({"index": 0, "message": {"role": "assistant", "content": text},
+                        "logprobs": null, "finish_reason": reason.as_str()})
+                    }
+                    Kind::Text => {
+                        json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason.as_str()})
+                    }
                 };
-                let object = if meta.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+                let object = if meta.kind == Kind::Chat {
+                    "chat.completion"
+                } else {
+                    "text_completion"
+                };
                 let body = json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model,
                     "choices": [choice], "usage": usage_json(&usage)});
                 return Ok(axum::Json(body).into_response());
             }
         }
     }
-    Err(ApiError::internal("the engine stopped before the request finished"))
+    Err(ApiError::internal(
+        "the engine stopped before the request finished",
+    ))
 }
 
-fn stream_response(meta: ResponseMeta, rx: UnboundedReceiver<Event>, include_usage: bool) -> Response {
-    let object = if meta.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+fn stream_response(
+    meta: ResponseMeta,
+    rx: UnboundedReceiver<Event>,
+    include_usage: bool,
+) -> Response {
+    let object = if meta.kind == Kind::Chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
     let chunk = move |choice: Value, usage: Option<Value>| -> SseEvent {
         let mut v = json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model,
             "choices": if choice.is_null() { json!([]) } else { json!([choice]) }});
@@ -168,7 +211,9 @@ fn stream_response(meta: ResponseMeta, rx: UnboundedReceiver<Event>, include_usa
         };
         futures::stream::iter(out)
     });
-    let stream = futures::stream::iter(first).chain(events).map(Ok::<_, Infallible>);
+    let stream = futures::stream::iter(first)
+        .chain(events)
+        .map(Ok::<_, Infallible>);
     sse(stream)
 }
 
@@ -179,7 +224,11 @@ fn sse(stream: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static
 fn delta(kind: Kind, text: &str, finish: Option<&str>) -> Value {
     match kind {
         Kind::Chat => {
-            let d = if finish.is_some() { json!({}) } else { json!({"content": text}) };
+            let d = if finish.is_some() {
+                json!({})
+            } else {
+                json!({"content": text})
+            };
             json!({"index": 0, "delta": d, "logprobs": null, "finish_reason": finish})
         }
         Kind::Text => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish}),
@@ -201,12 +250,20 @@ async fn health(State(st): State<AppState>) -> Response {
     let body = json!({"status": if load.draining { "draining" } else { "ok" },
         "model": st.svc.info.model_id, "backend": st.svc.info.backend,
         "queued": load.queued, "running": load.running});
-    let status = if load.draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let status = if load.draining {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
     (status, axum::Json(body)).into_response()
 }
 
 async fn metrics(State(st): State<AppState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.svc.engine.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.svc.engine.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn not_found() -> Response {
@@ -214,16 +271,25 @@ async fn not_found() -> Response {
 }
 
 async fn method_not_allowed() -> Response {
-    ApiError { status: StatusCode::METHOD_NOT_ALLOWED, code: "method_not_allowed", ..ApiError::bad_request("", "method not allowed on this endpoint") }
-        .into_response()
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        code: "method_not_allowed",
+        ..ApiError::bad_request("", "method not allowed on this endpoint")
+    }
+    .into_response()
 }
 
 /// 16 hex characters from the clock and a counter (ids only need to be unique per worker).
 pub fn random_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-    let mut x = t ^ COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut x = t ^ COUNTER
+        .fetch_add(1, Ordering::Relaxed)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;

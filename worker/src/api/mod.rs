@@ -64,31 +64,50 @@ impl Service {
         } else {
             Err(ApiError::bad_request(
                 "model_not_found",
-                format!("the model `{model}` does not exist on this worker; it serves `{}`", self.info.model_id),
+                format!(
+                    "the model `{model}` does not exist on this worker; it serves `{}`",
+                    self.info.model_id
+                ),
             ))
         }
     }
 
     /// Tokenize the input and turn options into engine parameters.
-    pub fn prepare(&self, input: Input, o: &RequestOptions) -> Result<(Vec<u32>, GenerateParams), ApiError> {
+    pub fn prepare(
+        &self,
+        input: Input,
+        o: &RequestOptions,
+    ) -> Result<(Vec<u32>, GenerateParams), ApiError> {
         let tok = &self.engine.tokenizer;
         let prompt = match input {
             Input::Chat(messages) => {
                 if messages.is_empty() {
-                    return Err(ApiError::bad_request("invalid_request", "`messages` must not be empty"));
+                    return Err(ApiError::bad_request(
+                        "invalid_request",
+                        "`messages` must not be empty",
+                    ));
                 }
                 let text = self
                     .chat
                     .render(&messages, true)
                     .map_err(|e| ApiError::bad_request("chat_template_error", e.to_string()))?;
                 // Templates that write the BOS token themselves must not get a second one.
-                let has_bos = tok.bos().map(|b| text.starts_with(tok.id_to_token(b).unwrap_or("\u{0}"))).unwrap_or(false);
+                let has_bos = tok
+                    .bos()
+                    .map(|b| text.starts_with(tok.id_to_token(b).unwrap_or("\u{0}")))
+                    .unwrap_or(false);
                 tok.encode(&text, !has_bos, true)
             }
             Input::Text(text) => tok.encode(&text, true, true),
             Input::Tokens(ids) => {
-                if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.engine.vocab_size()) {
-                    return Err(ApiError::bad_request("invalid_token", format!("token id {bad} is outside the vocabulary")));
+                if let Some(bad) = ids
+                    .iter()
+                    .find(|&&t| t as usize >= self.engine.vocab_size())
+                {
+                    return Err(ApiError::bad_request(
+                        "invalid_token",
+                        format!("token id {bad} is outside the vocabulary"),
+                    ));
                 }
                 ids
             }
@@ -97,12 +116,20 @@ impl Service {
         let top_k = match o.top_k {
             None | Some(-1) | Some(0) => 0,
             Some(k) if k > 0 => k as usize,
-            Some(k) => return Err(sampling_err(format!("top_k must be -1, 0 or positive, got {k}"))),
+            Some(k) => {
+                return Err(sampling_err(format!(
+                    "top_k must be -1, 0 or positive, got {k}"
+                )));
+            }
         };
         let max_tokens = match o.max_tokens {
             None => None,
             Some(n) if n >= 1 => Some(n as usize),
-            Some(n) => return Err(sampling_err(format!("max_tokens must be at least 1, got {n}"))),
+            Some(n) => {
+                return Err(sampling_err(format!(
+                    "max_tokens must be at least 1, got {n}"
+                )));
+            }
         };
         let d = SamplingParams::default();
         let sampling = SamplingParams {
@@ -115,9 +142,14 @@ impl Service {
             presence_penalty: o.presence_penalty.unwrap_or(d.presence_penalty),
             frequency_penalty: o.frequency_penalty.unwrap_or(d.frequency_penalty),
         };
-        sampling.validate().map_err(|e| sampling_err(e.to_string()))?;
+        sampling
+            .validate()
+            .map_err(|e| sampling_err(e.to_string()))?;
         if o.stop.len() > 16 {
-            return Err(ApiError::bad_request("invalid_request", "at most 16 stop strings are allowed"));
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "at most 16 stop strings are allowed",
+            ));
         }
         let params = GenerateParams {
             sampling,

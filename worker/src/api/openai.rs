@@ -95,14 +95,25 @@ pub enum PromptField {
 
 /// Parse a JSON body into `T`: malformed JSON and wrong types become 400s.
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("the request body is not valid JSON: {e}")))?;
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("the request body is not valid JSON: {e}"),
+        )
+    })?;
     if !value.is_object() {
-        return Err(ApiError::bad_request("invalid_json", "the request body must be a JSON object"));
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the request body must be a JSON object",
+        ));
     }
     serde_json::from_value(value).map_err(|e| {
         let msg = e.to_string();
-        let code = if msg.starts_with("missing field") { "missing_field" } else { "invalid_type" };
+        let code = if msg.starts_with("missing field") {
+            "missing_field"
+        } else {
+            "invalid_type"
+        };
         ApiError::bad_request(code, format!("invalid request: {msg}"))
     })
 }
@@ -112,17 +123,28 @@ impl CommonFields {
         if let Some(n) = self.n
             && n != 1
         {
-            return Err(ApiError::bad_request("unsupported_parameter", "only n = 1 is supported").with_param("n"));
-        }
-        if matches!(&self.logprobs, Some(v) if !v.is_null() && v != &serde_json::Value::Bool(false)) {
             return Err(
-                ApiError::bad_request("unsupported_parameter", "logprobs are not supported").with_param("logprobs")
+                ApiError::bad_request("unsupported_parameter", "only n = 1 is supported")
+                    .with_param("n"),
             );
+        }
+        if matches!(&self.logprobs, Some(v) if !v.is_null() && v != &serde_json::Value::Bool(false))
+        {
+            return Err(ApiError::bad_request(
+                "unsupported_parameter",
+                "logprobs are not supported",
+            )
+            .with_param("logprobs"));
         }
         let seed = match self.seed {
             None => None,
             Some(s) if s >= 0 => Some(s as u64),
-            Some(s) => return Err(ApiError::bad_request("invalid_sampling_params", format!("seed must be >= 0, got {s}"))),
+            Some(s) => {
+                return Err(ApiError::bad_request(
+                    "invalid_sampling_params",
+                    format!("seed must be >= 0, got {s}"),
+                ));
+            }
         };
         let stop = match &self.stop {
             None => Vec::new(),
@@ -146,7 +168,9 @@ impl CommonFields {
     }
 
     pub fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
     }
 }
 
@@ -154,8 +178,14 @@ impl ChatRequest {
     pub fn input(&self) -> Result<Input, ApiError> {
         let mut out = Vec::with_capacity(self.messages.len());
         for (i, m) in self.messages.iter().enumerate() {
-            if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
-                return Err(ApiError::bad_request("invalid_request", format!("messages[{i}].role `{}` is not a known role", m.role)));
+            if !matches!(
+                m.role.as_str(),
+                "system" | "developer" | "user" | "assistant" | "tool"
+            ) {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    format!("messages[{i}].role `{}` is not a known role", m.role),
+                ));
             }
             let content = match &m.content {
                 None => String::new(),
@@ -168,7 +198,9 @@ impl ChatRequest {
                             (kind, _) => {
                                 return Err(ApiError::bad_request(
                                     "unsupported_content",
-                                    format!("messages[{i}]: content part of type `{kind}` is not supported (text only)"),
+                                    format!(
+                                        "messages[{i}]: content part of type `{kind}` is not supported (text only)"
+                                    ),
                                 ));
                             }
                         }
@@ -176,7 +208,11 @@ impl ChatRequest {
                     s
                 }
             };
-            let role = if m.role == "developer" { "system".to_string() } else { m.role.clone() };
+            let role = if m.role == "developer" {
+                "system".to_string()
+            } else {
+                m.role.clone()
+            };
             out.push(ChatMessage { role, content });
         }
         Ok(Input::Chat(out))
@@ -186,7 +222,10 @@ impl ChatRequest {
 impl CompletionRequest {
     pub fn input(&self) -> Result<Input, ApiError> {
         if self.echo {
-            return Err(ApiError::bad_request("unsupported_parameter", "echo is not supported").with_param("echo"));
+            return Err(
+                ApiError::bad_request("unsupported_parameter", "echo is not supported")
+                    .with_param("echo"),
+            );
         }
         match &self.prompt {
             PromptField::Text(t) => Ok(Input::Text(t.clone())),

@@ -8,7 +8,9 @@
 use std::sync::Arc;
 
 use kernels::KvLayout;
-use kernels::cpu::{PagedAttention, RopeTable, add_rms_norm, rms_norm, rope_and_write_kv, silu_and_mul};
+use kernels::cpu::{
+    PagedAttention, RopeTable, add_rms_norm, rms_norm, rope_and_write_kv, silu_and_mul,
+};
 use rayon::prelude::*;
 
 use super::{Backend, BackendError, SeqChunk};
@@ -53,12 +55,19 @@ impl CpuBackend {
         block_size: usize,
         threads: usize,
     ) -> Result<Self, BackendError> {
-        let layout = KvLayout { num_blocks, block_size, n_kv_heads: cfg.n_kv_heads, head_dim: cfg.head_dim };
+        let layout = KvLayout {
+            num_blocks,
+            block_size,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+        };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .thread_name(|i| format!("cpu-backend-{i}"))
             .build()
-            .map_err(|e| BackendError::Device(format!("cannot start {threads} CPU threads: {e}")))?;
+            .map_err(|e| {
+                BackendError::Device(format!("cannot start {threads} CPU threads: {e}"))
+            })?;
         let pool = Arc::new(pool);
         let rope = RopeTable::new(cfg.rope_style, &cfg.rope_inv_freq(), cfg.max_context);
         let n = layout.elements();
@@ -83,15 +92,30 @@ impl CpuBackend {
                 return Err(BackendError::PositionTooLarge(end - 1));
             }
             if c.block_table.len() * bs < end {
-                return Err(BackendError::BlockTableTooShort { pos: end - 1, blocks: c.block_table.len(), block_size: bs });
+                return Err(BackendError::BlockTableTooShort {
+                    pos: end - 1,
+                    blocks: c.block_table.len(),
+                    block_size: bs,
+                });
             }
-            if let Some(&b) = c.block_table.iter().find(|&&b| b as usize >= self.layout.num_blocks) {
+            if let Some(&b) = c
+                .block_table
+                .iter()
+                .find(|&&b| b as usize >= self.layout.num_blocks)
+            {
                 return Err(BackendError::BadBlock(b));
             }
-            if let Some(&t) = c.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            if let Some(&t) = c
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size)
+            {
                 return Err(BackendError::BadToken(t));
             }
-            slots.extend((0..c.tokens.len()).map(|i| TokenSlot { chunk: ci, pos: c.start + i }));
+            slots.extend((0..c.tokens.len()).map(|i| TokenSlot {
+                chunk: ci,
+                pos: c.start + i,
+            }));
         }
         Ok(slots)
     }
@@ -110,31 +134,45 @@ impl CpuBackend {
 
         // Embeddings.
         s.x.resize(t * h, 0.0);
-        let tokens: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
-        s.x.par_chunks_mut(h).zip(tokens.par_iter()).for_each(|(row, &tok)| {
-            w.embed.dequantize_row(tok as usize, row);
-        });
+        let tokens: Vec<u32> = chunks
+            .iter()
+            .flat_map(|c| c.tokens.iter().copied())
+            .collect();
+        s.x.par_chunks_mut(h)
+            .zip(tokens.par_iter())
+            .for_each(|(row, &tok)| {
+                w.embed.dequantize_row(tok as usize, row);
+            });
         s.xn.resize(t * h, 0.0);
         s.qkv.resize(t * qkv_dim, 0.0);
         s.attn.resize(t * q_dim, 0.0);
         s.proj.resize(t * h, 0.0);
         s.gate_up.resize(t * 2 * inter, 0.0);
         s.act.resize(t * inter, 0.0);
-        let attn = PagedAttention { layout: self.layout, n_heads: cfg.n_heads, scale: 1.0 / (hd as f32).sqrt() };
+        let attn = PagedAttention {
+            layout: self.layout,
+            n_heads: cfg.n_heads,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
 
         for (li, lw) in w.layers.iter().enumerate() {
             // Attention block. The residual add of the previous layer's MLP is fused into
             // this norm (layer 0 has nothing to add).
             if li == 0 {
-                s.xn.par_chunks_mut(h).zip(s.x.par_chunks(h)).for_each(|(o, x)| rms_norm(x, &lw.attn_norm, eps, o));
+                s.xn.par_chunks_mut(h)
+                    .zip(s.x.par_chunks(h))
+                    .for_each(|(o, x)| rms_norm(x, &lw.attn_norm, eps, o));
             } else {
-                s.x.par_chunks_mut(h).zip(s.proj.par_chunks(h)).zip(s.xn.par_chunks_mut(h)).for_each(
-                    |((x, p), o)| add_rms_norm(x, p, &lw.attn_norm, eps, o),
-                );
+                s.x.par_chunks_mut(h)
+                    .zip(s.proj.par_chunks(h))
+                    .zip(s.xn.par_chunks_mut(h))
+                    .for_each(|((x, p), o)| add_rms_norm(x, p, &lw.attn_norm, eps, o));
             }
             lw.wqkv.matmul(&s.xn, t, &mut s.qkv, &mut s.mm);
             if let Some(b) = &lw.bqkv {
-                s.qkv.par_chunks_mut(qkv_dim).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+                s.qkv
+                    .par_chunks_mut(qkv_dim)
+                    .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
             }
             let (kc, vc) = (&mut self.k_cache[li], &mut self.v_cache[li]);
             for (row, slot) in s.qkv.chunks_exact_mut(qkv_dim).zip(slots) {
@@ -145,23 +183,39 @@ impl CpuBackend {
             }
             let (kc, vc) = (&self.k_cache[li], &self.v_cache[li]);
             let qkv = &s.qkv;
-            s.attn.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (i, out)| {
-                let (ti, head) = (i / cfg.n_heads, i % cfg.n_heads);
-                let slot = &slots[ti];
-                let q = &qkv[ti * qkv_dim + head * hd..][..hd];
-                attn.head(q, head, slot.pos, chunks[slot.chunk].block_table, kc, vc, scores, out);
-            });
+            s.attn
+                .par_chunks_mut(hd)
+                .enumerate()
+                .for_each_init(Vec::new, |scores, (i, out)| {
+                    let (ti, head) = (i / cfg.n_heads, i % cfg.n_heads);
+                    let slot = &slots[ti];
+                    let q = &qkv[ti * qkv_dim + head * hd..][..hd];
+                    attn.head(
+                        q,
+                        head,
+                        slot.pos,
+                        chunks[slot.chunk].block_table,
+                        kc,
+                        vc,
+                        scores,
+                        out,
+                    );
+                });
             lw.wo.matmul(&s.attn, t, &mut s.proj, &mut s.mm);
 
             // MLP block with the attention residual fused into its norm.
-            s.x.par_chunks_mut(h).zip(s.proj.par_chunks(h)).zip(s.xn.par_chunks_mut(h)).for_each(
-                |((x, p), o)| add_rms_norm(x, p, &lw.ffn_norm, eps, o),
-            );
+            s.x.par_chunks_mut(h)
+                .zip(s.proj.par_chunks(h))
+                .zip(s.xn.par_chunks_mut(h))
+                .for_each(|((x, p), o)| add_rms_norm(x, p, &lw.ffn_norm, eps, o));
             lw.w_gate_up.matmul(&s.xn, t, &mut s.gate_up, &mut s.mm);
-            s.act.par_chunks_mut(inter).zip(s.gate_up.par_chunks(2 * inter)).for_each(|(o, gu)| {
-                let (g, u) = gu.split_at(inter);
-                silu_and_mul(g, u, o);
-            });
+            s.act
+                .par_chunks_mut(inter)
+                .zip(s.gate_up.par_chunks(2 * inter))
+                .for_each(|(o, gu)| {
+                    let (g, u) = gu.split_at(inter);
+                    silu_and_mul(g, u, o);
+                });
             lw.w_down.matmul(&s.act, t, &mut s.proj, &mut s.mm);
         }
 

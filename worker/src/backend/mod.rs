@@ -22,7 +22,11 @@ pub struct SeqChunk<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("position {pos} is beyond the KV blocks given ({blocks} blocks of {block_size})")]
-    BlockTableTooShort { pos: usize, blocks: usize, block_size: usize },
+    BlockTableTooShort {
+        pos: usize,
+        blocks: usize,
+        block_size: usize,
+    },
     #[error("block id {0} is outside the KV cache")]
     BadBlock(u32),
     #[error("token id {0} is outside the vocabulary")]

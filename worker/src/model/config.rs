@@ -7,9 +7,16 @@ use kernels::cpu::RopeStyle;
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1 style: low frequencies divided by `factor`, high kept, smooth between.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position: f64 },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position: f64,
+    },
     /// Per-frequency divisors given by the file (GGUF `rope_freqs.weight`).
     FreqFactors(Vec<f32>),
 }
@@ -45,8 +52,15 @@ impl ModelConfig {
         match &self.rope_scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
-            RopeScaling::FreqFactors(ff) => base.iter().zip(ff).map(|(f, d)| f / *d as f64).collect(),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
+            RopeScaling::FreqFactors(ff) => {
+                base.iter().zip(ff).map(|(f, d)| f / *d as f64).collect()
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position,
+            } => {
                 let low_wavelen = original_max_position / low_freq_factor;
                 let high_wavelen = original_max_position / high_freq_factor;
                 base.iter()
@@ -71,11 +85,23 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<(), String> {
         let checks: [(bool, &str); 7] = [
             (self.n_layers > 0, "block count is 0"),
-            (self.hidden > 0 && self.intermediate > 0, "hidden or feed-forward size is 0"),
+            (
+                self.hidden > 0 && self.intermediate > 0,
+                "hidden or feed-forward size is 0",
+            ),
             (self.n_heads > 0 && self.n_kv_heads > 0, "head count is 0"),
-            (self.n_heads % self.n_kv_heads == 0, "head count is not a multiple of the KV head count"),
-            (self.head_dim > 0 && self.head_dim % 2 == 0, "head dimension must be even and > 0"),
-            (self.rope_dim <= self.head_dim && self.rope_dim % 2 == 0, "rope dimension invalid"),
+            (
+                self.n_heads % self.n_kv_heads == 0,
+                "head count is not a multiple of the KV head count",
+            ),
+            (
+                self.head_dim > 0 && self.head_dim % 2 == 0,
+                "head dimension must be even and > 0",
+            ),
+            (
+                self.rope_dim <= self.head_dim && self.rope_dim % 2 == 0,
+                "rope dimension invalid",
+            ),
             (self.vocab_size > 0, "vocabulary is empty"),
         ];
         for (ok, msg) in checks {
@@ -86,7 +112,11 @@ impl ModelConfig {
         if let RopeScaling::FreqFactors(ff) = &self.rope_scaling
             && ff.len() != self.rope_dim / 2
         {
-            return Err(format!("rope_freqs has {} entries, expected {}", ff.len(), self.rope_dim / 2));
+            return Err(format!(
+                "rope_freqs has {} entries, expected {}",
+                ff.len(),
+                self.rope_dim / 2
+            ));
         }
         Ok(())
     }

@@ -97,17 +97,32 @@ impl TensorInfo {
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error("{file}: cannot open: {source}")]
-    Io { file: PathBuf, source: std::io::Error },
+    Io {
+        file: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{file}: not a GGUF file (magic bytes are {magic:?}, expected \"GGUF\")")]
     Magic { file: PathBuf, magic: [u8; 4] },
     #[error("{file}: unsupported GGUF version {version} (supported: 2, 3)")]
     Version { file: PathBuf, version: u32 },
     #[error("{file}: truncated or corrupt header at byte {offset}: {what}")]
-    Header { file: PathBuf, offset: usize, what: String },
+    Header {
+        file: PathBuf,
+        offset: usize,
+        what: String,
+    },
     #[error("{file}: tensor `{tensor}`: {reason}")]
-    Tensor { file: PathBuf, tensor: String, reason: String },
+    Tensor {
+        file: PathBuf,
+        tensor: String,
+        reason: String,
+    },
     #[error("{file}: metadata `{key}`: {reason}")]
-    Metadata { file: PathBuf, key: String, reason: String },
+    Metadata {
+        file: PathBuf,
+        key: String,
+        reason: String,
+    },
 }
 
 /// An opened GGUF file. Tensor data stays in the memory map until the loader copies or
@@ -122,23 +137,41 @@ pub struct GgufFile {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self, GgufError> {
-        let file = File::open(path).map_err(|source| GgufError::Io { file: path.into(), source })?;
+        let file = File::open(path).map_err(|source| GgufError::Io {
+            file: path.into(),
+            source,
+        })?;
         // SAFETY: the map is read-only; a file truncated underneath a running worker is an
         // operator error we cannot guard against (same contract as every mmap loader).
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| GgufError::Io { file: path.into(), source })?;
-        let mut r = Reader { buf: &mmap, pos: 0, file: path };
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| GgufError::Io {
+            file: path.into(),
+            source,
+        })?;
+        let mut r = Reader {
+            buf: &mmap,
+            pos: 0,
+            file: path,
+        };
         let magic: [u8; 4] = r.bytes(4, "magic")?.try_into().unwrap_or([0; 4]);
         if &magic != MAGIC {
-            return Err(GgufError::Magic { file: path.into(), magic });
+            return Err(GgufError::Magic {
+                file: path.into(),
+                magic,
+            });
         }
         let version = r.u32("version")?;
         if !(2..=3).contains(&version) {
-            return Err(GgufError::Version { file: path.into(), version });
+            return Err(GgufError::Version {
+                file: path.into(),
+                version,
+            });
         }
         let n_tensors = r.u64("tensor count")?;
         let n_kv = r.u64("metadata count")?;
         if n_tensors > 1 << 20 || n_kv > 1 << 20 {
-            return Err(r.err(format!("implausible counts: {n_tensors} tensors, {n_kv} metadata entries")));
+            return Err(r.err(format!(
+                "implausible counts: {n_tensors} tensors, {n_kv} metadata entries"
+            )));
         }
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
@@ -152,7 +185,11 @@ impl GgufFile {
             let name = r.string("tensor name")?;
             let n_dims = r.u32("tensor rank")?;
             if n_dims == 0 || n_dims > 4 {
-                return Err(tensor_err(path, &name, format!("rank {n_dims} (expected 1..=4)")));
+                return Err(tensor_err(
+                    path,
+                    &name,
+                    format!("rank {n_dims} (expected 1..=4)"),
+                ));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -162,28 +199,39 @@ impl GgufFile {
             let offset = r.u64("tensor offset")?;
             raw.push((name, dims, ty_id, offset));
         }
-        let alignment = match metadata.get("general.alignment") {
-            None => DEFAULT_ALIGNMENT,
-            Some(v) => v.as_u64().filter(|a| a.is_power_of_two()).ok_or_else(|| GgufError::Metadata {
-                file: path.into(),
-                key: "general.alignment".into(),
-                reason: "must be a power of two".into(),
-            })?,
-        };
+        let alignment =
+            match metadata.get("general.alignment") {
+                None => DEFAULT_ALIGNMENT,
+                Some(v) => v.as_u64().filter(|a| a.is_power_of_two()).ok_or_else(|| {
+                    GgufError::Metadata {
+                        file: path.into(),
+                        key: "general.alignment".into(),
+                        reason: "must be a power of two".into(),
+                    }
+                })?,
+            };
         let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
         let file_len = mmap.len() as u64;
         let mut tensors = Vec::with_capacity(raw.len());
         for (name, dims, ty_id, offset) in raw {
-            let ty = GgmlType::try_from(ty_id).map_err(|e| tensor_err(path, &name, e.to_string()))?;
-            let n: u64 = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
-                tensor_err(path, &name, format!("dimensions {dims:?} overflow"))
-            })?;
+            let ty =
+                GgmlType::try_from(ty_id).map_err(|e| tensor_err(path, &name, e.to_string()))?;
+            let n: u64 = dims
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| tensor_err(path, &name, format!("dimensions {dims:?} overflow")))?;
             let row = dims[0] as usize;
-            let row_bytes = ty.row_bytes(row).map_err(|e| tensor_err(path, &name, e.to_string()))?;
+            let row_bytes = ty
+                .row_bytes(row)
+                .map_err(|e| tensor_err(path, &name, e.to_string()))?;
             let len = (n / dims[0].max(1)) as usize * row_bytes;
             let start = data_start + offset;
             if offset % alignment != 0 {
-                return Err(tensor_err(path, &name, format!("data offset {offset} is not aligned to {alignment}")));
+                return Err(tensor_err(
+                    path,
+                    &name,
+                    format!("data offset {offset} is not aligned to {alignment}"),
+                ));
             }
             if start + len as u64 > file_len {
                 return Err(tensor_err(
@@ -195,9 +243,21 @@ impl GgufFile {
                     ),
                 ));
             }
-            tensors.push(TensorInfo { name, dims, ty, start: start as usize, len });
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ty,
+                start: start as usize,
+                len,
+            });
         }
-        Ok(Self { path: path.into(), version, metadata, tensors, mmap: Arc::new(mmap) })
+        Ok(Self {
+            path: path.into(),
+            version,
+            metadata,
+            tensors,
+            mmap: Arc::new(mmap),
+        })
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
@@ -229,7 +289,10 @@ impl GgufFile {
     pub fn get_str(&self, key: &str) -> Result<Option<&str>, GgufError> {
         match self.metadata.get(key) {
             None => Ok(None),
-            Some(v) => v.as_str().map(Some).ok_or_else(|| self.md_err(key, "expected a string")),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.md_err(key, "expected a string")),
         }
     }
 
@@ -238,19 +301,34 @@ impl GgufFile {
     }
 
     pub fn md_err(&self, key: &str, reason: impl Into<String>) -> GgufError {
-        GgufError::Metadata { file: self.path.clone(), key: key.into(), reason: reason.into() }
+        GgufError::Metadata {
+            file: self.path.clone(),
+            key: key.into(),
+            reason: reason.into(),
+        }
     }
 
-    fn typed<T>(&self, key: &str, f: impl Fn(&Value) -> Option<T>, what: &str) -> Result<Option<T>, GgufError> {
+    fn typed<T>(
+        &self,
+        key: &str,
+        f: impl Fn(&Value) -> Option<T>,
+        what: &str,
+    ) -> Result<Option<T>, GgufError> {
         match self.metadata.get(key) {
             None => Ok(None),
-            Some(v) => f(v).map(Some).ok_or_else(|| self.md_err(key, format!("expected {what}, found {v:?}"))),
+            Some(v) => f(v)
+                .map(Some)
+                .ok_or_else(|| self.md_err(key, format!("expected {what}, found {v:?}"))),
         }
     }
 }
 
 fn tensor_err(path: &Path, name: &str, reason: String) -> GgufError {
-    GgufError::Tensor { file: path.into(), tensor: name.into(), reason }
+    GgufError::Tensor {
+        file: path.into(),
+        tensor: name.into(),
+        reason,
+    }
 }
 
 struct Reader<'a> {
@@ -261,7 +339,11 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn err(&self, what: String) -> GgufError {
-        GgufError::Header { file: self.file.into(), offset: self.pos, what }
+        GgufError::Header {
+            file: self.file.into(),
+            offset: self.pos,
+            what,
+        }
     }
 
     fn bytes(&mut self, n: usize, what: &str) -> Result<&'a [u8], GgufError> {

@@ -22,7 +22,11 @@ pub enum SafetensorsError {
     #[error("{file}: {reason}")]
     File { file: PathBuf, reason: String },
     #[error("{file}: tensor `{tensor}`: {reason}")]
-    Tensor { file: PathBuf, tensor: String, reason: String },
+    Tensor {
+        file: PathBuf,
+        tensor: String,
+        reason: String,
+    },
 }
 
 /// One mapped `.safetensors` file and its tensor directory.
@@ -41,40 +45,60 @@ struct TensorEntry {
 
 impl Shard {
     fn open(path: &Path) -> Result<Shard, SafetensorsError> {
-        let err = |reason: String| SafetensorsError::File { file: path.into(), reason };
+        let err = |reason: String| SafetensorsError::File {
+            file: path.into(),
+            reason,
+        };
         let file = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
         // SAFETY: read-only map; see GgufFile::open.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| err(format!("cannot map: {e}")))?;
         if map.len() < 8 {
-            return Err(err("file is shorter than its 8-byte header length (truncated?)".into()));
+            return Err(err(
+                "file is shorter than its 8-byte header length (truncated?)".into(),
+            ));
         }
         let mut n = [0u8; 8];
         n.copy_from_slice(&map[..8]);
         let n = u64::from_le_bytes(n) as usize;
         if n > map.len() - 8 {
-            return Err(err(format!("header length {n} exceeds the file size {} (truncated?)", map.len())));
+            return Err(err(format!(
+                "header length {n} exceeds the file size {} (truncated?)",
+                map.len()
+            )));
         }
-        let header: BTreeMap<String, serde_json::Value> =
-            serde_json::from_slice(&map[8..8 + n]).map_err(|e| err(format!("header is not valid JSON: {e}")))?;
+        let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&map[8..8 + n])
+            .map_err(|e| err(format!("header is not valid JSON: {e}")))?;
         let data_start = 8 + n;
         let mut tensors = HashMap::new();
         for (name, v) in header {
             if name == "__metadata__" {
                 continue;
             }
-            let terr = |reason: String| SafetensorsError::Tensor { file: path.into(), tensor: name.clone(), reason };
-            let e: TensorEntry = serde_json::from_value(v).map_err(|e| terr(format!("bad header entry: {e}")))?;
+            let terr = |reason: String| SafetensorsError::Tensor {
+                file: path.into(),
+                tensor: name.clone(),
+                reason,
+            };
+            let e: TensorEntry =
+                serde_json::from_value(v).map_err(|e| terr(format!("bad header entry: {e}")))?;
             let ty = match e.dtype.as_str() {
                 "F32" => GgmlType::F32,
                 "F16" => GgmlType::F16,
                 "BF16" => GgmlType::BF16,
-                other => return Err(terr(format!("dtype {other} is not supported (F32, F16, BF16)"))),
+                other => {
+                    return Err(terr(format!(
+                        "dtype {other} is not supported (F32, F16, BF16)"
+                    )));
+                }
             };
             let (begin, end) = e.data_offsets;
             let n_el: usize = e.shape.iter().product();
             let elem = if ty == GgmlType::F32 { 4 } else { 2 };
             if end < begin || end - begin != n_el * elem {
-                return Err(terr(format!("data offsets {begin}..{end} do not match shape {:?}", e.shape)));
+                return Err(terr(format!(
+                    "data offsets {begin}..{end} do not match shape {:?}",
+                    e.shape
+                )));
             }
             if data_start + end > map.len() {
                 return Err(terr(format!(
@@ -85,7 +109,11 @@ impl Shard {
             }
             tensors.insert(name, (ty, e.shape, data_start + begin, end - begin));
         }
-        Ok(Shard { path: path.into(), map: Arc::new(map), tensors })
+        Ok(Shard {
+            path: path.into(),
+            map: Arc::new(map),
+            tensors,
+        })
     }
 }
 
@@ -142,26 +170,44 @@ const HF_NAMES: TensorNames = TensorNames {
 
 /// Load a Hugging Face model directory.
 pub fn load_dir(dir: &Path) -> Result<LoadedModel, LoadError> {
-    let file_err = |file: &Path, reason: String| SafetensorsError::File { file: file.into(), reason };
+    let file_err = |file: &Path, reason: String| SafetensorsError::File {
+        file: file.into(),
+        reason,
+    };
     let read_json = |name: &str| -> Result<serde_json::Value, SafetensorsError> {
         let p = dir.join(name);
-        let text = std::fs::read_to_string(&p).map_err(|e| file_err(&p, format!("cannot read: {e}")))?;
+        let text =
+            std::fs::read_to_string(&p).map_err(|e| file_err(&p, format!("cannot read: {e}")))?;
         serde_json::from_str(&text).map_err(|e| file_err(&p, format!("invalid JSON: {e}")))
     };
     let cfg_path = dir.join("config.json");
     let hf: HfConfig = serde_json::from_value(read_json("config.json")?)
         .map_err(|e| file_err(&cfg_path, format!("unexpected content: {e}")))?;
     if let Some(a) = hf.architectures.first()
-        && !matches!(a.as_str(), "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM")
+        && !matches!(
+            a.as_str(),
+            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM"
+        )
     {
-        return Err(file_err(&cfg_path, format!("architecture {a} is not supported (llama-family only)")).into());
+        return Err(file_err(
+            &cfg_path,
+            format!("architecture {a} is not supported (llama-family only)"),
+        )
+        .into());
     }
-    let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1));
+    let head_dim = hf
+        .head_dim
+        .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1));
     let rope_scaling = match &hf.rope_scaling {
         None | Some(serde_json::Value::Null) => RopeScaling::None,
-        Some(v) => parse_rope_scaling(v).map_err(|r| file_err(&cfg_path, format!("rope_scaling: {r}")))?,
+        Some(v) => {
+            parse_rope_scaling(v).map_err(|r| file_err(&cfg_path, format!("rope_scaling: {r}")))?
+        }
     };
-    let name = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let cfg = ModelConfig {
         name,
         n_layers: hf.num_hidden_layers,
@@ -189,7 +235,11 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel, LoadError> {
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| file_err(&index, "no weight_map object".into()))?;
-        let mut f: Vec<PathBuf> = map.values().filter_map(|s| s.as_str()).map(|s| dir.join(s)).collect();
+        let mut f: Vec<PathBuf> = map
+            .values()
+            .filter_map(|s| s.as_str())
+            .map(|s| dir.join(s))
+            .collect();
         f.sort();
         f.dedup();
         f
@@ -203,7 +253,10 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel, LoadError> {
     if files.is_empty() {
         return Err(file_err(dir, "no .safetensors files".into()).into());
     }
-    let shards = files.iter().map(|p| Shard::open(p)).collect::<Result<Vec<_>, _>>()?;
+    let shards = files
+        .iter()
+        .map(|p| Shard::open(p))
+        .collect::<Result<Vec<_>, _>>()?;
     let get = |name: &str| -> Result<Option<Matrix>, LoadError> {
         for s in &shards {
             if let Some((ty, shape, start, len)) = s.tensors.get(name) {
@@ -219,26 +272,48 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel, LoadError> {
                         .into());
                     }
                 };
-                let storage = Storage::Mapped { map: Arc::clone(&s.map), start: *start, len: *len };
-                return Matrix::new(name, *ty, rows, cols, storage).map(Some).map_err(|reason| {
-                    SafetensorsError::Tensor { file: s.path.clone(), tensor: name.into(), reason }.into()
-                });
+                let storage = Storage::Mapped {
+                    map: Arc::clone(&s.map),
+                    start: *start,
+                    len: *len,
+                };
+                return Matrix::new(name, *ty, rows, cols, storage)
+                    .map(Some)
+                    .map_err(|reason| {
+                        SafetensorsError::Tensor {
+                            file: s.path.clone(),
+                            tensor: name.into(),
+                            reason,
+                        }
+                        .into()
+                    });
             }
         }
         Ok(None)
     };
-    let src = WeightSource { file: dir.display().to_string(), get: &get };
+    let src = WeightSource {
+        file: dir.display().to_string(),
+        get: &get,
+    };
     let weights = src.llama(&cfg, &HF_NAMES)?;
 
     let tok_cfg = dir.join("tokenizer_config.json");
     let tok_cfg = tok_cfg.exists().then_some(tok_cfg);
     let tokenizer = Tokenizer::from_hf_json(&dir.join("tokenizer.json"), tok_cfg.as_deref())
-        .map_err(|e| LoadError::Tokenizer { file: dir.display().to_string(), reason: e.to_string() })?;
+        .map_err(|e| LoadError::Tokenizer {
+            file: dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
     let chat_template = match &tok_cfg {
         Some(_) => chat_template_from(&read_json("tokenizer_config.json")?),
         None => None,
     };
-    Ok(LoadedModel { config: cfg, weights, tokenizer, chat_template })
+    Ok(LoadedModel {
+        config: cfg,
+        weights,
+        tokenizer,
+        chat_template,
+    })
 }
 
 fn chat_template_from(v: &serde_json::Value) -> Option<String> {
@@ -254,11 +329,21 @@ fn chat_template_from(v: &serde_json::Value) -> Option<String> {
 }
 
 fn parse_rope_scaling(v: &serde_json::Value) -> Result<RopeScaling, String> {
-    let kind = v.get("rope_type").or(v.get("type")).and_then(|t| t.as_str()).unwrap_or("");
-    let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| format!("missing number `{k}`"));
+    let kind = v
+        .get("rope_type")
+        .or(v.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("");
+    let num = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_f64())
+            .ok_or_else(|| format!("missing number `{k}`"))
+    };
     match kind {
         "default" => Ok(RopeScaling::None),
-        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
         "llama3" => Ok(RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,

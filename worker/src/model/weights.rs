@@ -18,7 +18,11 @@ use kernels::cpu::RopeStyle;
 /// converted matrices).
 #[derive(Clone)]
 pub(crate) enum Storage {
-    Mapped { map: Arc<Mmap>, start: usize, len: usize },
+    Mapped {
+        map: Arc<Mmap>,
+        start: usize,
+        len: usize,
+    },
     Owned(Arc<Vec<u8>>),
 }
 
@@ -39,16 +43,32 @@ pub struct Matrix {
 const ROWS_PER_TASK: usize = 16;
 
 impl Matrix {
-    pub(crate) fn new(name: &str, ty: GgmlType, rows: usize, cols: usize, storage: Storage) -> Result<Self, String> {
+    pub(crate) fn new(
+        name: &str,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        storage: Storage,
+    ) -> Result<Self, String> {
         let row_bytes = ty.row_bytes(cols).map_err(|e| e.to_string())?;
         let len = match &storage {
             Storage::Mapped { len, .. } => *len,
             Storage::Owned(v) => v.len(),
         };
         if len != row_bytes * rows {
-            return Err(format!("{len} bytes of data, expected {} for [{rows} x {cols}] {ty:?}", row_bytes * rows));
+            return Err(format!(
+                "{len} bytes of data, expected {} for [{rows} x {cols}] {ty:?}",
+                row_bytes * rows
+            ));
         }
-        Ok(Self { name: name.into(), ty, rows, cols, row_bytes, storage })
+        Ok(Self {
+            name: name.into(),
+            ty,
+            rows,
+            cols,
+            row_bytes,
+            storage,
+        })
     }
 
     /// An owned f32 matrix (tests and random-weight models).
@@ -84,7 +104,10 @@ impl Matrix {
     /// makes one pass over the activations instead of several.
     pub fn concat_rows(name: &str, parts: &[&Matrix]) -> Option<Matrix> {
         let first = parts.first()?;
-        if parts.iter().any(|m| m.ty != first.ty || m.cols != first.cols) {
+        if parts
+            .iter()
+            .any(|m| m.ty != first.ty || m.cols != first.cols)
+        {
             return None;
         }
         let mut bytes = Vec::with_capacity(parts.iter().map(|m| m.bytes().len()).sum());
@@ -92,7 +115,14 @@ impl Matrix {
             bytes.extend_from_slice(m.bytes());
         }
         let rows = parts.iter().map(|m| m.rows).sum();
-        Matrix::new(name, first.ty, rows, first.cols, Storage::Owned(Arc::new(bytes))).ok()
+        Matrix::new(
+            name,
+            first.ty,
+            rows,
+            first.cols,
+            Storage::Owned(Arc::new(bytes)),
+        )
+        .ok()
     }
 
     /// `out[t][r] = sum_c self[r][c] * xs[t][c]` for `t < n_tokens`, on the current rayon
@@ -102,11 +132,13 @@ impl Matrix {
         debug_assert_eq!(xs.len(), n_tokens * self.cols);
         debug_assert_eq!(out.len(), n_tokens * self.rows);
         if n_tokens == 1 {
-            out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(chunk, o)| {
-                for (i, v) in o.iter_mut().enumerate() {
-                    *v = quant::dot_row(self.ty, self.row(chunk * ROWS_PER_TASK + i), xs);
-                }
-            });
+            out.par_chunks_mut(ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(chunk, o)| {
+                    for (i, v) in o.iter_mut().enumerate() {
+                        *v = quant::dot_row(self.ty, self.row(chunk * ROWS_PER_TASK + i), xs);
+                    }
+                });
             return;
         }
         // Batched: each row is decoded once and applied to every token. Results land
@@ -114,11 +146,19 @@ impl Matrix {
         scratch.clear();
         scratch.resize(self.rows * n_tokens, 0.0);
         let x_rows: Vec<&[f32]> = xs.chunks_exact(self.cols).collect();
-        scratch.par_chunks_mut(ROWS_PER_TASK * n_tokens).enumerate().for_each(|(chunk, o)| {
-            for (i, orow) in o.chunks_exact_mut(n_tokens).enumerate() {
-                quant::dot_rows_multi(self.ty, self.row(chunk * ROWS_PER_TASK + i), &x_rows, orow);
-            }
-        });
+        scratch
+            .par_chunks_mut(ROWS_PER_TASK * n_tokens)
+            .enumerate()
+            .for_each(|(chunk, o)| {
+                for (i, orow) in o.chunks_exact_mut(n_tokens).enumerate() {
+                    quant::dot_rows_multi(
+                        self.ty,
+                        self.row(chunk * ROWS_PER_TASK + i),
+                        &x_rows,
+                        orow,
+                    );
+                }
+            });
         for (r, vals) in scratch.chunks_exact(n_tokens).enumerate() {
             for (t, v) in vals.iter().enumerate() {
                 out[t * self.rows + r] = *v;
@@ -131,16 +171,20 @@ impl Matrix {
     pub fn check_finite(&self) -> Result<(), String> {
         let bad = (0..self.rows).into_par_iter().find_first(|&r| {
             let mut buf = vec![0.0f32; self.cols];
-            quant::dequantize_row(self.ty, self.row(r), &mut buf).is_err() || buf.iter().any(|v| !v.is_finite())
+            quant::dequantize_row(self.ty, self.row(r), &mut buf).is_err()
+                || buf.iter().any(|v| !v.is_finite())
         });
         match bad {
-            Some(r) => Err(format!("row {r} holds a non-finite or undecodable value (corrupt data)")),
+            Some(r) => Err(format!(
+                "row {r} holds a non-finite or undecodable value (corrupt data)"
+            )),
             None => Ok(()),
         }
     }
 }
 
 /// One decoder layer.
+#[derive(Clone)]
 pub struct LayerWeights {
     pub attn_norm: Vec<f32>,
     /// q, k and v projections stacked: rows `[n_heads*hd | n_kv*hd | n_kv*hd]`.
@@ -154,6 +198,7 @@ pub struct LayerWeights {
     pub w_down: Matrix,
 }
 
+#[derive(Clone)]
 pub struct Weights {
     pub embed: Matrix,
     pub layers: Vec<LayerWeights>,
@@ -173,7 +218,10 @@ impl Weights {
     }
 
     pub fn total_bytes(&self) -> usize {
-        self.matrices().iter().map(|m| m.bytes().len()).sum::<usize>()
+        self.matrices()
+            .iter()
+            .map(|m| m.bytes().len())
+            .sum::<usize>()
     }
 }
 
@@ -186,11 +234,15 @@ pub(crate) struct WeightSource<'a> {
 
 impl WeightSource<'_> {
     fn invalid(&self, reason: String) -> LoadError {
-        LoadError::Invalid { file: self.file.clone(), reason }
+        LoadError::Invalid {
+            file: self.file.clone(),
+            reason,
+        }
     }
 
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix, LoadError> {
-        let m = (self.get)(name)?.ok_or_else(|| self.invalid(format!("tensor `{name}` is missing")))?;
+        let m =
+            (self.get)(name)?.ok_or_else(|| self.invalid(format!("tensor `{name}` is missing")))?;
         if m.rows != rows || m.cols != cols {
             return Err(self.invalid(format!(
                 "tensor `{name}`: shape [{} x {}], expected [{rows} x {cols}]",
@@ -205,7 +257,9 @@ impl WeightSource<'_> {
             // Vectors may come as [len] (rows 1) from either format.
             (self.get)(name)?
                 .filter(|m| m.rows * m.cols == len)
-                .ok_or_else(|| self.invalid(format!("tensor `{name}` is missing or not of length {len}")))
+                .ok_or_else(|| {
+                    self.invalid(format!("tensor `{name}` is missing or not of length {len}"))
+                })
         })?;
         let mut out = vec![0.0; len];
         for r in 0..m.rows {
@@ -240,8 +294,9 @@ impl WeightSource<'_> {
             let wq = self.matrix(&n(names.q), q_rows, h)?;
             let wk = self.matrix(&n(names.k), kv_rows, h)?;
             let wv = self.matrix(&n(names.v), kv_rows, h)?;
-            let wqkv = Matrix::concat_rows(&n("qkv"), &[&wq, &wk, &wv])
-                .ok_or_else(|| self.invalid(format!("layer {i}: q/k/v tensors differ in element type")))?;
+            let wqkv = Matrix::concat_rows(&n("qkv"), &[&wq, &wk, &wv]).ok_or_else(|| {
+                self.invalid(format!("layer {i}: q/k/v tensors differ in element type"))
+            })?;
             let bqkv = match (
                 self.optional_vector(&n(names.q_bias), q_rows)?,
                 self.optional_vector(&n(names.k_bias), kv_rows)?,
@@ -249,12 +304,17 @@ impl WeightSource<'_> {
             ) {
                 (Some(q), Some(k), Some(v)) => Some([q, k, v].concat()),
                 (None, None, None) => None,
-                _ => return Err(self.invalid(format!("layer {i}: q/k/v biases must be all present or all absent"))),
+                _ => {
+                    return Err(self.invalid(format!(
+                        "layer {i}: q/k/v biases must be all present or all absent"
+                    )));
+                }
             };
             let gate = self.matrix(&n(names.gate), cfg.intermediate, h)?;
             let up = self.matrix(&n(names.up), cfg.intermediate, h)?;
-            let w_gate_up = Matrix::concat_rows(&n("gate_up"), &[&gate, &up])
-                .ok_or_else(|| self.invalid(format!("layer {i}: gate/up tensors differ in element type")))?;
+            let w_gate_up = Matrix::concat_rows(&n("gate_up"), &[&gate, &up]).ok_or_else(|| {
+                self.invalid(format!("layer {i}: gate/up tensors differ in element type"))
+            })?;
             layers.push(LayerWeights {
                 attn_norm: self.vector(&n(names.attn_norm), h)?,
                 wqkv,
@@ -266,9 +326,15 @@ impl WeightSource<'_> {
             });
         }
         let final_norm = self.vector(names.final_norm, h)?;
-        let w = Weights { embed, layers, final_norm, output };
+        let w = Weights {
+            embed,
+            layers,
+            final_norm,
+            output,
+        };
         for m in w.matrices() {
-            m.check_finite().map_err(|reason| self.invalid(format!("tensor `{}`: {reason}", m.name)))?;
+            m.check_finite()
+                .map_err(|reason| self.invalid(format!("tensor `{}`: {reason}", m.name)))?;
         }
         Ok(w)
     }
@@ -323,7 +389,10 @@ const GGUF_NAMES: TensorNames = TensorNames {
 pub fn load_gguf(path: &Path) -> Result<LoadedModel, LoadError> {
     let f = GgufFile::open(path)?;
     let file = path.display().to_string();
-    let arch = f.get_str("general.architecture")?.unwrap_or("llama").to_string();
+    let arch = f
+        .get_str("general.architecture")?
+        .unwrap_or("llama")
+        .to_string();
     if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "granite") {
         return Err(LoadError::Invalid {
             file,
@@ -332,15 +401,18 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel, LoadError> {
     }
     let req = |key: &str| -> Result<u64, LoadError> {
         let full = format!("{arch}.{key}");
-        f.get_u64(&full)?.ok_or_else(|| f.md_err(&full, "missing").into())
+        f.get_u64(&full)?
+            .ok_or_else(|| f.md_err(&full, "missing").into())
     };
     let n_heads = req("attention.head_count")? as usize;
     let hidden = req("embedding_length")? as usize;
-    let embed_info = f.tensor("token_embd.weight").ok_or_else(|| GgufError::Tensor {
-        file: path.into(),
-        tensor: "token_embd.weight".into(),
-        reason: "missing".into(),
-    })?;
+    let embed_info = f
+        .tensor("token_embd.weight")
+        .ok_or_else(|| GgufError::Tensor {
+            file: path.into(),
+            tensor: "token_embd.weight".into(),
+            reason: "missing".into(),
+        })?;
     let vocab_size = match f.get_u64(&format!("{arch}.vocab_size"))? {
         Some(v) => v as usize,
         None => embed_info.dims.get(1).copied().unwrap_or(0) as usize,
@@ -352,51 +424,101 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel, LoadError> {
     let mut rope_scaling = RopeScaling::None;
     if let Some(t) = f.tensor("rope_freqs.weight") {
         let mut ff = vec![0.0f32; t.n_elements() as usize];
-        quant::dequantize_row(t.ty, f.data(t), &mut ff)
-            .map_err(|e| GgufError::Tensor { file: path.into(), tensor: t.name.clone(), reason: e.to_string() })?;
+        quant::dequantize_row(t.ty, f.data(t), &mut ff).map_err(|e| GgufError::Tensor {
+            file: path.into(),
+            tensor: t.name.clone(),
+            reason: e.to_string(),
+        })?;
         rope_scaling = RopeScaling::FreqFactors(ff);
     } else if f.get_str(&format!("{arch}.rope.scaling.type"))? == Some("linear") {
-        let factor = f.get_f64(&format!("{arch}.rope.scaling.factor"))?.unwrap_or(1.0);
+        let factor = f
+            .get_f64(&format!("{arch}.rope.scaling.factor"))?
+            .unwrap_or(1.0);
         rope_scaling = RopeScaling::Linear { factor };
     }
     let cfg = ModelConfig {
-        name: f.get_str("general.name")?.map(str::to_string).unwrap_or_else(|| {
-            path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
-        }),
+        name: f
+            .get_str("general.name")?
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                path.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            }),
         n_layers: req("block_count")? as usize,
         hidden,
         intermediate: req("feed_forward_length")? as usize,
         n_heads,
-        n_kv_heads: f.get_u64(&format!("{arch}.attention.head_count_kv"))?.unwrap_or(n_heads as u64) as usize,
+        n_kv_heads: f
+            .get_u64(&format!("{arch}.attention.head_count_kv"))?
+            .unwrap_or(n_heads as u64) as usize,
         head_dim,
         vocab_size,
-        rms_eps: f.get_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5) as f32,
-        rope_base: f.get_f64(&format!("{arch}.rope.freq_base"))?.unwrap_or(10000.0),
-        rope_dim: f.get_u64(&format!("{arch}.rope.dimension_count"))?.map(|v| v as usize).unwrap_or(head_dim),
+        rms_eps: f
+            .get_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5) as f32,
+        rope_base: f
+            .get_f64(&format!("{arch}.rope.freq_base"))?
+            .unwrap_or(10000.0),
+        rope_dim: f
+            .get_u64(&format!("{arch}.rope.dimension_count"))?
+            .map(|v| v as usize)
+            .unwrap_or(head_dim),
         // llama.cpp's converter permutes q/k rows so that pairs are adjacent; qwen2 files
         // keep the Hugging Face order.
-        rope_style: if arch == "qwen2" { RopeStyle::Half } else { RopeStyle::Interleaved },
+        rope_style: if arch == "qwen2" {
+            RopeStyle::Half
+        } else {
+            RopeStyle::Interleaved
+        },
         rope_scaling,
         max_context: req("context_length")? as usize,
         tie_embeddings: f.tensor("output.weight").is_none(),
     };
-    cfg.validate().map_err(|reason| LoadError::Invalid { file: file.clone(), reason })?;
+    cfg.validate().map_err(|reason| LoadError::Invalid {
+        file: file.clone(),
+        reason,
+    })?;
 
     let map = f.mmap();
     let get = |name: &str| -> Result<Option<Matrix>, LoadError> {
-        let Some(t) = f.tensor(name) else { return Ok(None) };
+        let Some(t) = f.tensor(name) else {
+            return Ok(None);
+        };
         let cols = t.dims[0] as usize;
         let rows = (t.n_elements() / t.dims[0].max(1)) as usize;
-        let storage = Storage::Mapped { map: Arc::clone(&map), start: t.start, len: t.len };
+        let storage = Storage::Mapped {
+            map: Arc::clone(&map),
+            start: t.start,
+            len: t.len,
+        };
         Matrix::new(name, t.ty, rows, cols, storage)
             .map(Some)
-            .map_err(|reason| GgufError::Tensor { file: path.into(), tensor: name.into(), reason }.into())
+            .map_err(|reason| {
+                GgufError::Tensor {
+                    file: path.into(),
+                    tensor: name.into(),
+                    reason,
+                }
+                .into()
+            })
     };
-    let src = WeightSource { file: file.clone(), get: &get };
+    let src = WeightSource {
+        file: file.clone(),
+        get: &get,
+    };
     let weights = src.llama(&cfg, &GGUF_NAMES)?;
-    let tokenizer = gguf_tokenizer(&f).map_err(|reason| LoadError::Tokenizer { file: file.clone(), reason })?;
+    let tokenizer = gguf_tokenizer(&f).map_err(|reason| LoadError::Tokenizer {
+        file: file.clone(),
+        reason,
+    })?;
     let chat_template = f.get_str("tokenizer.chat_template")?.map(str::to_string);
-    Ok(LoadedModel { config: cfg, weights, tokenizer, chat_template })
+    Ok(LoadedModel {
+        config: cfg,
+        weights,
+        tokenizer,
+        chat_template,
+    })
 }
 
 fn gguf_tokenizer(f: &GgufFile) -> Result<Tokenizer, String> {
@@ -405,7 +527,11 @@ fn gguf_tokenizer(f: &GgufFile) -> Result<Tokenizer, String> {
             None => Ok(Vec::new()),
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| format!("{key}: expected strings")))
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| format!("{key}: expected strings"))
+                })
                 .collect(),
             Some(_) => Err(format!("{key}: expected an array")),
         }
@@ -415,34 +541,59 @@ fn gguf_tokenizer(f: &GgufFile) -> Result<Tokenizer, String> {
             None => Ok(Vec::new()),
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|v| v.as_f64().or(match v { Value::I32(i) => Some(*i as f64), _ => None })
-                    .ok_or_else(|| format!("{key}: expected numbers")))
+                .map(|v| {
+                    v.as_f64()
+                        .or(match v {
+                            Value::I32(i) => Some(*i as f64),
+                            _ => None,
+                        })
+                        .ok_or_else(|| format!("{key}: expected numbers"))
+                })
                 .collect(),
             Some(_) => Err(format!("{key}: expected an array")),
         }
     };
     let id = |key: &str| -> Result<Option<u32>, String> {
-        f.get_u64(key).map(|v| v.map(|v| v as u32)).map_err(|e| e.to_string())
+        f.get_u64(key)
+            .map(|v| v.map(|v| v as u32))
+            .map_err(|e| e.to_string())
     };
     let flag = |key: &str| f.get_bool(key).map_err(|e| e.to_string());
-    let model = f.get_str("tokenizer.ggml.model").map_err(|e| e.to_string())?.unwrap_or("gpt2");
+    let model = f
+        .get_str("tokenizer.ggml.model")
+        .map_err(|e| e.to_string())?
+        .unwrap_or("gpt2");
     let kind = match model {
         "gpt2" => VocabKind::Gpt2Bpe,
         "llama" => VocabKind::SentencePiece,
-        other => return Err(format!("tokenizer model `{other}` is not supported (gpt2 or llama)")),
+        other => {
+            return Err(format!(
+                "tokenizer model `{other}` is not supported (gpt2 or llama)"
+            ));
+        }
     };
     let spec = TokenizerSpec {
         tokens: strings("tokenizer.ggml.tokens")?,
-        token_types: numbers("tokenizer.ggml.token_type")?.into_iter().map(|v| v as i32).collect(),
-        scores: numbers("tokenizer.ggml.scores")?.into_iter().map(|v| v as f32).collect(),
+        token_types: numbers("tokenizer.ggml.token_type")?
+            .into_iter()
+            .map(|v| v as i32)
+            .collect(),
+        scores: numbers("tokenizer.ggml.scores")?
+            .into_iter()
+            .map(|v| v as f32)
+            .collect(),
         merges: strings("tokenizer.ggml.merges")?,
-        pre: f.get_str("tokenizer.ggml.pre").map_err(|e| e.to_string())?.map(str::to_string),
+        pre: f
+            .get_str("tokenizer.ggml.pre")
+            .map_err(|e| e.to_string())?
+            .map(str::to_string),
         bos: id("tokenizer.ggml.bos_token_id")?,
         eos: id("tokenizer.ggml.eos_token_id")?,
         unk: id("tokenizer.ggml.unknown_token_id")?,
         eot: id("tokenizer.ggml.eot_token_id")?,
-        add_bos: flag("tokenizer.ggml.add_bos_token")?
-            .unwrap_or_else(|| TokenizerSpec::default_add_bos(kind, f.get_str("tokenizer.ggml.pre").ok().flatten())),
+        add_bos: flag("tokenizer.ggml.add_bos_token")?.unwrap_or_else(|| {
+            TokenizerSpec::default_add_bos(kind, f.get_str("tokenizer.ggml.pre").ok().flatten())
+        }),
         add_eos: flag("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
         add_space_prefix: flag("tokenizer.ggml.add_space_prefix")?
             .unwrap_or_else(|| TokenizerSpec::default_add_space_prefix(kind)),
