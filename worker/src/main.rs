@@ -140,7 +140,7 @@ fn start_engine(
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    let tokenizer = Arc::new(loaded.tokenizer);
+    let tokenizer = Arc::clone(&loaded.tokenizer);
     let tok_str = |id: Option<u32>| {
         id.and_then(|i| tokenizer.id_to_token(i))
             .unwrap_or("")

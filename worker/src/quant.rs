@@ -443,8 +443,12 @@ pub fn dot_row(ty: GgmlType, bytes: &[u8], x: &[f32]) -> f32 {
 /// size; the 4 KiB buffer stays in L1 while every activation vector is multiplied with it).
 const MULTI_CHUNK: usize = 1024;
 
-/// `out[j] = dot_row(ty, bytes, xs[j])` for every `j`, dequantizing each block of the row once
-/// and reusing it for every activation vector (batching amortizes the weight bandwidth).
+/// `out[j] = dot_row(ty, bytes, xs[j])` for every `j` (batch decode: one weight row against
+/// several activation vectors), reading the weights once. Each block is dequantized once into a
+/// small stack buffer and multiplied into register accumulators of up to four vectors at a time
+/// (larger batches decode the row again per group of four, from cache); the portable fallback
+/// dequantizes 1024-element chunks once for all vectors. Results equal [`dot_row`]'s up to
+/// summation order.
 ///
 /// # Panics
 ///

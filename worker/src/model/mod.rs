@@ -20,7 +20,7 @@ use crate::tokenizer::Tokenizer;
 pub struct LoadedModel {
     pub config: ModelConfig,
     pub weights: Weights,
-    pub tokenizer: Tokenizer,
+    pub tokenizer: std::sync::Arc<Tokenizer>,
     /// Jinja chat template, if the model ships one.
     pub chat_template: Option<String>,
 }

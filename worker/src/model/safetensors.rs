@@ -311,7 +311,7 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel, LoadError> {
     Ok(LoadedModel {
         config: cfg,
         weights,
-        tokenizer,
+        tokenizer: Arc::new(tokenizer),
         chat_template,
     })
 }

@@ -516,7 +516,7 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel, LoadError> {
     Ok(LoadedModel {
         config: cfg,
         weights,
-        tokenizer,
+        tokenizer: Arc::new(tokenizer),
         chat_template,
     })
 }

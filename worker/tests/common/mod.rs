@@ -100,3 +100,78 @@ pub fn reference(name: &str) -> Reference {
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
 }
+
+use worker::engine::{self, EngineConfig, EngineHandle, Event, FinishReason, GenerateParams, Usage};
+use worker::sampler::SamplingParams;
+
+/// An engine over the CPU backend with a KV cache of `num_blocks` blocks.
+pub fn start_engine(m: &LoadedModel, num_blocks: usize, max_num_seqs: usize, max_queue: usize) -> EngineHandle {
+    let mut cfg = m.config.clone();
+    cfg.max_context = cfg.max_context.min(2048);
+    let be = CpuBackend::new(cfg.clone(), Arc::new(clone_weights(m)), num_blocks, 16, 2).unwrap();
+    engine::start(
+        Box::new(be),
+        Arc::clone(&m.tokenizer),
+        cfg.vocab_size,
+        EngineConfig {
+            block_size: 16,
+            num_blocks,
+            max_num_seqs,
+            max_batched_tokens: 256,
+            max_prefill_chunk: 64,
+            max_queue,
+            max_model_len: cfg.max_context,
+        },
+    )
+    .unwrap()
+}
+
+pub fn greedy(max_tokens: usize) -> GenerateParams {
+    GenerateParams {
+        sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
+        max_tokens: Some(max_tokens),
+        stop: Vec::new(),
+        priority: 0,
+        ignore_eos: true,
+    }
+}
+
+/// Collect a request's events: token ids, text, finish reason, usage.
+pub async fn collect(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+) -> (Vec<u32>, String, FinishReason, Usage) {
+    let (mut ids, mut text) = (Vec::new(), String::new());
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Token { id, text: t } => {
+                ids.push(id);
+                text.push_str(&t);
+            }
+            Event::Done { reason, usage } => return (ids, text, reason, usage),
+        }
+    }
+    panic!("stream ended without Done");
+}
+
+/// Wait (bounded) until `cond` holds for the engine's load.
+pub async fn wait_load(h: &EngineHandle, what: &str, cond: impl Fn(&worker::engine::Load) -> bool) {
+    for _ in 0..500 {
+        if cond(&h.load()) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}; load = {:?}", h.load());
+}
+
+/// A few prompts of different lengths and languages.
+pub const PROMPTS: &[&str] = &[
+    "The capital of France is",
+    "Die Hauptstadt von Deutschland ist Berlin, und die Hauptstadt von Österreich ist",
+    "La Commission européenne a présenté aujourd'hui une proposition visant à",
+    "Il governo italiano ha annunciato che",
+    "W Polsce najdłuższą rzeką jest",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "1, 2, 3, 5, 8, 13,",
+    "Once upon a time, in a small village near the sea, there lived an old fisherman named",
+];
