@@ -366,7 +366,7 @@ impl Engine {
                 tx,
             } => {
                 self.arrival += 1;
-                let sampler = match Sampler::new(params.sampling.clone(), self.vocab_size) {
+                let sampler = match Sampler::new(params.sampling, self.vocab_size) {
                     Ok(s) => s,
                     Err(e) => {
                         // Validated by the handle already; a bug guard.

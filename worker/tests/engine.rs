@@ -21,7 +21,10 @@ async fn greedy_output_is_the_same_alone_and_batched() {
         alone.push(ids);
     }
     // All at once: they share steps (batched matmuls, mixed prefill and decode).
-    let rxs: Vec<_> = PROMPTS.iter().map(|p| h.submit(tokens(&m, p), greedy(16)).unwrap()).collect();
+    let rxs: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| h.submit(tokens(&m, p), greedy(16)).unwrap())
+        .collect();
     let mut batched = Vec::new();
     for rx in rxs {
         batched.push(collect(rx).await.0);
@@ -40,7 +43,10 @@ async fn preemption_under_kv_pressure_keeps_outputs() {
     let small = start_engine(&m, 12, 8, 64);
     let big = start_engine(&m, 256, 8, 64);
     let run = |h: &worker::engine::EngineHandle| {
-        PROMPTS.iter().map(|p| h.submit(tokens(&m, p), greedy(40)).unwrap()).collect::<Vec<_>>()
+        PROMPTS
+            .iter()
+            .map(|p| h.submit(tokens(&m, p), greedy(40)).unwrap())
+            .collect::<Vec<_>>()
     };
     let (a, b) = (run(&small), run(&big));
     for (ra, rb) in a.into_iter().zip(b) {
@@ -48,8 +54,18 @@ async fn preemption_under_kv_pressure_keeps_outputs() {
         assert_eq!(x.0, y.0);
         assert_eq!(x.2, FinishReason::Length);
     }
-    assert!(small.metrics.preemptions.load(std::sync::atomic::Ordering::Relaxed) > 0, "no preemption happened");
-    wait_load(&small, "all blocks free", |l| l.kv_blocks_used == 0 && l.running == 0).await;
+    assert!(
+        small
+            .metrics
+            .preemptions
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0,
+        "no preemption happened"
+    );
+    wait_load(&small, "all blocks free", |l| {
+        l.kv_blocks_used == 0 && l.running == 0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,12 +74,23 @@ async fn dropping_the_stream_frees_blocks() {
     let h = start_engine(&m, 256, 8, 64);
     let mut rx = h.submit(tokens(&m, PROMPTS[1]), greedy(1000)).unwrap();
     for _ in 0..3 {
-        assert!(matches!(rx.recv().await, Some(worker::engine::Event::Token { .. })));
+        assert!(matches!(
+            rx.recv().await,
+            Some(worker::engine::Event::Token { .. })
+        ));
     }
     assert!(h.load().kv_blocks_used > 0);
     drop(rx);
-    wait_load(&h, "cancelled sequence freed", |l| l.kv_blocks_used == 0 && l.running == 0).await;
-    assert_eq!(h.metrics.requests_cancelled.load(std::sync::atomic::Ordering::Relaxed), 1);
+    wait_load(&h, "cancelled sequence freed", |l| {
+        l.kv_blocks_used == 0 && l.running == 0
+    })
+    .await;
+    assert_eq!(
+        h.metrics
+            .requests_cancelled
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     assert_eq!(h.in_flight(), 0);
 }
 
@@ -77,10 +104,19 @@ async fn full_queue_and_context_limits_are_refused() {
     assert!(matches!(c, Err(SubmitError::QueueFull(_))), "{c:?}");
     // 64 blocks of 16 = 1024 token slots.
     let long = vec![100u32; 1000];
-    assert!(matches!(h.submit(long, greedy(100)), Err(SubmitError::ContextLength { .. })));
-    assert!(matches!(h.submit(Vec::new(), greedy(1)), Err(SubmitError::EmptyPrompt)));
+    assert!(matches!(
+        h.submit(long, greedy(100)),
+        Err(SubmitError::ContextLength { .. })
+    ));
+    assert!(matches!(
+        h.submit(Vec::new(), greedy(1)),
+        Err(SubmitError::EmptyPrompt)
+    ));
     h.drain();
-    assert!(matches!(h.submit(tokens(&m, "x"), greedy(1)), Err(SubmitError::Draining)));
+    assert!(matches!(
+        h.submit(tokens(&m, "x"), greedy(1)),
+        Err(SubmitError::Draining)
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,12 +125,21 @@ async fn seeds_make_sampling_reproducible() {
     let h = start_engine(&m, 256, 8, 64);
     let params = |seed| {
         let mut p = greedy(24);
-        p.sampling = SamplingParams { temperature: 1.0, top_p: 0.95, seed: Some(seed), ..SamplingParams::default() };
+        p.sampling = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.95,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        };
         p
     };
     let prompt = tokens(&m, PROMPTS[7]);
-    let a = collect(h.submit(prompt.clone(), params(7)).unwrap()).await.0;
-    let b = collect(h.submit(prompt.clone(), params(7)).unwrap()).await.0;
+    let a = collect(h.submit(prompt.clone(), params(7)).unwrap())
+        .await
+        .0;
+    let b = collect(h.submit(prompt.clone(), params(7)).unwrap())
+        .await
+        .0;
     // Identical seeds: identical output, also when batched with another request.
     let rx1 = h.submit(prompt.clone(), params(7)).unwrap();
     let rx2 = h.submit(prompt.clone(), params(8)).unwrap();
@@ -110,7 +155,10 @@ async fn stop_strings_end_the_text_before_the_stop() {
     let h = start_engine(&m, 256, 8, 64);
     let prompt = tokens(&m, "1, 2, 3, 4, 5, 6,");
     let (_, full, ..) = collect(h.submit(prompt.clone(), greedy(12)).unwrap()).await;
-    assert!(full.contains("9"), "expected the model to count on: {full:?}");
+    assert!(
+        full.contains("9"),
+        "expected the model to count on: {full:?}"
+    );
     let mut p = greedy(12);
     p.stop = vec!["9".into()];
     let (_, text, reason, usage) = collect(h.submit(prompt, p).unwrap()).await;

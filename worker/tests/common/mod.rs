@@ -101,11 +101,18 @@ pub fn reference(name: &str) -> Reference {
     serde_json::from_str(&text).unwrap()
 }
 
-use worker::engine::{self, EngineConfig, EngineHandle, Event, FinishReason, GenerateParams, Usage};
+use worker::engine::{
+    self, EngineConfig, EngineHandle, Event, FinishReason, GenerateParams, Usage,
+};
 use worker::sampler::SamplingParams;
 
 /// An engine over the CPU backend with a KV cache of `num_blocks` blocks.
-pub fn start_engine(m: &LoadedModel, num_blocks: usize, max_num_seqs: usize, max_queue: usize) -> EngineHandle {
+pub fn start_engine(
+    m: &LoadedModel,
+    num_blocks: usize,
+    max_num_seqs: usize,
+    max_queue: usize,
+) -> EngineHandle {
     let mut cfg = m.config.clone();
     cfg.max_context = cfg.max_context.min(2048);
     let be = CpuBackend::new(cfg.clone(), Arc::new(clone_weights(m)), num_blocks, 16, 2).unwrap();
@@ -128,7 +135,10 @@ pub fn start_engine(m: &LoadedModel, num_blocks: usize, max_num_seqs: usize, max
 
 pub fn greedy(max_tokens: usize) -> GenerateParams {
     GenerateParams {
-        sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
         max_tokens: Some(max_tokens),
         stop: Vec::new(),
         priority: 0,

@@ -1,0 +1,422 @@
+//! The worker binary over real HTTP and gRPC on loopback: curl, the official `openai`
+//! Python client, and a tonic client of the gateway contract.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use proto::worker::worker_client::WorkerClient;
+use proto::worker::{self as pb};
+
+/// A worker process, killed on drop.
+struct WorkerProc {
+    child: Child,
+    http: String,
+    grpc: String,
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn_worker(extra: &[&str]) -> WorkerProc {
+    let model = common::smollm2_path();
+    let (hp, gp) = (free_port(), free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["serve", "--model"])
+        .arg(&model)
+        .args([
+            "--served-model-name",
+            "smollm2",
+            "--threads",
+            "2",
+            "--kv-cache-mb",
+            "64",
+        ])
+        .args([
+            "--http-addr",
+            &format!("127.0.0.1:{hp}"),
+            "--grpc-addr",
+            &format!("127.0.0.1:{gp}"),
+        ])
+        .args(["--pool", "de-1", "--country", "DE"])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("worker binary starts");
+    // Wait (bounded) for the ready line.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("worker ready") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("worker became ready within 60 s");
+    WorkerProc {
+        child,
+        http: format!("http://127.0.0.1:{hp}"),
+        grpc: format!("http://127.0.0.1:{gp}"),
+    }
+}
+
+/// curl: status code and body.
+fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "60", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    let s = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = s.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
+fn post(w: &WorkerProc, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let url = format!("{}{path}", w.http);
+    let (code, body) = curl(&[
+        "-H",
+        "content-type: application/json",
+        "--data-binary",
+        body,
+        &url,
+    ]);
+    (
+        code,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
+    )
+}
+
+fn error_code(v: &serde_json::Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("<none>")
+}
+
+#[test]
+fn http_api_with_curl_and_the_openai_client() {
+    let w = spawn_worker(&[]);
+
+    // The official Python client, end to end.
+    let out = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/openai_client.py"
+        ))
+        .arg(format!("{}/v1", w.http))
+        .arg("smollm2")
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "openai client checks failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Streaming over raw SSE ends with [DONE].
+    let url = format!("{}/v1/completions", w.http);
+    let (code, body) = curl(&[
+        "-N",
+        "--data-binary",
+        r#"{"model":"smollm2","prompt":"Hello","max_tokens":4,"stream":true}"#,
+        &url,
+    ]);
+    assert_eq!(code, 200);
+    let events: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
+    assert!(events.len() >= 3);
+
+    // Bad input: OpenAI-shaped 400s with reason codes; nothing panics.
+    let cases: &[(&str, &str, &str)] = &[
+        ("/v1/chat/completions", "{not json", "invalid_json"),
+        ("/v1/chat/completions", "[1,2]", "invalid_json"),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"smollm2"}"#,
+            "missing_field",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"smollm2","messages":"hi"}"#,
+            "invalid_type",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"smollm2","messages":[{"role":"user","content":"x"}],"max_tokens":"ten"}"#,
+            "invalid_type",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"nope","messages":[{"role":"user","content":"x"}]}"#,
+            "model_not_found",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"smollm2","messages":[]}"#,
+            "invalid_request",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"smollm2","messages":[{"role":"wizard","content":"x"}]}"#,
+            "invalid_request",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"smollm2","prompt":"x","temperature":-1}"#,
+            "invalid_sampling_params",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"smollm2","prompt":"x","min_p":2}"#,
+            "invalid_sampling_params",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"smollm2","prompt":"x","frequency_penalty":9}"#,
+            "invalid_sampling_params",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"smollm2","prompt":"x","top_k":-5}"#,
+            "invalid_sampling_params",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"smollm2","prompt":"x","max_tokens":100000}"#,
+            "context_length_exceeded",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"smollm2","prompt":[1, 99999999]}"#,
+            "invalid_token",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"smollm2","prompt":""}"#,
+            "empty_prompt",
+        ),
+    ];
+    for (path, body, want) in cases {
+        let (code, v) = post(&w, path, body);
+        assert_eq!(code, 400, "{body}: {v}");
+        assert_eq!(error_code(&v), *want, "{body}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+    // A prompt longer than the context (64 MiB of KV cache = 1440 tokens here).
+    let long = format!(
+        r#"{{"model":"smollm2","prompt":"{}"}}"#,
+        "word ".repeat(3000)
+    );
+    let (code, v) = post(&w, "/v1/completions", &long);
+    assert_eq!(
+        (code, error_code(&v)),
+        (400, "context_length_exceeded"),
+        "{v}"
+    );
+    // Over the body limit: 413 with a JSON error, within seconds.
+    let huge = format!(
+        r#"{{"model":"smollm2","prompt":"{}"}}"#,
+        "x".repeat(9 << 20)
+    );
+    let path = std::env::temp_dir().join(format!("huge-{}.json", std::process::id()));
+    std::fs::write(&path, huge).unwrap();
+    let t0 = Instant::now();
+    let (code, body) = curl(&["--data-binary", &format!("@{}", path.display()), &url]);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(code, 413, "{body}");
+    assert!(body.contains("request_too_large"));
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    // Unknown paths and methods.
+    let (code, body) = curl(&[&format!("{}/v2/nothing", w.http)]);
+    assert_eq!(code, 404, "{body}");
+    let (code, _) = curl(&[&format!("{}/v1/chat/completions", w.http)]);
+    assert_eq!(code, 405);
+
+    // Health, models and metrics.
+    let (code, body) = curl(&[&format!("{}/health", w.http)]);
+    assert_eq!(code, 200, "{body}");
+    let (_, body) = curl(&[&format!("{}/v1/models", w.http)]);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["data"][0]["id"], "smollm2");
+    assert_eq!(v["data"][0]["country"], "DE");
+    let (_, metrics) = curl(&[&format!("{}/metrics", w.http)]);
+    for name in [
+        "worker_queue_length",
+        "worker_running",
+        "worker_kv_blocks_used",
+        "worker_kv_blocks_total",
+        "worker_prefix_cache_hit_rate",
+        "worker_generation_tokens_total",
+        "worker_time_to_first_token_seconds_bucket",
+        "worker_inter_token_latency_seconds_count",
+    ] {
+        assert!(metrics.contains(name), "metrics lack {name}");
+    }
+    let gen_tokens: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("worker_generation_tokens_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(gen_tokens > 0.0);
+}
+
+#[test]
+fn full_queue_answers_429_with_retry_after() {
+    let w = spawn_worker(&["--max-num-seqs", "1", "--max-queue", "0"]);
+    let url = format!("{}/v1/completions", w.http);
+    // Occupy the only slot with a long streaming generation.
+    let mut busy = Command::new("curl")
+        .args(["-s", "-N", "-m", "60", "--data-binary"])
+        .arg(r#"{"model":"smollm2","prompt":"Count:","max_tokens":400,"ignore_eos":true,"stream":true}"#)
+        .arg(&url)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until its first event arrives (bounded by curl's -m).
+    let mut first = String::new();
+    BufReader::new(busy.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("data: "), "{first}");
+    let (code, body) = curl(&[
+        "-i",
+        "--data-binary",
+        r#"{"model":"smollm2","prompt":"x","max_tokens":2}"#,
+        &url,
+    ]);
+    assert_eq!(code, 429, "{body}");
+    assert!(
+        body.to_ascii_lowercase().contains("retry-after: 1"),
+        "{body}"
+    );
+    assert!(body.contains("queue_full"));
+    let _ = busy.kill();
+    let _ = busy.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_contract() {
+    let w = spawn_worker(&[]);
+    let mut c = WorkerClient::connect(w.grpc.clone()).await.unwrap();
+
+    let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        (
+            info.model.as_str(),
+            info.pool.as_str(),
+            info.country.as_str()
+        ),
+        ("smollm2", "de-1", "DE")
+    );
+    assert_eq!(info.block_size, 16);
+    assert!(info.kv_blocks_total > 0 && info.context_length > 0);
+
+    // Generate: tokens, then a final chunk with usage.
+    let req = |max: u32| pb::GenerateRequest {
+        request_id: "r1".into(),
+        model: "smollm2".into(),
+        input: Some(pb::generate_request::Input::Chat(pb::ChatMessages {
+            messages: vec![pb::ChatMessage {
+                role: "user".into(),
+                content: "What is the capital of France?".into(),
+            }],
+        })),
+        sampling: Some(pb::SamplingParams {
+            temperature: Some(0.0),
+            max_tokens: Some(max),
+            ..Default::default()
+        }),
+        priority: 0,
+    };
+    let mut s = c.generate(req(12)).await.unwrap().into_inner();
+    let (mut text, mut last) = (String::new(), None);
+    while let Some(chunk) = s.message().await.unwrap() {
+        text.push_str(&chunk.text);
+        if !chunk.finish_reason.is_empty() {
+            last = Some(chunk);
+        }
+    }
+    let last = last.expect("a final chunk");
+    assert!(text.contains("Paris"), "{text}");
+    let usage = last.usage.unwrap();
+    assert!(usage.prompt_tokens > 0 && usage.completion_tokens > 0);
+
+    // Errors carry the reason code.
+    let mut bad = req(12);
+    bad.model = "other".into();
+    let e = c.generate(bad).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().starts_with("model_not_found"),
+        "{}",
+        e.message()
+    );
+
+    // WatchLoad: a snapshot at once, then at least every 100 ms.
+    let mut load = c
+        .watch_load(pb::WatchLoadRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let t0 = Instant::now();
+    let mut n = 0;
+    while n < 4 {
+        load.message().await.unwrap().unwrap();
+        n += 1;
+    }
+    assert!(
+        t0.elapsed() < Duration::from_millis(450),
+        "4 snapshots took {:?}",
+        t0.elapsed()
+    );
+
+    // Cancelling a Generate call frees the sequence's blocks.
+    let mut long = req(1000);
+    long.input = Some(pb::generate_request::Input::Prompt(
+        "Once upon a time".into(),
+    ));
+    let mut s = c.generate(long).await.unwrap().into_inner();
+    for _ in 0..3 {
+        s.message().await.unwrap().unwrap();
+    }
+    drop(s);
+    let mut freed = false;
+    for _ in 0..100 {
+        let snap = load.message().await.unwrap().unwrap();
+        if snap.kv_blocks_used == 0 && snap.running == 0 {
+            freed = true;
+            break;
+        }
+    }
+    assert!(freed, "blocks not freed after cancel");
+
+    // Drain: no new work, health says so.
+    let r = c
+        .drain(pb::DrainRequest { wait: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.remaining, 0);
+    let e = c.generate(req(4)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable);
+    assert!(e.message().starts_with("draining"));
+}
