@@ -7,9 +7,11 @@
 
 pub mod api;
 pub mod backend;
+pub mod bench;
 pub mod chat;
 pub mod engine;
 pub mod fetch;
+pub mod gemm;
 pub mod kv_cache;
 pub mod metrics;
 pub mod model;

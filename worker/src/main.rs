@@ -23,6 +23,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start; boxing the large variant buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve a model over OpenAI-compatible HTTP and the gateway's gRPC contract.
@@ -32,6 +34,26 @@ enum Cmd {
         /// Model alias (known: smollm2).
         name: String,
     },
+    /// Measure prefill and decode throughput, TTFT and peak RSS; prints JSON.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length for the prefill / TTFT measurement.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens each sequence decodes in the decode measurement.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Decode batch sizes, comma-separated.
+    #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
+    batches: Vec<usize>,
+    /// Repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
 }
 
 #[derive(Args, Clone)]
@@ -103,6 +125,24 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Serve(a) => serve(a),
+        Cmd::Bench(a) => {
+            let svc = start_engine(&a.model, None, "bench", "EU")?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            let cfg = worker::bench::BenchConfig {
+                prompt_tokens: a.prompt_tokens,
+                decode_tokens: a.decode_tokens,
+                batches: a.batches,
+                reps: a.reps.max(1),
+            };
+            let mut report = rt.block_on(worker::bench::run(&svc.engine, &cfg))?;
+            report["model"] = svc.info.model_id.clone().into();
+            report["backend"] = svc.info.backend.clone().into();
+            println!("{report}");
+            Ok(())
+        }
     }
 }
 

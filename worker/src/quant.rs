@@ -399,6 +399,29 @@ pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(),
     Ok(())
 }
 
+/// [`dequantize_row`] with SIMD decoders where the CPU has them; same values, bit for bit
+/// (scale and offset are applied with a separate multiply and add, as in ggml). Used by
+/// the CPU backend's matrix multiply, which decodes weight tiles once per step.
+///
+/// # Panics
+///
+/// If `bytes.len() != ty.row_bytes(out.len())` (rows come from validated tensors).
+pub fn dequantize_row_fast(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    assert!(
+        ty.check_row(bytes.len(), out.len()).is_ok(),
+        "dequantize_row_fast: row length mismatch"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx2::available() {
+            // SAFETY: features detected; lengths checked above.
+            unsafe { avx2::dequantize_row(ty, bytes, out) };
+            return;
+        }
+    }
+    dequantize_unchecked(ty, bytes, out);
+}
+
 /// [`dequantize_row`] after the length check.
 fn dequantize_unchecked(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
     match ty {
@@ -622,7 +645,7 @@ mod portable {
 /// into a stack buffer once and multiplies it into register accumulators for up to four
 /// activation vectors at a time.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{GgmlType, scales_mins_k4};
@@ -632,6 +655,103 @@ mod avx2 {
         is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
+    }
+
+    /// Decode a whole row (lengths checked by the caller).
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `bytes` must be one row of `out.len()` elements.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
+                let ts = ty.type_size();
+                for (b, y) in bytes.chunks_exact(ts).zip(out.chunks_exact_mut(32)) {
+                    let q = b.as_ptr();
+                    let yp = y.as_mut_ptr();
+                    // SAFETY: one whole block of `ts` bytes and 32 output floats.
+                    unsafe {
+                        let d = f16_splat(b[0], b[1]);
+                        match ty {
+                            GgmlType::Q8_0 => {
+                                for k in 0..4 {
+                                    st(yp.add(8 * k), _mm256_mul_ps(i8x8_ps(q.add(2 + 8 * k)), d));
+                                }
+                            }
+                            _ => {
+                                let (off, lo_bias) =
+                                    if ty == GgmlType::Q4_1 { (4, 0) } else { (2, 8) };
+                                let m4 = _mm256_set1_epi32(0x0F);
+                                let bias = _mm256_set1_epi32(lo_bias);
+                                let v0 = u8x8(q.add(off));
+                                let v1 = u8x8(q.add(off + 8));
+                                let e = [
+                                    _mm256_and_si256(v0, m4),
+                                    _mm256_and_si256(v1, m4),
+                                    _mm256_srli_epi32::<4>(v0),
+                                    _mm256_srli_epi32::<4>(v1),
+                                ];
+                                for (k, e) in e.into_iter().enumerate() {
+                                    let v = if ty == GgmlType::Q4_1 {
+                                        let m = f16_splat(b[2], b[3]);
+                                        _mm256_add_ps(_mm256_mul_ps(ps(e), d), m)
+                                    } else {
+                                        _mm256_mul_ps(ps(_mm256_sub_epi32(e, bias)), d)
+                                    };
+                                    st(yp.add(8 * k), v);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            GgmlType::Q4_K => {
+                for (b, y) in bytes
+                    .as_chunks::<144>()
+                    .0
+                    .iter()
+                    .zip(out.as_chunks_mut::<256>().0)
+                {
+                    deq_q4_k(b, y);
+                }
+            }
+            GgmlType::Q5_K => {
+                for (b, y) in bytes
+                    .as_chunks::<176>()
+                    .0
+                    .iter()
+                    .zip(out.as_chunks_mut::<256>().0)
+                {
+                    deq_q5_k(b, y);
+                }
+            }
+            GgmlType::Q6_K => {
+                for (b, y) in bytes
+                    .as_chunks::<210>()
+                    .0
+                    .iter()
+                    .zip(out.as_chunks_mut::<256>().0)
+                {
+                    deq_q6_k(b, y);
+                }
+            }
+            GgmlType::F16 => {
+                let (c, t) = bytes.as_chunks::<16>();
+                let (yc, yt) = out.as_chunks_mut::<8>();
+                for (b, y) in c.iter().zip(yc) {
+                    // SAFETY: 16 bytes in, 8 floats out.
+                    unsafe {
+                        st(
+                            y.as_mut_ptr(),
+                            _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().cast())),
+                        )
+                    };
+                }
+                let _ = t;
+                super::dequantize_unchecked(ty, &bytes[c.len() * 16..], yt);
+            }
+            _ => super::dequantize_unchecked(ty, bytes, out),
+        }
     }
 
     /// Eight f32 from `p` (unaligned).
@@ -651,7 +771,7 @@ mod avx2 {
     /// `p..p + 8` must be readable.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn u8x8(p: *const u8) -> __m256i {
+    pub(crate) unsafe fn u8x8(p: *const u8) -> __m256i {
         // SAFETY: per the function contract (an unaligned 8-byte load).
         _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(p.cast()) })
     }
@@ -662,7 +782,7 @@ mod avx2 {
     /// `p..p + 8` must be readable.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn i8x8_ps(p: *const u8) -> __m256 {
+    pub(crate) unsafe fn i8x8_ps(p: *const u8) -> __m256 {
         // SAFETY: per the function contract (an unaligned 8-byte load).
         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(p.cast()) }))
     }
@@ -670,7 +790,7 @@ mod avx2 {
     /// A little-endian f16, converted and broadcast to all lanes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn f16_splat(lo: u8, hi: u8) -> __m256 {
+    pub(crate) fn f16_splat(lo: u8, hi: u8) -> __m256 {
         _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes([lo, hi])))
     }
 
@@ -685,7 +805,7 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn ps(v: __m256i) -> __m256 {
+    pub(crate) fn ps(v: __m256i) -> __m256 {
         _mm256_cvtepi32_ps(v)
     }
 
@@ -1550,6 +1670,13 @@ mod tests {
                 .collect();
             assert_eq!(expected.len(), n);
             let got = dequant(ty, &bytes, n);
+            let mut fast = vec![0.0f32; n];
+            dequantize_row_fast(ty, &bytes, &mut fast);
+            let same = |a: &f32, b: &f32| a.to_bits() == b.to_bits() || a == b;
+            assert!(
+                got.iter().zip(&fast).all(|(a, b)| same(a, b)),
+                "{ty}: fast dequantization differs"
+            );
             for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
                 assert!(
                     g.to_bits() == e.to_bits() || (g == e),

@@ -91,15 +91,15 @@ impl ModelConfig {
             ),
             (self.n_heads > 0 && self.n_kv_heads > 0, "head count is 0"),
             (
-                self.n_heads % self.n_kv_heads == 0,
+                self.n_heads.is_multiple_of(self.n_kv_heads),
                 "head count is not a multiple of the KV head count",
             ),
             (
-                self.head_dim > 0 && self.head_dim % 2 == 0,
+                self.head_dim > 0 && self.head_dim.is_multiple_of(2),
                 "head dimension must be even and > 0",
             ),
             (
-                self.rope_dim <= self.head_dim && self.rope_dim % 2 == 0,
+                self.rope_dim <= self.head_dim && self.rope_dim.is_multiple_of(2),
                 "rope dimension invalid",
             ),
             (self.vocab_size > 0, "vocabulary is empty"),

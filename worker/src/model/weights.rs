@@ -38,10 +38,6 @@ pub struct Matrix {
     storage: Storage,
 }
 
-/// Rows per parallel task in `matmul`: large enough to amortize task overhead, small
-/// enough to balance 2..64 threads.
-const ROWS_PER_TASK: usize = 16;
-
 impl Matrix {
     pub(crate) fn new(
         name: &str,
@@ -126,44 +122,9 @@ impl Matrix {
     }
 
     /// `out[t][r] = sum_c self[r][c] * xs[t][c]` for `t < n_tokens`, on the current rayon
-    /// pool. `xs` is `[n_tokens][cols]`, `out` is `[n_tokens][rows]`. `scratch` is reused
-    /// between calls.
+    /// pool (see [`crate::gemm`]).
     pub fn matmul(&self, xs: &[f32], n_tokens: usize, out: &mut [f32], scratch: &mut Vec<f32>) {
-        debug_assert_eq!(xs.len(), n_tokens * self.cols);
-        debug_assert_eq!(out.len(), n_tokens * self.rows);
-        if n_tokens == 1 {
-            out.par_chunks_mut(ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(chunk, o)| {
-                    for (i, v) in o.iter_mut().enumerate() {
-                        *v = quant::dot_row(self.ty, self.row(chunk * ROWS_PER_TASK + i), xs);
-                    }
-                });
-            return;
-        }
-        // Batched: each row is decoded once and applied to every token. Results land
-        // row-major in `scratch` ([rows][n_tokens]) and are transposed into `out`.
-        scratch.clear();
-        scratch.resize(self.rows * n_tokens, 0.0);
-        let x_rows: Vec<&[f32]> = xs.chunks_exact(self.cols).collect();
-        scratch
-            .par_chunks_mut(ROWS_PER_TASK * n_tokens)
-            .enumerate()
-            .for_each(|(chunk, o)| {
-                for (i, orow) in o.chunks_exact_mut(n_tokens).enumerate() {
-                    quant::dot_rows_multi(
-                        self.ty,
-                        self.row(chunk * ROWS_PER_TASK + i),
-                        &x_rows,
-                        orow,
-                    );
-                }
-            });
-        for (r, vals) in scratch.chunks_exact(n_tokens).enumerate() {
-            for (t, v) in vals.iter().enumerate() {
-                out[t * self.rows + r] = *v;
-            }
-        }
+        crate::gemm::matmul(self, xs, n_tokens, out, scratch);
     }
 
     /// Dequantize every row and fail on the first non-finite value: catches corrupt
@@ -249,6 +210,10 @@ impl WeightSource<'_> {
                 m.rows, m.cols
             )));
         }
+        // Checked per file tensor, before q/k/v and gate/up are fused, so that a corrupt
+        // tensor is reported under its own name.
+        m.check_finite()
+            .map_err(|r| self.invalid(format!("tensor `{name}`: {r}")))?;
         Ok(m)
     }
 
@@ -326,17 +291,12 @@ impl WeightSource<'_> {
             });
         }
         let final_norm = self.vector(names.final_norm, h)?;
-        let w = Weights {
+        Ok(Weights {
             embed,
             layers,
             final_norm,
             output,
-        };
-        for m in w.matrices() {
-            m.check_finite()
-                .map_err(|reason| self.invalid(format!("tensor `{}`: {reason}", m.name)))?;
-        }
-        Ok(w)
+        })
     }
 }
 

