@@ -19,8 +19,8 @@ use crate::model::Matrix;
 use crate::quant;
 
 thread_local! {
-    /// Decoded weight tile of the current task (one per pool thread, reused).
-    static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Decoded weight tile and its results, per pool thread (reused across calls).
+    static TILE: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Rows per fused decode kernel call (independent accumulator chains).
@@ -33,26 +33,16 @@ fn tile_rows(cols: usize) -> usize {
 }
 
 /// `out[t][r] = sum_c m[r][c] * xs[t][c]`; `xs` is `[n_tokens][cols]`, `out` is
-/// `[n_tokens][rows]`, `scratch` is reused between calls. Runs on the current rayon pool.
-pub fn matmul(m: &Matrix, xs: &[f32], n_tokens: usize, out: &mut [f32], scratch: &mut Vec<f32>) {
-    debug_assert_eq!(xs.len(), n_tokens * m.cols);
-    debug_assert_eq!(out.len(), n_tokens * m.rows);
-    let tr = tile_rows(m.cols);
+/// `[n_tokens][rows]`. Runs on the current rayon pool.
+pub fn matmul(m: &Matrix, xs: &[f32], n_tokens: usize, out: &mut [f32]) {
+    assert_eq!(xs.len(), n_tokens * m.cols, "matmul: activation shape");
+    assert_eq!(out.len(), n_tokens * m.rows, "matmul: output shape");
     let cols = m.cols;
-    // Results land row-major ([rows][n_tokens]) so each task writes one contiguous slice.
-    let by_row: &mut [f32] = if n_tokens == 1 {
-        out
-    } else {
-        scratch.clear();
-        scratch.resize(m.rows * n_tokens, 0.0);
-        scratch
-    };
     #[cfg(target_arch = "x86_64")]
     if n_tokens == 1 && avx2::fused_supported(m.ty) {
         // Decode: no tile, weight blocks decoded in registers right before their FMAs
         // (same values, same accumulation order as the tiled path).
-        by_row
-            .par_chunks_mut(FUSED_ROWS)
+        out.par_chunks_mut(FUSED_ROWS)
             .enumerate()
             .for_each(|(ti, o)| {
                 let r0 = ti * FUSED_ROWS;
@@ -69,26 +59,37 @@ pub fn matmul(m: &Matrix, xs: &[f32], n_tokens: usize, out: &mut [f32], scratch:
             });
         return;
     }
-    by_row
-        .par_chunks_mut(tr * n_tokens)
-        .enumerate()
-        .for_each(|(ti, o)| {
-            TILE.with_borrow_mut(|tile| {
-                let r0 = ti * tr;
-                let nr = o.len() / n_tokens;
-                tile.resize(nr * cols, 0.0);
-                for (i, dst) in tile.chunks_exact_mut(cols).enumerate() {
-                    quant::dequantize_row_fast(m.ty, m.row(r0 + i), dst);
-                }
-                tile_product(tile, nr, xs, n_tokens, cols, o);
-            })
-        });
-    if n_tokens > 1 {
-        for (r, vals) in scratch.chunks_exact(n_tokens).enumerate() {
-            for (t, v) in vals.iter().enumerate() {
-                out[t * m.rows + r] = *v;
+    let tr = tile_rows(cols);
+    let rows = m.rows;
+    let dst = SharedOut(out.as_mut_ptr());
+    (0..rows.div_ceil(tr)).into_par_iter().for_each(|ti| {
+        TILE.with_borrow_mut(|(tile, o)| {
+            let r0 = ti * tr;
+            let nr = tr.min(rows - r0);
+            tile.resize(nr * cols, 0.0);
+            for (i, row) in tile.chunks_exact_mut(cols).enumerate() {
+                quant::dequantize_row_fast(m.ty, m.row(r0 + i), row);
             }
-        }
+            o.resize(nr * n_tokens, 0.0);
+            tile_product(tile, nr, xs, n_tokens, cols, o);
+            for i in 0..nr {
+                for t in 0..n_tokens {
+                    // SAFETY: index < n_tokens * rows = out.len(); tiles cover disjoint rows,
+                    // so no two tasks write the same element, and `out` outlives the loop.
+                    unsafe { *dst.get().add(t * rows + r0 + i) = o[i * n_tokens + t] };
+                }
+            }
+        })
+    });
+}
+
+/// The output pointer shared by tasks that write disjoint elements.
+struct SharedOut(*mut f32);
+// SAFETY: only used for writes to disjoint indices while the owning slice is borrowed.
+unsafe impl Sync for SharedOut {}
+impl SharedOut {
+    fn get(&self) -> *mut f32 {
+        self.0
     }
 }
 
@@ -376,7 +377,6 @@ mod tests {
             let w = data(rows * cols, 1);
             let m = Matrix::from_f32("w", rows, cols, &w);
             let xs = data(9 * cols, 2);
-            let mut scratch = Vec::new();
             let mut single = vec![0.0; 9 * rows];
             for t in 0..9 {
                 matmul(
@@ -384,12 +384,11 @@ mod tests {
                     &xs[t * cols..(t + 1) * cols],
                     1,
                     &mut single[t * rows..(t + 1) * rows],
-                    &mut scratch,
                 );
             }
             for n in 1..=9 {
                 let mut out = vec![0.0; n * rows];
-                matmul(&m, &xs[..n * cols], n, &mut out, &mut scratch);
+                matmul(&m, &xs[..n * cols], n, &mut out);
                 assert_eq!(out, single[..n * rows], "rows {rows} cols {cols} batch {n}");
             }
             // And close to an f64 reference.
@@ -400,6 +399,66 @@ mod tests {
                         .sum();
                     assert!((single[t * rows + r] as f64 - want).abs() < 1e-3);
                 }
+            }
+        }
+    }
+
+    /// Random quantized rows with sane f16 scales.
+    fn quantized(ty: quant::GgmlType, rows: usize, cols: usize) -> Matrix {
+        let ts = ty.type_size();
+        let mut bytes: Vec<u8> = data(rows * ty.row_bytes(cols).unwrap(), 7)
+            .iter()
+            .map(|v| ((v + 1.0) * 127.0) as u8)
+            .collect();
+        let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();
+        for b in bytes.chunks_exact_mut(ts) {
+            match ty {
+                // Q6_K keeps its super-block scale at the end.
+                quant::GgmlType::Q6_K => b[ts - 2..].copy_from_slice(&f16(0.0123)),
+                _ => b[..2].copy_from_slice(&f16(0.0123)),
+            }
+            if matches!(ty, quant::GgmlType::Q4_1 | quant::GgmlType::Q4_K) {
+                b[2..4].copy_from_slice(&f16(0.05));
+            }
+        }
+        let storage = crate::model::weights::Storage::Owned(std::sync::Arc::new(bytes));
+        Matrix::new("q", ty, rows, cols, storage).unwrap()
+    }
+
+    #[test]
+    fn quantized_batch_one_fused_path_equals_tiled_path() {
+        use quant::GgmlType::*;
+        for ty in [Q4_0, Q4_1, Q8_0, Q4_K, Q6_K] {
+            let cols = if ty.block_size() == 256 { 512 } else { 576 };
+            let rows = 45;
+            let m = quantized(ty, rows, cols);
+            let xs = data(5 * cols, 9);
+            let mut single = vec![0.0; 5 * rows];
+            for t in 0..5 {
+                matmul(
+                    &m,
+                    &xs[t * cols..(t + 1) * cols],
+                    1,
+                    &mut single[t * rows..(t + 1) * rows],
+                );
+            }
+            let mut out = vec![0.0; 5 * rows];
+            matmul(&m, &xs, 5, &mut out);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&out), bits(&single), "{ty}");
+            // And within rounding of the plain dot product of the dequantized rows.
+            let mut w = vec![0.0; cols];
+            for r in 0..rows {
+                quant::dequantize_row(ty, m.row(r), &mut w).unwrap();
+                let want: f64 = w
+                    .iter()
+                    .zip(&xs[..cols])
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+                assert!(
+                    (single[r] as f64 - want).abs() < 1e-3 * (1.0 + want.abs()),
+                    "{ty} row {r}"
+                );
             }
         }
     }

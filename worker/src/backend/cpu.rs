@@ -38,7 +38,6 @@ struct Scratch {
     proj: Vec<f32>,
     gate_up: Vec<f32>,
     act: Vec<f32>,
-    mm: Vec<f32>,
 }
 
 /// Where each flat token of the step belongs.
@@ -168,7 +167,7 @@ impl CpuBackend {
                     .zip(s.xn.par_chunks_mut(h))
                     .for_each(|((x, p), o)| add_rms_norm(x, p, &lw.attn_norm, eps, o));
             }
-            lw.wqkv.matmul(&s.xn, t, &mut s.qkv, &mut s.mm);
+            lw.wqkv.matmul(&s.xn, t, &mut s.qkv);
             if let Some(b) = &lw.bqkv {
                 s.qkv
                     .par_chunks_mut(qkv_dim)
@@ -201,14 +200,14 @@ impl CpuBackend {
                         out,
                     );
                 });
-            lw.wo.matmul(&s.attn, t, &mut s.proj, &mut s.mm);
+            lw.wo.matmul(&s.attn, t, &mut s.proj);
 
             // MLP block with the attention residual fused into its norm.
             s.x.par_chunks_mut(h)
                 .zip(s.proj.par_chunks(h))
                 .zip(s.xn.par_chunks_mut(h))
                 .for_each(|((x, p), o)| add_rms_norm(x, p, &lw.ffn_norm, eps, o));
-            lw.w_gate_up.matmul(&s.xn, t, &mut s.gate_up, &mut s.mm);
+            lw.w_gate_up.matmul(&s.xn, t, &mut s.gate_up);
             s.act
                 .par_chunks_mut(inter)
                 .zip(s.gate_up.par_chunks(2 * inter))
@@ -216,7 +215,7 @@ impl CpuBackend {
                     let (g, u) = gu.split_at(inter);
                     silu_and_mul(g, u, o);
                 });
-            lw.w_down.matmul(&s.act, t, &mut s.proj, &mut s.mm);
+            lw.w_down.matmul(&s.act, t, &mut s.proj);
         }
 
         // Final residual, norm and output projection, only for tokens that need logits.
@@ -235,7 +234,7 @@ impl CpuBackend {
         }
         let mut logits = vec![0.0f32; rows.len() * cfg.vocab_size];
         if !rows.is_empty() {
-            w.output.matmul(&sel, rows.len(), &mut logits, &mut s.mm);
+            w.output.matmul(&sel, rows.len(), &mut logits);
         }
         logits
     }

@@ -123,8 +123,8 @@ impl Matrix {
 
     /// `out[t][r] = sum_c self[r][c] * xs[t][c]` for `t < n_tokens`, on the current rayon
     /// pool (see [`crate::gemm`]).
-    pub fn matmul(&self, xs: &[f32], n_tokens: usize, out: &mut [f32], scratch: &mut Vec<f32>) {
-        crate::gemm::matmul(self, xs, n_tokens, out, scratch);
+    pub fn matmul(&self, xs: &[f32], n_tokens: usize, out: &mut [f32]) {
+        crate::gemm::matmul(self, xs, n_tokens, out);
     }
 
     /// Dequantize every row and fail on the first non-finite value: catches corrupt
