@@ -448,7 +448,7 @@ mod tests {
             assert_eq!(bits(&out), bits(&single), "{ty}");
             // And within rounding of the plain dot product of the dequantized rows.
             let mut w = vec![0.0; cols];
-            for r in 0..rows {
+            for (r, got) in single[..rows].iter().enumerate() {
                 quant::dequantize_row(ty, m.row(r), &mut w).unwrap();
                 let want: f64 = w
                     .iter()
@@ -456,7 +456,7 @@ mod tests {
                     .map(|(a, b)| *a as f64 * *b as f64)
                     .sum();
                 assert!(
-                    (single[r] as f64 - want).abs() < 1e-3 * (1.0 + want.abs()),
+                    (*got as f64 - want).abs() < 1e-3 * (1.0 + want.abs()),
                     "{ty} row {r}"
                 );
             }
