@@ -4,8 +4,9 @@
 //   ttft   : time from submitting the 128-token prompt to the first sampled token (the same
 //            measurement as prefill: prefill_tok_s = 128 / ttft)
 //   decode at batch B (the `decode` object, same shape and method as `worker bench`): B independent
-//            sequences in one context, each with its own distinct 32-token prompt, evaluated concurrently
-//            so node-llama-cpp packs them into one llama_decode of B tokens per step. The clock starts
+//            sequences in one context (one sequence.evaluate() generator each), each with its own distinct
+//            32-token prompt; every step advances all B generators in the same tick, so node-llama-cpp
+//            packs them into one llama_decode of B tokens (recorded and reported per B). The clock starts
 //            once every sequence has its first token and stops when each has DECODE_TOKENS more;
 //            aggregate tok/s = B * DECODE_TOKENS / elapsed, per_seq_tok_s = aggregate / B.
 //   peak RSS of the node process (includes node itself and the largest context's KV cache).
@@ -18,7 +19,13 @@ import fs from "node:fs";
 import path from "node:path";
 import os from "node:os";
 import {fileURLToPath} from "node:url";
+import v8 from "node:v8";
+import vm from "node:vm";
 import {getLlama, LlamaLogLevel} from "node-llama-cpp";
+
+// A callable gc() without --expose-gc on the command line; used only outside the timed spans.
+v8.setFlagsFromString("--expose-gc");
+const gc = vm.runInNewContext("gc");
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const argv = process.argv.slice(2);
@@ -55,6 +62,7 @@ const llama = await getLlama({
         if (level === LlamaLogLevel.error || level === LlamaLogLevel.fatal) process.stderr.write(message);
     },
 });
+const rssAfterInitMiB = process.memoryUsage().rss / MiB;
 const model = await llama.loadModel({modelPath: MODEL, gpuLayers: 0});
 const rssAfterLoadMiB = process.memoryUsage().rss / MiB;
 const modelBufferLog = logBuf.filter((m) => /model buffer size/.test(m)).map((m) => m.trim());
@@ -92,6 +100,7 @@ async function runOnce() {
     const decodeS = now() - t0;
     const perf = await readPerf(context);
     await context.dispose();
+    gc();  // frees the per-call samplers' native candidate arrays (see decodeOnce), outside the timed spans
     return {
         prefillS, decodeS,
         perfPrefill: perf.pTokens ? perf.pTokens / (perf.pMs / 1000) : null,
@@ -162,29 +171,32 @@ async function decodeOnce(B, nPrompt, nDecode) {
         release();
     };
     const prompts = seqs.map(() => randomPrompt(nPrompt, salt++));
-    const prefillOne = async (seq, p) => {
-        const res = await seq.controlledEvaluate(p.map((t, j) => j === p.length - 1 ? [t, greedy] : t));
-        return res[p.length - 1].next.token;
-    };
-    const step = async (seq, tok) => {
-        const res = await seq.controlledEvaluate([[tok, greedy]]);
-        if (res[0]?.next?.token == null) throw new Error("no token sampled");
-        return res[0].next.token;
+    // One sequence.evaluate() generator per sequence: it evaluates the prompt, yields the first sampled
+    // token, and on every next() evaluates the previous token and yields the next one. It keeps one
+    // sampler for the whole generation. (controlledEvaluate() creates a sampler per call, and each
+    // native sampler holds a vocab-sized candidate array, 49152 x 12 B = 576 KiB, that is freed only
+    // when V8 collects the wrapper; at B=32 that grew RSS by ~1.2 GiB per rep.)
+    // yieldEogToken: EOS is yielded and generation continues through it (like ignore_eos).
+    const gens = seqs.map((seq, i) => seq.evaluate(prompts[i], {temperature: 0, yieldEogToken: true}));
+    const next = async (g) => {
+        const r = await g.next();
+        if (r.done || r.value == null) throw new Error("generation ended early");
+        return r.value;  // the token id
     };
     let loops;
     if (DECODE_MODE === "lockstep") {
-        // every step issues all B single-token evaluations in the same tick and waits for all of them
-        let toks = await Promise.all(seqs.map((seq, i) => prefillOne(seq, prompts[i])));
+        // every step calls next() on all B generators in the same tick and waits for all of them
+        await Promise.all(gens.map(next));
         await startClock();
-        for (let n = 0; n < nDecode; n++) toks = await Promise.all(seqs.map((seq, i) => step(seq, toks[i])));
-        loops = seqs.map(() => nDecode);
+        for (let n = 0; n < nDecode; n++) await Promise.all(gens.map(next));
+        loops = gens.map(() => nDecode);
     } else {
-        // "independent": one async loop per sequence, synchronised only at the start of the clock
-        loops = seqs.map(async (seq, i) => {
-            let tok = await prefillOne(seq, prompts[i]);
+        // "independent": one free-running loop per sequence, synchronised only at the start of the clock
+        loops = gens.map(async (g) => {
+            await next(g);
             if (++ready === B) await startClock();
             await barrier;
-            for (let n = 0; n < nDecode; n++) tok = await step(seq, tok);
+            for (let n = 0; n < nDecode; n++) await next(g);
             return nDecode;
         });
     }
@@ -192,8 +204,10 @@ async function decodeOnce(B, nPrompt, nDecode) {
     const elapsed = now() - t0;
     const spanBatchSizes = batchSizes;
     const perfSpan = await readPerf(context);
+    await Promise.all(gens.map((g) => g.return()));
     delete native.initBatch;
     await context.dispose();
+    gc();
     const total = counts.reduce((a, b) => a + b, 0);
     return {
         rate: total / elapsed, total, elapsed, kvMiB, batchSizes: spanBatchSizes,
@@ -227,7 +241,9 @@ for (const B of BATCHES) {
         llama_decode_batch_sizes: hist,
         kv_cache_mib: reps[0].kvMiB,
     };
-    process.stderr.write(`decode batch ${B}: ${r1(rates).join(", ")} tok/s aggregate; llama_decode sizes ${JSON.stringify(hist)}\n`);
+    process.stderr.write(`decode batch ${B}: ${r1(rates).join(", ")} tok/s aggregate; llama_decode sizes ${JSON.stringify(hist)}; ` +
+        `rss ${(process.memoryUsage().rss / MiB).toFixed(0)} MiB, peak ${(process.resourceUsage().maxRSS / 1024).toFixed(0)} MiB, ` +
+        `load ${os.loadavg()[0].toFixed(2)}\n`);
 }
 const prefill = runs.map((r) => N_PROMPT / r.prefillS);
 const decode = runs.map((r) => N_GEN / r.decodeS);
@@ -274,12 +290,15 @@ console.log(JSON.stringify({
         `their first token, stops when each has ${DECODE_TOKENS} more; fresh context per rep, short warm-up per B`,
     peak_rss_mib: +peakRssMiB.toFixed(1),
     rss_node_start_mib: +rssNodeStartMiB.toFixed(1),
+    rss_after_llama_init_mib: +rssAfterInitMiB.toFixed(1),
     rss_after_model_load_mib: +rssAfterLoadMiB.toFixed(1),
+    v8_heap_used_mib_end: +(process.memoryUsage().heapUsed / MiB).toFixed(1),
     model_buffers: modelBufferLog,
     rss_note: "peak_rss_mib is the node process's peak RSS (getrusage maxRSS): it includes node/V8 itself " +
-        "(rss_node_start_mib, measured before node-llama-cpp is loaded), the mmapped GGUF pages that were touched, " +
+        "(rss_node_start_mib, measured before node-llama-cpp is loaded), the llama.cpp/ggml shared libraries " +
+        "(rss_after_llama_init_mib), node-llama-cpp's JS-side GGUF metadata, the mmapped GGUF pages that were touched, " +
         "and the largest context's KV cache and compute buffers (see decode[B].kv_cache_mib). " +
-        "rss_after_model_load_mib is the RSS right after loadModel.",
+        "rss_after_model_load_mib is the RSS right after loadModel. gc() runs between (never inside) timed spans.",
 }));
 await model.dispose();
 await llama.dispose();

@@ -59,9 +59,41 @@ pub fn matmul(m: &Matrix, xs: &[f32], n_tokens: usize, out: &mut [f32]) {
             });
         return;
     }
-    let tr = tile_rows(cols);
     let rows = m.rows;
     let dst = SharedOut(out.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    if avx2::fused_supported(m.ty) {
+        // Batched decode of Q4_0/Q4_1/Q8_0: blocks decoded in registers, 8 tokens per pass.
+        let x_rows: Vec<&[f32]> = xs.chunks_exact(cols).collect();
+        (0..rows.div_ceil(FUSED_ROWS))
+            .into_par_iter()
+            .for_each(|ci| {
+                let r0 = ci * FUSED_ROWS;
+                let nr = FUSED_ROWS.min(rows - r0);
+                let mut t = 0;
+                while t < n_tokens {
+                    let group = match n_tokens - t {
+                        n if n >= 8 => 8,
+                        n if n >= 4 => 4,
+                        n if n >= 2 => 2,
+                        _ => 1,
+                    };
+                    let mut r = 0;
+                    while r < nr {
+                        let mr = (8 / group).min(nr - r);
+                        // SAFETY: features checked; rows and vectors hold `cols` elements; every
+                        // written index is < out.len() and owned by this row chunk.
+                        unsafe {
+                            fused_block(m, r0 + r, mr, &x_rows[t..t + group], t, cols, rows, &dst)
+                        };
+                        r += mr;
+                    }
+                    t += group;
+                }
+            });
+        return;
+    }
+    let tr = tile_rows(cols);
     (0..rows.div_ceil(tr)).into_par_iter().for_each(|ti| {
         TILE.with_borrow_mut(|(tile, o)| {
             let r0 = ti * tr;
@@ -81,6 +113,60 @@ pub fn matmul(m: &Matrix, xs: &[f32], n_tokens: usize, out: &mut [f32]) {
             }
         })
     });
+}
+
+/// `mr` rows from `r0` against the token vectors `xs` (1, 2, 4 or 8 of them, tokens
+/// `t0..`), written into `out[t][r]`.
+///
+/// # Safety
+/// `avx2::fused_supported(m.ty)`; callers own rows `r0..r0 + mr` of the output.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn fused_block(
+    m: &Matrix,
+    r0: usize,
+    mr: usize,
+    xs: &[&[f32]],
+    t0: usize,
+    k: usize,
+    rows: usize,
+    dst: &SharedOut,
+) {
+    fn run<const MR: usize, const NR: usize>(
+        m: &Matrix,
+        r0: usize,
+        xs: &[&[f32]],
+        k: usize,
+    ) -> [[f32; NR]; MR] {
+        let w: [&[u8]; MR] = std::array::from_fn(|i| m.row(r0 + i));
+        let x: [&[f32]; NR] = std::array::from_fn(|j| xs[j]);
+        // SAFETY: the caller of `fused_block` checked the CPU features.
+        unsafe { avx2::fused_multi::<MR, NR>(m.ty, &w, &x, k) }
+    }
+    fn store<const MR: usize, const NR: usize>(
+        res: [[f32; NR]; MR],
+        r0: usize,
+        t0: usize,
+        rows: usize,
+        dst: &SharedOut,
+    ) {
+        for (i, row) in res.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                // SAFETY: see `fused_block`.
+                unsafe { *dst.get().add((t0 + j) * rows + r0 + i) = *v };
+            }
+        }
+    }
+    // Each (rows, tokens) shape keeps at most 8 accumulators live.
+    match (mr, xs.len()) {
+        (1, 8) => store(run::<1, 8>(m, r0, xs, k), r0, t0, rows, dst),
+        (2, 4) => store(run::<2, 4>(m, r0, xs, k), r0, t0, rows, dst),
+        (4, 2) => store(run::<4, 2>(m, r0, xs, k), r0, t0, rows, dst),
+        (8, 1) => store(run::<8, 1>(m, r0, xs, k), r0, t0, rows, dst),
+        (_, 4) => (0..mr).for_each(|i| store(run::<1, 4>(m, r0 + i, xs, k), r0 + i, t0, rows, dst)),
+        (_, 2) => (0..mr).for_each(|i| store(run::<1, 2>(m, r0 + i, xs, k), r0 + i, t0, rows, dst)),
+        _ => (0..mr).for_each(|i| store(run::<1, 1>(m, r0 + i, xs, k), r0 + i, t0, rows, dst)),
+    }
 }
 
 /// The output pointer shared by tasks that write disjoint elements.
@@ -267,6 +353,57 @@ mod avx2 {
                 _ => fused::<R, 2>(rows, x, 18),
             }
         }
+    }
+
+    /// `MR` quantized rows against `NR` activation vectors, decoding each weight block in
+    /// registers right before its FMAs. Per output element the arithmetic is the tiled
+    /// path's: one 8-lane accumulator over the columns in order, then `hsum`.
+    ///
+    /// # Safety
+    /// AVX2/FMA/F16C available (`fused_supported`); each row and vector holds `k` elements.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn fused_multi<const MR: usize, const NR: usize>(
+        ty: GgmlType,
+        rows: &[&[u8]; MR],
+        xs: &[&[f32]; NR],
+        k: usize,
+    ) -> [[f32; NR]; MR] {
+        // SAFETY: forwarded contract.
+        unsafe {
+            match ty {
+                GgmlType::Q8_0 => multi::<MR, NR, 0>(rows, xs, k, 34),
+                GgmlType::Q4_1 => multi::<MR, NR, 1>(rows, xs, k, 20),
+                _ => multi::<MR, NR, 2>(rows, xs, k, 18),
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn multi<const MR: usize, const NR: usize, const KIND: u8>(
+        rows: &[&[u8]; MR],
+        xs: &[&[f32]; NR],
+        k: usize,
+        ts: usize,
+    ) -> [[f32; NR]; MR] {
+        let nb = k / 32;
+        let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+        for blk in 0..nb {
+            for i in 0..MR {
+                // SAFETY: block `blk` exists in every row (`ts` bytes) and vector (32 floats).
+                unsafe {
+                    let w = decode32::<KIND>(rows[i].as_ptr().add(blk * ts));
+                    for j in 0..NR {
+                        let xb = xs[j].as_ptr().add(32 * blk);
+                        for (q, wq) in w.iter().enumerate() {
+                            acc[i][j] =
+                                _mm256_fmadd_ps(*wq, _mm256_loadu_ps(xb.add(8 * q)), acc[i][j]);
+                        }
+                    }
+                }
+            }
+        }
+        acc.map(|r| r.map(|a| hsum(a)))
     }
 
     #[inline]
