@@ -11,6 +11,9 @@
 //! column tail in order. A request's logits are therefore bit-identical alone and batched
 //! (tested), and the portable fallback gives the same bits as the AVX2 path.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 use std::cell::RefCell;
 
 use rayon::prelude::*;
@@ -39,7 +42,9 @@ pub fn matmul(m: &Matrix, xs: &[f32], n_tokens: usize, out: &mut [f32]) {
     assert_eq!(out.len(), n_tokens * m.rows, "matmul: output shape");
     let cols = m.cols;
     #[cfg(target_arch = "x86_64")]
-    if n_tokens == 1 && avx2::fused_supported(m.ty) {
+    let wide = avx2::fused_supported(m.ty) && avx512::available();
+    #[cfg(target_arch = "x86_64")]
+    if n_tokens == 1 && avx2::fused_supported(m.ty) && !wide {
         // Decode: no tile, weight blocks decoded in registers right before their FMAs
         // (same values, same accumulation order as the tiled path).
         out.par_chunks_mut(FUSED_ROWS)
@@ -65,32 +70,39 @@ pub fn matmul(m: &Matrix, xs: &[f32], n_tokens: usize, out: &mut [f32]) {
     if avx2::fused_supported(m.ty) {
         // Batched decode of Q4_0/Q4_1/Q8_0: blocks decoded in registers, 8 tokens per pass.
         let x_rows: Vec<&[f32]> = xs.chunks_exact(cols).collect();
-        (0..rows.div_ceil(FUSED_ROWS))
-            .into_par_iter()
-            .for_each(|ci| {
-                let r0 = ci * FUSED_ROWS;
-                let nr = FUSED_ROWS.min(rows - r0);
-                let mut t = 0;
-                while t < n_tokens {
-                    let group = match n_tokens - t {
-                        n if n >= 8 => 8,
-                        n if n >= 4 => 4,
-                        n if n >= 2 => 2,
-                        _ => 1,
+        // Accumulators a kernel may keep live: 8 ymm with AVX2, 16 zmm with AVX-512.
+        let (chunk, live) = if wide { (16, 16) } else { (FUSED_ROWS, 8) };
+        (0..rows.div_ceil(chunk)).into_par_iter().for_each(|ci| {
+            let r0 = ci * chunk;
+            let nr = chunk.min(rows - r0);
+            let mut t = 0;
+            while t < n_tokens {
+                let group = match n_tokens - t {
+                    n if n >= 8 => 8,
+                    n if n >= 4 => 4,
+                    n if n >= 2 => 2,
+                    _ => 1,
+                };
+                let mut r = 0;
+                while r < nr {
+                    let mr = (live / group).min(nr - r);
+                    let block = FusedBlock {
+                        m,
+                        r0: r0 + r,
+                        mr,
+                        t0: t,
+                        k: cols,
+                        rows,
+                        dst: &dst,
                     };
-                    let mut r = 0;
-                    while r < nr {
-                        let mr = (8 / group).min(nr - r);
-                        // SAFETY: features checked; rows and vectors hold `cols` elements; every
-                        // written index is < out.len() and owned by this row chunk.
-                        unsafe {
-                            fused_block(m, r0 + r, mr, &x_rows[t..t + group], t, cols, rows, &dst)
-                        };
-                        r += mr;
-                    }
-                    t += group;
+                    // SAFETY: features checked; rows and vectors hold `cols` elements; every
+                    // written index is < out.len() and owned by this row chunk.
+                    unsafe { block.run(wide, &x_rows[t..t + group]) };
+                    r += mr;
                 }
-            });
+                t += group;
+            }
+        });
         return;
     }
     let tr = tile_rows(cols);
@@ -115,57 +127,71 @@ pub fn matmul(m: &Matrix, xs: &[f32], n_tokens: usize, out: &mut [f32]) {
     });
 }
 
-/// `mr` rows from `r0` against the token vectors `xs` (1, 2, 4 or 8 of them, tokens
-/// `t0..`), written into `out[t][r]`.
-///
-/// # Safety
-/// `avx2::fused_supported(m.ty)`; callers own rows `r0..r0 + mr` of the output.
+/// `mr` rows from `r0` against 1, 2, 4 or 8 token vectors (tokens `t0..`), written into
+/// `out[t][r]`.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn fused_block(
-    m: &Matrix,
+struct FusedBlock<'a> {
+    m: &'a Matrix,
     r0: usize,
     mr: usize,
-    xs: &[&[f32]],
     t0: usize,
     k: usize,
     rows: usize,
-    dst: &SharedOut,
-) {
-    fn run<const MR: usize, const NR: usize>(
-        m: &Matrix,
-        r0: usize,
-        xs: &[&[f32]],
-        k: usize,
-    ) -> [[f32; NR]; MR] {
-        let w: [&[u8]; MR] = std::array::from_fn(|i| m.row(r0 + i));
-        let x: [&[f32]; NR] = std::array::from_fn(|j| xs[j]);
-        // SAFETY: the caller of `fused_block` checked the CPU features.
-        unsafe { avx2::fused_multi::<MR, NR>(m.ty, &w, &x, k) }
-    }
-    fn store<const MR: usize, const NR: usize>(
-        res: [[f32; NR]; MR],
-        r0: usize,
-        t0: usize,
-        rows: usize,
-        dst: &SharedOut,
-    ) {
-        for (i, row) in res.iter().enumerate() {
-            for (j, v) in row.iter().enumerate() {
-                // SAFETY: see `fused_block`.
-                unsafe { *dst.get().add((t0 + j) * rows + r0 + i) = *v };
+    dst: &'a SharedOut,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl FusedBlock<'_> {
+    /// # Safety
+    /// `avx2::fused_supported(m.ty)` (and `avx512::available()` when `wide`); the caller
+    /// owns rows `r0..r0 + mr` of the output.
+    unsafe fn run(&self, wide: bool, xs: &[&[f32]]) {
+        let (mr, n) = (self.mr, xs.len());
+        if wide {
+            // At most 16 zmm accumulators live.
+            match (mr, n) {
+                (2, 8) => self.go::<2, 8>(0, xs, true),
+                (4, 4) => self.go::<4, 4>(0, xs, true),
+                (8, 2) => self.go::<8, 2>(0, xs, true),
+                (16, 1) => self.go::<16, 1>(0, xs, true),
+                (_, 8) => (0..mr).for_each(|i| self.go::<1, 8>(i, xs, true)),
+                (_, 4) => (0..mr).for_each(|i| self.go::<1, 4>(i, xs, true)),
+                (_, 2) => (0..mr).for_each(|i| self.go::<1, 2>(i, xs, true)),
+                _ => (0..mr).for_each(|i| self.go::<1, 1>(i, xs, true)),
+            }
+        } else {
+            // At most 8 ymm accumulators live.
+            match (mr, n) {
+                (1, 8) => self.go::<1, 8>(0, xs, false),
+                (2, 4) => self.go::<2, 4>(0, xs, false),
+                (4, 2) => self.go::<4, 2>(0, xs, false),
+                (8, 1) => self.go::<8, 1>(0, xs, false),
+                (_, 4) => (0..mr).for_each(|i| self.go::<1, 4>(i, xs, false)),
+                (_, 2) => (0..mr).for_each(|i| self.go::<1, 2>(i, xs, false)),
+                _ => (0..mr).for_each(|i| self.go::<1, 1>(i, xs, false)),
             }
         }
     }
-    // Each (rows, tokens) shape keeps at most 8 accumulators live.
-    match (mr, xs.len()) {
-        (1, 8) => store(run::<1, 8>(m, r0, xs, k), r0, t0, rows, dst),
-        (2, 4) => store(run::<2, 4>(m, r0, xs, k), r0, t0, rows, dst),
-        (4, 2) => store(run::<4, 2>(m, r0, xs, k), r0, t0, rows, dst),
-        (8, 1) => store(run::<8, 1>(m, r0, xs, k), r0, t0, rows, dst),
-        (_, 4) => (0..mr).for_each(|i| store(run::<1, 4>(m, r0 + i, xs, k), r0 + i, t0, rows, dst)),
-        (_, 2) => (0..mr).for_each(|i| store(run::<1, 2>(m, r0 + i, xs, k), r0 + i, t0, rows, dst)),
-        _ => (0..mr).for_each(|i| store(run::<1, 1>(m, r0 + i, xs, k), r0 + i, t0, rows, dst)),
+
+    /// Rows `r0 + i ..+ MR` against the `NR` vectors.
+    fn go<const MR: usize, const NR: usize>(&self, i: usize, xs: &[&[f32]], wide: bool) {
+        let r0 = self.r0 + i;
+        let w: [&[u8]; MR] = std::array::from_fn(|a| self.m.row(r0 + a));
+        let x: [&[f32]; NR] = std::array::from_fn(|j| xs[j]);
+        // SAFETY: `run`'s contract covers the features; slices hold `k` elements.
+        let res = unsafe {
+            if wide {
+                avx512::multi::<MR, NR>(self.m.ty, &w, &x, self.k)
+            } else {
+                avx2::fused_multi::<MR, NR>(self.m.ty, &w, &x, self.k)
+            }
+        };
+        for (a, row) in res.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                // SAFETY: index < out.len(); these rows belong to the calling task.
+                unsafe { *self.dst.get().add((self.t0 + j) * self.rows + r0 + a) = *v };
+            }
+        }
     }
 }
 
