@@ -57,7 +57,7 @@ struct BenchArgs {
 }
 
 #[derive(Args, Clone)]
-pub struct ModelArgs {
+struct ModelArgs {
     /// A GGUF file, a Hugging Face model directory, or a known alias (smollm2) that is
     /// fetched into the cache on first use.
     #[arg(long)]
@@ -144,11 +144,6 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
-}
-
-/// A loaded model with its engine running.
-pub struct Running {
-    pub service: Service,
 }
 
 fn start_engine(
