@@ -46,6 +46,11 @@ pub fn cache_dir() -> PathBuf {
 pub enum FetchError {
     #[error("unknown model `{0}`; known: {known}", known = KNOWN.iter().map(|m| m.alias).collect::<Vec<_>>().join(", "))]
     Unknown(String),
+    #[error(
+        "--model {0}: no such file or directory, and not a known model alias (known: {known})",
+        known = KNOWN.iter().map(|m| m.alias).collect::<Vec<_>>().join(", ")
+    )]
+    NotFound(String),
     #[error("cannot create the cache directory {0}: {1}")]
     CacheDir(PathBuf, std::io::Error),
     #[error(
@@ -158,8 +163,11 @@ fn download_and_extract(m: &KnownModel, tmp: &Path, dest: &Path) -> Result<(), F
 /// Resolve a `--model` argument: an existing path, or a known alias (fetched if needed).
 pub fn resolve_model(arg: &str) -> Result<PathBuf, FetchError> {
     let p = Path::new(arg);
-    if p.exists() || known(arg).is_none() {
+    if p.exists() {
         return Ok(p.to_path_buf());
+    }
+    if known(arg).is_none() {
+        return Err(FetchError::NotFound(arg.to_string()));
     }
     fetch(arg)
 }

@@ -96,11 +96,8 @@ impl TensorInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("{file}: cannot open: {source}")]
-    Io {
-        file: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{file}: cannot open: {err}")]
+    Io { file: PathBuf, err: std::io::Error },
     #[error("{file}: not a GGUF file (magic bytes are {magic:?}, expected \"GGUF\")")]
     Magic { file: PathBuf, magic: [u8; 4] },
     #[error("{file}: unsupported GGUF version {version} (supported: 2, 3)")]
@@ -137,15 +134,15 @@ pub struct GgufFile {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self, GgufError> {
-        let file = File::open(path).map_err(|source| GgufError::Io {
+        let file = File::open(path).map_err(|err| GgufError::Io {
             file: path.into(),
-            source,
+            err,
         })?;
         // SAFETY: the map is read-only; a file truncated underneath a running worker is an
         // operator error we cannot guard against (same contract as every mmap loader).
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| GgufError::Io {
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|err| GgufError::Io {
             file: path.into(),
-            source,
+            err,
         })?;
         let mut r = Reader {
             buf: &mmap,
