@@ -50,6 +50,45 @@ impl PagedAttention {
         }
     }
 
+    /// Every query head of one KV head's GQA group at logical position `pos`: `q` and
+    /// `out` are `[group][head_dim]`. Each K/V row is read once for the whole group; per
+    /// head the arithmetic is exactly [`PagedAttention::head`]'s (same bits).
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_heads(
+        &self,
+        q: &[f32],
+        kv_head: usize,
+        pos: usize,
+        block_table: &[u32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let l = &self.layout;
+        let (hd, group, ctx) = (l.head_dim, self.group(), pos + 1);
+        scores.clear();
+        scores.resize(group * ctx, 0.0);
+        for p in 0..ctx {
+            let off = l.offset(l.slot(block_table, p), kv_head);
+            let k = &k_cache[off..off + hd];
+            for g in 0..group {
+                scores[g * ctx + p] = dot(&q[g * hd..(g + 1) * hd], k) * self.scale;
+            }
+        }
+        for g in 0..group {
+            softmax_in_place(&mut scores[g * ctx..(g + 1) * ctx]);
+        }
+        out.fill(0.0);
+        for p in 0..ctx {
+            let off = l.offset(l.slot(block_table, p), kv_head);
+            let v = &v_cache[off..off + hd];
+            for g in 0..group {
+                axpy(scores[g * ctx + p], v, &mut out[g * hd..(g + 1) * hd]);
+            }
+        }
+    }
+
     /// All heads of `n_tokens` consecutive query tokens whose first logical position is
     /// `q_start`. `q` and `out` are `[n_tokens][n_heads][head_dim]`.
     #[allow(clippy::too_many_arguments)]
@@ -190,6 +229,28 @@ mod tests {
             for (a, b) in out.iter().zip(want) {
                 prop_assert!((a - b).abs() < 1e-5, "{a} vs {b}");
             }
+            // The grouped kernel gives the per-head kernel's bits.
+            let mut grouped = vec![0.0; n_q * n_heads * hd];
+            let mut scores = Vec::new();
+            for t in 0..n_q {
+                for kvh in 0..n_kv {
+                    let base = (t * n_heads + kvh * group) * hd;
+                    attn.group_heads(
+                        &q[(q_start + t) * n_heads * hd + kvh * group * hd..][..group * hd],
+                        kvh,
+                        q_start + t,
+                        &table,
+                        &kc,
+                        &vc,
+                        &mut scores,
+                        &mut grouped[base..base + group * hd],
+                    );
+                }
+            }
+            prop_assert_eq!(
+                grouped.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
         }
     }
 }

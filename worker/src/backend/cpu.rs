@@ -182,16 +182,17 @@ impl CpuBackend {
             }
             let (kc, vc) = (&self.k_cache[li], &self.v_cache[li]);
             let qkv = &s.qkv;
-            s.attn
-                .par_chunks_mut(hd)
-                .enumerate()
-                .for_each_init(Vec::new, |scores, (i, out)| {
-                    let (ti, head) = (i / cfg.n_heads, i % cfg.n_heads);
+            // One task per (token, KV head): the group's query heads share K/V reads.
+            let group = cfg.n_heads / cfg.n_kv_heads;
+            s.attn.par_chunks_mut(group * hd).enumerate().for_each_init(
+                Vec::new,
+                |scores, (i, out)| {
+                    let (ti, kv_head) = (i / cfg.n_kv_heads, i % cfg.n_kv_heads);
                     let slot = &slots[ti];
-                    let q = &qkv[ti * qkv_dim + head * hd..][..hd];
-                    attn.head(
+                    let q = &qkv[ti * qkv_dim + kv_head * group * hd..][..group * hd];
+                    attn.group_heads(
                         q,
-                        head,
+                        kv_head,
                         slot.pos,
                         chunks[slot.chunk].block_table,
                         kc,
@@ -199,7 +200,8 @@ impl CpuBackend {
                         scores,
                         out,
                     );
-                });
+                },
+            );
             lw.wo.matmul(&s.attn, t, &mut s.proj);
 
             // MLP block with the attention residual fused into its norm.
