@@ -153,7 +153,7 @@ impl FusedBlock<'_> {
                 (2, 8) => self.go::<2, 8>(0, xs, true),
                 (4, 4) => self.go::<4, 4>(0, xs, true),
                 (8, 2) => self.go::<8, 2>(0, xs, true),
-                (16, 1) => self.go::<16, 1>(0, xs, true),
+                (16, 1) => (0..4).for_each(|i| self.go::<4, 1>(4 * i, xs, true)),
                 (_, 8) => (0..mr).for_each(|i| self.go::<1, 8>(i, xs, true)),
                 (_, 4) => (0..mr).for_each(|i| self.go::<1, 4>(i, xs, true)),
                 (_, 2) => (0..mr).for_each(|i| self.go::<1, 2>(i, xs, true)),
