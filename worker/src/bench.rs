@@ -11,7 +11,6 @@ use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::engine::{EngineHandle, Event, GenerateParams};
-use crate::sampler::SamplingParams;
 
 pub struct BenchConfig {
     pub prompt_tokens: usize,
@@ -21,16 +20,7 @@ pub struct BenchConfig {
 }
 
 fn params(max_tokens: usize) -> GenerateParams {
-    GenerateParams {
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        },
-        max_tokens: Some(max_tokens),
-        stop: Vec::new(),
-        priority: 0,
-        ignore_eos: true,
-    }
+    GenerateParams::greedy_fixed_length(max_tokens)
 }
 
 /// Deterministic pseudo-random prompt tokens (distinct per `salt`, so the prefix cache

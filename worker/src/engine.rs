@@ -46,6 +46,23 @@ pub struct GenerateParams {
     pub ignore_eos: bool,
 }
 
+impl GenerateParams {
+    /// Greedy decoding of exactly `max_tokens` tokens (end-of-sequence ignored): the
+    /// deterministic workload of benchmarks and tests.
+    pub fn greedy_fixed_length(max_tokens: usize) -> Self {
+        Self {
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            max_tokens: Some(max_tokens),
+            stop: Vec::new(),
+            priority: 0,
+            ignore_eos: true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     Stop,

@@ -104,7 +104,6 @@ pub fn reference(name: &str) -> Reference {
 use worker::engine::{
     self, EngineConfig, EngineHandle, Event, FinishReason, GenerateParams, Usage,
 };
-use worker::sampler::SamplingParams;
 
 /// An engine over the CPU backend with a KV cache of `num_blocks` blocks.
 pub fn start_engine(
@@ -134,16 +133,7 @@ pub fn start_engine(
 }
 
 pub fn greedy(max_tokens: usize) -> GenerateParams {
-    GenerateParams {
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        },
-        max_tokens: Some(max_tokens),
-        stop: Vec::new(),
-        priority: 0,
-        ignore_eos: true,
-    }
+    GenerateParams::greedy_fixed_length(max_tokens)
 }
 
 /// Collect a request's events: token ids, text, finish reason, usage.
