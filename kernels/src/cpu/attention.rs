@@ -66,25 +66,65 @@ impl PagedAttention {
         out: &mut [f32],
     ) {
         let l = &self.layout;
-        let (hd, group, ctx) = (l.head_dim, self.group(), pos + 1);
+        let (hd, group, ctx, bs) = (l.head_dim, self.group(), pos + 1, l.block_size);
+        // Rows of one physical block are `row_stride` apart; walking the block table
+        // block by block avoids a division per position.
+        let row_stride = l.n_kv_heads * hd;
         scores.clear();
         scores.resize(group * ctx, 0.0);
-        for p in 0..ctx {
-            let off = l.offset(l.slot(block_table, p), kv_head);
-            let k = &k_cache[off..off + hd];
-            for g in 0..group {
-                scores[g * ctx + p] = dot(&q[g * hd..(g + 1) * hd], k) * self.scale;
+        for (b, &block) in block_table.iter().enumerate().take(ctx.div_ceil(bs)) {
+            let first = b * bs;
+            let rows = bs.min(ctx - first);
+            let base = l.offset(block as usize * bs, kv_head);
+            let mut r = 0;
+            while r < rows {
+                let n = (rows - r).min(DOT_TILE);
+                let keys: [&[f32]; DOT_TILE] = std::array::from_fn(|i| {
+                    let off = base + (r + i.min(n - 1)) * row_stride;
+                    &k_cache[off..off + hd]
+                });
+                for g in 0..group {
+                    let d = dot_tile(&q[g * hd..(g + 1) * hd], &keys);
+                    let dst = &mut scores[g * ctx + first + r..][..n];
+                    for (s, d) in dst.iter_mut().zip(d) {
+                        *s = d * self.scale;
+                    }
+                }
+                r += n;
             }
         }
         for g in 0..group {
             softmax_in_place(&mut scores[g * ctx..(g + 1) * ctx]);
         }
-        out.fill(0.0);
-        for p in 0..ctx {
-            let off = l.offset(l.slot(block_table, p), kv_head);
-            let v = &v_cache[off..off + hd];
-            for g in 0..group {
-                axpy(scores[g * ctx + p], v, &mut out[g * hd..(g + 1) * hd]);
+        // out[g] = sum_p w[g][p] * v[p], accumulated in position order per element (the
+        // bits of `axpy` applied position by position), PV_TILE elements at a time so
+        // that the accumulators stay in registers.
+        for g in 0..group {
+            let w = &scores[g * ctx..(g + 1) * ctx];
+            let o = &mut out[g * hd..(g + 1) * hd];
+            let mut e = 0;
+            while e < hd {
+                let n = (hd - e).min(PV_TILE);
+                let mut acc = [0.0f32; PV_TILE];
+                for (b, &block) in block_table.iter().enumerate().take(ctx.div_ceil(bs)) {
+                    let first = b * bs;
+                    let rows = bs.min(ctx - first);
+                    let base = l.offset(block as usize * bs, kv_head) + e;
+                    for (r, &wp) in w[first..first + rows].iter().enumerate() {
+                        let v = &v_cache[base + r * row_stride..][..n];
+                        if n == PV_TILE {
+                            for i in 0..PV_TILE {
+                                acc[i] = wp.mul_add(v[i], acc[i]);
+                            }
+                        } else {
+                            for (a, &x) in acc.iter_mut().zip(v) {
+                                *a = wp.mul_add(x, *a);
+                            }
+                        }
+                    }
+                }
+                o[e..e + n].copy_from_slice(&acc[..n]);
+                e += n;
             }
         }
     }
@@ -119,6 +159,65 @@ impl PagedAttention {
                 );
             }
         }
+    }
+}
+
+/// Keys scored together by [`dot_tile`]: independent FMA chains hide FMA latency.
+const DOT_TILE: usize = 8;
+/// Output elements accumulated together in the PV product (8 AVX2 registers).
+const PV_TILE: usize = 64;
+
+/// `DOT_TILE` dot products of `a` with each of `b`, each with exactly the arithmetic of
+/// [`super::dot`] (same lanes, same order, same reduction), so the bits are the same.
+#[inline]
+fn dot_tile(a: &[f32], b: &[&[f32]; DOT_TILE]) -> [f32; DOT_TILE] {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        let full = a.len() / 8 * 8;
+        if b.iter().all(|b| b.len() == a.len()) {
+            // SAFETY: the target features are enabled at compile time, and every load
+            // reads 8 elements at `c < full <= len` of a slice of length `len`.
+            let lanes = unsafe { dot_tile_avx2(a, b, full) };
+            return std::array::from_fn(|j| {
+                let mut tail = 0.0f32;
+                for (x, y) in a[full..].iter().zip(&b[j][full..]) {
+                    tail = x.mul_add(*y, tail);
+                }
+                let acc = &lanes[j];
+                ((acc[0] + acc[4]) + (acc[1] + acc[5]))
+                    + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+                    + tail
+            });
+        }
+    }
+    std::array::from_fn(|j| super::dot(a, b[j]))
+}
+
+/// The 8-lane accumulators of [`dot_tile`] over the first `full` elements.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+#[inline]
+unsafe fn dot_tile_avx2(a: &[f32], b: &[&[f32]; DOT_TILE], full: usize) -> [[f32; 8]; DOT_TILE] {
+    use std::arch::x86_64::*;
+    // SAFETY: see the caller.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); DOT_TILE];
+        let mut c = 0;
+        while c < full {
+            let x = _mm256_loadu_ps(a.as_ptr().add(c));
+            for j in 0..DOT_TILE {
+                acc[j] = _mm256_fmadd_ps(x, _mm256_loadu_ps(b[j].as_ptr().add(c)), acc[j]);
+            }
+            c += 8;
+        }
+        std::array::from_fn(|j| std::mem::transmute::<__m256, [f32; 8]>(acc[j]))
     }
 }
 
@@ -198,7 +297,7 @@ mod tests {
             chunk_frac in 0.0f64..1.0,
             n_kv in 1usize..4,
             group in prop::sample::select(vec![1usize, 2, 4]),
-            hd in prop::sample::select(vec![8usize, 16, 64]),
+            hd in prop::sample::select(vec![8usize, 12, 16, 64, 96]),
             seed in any::<u64>(),
         ) {
             let n_heads = n_kv * group;
