@@ -18,6 +18,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::openai::{self, ChatRequest, CommonFields, CompletionRequest};
 use super::{ApiError, Input, Service};
 use crate::engine::{Event, FinishReason, Usage};
+use proto::openai::{Endpoint as Kind, ResponseMeta, UsageCounts};
 
 /// Default cap on request bodies.
 pub const DEFAULT_BODY_LIMIT: usize = 8 << 20;
@@ -53,17 +54,11 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
         })
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    Chat,
-    Text,
-}
-
 async fn chat(State(st): State<AppState>, body: Body) -> Response {
     let run = async {
         let bytes = read_body(body, st.body_limit).await?;
         let req: ChatRequest = openai::parse(&bytes)?;
-        let input = req.input()?;
+        let input = openai::chat_input(&req)?;
         generate(&st.svc, Kind::Chat, input, &req.common).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
@@ -73,7 +68,7 @@ async fn completions(State(st): State<AppState>, body: Body) -> Response {
     let run = async {
         let bytes = read_body(body, st.body_limit).await?;
         let req: CompletionRequest = openai::parse(&bytes)?;
-        let input = req.input()?;
+        let input = openai::completion_input(&req)?;
         generate(&st.svc, Kind::Text, input, &req.common).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
@@ -86,7 +81,7 @@ async fn generate(
     common: &CommonFields,
 ) -> Result<Response, ApiError> {
     svc.check_model(&common.model)?;
-    let opts = common.options()?;
+    let opts = openai::options(common)?;
     let (prompt, params) = svc.prepare(input, &opts)?;
     let rx = svc.engine.submit(prompt, params)?;
     let meta = ResponseMeta {
@@ -104,7 +99,7 @@ async fn generate(
             .map(|d| d.as_secs())
             .unwrap_or(0),
         model: svc.info.model_id.clone(),
-        kind,
+        endpoint: kind,
     };
     if common.stream {
         Ok(stream_response(meta, rx, common.include_usage()))
@@ -113,20 +108,12 @@ async fn generate(
     }
 }
 
-struct ResponseMeta {
-    id: String,
-    created: u64,
-    model: String,
-    kind: Kind,
-}
-
-fn usage_json(u: &Usage) -> Value {
-    json!({
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-    })
+fn usage_counts(u: &Usage) -> UsageCounts {
+    UsageCounts {
+        prompt_tokens: u.prompt_tokens as u64,
+        completion_tokens: u.completion_tokens as u64,
+        cached_tokens: u.cached_tokens as u64,
+    }
 }
 
 fn finish_error(reason: FinishReason) -> Option<ApiError> {
@@ -146,22 +133,7 @@ async fn collect_response(
                 if let Some(e) = finish_error(reason) {
                     return Err(e);
                 }
-                let choice = match meta.kind {
-                    Kind::Chat => {
-                        json!({"index": 0, "message": {"role": "assistant", "content": text},
-                        "logprobs": null, "finish_reason": reason.as_str()})
-                    }
-                    Kind::Text => {
-                        json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason.as_str()})
-                    }
-                };
-                let object = if meta.kind == Kind::Chat {
-                    "chat.completion"
-                } else {
-                    "text_completion"
-                };
-                let body = json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model,
-                    "choices": [choice], "usage": usage_json(&usage)});
+                let body = meta.completion(&text, reason.as_str(), &usage_counts(&usage));
                 return Ok(axum::Json(body).into_response());
             }
         }
@@ -176,33 +148,19 @@ fn stream_response(
     rx: UnboundedReceiver<Event>,
     include_usage: bool,
 ) -> Response {
-    let object = if meta.kind == Kind::Chat {
-        "chat.completion.chunk"
-    } else {
-        "text_completion"
-    };
-    let chunk = move |choice: Value, usage: Option<Value>| -> SseEvent {
-        let mut v = json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model,
-            "choices": if choice.is_null() { json!([]) } else { json!([choice]) }});
-        if let Some(u) = usage {
-            v["usage"] = u;
-        }
-        SseEvent::default().data(v.to_string())
-    };
-    let kind = meta.kind;
-    let first = (kind == Kind::Chat)
-        .then(|| chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}), None));
+    let data = |v: Value| SseEvent::default().data(v.to_string());
+    let first = meta.role_chunk().map(data);
     let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).flat_map(move |ev| {
         let out: Vec<SseEvent> = match ev {
             Event::Token { text, .. } if text.is_empty() => Vec::new(),
-            Event::Token { text, .. } => vec![chunk(delta(kind, &text, None), None)],
+            Event::Token { text, .. } => vec![data(meta.delta(&text, None))],
             Event::Done { reason, usage } => {
                 if let Some(e) = finish_error(reason) {
-                    vec![SseEvent::default().data(e.to_json().to_string())]
+                    vec![data(e.to_json())]
                 } else {
-                    let mut v = vec![chunk(delta(kind, "", Some(reason.as_str())), None)];
+                    let mut v = vec![data(meta.delta("", Some(reason.as_str())))];
                     if include_usage {
-                        v.push(chunk(Value::Null, Some(usage_json(&usage))));
+                        v.push(data(meta.chunk(Value::Null, Some(&usage_counts(&usage)))));
                     }
                     v.push(SseEvent::default().data("[DONE]"));
                     v
@@ -219,20 +177,6 @@ fn stream_response(
 
 fn sse(stream: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static) -> Response {
     Sse::new(stream).into_response()
-}
-
-fn delta(kind: Kind, text: &str, finish: Option<&str>) -> Value {
-    match kind {
-        Kind::Chat => {
-            let d = if finish.is_some() {
-                json!({})
-            } else {
-                json!({"content": text})
-            };
-            json!({"index": 0, "delta": d, "logprobs": null, "finish_reason": finish})
-        }
-        Kind::Text => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish}),
-    }
 }
 
 async fn models(State(st): State<AppState>) -> Response {
