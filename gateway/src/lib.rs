@@ -1,57 +1,27 @@
-//! The sovereign inference gateway.
+//! The sovereign inference gateway: one OpenAI-compatible endpoint that authenticates
+//! each caller with its member state's identity provider, asks that state's Cedar
+//! policies which worker pools may process the request, and relays the answer from a
+//! worker in an allowed pool, or refuses with a reason. See docs/architecture.md.
 //!
-//! Today this crate holds only the domain vocabulary shared by the gateway's phases; the
-//! pingora front end, federated auth, Cedar policy, routing and audit arrive with issues
-//! 3 and 4 (see docs/architecture.md).
+//! One module per request phase: `auth` -> `body` -> `policy` -> `route` -> `relay`,
+//! driven by `server`; `run` wires the process, `demo` the local federation.
 
-use std::fmt;
-use std::str::FromStr;
+// Errors are the cold path; `ApiError` carries the whole OpenAI error body by value.
+#![allow(clippy::result_large_err)]
 
-/// How sensitive a request's data is. Ordered: `Public < Internal < Restricted`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Classification {
-    Public,
-    Internal,
-    Restricted,
-}
+pub mod auth;
+pub mod body;
+pub mod cli_policy;
+pub mod cli_token;
+pub mod config;
+pub mod demo;
+pub mod domain;
+pub mod error;
+pub mod policy;
+pub mod pools;
+pub mod relay;
+pub mod route;
+pub mod run;
+pub mod server;
 
-impl FromStr for Classification {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "public" => Ok(Self::Public),
-            "internal" => Ok(Self::Internal),
-            "restricted" => Ok(Self::Restricted),
-            other => Err(format!("unknown data classification `{other}`")),
-        }
-    }
-}
-
-impl fmt::Display for Classification {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Public => "public",
-            Self::Internal => "internal",
-            Self::Restricted => "restricted",
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn classification_order_and_parse() {
-        assert!(Classification::Public < Classification::Internal);
-        assert!(Classification::Internal < Classification::Restricted);
-        for c in [
-            Classification::Public,
-            Classification::Internal,
-            Classification::Restricted,
-        ] {
-            assert_eq!(c.to_string().parse::<Classification>(), Ok(c));
-        }
-        assert!("secret".parse::<Classification>().is_err());
-    }
-}
+pub use domain::{Classification, Country, EU_MEMBER_STATES};

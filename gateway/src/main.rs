@@ -1,9 +1,30 @@
-//! `gateway`: the pingora front end. Not built yet (issue 3): it says so and exits 2.
+//! `gateway`: the sovereign inference gateway's front end. See docs/gateway.md.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "Sovereign inference gateway: OpenAI-compatible front end with federated auth and residency policy"
+)]
+struct Cli {
+    /// The gateway's TOML configuration (see docs/gateway.md).
+    #[arg(long)]
+    config: PathBuf,
+}
 
 fn main() -> anyhow::Result<()> {
-    eprintln!(
-        "gateway: the federated front end is not implemented yet (issue 3); \
-         run a standalone worker with `cargo run --release -p worker -- serve --model smollm2`"
-    );
-    std::process::exit(2)
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SOV_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let cfg = gateway::config::GatewayConfig::load(&cli.config)?;
+    gateway::run::run(cfg)
 }

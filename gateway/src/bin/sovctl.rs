@@ -1,17 +1,56 @@
-//! `sovctl`: operator and auditor command line. Subcommands arrive with issues 3 and 4.
+//! `sovctl`: operator, member-state official and auditor command line.
 
-use clap::Parser;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gateway::{cli_policy, cli_token, demo};
 
 #[derive(Parser)]
 #[command(
     name = "sovctl",
     version,
-    about = "Sovereign inference gateway: operator and auditor tools"
+    about = "Sovereign inference gateway: demo, policy, identity and (later) audit tools"
 )]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    eprintln!("sovctl: no subcommands yet (policy, demo, token, audit arrive with issues 3 and 4)");
-    std::process::exit(2)
+#[derive(Subcommand)]
+enum Command {
+    /// Run the local federation demo (gateway + DE/FR/IT workers on loopback).
+    Demo(demo::DemoArgs),
+    /// Check and explain member-state residency policies.
+    #[command(subcommand)]
+    Policy(cli_policy::PolicyCommand),
+    /// Mint member-state tokens (demo and test identity providers).
+    #[command(subcommand)]
+    Token(cli_token::TokenCommand),
+    /// Generate member-state signing keys (demo and test identity providers).
+    #[command(subcommand)]
+    Keys(cli_token::KeysCommand),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SOV_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(a) => demo::run(a).map(|()| ExitCode::SUCCESS),
+        Command::Policy(c) => cli_policy::run(c),
+        Command::Token(c) => cli_token::run_token(c),
+        Command::Keys(c) => cli_token::run_keys(c),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sovctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

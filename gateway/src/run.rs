@@ -1,0 +1,154 @@
+//! Process wiring of the `gateway` binary: load the config, admit the policy set, build
+//! the authenticator and router, start the background tasks (worker load watchers, JWKS
+//! refresh, policy hot reload on change and SIGHUP) and run the pingora server with the
+//! OpenAI listener and the admin listener until SIGTERM (graceful) or SIGINT.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use pingora::apps::HttpServerOptions;
+use pingora::apps::http_app::{HttpServer, ServeHttp};
+use pingora::protocols::http::ServerSession;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server};
+use pingora::services::listening::Service;
+
+use crate::auth::Authenticator;
+use crate::config::GatewayConfig;
+use crate::policy::{PolicyStore, spawn_watcher};
+use crate::pools::PoolsConfig;
+use crate::route::Router;
+use crate::server::Gateway;
+
+pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
+    let bg = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("gateway-bg")
+        .enable_all()
+        .build()
+        .context("cannot start the background runtime")?;
+    let _enter = bg.enter();
+
+    let pools = Arc::new(PoolsConfig::load(&cfg.pools)?);
+    let policy = Arc::new(
+        PolicyStore::new(cfg.policies.clone(), pools.clone())
+            .with_context(|| format!("policy set {} refused", cfg.policies.display()))?,
+    );
+    tracing::info!(policy_hash = %policy.hash(), dir = %cfg.policies.display(), "policy set admitted");
+    let auth = Arc::new(Authenticator::new(cfg.member_states.clone())?);
+    let router = Arc::new(Router::new(&pools, cfg.routing.clone()));
+
+    router.spawn_watchers();
+    let _refresh = auth.spawn_refresh();
+    if cfg.policy_reload_secs > 0 {
+        spawn_watcher(policy.clone(), Duration::from_secs(cfg.policy_reload_secs));
+    }
+    spawn_sighup_reload(policy.clone())?;
+
+    let mut options = HttpServerOptions::default();
+    options.h2c = cfg.tls.is_none();
+    let gateway = Gateway {
+        auth,
+        policy: policy.clone(),
+        pools: pools.clone(),
+        router: router.clone(),
+        max_body_bytes: cfg.max_body_bytes,
+        options,
+    };
+
+    let conf = ServerConf {
+        threads: cfg.threads.unwrap_or(2).max(1),
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(cfg.shutdown_grace_secs),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut api = Service::new("openai-api".to_string(), gateway);
+    add_listener(&mut api, &cfg, &cfg.listen.to_string())?;
+    server.add_service(api);
+
+    if let Some(admin_addr) = cfg.admin_listen {
+        let admin = HttpServer::new_app(Admin { policy, router });
+        let mut svc = Service::new("admin".to_string(), admin);
+        add_listener(&mut svc, &cfg, &admin_addr.to_string())?;
+        server.add_service(svc);
+    }
+    tracing::info!(listen = %cfg.listen, admin = ?cfg.admin_listen, tls = cfg.tls.is_some(), "gateway starting");
+    server.run(RunArgs::default());
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+fn add_listener<A>(svc: &mut Service<A>, cfg: &GatewayConfig, addr: &str) -> anyhow::Result<()> {
+    match &cfg.tls {
+        None => svc.add_tcp(addr),
+        Some(tls) => {
+            let (cert, key) = (tls.cert.to_string_lossy(), tls.key.to_string_lossy());
+            let mut settings = pingora::listeners::tls::TlsSettings::intermediate(&cert, &key)
+                .map_err(|e| anyhow::anyhow!("TLS certificate {cert} / key {key}: {e}"))?;
+            settings.enable_h2();
+            svc.add_tls_with_settings(addr, None, settings);
+        }
+    }
+    Ok(())
+}
+
+fn spawn_sighup_reload(policy: Arc<PolicyStore>) -> anyhow::Result<()> {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let p = policy.clone();
+            let result = tokio::task::spawn_blocking(move || p.reload())
+                .await
+                .unwrap_or_else(|e| Err(crate::policy::PolicyError::Internal(e.to_string())));
+            match result {
+                Ok(hash) => tracing::info!(policy_hash = %hash, "SIGHUP: policy set reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: policy set refused; the last good set stays")
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The admin listener: health, the active policy hash and the workers' status.
+struct Admin {
+    policy: Arc<PolicyStore>,
+    router: Arc<Router>,
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, s: &mut ServerSession) -> http::Response<Vec<u8>> {
+        let path = s.req_header().uri.path().to_string();
+        let (status, body) = match path.as_str() {
+            "/health" => (200, serde_json::json!({"status": "ok"})),
+            "/admin/status" => (
+                200,
+                serde_json::json!({
+                    "policy_hash": self.policy.hash(),
+                    "states": self.policy.current().states().collect::<Vec<_>>(),
+                    "workers": self.router.status(),
+                }),
+            ),
+            "/admin/policy-hash" => (200, serde_json::json!({"policy_hash": self.policy.hash()})),
+            _ => (
+                404,
+                crate::error::ApiError::not_found(format!("no such endpoint: {path}")).to_json(),
+            ),
+        };
+        let bytes = body.to_string().into_bytes();
+        http::Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .header("content-length", bytes.len())
+            .body(bytes)
+            .unwrap_or_default()
+    }
+}
