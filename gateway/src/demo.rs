@@ -424,7 +424,7 @@ fn wait_until(
     }
 }
 
-/// Blocks until SIGINT/SIGTERM, or until a child exits; says which.
+/// Blocks until SIGINT/SIGTERM or until the gateway exits; says which.
 fn wait_for_stop_signal(children: &mut Children) -> anyhow::Result<String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -434,6 +434,7 @@ fn wait_for_stop_signal(children: &mut Children) -> anyhow::Result<String> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut reported = std::collections::HashSet::new();
         loop {
             tokio::select! {
                 _ = int.recv() => return Ok("Ctrl-C".to_string()),
@@ -441,7 +442,14 @@ fn wait_for_stop_signal(children: &mut Children) -> anyhow::Result<String> {
                 _ = tick.tick() => {
                     for (name, c) in &mut children.0 {
                         if let Ok(Some(status)) = c.try_wait() {
-                            return Ok(format!("{name} exited ({status})"));
+                            // A worker may die (that is what failover is for); the
+                            // demo ends only without its gateway.
+                            if name == "gateway" {
+                                return Ok(format!("{name} exited ({status})"));
+                            }
+                            if reported.insert(name.clone()) {
+                                eprintln!("demo: {name} exited ({status}); the gateway routes around it");
+                            }
                         }
                     }
                 }

@@ -247,6 +247,7 @@ impl CommonFields {
             frequency_penalty: self.frequency_penalty,
             max_tokens,
             stop: self.stop_list(),
+            ignore_eos: self.ignore_eos.then_some(true),
         })
     }
 }

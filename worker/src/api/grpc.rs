@@ -75,7 +75,7 @@ impl Worker for Grpc {
             max_tokens: s.max_tokens.map(i64::from),
             stop: s.stop,
             priority: r.priority,
-            ignore_eos: false,
+            ignore_eos: s.ignore_eos.unwrap_or(false),
         };
         let (prompt, params) = self.svc.prepare(input, &opts).map_err(|e| e.to_status())?;
         let rx = self
