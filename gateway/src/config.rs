@@ -54,6 +54,13 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// PEM private key.
     pub key: PathBuf,
+    /// Whether the admin listener uses TLS too (default: yes).
+    #[serde(default = "yes")]
+    pub admin: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_max_body() -> usize {

@@ -42,6 +42,10 @@ pub struct DemoArgs {
     /// The gateway binary (default: next to this sovctl).
     #[arg(long)]
     pub gateway_bin: Option<PathBuf>,
+    /// Serve the API over TLS with a generated demo CA (its certificate is `ca_cert` in
+    /// demo.json); the admin listener stays plain HTTP on loopback.
+    #[arg(long)]
+    pub tls: bool,
     /// Seconds to wait for everything to become ready.
     #[arg(long, default_value_t = 180)]
     pub ready_timeout: u64,
@@ -296,8 +300,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     let listen: SocketAddr = ([127, 0, 0, 1], port).into();
     let admin = free_port()?;
+    let (tls_toml, ca_cert) = if args.tls {
+        let (ca, cert, key) = demo_tls(&dir.join("tls"))?;
+        (
+            format!("\n[tls]\ncert = {cert:?}\nkey = {key:?}\nadmin = false\n"),
+            Some(ca),
+        )
+    } else {
+        (String::new(), None)
+    };
     let gateway_toml = format!(
-        "# Written by `sovctl demo`.\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\npolicies = {:?}\npools = {:?}\n{issuers}",
+        "# Written by `sovctl demo`.\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\npolicies = {:?}\npools = {:?}\n{issuers}{tls_toml}",
         dir.join("policies"),
         pools_path
     );
@@ -339,10 +352,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .and_then(|v| v["policy_hash"].as_str().map(str::to_string))
         .unwrap_or_default();
 
-    let gateway_url = format!("http://{listen}/v1");
+    let scheme = if ca_cert.is_some() { "https" } else { "http" };
+    let gateway_url = format!("{scheme}://{listen}/v1");
     let demo = serde_json::json!({
         "gateway_url": gateway_url,
-        "ca_cert": null,
+        "ca_cert": ca_cert,
         "admin_url": format!("http://{admin}"),
         "audit_dir": dir.join("audit"),
         "policy_dir": dir.join("policies"),
@@ -356,7 +370,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let tmp = dir.join("demo.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&demo)?)?;
     std::fs::rename(&tmp, &demo_json)?;
-    print_instructions(&dir, &gateway_url, &model_id);
+    print_instructions(&dir, &gateway_url, &model_id, ca_cert.as_deref());
 
     // 6. Run until Ctrl-C / SIGTERM or a child dies.
     let stop = wait_for_stop_signal(&mut children)?;
@@ -366,8 +380,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_instructions(dir: &Path, url: &str, model: &str) {
+fn print_instructions(dir: &Path, url: &str, model: &str, ca: Option<&Path>) {
     let tok = |n: &str| dir.join("tokens").join(n).display().to_string();
+    let cacert = ca
+        .map(|c| format!(" --cacert {}", c.display()))
+        .unwrap_or_default();
+    let python_env = ca
+        .map(|c| format!("SSL_CERT_FILE={} ", c.display()))
+        .unwrap_or_default();
     println!(
         "\nThe federation is up: gateway {url}, pools de-fra-1 and de-ber-1 (DE), fr-par-1 (FR), it-mil-1 (IT)."
     );
@@ -377,17 +397,17 @@ fn print_instructions(dir: &Path, url: &str, model: &str) {
     );
     println!("# A German interior-ministry request with restricted data (stays in DE):");
     println!(
-        "curl -si {url}/chat/completions -H \"Authorization: Bearer $(cat {})\" \\\n  -H 'x-data-classification: restricted' -H 'content-type: application/json' \\\n  -d '{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Wie heißt die Hauptstadt von Deutschland?\"}}],\"max_tokens\":32}}'\n",
+        "curl{cacert} -si {url}/chat/completions -H \"Authorization: Bearer $(cat {})\" \\\n  -H 'x-data-classification: restricted' -H 'content-type: application/json' \\\n  -d '{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Wie heißt die Hauptstadt von Deutschland?\"}}],\"max_tokens\":32}}'\n",
         tok("de-bmi.jwt")
     );
     println!("# The French education ministry (clearance public) is refused restricted data:");
     println!(
-        "curl -si {url}/chat/completions -H \"Authorization: Bearer $(cat {})\" \\\n  -H 'x-data-classification: restricted' -H 'content-type: application/json' \\\n  -d '{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Bonjour\"}}]}}'\n",
+        "curl{cacert} -si {url}/chat/completions -H \"Authorization: Bearer $(cat {})\" \\\n  -H 'x-data-classification: restricted' -H 'content-type: application/json' \\\n  -d '{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Bonjour\"}}]}}'\n",
         tok("fr-menj.jwt")
     );
     println!("# With the official openai package (streaming):");
     println!(
-        "python3 -c \"import openai; c = openai.OpenAI(base_url='{url}', api_key=open('{}').read().strip()); \\\n[print(x.choices[0].delta.content or '', end='', flush=True) for x in c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Ciao!'}}], max_tokens=32, stream=True) if x.choices]; print()\"\n",
+        "{python_env}python3 -c \"import openai; c = openai.OpenAI(base_url='{url}', api_key=open('{}').read().strip()); \\\n[print(x.choices[0].delta.content or '', end='', flush=True) for x in c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Ciao!'}}], max_tokens=32, stream=True) if x.choices]; print()\"\n",
         tok("it-mef.jwt")
     );
     println!("Press Ctrl-C to stop the demo.");
@@ -456,6 +476,35 @@ fn wait_for_stop_signal(children: &mut Children) -> anyhow::Result<String> {
             }
         }
     })
+}
+
+/// A demo CA and a server certificate for 127.0.0.1 / localhost signed by it; returns
+/// (CA certificate, server certificate chain, server key) paths.
+fn demo_tls(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    std::fs::create_dir_all(dir)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Sovereign gateway demo CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+    let key = KeyPair::generate()?;
+    let mut params =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "sovereign-gateway demo");
+    let cert = params.signed_by(&key, &ca)?;
+    let (ca_path, cert_path, key_path) = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&ca_path, ca.pem())?;
+    std::fs::write(&cert_path, format!("{}{}", cert.pem(), ca.pem()))?;
+    write_private(&key_path, &key.serialize_pem())?;
+    Ok((ca_path, cert_path, key_path))
 }
 
 fn free_port() -> anyhow::Result<SocketAddr> {

@@ -16,7 +16,7 @@ use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
 
 use crate::auth::Authenticator;
-use crate::config::GatewayConfig;
+use crate::config::{GatewayConfig, TlsConfig};
 use crate::policy::{PolicyStore, spawn_watcher};
 use crate::pools::PoolsConfig;
 use crate::route::Router;
@@ -68,13 +68,21 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     server.bootstrap();
 
     let mut api = Service::new("openai-api".to_string(), gateway);
-    add_listener(&mut api, &cfg, &cfg.listen.to_string())?;
+    add_listener(&mut api, cfg.tls.as_ref(), &cfg.listen.to_string())?;
     server.add_service(api);
 
     if let Some(admin_addr) = cfg.admin_listen {
         let admin = HttpServer::new_app(Admin { policy, router });
         let mut svc = Service::new("admin".to_string(), admin);
-        add_listener(&mut svc, &cfg, &admin_addr.to_string())?;
+        let tls = cfg.tls.as_ref().filter(|t| t.admin);
+        if tls.is_none() {
+            let mut o = HttpServerOptions::default();
+            o.h2c = true;
+            if let Some(app) = svc.app_logic_mut() {
+                app.server_options = Some(o);
+            }
+        }
+        add_listener(&mut svc, tls, &admin_addr.to_string())?;
         server.add_service(svc);
     }
     tracing::info!(listen = %cfg.listen, admin = ?cfg.admin_listen, tls = cfg.tls.is_some(), "gateway starting");
@@ -83,8 +91,12 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn add_listener<A>(svc: &mut Service<A>, cfg: &GatewayConfig, addr: &str) -> anyhow::Result<()> {
-    match &cfg.tls {
+fn add_listener<A>(
+    svc: &mut Service<A>,
+    tls: Option<&TlsConfig>,
+    addr: &str,
+) -> anyhow::Result<()> {
+    match tls {
         None => svc.add_tcp(addr),
         Some(tls) => {
             let (cert, key) = (tls.cert.to_string_lossy(), tls.key.to_string_lossy());

@@ -28,6 +28,62 @@ fn federation_end_to_end() {
     failover(&demo);
     let status = demo.stop();
     assert!(status.success(), "demo exit status after Ctrl-C: {status}");
+    tls_demo();
+}
+
+/// The demo with `--tls`: HTTPS with HTTP/1.1 and h2 (ALPN), verified against the demo
+/// CA from demo.json, with curl and the openai package.
+fn tls_demo() {
+    let demo = Demo::start_with("e2e-tls", &["--tls"]);
+    assert!(demo.url.starts_with("https://127.0.0.1:"), "{}", demo.url);
+    let ca = demo.json["ca_cert"]
+        .as_str()
+        .expect("ca_cert in demo.json")
+        .to_string();
+    let body = chat_body(&demo.model(), "Hallo", 3, false);
+    for (flag, version) in [("--http1.1", "HTTP/1.1"), ("--http2", "HTTP/2")] {
+        let r = curl(
+            "POST",
+            &format!("{}/chat/completions", demo.url),
+            Some(&demo.token("DE", "bmi")),
+            &[("x-data-classification", "restricted")],
+            Some(&body),
+            &[flag, "--cacert", &ca],
+        );
+        assert_eq!(r.status, 200, "{flag}: {}", r.body);
+        assert_eq!(r.header("x-residency-country"), Some("DE"));
+        assert!(
+            r.status_line.starts_with(version),
+            "{flag}: {}",
+            r.status_line
+        );
+    }
+    // Without the CA the certificate is refused (curl exit, no HTTP status).
+    let r = curl(
+        "GET",
+        &format!("{}/models", demo.url),
+        Some(&demo.token("DE", "bmi")),
+        &[],
+        None,
+        &[],
+    );
+    assert_eq!(r.status, 0, "an unknown CA must fail the TLS handshake");
+    let token_file = demo.dir.join("tokens/it-mef.jwt");
+    let out = std::process::Command::new("python3")
+        .env("SSL_CERT_FILE", &ca)
+        .args(["-c", "import openai,sys; c = openai.OpenAI(base_url=sys.argv[1], api_key=open(sys.argv[2]).read().strip(), max_retries=0); print(c.chat.completions.create(model=sys.argv[3], messages=[{'role': 'user', 'content': 'Ciao'}], max_tokens=3).usage.completion_tokens)"])
+        .arg(&demo.url)
+        .arg(&token_file)
+        .arg(demo.model())
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
+    assert!(demo.stop().success());
 }
 
 /// One row of the routing table.

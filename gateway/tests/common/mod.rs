@@ -34,6 +34,10 @@ pub fn scratch_dir(name: &str) -> PathBuf {
 
 impl Demo {
     pub fn start(name: &str) -> Demo {
+        Self::start_with(name, &[])
+    }
+
+    pub fn start_with(name: &str, extra: &[&str]) -> Demo {
         let dir = scratch_dir(name);
         let worker = bin("worker");
         assert!(
@@ -53,6 +57,7 @@ impl Demo {
                 "--kv-cache-mb",
                 "48",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -166,6 +171,8 @@ impl Drop for Demo {
 #[derive(Debug)]
 pub struct Reply {
     pub status: u16,
+    /// The response's status line, e.g. `HTTP/2 200`.
+    pub status_line: String,
     pub headers: HashMap<String, String>,
     pub body: String,
 }
@@ -221,8 +228,9 @@ pub fn curl(
         .trim()
         .parse()
         .unwrap_or(0);
-    let headers = std::fs::read_to_string(dir.join("headers"))
-        .unwrap_or_default()
+    let header_text = std::fs::read_to_string(dir.join("headers")).unwrap_or_default();
+    let status_line = header_text.lines().next().unwrap_or("").trim().to_string();
+    let headers = header_text
         .lines()
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
@@ -231,6 +239,7 @@ pub fn curl(
     let _ = std::fs::remove_dir_all(&dir);
     Reply {
         status,
+        status_line,
         headers,
         body,
     }
