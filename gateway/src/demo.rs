@@ -46,6 +46,10 @@ pub struct DemoArgs {
     /// demo.json); the admin listener stays plain HTTP on loopback.
     #[arg(long)]
     pub tls: bool,
+    /// Seconds between checks of the policy directory for changes (0: reload only on
+    /// SIGHUP to the gateway).
+    #[arg(long, default_value_t = 2)]
+    pub policy_reload_secs: u64,
     /// Seconds to wait for everything to become ready.
     #[arg(long, default_value_t = 180)]
     pub ready_timeout: u64,
@@ -310,9 +314,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         (String::new(), None)
     };
     let gateway_toml = format!(
-        "# Written by `sovctl demo`.\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\npolicies = {:?}\npools = {:?}\n{issuers}{tls_toml}",
+        "# Written by `sovctl demo`.\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\npolicies = {:?}\npools = {:?}\npolicy_reload_secs = {}\n{issuers}{tls_toml}",
         dir.join("policies"),
-        pools_path
+        pools_path,
+        args.policy_reload_secs
     );
     let config_path = dir.join("gateway.toml");
     std::fs::write(&config_path, gateway_toml)?;
@@ -324,6 +329,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .stderr(log)
         .spawn()
         .with_context(|| format!("cannot start the gateway {}", gateway_bin.display()))?;
+    let gateway_pid = child.id();
     children.0.push(("gateway".to_string(), child));
 
     // 5. Ready: every worker healthy, the gateway sees every worker.
@@ -362,6 +368,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "policy_dir": dir.join("policies"),
         "policy_hash": policy_hash,
         "config": config_path,
+        "gateway_pid": gateway_pid,
         "logs_dir": dir.join("logs"),
         "model": model_id,
         "pools": pools_json,

@@ -34,7 +34,7 @@ fn federation_end_to_end() {
 /// The demo with `--tls`: HTTPS with HTTP/1.1 and h2 (ALPN), verified against the demo
 /// CA from demo.json, with curl and the openai package.
 fn tls_demo() {
-    let demo = Demo::start_with("e2e-tls", &["--tls"]);
+    let demo = Demo::start_with("e2e-tls", &["--tls", "--policy-reload-secs", "0"]);
     assert!(demo.url.starts_with("https://127.0.0.1:"), "{}", demo.url);
     let ca = demo.json["ca_cert"]
         .as_str()
@@ -83,7 +83,36 @@ fn tls_demo() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
+    sighup_reload(&demo);
     assert!(demo.stop().success());
+}
+
+/// With polling off, a policy change takes effect on SIGHUP only.
+fn sighup_reload(demo: &Demo) {
+    let admin = demo.json["admin_url"].as_str().unwrap().to_string();
+    let hash = || {
+        http_get(&admin, "/admin/policy-hash")
+            .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["policy_hash"].as_str().map(str::to_string))
+            .unwrap()
+    };
+    let before = hash();
+    let file = demo.dir.join("policies/fr.cedar");
+    let original = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("{original}\n// amended\n")).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        hash(),
+        before,
+        "no reload without SIGHUP when polling is off"
+    );
+    let pid = demo.json["gateway_pid"].as_u64().unwrap() as i32;
+    unsafe {
+        libc::kill(pid, libc::SIGHUP);
+    }
+    wait_for("the SIGHUP reload", Duration::from_secs(15), || {
+        hash() != before
+    });
 }
 
 /// One row of the routing table.
