@@ -48,7 +48,7 @@ pub async fn start(
         for w in router.rank(&cand.pool, Some(prefix_key)) {
             tried += 1;
             let guard = w.start_request();
-            let mut client = w.client.clone();
+            let mut client = w.client();
             let attempt = async {
                 let mut stream = client.generate(req.clone()).await?.into_inner();
                 let first = stream.message().await?;
@@ -114,6 +114,16 @@ fn usage_of(c: &pb::GenerateChunk) -> UsageCounts {
 }
 
 impl Started {
+    /// Reads the stream to its end (the worker closes it right after the final chunk)
+    /// in the background, so the HTTP/2 stream ends cleanly instead of being reset and
+    /// the client's connection is free for its next request at once.
+    fn finish(mut self) {
+        tokio::spawn(async move {
+            let drain = async { while let Ok(Some(_)) = self.stream.message().await {} };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
+        });
+    }
+
     async fn next(&mut self) -> Result<Option<pb::GenerateChunk>, tonic::Status> {
         if let Some(c) = self.first.take() {
             return Ok(Some(c));
@@ -185,6 +195,9 @@ pub async fn stream_sse(
             return Relayed::ClientGone;
         }
         if let Some(r) = result {
+            if matches!(r, Relayed::Done { .. }) {
+                started.finish();
+            }
             return r;
         }
     }
@@ -227,7 +240,9 @@ pub async fn whole(
         None => Relayed::ClientGone,
         Some(Ok((finish, usage))) => {
             let body = meta.completion(&text, &finish, &usage);
-            if write_json(s, 200, extra, &body, request_id).await {
+            let written = write_json(s, 200, extra, &body, request_id).await;
+            started.finish();
+            if written {
                 Relayed::Done { usage }
             } else {
                 Relayed::ClientGone

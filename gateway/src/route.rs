@@ -51,7 +51,13 @@ impl Default for RoutingConfig {
 pub struct WorkerHandle {
     pub pool: String,
     pub addr: SocketAddr,
-    pub client: WorkerClient<Channel>,
+    /// For Generate calls: created on first use from the request path, so that the
+    /// channel's tasks run on the front end's runtime, next to the requests using it.
+    client: std::sync::OnceLock<WorkerClient<Channel>>,
+    endpoint: Endpoint,
+    /// For WatchLoad, on its own HTTP/2 connection: resets of cancelled Generate
+    /// streams (clients that left) must not take the load view down with them.
+    watch_client: WorkerClient<Channel>,
     state: Mutex<WorkerState>,
     /// Requests this gateway has in flight on the worker (between snapshots).
     inflight: AtomicU32,
@@ -87,10 +93,19 @@ impl WorkerHandle {
         Self {
             pool: pool.to_string(),
             addr,
-            client: WorkerClient::new(endpoint.connect_lazy()),
+            client: std::sync::OnceLock::new(),
+            watch_client: WorkerClient::new(endpoint.connect_lazy()),
+            endpoint,
             state: Mutex::new(WorkerState::default()),
             inflight: AtomicU32::new(0),
         }
+    }
+
+    /// The Generate client (must be called within a tokio runtime).
+    pub fn client(&self) -> WorkerClient<Channel> {
+        self.client
+            .get_or_init(|| WorkerClient::new(self.endpoint.connect_lazy()))
+            .clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, WorkerState> {
@@ -294,7 +309,7 @@ pub fn prefix_key(prompt: &[u8], n: usize) -> u64 {
 async fn watch(w: Arc<WorkerHandle>) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let mut client = w.client.clone();
+        let mut client = w.watch_client.clone();
         match client.watch_load(WatchLoadRequest {}).await {
             Ok(resp) => {
                 let mut stream = resp.into_inner();

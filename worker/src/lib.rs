@@ -10,6 +10,7 @@ pub mod backend;
 pub mod bench;
 pub mod chat;
 pub mod engine;
+pub mod fake;
 pub mod fetch;
 pub mod gemm;
 pub mod kv_cache;

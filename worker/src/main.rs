@@ -36,6 +36,30 @@ enum Cmd {
     },
     /// Measure prefill and decode throughput, TTFT and peak RSS; prints JSON.
     Bench(BenchArgs),
+    /// Benchmark stand-in: answer every request at once with fixed tokens (gRPC and
+    /// OpenAI HTTP), to measure the gateway itself. Never serves users.
+    Fake(FakeArgs),
+}
+
+#[derive(Args)]
+struct FakeArgs {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http_addr: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    grpc_addr: SocketAddr,
+    /// Model id it claims to serve.
+    #[arg(long, default_value = "fake")]
+    model: String,
+    #[arg(long, default_value = "fake")]
+    pool: String,
+    #[arg(long, default_value = "EU")]
+    country: String,
+    /// Tokens per answer.
+    #[arg(long, default_value_t = 16)]
+    tokens: u32,
+    /// Runtime threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 #[derive(Args)]
@@ -125,6 +149,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Serve(a) => serve(a),
+        Cmd::Fake(a) => fake(a),
         Cmd::Bench(a) => {
             let svc = start_engine(&a.model, None, "bench", "EU")?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -263,7 +288,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         });
         let grpc_task = tokio::spawn(
             tonic::transport::Server::builder().add_service(api::grpc::server(svc.clone())).serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                nodelay(grpc),
                 async move {
                     let _ = stop_grpc.changed().await;
                 },
@@ -276,6 +301,52 @@ fn serve(a: ServeArgs) -> Result<()> {
         h??;
         g??;
         Ok(())
+    })
+}
+
+fn fake(a: FakeArgs) -> Result<()> {
+    let cfg = worker::fake::FakeConfig {
+        model: a.model,
+        pool: a.pool,
+        country: a.country,
+        tokens: a.tokens,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(a.threads.max(1))
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let http = tokio::net::TcpListener::bind(a.http_addr)
+            .await
+            .with_context(|| format!("cannot listen on --http-addr {}", a.http_addr))?;
+        let grpc = tokio::net::TcpListener::bind(a.grpc_addr)
+            .await
+            .with_context(|| format!("cannot listen on --grpc-addr {}", a.grpc_addr))?;
+        tracing::info!(http = %a.http_addr, grpc = %a.grpc_addr, "fake worker ready");
+        let router = worker::fake::http_router(cfg.clone());
+        let http_task = tokio::spawn(async move { axum::serve(http, router).await });
+        let grpc_task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(worker::fake::grpc_server(cfg))
+                .serve_with_incoming(nodelay(grpc)),
+        );
+        shutdown_signal().await;
+        http_task.abort();
+        grpc_task.abort();
+        Ok(())
+    })
+}
+
+/// Accepted gRPC connections with TCP_NODELAY: a stream's last frames (final chunk,
+/// trailers) must not wait for the peer's delayed ACK.
+fn nodelay(
+    l: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(l).map(|s| {
+        let s = s?;
+        s.set_nodelay(true)?;
+        Ok(s)
     })
 }
 

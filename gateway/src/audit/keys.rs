@@ -28,9 +28,9 @@ pub struct SigningKey {
 impl SigningKey {
     pub fn from_skey(skey: &str) -> Result<Self, AuditError> {
         let skey = skey.trim();
-        let signer = StandardSigner::new(skey)
-            .map_err(|e| AuditError::Key(format!("signing key: {e}")))?;
-        let b64 = skey.rsplit('+').next().unwrap_or_default();
+        let signer =
+            StandardSigner::new(skey).map_err(|e| AuditError::Key(format!("signing key: {e}")))?;
+        let b64 = skey.splitn(5, '+').nth(4).unwrap_or_default();
         let raw = B64
             .decode(b64)
             .map_err(|_| AuditError::Key("signing key: bad base64".into()))?;
@@ -46,7 +46,10 @@ impl SigningKey {
     pub fn load(path: &Path) -> Result<Self, AuditError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| AuditError::Key(format!("{}: {e}", path.display())))?;
-        Self::from_skey(&text).map_err(|e| AuditError::Key(format!("{}: {e}", path.display())))
+        Self::from_skey(&text).map_err(|e| match e {
+            AuditError::Key(m) => AuditError::Key(format!("{}: {m}", path.display())),
+            other => other,
+        })
     }
 
     /// The verifier key line `<name>+<hex id>+<base64(0x01 || pubkey)>`.
@@ -70,7 +73,12 @@ impl SigningKey {
     }
 
     /// A signed C2SP checkpoint note for `origin` at `size` with `root`.
-    pub fn sign_checkpoint(&self, origin: &str, size: u64, root: &Hash) -> Result<String, AuditError> {
+    pub fn sign_checkpoint(
+        &self,
+        origin: &str,
+        size: u64,
+        root: &Hash,
+    ) -> Result<String, AuditError> {
         let text = checkpoint_text(origin, size, root);
         let mut note = Note::new(text.as_bytes(), &[])
             .map_err(|e| AuditError::Key(format!("checkpoint note: {e}")))?;

@@ -157,7 +157,10 @@ impl LeafStore {
             return Err(ProofError::Pruned(base));
         }
         let k = split_point(b - a);
-        Ok(node_hash(&self.subtree(a, a + k)?, &self.subtree(a + k, b)?))
+        Ok(node_hash(
+            &self.subtree(a, a + k)?,
+            &self.subtree(a + k, b)?,
+        ))
     }
 
     pub fn root(&self, size: u64) -> Result<Hash, ProofError> {

@@ -29,7 +29,9 @@ impl std::str::FromStr for Phase {
             "decision" => Ok(Self::Decision),
             "completion" => Ok(Self::Completion),
             "retention" => Ok(Self::Retention),
-            o => Err(format!("unknown phase `{o}` (decision, completion, retention)")),
+            o => Err(format!(
+                "unknown phase `{o}` (decision, completion, retention)"
+            )),
         }
     }
 }

@@ -133,7 +133,8 @@ pub fn last_line(path: &Path) -> Result<Option<Vec<u8>>, AuditError> {
         f.seek(SeekFrom::Start(start))
             .map_err(|e| AuditError::io(path, e))?;
         let mut buf = Vec::new();
-        f.read_to_end(&mut buf).map_err(|e| AuditError::io(path, e))?;
+        f.read_to_end(&mut buf)
+            .map_err(|e| AuditError::io(path, e))?;
         let Some(end) = buf.iter().rposition(|b| *b == b'\n') else {
             if start == 0 {
                 return Ok(None);
@@ -231,7 +232,8 @@ impl Anchor {
 
 pub fn parse_hex_hash(s: &str) -> Result<Hash, String> {
     let v = hex::decode(s).map_err(|e| format!("bad hex hash `{s}`: {e}"))?;
-    v.try_into().map_err(|_| format!("hash `{s}` is not 32 bytes"))
+    v.try_into()
+        .map_err(|_| format!("hash `{s}` is not 32 bytes"))
 }
 
 pub fn frontier_hex(f: &Frontier) -> Vec<String> {

@@ -140,7 +140,22 @@ impl Caller {
 pub struct Authenticator {
     issuers: HashMap<String, Arc<Issuer>>,
     refresh_cooldown: Duration,
+    /// Tokens already verified, by SHA-256 of the token: a repeated token skips the
+    /// signature check (tens of microseconds) while its `exp` holds and the key that
+    /// verified it is still in its issuer's key set.
+    verified: std::sync::Mutex<HashMap<[u8; 32], Verified>>,
 }
+
+/// A cache entry of [`Authenticator::verified`].
+struct Verified {
+    caller: Caller,
+    exp: i64,
+    issuer: Arc<Issuer>,
+    key: Arc<VerifyKey>,
+}
+
+/// Most tokens kept in the verified-token cache (it is cleared when full).
+const VERIFIED_CACHE_ENTRIES: usize = 16_384;
 
 /// One configured IdP and its current keys.
 struct Issuer {
@@ -195,6 +210,7 @@ impl Authenticator {
         Ok(Authenticator {
             issuers,
             refresh_cooldown: UNKNOWN_KID_REFRESH_COOLDOWN,
+            verified: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -216,6 +232,14 @@ impl Authenticator {
         authorization_header: Option<&str>,
     ) -> Result<Caller, AuthError> {
         let token = bearer_token(authorization_header)?;
+        let digest: [u8; 32] = sha2::Digest::finalize(sha2::Digest::chain_update(
+            <sha2::Sha256 as sha2::Digest>::new(),
+            token.as_bytes(),
+        ))
+        .into();
+        if let Some(caller) = self.cached(&digest) {
+            return Ok(caller);
+        }
         let (header_part, payload_part) = split_token(token)?;
         let header = decode_json_part(header_part, "header")?;
         let alg = header_algorithm(&header)?;
@@ -286,7 +310,46 @@ impl Authenticator {
         validation.set_required_spec_claims(&["iss", "aud"]);
         let data = jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &validation)
             .map_err(|e| map_jwt_error(&e, &issuer.config))?;
-        claims::caller_from_claims(&issuer.config.state, &data.claims)
+        let caller = claims::caller_from_claims(&issuer.config.state, &data.claims)?;
+        if let Some(exp) = data.claims.get("exp").and_then(serde_json::Value::as_i64) {
+            let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() >= VERIFIED_CACHE_ENTRIES {
+                cache.clear();
+            }
+            cache.insert(
+                digest,
+                Verified {
+                    caller: caller.clone(),
+                    exp,
+                    issuer: issuer.clone(),
+                    key,
+                },
+            );
+        }
+        Ok(caller)
+    }
+
+    /// A previously verified token that is still valid: not expired (with the same
+    /// leeway as a full check) and its key still published by its issuer.
+    fn cached(&self, digest: &[u8; 32]) -> Option<Caller> {
+        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = cache.get(digest)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(i64::MAX);
+        let key_live = entry
+            .issuer
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|k| Arc::ptr_eq(k, &entry.key));
+        if now > entry.exp.saturating_add(CLOCK_LEEWAY_SECS as i64) || !key_live {
+            cache.remove(digest);
+            return None;
+        }
+        Some(entry.caller.clone())
     }
 
     /// Starts the periodic refresh of every URL JWKS (each every `refresh_secs`, the

@@ -1,0 +1,361 @@
+//! Tamper-evident audit log, one per member state: what was decided for each request and
+//! how it ended, never the prompt or completion text. Owns the records, their durable
+//! group commit, the RFC 6962 Merkle tree, signed C2SP checkpoints, retention, residency
+//! receipts and the auditor's read side (verify, query, proofs). It must not decide
+//! anything about a request: the gateway hands it finished decisions.
+//!
+//! See docs/audit.md for the formats and the auditor's commands.
+
+mod keys;
+mod merkle;
+mod read;
+mod receipt;
+mod record;
+mod store;
+mod verify;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::oneshot;
+
+pub use keys::{
+    Checkpoint, DEFAULT_KEY_NAME, SigningKey, VerifierKey, checkpoint_text, generate_signing_key,
+    hmac_hex, load_hmac_key, open_checkpoint, parse_hmac_key,
+};
+pub use merkle::{EMPTY_ROOT, Frontier, Hash, LeafStore, leaf_hash, node_hash};
+pub use read::{
+    ConsistencyProof, Filter, Proof, check_prompt, consistency_proof, inclusion_proof,
+    inclusion_proof_at, prompt_candidates, read_records, verify_consistency, verify_proof,
+};
+pub use receipt::{ReceiptStatement, verify_receipt};
+pub use record::{
+    Candidate, Decision, Outcome, Phase, Record, RecordInput, Retention, canonical_json,
+    prompt_digest_input_chat, prompt_digest_input_text,
+};
+pub use store::{Anchor, CheckpointLine};
+pub use verify::{LogReport, VerifyFailure, VerifyProgress, VerifyReport, verify_dir};
+
+/// `[audit]` in gateway.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Audit root; each state's log lives in `<dir>/<CC>/`.
+    pub dir: PathBuf,
+    /// This gateway replica's id; part of every log origin, so replicas never share one.
+    #[serde(default = "default_replica")]
+    pub replica: String,
+    /// The Ed25519 checkpoint and receipt signing key (`sovctl audit keygen`).
+    pub signing_key: PathBuf,
+    /// Per-state HMAC-SHA256 key files (hex or 32+ raw bytes); one log per state listed.
+    pub hmac_keys: BTreeMap<String, PathBuf>,
+    #[serde(default = "default_every_records")]
+    pub checkpoint_every_records: u64,
+    #[serde(default = "default_every_ms")]
+    pub checkpoint_every_ms: u64,
+    #[serde(default = "default_segment_max_bytes")]
+    pub segment_max_bytes: u64,
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+}
+
+fn default_replica() -> String {
+    "r1".into()
+}
+fn default_every_records() -> u64 {
+    256
+}
+fn default_every_ms() -> u64 {
+    1000
+}
+fn default_segment_max_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_retention_days() -> u32 {
+    183
+}
+
+impl AuditConfig {
+    /// A configuration with every default; for tests, benches and the demo.
+    pub fn new(dir: PathBuf, signing_key: PathBuf, hmac_keys: BTreeMap<String, PathBuf>) -> Self {
+        Self {
+            dir,
+            replica: default_replica(),
+            signing_key,
+            hmac_keys,
+            checkpoint_every_records: default_every_records(),
+            checkpoint_every_ms: default_every_ms(),
+            segment_max_bytes: default_segment_max_bytes(),
+            retention_days: default_retention_days(),
+        }
+    }
+}
+
+/// The log origin of `state`'s log on `replica`.
+pub fn origin_for(replica: &str, state: &str) -> String {
+    format!("sovereign-gateway/{replica}/{state}")
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuditError {
+    /// The record could not be made durable (the gateway answers 503 `audit_unavailable`).
+    #[error("audit log unavailable: {0}")]
+    Unavailable(String),
+    #[error("no audit log or HMAC key for member state `{0}`")]
+    UnknownState(String),
+    #[error("{path}: {msg}")]
+    Io { path: String, msg: String },
+    #[error("audit log corrupt: {0}")]
+    Corrupt(String),
+    #[error("key: {0}")]
+    Key(String),
+    #[error("invalid audit configuration: {0}")]
+    Config(String),
+    #[error("encoding: {0}")]
+    Encode(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Proof(String),
+}
+
+impl AuditError {
+    pub(crate) fn io(path: &Path, e: std::io::Error) -> Self {
+        Self::Io {
+            path: path.display().to_string(),
+            msg: e.to_string(),
+        }
+    }
+}
+
+/// Where an appended record landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub origin: String,
+    pub seq: u64,
+    pub leaf_hash: [u8; 32],
+    /// Tree size right after the group commit that made the record durable.
+    pub covered_by_size: u64,
+    /// Tree root at `covered_by_size` (signed into the receipt).
+    pub covered_by_root: [u8; 32],
+}
+
+struct StateLog {
+    tx: Mutex<Option<mpsc::Sender<writer::Msg>>>,
+    shared: Arc<writer::Shared>,
+    dir: PathBuf,
+}
+
+impl StateLog {
+    fn send(&self, m: writer::Msg) -> Result<(), AuditError> {
+        let g = self
+            .tx
+            .lock()
+            .map_err(|_| AuditError::Unavailable("poisoned".into()))?;
+        g.as_ref()
+            .ok_or_else(|| AuditError::Unavailable("audit log shut down".into()))?
+            .send(m)
+            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))
+    }
+}
+
+/// Every state's log of one gateway process. Cheap to share (`Arc`).
+pub struct AuditLog {
+    states: BTreeMap<String, StateLog>,
+    hmac: BTreeMap<String, Vec<u8>>,
+    key: Arc<SigningKey>,
+    replica: String,
+}
+
+impl AuditLog {
+    /// Open (create, recover, verify) every configured state's log and start its writer.
+    /// Refuses to start on a log that does not verify against the signing key.
+    pub fn open(cfg: AuditConfig) -> Result<Arc<AuditLog>, AuditError> {
+        if cfg.replica.is_empty() || cfg.replica.contains(['/', ' ', '\n', '+']) {
+            return Err(AuditError::Config(format!(
+                "replica id `{}` must be non-empty, without '/', '+' or spaces",
+                cfg.replica
+            )));
+        }
+        if cfg.checkpoint_every_records == 0 || cfg.checkpoint_every_ms == 0 {
+            return Err(AuditError::Config(
+                "checkpoint intervals must be > 0".into(),
+            ));
+        }
+        if cfg.retention_days < 1 {
+            return Err(AuditError::Config("retention_days must be >= 1".into()));
+        }
+        let key = Arc::new(SigningKey::load(&cfg.signing_key)?);
+        let wcfg = writer::WriterCfg {
+            every_records: cfg.checkpoint_every_records,
+            every: Duration::from_millis(cfg.checkpoint_every_ms),
+            segment_max_bytes: cfg.segment_max_bytes.max(1),
+            retention_days: cfg.retention_days,
+        };
+        let mut hmac = BTreeMap::new();
+        let mut states = BTreeMap::new();
+        for (state, path) in &cfg.hmac_keys {
+            let cc = state.to_ascii_uppercase();
+            if cc.len() != 2 || !cc.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err(AuditError::Config(format!(
+                    "`{state}` is not a country code"
+                )));
+            }
+            hmac.insert(cc.clone(), load_hmac_key(path)?);
+            let dir = cfg.dir.join(&cc);
+            let shared = Arc::new(writer::Shared::default());
+            let w = writer::Writer::open(
+                dir.clone(),
+                origin_for(&cfg.replica, &cc),
+                cc.clone(),
+                key.clone(),
+                wcfg.clone(),
+                shared.clone(),
+            )?;
+            let (tx, rx) = mpsc::channel();
+            std::thread::Builder::new()
+                .name(format!("audit-{cc}"))
+                .spawn(move || w.run(rx))
+                .map_err(|e| AuditError::Unavailable(format!("spawn writer: {e}")))?;
+            states.insert(
+                cc,
+                StateLog {
+                    tx: Mutex::new(Some(tx)),
+                    shared,
+                    dir,
+                },
+            );
+        }
+        Ok(Arc::new(AuditLog {
+            states,
+            hmac,
+            key,
+            replica: cfg.replica,
+        }))
+    }
+
+    /// HMAC-SHA256 (hex) of `data` under `state`'s key.
+    pub fn hmac(&self, state: &str, data: &[u8]) -> Result<String, AuditError> {
+        let key = self
+            .hmac
+            .get(state)
+            .ok_or_else(|| AuditError::UnknownState(state.to_string()))?;
+        Ok(hmac_hex(key, data))
+    }
+
+    fn state(&self, state: &str) -> Result<&StateLog, AuditError> {
+        self.states
+            .get(state)
+            .ok_or_else(|| AuditError::UnknownState(state.to_string()))
+    }
+
+    /// Append a record to its state's log; `Ok` only once it is durable (fsync'd).
+    pub async fn append(&self, rec: RecordInput) -> Result<Appended, AuditError> {
+        let log = self.state(&rec.state)?;
+        if let Some(why) = log.shared.failed() {
+            return Err(AuditError::Unavailable(why));
+        }
+        let (tx, rx) = oneshot::channel();
+        log.send(writer::Msg::Append(Box::new(rec), tx))?;
+        rx.await
+            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
+    }
+
+    /// The signed `x-residency-receipt` value for a served request.
+    pub fn receipt(
+        &self,
+        a: &Appended,
+        request_id: &str,
+        state: &str,
+        pool: &str,
+        country: &str,
+        policy_hash: &str,
+    ) -> String {
+        receipt::issue(&self.key, a, request_id, state, pool, country, policy_hash)
+    }
+
+    /// The verifier key line for checkpoints and receipts.
+    pub fn public_key(&self) -> String {
+        self.key.vkey().to_string()
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// The states with a log.
+    pub fn states(&self) -> impl Iterator<Item = &str> {
+        self.states.keys().map(String::as_str)
+    }
+
+    /// `state`'s log directory.
+    pub fn state_dir(&self, state: &str) -> Option<&Path> {
+        self.states.get(state).map(|s| s.dir.as_path())
+    }
+
+    /// Why `state`'s log refuses appends, if it does.
+    pub fn failure(&self, state: &str) -> Option<String> {
+        self.states.get(state).and_then(|s| s.shared.failed())
+    }
+
+    /// `(records, fsyncs)` of `state`'s log since open (records: tree size).
+    pub fn stats(&self, state: &str) -> Option<(u64, u64)> {
+        self.states.get(state).map(|s| {
+            (
+                s.shared.records.load(Ordering::Relaxed),
+                s.shared.fsyncs.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// Sign a checkpoint over everything appended so far; returns its size.
+    pub async fn checkpoint_now(&self, state: &str) -> Result<u64, AuditError> {
+        let (tx, rx) = oneshot::channel();
+        self.state(state)?.send(writer::Msg::Checkpoint(tx))?;
+        rx.await
+            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
+    }
+
+    /// Apply retention as if the time were `now` (the writer also does this hourly).
+    /// Returns the deleted `[from, to)` sequence range, if any.
+    pub async fn apply_retention(
+        &self,
+        state: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<(u64, u64)>, AuditError> {
+        let (tx, rx) = oneshot::channel();
+        self.state(state)?.send(writer::Msg::Retention(now, tx))?;
+        rx.await
+            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
+    }
+
+    /// Test hook: the next flush of `state`'s log fails as if fsync had failed.
+    #[doc(hidden)]
+    pub fn inject_fsync_failure(&self, state: &str) {
+        if let Some(s) = self.states.get(state) {
+            s.shared.fail_next.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Final checkpoint covering everything, then stop the writers (later appends fail).
+    pub async fn shutdown(&self) {
+        for log in self.states.values() {
+            let (tx, rx) = oneshot::channel();
+            if log.send(writer::Msg::Shutdown(tx)).is_ok() {
+                let _ = rx.await;
+            }
+            if let Ok(mut g) = log.tx.lock() {
+                *g = None;
+            }
+        }
+    }
+}

@@ -1,0 +1,571 @@
+//! The one writer of a state's log: a dedicated thread that takes every append queued
+//! since its last flush, writes them with one `write` and one `fdatasync` (group commit),
+//! and only then acknowledges them. It also signs checkpoints (every N records or T ms),
+//! rotates segments, and applies retention. Any write or fsync error puts the log in a
+//! failed state that it never leaves: later appends are refused, never silently kept in
+//! memory.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use tokio::sync::oneshot;
+
+use super::keys::SigningKey;
+use super::merkle::{Frontier, Hash, leaf_hash};
+use super::record::{Phase, Record, RecordInput, Retention};
+use super::store::{
+    self, Anchor, CheckpointLine, Lines, VKEY_FILE, checkpoints_path, frontier_hex, segment_path,
+};
+use super::verify::verify_log;
+use super::{Appended, AuditError};
+
+/// Most appends taken into one group commit.
+const MAX_BATCH: usize = 8192;
+/// How often the writer looks for segments past retention.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+/// Where an append's result goes.
+type Reply = oneshot::Sender<Result<Appended, AuditError>>;
+/// Appends assigned a seq, waiting for their flush.
+type Pending = Vec<(Reply, u64, Hash)>;
+
+pub(crate) enum Msg {
+    Append(
+        Box<RecordInput>,
+        oneshot::Sender<Result<Appended, AuditError>>,
+    ),
+    Retention(
+        DateTime<Utc>,
+        oneshot::Sender<Result<Option<(u64, u64)>, AuditError>>,
+    ),
+    Checkpoint(oneshot::Sender<Result<u64, AuditError>>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// State shared between the writer thread and `AuditLog`.
+#[derive(Default)]
+pub(crate) struct Shared {
+    failed: Mutex<Option<String>>,
+    /// Test hook: the next flush fails as if fsync had returned an error.
+    pub fail_next: AtomicBool,
+    pub fsyncs: AtomicU64,
+    pub records: AtomicU64,
+}
+
+impl Shared {
+    pub fn failed(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or(Some("poisoned".into()))
+    }
+
+    fn set_failed(&self, why: String) {
+        tracing::error!(%why, "audit log failed; refusing further appends");
+        if let Ok(mut g) = self.failed.lock()
+            && g.is_none()
+        {
+            *g = Some(why);
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct WriterCfg {
+    pub every_records: u64,
+    pub every: Duration,
+    pub segment_max_bytes: u64,
+    pub retention_days: u32,
+}
+
+pub(crate) struct Writer {
+    dir: PathBuf,
+    origin: String,
+    state: String,
+    key: Arc<SigningKey>,
+    cfg: WriterCfg,
+    shared: Arc<Shared>,
+    frontier: Frontier,
+    boundaries: BTreeMap<u64, Frontier>,
+    seg_first: u64,
+    seg: File,
+    seg_bytes: u64,
+    cp_file: Option<File>,
+    last_cp_size: u64,
+    last_cp_at: Instant,
+    last_retention: Instant,
+    _lock: File,
+}
+
+fn now_rfc3339() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+impl Writer {
+    /// Open (or create) the log in `dir`: take its lock, finish an interrupted
+    /// retention, cut torn tails, verify everything against our own key, and continue.
+    pub fn open(
+        dir: PathBuf,
+        origin: String,
+        state: String,
+        key: Arc<SigningKey>,
+        cfg: WriterCfg,
+        shared: Arc<Shared>,
+    ) -> Result<Self, AuditError> {
+        std::fs::create_dir_all(&dir).map_err(|e| AuditError::io(&dir, e))?;
+        let lock = lock_dir(&dir)?;
+        let vkey_path = dir.join(VKEY_FILE);
+        let vkey_line = format!("{}\n", key.vkey());
+        if std::fs::read_to_string(&vkey_path).ok().as_deref() != Some(vkey_line.as_str()) {
+            store::write_atomic(&vkey_path, vkey_line.as_bytes())?;
+        }
+        finish_retention(&dir)?;
+        if let Some((_, last)) = store::list_segments(&dir)?.last() {
+            cut_torn_tail(last)?;
+        }
+        if let Some((_, last)) = store::list_checkpoint_files(&dir)?.last() {
+            cut_torn_tail(last)?;
+        }
+        let trusted = [super::keys::VerifierKey::parse(key.vkey())?];
+        let (report, state_opt) = verify_log(&dir, &trusted, &mut |_| {});
+        let log = match (state_opt, report.error) {
+            (Some(s), _) => s,
+            (None, Some(f)) => {
+                return Err(AuditError::Corrupt(format!(
+                    "{}: {}{}",
+                    dir.display(),
+                    f.seq.map(|s| format!("seq {s}: ")).unwrap_or_default(),
+                    f.what
+                )));
+            }
+            (None, None) => {
+                return Err(AuditError::Corrupt(format!(
+                    "{}: unreadable",
+                    dir.display()
+                )));
+            }
+        };
+        if let Some(o) = &log.origin
+            && *o != origin
+        {
+            return Err(AuditError::Corrupt(format!(
+                "{} holds the log of origin `{o}`, not `{origin}` (each replica needs its own \
+                 audit directory and replica id)",
+                dir.display()
+            )));
+        }
+        let size = log.frontier.size();
+        let segments = store::list_segments(&dir)?;
+        let (seg_first, seg_path) = match segments.last() {
+            Some((f, p)) => (*f, p.clone()),
+            None => (size, segment_path(&dir, size)),
+        };
+        let seg = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&seg_path)
+            .map_err(|e| AuditError::io(&seg_path, e))?;
+        let seg_bytes = seg
+            .metadata()
+            .map_err(|e| AuditError::io(&seg_path, e))?
+            .len();
+        store::fsync_dir(&dir)?;
+        let mut boundaries = log.boundaries;
+        boundaries
+            .entry(seg_first)
+            .or_insert_with(|| log.frontier.clone());
+        let last_cp_size = log
+            .last_checkpoint
+            .as_ref()
+            .map(|c| c.size)
+            .unwrap_or(0)
+            .max(log.anchor.as_ref().map(|a| a.cut).unwrap_or(0));
+        shared.records.store(size, Ordering::Relaxed);
+        let mut w = Self {
+            dir,
+            origin,
+            state,
+            key,
+            cfg,
+            shared,
+            frontier: log.frontier,
+            boundaries,
+            seg_first,
+            seg,
+            seg_bytes,
+            cp_file: None,
+            last_cp_size,
+            last_cp_at: Instant::now(),
+            last_retention: Instant::now(),
+            _lock: lock,
+        };
+        // Records acknowledged before a crash get their checkpoint now.
+        w.checkpoint_if(true)?;
+        w.retention(Utc::now())?;
+        Ok(w)
+    }
+
+    pub fn run(mut self, rx: Receiver<Msg>) {
+        loop {
+            let timeout = if self.frontier.size() > self.last_cp_size {
+                self.cfg.every.saturating_sub(self.last_cp_at.elapsed())
+            } else {
+                Duration::from_secs(60)
+            };
+            let mut batch = Vec::new();
+            match rx.recv_timeout(timeout) {
+                Ok(m) => batch.push(m),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.finish();
+                    return;
+                }
+            }
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            let mut appends = Vec::new();
+            let mut control = Vec::new();
+            for m in batch {
+                match m {
+                    Msg::Append(input, tx) => appends.push((input, tx)),
+                    other => control.push(other),
+                }
+            }
+            if !appends.is_empty() {
+                self.commit(appends);
+            }
+            if self.shared.failed().is_none()
+                && let Err(e) = self.checkpoint_if(false)
+            {
+                self.shared.set_failed(format!("checkpoint: {e}"));
+            }
+            if self.last_retention.elapsed() >= RETENTION_EVERY {
+                self.last_retention = Instant::now();
+                if let Err(e) = self.retention(Utc::now()) {
+                    tracing::error!(state = %self.state, "audit retention failed: {e}");
+                }
+            }
+            for m in control {
+                match m {
+                    Msg::Retention(now, tx) => {
+                        let _ = tx.send(self.retention(now));
+                    }
+                    Msg::Checkpoint(tx) => {
+                        let r = self.checkpoint_if(true).map(|()| self.last_cp_size);
+                        let _ = tx.send(r);
+                    }
+                    Msg::Shutdown(tx) => {
+                        self.finish();
+                        // Release the files and the lock before answering.
+                        drop(self);
+                        let _ = tx.send(());
+                        return;
+                    }
+                    Msg::Append(..) => {}
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.shared.failed().is_none()
+            && let Err(e) = self.checkpoint_if(true)
+        {
+            self.shared.set_failed(format!("final checkpoint: {e}"));
+        }
+    }
+
+    /// Assign sequence numbers, write and fsync, then acknowledge (group commit).
+    fn commit(&mut self, appends: Vec<(Box<RecordInput>, Reply)>) {
+        if let Some(why) = self.shared.failed() {
+            for (_, tx) in appends {
+                let _ = tx.send(Err(AuditError::Unavailable(why.clone())));
+            }
+            return;
+        }
+        let mut buf = Vec::with_capacity(appends.len() * 1024);
+        let mut pending: Pending = Vec::with_capacity(appends.len());
+        let time = now_rfc3339();
+        let mut iter = appends.into_iter();
+        while let Some((input, tx)) = iter.next() {
+            let seq = self.frontier.size();
+            let rec = Record::from_input(*input, &self.origin, seq, time.clone());
+            let line = match rec.canonical() {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    continue;
+                }
+            };
+            if self.seg_bytes > 0
+                && self.seg_bytes + (buf.len() + line.len() + 1) as u64 > self.cfg.segment_max_bytes
+            {
+                let rotated = self
+                    .flush(&mut buf, &mut pending)
+                    .and_then(|()| self.rotate());
+                if let Err(e) = rotated {
+                    self.shared.set_failed(e.to_string());
+                    let _ = tx.send(Err(AuditError::Unavailable(e.to_string())));
+                    for (_, tx) in iter {
+                        let _ = tx.send(Err(AuditError::Unavailable(e.to_string())));
+                    }
+                    return;
+                }
+            }
+            let leaf = leaf_hash(&line);
+            buf.extend_from_slice(&line);
+            buf.push(b'\n');
+            self.frontier.push(leaf);
+            pending.push((tx, seq, leaf));
+        }
+        if let Err(e) = self.flush(&mut buf, &mut pending) {
+            self.shared.set_failed(e.to_string());
+        }
+    }
+
+    /// Write and fdatasync `buf`, then acknowledge `pending`. On error every pending
+    /// append gets the error and the log is marked failed.
+    fn flush(&mut self, buf: &mut Vec<u8>, pending: &mut Pending) -> Result<(), AuditError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let path = segment_path(&self.dir, self.seg_first);
+        let res = if self.shared.fail_next.swap(false, Ordering::SeqCst) {
+            Err(std::io::Error::other("injected fsync failure"))
+        } else {
+            self.seg.write_all(buf).and_then(|()| self.seg.sync_data())
+        };
+        if let Err(e) = res {
+            let err = AuditError::io(&path, e);
+            self.shared.set_failed(err.to_string());
+            for (tx, _, _) in pending.drain(..) {
+                let _ = tx.send(Err(AuditError::Unavailable(err.to_string())));
+            }
+            buf.clear();
+            return Err(err);
+        }
+        self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.seg_bytes += buf.len() as u64;
+        buf.clear();
+        let size = self.frontier.size();
+        self.shared.records.store(size, Ordering::Relaxed);
+        let root = self.frontier.root();
+        for (tx, seq, leaf) in pending.drain(..) {
+            let _ = tx.send(Ok(Appended {
+                origin: self.origin.clone(),
+                seq,
+                leaf_hash: leaf,
+                covered_by_size: size,
+                covered_by_root: root,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Close the segment with a checkpoint at its end and start the next one.
+    fn rotate(&mut self) -> Result<(), AuditError> {
+        self.checkpoint_if(true)?;
+        let first = self.frontier.size();
+        let path = segment_path(&self.dir, first);
+        self.seg = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| AuditError::io(&path, e))?;
+        store::fsync_dir(&self.dir)?;
+        self.seg_first = first;
+        self.seg_bytes = 0;
+        self.cp_file = None;
+        self.boundaries.insert(first, self.frontier.clone());
+        Ok(())
+    }
+
+    /// Sign and store a checkpoint when due (or when `force`d and the tree grew).
+    fn checkpoint_if(&mut self, force: bool) -> Result<(), AuditError> {
+        let size = self.frontier.size();
+        if size <= self.last_cp_size {
+            return Ok(());
+        }
+        let due = force
+            || size - self.last_cp_size >= self.cfg.every_records
+            || self.last_cp_at.elapsed() >= self.cfg.every;
+        if !due {
+            return Ok(());
+        }
+        let note = self
+            .key
+            .sign_checkpoint(&self.origin, size, &self.frontier.root())?;
+        let line = CheckpointLine { size, note }.to_line()?;
+        let path = checkpoints_path(&self.dir, self.seg_first);
+        if self.cp_file.is_none() {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| AuditError::io(&path, e))?;
+            store::fsync_dir(&self.dir)?;
+            self.cp_file = Some(f);
+        }
+        if let Some(f) = self.cp_file.as_mut() {
+            f.write_all(&line)
+                .and_then(|()| f.sync_data())
+                .map_err(|e| AuditError::io(&path, e))?;
+        }
+        self.last_cp_size = size;
+        self.last_cp_at = Instant::now();
+        Ok(())
+    }
+
+    /// Delete closed segments whose newest record is older than the retention period.
+    /// The deletion is recorded first (a `retention` record with the compact range at the
+    /// cut), then the anchor is written, then the files go.
+    fn retention(&mut self, now: DateTime<Utc>) -> Result<Option<(u64, u64)>, AuditError> {
+        if self.shared.failed().is_some() {
+            return Ok(None);
+        }
+        let cutoff = now - chrono::Duration::days(i64::from(self.cfg.retention_days));
+        let segments = store::list_segments(&self.dir)?;
+        let mut delete: Vec<(u64, PathBuf)> = Vec::new();
+        let mut cut = None;
+        for (i, (first, path)) in segments.iter().enumerate() {
+            if *first == self.seg_first {
+                break;
+            }
+            let Some(line) = store::last_line(path)? else {
+                break;
+            };
+            let Ok(rec) = serde_json::from_slice::<Record>(&line) else {
+                break;
+            };
+            let Ok(t) = DateTime::parse_from_rfc3339(&rec.time) else {
+                break;
+            };
+            if t >= cutoff {
+                break;
+            }
+            delete.push((*first, path.clone()));
+            cut = segments.get(i + 1).map(|s| s.0);
+        }
+        let (Some(cut), Some(from)) = (cut, delete.first().map(|d| d.0)) else {
+            return Ok(None);
+        };
+        let f = self.boundaries.get(&cut).cloned().ok_or_else(|| {
+            AuditError::Corrupt(format!("no tree state at segment boundary {cut}"))
+        })?;
+        let root = f.root();
+        let note = self.key.sign_checkpoint(&self.origin, cut, &root)?;
+        let names: Vec<String> = delete
+            .iter()
+            .filter_map(|(_, p)| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        let input = RecordInput {
+            phase: Phase::Retention,
+            state: self.state.clone(),
+            retention: Some(Retention {
+                deleted_from: from,
+                deleted_to: cut,
+                segments: names,
+                frontier: frontier_hex(&f),
+                root: hex::encode(root),
+            }),
+            ..RecordInput::default()
+        };
+        let (tx, mut rx) = oneshot::channel();
+        self.commit(vec![(Box::new(input), tx)]);
+        match rx.try_recv() {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(AuditError::Unavailable(
+                    "retention record not written".into(),
+                ));
+            }
+        }
+        Anchor {
+            origin: self.origin.clone(),
+            cut,
+            frontier: frontier_hex(&f),
+            root: hex::encode(root),
+            checkpoint: note,
+        }
+        .write(&self.dir)?;
+        remove_segments(&self.dir, &delete)?;
+        self.boundaries.retain(|k, _| *k >= cut);
+        tracing::info!(state = %self.state, from, cut, "audit retention deleted records");
+        Ok(Some((from, cut)))
+    }
+}
+
+fn remove_segments(dir: &Path, segs: &[(u64, PathBuf)]) -> Result<(), AuditError> {
+    for (first, path) in segs {
+        for p in [path.clone(), checkpoints_path(dir, *first)] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(AuditError::io(&p, e)),
+            }
+        }
+    }
+    store::fsync_dir(dir)
+}
+
+/// A crash between writing the anchor and deleting the segments leaves segments wholly
+/// below the cut; delete them now.
+fn finish_retention(dir: &Path) -> Result<(), AuditError> {
+    let Some(anchor) = Anchor::read(dir)? else {
+        return Ok(());
+    };
+    let segs = store::list_segments(dir)?;
+    let mut below = Vec::new();
+    for w in segs.windows(2) {
+        if w[1].0 <= anchor.cut {
+            below.push(w[0].clone());
+        }
+    }
+    if below.is_empty() {
+        return Ok(());
+    }
+    remove_segments(dir, &below)
+}
+
+/// Remove bytes after the last newline: a record or checkpoint torn by a crash was never
+/// acknowledged.
+fn cut_torn_tail(path: &Path) -> Result<(), AuditError> {
+    let lines = Lines::read(path)?;
+    if lines.torn > 0 {
+        tracing::warn!(file = %path.display(), bytes = lines.torn, "audit: removing torn tail");
+        store::truncate_to(path, lines.complete_len() as u64)?;
+    }
+    Ok(())
+}
+
+fn lock_dir(dir: &Path) -> Result<File, AuditError> {
+    let p = dir.join("LOCK");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(|e| AuditError::io(&p, e))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(AuditError::Corrupt(format!(
+            "{} is locked by another gateway process",
+            dir.display()
+        )));
+    }
+    Ok(f)
+}
