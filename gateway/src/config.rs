@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::audit::AuditConfig;
 use crate::auth::IssuerConfig;
 use crate::route::RoutingConfig;
 
@@ -42,6 +43,8 @@ pub struct GatewayConfig {
     pub shutdown_grace_secs: u64,
     #[serde(default)]
     pub routing: RoutingConfig,
+    /// The tamper-evident audit log (required: no request is served unaudited).
+    pub audit: AuditConfig,
     /// One table per member state's identity provider.
     #[serde(default, rename = "member_state")]
     pub member_states: Vec<IssuerConfig>,
@@ -109,6 +112,11 @@ impl GatewayConfig {
             resolve(&mut tls.cert);
             resolve(&mut tls.key);
         }
+        resolve(&mut cfg.audit.dir);
+        resolve(&mut cfg.audit.signing_key);
+        for p in cfg.audit.hmac_keys.values_mut() {
+            resolve(p);
+        }
         for s in &mut cfg.member_states {
             if let Some(f) = &mut s.jwks_file {
                 resolve(f);
@@ -116,6 +124,14 @@ impl GatewayConfig {
         }
         if cfg.max_body_bytes == 0 {
             return Err(invalid("max_body_bytes must be positive".into()));
+        }
+        for s in &cfg.member_states {
+            if !cfg.audit.hmac_keys.contains_key(s.state.as_str()) {
+                return Err(invalid(format!(
+                    "member state {} has no [audit.hmac_keys] entry: its requests could not be audited",
+                    s.state
+                )));
+            }
         }
         if cfg.member_states.is_empty() {
             return Err(invalid(

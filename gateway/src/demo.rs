@@ -221,6 +221,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "demo: signing keys for DE (EdDSA), FR (ES256), IT (RS256) in {}",
         dir.join("keys").display()
     );
+    let audit_toml = demo_audit_keys(&dir)?;
 
     // 2. Model.
     let model_path = if Path::new(&args.model).exists() {
@@ -314,7 +315,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         (String::new(), None)
     };
     let gateway_toml = format!(
-        "# Written by `sovctl demo`.\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\npolicies = {:?}\npools = {:?}\npolicy_reload_secs = {}\n{issuers}{tls_toml}",
+        "# Written by `sovctl demo`.\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\npolicies = {:?}\npools = {:?}\npolicy_reload_secs = {}\n{audit_toml}{issuers}{tls_toml}",
         dir.join("policies"),
         pools_path,
         args.policy_reload_secs
@@ -365,6 +366,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "ca_cert": ca_cert,
         "admin_url": format!("http://{admin}"),
         "audit_dir": dir.join("audit"),
+        "audit_key": dir.join("keys").join("audit.vkey"),
+        "audit_hmac_keys": STATES.iter().map(|(cc, _)| (cc.to_string(), dir.join("keys").join(format!("{}.audit-hmac", cc.to_ascii_lowercase())))).collect::<std::collections::BTreeMap<_, _>>(),
         "policy_dir": dir.join("policies"),
         "policy_hash": policy_hash,
         "config": config_path,
@@ -483,6 +486,28 @@ fn wait_for_stop_signal(children: &mut Children) -> anyhow::Result<String> {
             }
         }
     })
+}
+
+/// The audit log's checkpoint/receipt signing key and each state's HMAC key; returns
+/// the `[audit]` table for gateway.toml.
+fn demo_audit_keys(dir: &Path) -> anyhow::Result<String> {
+    let keys = dir.join("keys");
+    let (skey, vkey) = crate::audit::generate_signing_key("sovereign-gateway-demo")?;
+    write_private(&keys.join("audit.key"), &format!("{skey}\n"))?;
+    std::fs::write(keys.join("audit.vkey"), format!("{vkey}\n"))?;
+    let mut t = format!(
+        "\n[audit]\ndir = {:?}\nreplica = \"demo\"\nsigning_key = {:?}\n",
+        dir.join("audit"),
+        keys.join("audit.key")
+    );
+    t.push_str("[audit.hmac_keys]\n");
+    for (cc, _) in STATES {
+        let path = keys.join(format!("{}.audit-hmac", cc.to_ascii_lowercase()));
+        let key: [u8; 32] = rand::random();
+        write_private(&path, &format!("{}\n", hex::encode(key)))?;
+        t.push_str(&format!("{cc} = {path:?}\n"));
+    }
+    Ok(t)
 }
 
 /// A demo CA and a server certificate for 127.0.0.1 / localhost signed by it; returns

@@ -9,8 +9,10 @@
 // Errors are the cold path; `ApiError` carries the whole OpenAI error body by value.
 #![allow(clippy::result_large_err)]
 
+pub mod audit;
 pub mod auth;
 pub mod body;
+pub mod cli_audit;
 pub mod cli_policy;
 pub mod cli_token;
 pub mod config;

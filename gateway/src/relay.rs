@@ -28,7 +28,12 @@ pub struct Started {
 
 /// How a relay ended.
 pub enum Relayed {
-    Done { usage: UsageCounts },
+    /// Served; `text` is the whole completion (for the audit record's response HMAC,
+    /// never logged).
+    Done {
+        usage: UsageCounts,
+        text: String,
+    },
     ClientGone,
     Failed(ApiError),
 }
@@ -158,12 +163,14 @@ pub async fn stream_sse(
     {
         return Relayed::ClientGone;
     }
+    let mut text = String::new();
     loop {
         let (data, end, result) = match started.next().await {
             Ok(Some(c)) if c.finish_reason.is_empty() => {
                 if c.text.is_empty() {
                     continue;
                 }
+                text.push_str(&c.text);
                 (event(meta.delta(&c.text, None)).to_vec(), false, None)
             }
             Ok(Some(c)) => {
@@ -175,7 +182,8 @@ pub async fn stream_sse(
                     ));
                 }
                 out.extend_from_slice(b"data: [DONE]\n\n");
-                (out, true, Some(Relayed::Done { usage }))
+                let text = std::mem::take(&mut text);
+                (out, true, Some(Relayed::Done { usage, text }))
             }
             Ok(None) => {
                 let e = ApiError::new(
@@ -243,7 +251,7 @@ pub async fn whole(
             let written = write_json(s, 200, extra, &body, request_id).await;
             started.finish();
             if written {
-                Relayed::Done { usage }
+                Relayed::Done { usage, text }
             } else {
                 Relayed::ClientGone
             }

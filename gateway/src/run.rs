@@ -15,6 +15,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
 
+use crate::audit::AuditLog;
 use crate::auth::Authenticator;
 use crate::config::{GatewayConfig, TlsConfig};
 use crate::policy::{PolicyStore, spawn_watcher};
@@ -39,6 +40,9 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     tracing::info!(policy_hash = %policy.hash(), dir = %cfg.policies.display(), "policy set admitted");
     let auth = Arc::new(Authenticator::new(cfg.member_states.clone())?);
     let router = Arc::new(Router::new(&pools, cfg.routing.clone()));
+    let audit = AuditLog::open(cfg.audit.clone())
+        .with_context(|| format!("audit log {} cannot be opened", cfg.audit.dir.display()))?;
+    tracing::info!(dir = %cfg.audit.dir.display(), replica = %audit.replica(), key = %audit.public_key(), "audit log open");
 
     router.spawn_watchers();
     let _refresh = auth.spawn_refresh();
@@ -51,6 +55,7 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     options.h2c = cfg.tls.is_none();
     let gateway = Gateway {
         auth,
+        audit: audit.clone(),
         policy: policy.clone(),
         pools: pools.clone(),
         router: router.clone(),
@@ -87,6 +92,8 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     }
     tracing::info!(listen = %cfg.listen, admin = ?cfg.admin_listen, tls = cfg.tls.is_some(), "gateway starting");
     server.run(RunArgs::default());
+    // A final checkpoint covers every record written.
+    bg.block_on(audit.shutdown());
     tracing::info!("gateway stopped");
     Ok(())
 }

@@ -16,6 +16,7 @@ use pingora::server::ShutdownWatch;
 use proto::openai::{self, ChatRequest, CompletionRequest, Endpoint, Prompt, ResponseMeta};
 use proto::worker as pb;
 
+use crate::audit::{self, AuditLog};
 use crate::auth::{Authenticator, Caller};
 use crate::body;
 use crate::domain::Classification;
@@ -31,10 +32,12 @@ pub const POOL_HEADER: &str = "x-residency-pool";
 pub const COUNTRY_HEADER: &str = "x-residency-country";
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 pub const POLICY_HASH_HEADER: &str = "x-policy-hash";
+pub const RECEIPT_HEADER: &str = "x-residency-receipt";
 
 /// Everything a request needs, shared by all connections.
 pub struct Gateway {
     pub auth: Arc<Authenticator>,
+    pub audit: Arc<AuditLog>,
     pub policy: Arc<PolicyStore>,
     pub pools: Arc<PoolsConfig>,
     pub router: Arc<Router>,
@@ -193,51 +196,127 @@ impl Gateway {
         let bytes = body::read_bounded(s, self.max_body_bytes).await?;
         let parsed = ParsedRequest::parse(&bytes, endpoint, &ctx.id)?;
         ctx.model = Some(parsed.model.clone());
-        // 3. classification
-        let classification = requested_classification(s, &caller)?;
+        let state = caller.state.as_str();
+        let base = self.audit_base(ctx, &caller, &parsed);
+        // 3. classification (a refusal is audited too)
+        let classification = match requested_classification(s, &caller) {
+            Ok(c) => c,
+            Err(e) => {
+                let mut rec = base.clone();
+                rec.decision = Some(audit::Decision::Deny);
+                rec.reason_codes = vec![e.code.clone()];
+                rec.outcome = Some(audit::Outcome {
+                    status: e.status,
+                    code: e.code.clone(),
+                });
+                self.append_audit(rec).await?;
+                return Err(e);
+            }
+        };
         ctx.classification = Some(classification);
         // 4. policy
         let decision = self.policy.decide(&DecisionRequest {
-            state: caller.state.as_str(),
+            state,
             ministry: &caller.ministry,
             clearance: caller.clearance,
             classification,
             model: &parsed.model,
         });
         let allowed: Vec<_> = decision.allowed().cloned().collect();
+        let mut rec = base.clone();
+        rec.classification = Some(classification);
+        rec.policy_hash = Some(decision.policy_hash.clone());
+        rec.candidates = decision
+            .candidates
+            .iter()
+            .map(|c| audit::Candidate {
+                pool: c.pool.clone(),
+                country: c.country.clone(),
+                allowed: c.allowed,
+                policy_ids: c.policy_ids.clone(),
+                reasons: c.reasons.clone(),
+            })
+            .collect();
         if allowed.is_empty() {
-            if !self.pools.models().contains(parsed.model.as_str()) {
-                return Err(ApiError::new(
+            let e = if !self.pools.models().contains(parsed.model.as_str()) {
+                ApiError::new(
                     404,
                     "invalid_request_error",
                     "model_not_found",
                     format!("no pool serves the model `{}`", parsed.model),
                 )
-                .with_param("model"));
-            }
-            let reasons = decision.deny_reasons();
-            let mut e = ApiError::forbidden(
-                "residency_denied",
-                format!(
-                    "the {} policy allows no pool for {} data with model `{}` (reasons: {})",
-                    caller.state,
-                    classification,
-                    parsed.model,
-                    reasons.join(", ")
-                ),
-            );
-            e.reasons = reasons;
+                .with_param("model")
+            } else {
+                let reasons = decision.deny_reasons();
+                let mut e = ApiError::forbidden(
+                    "residency_denied",
+                    format!(
+                        "the {} policy allows no pool for {} data with model `{}` (reasons: {})",
+                        caller.state,
+                        classification,
+                        parsed.model,
+                        reasons.join(", ")
+                    ),
+                );
+                e.reasons = reasons;
+                e
+            };
+            rec.decision = Some(audit::Decision::Deny);
+            rec.reason_codes = if e.reasons.is_empty() {
+                vec![e.code.clone()]
+            } else {
+                e.reasons.clone()
+            };
+            rec.outcome = Some(audit::Outcome {
+                status: e.status,
+                code: e.code.clone(),
+            });
+            self.append_audit(rec).await?;
             return Err(e);
         }
-        // 5. route + relay (retry on another allowed worker only before the first token)
+        // 5. audit: the decision is durable before any byte goes to a worker.
+        rec.decision = Some(audit::Decision::Allow);
+        rec.pool = Some(allowed[0].pool.clone());
+        rec.pool_country = Some(allowed[0].country.clone());
+        let decision_rec = self.append_audit(rec).await?;
+        let mut completion = base.clone();
+        completion.phase = audit::Phase::Completion;
+        completion.classification = Some(classification);
+        completion.policy_hash = Some(decision.policy_hash.clone());
+        completion.prompt_hmac = None;
+        // 6. route + relay (retry on another allowed worker only before the first token)
         let prefix = route::prefix_key(&parsed.prefix_bytes, self.router.cfg.affinity_prefix_bytes);
-        let started = relay::start(&self.router, &allowed, parsed.request.clone(), prefix).await?;
+        let started =
+            match relay::start(&self.router, &allowed, parsed.request.clone(), prefix).await {
+                Ok(st) => st,
+                Err(e) => {
+                    completion.outcome = Some(audit::Outcome {
+                        status: e.status,
+                        code: e.code.clone(),
+                    });
+                    completion.latency_ms = Some(ctx.started.elapsed().as_millis() as u64);
+                    self.append_completion(completion);
+                    return Err(e);
+                }
+            };
         let pool = started.pool.clone();
+        let receipt = self.audit.receipt(
+            &decision_rec,
+            &ctx.id,
+            state,
+            &started.pool,
+            &started.country,
+            &decision.policy_hash,
+        );
         let headers = vec![
             (POOL_HEADER, started.pool.clone()),
             (COUNTRY_HEADER, started.country.clone()),
             (POLICY_HASH_HEADER, decision.policy_hash.clone()),
+            (RECEIPT_HEADER, receipt),
         ];
+        completion.pool = Some(started.pool.clone());
+        completion.pool_country = Some(started.country.clone());
+        completion.model_served = Some(parsed.model.clone());
         let relayed = if parsed.stream {
             relay::stream_sse(
                 s,
@@ -251,13 +330,18 @@ impl Gateway {
         } else {
             relay::whole(s, started, &parsed.meta, &headers, &ctx.id).await
         };
-        Ok(match relayed {
-            Relayed::Done { usage } => Outcome {
-                status: 200,
-                code: "ok".into(),
-                pool: Some(pool),
-                tokens: Some((usage.prompt_tokens as u32, usage.completion_tokens as u32)),
-            },
+        let out = match relayed {
+            Relayed::Done { usage, text } => {
+                completion.prompt_tokens = Some(usage.prompt_tokens);
+                completion.completion_tokens = Some(usage.completion_tokens);
+                completion.response_hmac = self.audit.hmac(state, text.as_bytes()).ok();
+                Outcome {
+                    status: 200,
+                    code: "ok".into(),
+                    pool: Some(pool),
+                    tokens: Some((usage.prompt_tokens as u32, usage.completion_tokens as u32)),
+                }
+            }
             Relayed::ClientGone => Outcome {
                 status: 499,
                 code: "client_disconnected".into(),
@@ -270,7 +354,62 @@ impl Gateway {
                 pool: Some(pool),
                 tokens: None,
             },
+        };
+        completion.outcome = Some(audit::Outcome {
+            status: out.status,
+            code: out.code.clone(),
+        });
+        completion.latency_ms = Some(ctx.started.elapsed().as_millis() as u64);
+        self.append_completion(completion);
+        Ok(out)
+    }
+
+    /// The fields every record of this request shares (no prompt text: only its HMAC
+    /// under the state's key).
+    fn audit_base(
+        &self,
+        ctx: &RequestCtx,
+        caller: &Caller,
+        parsed: &ParsedRequest,
+    ) -> audit::RecordInput {
+        let state = caller.state.as_str();
+        let identity = format!(
+            "{}/{}",
+            caller.ministry,
+            caller.subject.as_deref().unwrap_or("")
+        );
+        audit::RecordInput {
+            phase: audit::Phase::Decision,
+            request_id: ctx.id.clone(),
+            state: state.to_string(),
+            ministry: Some(caller.ministry.clone()),
+            caller_hmac: self.audit.hmac(state, identity.as_bytes()).ok(),
+            model_requested: Some(parsed.model.clone()),
+            prompt_hmac: self.audit.hmac(state, &parsed.prompt_digest).ok(),
+            ..Default::default()
+        }
+    }
+
+    /// Appends a decision record; fails closed with 503 `audit_unavailable`.
+    async fn append_audit(&self, rec: audit::RecordInput) -> Result<audit::Appended, ApiError> {
+        self.audit.append(rec).await.map_err(|e| {
+            tracing::error!(error = %e, "audit record not durable; request refused");
+            ApiError::unavailable(
+                "audit_unavailable",
+                "the audit log cannot record this request durably, so it is not processed",
+            )
         })
+    }
+
+    /// Appends a completion record without holding up the response; a failure is
+    /// logged (the answer has been given; the decision record is already durable).
+    fn append_completion(&self, rec: audit::RecordInput) {
+        let audit = self.audit.clone();
+        tokio::spawn(async move {
+            if let Err(e) = audit.append(rec).await {
+                tracing::error!(error = %e, "completion record not written");
+            }
+        });
     }
 }
 
@@ -283,11 +422,13 @@ struct ParsedRequest {
     meta: ResponseMeta,
     /// The start of the prompt, for prefix affinity (never logged).
     prefix_bytes: Vec<u8>,
+    /// What the prompt HMAC covers (`audit::prompt_digest_input_*`); never logged.
+    prompt_digest: Vec<u8>,
 }
 
 impl ParsedRequest {
     fn parse(bytes: &[u8], endpoint: Endpoint, id: &str) -> Result<Self, ApiError> {
-        let (common, input, prefix_bytes) = match endpoint {
+        let (common, input, prefix_bytes, prompt_digest) = match endpoint {
             Endpoint::Chat => {
                 let r: ChatRequest = openai::parse(bytes)?;
                 let messages = r.messages()?;
@@ -300,10 +441,16 @@ impl ParsedRequest {
                     .flat_map(|m| m.content.as_bytes().iter().copied())
                     .take(4096)
                     .collect();
+                let pairs: Vec<(String, String)> = messages
+                    .iter()
+                    .map(|m| (m.role.clone(), m.content.clone()))
+                    .collect();
+                let digest = audit::prompt_digest_input_chat(&pairs);
                 (
                     r.common,
                     pb::generate_request::Input::Chat(pb::ChatMessages { messages }),
                     prefix,
+                    digest,
                 )
             }
             Endpoint::Text => {
@@ -319,7 +466,13 @@ impl ParsedRequest {
                     }
                 };
                 let prefix = text.as_bytes()[..text.len().min(4096)].to_vec();
-                (r.common, pb::generate_request::Input::Prompt(text), prefix)
+                let digest = audit::prompt_digest_input_text(&text);
+                (
+                    r.common,
+                    pb::generate_request::Input::Prompt(text),
+                    prefix,
+                    digest,
+                )
             }
         };
         if common.model.is_empty() {
@@ -355,6 +508,7 @@ impl ParsedRequest {
                 endpoint,
             },
             prefix_bytes,
+            prompt_digest,
         })
     }
 }

@@ -14,7 +14,7 @@ use gateway::domain::Classification;
 
 #[test]
 fn federation_end_to_end() {
-    let demo = Demo::start("e2e");
+    let mut demo = Demo::start("e2e");
     let t0 = Instant::now();
     routing_table(&demo);
     eprintln!("routing table: {:?}", t0.elapsed());
@@ -28,13 +28,148 @@ fn federation_end_to_end() {
     failover(&demo);
     let status = demo.stop();
     assert!(status.success(), "demo exit status after Ctrl-C: {status}");
+    audit_after_traffic(&demo);
     tls_demo();
+}
+
+/// The demo's audit log after all that traffic: intact, every served request has a
+/// verifiable receipt and an inclusion proof, prompts are provable by their ministry.
+fn audit_after_traffic(demo: &Demo) {
+    let audit = demo.json["audit_dir"].as_str().unwrap().to_string();
+    let key = demo.json["audit_key"].as_str().unwrap().to_string();
+    let sovctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sovctl"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, out) = sovctl(&["audit", "verify", &audit, "--key", &key]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("intact"), "{out}");
+    // Every served request (200) has a decision record before its completion record,
+    // refusals have a deny record; no prompt text anywhere in the log.
+    let records =
+        gateway::audit::read_records(std::path::Path::new(&audit), &Default::default()).unwrap();
+    let decisions = records
+        .iter()
+        .filter(|r| r.phase == gateway::audit::Phase::Decision)
+        .count();
+    let completions = records
+        .iter()
+        .filter(|r| r.phase == gateway::audit::Phase::Completion)
+        .count();
+    assert!(
+        decisions >= 20 && completions >= 15,
+        "{decisions} decisions, {completions} completions"
+    );
+    let denies = records
+        .iter()
+        .filter(|r| r.decision == Some(gateway::audit::Decision::Deny))
+        .count();
+    assert!(denies >= 4, "refusals are audited: {denies}");
+    for dir in ["DE", "FR", "IT"] {
+        let text = std::fs::read_dir(std::path::Path::new(&audit).join(dir))
+            .unwrap()
+            .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+            .collect::<String>();
+        for secret in [
+            "Nenne drei Flüsse",
+            "Bonjour",
+            "Der Bundestag tagt",
+            "history of Rome",
+        ] {
+            assert!(!text.contains(secret), "prompt text in the {dir} audit log");
+        }
+    }
+    // The ministry can prove what it sent (openai_client.py's first prompt).
+    let prompt = demo.dir.join("prompt.txt");
+    std::fs::write(&prompt, "Nenne drei Flüsse in Deutschland.").unwrap();
+    let hmac = demo.json["audit_hmac_keys"]["DE"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (code, out) = sovctl(&[
+        "audit",
+        "check-prompt",
+        &audit,
+        "--key",
+        &hmac,
+        "--text",
+        prompt.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("bmi"), "{out}");
+    // A receipt from a served request verifies offline, and its request has a proof.
+    let r = curl(
+        "POST",
+        &format!("{}/chat/completions", demo.url),
+        Some(&demo.token("DE", "bmi")),
+        &[],
+        Some(&chat_body(&demo.model(), "x", 1, false)),
+        &[],
+    );
+    assert_eq!(r.status, 0, "the demo is stopped");
+    let receipt = demo.dir.join("receipt.txt");
+    let saved = std::fs::read_to_string(demo.dir.join("last-receipt.txt"))
+        .expect("a receipt saved during the run");
+    std::fs::write(&receipt, saved.trim()).unwrap();
+    let (code, out) = sovctl(&[
+        "receipt",
+        "verify",
+        receipt.to_str().unwrap(),
+        "--key",
+        &key,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let rid = std::fs::read_to_string(demo.dir.join("last-receipt-request-id.txt")).unwrap();
+    assert!(out.contains(rid.trim()), "{out}");
+    let (code, out) = sovctl(&[
+        "audit",
+        "prove",
+        "--dir",
+        &audit,
+        "--request-id",
+        rid.trim(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let proof = demo.dir.join("proof.json");
+    std::fs::write(&proof, &out).unwrap();
+    let (code, out2) = sovctl(&[
+        "audit",
+        "verify-proof",
+        proof.to_str().unwrap(),
+        "--key",
+        &key,
+    ]);
+    assert_eq!(code, 0, "{out}\n{out2}");
+    // A receipt checked against another key fails.
+    let other = demo.dir.join("other");
+    let (code, out) = sovctl(&["audit", "keygen", "--out", other.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let other_key = std::fs::read_dir(&other)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "vkey" || e == "pub"))
+        .expect("a public key file");
+    let (code, _) = sovctl(&[
+        "receipt",
+        "verify",
+        receipt.to_str().unwrap(),
+        "--key",
+        other_key.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
 }
 
 /// The demo with `--tls`: HTTPS with HTTP/1.1 and h2 (ALPN), verified against the demo
 /// CA from demo.json, with curl and the openai package.
 fn tls_demo() {
-    let demo = Demo::start_with("e2e-tls", &["--tls", "--policy-reload-secs", "0"]);
+    let mut demo = Demo::start_with("e2e-tls", &["--tls", "--policy-reload-secs", "0"]);
     assert!(demo.url.starts_with("https://127.0.0.1:"), "{}", demo.url);
     let ca = demo.json["ca_cert"]
         .as_str()
@@ -266,6 +401,15 @@ fn routing_table(demo: &Demo) {
                 "{}",
                 c.name
             );
+            let receipt = r
+                .header("x-residency-receipt")
+                .expect("served responses carry a receipt");
+            std::fs::write(demo.dir.join("last-receipt.txt"), receipt).unwrap();
+            std::fs::write(
+                demo.dir.join("last-receipt-request-id.txt"),
+                r.header("x-request-id").unwrap(),
+            )
+            .unwrap();
             let country = demo.pool(c.code_or_pool)["country"]
                 .as_str()
                 .unwrap()

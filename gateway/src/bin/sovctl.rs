@@ -3,13 +3,13 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gateway::{cli_policy, cli_token, demo};
+use gateway::{cli_audit, cli_policy, cli_token, demo};
 
 #[derive(Parser)]
 #[command(
     name = "sovctl",
     version,
-    about = "Sovereign inference gateway: demo, policy, identity and (later) audit tools"
+    about = "Sovereign inference gateway: demo, policy, identity and audit tools"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -29,6 +29,12 @@ enum Command {
     /// Generate member-state signing keys (demo and test identity providers).
     #[command(subcommand)]
     Keys(cli_token::KeysCommand),
+    /// Auditors' tools: verify, query, prove, check-prompt, keygen, bench.
+    #[command(subcommand)]
+    Audit(cli_audit::AuditCommand),
+    /// Check a residency receipt offline.
+    #[command(subcommand)]
+    Receipt(cli_audit::ReceiptCommand),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +51,8 @@ fn main() -> ExitCode {
         Command::Policy(c) => cli_policy::run(c),
         Command::Token(c) => cli_token::run_token(c),
         Command::Keys(c) => cli_token::run_keys(c),
+        Command::Audit(c) => cli_audit::run_audit(c),
+        Command::Receipt(c) => cli_audit::run_receipt(c),
     };
     match result {
         Ok(code) => code,

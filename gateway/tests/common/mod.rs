@@ -134,7 +134,7 @@ impl Demo {
     }
 
     /// Stops the demo as Ctrl-C would and waits (bounded) for it to exit.
-    pub fn stop(mut self) -> std::process::ExitStatus {
+    pub fn stop(&mut self) -> std::process::ExitStatus {
         unsafe {
             libc::kill(self.child.id() as libc::pid_t, libc::SIGINT);
         }
