@@ -2,7 +2,8 @@
 # Gateway overhead side by side with nginx. One fake worker (`worker fake`: answers at
 # once with 16 fixed tokens) serves both: over gRPC to the gateway (with JWT auth and
 # Cedar policy on) and over HTTP to nginx (a plain reverse proxy with upstream
-# keepalive). wrk measures, alternating the targets, for each of: the fake worker's
+# keepalive), and with the audit log's fsync'd decision record in the gateway's path.
+# wrk measures, alternating the targets, for each of: the fake worker's
 # HTTP directly (the floor), nginx, the gateway:
 #   - latency at concurrency 1 (p50, p99),
 #   - throughput at concurrency 64.
@@ -35,6 +36,7 @@ pids+=($!)
 ./target/release/sovctl keys generate --dir "$D/keys" --state DE --alg EdDSA > "$D/member_state.toml"
 TOKEN=$(./target/release/sovctl token mint --keys "$D/keys" --state DE --ministry bench \
   --clearance restricted --ttl 2h)
+./target/release/sovctl audit keygen --out "$D/audit-keys" --hmac-states DE >/dev/null
 cat > "$D/pools.toml" <<TOML
 [[pool]]
 id = "de-fra-1"
@@ -49,6 +51,13 @@ TOML
   echo "pools = \"$D/pools.toml\""
   echo "threads = ${GW_THREADS:-2}"
   grep -v '^#' "$D/member_state.toml"
+  # The audit log is in the path: every request's decision record is fsync'd (group
+  # commit) before the worker is called.
+  echo "[audit]"
+  echo "dir = \"$D/audit\""
+  echo "signing_key = \"$D/audit-keys/audit-signing.key\""
+  echo "[audit.hmac_keys]"
+  echo "DE = \"$D/audit-keys/hmac-DE.key\""
 } > "$D/gateway.toml"
 SOV_LOG=warn ./target/release/gateway --config "$D/gateway.toml" 2>"$D/gateway.log" &
 pids+=($!)

@@ -401,15 +401,13 @@ impl Gateway {
         })
     }
 
-    /// Appends a completion record without holding up the response; a failure is
-    /// logged (the answer has been given; the decision record is already durable).
+    /// Appends a completion record without holding up the response or the next
+    /// request's decision record (lazy durability: it shares a later fsync). A failure
+    /// is logged; the answer has been given and the decision record is durable.
     fn append_completion(&self, rec: audit::RecordInput) {
-        let audit = self.audit.clone();
-        tokio::spawn(async move {
-            if let Err(e) = audit.append(rec).await {
-                tracing::error!(error = %e, "completion record not written");
-            }
-        });
+        if let Err(e) = self.audit.append_lazy(rec) {
+            tracing::error!(error = %e, "completion record not written");
+        }
     }
 }
 

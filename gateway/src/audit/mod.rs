@@ -34,8 +34,9 @@ pub use keys::{
 };
 pub use merkle::{EMPTY_ROOT, Frontier, Hash, LeafStore, leaf_hash, node_hash};
 pub use read::{
-    ConsistencyProof, Filter, Proof, check_prompt, consistency_proof, inclusion_proof,
-    inclusion_proof_at, prompt_candidates, read_records, verify_consistency, verify_proof,
+    ConsistencyProof, Filter, Proof, check_prompt, checkpoint_note, consistency_proof,
+    inclusion_proof, inclusion_proof_at, prompt_candidates, read_records, verify_consistency,
+    verify_proof,
 };
 pub use receipt::{ReceiptStatement, verify_receipt};
 pub use record::{
@@ -268,6 +269,19 @@ impl AuditLog {
         log.send(writer::Msg::Append(Box::new(rec), tx))?;
         rx.await
             .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
+    }
+
+    /// Appends without waiting for durability: the record is written with the next
+    /// synchronous append's fsync or within 20 ms, and before any checkpoint covering
+    /// it. For records whose loss in a crash is acceptable (completion records); never
+    /// for decision records.
+    pub fn append_lazy(&self, rec: RecordInput) -> Result<(), AuditError> {
+        let log = self.state(&rec.state)?;
+        if let Some(why) = log.shared.failed() {
+            return Err(AuditError::Unavailable(why));
+        }
+        let (tx, _rx) = oneshot::channel();
+        log.send(writer::Msg::AppendLazy(Box::new(rec), tx))
     }
 
     /// The signed `x-residency-receipt` value for a served request.

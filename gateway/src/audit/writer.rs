@@ -48,7 +48,16 @@ pub(crate) enum Msg {
     ),
     Checkpoint(oneshot::Sender<Result<u64, AuditError>>),
     Shutdown(oneshot::Sender<()>),
+    /// An append whose caller does not wait for durability (completion records): it is
+    /// written with the next synchronous append's fsync, or after [`LAZY_MAX`], and
+    /// always before a checkpoint that covers it.
+    AppendLazy(Box<RecordInput>, Reply),
 }
+
+/// Most bytes of lazy appends buffered before they are flushed anyway.
+const LAZY_MAX_BYTES: usize = 256 * 1024;
+/// Longest a lazy append stays buffered before its own flush.
+const LAZY_MAX: Duration = Duration::from_millis(20);
 
 /// State shared between the writer thread and `AuditLog`.
 #[derive(Default)]
@@ -102,6 +111,10 @@ pub(crate) struct Writer {
     last_cp_size: u64,
     last_cp_at: Instant,
     last_retention: Instant,
+    /// Lazy appends assigned a seq but not yet written (see [`Msg::AppendLazy`]).
+    lazy_buf: Vec<u8>,
+    lazy_pending: Pending,
+    lazy_since: Option<Instant>,
     _lock: File,
 }
 
@@ -205,6 +218,9 @@ impl Writer {
             last_cp_size,
             last_cp_at: Instant::now(),
             last_retention: Instant::now(),
+            lazy_buf: Vec::new(),
+            lazy_pending: Vec::new(),
+            lazy_since: None,
             _lock: lock,
         };
         // Records acknowledged before a crash get their checkpoint now.
@@ -215,11 +231,14 @@ impl Writer {
 
     pub fn run(mut self, rx: Receiver<Msg>) {
         loop {
-            let timeout = if self.frontier.size() > self.last_cp_size {
+            let mut timeout = if self.frontier.size() > self.last_cp_size {
                 self.cfg.every.saturating_sub(self.last_cp_at.elapsed())
             } else {
                 Duration::from_secs(60)
             };
+            if let Some(since) = self.lazy_since {
+                timeout = timeout.min(LAZY_MAX.saturating_sub(since.elapsed()));
+            }
             let mut batch = Vec::new();
             match rx.recv_timeout(timeout) {
                 Ok(m) => batch.push(m),
@@ -239,12 +258,15 @@ impl Writer {
             let mut control = Vec::new();
             for m in batch {
                 match m {
-                    Msg::Append(input, tx) => appends.push((input, tx)),
+                    Msg::Append(input, tx) => appends.push((input, tx, true)),
+                    Msg::AppendLazy(input, tx) => appends.push((input, tx, false)),
                     other => control.push(other),
                 }
             }
             if !appends.is_empty() {
                 self.commit(appends);
+            } else if self.lazy_since.is_some_and(|t| t.elapsed() >= LAZY_MAX) {
+                self.flush_lazy();
             }
             if self.shared.failed().is_none()
                 && let Err(e) = self.checkpoint_if(false)
@@ -273,13 +295,14 @@ impl Writer {
                         let _ = tx.send(());
                         return;
                     }
-                    Msg::Append(..) => {}
+                    Msg::Append(..) | Msg::AppendLazy(..) => {}
                 }
             }
         }
     }
 
     fn finish(&mut self) {
+        self.flush_lazy();
         if self.shared.failed().is_none()
             && let Err(e) = self.checkpoint_if(true)
         {
@@ -288,18 +311,20 @@ impl Writer {
     }
 
     /// Assign sequence numbers, write and fsync, then acknowledge (group commit).
-    fn commit(&mut self, appends: Vec<(Box<RecordInput>, Reply)>) {
+    fn commit(&mut self, appends: Vec<(Box<RecordInput>, Reply, bool)>) {
         if let Some(why) = self.shared.failed() {
-            for (_, tx) in appends {
+            for (_, tx, _) in appends {
                 let _ = tx.send(Err(AuditError::Unavailable(why.clone())));
             }
             return;
         }
-        let mut buf = Vec::with_capacity(appends.len() * 1024);
-        let mut pending: Pending = Vec::with_capacity(appends.len());
+        // Buffered lazy appends come first: their seqs are older.
+        let mut buf = std::mem::take(&mut self.lazy_buf);
+        let mut pending: Pending = std::mem::take(&mut self.lazy_pending);
+        let any_sync = appends.iter().any(|a| a.2);
         let time = now_rfc3339();
         let mut iter = appends.into_iter();
-        while let Some((input, tx)) = iter.next() {
+        while let Some((input, tx, _)) = iter.next() {
             let seq = self.frontier.size();
             let rec = Record::from_input(*input, &self.origin, seq, time.clone());
             let line = match rec.canonical() {
@@ -318,9 +343,10 @@ impl Writer {
                 if let Err(e) = rotated {
                     self.shared.set_failed(e.to_string());
                     let _ = tx.send(Err(AuditError::Unavailable(e.to_string())));
-                    for (_, tx) in iter {
+                    for (_, tx, _) in iter {
                         let _ = tx.send(Err(AuditError::Unavailable(e.to_string())));
                     }
+                    self.lazy_since = None;
                     return;
                 }
             }
@@ -330,9 +356,31 @@ impl Writer {
             self.frontier.push(leaf);
             pending.push((tx, seq, leaf));
         }
+        let overdue = self.lazy_since.is_some_and(|t| t.elapsed() >= LAZY_MAX);
+        if any_sync || overdue || buf.len() >= LAZY_MAX_BYTES {
+            if let Err(e) = self.flush(&mut buf, &mut pending) {
+                self.shared.set_failed(e.to_string());
+            }
+            self.lazy_since = None;
+        } else if !pending.is_empty() {
+            self.lazy_since.get_or_insert_with(Instant::now);
+        }
+        self.lazy_buf = buf;
+        self.lazy_pending = pending;
+    }
+
+    /// Writes and fsyncs the buffered lazy appends, if any.
+    fn flush_lazy(&mut self) {
+        if self.lazy_pending.is_empty() {
+            return;
+        }
+        let mut buf = std::mem::take(&mut self.lazy_buf);
+        let mut pending = std::mem::take(&mut self.lazy_pending);
         if let Err(e) = self.flush(&mut buf, &mut pending) {
             self.shared.set_failed(e.to_string());
         }
+        self.lazy_since = None;
+        self.lazy_buf = buf;
     }
 
     /// Write and fdatasync `buf`, then acknowledge `pending`. On error every pending
@@ -403,6 +451,11 @@ impl Writer {
             || self.last_cp_at.elapsed() >= self.cfg.every;
         if !due {
             return Ok(());
+        }
+        // A checkpoint only ever covers records on disk.
+        self.flush_lazy();
+        if let Some(why) = self.shared.failed() {
+            return Err(AuditError::Unavailable(why));
         }
         let note = self
             .key
@@ -483,7 +536,7 @@ impl Writer {
             ..RecordInput::default()
         };
         let (tx, mut rx) = oneshot::channel();
-        self.commit(vec![(Box::new(input), tx)]);
+        self.commit(vec![(Box::new(input), tx, true)]);
         match rx.try_recv() {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
