@@ -146,6 +146,21 @@ fn load(log: &Path) -> Result<Loaded, AuditError> {
     })
 }
 
+/// The signed note of the checkpoint of `size` in the log in `log`, if it has one (not
+/// signature-checked here; `verify_dir` checks every checkpoint).
+pub fn checkpoint_note(log: &Path, size: u64) -> Result<Option<String>, AuditError> {
+    for (_, path) in store::list_checkpoint_files(log)?.iter().rev() {
+        for line in Lines::read(path)?.iter() {
+            let cl: CheckpointLine = serde_json::from_slice(line)
+                .map_err(|e| AuditError::Corrupt(format!("{}: {e}", path.display())))?;
+            if cl.size == size {
+                return Ok(Some(cl.note));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// An inclusion proof of one record in a signed checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
