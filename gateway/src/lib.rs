@@ -9,6 +9,7 @@
 // Errors are the cold path; `ApiError` carries the whole OpenAI error body by value.
 #![allow(clippy::result_large_err)]
 
+pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod body;

@@ -7,14 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
-use pingora::apps::http_app::{HttpServer, ServeHttp};
-use pingora::protocols::http::ServerSession;
+use pingora::apps::http_app::HttpServer;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
 
+use crate::admin::Admin;
 use crate::audit::AuditLog;
 use crate::auth::Authenticator;
 use crate::config::{GatewayConfig, TlsConfig};
@@ -54,7 +53,7 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let mut options = HttpServerOptions::default();
     options.h2c = cfg.tls.is_none();
     let gateway = Gateway {
-        auth,
+        auth: auth.clone(),
         audit: audit.clone(),
         policy: policy.clone(),
         pools: pools.clone(),
@@ -77,7 +76,9 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     server.add_service(api);
 
     if let Some(admin_addr) = cfg.admin_listen {
-        let admin = HttpServer::new_app(Admin { policy, router });
+        let admin = Admin::new(policy, router, auth.clone(), &audit)
+            .context("the admin listener cannot read the audit log's key")?;
+        let admin = HttpServer::new_app(admin);
         let mut svc = Service::new("admin".to_string(), admin);
         let tls = cfg.tls.as_ref().filter(|t| t.admin);
         if tls.is_none() {
@@ -134,40 +135,4 @@ fn spawn_sighup_reload(policy: Arc<PolicyStore>) -> anyhow::Result<()> {
         }
     });
     Ok(())
-}
-
-/// The admin listener: health, the active policy hash and the workers' status.
-struct Admin {
-    policy: Arc<PolicyStore>,
-    router: Arc<Router>,
-}
-
-#[async_trait]
-impl ServeHttp for Admin {
-    async fn response(&self, s: &mut ServerSession) -> http::Response<Vec<u8>> {
-        let path = s.req_header().uri.path().to_string();
-        let (status, body) = match path.as_str() {
-            "/health" => (200, serde_json::json!({"status": "ok"})),
-            "/admin/status" => (
-                200,
-                serde_json::json!({
-                    "policy_hash": self.policy.hash(),
-                    "states": self.policy.current().states().collect::<Vec<_>>(),
-                    "workers": self.router.status(),
-                }),
-            ),
-            "/admin/policy-hash" => (200, serde_json::json!({"policy_hash": self.policy.hash()})),
-            _ => (
-                404,
-                crate::error::ApiError::not_found(format!("no such endpoint: {path}")).to_json(),
-            ),
-        };
-        let bytes = body.to_string().into_bytes();
-        http::Response::builder()
-            .status(status)
-            .header("content-type", "application/json")
-            .header("content-length", bytes.len())
-            .body(bytes)
-            .unwrap_or_default()
-    }
 }

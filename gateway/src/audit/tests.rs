@@ -623,16 +623,26 @@ async fn lazy_appends_share_fsyncs_keep_order_and_precede_checkpoints() {
     for i in 0..50 {
         log.append_lazy(rec("DE", 2 * i)).unwrap();
         let a = log.append(rec("DE", 2 * i + 1)).await.unwrap();
-        assert_eq!(a.seq, (2 * i + 1) as u64, "lazy records keep their place in the order");
+        assert_eq!(
+            a.seq,
+            (2 * i + 1) as u64,
+            "lazy records keep their place in the order"
+        );
     }
     let (records, fsyncs) = log.stats("DE").unwrap();
     assert_eq!(records, 100);
-    assert!(fsyncs <= 50, "lazy appends rode along: {fsyncs} fsyncs for 100 records");
+    assert!(
+        fsyncs <= 50,
+        "lazy appends rode along: {fsyncs} fsyncs for 100 records"
+    );
     // A lone lazy append is flushed on its own within the deadline...
     log.append_lazy(rec("DE", 100)).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     while log.stats("DE").unwrap().0 < 101 {
-        assert!(std::time::Instant::now() < deadline, "lazy append never flushed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lazy append never flushed"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     // ...and one queued right before a checkpoint is on disk before the checkpoint.
@@ -642,5 +652,8 @@ async fn lazy_appends_share_fsyncs_keep_order_and_precede_checkpoints() {
     log.shutdown().await;
     let r = check(&e.cfg.dir, &e.vkey);
     assert!(r.ok(), "{r:#?}");
-    assert_eq!(read_records(&e.cfg.dir, &Filter::default()).unwrap().len(), 102);
+    assert_eq!(
+        read_records(&e.cfg.dir, &Filter::default()).unwrap().len(),
+        102
+    );
 }

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod audit_gateway;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
