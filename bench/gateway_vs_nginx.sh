@@ -60,7 +60,8 @@ TOML
   echo "DE = \"$D/audit-keys/hmac-DE.key\""
 } > "$D/gateway.toml"
 SOV_LOG=warn ./target/release/gateway --config "$D/gateway.toml" 2>"$D/gateway.log" &
-pids+=($!)
+GW_PID=$!
+pids+=($GW_PID)
 
 cat > "$D/nginx.conf" <<NGINX
 worker_processes 2;
@@ -114,6 +115,10 @@ for round in $(seq 1 "$ROUNDS"); do
     echo "round $round: $name" >&2
     wrk -t1 -c1 -d"${DURATION}s" --latency -s "$D/post.lua" "http://127.0.0.1:$p/v1/chat/completions" \
       > "$OUT/$name-c1-$round.txt"
+    # PERF_GATEWAY=1: profile the gateway during its concurrency-64 run (bench/out/…/gateway.perf).
+    if [ "${PERF_GATEWAY:-}" = 1 ] && [ "$name" = gateway ]; then
+      perf record -g -F 999 -p "$GW_PID" -o "$OUT/gateway.perf" -- sleep "$DURATION" 2>/dev/null &
+    fi
     wrk -t2 -c64 -d"${DURATION}s" --latency -s "$D/post.lua" "http://127.0.0.1:$p/v1/chat/completions" \
       > "$OUT/$name-c64-$round.txt"
   done
