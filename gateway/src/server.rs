@@ -203,6 +203,11 @@ impl Gateway {
             Ok(c) => c,
             Err(e) => {
                 let mut rec = base.clone();
+                // The classification asked for, when it was a valid one.
+                rec.classification = s
+                    .get_header(CLASSIFICATION_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().to_ascii_lowercase().parse().ok());
                 rec.decision = Some(audit::Decision::Deny);
                 rec.reason_codes = vec![e.code.clone()];
                 rec.outcome = Some(audit::Outcome {

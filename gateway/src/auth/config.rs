@@ -42,6 +42,10 @@ pub struct IssuerConfig {
     /// per 10 s). Keys from the file and the URL are both accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks_url: Option<String>,
+    /// Extra CA certificates (PEM) trusted for an `https://` `jwks_url`, besides the
+    /// system's roots.
+    #[serde(default)]
+    pub jwks_ca_file: Option<PathBuf>,
     #[serde(default = "default_refresh_secs")]
     pub refresh_secs: u64,
     /// Subset of RS256, ES256, EdDSA.

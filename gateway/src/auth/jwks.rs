@@ -107,30 +107,26 @@ pub(crate) fn load_jwks_file(path: &Path) -> Result<Vec<VerifyKey>, String> {
     parse_jwks(&text)
 }
 
-/// An `http://host[:port]/path` URL split into what a request needs.
+/// An `http(s)://host[:port]/path` URL split into what a request needs.
 pub(crate) struct HttpUrl {
     pub host: String,
     pub port: u16,
     pub authority: String,
     pub path: String,
+    pub tls: bool,
 }
 
-/// Accepts `http://` URLs. `https://` is refused for now: serve the JWKS from a file,
-/// or over plain HTTP on a trusted network / through a local TLS-terminating proxy.
+/// Accepts `https://` URLs (verified against the system's roots, plus `jwks_ca_file`
+/// when set) and `http://` URLs (for a trusted network).
 pub(crate) fn parse_http_url(url: &str) -> Result<HttpUrl, String> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(format!(
-                "`{url}`: https:// JWKS URLs are not supported yet; use jwks_file, or an \
-                 http:// URL on a trusted network"
-            ));
-        }
-        _ => return Err(format!("`{url}` must start with http://")),
-    }
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(format!("`{url}` must start with https:// or http://")),
+    };
     let Some(authority) = uri.authority() else {
         return Err(format!("`{url}` has no host"));
     };
@@ -149,27 +145,76 @@ pub(crate) fn parse_http_url(url: &str) -> Result<HttpUrl, String> {
         .unwrap_or_else(|| "/".to_string());
     Ok(HttpUrl {
         host,
-        port: authority.port_u16().unwrap_or(80),
+        port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
         authority: authority.as_str().to_string(),
         path,
+        tls,
     })
+}
+
+/// A TLS client configuration trusting the system's roots and, if given, the CA
+/// certificates in `ca_file` (PEM).
+fn tls_config(ca_file: Option<&Path>) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Ok(native) = rustls_native_certs::load_native_certs() {
+        for cert in native {
+            let _ = roots.add(cert);
+        }
+    }
+    if let Some(path) = ca_file {
+        let pem =
+            std::fs::read(path).map_err(|e| format!("jwks_ca_file {}: {e}", path.display()))?;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| format!("jwks_ca_file {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("jwks_ca_file {}: {e}", path.display()))?;
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(cfg))
 }
 
 /// Fetches and parses a JWKS over HTTP/1.1 (status 200 required, body at most 1 MiB,
 /// 10 s in all).
-pub(crate) async fn fetch_jwks(url: &str) -> Result<Vec<VerifyKey>, String> {
-    let body = tokio::time::timeout(FETCH_TIMEOUT, fetch_body(url))
+pub(crate) async fn fetch_jwks(
+    url: &str,
+    ca_file: Option<&Path>,
+) -> Result<Vec<VerifyKey>, String> {
+    let body = tokio::time::timeout(FETCH_TIMEOUT, fetch_body(url, ca_file))
         .await
         .map_err(|_| format!("no complete answer within {}s", FETCH_TIMEOUT.as_secs()))??;
     parse_jwks(&body)
 }
 
-async fn fetch_body(url: &str) -> Result<Bytes, String> {
+async fn fetch_body(url: &str, ca_file: Option<&Path>) -> Result<Bytes, String> {
     let target = parse_http_url(url)?;
     let stream = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", target.authority))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    if target.tls {
+        let name = rustls::pki_types::ServerName::try_from(target.host.clone())
+            .map_err(|e| format!("`{}` is not a TLS server name: {e}", target.host))?;
+        let tls = tokio_rustls::TlsConnector::from(tls_config(ca_file)?)
+            .connect(name, stream)
+            .await
+            .map_err(|e| format!("TLS with {}: {e}", target.authority))?;
+        get(TokioIo::new(tls), &target).await
+    } else {
+        get(TokioIo::new(stream), &target).await
+    }
+}
+
+async fn get<S>(io: S, target: &HttpUrl) -> Result<Bytes, String>
+where
+    S: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
         .await
         .map_err(|e| format!("HTTP handshake with {}: {e}", target.authority))?;
     let conn_task = tokio::spawn(async move {

@@ -307,6 +307,7 @@ impl StateKeys {
             audience: self.info.audience.clone(),
             jwks_file: Some(jwks_path),
             jwks_url: None,
+            jwks_ca_file: None,
             refresh_secs: DEFAULT_REFRESH_SECS,
             algorithms: vec![self.info.alg.as_str().to_string()],
         }

@@ -425,7 +425,7 @@ impl Authenticator {
             return;
         }
         *last = Some(Instant::now());
-        match jwks::fetch_jwks(url).await {
+        match jwks::fetch_jwks(url, issuer.config.jwks_ca_file.as_deref()).await {
             Ok(keys) => issuer.set_url_keys(keys),
             Err(e) => tracing::warn!(
                 state = %issuer.config.state, url = %url, error = %e,
@@ -483,7 +483,7 @@ async fn refresh_loop(issuer: Arc<Issuer>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        match jwks::fetch_jwks(&url).await {
+        match jwks::fetch_jwks(&url, issuer.config.jwks_ca_file.as_deref()).await {
             Ok(keys) => issuer.set_url_keys(keys),
             Err(e) => tracing::warn!(
                 state = %issuer.config.state, url = %url, error = %e,

@@ -464,6 +464,7 @@ fn base_config(jwks_file: &Path) -> IssuerConfig {
         audience: DEFAULT_AUDIENCE.into(),
         jwks_file: Some(jwks_file.to_path_buf()),
         jwks_url: None,
+        jwks_ca_file: None,
         refresh_secs: DEFAULT_REFRESH_SECS,
         algorithms: vec!["EdDSA".into()],
     }
@@ -491,10 +492,10 @@ fn config_rejects_other_algorithms_and_bad_settings() {
     assert!(config_error(c).contains("jwks_file"));
     let mut c = base_config(&jwks);
     c.jwks_url = Some("https://idp.de.example.eu/jwks".into());
-    assert!(config_error(c).contains("not supported yet"));
+    Authenticator::new(vec![c]).expect("https JWKS URLs are accepted");
     let mut c = base_config(&jwks);
     c.jwks_url = Some("ftp://x/jwks".into());
-    assert!(config_error(c).contains("http://"));
+    assert!(config_error(c).contains("https://"));
     let mut c = base_config(&jwks);
     c.audience = " ".into();
     assert!(config_error(c).contains("audience"));
@@ -784,4 +785,84 @@ fn authenticator_is_shareable_and_its_future_is_send() {
     let auth = authenticator();
     send_sync(auth);
     send(auth.authenticate(None));
+}
+
+/// A one-shot HTTPS JWKS server on 127.0.0.1 with a certificate from a fresh CA;
+/// returns (url, CA PEM path).
+fn https_jwks_server(body: Vec<u8>, connections: usize) -> (String, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let f = fixture();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let ca_path = f.dir.join(format!(
+        "jwks-ca-{}.pem",
+        N_CA.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            )
+            .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}/jwks.json", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(connections) {
+            let Ok(tcp) = stream else { continue };
+            let Ok(conn) = rustls::ServerConnection::new(cfg.clone()) else {
+                continue;
+            };
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tls.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = tls.write_all(head.as_bytes());
+            let _ = tls.write_all(&body);
+            let _ = tls.flush();
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+        }
+    });
+    (url, ca_path)
+}
+
+static N_CA: AtomicUsize = AtomicUsize::new(0);
+
+#[tokio::test]
+async fn https_jwks_url_is_verified_against_the_configured_ca() {
+    let f = fixture();
+    let token = f.de.mint(&claims_for(&f.de), HOUR).unwrap();
+    // Trusted through jwks_ca_file: keys fetched over TLS, the token verifies.
+    let (url, ca) = https_jwks_server(jwks_of(&f.de), 1);
+    let mut config = url_config(&url, 3600);
+    config.jwks_ca_file = Some(ca);
+    let auth = Authenticator::new(vec![config]).unwrap();
+    auth_with(&auth, &token).await.unwrap();
+    // The same server without its CA: the certificate is refused, so no key is known.
+    let (url, _) = https_jwks_server(jwks_of(&f.de), 1);
+    let auth = Authenticator::new(vec![url_config(&url, 3600)]).unwrap();
+    let err = auth_with(&auth, &token).await.unwrap_err();
+    assert_eq!(err.reason, reason::UNKNOWN_KEY_ID, "{err:?}");
 }
