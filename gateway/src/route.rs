@@ -50,6 +50,8 @@ impl Default for RoutingConfig {
 /// The live view of one worker.
 pub struct WorkerHandle {
     pub pool: String,
+    /// The pool's country, from the pools file: the worker must report the same.
+    pub country: String,
     pub addr: SocketAddr,
     /// For Generate calls: created on first use from the request path, so that the
     /// channel's tasks run on the front end's runtime, next to the requests using it.
@@ -81,7 +83,7 @@ pub enum Unavailable {
 }
 
 impl WorkerHandle {
-    fn new(pool: &str, addr: SocketAddr, cfg: &RoutingConfig) -> Self {
+    fn new(pool: &str, country: &str, addr: SocketAddr, cfg: &RoutingConfig) -> Self {
         // `connect_lazy` never fails for a well-formed URI; the address is a SocketAddr.
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map(|e| {
@@ -92,6 +94,7 @@ impl WorkerHandle {
             .unwrap_or_else(|_| Endpoint::from_static("http://127.0.0.1:9"));
         Self {
             pool: pool.to_string(),
+            country: country.to_string(),
             addr,
             client: std::sync::OnceLock::new(),
             watch_client: WorkerClient::new(endpoint.connect_lazy()),
@@ -201,7 +204,7 @@ impl Router {
                 let workers = p
                     .workers
                     .iter()
-                    .map(|&a| Arc::new(WorkerHandle::new(&p.id, a, &cfg)))
+                    .map(|&a| Arc::new(WorkerHandle::new(&p.id, p.country.as_str(), a, &cfg)))
                     .collect();
                 (p.id.clone(), workers)
             })
@@ -304,12 +307,47 @@ pub fn prefix_key(prompt: &[u8], n: usize) -> u64 {
     h
 }
 
-/// Keeps one worker's load view fresh: WatchLoad snapshots while connected; marks it
-/// down and retries with backoff (100 ms doubling to 2 s) while not.
+/// Why a worker's own account of itself (gRPC Info) disqualifies it from its pool: a
+/// worker that says it is in another pool or country is never routed to, whatever the
+/// pools file says, so a wrong address cannot silently move data across a border.
+pub fn identity_mismatch(
+    info: &proto::worker::InfoReply,
+    pool: &str,
+    country: &str,
+) -> Option<String> {
+    if info.pool != pool {
+        return Some(format!(
+            "reports pool `{}`, configured in `{pool}`",
+            info.pool
+        ));
+    }
+    if !info.country.eq_ignore_ascii_case(country) {
+        return Some(format!(
+            "reports country `{}`, its pool `{pool}` is in {country}",
+            info.country
+        ));
+    }
+    None
+}
+
+/// Keeps one worker's load view fresh: checks its identity (Info), then WatchLoad
+/// snapshots while connected; marks it down and retries with backoff (100 ms doubling
+/// to 2 s) while it cannot be reached or does not match its pool.
 async fn watch(w: Arc<WorkerHandle>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut client = w.watch_client.clone();
+        let identity = match client.info(proto::worker::InfoRequest {}).await {
+            Ok(info) => identity_mismatch(info.get_ref(), &w.pool, &w.country),
+            Err(e) => Some(format!("unreachable: {}", e.message())),
+        };
+        if let Some(why) = identity {
+            tracing::warn!(worker = %w.addr, pool = %w.pool, reason = %why, "worker not routed to");
+            w.mark_down();
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+            continue;
+        }
         match client.watch_load(WatchLoadRequest {}).await {
             Ok(resp) => {
                 let mut stream = resp.into_inner();
@@ -396,6 +434,29 @@ mod tests {
         assert!(r.rank("de-1", None).iter().all(|w| w.addr.port() != 40001));
         assert!(r.pool_available("de-1"));
         assert!(!r.pool_available("fr-1"));
+    }
+
+    #[test]
+    fn a_worker_must_report_its_pools_identity() {
+        let info = |pool: &str, country: &str| proto::worker::InfoReply {
+            pool: pool.into(),
+            country: country.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            identity_mismatch(&info("de-fra-1", "DE"), "de-fra-1", "DE"),
+            None
+        );
+        assert_eq!(
+            identity_mismatch(&info("de-fra-1", "de"), "de-fra-1", "DE"),
+            None
+        );
+        let e = identity_mismatch(&info("de-fra-1", "FR"), "de-fra-1", "DE").unwrap();
+        assert!(e.contains("country `FR`"), "{e}");
+        let e = identity_mismatch(&info("fr-par-1", "DE"), "de-fra-1", "DE").unwrap();
+        assert!(e.contains("pool `fr-par-1`"), "{e}");
+        // A standalone worker's defaults (pool `local`, country `EU`) never pass.
+        assert!(identity_mismatch(&info("local", "EU"), "de-fra-1", "DE").is_some());
     }
 
     #[test]
