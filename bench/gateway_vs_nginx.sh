@@ -95,7 +95,6 @@ wrk.headers["x-data-classification"] = "restricted"
 LUA
 
 # Ready: each target answers 200.
-for url in "http://127.0.0.1:$UP_HTTP" "http://127.0.0.1:$NGINX" "http://127.0.0.1:$GW/v1/../"; do :; done
 for i in $(seq 1 100); do
   ok=0
   for p in $UP_HTTP $NGINX $GW; do
