@@ -343,7 +343,12 @@ mod avx2 {
                         _mm256_srli_epi32::<4>(v0),
                         _mm256_srli_epi32::<4>(v1),
                     ];
-                    e.map(|e| _mm256_add_ps(_mm256_mul_ps(ps(e), d), m))
+                    [
+                        _mm256_add_ps(_mm256_mul_ps(ps(e[0]), d), m),
+                        _mm256_add_ps(_mm256_mul_ps(ps(e[1]), d), m),
+                        _mm256_add_ps(_mm256_mul_ps(ps(e[2]), d), m),
+                        _mm256_add_ps(_mm256_mul_ps(ps(e[3]), d), m),
+                    ]
                 }
                 _ => {
                     let m4 = _mm256_set1_epi32(0x0F);
@@ -355,7 +360,12 @@ mod avx2 {
                         _mm256_srli_epi32::<4>(v0),
                         _mm256_srli_epi32::<4>(v1),
                     ];
-                    e.map(|e| _mm256_mul_ps(ps(_mm256_sub_epi32(e, bias)), d))
+                    [
+                        _mm256_mul_ps(ps(_mm256_sub_epi32(e[0], bias)), d),
+                        _mm256_mul_ps(ps(_mm256_sub_epi32(e[1], bias)), d),
+                        _mm256_mul_ps(ps(_mm256_sub_epi32(e[2], bias)), d),
+                        _mm256_mul_ps(ps(_mm256_sub_epi32(e[3], bias)), d),
+                    ]
                 }
             }
         }
@@ -429,7 +439,13 @@ mod avx2 {
                 }
             }
         }
-        acc.map(|r| r.map(|a| hsum(a)))
+        let mut out = [[0.0f32; NR]; MR];
+        for i in 0..MR {
+            for j in 0..NR {
+                out[i][j] = hsum(acc[i][j]);
+            }
+        }
+        out
     }
 
     #[inline]
@@ -465,7 +481,11 @@ mod avx2 {
                 }
             }
         }
-        acc.map(|a| hsum(a))
+        let mut out = [0.0f32; R];
+        for i in 0..R {
+            out[i] = hsum(acc[i]);
+        }
+        out
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -494,8 +514,11 @@ mod avx2 {
         let mut c = 0;
         while c < kv {
             // SAFETY: c + 8 <= kv <= k <= every slice's length.
-            let xv: [__m256; NR] =
-                std::array::from_fn(|j| unsafe { _mm256_loadu_ps(xp[j].add(c)) });
+            let mut xv = [_mm256_setzero_ps(); NR];
+            for j in 0..NR {
+                // SAFETY: c + 8 <= kv <= k <= every slice's length.
+                xv[j] = unsafe { _mm256_loadu_ps(xp[j].add(c)) };
+            }
             for i in 0..MR {
                 let wv = unsafe { _mm256_loadu_ps(wp[i].add(c)) };
                 for j in 0..NR {
