@@ -17,13 +17,15 @@ pub fn available() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
         is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512bw")
             && crate::quant::avx2::available()
             && std::env::var_os("SOV_NO_AVX512").is_none()
     })
 }
 
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx2,fma,f16c")]
 fn f16_splat(lo: u8, hi: u8) -> __m512 {
     _mm512_cvtph_ps(_mm256_set1_epi16(i16::from_le_bytes([lo, hi])))
 }
@@ -31,7 +33,7 @@ fn f16_splat(lo: u8, hi: u8) -> __m512 {
 /// One 32-element block as two 16-lane vectors, with the same values as
 /// `quant::dequantize_row` (scale and offset applied by a multiply and an add).
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx2,fma,f16c")]
 unsafe fn decode32<const KIND: u8>(b: *const u8) -> [__m512; 2] {
     // SAFETY: `b` points at one whole block (caller contract).
     unsafe {
@@ -70,7 +72,7 @@ unsafe fn decode32<const KIND: u8>(b: *const u8) -> [__m512; 2] {
 }
 
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx2,fma,f16c")]
 fn hsum(v: __m512) -> f32 {
     let lo = _mm512_castps512_ps256(v);
     let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
@@ -84,7 +86,7 @@ fn hsum(v: __m512) -> f32 {
 ///
 /// # Safety
 /// `available()` and `ty` is Q4_0, Q4_1 or Q8_0; every row and vector holds `k` elements.
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx2,fma,f16c")]
 pub unsafe fn multi<const MR: usize, const NR: usize>(
     ty: GgmlType,
     rows: &[&[u8]; MR],
@@ -102,7 +104,7 @@ pub unsafe fn multi<const MR: usize, const NR: usize>(
 }
 
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx2,fma,f16c")]
 unsafe fn inner<const MR: usize, const NR: usize, const KIND: u8>(
     rows: &[&[u8]; MR],
     xs: &[&[f32]; NR],
@@ -122,9 +124,11 @@ unsafe fn inner<const MR: usize, const NR: usize, const KIND: u8>(
             // SAFETY: as below.
             unsafe {
                 for i in 0..MR {
-                    if blk + 8 < nb {
-                        _mm_prefetch::<_MM_HINT_T0>(rows[i].as_ptr().add((blk + 8) * ts).cast());
-                    }
+                    // Unconditional (a prefetch never faults, and `wrapping_add` keeps the
+                    // address computation defined past the row's end): a branch here
+                    // splits the loop and made LLVM spill accumulators around it.
+                    let ahead = rows[i].as_ptr().wrapping_add((blk + 8) * ts);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
                     w[i] = decode32::<KIND>(rows[i].as_ptr().add(blk * ts));
                 }
                 for j in 0..NR {
