@@ -4,6 +4,12 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+/// mimalloc: the request path allocates many small, short-lived buffers across threads;
+/// glibc malloc took ~12% of the gateway's CPU at concurrency 1 (perf), see
+/// docs/benchmarks.md.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "gateway",
