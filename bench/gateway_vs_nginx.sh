@@ -11,6 +11,12 @@
 # output goes to bench/out/.
 #
 #   bash bench/gateway_vs_nginx.sh            # DURATION=10 ROUNDS=2 by default
+# GW_THREADS (default 2): the gateway's front-end threads. AUDIT_DIR: the directory in
+# which the audit log gets a fresh subdirectory (default: the bench's temp dir on the
+# project disk); a tmpfs (AUDIT_DIR=/dev/shm) separates the fsync from the rest of the
+# gateway's cost. The
+# script also measures one fsync on the audit log's file system (`sovctl audit bench`,
+# one writer) in the same run: the issue's latency budget is nginx's + 50 us + one fsync.
 # Needs nginx and wrk (Debian: apt-get install nginx-light wrk).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,9 +30,14 @@ D=$(mktemp -d /tmp/sov-bench.XXXXXX)
 OUT=bench/out/$(date -u +%Y%m%dT%H%M%SZ)-gateway
 mkdir -p "$OUT"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [ -n "${AUDIT:-}" ] && rm -rf "$AUDIT"
+}
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+AUDIT=$(mktemp -d "${AUDIT_DIR:-$D}/sov-bench-audit.XXXXXX")
 UP_HTTP=$(port); UP_GRPC=$(port); NGINX=$(port); GW=$(port)
 
 ./target/release/worker fake --http-addr 127.0.0.1:$UP_HTTP --grpc-addr 127.0.0.1:$UP_GRPC \
@@ -54,7 +65,7 @@ TOML
   # The audit log is in the path: every request's decision record is fsync'd (group
   # commit) before the worker is called.
   echo "[audit]"
-  echo "dir = \"$D/audit\""
+  echo "dir = \"$AUDIT/log\""
   echo "signing_key = \"$D/audit-keys/audit-signing.key\""
   echo "[audit.hmac_keys]"
   echo "DE = \"$D/audit-keys/hmac-DE.key\""
@@ -122,4 +133,8 @@ for round in $(seq 1 "$ROUNDS"); do
       > "$OUT/$name-c64-$round.txt"
   done
 done
+# One fsync on the audit log's file system, now (the disk's latency drifts by the hour).
+mkdir -p "$AUDIT/fsync-probe"
+./target/release/sovctl audit bench --dir "$AUDIT/fsync-probe" --writers 1 --records 2000 2>/dev/null \
+  | tail -1 > "$OUT/fsync.json"
 python3 bench/wrk_table.py "$OUT" "$ROUNDS"

@@ -44,6 +44,15 @@ def main():
     print(f"| p99 latency, concurrency 1 (us) | {d['p99_us']:.0f} | {n['p99_us']:.0f} | {g['p99_us']:.0f} | |")
     print(f"| requests/s, concurrency 64 | {d['rps_c64']:.0f} | {n['rps_c64']:.0f} | {g['rps_c64']:.0f} | {g['rps_c64'] / n['rps_c64']:.2f}x |")
     print(f"| non-2xx responses | {d['non2xx']} | {n['non2xx']} | {g['non2xx']} | |")
+    fs = out / "fsync.json"
+    if fs.exists() and fs.read_text().strip():
+        f = json.loads(fs.read_text())
+        fsync_us = f["p50_ms"] * 1000.0
+        budget = n["added_p50_us"] + 50.0 + fsync_us
+        res["fsync_p50_us"] = fsync_us
+        res["latency_budget_us"] = budget
+        print(f"| one durable audit append p50 (fsync + writer hop), 1 writer (us) | | | {fsync_us:.0f} | |")
+        print(f"| added p50 budget: nginx + 50 us + one fsync (us) | | | {budget:.0f} | gateway {g['added_p50_us'] - budget:+.0f} us |")
     print(json.dumps(res))
 
 
