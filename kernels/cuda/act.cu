@@ -1,0 +1,24 @@
+// SwiGLU: out = silu(gate) * up, silu(x) = x / (1 + e^-x). CPU reference:
+// kernels::cpu::silu_and_mul (f32; here bf16 in and out, f32 arithmetic).
+//
+// gate_up is [rows][2 * inter] (the gate half, then the up half: one fused GEMM);
+// out is [rows][inter]. `inter` must be a multiple of 8. Grid-stride over 8-element
+// pieces; any grid size works.
+#include "common.cuh"
+
+extern "C" __global__ void __launch_bounds__(256)
+    silu_and_mul(const __nv_bfloat16* __restrict__ gate_up, __nv_bfloat16* __restrict__ out,
+                 int rows, int inter) {
+  const long long pieces = (long long)rows * (inter / 8);
+  for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < pieces;
+       p += (long long)gridDim.x * blockDim.x) {
+    const long long r = p / (inter / 8);
+    const int c = (int)(p % (inter / 8)) * 8;
+    float g[8], u[8], o[8];
+    sov::load8(gate_up + r * 2 * inter + c, g);
+    sov::load8(gate_up + r * 2 * inter + inter + c, u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o[i] = g[i] / (1.f + __expf(-g[i])) * u[i];
+    sov::store8(out + r * inter + c, o);
+  }
+}

@@ -1,0 +1,74 @@
+// Fused RoPE + KV-cache write for a batch of tokens. CPU reference:
+// kernels::cpu::rope_and_write_kv (f32; here q/k/v and the cache are bf16, the rotation
+// f32 with the same cos/sin table).
+//
+//   q        [tokens][n_heads][hd] bf16, rotated in place
+//   k, v     [tokens][n_kv_heads][hd] bf16 (k is rotated on its way into the cache)
+//   positions[tokens] int, slots[tokens] int (physical slot = block * 16 + row; < 0: the
+//            token's K/V are not stored, e.g. a padding token)
+//   cos, sin [max_pos][rot_dim / 2] f32
+//   k_cache, v_cache [num_blocks][16][n_kv_heads][hd] bf16
+// style 0 = interleaved pairs (2i, 2i+1) (GGUF), 1 = half pairs (i, i + rot_dim/2) (HF).
+// Dimensions at and beyond rot_dim are copied unchanged. One CTA of 128 threads per token.
+#include "common.cuh"
+
+namespace sov {
+
+__device__ __forceinline__ void rope_pair_index(int style, int rot_dim, int i, int* a, int* b) {
+  if (style == 0) {
+    *a = 2 * i;
+    *b = 2 * i + 1;
+  } else {
+    *a = i;
+    *b = i + rot_dim / 2;
+  }
+}
+
+}  // namespace sov
+
+extern "C" __global__ void __launch_bounds__(128)
+    rope_write_kv(__nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                  const __nv_bfloat16* __restrict__ v, const int* __restrict__ positions,
+                  const int* __restrict__ slots, const float* __restrict__ cos_t,
+                  const float* __restrict__ sin_t, __nv_bfloat16* __restrict__ k_cache,
+                  __nv_bfloat16* __restrict__ v_cache, int n_heads, int n_kv_heads, int hd,
+                  int rot_dim, int style) {
+  const long long tok = blockIdx.x;
+  const int pos = positions[tok];
+  const int slot = slots[tok];
+  const int half = rot_dim / 2;
+  const float* cs = cos_t + (long long)pos * half;
+  const float* sn = sin_t + (long long)pos * half;
+  // Query heads, in place: one thread per rotation pair.
+  for (int e = threadIdx.x; e < n_heads * half; e += blockDim.x) {
+    const int h = e / half, i = e % half;
+    int a, b;
+    sov::rope_pair_index(style, rot_dim, i, &a, &b);
+    __nv_bfloat16* qh = q + (tok * n_heads + h) * hd;
+    const float x = __bfloat162float(qh[a]), y = __bfloat162float(qh[b]);
+    qh[a] = __float2bfloat16_rn(x * cs[i] - y * sn[i]);
+    qh[b] = __float2bfloat16_rn(x * sn[i] + y * cs[i]);
+  }
+  if (slot < 0) return;
+  const long long dst = (long long)slot * n_kv_heads * hd;
+  // Keys: rotated pairs, then the unrotated tail.
+  for (int e = threadIdx.x; e < n_kv_heads * half; e += blockDim.x) {
+    const int h = e / half, i = e % half;
+    int a, b;
+    sov::rope_pair_index(style, rot_dim, i, &a, &b);
+    const __nv_bfloat16* kh = k + (tok * n_kv_heads + h) * hd;
+    const float x = __bfloat162float(kh[a]), y = __bfloat162float(kh[b]);
+    k_cache[dst + h * hd + a] = __float2bfloat16_rn(x * cs[i] - y * sn[i]);
+    k_cache[dst + h * hd + b] = __float2bfloat16_rn(x * sn[i] + y * cs[i]);
+  }
+  const int tail = hd - rot_dim;
+  for (int e = threadIdx.x; e < n_kv_heads * tail; e += blockDim.x) {
+    const int h = e / tail, d = rot_dim + e % tail;
+    k_cache[dst + h * hd + d] = k[(tok * n_kv_heads + h) * hd + d];
+  }
+  // Values: a straight copy, 16 bytes at a time (hd is a multiple of 8).
+  for (int e = threadIdx.x * 8; e < n_kv_heads * hd; e += blockDim.x * 8) {
+    *reinterpret_cast<uint4*>(v_cache + dst + e) =
+        *reinterpret_cast<const uint4*>(v + tok * n_kv_heads * hd + e);
+  }
+}

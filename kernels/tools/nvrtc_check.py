@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Compile every kernel in kernels/cuda/*.cu with NVRTC 13.0 for each target architecture,
+exactly as the worker does at run time (same options, same headers), then assemble the
+PTX with ptxas -v and report registers, shared memory and spills per entry point.
+
+Exit status 1 on a compile error, or on any spill in a kernel (every kernel here is on
+the hot path). Needs no GPU: PyPI nvidia-cuda-nvrtc==13.0.* (libnvrtc),
+nvidia-cuda-runtime==13.0.* (cuda_bf16.h, cuda_fp8.h), nvidia-cuda-nvcc==13.0.* (ptxas).
+
+  python3 kernels/tools/nvrtc_check.py [--arch sm_80,sm_90] [--json out.json]
+"""
+import argparse
+import ctypes
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_DIR = ROOT / "cuda"
+
+
+def cu13_root():
+    try:
+        import nvidia  # namespace package from the nvidia-* wheels
+    except ImportError:
+        sys.exit("nvrtc_check: the nvidia-cuda-* 13.0 wheels are not installed "
+                 "(pip install 'nvidia-cuda-nvrtc==13.0.*' 'nvidia-cuda-runtime==13.0.*' "
+                 "'nvidia-cuda-nvcc==13.0.*')")
+    for base in nvidia.__path__:
+        p = Path(base) / "cu13"
+        if (p / "lib" / "libnvrtc.so.13").exists():
+            return p
+    sys.exit("nvrtc_check: libnvrtc.so.13 not found under the nvidia wheels' cu13/lib")
+
+
+class Nvrtc:
+    def __init__(self, lib_path):
+        # NVRTC dlopens its builtins library by name; load it first from the same
+        # directory so no LD_LIBRARY_PATH is needed.
+        for b in sorted(Path(lib_path).parent.glob("libnvrtc-builtins.so.*")):
+            if ".alt." not in b.name:
+                ctypes.CDLL(str(b), mode=ctypes.RTLD_GLOBAL)
+        self.lib = ctypes.CDLL(str(lib_path))
+        self.lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+
+    def check(self, rc, what):
+        if rc != 0:
+            raise RuntimeError(f"{what}: {self.lib.nvrtcGetErrorString(rc).decode()}")
+
+    def version(self):
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        self.check(self.lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
+        return f"{major.value}.{minor.value}"
+
+    def compile_ptx(self, src, name, options):
+        prog = ctypes.c_void_p()
+        self.check(self.lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), name.encode(),
+                                               0, None, None), "nvrtcCreateProgram")
+        try:
+            opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
+            rc = self.lib.nvrtcCompileProgram(prog, len(options), opts)
+            size = ctypes.c_size_t()
+            self.lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            self.lib.nvrtcGetProgramLog(prog, log)
+            if rc != 0:
+                return None, log.value.decode(errors="replace")
+            self.check(self.lib.nvrtcGetPTXSize(prog, ctypes.byref(size)), "nvrtcGetPTXSize")
+            ptx = ctypes.create_string_buffer(size.value)
+            self.check(self.lib.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
+            return ptx.value.decode(), log.value.decode(errors="replace")
+        finally:
+            self.lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def nvrtc_options(arch, include_dirs):
+    """The options the worker passes to NVRTC (kernels::cuda::nvrtc_options in Rust)."""
+    compute = arch.replace("sm_", "compute_")
+    opts = [f"--gpu-architecture={compute}", "--std=c++17",
+            "-default-device"]
+    return opts + [f"--include-path={d}" for d in include_dirs]
+
+
+FUNC = re.compile(r"Function properties for (\S+)\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+USED = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'.*?Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?", re.S)
+
+
+def ptxas_report(ptxas, ptx, arch):
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        r = subprocess.run([str(ptxas), "-v", f"-arch={arch}", str(src), "-o", str(Path(d) / "k.cubin")],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"ptxas failed for {arch}:\n{r.stderr}")
+        text = r.stderr + r.stdout
+    entries = {}
+    # ptxas prints, per entry: "Compiling entry function 'X' for 'sm_..'", "Function
+    # properties for X", "N bytes stack frame, S bytes spill stores, L bytes spill loads",
+    # "Used R registers, ... B bytes smem ...".
+    blocks = re.split(r"ptxas info\s*: Compiling entry function ", text)[1:]
+    for b in blocks:
+        name = re.match(r"'(\S+)'", b).group(1)
+        spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", b)
+        regs = re.search(r"Used (\d+) registers", b)
+        smem = re.search(r"(\d+) bytes smem", b)
+        entries[name] = {
+            "registers": int(regs.group(1)) if regs else None,
+            "smem_bytes": int(smem.group(1)) if smem else 0,
+            "stack_bytes": int(spill.group(1)) if spill else 0,
+            "spill_stores": int(spill.group(2)) if spill else 0,
+            "spill_loads": int(spill.group(3)) if spill else 0,
+        }
+    return entries
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="sm_80,sm_90")
+    ap.add_argument("--json", help="write the report here")
+    args = ap.parse_args()
+    cu13 = cu13_root()
+    nvrtc = Nvrtc(cu13 / "lib" / "libnvrtc.so.13")
+    ptxas = cu13 / "bin" / "ptxas"
+    if not ptxas.exists():
+        sys.exit(f"nvrtc_check: ptxas not found at {ptxas} (pip install 'nvidia-cuda-nvcc==13.0.*')")
+    includes = [str(CUDA_DIR), str(cu13 / "include")]
+    sources = sorted(CUDA_DIR.glob("*.cu"))
+    if not sources:
+        sys.exit(f"nvrtc_check: no kernels in {CUDA_DIR}")
+    print(f"NVRTC {nvrtc.version()}, {len(sources)} sources, archs {args.arch}", flush=True)
+    report, failed = {}, False
+    for arch in args.arch.split(","):
+        for src in sources:
+            ptx, log = nvrtc.compile_ptx(src.read_text(), src.name, nvrtc_options(arch, includes))
+            if ptx is None:
+                print(f"FAIL {src.name} [{arch}]: NVRTC compile error\n{log}", flush=True)
+                failed = True
+                continue
+            if log.strip():
+                print(f"note {src.name} [{arch}]: {log.strip()}")
+            entries = ptxas_report(ptxas, ptx, arch)
+            for name, e in sorted(entries.items()):
+                spills = e["spill_stores"] + e["spill_loads"]
+                status = "SPILL" if spills else "ok"
+                if spills:
+                    failed = True
+                print(f"{status:5} {arch} {src.name}:{name} regs={e['registers']} smem={e['smem_bytes']} "
+                      f"stack={e['stack_bytes']} spill_st={e['spill_stores']} spill_ld={e['spill_loads']}")
+                report[f"{arch}/{src.name}/{name}"] = e
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, sort_keys=True))
+    print("nvrtc_check:", "FAILED" if failed else f"{len(report)} kernel builds, no spills")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
