@@ -13,6 +13,19 @@ if [ $# -eq 0 ] && grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
   SOV_NO_AVX512=1 cargo test --release -p worker --lib --test engine --test conformance 2>&1 \
     | tee -a "$log" || status=$?
 fi
+# Every CUDA kernel compiles with NVRTC 13.0 for sm_80 and sm_90 without register
+# spills (no GPU needed; the wheels come from .ci/run). Elsewhere it is skipped with a
+# message, and under CI=true a missing toolchain is a failure.
+if [ $# -eq 0 ]; then
+  echo "== CUDA kernels: NVRTC compile + ptxas report =="
+  if python3 -c 'import nvidia' 2>/dev/null; then
+    python3 kernels/tools/nvrtc_check.py --json target/nvrtc-report.json | tee -a "$log" || status=$?
+  elif [ "${CI:-}" = true ]; then
+    echo "CUDA kernel check: NVIDIA's nvrtc/nvcc 13.0 wheels are missing (see .ci/run)"; status=1
+  else
+    echo "CUDA kernel check SKIPPED: pip install the wheels listed in .ci/run to run it"
+  fi
+fi
 # One closing line over every test binary (cargo prints one result line per binary).
 passed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ - | bc)
 failed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) failed.*/\1/' | paste -sd+ - | bc)

@@ -1,0 +1,279 @@
+//! CPU references with the CUDA kernels' exact semantics (kernels/cuda/*.cu): bf16
+//! storage, f32 arithmetic, the same algorithm (chunked online softmax, split-KV with a
+//! log-sum-exp merge). The GPU check compares every kernel's output with these, and these
+//! are tested here against plain definitions (dense attention, the f32 CPU kernels).
+//!
+//! bf16 values are carried as their bit patterns (`u16`), as they sit in device memory.
+
+use crate::KvLayout;
+use crate::cpu::RopeStyle;
+
+/// Tokens per chunk of the decode kernel (`DA_PART` in decode_attention.cu).
+pub const DECODE_CHUNK: usize = 256;
+
+/// f32 -> bf16, round to nearest even (NaN stays NaN), as `__float2bfloat16_rn`.
+pub fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) as u16) | 0x0040;
+    }
+    let round = 0x7fff + ((bits >> 16) & 1);
+    (bits.wrapping_add(round) >> 16) as u16
+}
+
+/// bf16 -> f32 (exact).
+pub fn from_bf16(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+pub fn to_bf16_vec(x: &[f32]) -> Vec<u16> {
+    x.iter().copied().map(to_bf16).collect()
+}
+
+pub fn from_bf16_vec(x: &[u16]) -> Vec<f32> {
+    x.iter().copied().map(from_bf16).collect()
+}
+
+/// Shapes of one decode-attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeShape {
+    pub layout: KvLayout,
+    pub n_heads: usize,
+    /// Entries per row of `block_tables`.
+    pub max_blocks: usize,
+    pub scale: f32,
+    /// Contiguous context ranges computed independently and merged (split-KV).
+    pub num_splits: usize,
+}
+
+/// Partial result of one split for one query head: normalised output, running max and
+/// sum (an empty split has `l == 0`).
+struct Partial {
+    out: Vec<f32>,
+    m: f32,
+    l: f32,
+}
+
+/// `decode_attention_hd*_g*` (+ `decode_attention_merge` when `num_splits > 1`): one
+/// query token per sequence against its paged context. `q`/return are
+/// `[num_seqs][n_heads][hd]`, `block_tables` is `[num_seqs][max_blocks]`.
+pub fn decode_attention(
+    s: &DecodeShape,
+    q: &[u16],
+    k_cache: &[u16],
+    v_cache: &[u16],
+    block_tables: &[u32],
+    seq_lens: &[usize],
+) -> Vec<u16> {
+    let l = &s.layout;
+    let hd = l.head_dim;
+    let mut out = vec![0u16; seq_lens.len() * s.n_heads * hd];
+    for (seq, &len) in seq_lens.iter().enumerate() {
+        let table = &block_tables[seq * s.max_blocks..(seq + 1) * s.max_blocks];
+        for h in 0..s.n_heads {
+            let kvh = h / (s.n_heads / l.n_kv_heads);
+            let qv = from_bf16_vec(&q[(seq * s.n_heads + h) * hd..][..hd]);
+            let parts: Vec<Partial> = (0..s.num_splits)
+                .map(|split| decode_split(s, &qv, kvh, k_cache, v_cache, table, len, split))
+                .collect();
+            let o = if s.num_splits == 1 {
+                parts[0].out.clone()
+            } else {
+                merge(&parts, hd)
+            };
+            out[(seq * s.n_heads + h) * hd..][..hd].copy_from_slice(&to_bf16_vec(&o));
+        }
+    }
+    out
+}
+
+/// One split of one head: whole chunks of [`DECODE_CHUNK`] tokens, online softmax.
+#[allow(clippy::too_many_arguments)]
+fn decode_split(
+    s: &DecodeShape,
+    q: &[f32],
+    kvh: usize,
+    k_cache: &[u16],
+    v_cache: &[u16],
+    table: &[u32],
+    len: usize,
+    split: usize,
+) -> Partial {
+    let l = &s.layout;
+    let hd = l.head_dim;
+    let chunks_total = len.div_ceil(DECODE_CHUNK);
+    let per_split = chunks_total.div_ceil(s.num_splits);
+    let begin = split * per_split * DECODE_CHUNK;
+    let end = len.min(begin + per_split * DECODE_CHUNK);
+    let (mut m, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+    let mut acc = vec![0.0f32; hd];
+    let mut c0 = begin;
+    while c0 < end {
+        let n = DECODE_CHUNK.min(end - c0);
+        let scores: Vec<f32> = (c0..c0 + n)
+            .map(|p| {
+                let off = l.offset(l.slot(table, p), kvh);
+                let k = &k_cache[off..off + hd];
+                q.iter().zip(k).map(|(a, b)| a * from_bf16(*b)).sum::<f32>() * s.scale
+            })
+            .collect();
+        let mc = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let m_new = m.max(mc);
+        let rescale = (m - m_new).exp();
+        let p: Vec<f32> = scores.iter().map(|x| (x - m_new).exp()).collect();
+        sum = sum * rescale + p.iter().sum::<f32>();
+        m = m_new;
+        for a in acc.iter_mut() {
+            *a *= rescale;
+        }
+        for (i, pos) in (c0..c0 + n).enumerate() {
+            let off = l.offset(l.slot(table, pos), kvh);
+            for (a, v) in acc.iter_mut().zip(&v_cache[off..off + hd]) {
+                *a += p[i] * from_bf16(*v);
+            }
+        }
+        c0 += n;
+    }
+    let out = if sum > 0.0 {
+        acc.iter().map(|a| a / sum).collect()
+    } else {
+        vec![0.0; hd]
+    };
+    Partial { out, m, l: sum }
+}
+
+/// Log-sum-exp merge of the splits (`decode_attention_merge`).
+fn merge(parts: &[Partial], hd: usize) -> Vec<f32> {
+    let m = parts.iter().map(|p| p.m).fold(f32::NEG_INFINITY, f32::max);
+    (0..hd)
+        .map(|d| {
+            let (mut num, mut den) = (0.0f32, 0.0f32);
+            for p in parts.iter().filter(|p| p.l > 0.0) {
+                let w = p.l * (p.m - m).exp();
+                num += w * p.out[d];
+                den += w;
+            }
+            if den > 0.0 { num / den } else { 0.0 }
+        })
+        .collect()
+}
+
+/// `rms_norm`: rows of `x` (bf16) normalised and scaled by `weight` (bf16).
+pub fn rms_norm(x: &[u16], weight: &[u16], dim: usize, eps: f32) -> Vec<u16> {
+    let w = from_bf16_vec(weight);
+    x.chunks_exact(dim)
+        .flat_map(|row| {
+            let r = from_bf16_vec(row);
+            normed(&r, &w, eps)
+        })
+        .collect()
+}
+
+/// `add_rms_norm`: `residual += x` (residual f32, x bf16), returns the normalised rows.
+pub fn add_rms_norm(
+    residual: &mut [f32],
+    x: &[u16],
+    weight: &[u16],
+    dim: usize,
+    eps: f32,
+) -> Vec<u16> {
+    let w = from_bf16_vec(weight);
+    let mut out = Vec::with_capacity(x.len());
+    for (r, xr) in residual.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+        for (a, b) in r.iter_mut().zip(xr) {
+            *a += from_bf16(*b);
+        }
+        out.extend(normed(r, &w, eps));
+    }
+    out
+}
+
+fn normed(r: &[f32], w: &[f32], eps: f32) -> Vec<u16> {
+    let ss: f32 = r.iter().map(|v| v * v).sum();
+    let inv = 1.0 / (ss / r.len() as f32 + eps).sqrt();
+    r.iter().zip(w).map(|(v, w)| to_bf16(v * inv * w)).collect()
+}
+
+/// `silu_and_mul`: `gate_up` rows are `[gate (inter)][up (inter)]`.
+pub fn silu_and_mul(gate_up: &[u16], inter: usize) -> Vec<u16> {
+    gate_up
+        .chunks_exact(2 * inter)
+        .flat_map(|row| {
+            (0..inter).map(move |i| {
+                let (g, u) = (from_bf16(row[i]), from_bf16(row[inter + i]));
+                to_bf16(g / (1.0 + (-g).exp()) * u)
+            })
+        })
+        .collect()
+}
+
+/// Shapes and table of one `rope_write_kv` call.
+pub struct RopeShape<'a> {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rot_dim: usize,
+    pub style: RopeStyle,
+    /// `[max_pos][rot_dim / 2]`.
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+}
+
+/// `rope_write_kv`: rotates `q` in place; rotated `k` and plain `v` go to the cache at
+/// each token's slot (tokens with a negative slot are not stored).
+#[allow(clippy::too_many_arguments)]
+pub fn rope_write_kv(
+    s: &RopeShape,
+    q: &mut [u16],
+    k: &[u16],
+    v: &[u16],
+    positions: &[usize],
+    slots: &[i64],
+    k_cache: &mut [u16],
+    v_cache: &mut [u16],
+) {
+    let (hd, half) = (s.head_dim, s.rot_dim / 2);
+    let rotate = |head: &mut [u16], pos: usize| {
+        for i in 0..half {
+            let (a, b) = match s.style {
+                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                RopeStyle::Half => (i, i + half),
+            };
+            let (c, sn) = (s.cos[pos * half + i], s.sin[pos * half + i]);
+            let (x, y) = (from_bf16(head[a]), from_bf16(head[b]));
+            head[a] = to_bf16(x * c - y * sn);
+            head[b] = to_bf16(x * sn + y * c);
+        }
+    };
+    let kv = s.n_kv_heads * hd;
+    for (t, (&pos, &slot)) in positions.iter().zip(slots).enumerate() {
+        for head in q[t * s.n_heads * hd..(t + 1) * s.n_heads * hd].chunks_exact_mut(hd) {
+            rotate(head, pos);
+        }
+        let Ok(slot) = usize::try_from(slot) else {
+            continue;
+        };
+        let mut kt = k[t * kv..(t + 1) * kv].to_vec();
+        for head in kt.chunks_exact_mut(hd) {
+            rotate(head, pos);
+        }
+        k_cache[slot * kv..(slot + 1) * kv].copy_from_slice(&kt);
+        v_cache[slot * kv..(slot + 1) * kv].copy_from_slice(&v[t * kv..(t + 1) * kv]);
+    }
+}
+
+/// `softmax_rows`: probabilities of `logits / temperature`, per row.
+pub fn softmax_rows(logits: &[f32], vocab: usize, temperature: f32) -> Vec<f32> {
+    logits
+        .chunks_exact(vocab)
+        .flat_map(|row| {
+            let scaled: Vec<f32> = row.iter().map(|x| x * (1.0 / temperature)).collect();
+            let mut p = scaled;
+            crate::cpu::softmax_in_place(&mut p);
+            p
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,338 @@
+use proptest::prelude::*;
+
+use super::*;
+use crate::cpu;
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn close(a: f32, b: f32, rel: f32, abs: f32) -> bool {
+    (a - b).abs() <= rel * b.abs() + abs
+}
+
+#[test]
+fn bf16_rounding_is_nearest_even() {
+    assert_eq!(to_bf16(1.0), 0x3f80);
+    assert_eq!(from_bf16(0x3f80), 1.0);
+    // Exactly halfway between 1.0 and the next bf16 (1 + 2^-7): ties to even (1.0).
+    assert_eq!(to_bf16(1.0 + 2f32.powi(-8)), 0x3f80);
+    // Halfway above an odd mantissa rounds up to even.
+    assert_eq!(to_bf16(f32::from_bits(0x3f81_8000)), 0x3f82);
+    // Just above halfway rounds up.
+    assert_eq!(to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
+    assert_eq!(to_bf16(-2.5), 0xc020);
+    assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+    assert_eq!(from_bf16(to_bf16(f32::INFINITY)), f32::INFINITY);
+    // Values too large for bf16 overflow to infinity, as on the GPU.
+    assert_eq!(from_bf16(to_bf16(f32::MAX)), f32::INFINITY);
+}
+
+/// Dense decode attention in f64 over the (bf16-rounded) inputs: the definition.
+fn dense_decode(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f32) -> Vec<f64> {
+    let s: Vec<f64> = keys
+        .iter()
+        .map(|k| {
+            q.iter()
+                .zip(k)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum::<f64>()
+                * scale as f64
+        })
+        .collect();
+    let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+    let z: f64 = e.iter().sum();
+    (0..q.len())
+        .map(|d| e.iter().zip(values).map(|(w, v)| w / z * v[d] as f64).sum())
+        .collect()
+}
+
+struct Case {
+    shape: DecodeShape,
+    q: Vec<u16>,
+    kc: Vec<u16>,
+    vc: Vec<u16>,
+    tables: Vec<u32>,
+    lens: Vec<usize>,
+}
+
+fn decode_case(lens: &[usize], n_kv: usize, group: usize, hd: usize, seed: u64) -> Case {
+    let bs = 16;
+    let max_blocks = lens.iter().map(|l| l.div_ceil(bs)).max().unwrap_or(1);
+    let num_blocks = max_blocks * lens.len() + 2;
+    let layout = KvLayout {
+        num_blocks,
+        block_size: bs,
+        n_kv_heads: n_kv,
+        head_dim: hd,
+    };
+    // Sequence i uses physical blocks in a scrambled order.
+    let mut tables = vec![0u32; lens.len() * max_blocks];
+    for (i, _) in lens.iter().enumerate() {
+        for b in 0..max_blocks {
+            tables[i * max_blocks + b] = (num_blocks - 1 - (i * max_blocks + b)) as u32;
+        }
+    }
+    let n_heads = n_kv * group;
+    Case {
+        shape: DecodeShape {
+            layout,
+            n_heads,
+            max_blocks,
+            scale: 1.0 / (hd as f32).sqrt(),
+            num_splits: 1,
+        },
+        q: to_bf16_vec(&rand_vec(lens.len() * n_heads * hd, seed)),
+        kc: to_bf16_vec(&rand_vec(layout.elements(), seed ^ 1)),
+        vc: to_bf16_vec(&rand_vec(layout.elements(), seed ^ 2)),
+        tables,
+        lens: lens.to_vec(),
+    }
+}
+
+fn check_against_dense(c: &Case, out: &[u16]) -> Result<(), String> {
+    let l = &c.shape.layout;
+    let hd = l.head_dim;
+    let group = c.shape.n_heads / l.n_kv_heads;
+    for (seq, &len) in c.lens.iter().enumerate() {
+        let table = &c.tables[seq * c.shape.max_blocks..(seq + 1) * c.shape.max_blocks];
+        for h in 0..c.shape.n_heads {
+            let kvh = h / group;
+            let row = |cache: &[u16], p: usize| {
+                let off = l.offset(l.slot(table, p), kvh);
+                from_bf16_vec(&cache[off..off + hd])
+            };
+            let keys: Vec<Vec<f32>> = (0..len).map(|p| row(&c.kc, p)).collect();
+            let values: Vec<Vec<f32>> = (0..len).map(|p| row(&c.vc, p)).collect();
+            let q = from_bf16_vec(&c.q[(seq * c.shape.n_heads + h) * hd..][..hd]);
+            let want = dense_decode(&q, &keys, &values, c.shape.scale);
+            for d in 0..hd {
+                let got = from_bf16(out[(seq * c.shape.n_heads + h) * hd + d]);
+                if !close(got, want[d] as f32, 1.0 / 128.0, 2e-3) {
+                    return Err(format!("seq {seq} head {h} dim {d}: {got} vs {}", want[d]));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    /// The kernel's algorithm (chunks, online softmax, split-KV + merge) equals dense
+    /// attention within bf16 rounding, for every split count, including empty splits.
+    #[test]
+    fn decode_attention_equals_dense(
+        lens in prop::collection::vec(1usize..700, 1..4),
+        n_kv in 1usize..3,
+        group in prop::sample::select(vec![1usize, 2, 3, 4, 8]),
+        hd in prop::sample::select(vec![64usize, 96, 128]),
+        splits in 1usize..5,
+        seed in any::<u64>(),
+    ) {
+        let mut c = decode_case(&lens, n_kv, group, hd, seed);
+        c.shape.num_splits = splits;
+        let out = decode_attention(&c.shape, &c.q, &c.kc, &c.vc, &c.tables, &c.lens);
+        check_against_dense(&c, &out).map_err(TestCaseError::fail)?;
+    }
+}
+
+#[test]
+fn decode_attention_long_context_many_chunks() {
+    // 2 sequences of 1000+ tokens: 4-5 chunks each, with 1 and 3 splits.
+    let mut c = decode_case(&[1033, 777], 2, 4, 128, 7);
+    for splits in [1, 3] {
+        c.shape.num_splits = splits;
+        let out = decode_attention(&c.shape, &c.q, &c.kc, &c.vc, &c.tables, &c.lens);
+        check_against_dense(&c, &out).unwrap();
+    }
+}
+
+#[test]
+fn decode_attention_agrees_with_the_f32_paged_kernel() {
+    // The f32 CPU kernel on the same (bf16-valued) inputs: same math, different order.
+    let c = decode_case(&[40, 17], 3, 3, 64, 11);
+    let out = decode_attention(&c.shape, &c.q, &c.kc, &c.vc, &c.tables, &c.lens);
+    let l = c.shape.layout;
+    let attn = cpu::PagedAttention {
+        layout: l,
+        n_heads: c.shape.n_heads,
+        scale: c.shape.scale,
+    };
+    let (kc, vc) = (from_bf16_vec(&c.kc), from_bf16_vec(&c.vc));
+    let hd = l.head_dim;
+    for (seq, &len) in c.lens.iter().enumerate() {
+        let table = &c.tables[seq * c.shape.max_blocks..(seq + 1) * c.shape.max_blocks];
+        for h in 0..c.shape.n_heads {
+            let base = (seq * c.shape.n_heads + h) * hd;
+            let q = from_bf16_vec(&c.q[base..base + hd]);
+            let mut want = vec![0.0; hd];
+            attn.head(&q, h, len - 1, table, &kc, &vc, &mut Vec::new(), &mut want);
+            for d in 0..hd {
+                // Within one bf16 step (the two sum in different orders).
+                let (a, b) = (out[base + d] as i32, to_bf16(want[d]) as i32);
+                assert!(
+                    (a - b).abs() <= 1,
+                    "seq {seq} head {h} dim {d}: {a:#x} vs {b:#x}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn norms_match_the_f32_kernels() {
+    let dim = 64;
+    let x = to_bf16_vec(&rand_vec(3 * dim, 1));
+    let w = to_bf16_vec(&rand_vec(dim, 2));
+    let got = rms_norm(&x, &w, dim, 1e-5);
+    let (xf, wf) = (from_bf16_vec(&x), from_bf16_vec(&w));
+    for r in 0..3 {
+        let mut want = vec![0.0; dim];
+        cpu::rms_norm(&xf[r * dim..(r + 1) * dim], &wf, 1e-5, &mut want);
+        for d in 0..dim {
+            let g = from_bf16(got[r * dim + d]);
+            assert!(close(g, want[d], 1.0 / 128.0, 1e-6), "{g} vs {}", want[d]);
+        }
+    }
+    let mut residual = rand_vec(3 * dim, 3);
+    let mut residual_f32 = residual.clone();
+    let got = add_rms_norm(&mut residual, &x, &w, dim, 1e-5);
+    for r in 0..3 {
+        let mut want = vec![0.0; dim];
+        cpu::add_rms_norm(
+            &mut residual_f32[r * dim..(r + 1) * dim],
+            &xf[r * dim..(r + 1) * dim],
+            &wf,
+            1e-5,
+            &mut want,
+        );
+        for d in 0..dim {
+            assert_eq!(residual[r * dim + d], residual_f32[r * dim + d]);
+            let g = from_bf16(got[r * dim + d]);
+            assert!(close(g, want[d], 1.0 / 128.0, 1e-6), "{g} vs {}", want[d]);
+        }
+    }
+}
+
+#[test]
+fn silu_and_mul_matches_the_f32_kernel() {
+    let inter = 24;
+    let gu = to_bf16_vec(
+        &rand_vec(2 * 2 * inter, 5)
+            .iter()
+            .map(|v| v * 6.0)
+            .collect::<Vec<_>>(),
+    );
+    let got = silu_and_mul(&gu, inter);
+    let f = from_bf16_vec(&gu);
+    for r in 0..2 {
+        let row = &f[r * 2 * inter..(r + 1) * 2 * inter];
+        let mut want = vec![0.0; inter];
+        cpu::silu_and_mul(&row[..inter], &row[inter..], &mut want);
+        for i in 0..inter {
+            assert_eq!(got[r * inter + i], to_bf16(want[i]));
+        }
+    }
+}
+
+#[test]
+fn rope_write_kv_matches_the_f32_kernel() {
+    for style in [cpu::RopeStyle::Interleaved, cpu::RopeStyle::Half] {
+        let (n_heads, n_kv, hd, rot) = (4, 2, 16, 12);
+        let table = cpu::RopeTable::new(style, &cpu::RopeTable::inv_freq(10000.0, rot), 64);
+        // The same cos/sin the kernel reads: [max_pos][rot / 2].
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in 0..64 {
+            for i in 0..rot / 2 {
+                let mut e = vec![0.0f32; rot];
+                let (a, b) = match style {
+                    cpu::RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                    cpu::RopeStyle::Half => (i, i + rot / 2),
+                };
+                e[a] = 1.0;
+                table.rotate(&mut e, p);
+                cos.push(e[a]);
+                sin.push(e[b]);
+            }
+        }
+        let s = RopeShape {
+            n_heads,
+            n_kv_heads: n_kv,
+            head_dim: hd,
+            rot_dim: rot,
+            style,
+            cos: &cos,
+            sin: &sin,
+        };
+        let tokens = 3;
+        let mut q = to_bf16_vec(&rand_vec(tokens * n_heads * hd, 8));
+        let k = to_bf16_vec(&rand_vec(tokens * n_kv * hd, 9));
+        let v = to_bf16_vec(&rand_vec(tokens * n_kv * hd, 10));
+        let positions = [5usize, 6, 63];
+        let slots = [17i64, -1, 2];
+        let kv = n_kv * hd;
+        let mut kc = vec![0u16; 20 * kv];
+        let mut vc = vec![0u16; 20 * kv];
+        let q0 = from_bf16_vec(&q);
+        rope_write_kv(&s, &mut q, &k, &v, &positions, &slots, &mut kc, &mut vc);
+        for (t, &pos) in positions.iter().enumerate() {
+            for h in 0..n_heads {
+                let mut want = q0[(t * n_heads + h) * hd..][..hd].to_vec();
+                table.rotate(&mut want, pos);
+                for d in 0..hd {
+                    let got = from_bf16(q[(t * n_heads + h) * hd + d]);
+                    assert!(
+                        close(got, want[d], 1.0 / 128.0, 1e-6),
+                        "{style:?} q {got} vs {}",
+                        want[d]
+                    );
+                }
+            }
+            let Ok(slot) = usize::try_from(slots[t]) else {
+                continue;
+            };
+            for h in 0..n_kv {
+                let mut want = from_bf16_vec(&k[(t * n_kv + h) * hd..][..hd]);
+                table.rotate(&mut want, pos);
+                for d in 0..hd {
+                    let got = from_bf16(kc[slot * kv + h * hd + d]);
+                    assert!(
+                        close(got, want[d], 1.0 / 128.0, 1e-6),
+                        "{style:?} k {got} vs {}",
+                        want[d]
+                    );
+                }
+            }
+            assert_eq!(&vc[slot * kv..(slot + 1) * kv], &v[t * kv..(t + 1) * kv]);
+        }
+        // The token without a slot wrote nothing.
+        let written: std::collections::BTreeSet<usize> = (0..20)
+            .filter(|s| kc[s * kv..(s + 1) * kv].iter().any(|x| *x != 0))
+            .collect();
+        assert_eq!(written, [2usize, 17].into_iter().collect());
+    }
+}
+
+#[test]
+fn softmax_rows_with_temperature() {
+    let logits = [1.0f32, 2.0, 3.0, 0.0, 0.0, 0.0];
+    let p = softmax_rows(&logits, 3, 0.5);
+    let z: f32 = [2.0f32, 4.0, 6.0].iter().map(|x| (x - 6.0).exp()).sum();
+    assert!(close(p[2], 1.0 / z, 1e-6, 0.0));
+    assert!(close(p.iter().take(3).sum::<f32>(), 1.0, 1e-6, 0.0));
+    assert!(p[3..].iter().all(|x| close(*x, 1.0 / 3.0, 1e-6, 0.0)));
+}
