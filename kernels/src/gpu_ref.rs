@@ -158,6 +158,43 @@ fn merge(parts: &[Partial], hd: usize) -> Vec<f32> {
         .collect()
 }
 
+/// `prefill_attention_hd*`: the new tokens of each sequence (packed in `q`, sequence `s`
+/// owning rows `cu_q[s]..cu_q[s + 1]`) against their causal paged context; the new
+/// tokens' K/V are already in the cache. Per query the math is the decode kernel's with
+/// one split; the kernel differs only in summation order and in rounding the softmax
+/// weights to bf16 before P x V (both within bf16 tolerance of this).
+pub fn prefill_attention(
+    s: &DecodeShape,
+    q: &[u16],
+    k_cache: &[u16],
+    v_cache: &[u16],
+    block_tables: &[u32],
+    cu_q: &[usize],
+    seq_lens: &[usize],
+) -> Vec<u16> {
+    let hd = s.layout.head_dim;
+    let one = DecodeShape {
+        num_splits: 1,
+        ..*s
+    };
+    let mut out = vec![0u16; q.len()];
+    for (seq, &len) in seq_lens.iter().enumerate() {
+        let table = &block_tables[seq * s.max_blocks..(seq + 1) * s.max_blocks];
+        let n_new = cu_q[seq + 1] - cu_q[seq];
+        for i in 0..n_new {
+            let row = cu_q[seq] + i;
+            let visible = len - n_new + i + 1;
+            for h in 0..s.n_heads {
+                let kvh = h / (s.n_heads / s.layout.n_kv_heads);
+                let qv = from_bf16_vec(&q[(row * s.n_heads + h) * hd..][..hd]);
+                let p = decode_split(&one, &qv, kvh, k_cache, v_cache, table, visible, 0);
+                out[(row * s.n_heads + h) * hd..][..hd].copy_from_slice(&to_bf16_vec(&p.out));
+            }
+        }
+    }
+    out
+}
+
 /// `rms_norm`: rows of `x` (bf16) normalised and scaled by `weight` (bf16).
 pub fn rms_norm(x: &[u16], weight: &[u16], dim: usize, eps: f32) -> Vec<u16> {
     let w = from_bf16_vec(weight);

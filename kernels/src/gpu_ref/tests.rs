@@ -336,3 +336,42 @@ fn softmax_rows_with_temperature() {
     assert!(close(p.iter().take(3).sum::<f32>(), 1.0, 1e-6, 0.0));
     assert!(p[3..].iter().all(|x| close(*x, 1.0 / 3.0, 1e-6, 0.0)));
 }
+
+#[test]
+fn prefill_attention_matches_the_f32_paged_kernel() {
+    // Two sequences: 5 new tokens after 30 cached, and a fresh 20-token prompt.
+    let c = decode_case(&[35, 20], 2, 2, 64, 21);
+    let (n_new, hd, nh) = ([5usize, 20], 64, c.shape.n_heads);
+    let cu_q = [0, n_new[0], n_new[0] + n_new[1]];
+    let q = to_bf16_vec(&rand_vec(cu_q[2] * nh * hd, 22));
+    let out = prefill_attention(&c.shape, &q, &c.kc, &c.vc, &c.tables, &cu_q, &c.lens);
+    let l = c.shape.layout;
+    let attn = cpu::PagedAttention {
+        layout: l,
+        n_heads: nh,
+        scale: c.shape.scale,
+    };
+    let (kc, vc) = (from_bf16_vec(&c.kc), from_bf16_vec(&c.vc));
+    for (seq, &len) in c.lens.iter().enumerate() {
+        let table = &c.tables[seq * c.shape.max_blocks..(seq + 1) * c.shape.max_blocks];
+        let rows = cu_q[seq]..cu_q[seq + 1];
+        let qf = from_bf16_vec(&q[rows.start * nh * hd..rows.end * nh * hd]);
+        let mut want = vec![0.0; qf.len()];
+        attn.run(
+            &qf,
+            len - n_new[seq],
+            n_new[seq],
+            table,
+            &kc,
+            &vc,
+            &mut want,
+        );
+        for (i, w) in want.iter().enumerate() {
+            let got = from_bf16(out[rows.start * nh * hd + i]);
+            assert!(
+                close(got, *w, 1.0 / 128.0, 1e-3),
+                "seq {seq} element {i}: {got} vs {w}"
+            );
+        }
+    }
+}

@@ -1,0 +1,214 @@
+// Prefill and chunked-prefill attention over the paged KV cache, causal, on tensor cores
+// (mma.sync m16n8k16, bf16 in, f32 accumulate). CPU reference:
+// kernels::gpu_ref::prefill_attention (and kernels::cpu::PagedAttention::run in f32).
+//
+// The new tokens of every sequence in the batch are packed:
+//   q            [num_tokens][n_heads][HD] bf16, sequence s owns rows cu_q[s]..cu_q[s+1]
+//   seq_lens     [num_seqs] int: context length after this step (cached + new tokens)
+//   block_tables [num_seqs][max_blocks] int; k/v cache [num_blocks][16][n_kv_heads][HD]
+//   out          [num_tokens][n_heads][HD] bf16
+// The new tokens' K/V are already in the cache (rope_write_kv runs first). New token i of
+// sequence s sits at position seq_lens[s] - n_new + i and sees positions 0..=that.
+//
+// Grid (ceil(max_new / 64), n_heads, num_seqs), 128 threads: each CTA takes 64 query rows
+// of one head (16 per warp) and walks the context in tiles of 64 keys (four cache blocks)
+// with an online softmax held in registers (FlashAttention-2 style): S = Q K^T and
+// O += P V are m16n8k16 MMAs; K is staged row-major and V transposed in shared memory.
+#include "common.cuh"
+
+namespace sov {
+
+constexpr int PF_THREADS = 128;
+constexpr int PF_BR = 64;  // query rows per CTA (16 per warp)
+constexpr int PF_BC = 64;  // keys per tile
+
+__device__ __forceinline__ void mma_bf16(float c[4], const unsigned a[4], unsigned b0,
+                                         unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&h);
+}
+
+template <int HD>
+__device__ __forceinline__ void prefill_attention_impl(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
+    const __nv_bfloat16* __restrict__ v_cache, const int* __restrict__ cu_q,
+    const int* __restrict__ seq_lens, const int* __restrict__ block_tables,
+    __nv_bfloat16* __restrict__ out, int n_heads, int n_kv_heads, int max_blocks,
+    float scale) {
+  static_assert(HD % 16 == 0 && HD <= 128, "head_dim must be a multiple of 16, <= 128");
+  constexpr int KS = HD / 16;  // k-steps of S = Q K^T
+  constexpr int NT = HD / 8;   // n-tiles of O
+  constexpr int KPAD = HD + 8; // padded rows against bank conflicts
+  constexpr int VPAD = PF_BC + 8;
+  __shared__ __align__(16) __nv_bfloat16 s_k[PF_BC][KPAD];
+  __shared__ __align__(16) __nv_bfloat16 s_vt[HD][VPAD];
+
+  const int seq = blockIdx.z, head = blockIdx.y;
+  const int q0 = cu_q[seq], n_new = cu_q[seq + 1] - q0;
+  const int tile_row0 = blockIdx.x * PF_BR;
+  if (tile_row0 >= n_new) return;
+  const int len = seq_lens[seq];
+  const int first_pos = len - n_new;  // position of new token 0
+  const int kvh = head / (n_heads / n_kv_heads);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, t = lane & 3;
+  const int rows[2] = {tile_row0 + warp * 16 + g, tile_row0 + warp * 16 + g + 8};
+  // Positions of this lane's two rows (-1: padding row, sees nothing).
+  const int qpos[2] = {rows[0] < n_new ? first_pos + rows[0] : -1,
+                       rows[1] < n_new ? first_pos + rows[1] : -1};
+
+  // Q fragments (A operand) straight from global memory, 32-bit loads.
+  unsigned qa[KS][4];
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const unsigned* src = reinterpret_cast<const unsigned*>(
+          q + ((long long)(q0 + rows[r]) * n_heads + head) * HD + ks * 16 + 2 * t);
+      const bool ok = rows[r] < n_new;
+      qa[ks][r] = ok ? src[0] : 0u;      // cols 2t, 2t+1
+      qa[ks][r + 2] = ok ? src[4] : 0u;  // cols 2t+8, 2t+9
+    }
+  }
+
+  float o[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m[2] = {neg_inf(), neg_inf()};
+  float l[2] = {0.f, 0.f};
+
+  // Keys this CTA needs: up to the last valid row's position.
+  const int last_row = min(n_new, tile_row0 + PF_BR) - 1;
+  const int kv_end = first_pos + last_row + 1;
+  const int* bt = block_tables + (long long)seq * max_blocks;
+  const long long row_stride = (long long)n_kv_heads * HD;
+
+#pragma unroll 1
+  for (int k0 = 0; k0 < kv_end; k0 += PF_BC) {
+    // Stage K (row-major) and V (transposed), 16-byte loads; keys past the context are 0.
+    for (int c = threadIdx.x; c < PF_BC * (HD / 8); c += PF_THREADS) {
+      const int key = c / (HD / 8), d0 = (c % (HD / 8)) * 8;
+      const int pos = k0 + key;
+      uint4 kraw = make_uint4(0, 0, 0, 0), vraw = make_uint4(0, 0, 0, 0);
+      if (pos < kv_end) {
+        const long long slot = (long long)bt[pos / KV_BLOCK] * KV_BLOCK + pos % KV_BLOCK;
+        const long long off = slot * row_stride + kvh * HD + d0;
+        kraw = *reinterpret_cast<const uint4*>(k_cache + off);
+        vraw = *reinterpret_cast<const uint4*>(v_cache + off);
+      }
+      *reinterpret_cast<uint4*>(&s_k[key][d0]) = kraw;
+      const __nv_bfloat16* vh = reinterpret_cast<const __nv_bfloat16*>(&vraw);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s_vt[d0 + i][key] = vh[i];
+    }
+    __syncthreads();
+
+    // S = Q K^T for this warp's 16 rows x 64 keys: 8 n-tiles of 8 keys.
+    float s[PF_BC / 8][4];
+#pragma unroll
+    for (int j = 0; j < PF_BC / 8; ++j) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        const unsigned* kr = reinterpret_cast<const unsigned*>(&s_k[8 * j + g][ks * 16 + 2 * t]);
+        mma_bf16(s[j], qa[ks], kr[0], kr[4]);
+      }
+    }
+    // Scale, causal mask, row max.
+    float mx[2] = {neg_inf(), neg_inf()};
+#pragma unroll
+    for (int j = 0; j < PF_BC / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const int kpos = k0 + 8 * j + 2 * t + (e & 1);
+        const float v = kpos <= qpos[r] ? s[j][e] * scale : neg_inf();
+        s[j][e] = v;
+        mx[r] = fmaxf(mx[r], v);
+      }
+    }
+    float rescale[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
+      const float m_new = fmaxf(m[r], mx[r]);
+      // A row with nothing visible yet keeps max -inf: shift by 0 so exp gives 0, not NaN.
+      const float shift = m_new == neg_inf() ? 0.f : m_new;
+      rescale[r] = __expf(m[r] - shift);
+      m[r] = m_new;
+      l[r] *= rescale[r];
+#pragma unroll
+      for (int j = 0; j < PF_BC / 8; ++j) {
+        s[j][2 * r] = __expf(s[j][2 * r] - shift);
+        s[j][2 * r + 1] = __expf(s[j][2 * r + 1] - shift);
+        l[r] += s[j][2 * r] + s[j][2 * r + 1];
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      o[n][0] *= rescale[0];
+      o[n][1] *= rescale[0];
+      o[n][2] *= rescale[1];
+      o[n][3] *= rescale[1];
+    }
+    // O += P V: P from the S accumulators (bf16), V fragments from the transposed tile.
+#pragma unroll
+    for (int kk = 0; kk < PF_BC / 16; ++kk) {
+      unsigned pa[4];
+      pa[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const unsigned* vr = reinterpret_cast<const unsigned*>(&s_vt[8 * n + g][kk * 16 + 2 * t]);
+        mma_bf16(o[n], pa, vr[0], vr[4]);
+      }
+    }
+    __syncthreads();  // the tiles are overwritten next
+  }
+
+  // Row sums were lane-partial (each lane saw 2 of every 8 keys): add the 4 lanes.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
+    l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (rows[r] >= n_new) continue;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    __nv_bfloat16* dst = out + ((long long)(q0 + rows[r]) * n_heads + head) * HD;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      *reinterpret_cast<unsigned*>(dst + 8 * n + 2 * t) =
+          pack_bf16(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+    }
+  }
+}
+
+}  // namespace sov
+
+#define SOV_PREFILL_ATTENTION(HD)                                                         \
+  extern "C" __global__ void __launch_bounds__(sov::PF_THREADS, 1)                       \
+      prefill_attention_hd##HD(const __nv_bfloat16* q, const __nv_bfloat16* k_cache,      \
+                               const __nv_bfloat16* v_cache, const int* cu_q,             \
+                               const int* seq_lens, const int* block_tables,              \
+                               __nv_bfloat16* out, int n_heads, int n_kv_heads,           \
+                               int max_blocks, float scale) {                             \
+    sov::prefill_attention_impl<HD>(q, k_cache, v_cache, cu_q, seq_lens, block_tables,   \
+                                    out, n_heads, n_kv_heads, max_blocks, scale);         \
+  }
+
+SOV_PREFILL_ATTENTION(64)
+SOV_PREFILL_ATTENTION(96)
+SOV_PREFILL_ATTENTION(128)
