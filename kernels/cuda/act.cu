@@ -7,7 +7,7 @@
 #include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(256)
-    silu_and_mul(const __nv_bfloat16* __restrict__ gate_up, __nv_bfloat16* __restrict__ out,
+    silu_and_mul(const sov::bf16* __restrict__ gate_up, sov::bf16* __restrict__ out,
                  int rows, int inter) {
   const long long pieces = (long long)rows * (inter / 8);
   for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < pieces;

@@ -31,9 +31,9 @@ constexpr int DA_PART = 256;  // tokens per chunk (a multiple of KV_BLOCK)
 
 template <int HD, int GROUP>
 __device__ __forceinline__ void decode_attention_impl(
-    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
-    const __nv_bfloat16* __restrict__ v_cache, const int* __restrict__ block_tables,
-    const int* __restrict__ seq_lens, __nv_bfloat16* __restrict__ out,
+    const sov::bf16* __restrict__ q, const sov::bf16* __restrict__ k_cache,
+    const sov::bf16* __restrict__ v_cache, const int* __restrict__ block_tables,
+    const int* __restrict__ seq_lens, sov::bf16* __restrict__ out,
     float* __restrict__ part_out, float* __restrict__ part_ml, int n_kv_heads,
     int max_blocks, int num_splits, float scale) {
   constexpr int CHUNKS = HD / 8;              // 16-byte pieces of one row
@@ -188,7 +188,7 @@ __device__ __forceinline__ void decode_attention_impl(
     const float v = l > 0.f ? o / l : 0.f;
     const long long head = (long long)seq * n_heads + kvh * GROUP + g;
     if (num_splits == 1) {
-      out[head * HD + d] = __float2bfloat16_rn(v);
+      out[head * HD + d] = sov::f32_to_bf16(v);
     } else {
       part_out[(head * num_splits + split) * HD + d] = v;
     }
@@ -206,9 +206,9 @@ __device__ __forceinline__ void decode_attention_impl(
 #define SOV_DECODE_ATTENTION(HD, GROUP)                                                   \
   extern "C" __global__ void __launch_bounds__(sov::DA_THREADS, 1)                        \
       decode_attention_hd##HD##_g##GROUP(                                                 \
-          const __nv_bfloat16* q, const __nv_bfloat16* k_cache,                           \
-          const __nv_bfloat16* v_cache, const int* block_tables, const int* seq_lens,     \
-          __nv_bfloat16* out, float* part_out, float* part_ml, int n_kv_heads,            \
+          const sov::bf16* q, const sov::bf16* k_cache,                           \
+          const sov::bf16* v_cache, const int* block_tables, const int* seq_lens,     \
+          sov::bf16* out, float* part_out, float* part_ml, int n_kv_heads,            \
           int max_blocks, int num_splits, float scale) {                                  \
     sov::decode_attention_impl<HD, GROUP>(q, k_cache, v_cache, block_tables, seq_lens,   \
                                           out, part_out, part_ml, n_kv_heads, max_blocks, \
@@ -232,7 +232,7 @@ SOV_DECODE_ATTENTION(128, 8)
 // Log-sum-exp merge of the splits: grid (num_seqs, n_heads), HD threads (<= 128).
 // out = sum_s w_s * part_out_s / sum_s w_s with w_s = l_s * exp(m_s - max_s m_s).
 extern "C" __global__ void __launch_bounds__(128)
-    decode_attention_merge(const float* part_out, const float* part_ml, __nv_bfloat16* out,
+    decode_attention_merge(const float* part_out, const float* part_ml, sov::bf16* out,
                            int n_heads, int head_dim, int num_splits) {
   const long long head = (long long)blockIdx.x * n_heads + blockIdx.y;
   const float* ml = part_ml + head * num_splits * 2;
@@ -248,6 +248,6 @@ extern "C" __global__ void __launch_bounds__(128)
         den += w;
       }
     }
-    out[head * head_dim + d] = __float2bfloat16_rn(den > 0.f ? num / den : 0.f);
+    out[head * head_dim + d] = sov::f32_to_bf16(den > 0.f ? num / den : 0.f);
   }
 }

@@ -25,11 +25,11 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 
 // out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight
 extern "C" __global__ void __launch_bounds__(sov::NORM_THREADS)
-    rms_norm(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ weight,
-             __nv_bfloat16* __restrict__ out, int dim, float eps) {
+    rms_norm(const sov::bf16* __restrict__ x, const sov::bf16* __restrict__ weight,
+             sov::bf16* __restrict__ out, int dim, float eps) {
   __shared__ float scratch[sov::NORM_THREADS / 32];
   const long long row = blockIdx.x;
-  const __nv_bfloat16* xr = x + row * dim;
+  const sov::bf16* xr = x + row * dim;
   float ss = 0.f;
   for (int c = threadIdx.x * 8; c < dim; c += sov::NORM_THREADS * 8) {
     float v[8];
@@ -51,8 +51,8 @@ extern "C" __global__ void __launch_bounds__(sov::NORM_THREADS)
 
 // residual[r] += x[r]; out[r] = rms_norm(residual[r]) (residual f32, x and out bf16).
 extern "C" __global__ void __launch_bounds__(sov::NORM_THREADS)
-    add_rms_norm(float* __restrict__ residual, const __nv_bfloat16* __restrict__ x,
-                 const __nv_bfloat16* __restrict__ weight, __nv_bfloat16* __restrict__ out,
+    add_rms_norm(float* __restrict__ residual, const sov::bf16* __restrict__ x,
+                 const sov::bf16* __restrict__ weight, sov::bf16* __restrict__ out,
                  int dim, float eps) {
   __shared__ float scratch[sov::NORM_THREADS / 32];
   const long long row = blockIdx.x;

@@ -31,25 +31,20 @@ __device__ __forceinline__ void mma_bf16(float c[4], const unsigned a[4], unsign
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<unsigned*>(&h);
-}
-
 template <int HD>
 __device__ __forceinline__ void prefill_attention_impl(
-    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
-    const __nv_bfloat16* __restrict__ v_cache, const int* __restrict__ cu_q,
+    const sov::bf16* __restrict__ q, const sov::bf16* __restrict__ k_cache,
+    const sov::bf16* __restrict__ v_cache, const int* __restrict__ cu_q,
     const int* __restrict__ seq_lens, const int* __restrict__ block_tables,
-    __nv_bfloat16* __restrict__ out, int n_heads, int n_kv_heads, int max_blocks,
+    sov::bf16* __restrict__ out, int n_heads, int n_kv_heads, int max_blocks,
     float scale) {
   static_assert(HD % 16 == 0 && HD <= 128, "head_dim must be a multiple of 16, <= 128");
   constexpr int KS = HD / 16;  // k-steps of S = Q K^T
   constexpr int NT = HD / 8;   // n-tiles of O
   constexpr int KPAD = HD + 8; // padded rows against bank conflicts
   constexpr int VPAD = PF_BC + 8;
-  __shared__ __align__(16) __nv_bfloat16 s_k[PF_BC][KPAD];
-  __shared__ __align__(16) __nv_bfloat16 s_vt[HD][VPAD];
+  __shared__ __align__(16) sov::bf16 s_k[PF_BC][KPAD];
+  __shared__ __align__(16) sov::bf16 s_vt[HD][VPAD];
 
   const int seq = blockIdx.z, head = blockIdx.y;
   const int q0 = cu_q[seq], n_new = cu_q[seq + 1] - q0;
@@ -105,7 +100,7 @@ __device__ __forceinline__ void prefill_attention_impl(
         vraw = *reinterpret_cast<const uint4*>(v_cache + off);
       }
       *reinterpret_cast<uint4*>(&s_k[key][d0]) = kraw;
-      const __nv_bfloat16* vh = reinterpret_cast<const __nv_bfloat16*>(&vraw);
+      const sov::bf16* vh = reinterpret_cast<const sov::bf16*>(&vraw);
 #pragma unroll
       for (int i = 0; i < 8; ++i) s_vt[d0 + i][key] = vh[i];
     }
@@ -187,7 +182,7 @@ __device__ __forceinline__ void prefill_attention_impl(
   for (int r = 0; r < 2; ++r) {
     if (rows[r] >= n_new) continue;
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-    __nv_bfloat16* dst = out + ((long long)(q0 + rows[r]) * n_heads + head) * HD;
+    sov::bf16* dst = out + ((long long)(q0 + rows[r]) * n_heads + head) * HD;
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
       *reinterpret_cast<unsigned*>(dst + 8 * n + 2 * t) =
@@ -200,10 +195,10 @@ __device__ __forceinline__ void prefill_attention_impl(
 
 #define SOV_PREFILL_ATTENTION(HD)                                                         \
   extern "C" __global__ void __launch_bounds__(sov::PF_THREADS, 1)                       \
-      prefill_attention_hd##HD(const __nv_bfloat16* q, const __nv_bfloat16* k_cache,      \
-                               const __nv_bfloat16* v_cache, const int* cu_q,             \
+      prefill_attention_hd##HD(const sov::bf16* q, const sov::bf16* k_cache,      \
+                               const sov::bf16* v_cache, const int* cu_q,             \
                                const int* seq_lens, const int* block_tables,              \
-                               __nv_bfloat16* out, int n_heads, int n_kv_heads,           \
+                               sov::bf16* out, int n_heads, int n_kv_heads,           \
                                int max_blocks, float scale) {                             \
     sov::prefill_attention_impl<HD>(q, k_cache, v_cache, cu_q, seq_lens, block_tables,   \
                                     out, n_heads, n_kv_heads, max_blocks, scale);         \

@@ -27,11 +27,11 @@ __device__ __forceinline__ void rope_pair_index(int style, int rot_dim, int i, i
 }  // namespace sov
 
 extern "C" __global__ void __launch_bounds__(128)
-    rope_write_kv(__nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
-                  const __nv_bfloat16* __restrict__ v, const int* __restrict__ positions,
+    rope_write_kv(sov::bf16* __restrict__ q, const sov::bf16* __restrict__ k,
+                  const sov::bf16* __restrict__ v, const int* __restrict__ positions,
                   const int* __restrict__ slots, const float* __restrict__ cos_t,
-                  const float* __restrict__ sin_t, __nv_bfloat16* __restrict__ k_cache,
-                  __nv_bfloat16* __restrict__ v_cache, int n_heads, int n_kv_heads, int hd,
+                  const float* __restrict__ sin_t, sov::bf16* __restrict__ k_cache,
+                  sov::bf16* __restrict__ v_cache, int n_heads, int n_kv_heads, int hd,
                   int rot_dim, int style) {
   const long long tok = blockIdx.x;
   const int pos = positions[tok];
@@ -44,10 +44,10 @@ extern "C" __global__ void __launch_bounds__(128)
     const int h = e / half, i = e % half;
     int a, b;
     sov::rope_pair_index(style, rot_dim, i, &a, &b);
-    __nv_bfloat16* qh = q + (tok * n_heads + h) * hd;
-    const float x = __bfloat162float(qh[a]), y = __bfloat162float(qh[b]);
-    qh[a] = __float2bfloat16_rn(x * cs[i] - y * sn[i]);
-    qh[b] = __float2bfloat16_rn(x * sn[i] + y * cs[i]);
+    sov::bf16* qh = q + (tok * n_heads + h) * hd;
+    const float x = sov::bf16_to_f32(qh[a]), y = sov::bf16_to_f32(qh[b]);
+    qh[a] = sov::f32_to_bf16(x * cs[i] - y * sn[i]);
+    qh[b] = sov::f32_to_bf16(x * sn[i] + y * cs[i]);
   }
   if (slot < 0) return;
   const long long dst = (long long)slot * n_kv_heads * hd;
@@ -56,10 +56,10 @@ extern "C" __global__ void __launch_bounds__(128)
     const int h = e / half, i = e % half;
     int a, b;
     sov::rope_pair_index(style, rot_dim, i, &a, &b);
-    const __nv_bfloat16* kh = k + (tok * n_kv_heads + h) * hd;
-    const float x = __bfloat162float(kh[a]), y = __bfloat162float(kh[b]);
-    k_cache[dst + h * hd + a] = __float2bfloat16_rn(x * cs[i] - y * sn[i]);
-    k_cache[dst + h * hd + b] = __float2bfloat16_rn(x * sn[i] + y * cs[i]);
+    const sov::bf16* kh = k + (tok * n_kv_heads + h) * hd;
+    const float x = sov::bf16_to_f32(kh[a]), y = sov::bf16_to_f32(kh[b]);
+    k_cache[dst + h * hd + a] = sov::f32_to_bf16(x * cs[i] - y * sn[i]);
+    k_cache[dst + h * hd + b] = sov::f32_to_bf16(x * sn[i] + y * cs[i]);
   }
   const int tail = hd - rot_dim;
   for (int e = threadIdx.x; e < n_kv_heads * tail; e += blockDim.x) {

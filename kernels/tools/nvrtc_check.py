@@ -3,9 +3,9 @@
 exactly as the worker does at run time (same options, same headers), then assemble the
 PTX with ptxas -v and report registers, shared memory and spills per entry point.
 
-Exit status 1 on a compile error, or on any spill in a kernel (every kernel here is on
-the hot path). Needs no GPU: PyPI nvidia-cuda-nvrtc==13.0.* (libnvrtc),
-nvidia-cuda-runtime==13.0.* (cuda_bf16.h, cuda_fp8.h), nvidia-cuda-nvcc==13.0.* (ptxas).
+Exit status 1 on a compile error or warning, or on any spill in a kernel (every kernel here is on
+the hot path). Needs no GPU: PyPI nvidia-cuda-nvrtc==13.0.* (libnvrtc) and nvidia-cuda-nvcc==13.0.*
+(ptxas). The kernels include no CUDA toolkit header (see kernels/cuda/common.cuh).
 
   python3 kernels/tools/nvrtc_check.py [--arch sm_80,sm_90] [--json out.json]
 """
@@ -77,12 +77,19 @@ class Nvrtc:
             self.lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-def nvrtc_options(arch, include_dirs):
-    """The options the worker passes to NVRTC (kernels::cuda::nvrtc_options in Rust)."""
-    compute = arch.replace("sm_", "compute_")
-    opts = [f"--gpu-architecture={compute}", "--std=c++17",
-            "-default-device"]
-    return opts + [f"--include-path={d}" for d in include_dirs]
+def nvrtc_options(arch):
+    """The options the worker passes to NVRTC (kernels/cuda/nvrtc_options.txt), for PTX
+    of `arch` (the worker asks for a cubin of the device's own sm_XX instead)."""
+    lines = (CUDA_DIR / "nvrtc_options.txt").read_text().splitlines()
+    opts = [l.strip() for l in lines if l.strip() and not l.startswith("#")]
+    return [f"--gpu-architecture={arch.replace('sm_', 'compute_')}"] + opts
+
+
+def program_source(path):
+    """The source as the worker compiles it: `#include "common.cuh"` inlined, so the
+    kernels need no include path and no CUDA toolkit headers."""
+    common = (CUDA_DIR / "common.cuh").read_text()
+    return path.read_text().replace('#include "common.cuh"', common)
 
 
 FUNC = re.compile(r"Function properties for (\S+)\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -128,7 +135,6 @@ def main():
     ptxas = cu13 / "bin" / "ptxas"
     if not ptxas.exists():
         sys.exit(f"nvrtc_check: ptxas not found at {ptxas} (pip install 'nvidia-cuda-nvcc==13.0.*')")
-    includes = [str(CUDA_DIR), str(cu13 / "include")]
     sources = sorted(CUDA_DIR.glob("*.cu"))
     if not sources:
         sys.exit(f"nvrtc_check: no kernels in {CUDA_DIR}")
@@ -136,13 +142,15 @@ def main():
     report, failed = {}, False
     for arch in args.arch.split(","):
         for src in sources:
-            ptx, log = nvrtc.compile_ptx(src.read_text(), src.name, nvrtc_options(arch, includes))
+            ptx, log = nvrtc.compile_ptx(program_source(src), src.name, nvrtc_options(arch))
             if ptx is None:
                 print(f"FAIL {src.name} [{arch}]: NVRTC compile error\n{log}", flush=True)
                 failed = True
                 continue
             if log.strip():
-                print(f"note {src.name} [{arch}]: {log.strip()}")
+                # Warnings fail the check too (like clippy -D warnings).
+                print(f"FAIL {src.name} [{arch}]: compiler warnings\n{log.strip()}")
+                failed = True
             entries = ptxas_report(ptxas, ptx, arch)
             for name, e in sorted(entries.items()):
                 spills = e["spill_stores"] + e["spill_loads"]
