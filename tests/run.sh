@@ -5,6 +5,11 @@ cd "$(dirname "$0")/.."
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
+# NVRTC from NVIDIA's wheel (installed by .ci/run) on the loader path, so the kernels
+# crate's tests compile every CUDA kernel to cubins through cudarc (no GPU needed).
+if nv=$(python3 -c 'import nvidia, os; print(next(p for p in (os.path.join(b, "cu13", "lib") for b in nvidia.__path__) if os.path.exists(os.path.join(p, "libnvrtc.so.13"))))' 2>/dev/null); then
+  export LD_LIBRARY_PATH="$nv${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 cargo test --workspace --release "$@" 2>&1 | tee "$log" || status=$?
 # Machines with AVX-512 run the 16-lane kernels above; check the AVX2 kernels' batch
 # invariance and conformance too, since other workers' CPUs may lack AVX-512.

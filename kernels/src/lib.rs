@@ -6,6 +6,7 @@
 //! vectorizes). This crate knows nothing of HTTP, scheduling or model files.
 
 pub mod cpu;
+pub mod cuda;
 pub mod gpu_ref;
 
 /// Layout of one layer's paged KV cache: `[num_blocks][block_size][n_kv_heads][head_dim]`,

@@ -1,0 +1,266 @@
+//! The CUDA kernels (kernels/cuda/*.cu): embedded sources, NVRTC compilation to a cubin
+//! for the device's own architecture with an on-disk cache keyed by (source hash, arch,
+//! NVRTC version), and module loading through cudarc.
+//!
+//! cudarc loads libcuda and libnvrtc at run time and panics on the first call into a
+//! missing library, so every entry point here checks for the library first and returns
+//! [`CudaError::NoDriver`] / [`CudaError::NoNvrtc`] instead: a machine without CUDA gets
+//! a clear error, never a panic.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::Ptx;
+
+/// Shared device helpers, inlined into every program (see [`program_source`]).
+const COMMON: &str = include_str!("../../cuda/common.cuh");
+/// NVRTC options for every kernel, one per line (shared with kernels/tools/nvrtc_check.py).
+const OPTIONS: &str = include_str!("../../cuda/nvrtc_options.txt");
+
+/// Every kernel source: file name and text.
+pub const SOURCES: &[(&str, &str)] = &[
+    ("act.cu", include_str!("../../cuda/act.cu")),
+    (
+        "decode_attention.cu",
+        include_str!("../../cuda/decode_attention.cu"),
+    ),
+    ("norm.cu", include_str!("../../cuda/norm.cu")),
+    (
+        "prefill_attention.cu",
+        include_str!("../../cuda/prefill_attention.cu"),
+    ),
+    ("rope_kv.cu", include_str!("../../cuda/rope_kv.cu")),
+    ("sampling.cu", include_str!("../../cuda/sampling.cu")),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error(
+        "no CUDA driver: libcuda could not be loaded (is the NVIDIA driver installed and is this a GPU machine?)"
+    )]
+    NoDriver,
+    #[error(
+        "no NVRTC: libnvrtc (CUDA 13) could not be loaded; install the CUDA 13 toolkit or put libnvrtc.so.13 on LD_LIBRARY_PATH"
+    )]
+    NoNvrtc,
+    #[error("unknown kernel source {0}")]
+    UnknownSource(String),
+    #[error("NVRTC failed to compile {source_name} for {arch}: {reason}\n{log}")]
+    Compile {
+        source_name: String,
+        arch: String,
+        reason: String,
+        log: String,
+    },
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    #[error("kernel cache {path}: {source}")]
+    Cache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Whether libcuda can be loaded (no cudarc call is made otherwise).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library and drops the handle.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Whether libnvrtc can be loaded.
+pub fn nvrtc_present() -> bool {
+    // SAFETY: as above.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// The NVRTC options of every program (without the architecture).
+pub fn nvrtc_options() -> Vec<String> {
+    OPTIONS
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect()
+}
+
+/// The program text NVRTC compiles: the source with `common.cuh` inlined, so no include
+/// path (and no CUDA toolkit header) is needed at run time.
+pub fn program_source(name: &str) -> Result<String, CudaError> {
+    let (_, text) = SOURCES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .ok_or_else(|| CudaError::UnknownSource(name.to_string()))?;
+    Ok(text.replace("#include \"common.cuh\"", COMMON))
+}
+
+/// NVRTC's version, e.g. (13, 0).
+pub fn nvrtc_version() -> Result<(i32, i32), CudaError> {
+    if !nvrtc_present() {
+        return Err(CudaError::NoNvrtc);
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the library is present; the pointers are valid for the call.
+    let rc = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if rc != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(CudaError::NoNvrtc);
+    }
+    Ok((major, minor))
+}
+
+/// Compile one kernel source to a cubin for `arch` (e.g. "sm_90"). Needs libnvrtc, not
+/// a GPU.
+pub fn compile_cubin(name: &str, arch: &str) -> Result<Vec<u8>, CudaError> {
+    use cudarc::nvrtc::{result, sys};
+    if !nvrtc_present() {
+        return Err(CudaError::NoNvrtc);
+    }
+    let fail = |reason: String, log: String| CudaError::Compile {
+        source_name: name.to_string(),
+        arch: arch.to_string(),
+        reason,
+        log,
+    };
+    let src =
+        CString::new(program_source(name)?).map_err(|e| fail(e.to_string(), String::new()))?;
+    let cname = CString::new(name).map_err(|e| fail(e.to_string(), String::new()))?;
+    let mut opts = nvrtc_options();
+    opts.push(format!("--gpu-architecture={arch}"));
+    let prog = result::create_program(&src, Some(&cname))
+        .map_err(|e| fail(e.to_string(), String::new()))?;
+    // SAFETY: `prog` is a live program until `destroy_program` below; buffers are sized
+    // from NVRTC's own size queries.
+    unsafe {
+        let compiled = result::compile_program(prog, &opts);
+        let log = result::get_program_log(prog)
+            .map(|l| {
+                let bytes: Vec<u8> = l.iter().map(|c| *c as u8).take_while(|b| *b != 0).collect();
+                String::from_utf8_lossy(&bytes).into_owned()
+            })
+            .unwrap_or_default();
+        let out = match compiled {
+            Err(e) => Err(fail(e.to_string(), log)),
+            Ok(()) => {
+                let mut size = 0usize;
+                let rc = sys::nvrtcGetCUBINSize(prog, &mut size);
+                if rc != sys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+                    Err(fail(
+                        format!("no cubin ({rc:?}); is {arch} a real architecture?"),
+                        log,
+                    ))
+                } else {
+                    let mut buf = vec![0u8; size];
+                    let rc = sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast());
+                    if rc == sys::nvrtcResult::NVRTC_SUCCESS {
+                        Ok(buf)
+                    } else {
+                        Err(fail(format!("nvrtcGetCUBIN: {rc:?}"), log))
+                    }
+                }
+            }
+        };
+        let _ = result::destroy_program(prog);
+        out
+    }
+}
+
+/// Stable 64-bit FNV-1a (the cache key must not change between Rust versions).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.iter() {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Cache file of one program for one architecture: the key covers the program text, the
+/// options and the NVRTC version, so any change compiles afresh.
+pub fn cache_path(dir: &Path, name: &str, arch: &str) -> Result<PathBuf, CudaError> {
+    let (major, minor) = nvrtc_version()?;
+    let src = program_source(name)?;
+    let opts = nvrtc_options().join("\n");
+    let version = format!("{major}.{minor}");
+    let key = fnv1a(&[
+        src.as_bytes(),
+        opts.as_bytes(),
+        version.as_bytes(),
+        arch.as_bytes(),
+    ]);
+    let stem = name.trim_end_matches(".cu");
+    Ok(dir.join(format!("{stem}-{key:016x}-{arch}.cubin")))
+}
+
+/// The cubin of `name` for `arch`, from the cache or freshly compiled (and then cached,
+/// written atomically). Returns whether it came from the cache.
+pub fn cached_cubin(dir: &Path, name: &str, arch: &str) -> Result<(Vec<u8>, bool), CudaError> {
+    let path = cache_path(dir, name, arch)?;
+    if let Ok(bytes) = std::fs::read(&path)
+        && !bytes.is_empty()
+    {
+        return Ok((bytes, true));
+    }
+    let cubin = compile_cubin(name, arch)?;
+    let io = |source| CudaError::Cache {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, &cubin).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    Ok((cubin, false))
+}
+
+/// A device with every kernel module loaded.
+pub struct Kernels {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub arch: String,
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+}
+
+impl Kernels {
+    /// Open device `ordinal` and load every kernel (compiling what the cache lacks).
+    pub fn new(ordinal: usize, cache_dir: &Path) -> Result<Self, CudaError> {
+        if !driver_present() {
+            return Err(CudaError::NoDriver);
+        }
+        if !nvrtc_present() {
+            return Err(CudaError::NoNvrtc);
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let (major, minor) = ctx.compute_capability()?;
+        let arch = format!("sm_{major}{minor}");
+        let stream = ctx.default_stream();
+        let mut modules = HashMap::new();
+        for (name, _) in SOURCES {
+            let (cubin, _) = cached_cubin(cache_dir, name, &arch)?;
+            modules.insert(*name, ctx.load_module(Ptx::from_binary(cubin))?);
+        }
+        Ok(Self {
+            ctx,
+            stream,
+            arch,
+            modules,
+        })
+    }
+
+    /// An entry point of one source, e.g. `("decode_attention.cu", "decode_attention_hd64_g3")`.
+    pub fn function(&self, source: &str, entry: &str) -> Result<CudaFunction, CudaError> {
+        let m = self
+            .modules
+            .get(source)
+            .ok_or_else(|| CudaError::UnknownSource(source.to_string()))?;
+        Ok(m.load_function(entry)?)
+    }
+}
+
+#[cfg(test)]
+mod tests;
