@@ -15,6 +15,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
+pub mod launch;
+
 /// Shared device helpers, inlined into every program (see [`program_source`]).
 const COMMON: &str = include_str!("../../cuda/common.cuh");
 /// NVRTC options for every kernel, one per line (shared with kernels/tools/nvrtc_check.py).
@@ -48,6 +50,8 @@ pub enum CudaError {
     NoNvrtc,
     #[error("unknown kernel source {0}")]
     UnknownSource(String),
+    #[error("kernel shape: {0}")]
+    Shape(String),
     #[error("NVRTC failed to compile {source_name} for {arch}: {reason}\n{log}")]
     Compile {
         source_name: String,

@@ -1,0 +1,595 @@
+//! `gpu-check`: runs every CUDA kernel on GPU 0 against its CPU reference
+//! (kernels::gpu_ref) over a grid of shapes, then measures decode-attention bandwidth
+//! against the device's copy bandwidth and prefill-attention TFLOP/s. Prints one JSON
+//! summary on stdout (progress on stderr); exit 1 when a correctness check fails, 2 when
+//! there is no usable GPU. Used by kernels/gpu-check.sh; needs no Rust on the GPU machine.
+//!
+//!   gpu-check [--quick] [--out FILE]
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use kernels::KvLayout;
+use kernels::cpu::RopeStyle;
+use kernels::cuda::launch::{self, DecodeDims, PrefillDims, RopeDims, SplitScratch};
+use kernels::cuda::{CudaError, Kernels};
+use kernels::gpu_ref::{self, DecodeShape, from_bf16, to_bf16_vec};
+use serde_json::{Value, json};
+
+/// bf16 tolerance: one rounding of the output plus f32 accumulation differences.
+fn close(got: f32, want: f32) -> bool {
+    (got - want).abs() <= want.abs() / 128.0 + 2e-3
+}
+
+struct Rng(u64);
+impl Rng {
+    fn f32s(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                self.0 ^= self.0 << 13;
+                self.0 ^= self.0 >> 7;
+                self.0 ^= self.0 << 17;
+                (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+}
+
+fn up<T: DeviceRepr>(k: &Kernels, v: &[T]) -> Result<CudaSlice<T>, CudaError> {
+    Ok(k.stream.clone_htod(v)?)
+}
+
+fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+    k: &Kernels,
+    n: usize,
+) -> Result<CudaSlice<T>, CudaError> {
+    Ok(k.stream.alloc_zeros::<T>(n.max(1))?)
+}
+
+fn down<T: DeviceRepr + Default + Clone>(
+    k: &Kernels,
+    s: &CudaSlice<T>,
+) -> Result<Vec<T>, CudaError> {
+    Ok(k.stream.clone_dtoh(s)?)
+}
+
+/// Compare bf16 outputs; returns (max abs error, first mismatch).
+fn compare(got: &[u16], want: &[u16]) -> (f32, Option<String>) {
+    let mut max_err = 0f32;
+    let mut first = None;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let (g, w) = (from_bf16(*g), from_bf16(*w));
+        let e = (g - w).abs();
+        if e.is_nan() || !close(g, w) {
+            first.get_or_insert_with(|| format!("element {i}: gpu {g} vs reference {w}"));
+        }
+        if e > max_err || e.is_nan() {
+            max_err = e;
+        }
+    }
+    (max_err, first)
+}
+
+/// Random paged KV cache for `lens`, block tables scrambled.
+struct Paged {
+    layout: KvLayout,
+    max_blocks: usize,
+    tables: Vec<u32>,
+    kc: Vec<u16>,
+    vc: Vec<u16>,
+}
+
+fn paged(rng: &mut Rng, lens: &[usize], n_kv: usize, hd: usize, random: bool) -> Paged {
+    let max_blocks = lens
+        .iter()
+        .map(|l| l.div_ceil(16))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let num_blocks = max_blocks * lens.len() + 1;
+    let layout = KvLayout {
+        num_blocks,
+        block_size: 16,
+        n_kv_heads: n_kv,
+        head_dim: hd,
+    };
+    let tables = (0..lens.len() * max_blocks)
+        .map(|i| ((i * 7919) % (num_blocks - 1) + 1) as u32)
+        .collect();
+    // A permutation when gcd(7919, num_blocks - 1) == 1; otherwise blocks are shared,
+    // which only makes sequences read the same blocks (still a valid table).
+    let (kc, vc) = if random {
+        (
+            to_bf16_vec(&rng.f32s(layout.elements())),
+            to_bf16_vec(&rng.f32s(layout.elements())),
+        )
+    } else {
+        (vec![0u16; layout.elements()], vec![0u16; layout.elements()])
+    };
+    Paged {
+        layout,
+        max_blocks,
+        tables,
+        kc,
+        vc,
+    }
+}
+
+fn sm_count(k: &Kernels) -> usize {
+    k.ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map(|v| v.max(1) as usize)
+        .unwrap_or(1)
+}
+
+/// One decode-attention correctness case; checks at most `check_seqs` sequences on the
+/// CPU (the reference is slow for long batches).
+fn check_decode(
+    k: &Kernels,
+    rng: &mut Rng,
+    hd: usize,
+    group: usize,
+    batch: usize,
+    ctx: usize,
+    splits: Option<usize>,
+) -> Result<Value, CudaError> {
+    let n_kv = 2;
+    let lens: Vec<usize> = (0..batch)
+        .map(|i| if i % 2 == 1 { ctx.div_ceil(2) } else { ctx })
+        .collect();
+    let p = paged(rng, &lens, n_kv, hd, true);
+    let n_heads = n_kv * group;
+    let q = to_bf16_vec(&rng.f32s(batch * n_heads * hd));
+    let num_splits = splits.unwrap_or_else(|| launch::decode_splits(batch, n_kv, ctx, sm_count(k)));
+    let d = DecodeDims {
+        num_seqs: batch,
+        n_kv_heads: n_kv,
+        group,
+        head_dim: hd,
+        max_blocks: p.max_blocks,
+        num_splits,
+        scale: 1.0 / (hd as f32).sqrt(),
+    };
+    let tables: Vec<i32> = p.tables.iter().map(|t| *t as i32).collect();
+    let lens_i: Vec<i32> = lens.iter().map(|l| *l as i32).collect();
+    let (qd, kd, vd, td, ld) = (
+        up(k, &q)?,
+        up(k, &p.kc)?,
+        up(k, &p.vc)?,
+        up(k, &tables)?,
+        up(k, &lens_i)?,
+    );
+    let mut out = zeros::<u16>(k, q.len())?;
+    let mut scratch = SplitScratch::new(k, &d)?;
+    launch::decode_attention(k, &d, &qd, &kd, &vd, &td, &ld, &mut out, &mut scratch)?;
+    let got = down(k, &out)?;
+    let check = batch.min(4);
+    let shape = DecodeShape {
+        layout: p.layout,
+        n_heads,
+        max_blocks: p.max_blocks,
+        scale: d.scale,
+        num_splits,
+    };
+    let want = gpu_ref::decode_attention(
+        &shape,
+        &q[..check * n_heads * hd],
+        &p.kc,
+        &p.vc,
+        &p.tables[..check * p.max_blocks],
+        &lens[..check],
+    );
+    let (err, first) = compare(&got[..want.len()], &want);
+    Ok(
+        json!({"kernel": "decode_attention", "head_dim": hd, "group": group, "batch": batch,
+              "context": ctx, "splits": num_splits, "checked_seqs": check,
+              "max_abs_err": err, "ok": first.is_none(), "mismatch": first}),
+    )
+}
+
+fn check_prefill(
+    k: &Kernels,
+    rng: &mut Rng,
+    hd: usize,
+    group: usize,
+    cases: &[(usize, usize)],
+) -> Result<Value, CudaError> {
+    let n_kv = 2;
+    let n_heads = n_kv * group;
+    let lens: Vec<usize> = cases.iter().map(|(new, cached)| new + cached).collect();
+    let p = paged(rng, &lens, n_kv, hd, true);
+    let mut cu = vec![0usize];
+    for (new, _) in cases {
+        cu.push(cu.last().copied().unwrap_or(0) + new);
+    }
+    let total = *cu.last().unwrap_or(&0);
+    let q = to_bf16_vec(&rng.f32s(total * n_heads * hd));
+    let d = PrefillDims {
+        num_seqs: cases.len(),
+        max_new: cases.iter().map(|c| c.0).max().unwrap_or(1),
+        n_heads,
+        n_kv_heads: n_kv,
+        head_dim: hd,
+        max_blocks: p.max_blocks,
+        scale: 1.0 / (hd as f32).sqrt(),
+    };
+    let i32s = |v: &[usize]| v.iter().map(|x| *x as i32).collect::<Vec<i32>>();
+    let tables: Vec<i32> = p.tables.iter().map(|t| *t as i32).collect();
+    let (qd, kd, vd) = (up(k, &q)?, up(k, &p.kc)?, up(k, &p.vc)?);
+    let (cud, ld, td) = (up(k, &i32s(&cu))?, up(k, &i32s(&lens))?, up(k, &tables)?);
+    let mut out = zeros::<u16>(k, q.len())?;
+    launch::prefill_attention(k, &d, &qd, &kd, &vd, &cud, &ld, &td, &mut out)?;
+    let got = down(k, &out)?;
+    let shape = DecodeShape {
+        layout: p.layout,
+        n_heads,
+        max_blocks: p.max_blocks,
+        scale: d.scale,
+        num_splits: 1,
+    };
+    let want = gpu_ref::prefill_attention(&shape, &q, &p.kc, &p.vc, &p.tables, &cu, &lens);
+    let (err, first) = compare(&got, &want);
+    Ok(
+        json!({"kernel": "prefill_attention", "head_dim": hd, "group": group,
+              "cases_new_cached": cases, "max_abs_err": err, "ok": first.is_none(), "mismatch": first}),
+    )
+}
+
+fn check_small_kernels(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
+    let mut out = Vec::new();
+    // RMSNorm, plain and with the residual.
+    let (rows, dim) = (7, 2048);
+    let x = to_bf16_vec(&rng.f32s(rows * dim));
+    let w = to_bf16_vec(&rng.f32s(dim));
+    let (xd, wd) = (up(k, &x)?, up(k, &w)?);
+    let mut o = zeros::<u16>(k, x.len())?;
+    launch::rms_norm(k, &xd, &wd, &mut o, rows, dim, 1e-5)?;
+    let (err, first) = compare(&down(k, &o)?, &gpu_ref::rms_norm(&x, &w, dim, 1e-5));
+    out.push(json!({"kernel": "rms_norm", "rows": rows, "dim": dim, "max_abs_err": err, "ok": first.is_none(), "mismatch": first}));
+    let mut residual = rng.f32s(rows * dim);
+    let mut rd = up(k, &residual)?;
+    launch::add_rms_norm(k, &mut rd, &xd, &wd, &mut o, rows, dim, 1e-5)?;
+    let want = gpu_ref::add_rms_norm(&mut residual, &x, &w, dim, 1e-5);
+    let (err, mut first) = compare(&down(k, &o)?, &want);
+    let res_got = down(k, &rd)?;
+    if res_got
+        .iter()
+        .zip(&residual)
+        .any(|(a, b)| (a - b).abs() > 1e-6)
+    {
+        first.get_or_insert_with(|| "residual differs".into());
+    }
+    out.push(json!({"kernel": "add_rms_norm", "rows": rows, "dim": dim, "max_abs_err": err, "ok": first.is_none(), "mismatch": first}));
+    // SiLU-and-mul.
+    let inter = 5632;
+    let gu = to_bf16_vec(
+        &rng.f32s(3 * 2 * inter)
+            .iter()
+            .map(|v| v * 8.0)
+            .collect::<Vec<_>>(),
+    );
+    let gud = up(k, &gu)?;
+    let mut o = zeros::<u16>(k, 3 * inter)?;
+    launch::silu_and_mul(k, &gud, &mut o, 3, inter)?;
+    let (err, first) = compare(&down(k, &o)?, &gpu_ref::silu_and_mul(&gu, inter));
+    out.push(json!({"kernel": "silu_and_mul", "rows": 3, "inter": inter, "max_abs_err": err, "ok": first.is_none(), "mismatch": first}));
+    // RoPE + KV write, both styles.
+    for (style, style_id) in [(RopeStyle::Interleaved, 0), (RopeStyle::Half, 1)] {
+        let (tokens, nh, nkv, hd, rot, max_pos) = (5, 16, 8, 128, 128, 4096);
+        let half = rot / 2;
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in 0..max_pos {
+            for i in 0..half {
+                let th = p as f64 * 10000f64.powf(-((2 * i) as f64) / rot as f64);
+                cos.push(th.cos() as f32);
+                sin.push(th.sin() as f32);
+            }
+        }
+        let mut q = to_bf16_vec(&rng.f32s(tokens * nh * hd));
+        let key = to_bf16_vec(&rng.f32s(tokens * nkv * hd));
+        let val = to_bf16_vec(&rng.f32s(tokens * nkv * hd));
+        let positions = [0usize, 1, 17, 1000, 4095];
+        let slots = [3i64, 4, -1, 40, 0];
+        let n_slots = 48;
+        let (mut qd, kd, vd) = (up(k, &q)?, up(k, &key)?, up(k, &val)?);
+        let pd = up(k, &positions.iter().map(|p| *p as i32).collect::<Vec<_>>())?;
+        let sd = up(k, &slots.iter().map(|s| *s as i32).collect::<Vec<_>>())?;
+        let (cd, snd) = (up(k, &cos)?, up(k, &sin)?);
+        let mut kc = zeros::<u16>(k, n_slots * nkv * hd)?;
+        let mut vc = zeros::<u16>(k, n_slots * nkv * hd)?;
+        let d = RopeDims {
+            tokens,
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            rot_dim: rot,
+            style: style_id,
+        };
+        launch::rope_write_kv(
+            k, &d, &mut qd, &kd, &vd, &pd, &sd, &cd, &snd, &mut kc, &mut vc,
+        )?;
+        let s = gpu_ref::RopeShape {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            rot_dim: rot,
+            style,
+            cos: &cos,
+            sin: &sin,
+        };
+        let mut kc_ref = vec![0u16; n_slots * nkv * hd];
+        let mut vc_ref = vec![0u16; n_slots * nkv * hd];
+        gpu_ref::rope_write_kv(
+            &s,
+            &mut q,
+            &key,
+            &val,
+            &positions,
+            &slots,
+            &mut kc_ref,
+            &mut vc_ref,
+        );
+        let (e1, f1) = compare(&down(k, &qd)?, &q);
+        let (e2, f2) = compare(&down(k, &kc)?, &kc_ref);
+        let (e3, f3) = compare(&down(k, &vc)?, &vc_ref);
+        let first = f1.or(f2).or(f3);
+        out.push(json!({"kernel": "rope_write_kv", "style": format!("{style:?}"), "max_abs_err": e1.max(e2).max(e3), "ok": first.is_none(), "mismatch": first}));
+    }
+    // argmax and softmax over a 49152-entry vocabulary, with ties and a NaN.
+    let vocab = 49_152;
+    let mut logits = rng
+        .f32s(4 * vocab)
+        .iter()
+        .map(|v| v * 20.0)
+        .collect::<Vec<_>>();
+    logits[vocab + 10] = 100.0;
+    logits[vocab + 20] = 100.0; // tie: the lower index wins
+    logits[2 * vocab + 5] = f32::NAN;
+    let ld = up(k, &logits)?;
+    let mut idx = zeros::<i32>(k, 4)?;
+    launch::argmax_rows(k, &ld, &mut idx, 4, vocab)?;
+    let got = down(k, &idx)?;
+    let want: Vec<i32> = logits
+        .chunks_exact(vocab)
+        .map(|r| kernels::cpu::argmax(r) as i32)
+        .collect();
+    out.push(json!({"kernel": "argmax_rows", "vocab": vocab, "gpu": got, "reference": want, "ok": got == want}));
+    let finite: Vec<f32> = logits
+        .iter()
+        .map(|v| if v.is_nan() { 0.0 } else { *v })
+        .collect();
+    let fd = up(k, &finite)?;
+    let mut pd = zeros::<f32>(k, finite.len())?;
+    launch::softmax_rows(k, &fd, &mut pd, 4, vocab, 0.7)?;
+    let got = down(k, &pd)?;
+    let want = gpu_ref::softmax_rows(&finite, vocab, 0.7);
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    out.push(
+        json!({"kernel": "softmax_rows", "vocab": vocab, "max_abs_err": err, "ok": err < 1e-5}),
+    );
+    Ok(out)
+}
+
+/// Milliseconds per call of `f`, median of `reps` event-timed runs after a warm-up.
+fn time_ms(
+    k: &Kernels,
+    reps: usize,
+    mut f: impl FnMut() -> Result<(), CudaError>,
+) -> Result<f64, CudaError> {
+    f()?;
+    k.stream.synchronize()?;
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let a = k
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        f()?;
+        let b = k
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        t.push(f64::from(a.elapsed_ms(&b)?));
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+fn copy_bandwidth(k: &Kernels) -> Result<f64, CudaError> {
+    let n = 1usize << 30; // 1 GiB each way
+    let src = zeros::<u8>(k, n)?;
+    let mut dst = zeros::<u8>(k, n)?;
+    let ms = time_ms(k, 10, || Ok(k.stream.memcpy_dtod(&src, &mut dst)?))?;
+    Ok(2.0 * n as f64 / (ms / 1e3) / 1e9)
+}
+
+/// Decode attention on a model shaped like EuroLLM-1.7B's attention (16 query heads,
+/// 8 KV heads, head_dim 128): GB/s of K/V read.
+fn decode_bandwidth(k: &Kernels, ctx: usize) -> Result<Value, CudaError> {
+    let (n_kv, group, hd) = (8, 2, 128);
+    let per_seq = ctx * n_kv * hd * 2 * 2; // K and V, bf16
+    let batch = ((2usize << 30) / per_seq).clamp(1, 256);
+    let lens = vec![ctx; batch];
+    let mut rng = Rng(1);
+    let p = paged(&mut rng, &lens, n_kv, hd, false);
+    let d = DecodeDims {
+        num_seqs: batch,
+        n_kv_heads: n_kv,
+        group,
+        head_dim: hd,
+        max_blocks: p.max_blocks,
+        num_splits: launch::decode_splits(batch, n_kv, ctx, sm_count(k)),
+        scale: 1.0 / (hd as f32).sqrt(),
+    };
+    let q = zeros::<u16>(k, batch * n_kv * group * hd)?;
+    let (kd, vd) = (zeros::<u16>(k, p.kc.len())?, zeros::<u16>(k, p.vc.len())?);
+    let td = up(k, &p.tables.iter().map(|t| *t as i32).collect::<Vec<_>>())?;
+    let ld = up(k, &vec![ctx as i32; batch])?;
+    let mut out = zeros::<u16>(k, batch * n_kv * group * hd)?;
+    let mut scratch = SplitScratch::new(k, &d)?;
+    let ms = time_ms(k, 20, || {
+        launch::decode_attention(k, &d, &q, &kd, &vd, &td, &ld, &mut out, &mut scratch)
+    })?;
+    let bytes = (batch * per_seq) as f64;
+    Ok(
+        json!({"context": ctx, "batch": batch, "splits": d.num_splits, "ms": ms,
+              "gb_per_s": bytes / (ms / 1e3) / 1e9}),
+    )
+}
+
+/// Causal prefill of `seqs` fresh prompts of `n` tokens, 32 query / 8 KV heads, hd 128.
+fn prefill_tflops(k: &Kernels, seqs: usize, n: usize) -> Result<Value, CudaError> {
+    let (nh, n_kv, hd) = (32, 8, 128);
+    let lens = vec![n; seqs];
+    let mut rng = Rng(2);
+    let p = paged(&mut rng, &lens, n_kv, hd, false);
+    let d = PrefillDims {
+        num_seqs: seqs,
+        max_new: n,
+        n_heads: nh,
+        n_kv_heads: n_kv,
+        head_dim: hd,
+        max_blocks: p.max_blocks,
+        scale: 1.0 / (hd as f32).sqrt(),
+    };
+    let q = zeros::<u16>(k, seqs * n * nh * hd)?;
+    let (kd, vd) = (zeros::<u16>(k, p.kc.len())?, zeros::<u16>(k, p.vc.len())?);
+    let cu: Vec<i32> = (0..=seqs).map(|i| (i * n) as i32).collect();
+    let (cud, ld) = (up(k, &cu)?, up(k, &vec![n as i32; seqs])?);
+    let td = up(k, &p.tables.iter().map(|t| *t as i32).collect::<Vec<_>>())?;
+    let mut out = zeros::<u16>(k, seqs * n * nh * hd)?;
+    let ms = time_ms(k, 10, || {
+        launch::prefill_attention(k, &d, &q, &kd, &vd, &cud, &ld, &td, &mut out)
+    })?;
+    // QK^T and PV over the causal triangle: 2 matmuls x 2 flops per multiply-add.
+    let pairs = (n * (n + 1) / 2) as f64;
+    let flops = 4.0 * pairs * (hd * nh * seqs) as f64;
+    Ok(json!({"seqs": seqs, "tokens": n, "ms": ms, "tflops": flops / (ms / 1e3) / 1e12}))
+}
+
+fn run(quick: bool) -> Result<(Value, bool), CudaError> {
+    let t0 = Instant::now();
+    let cache = std::env::var_os("SOV_KERNEL_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("sov-kernel-cache"));
+    let k = Kernels::new(0, &cache)?;
+    let name = k.ctx.name().unwrap_or_default();
+    eprintln!(
+        "gpu-check: {name} ({}), {} SMs, kernels loaded in {:.1} s",
+        k.arch,
+        sm_count(&k),
+        t0.elapsed().as_secs_f64()
+    );
+    let mut rng = Rng(0x5eed);
+    let mut checks = Vec::new();
+    let contexts: &[(usize, usize)] = if quick {
+        &[(1, 1), (3, 300), (1, 4096)]
+    } else {
+        &[
+            (1, 1),
+            (1, 17),
+            (3, 300),
+            (8, 1000),
+            (256, 40),
+            (1, 4096),
+            (2, 32768),
+        ]
+    };
+    for hd in [64, 128] {
+        for group in [1, 2, 4, 8] {
+            for &(batch, ctx) in contexts {
+                for splits in [None, Some(1)] {
+                    let c = check_decode(&k, &mut rng, hd, group, batch, ctx, splits)?;
+                    eprintln!("  {c}");
+                    checks.push(c);
+                }
+            }
+        }
+    }
+    for (hd, group) in [(64, 1), (64, 4), (128, 2), (128, 8)] {
+        let cases: &[(usize, usize)] = if quick {
+            &[(1, 0), (77, 100)]
+        } else {
+            &[(1, 0), (77, 0), (130, 500), (1024, 0), (300, 2000)]
+        };
+        let c = check_prefill(&k, &mut rng, hd, group, cases)?;
+        eprintln!("  {c}");
+        checks.push(c);
+    }
+    checks.extend(check_small_kernels(&k, &mut rng)?);
+    let all_ok = checks.iter().all(|c| c["ok"] == json!(true));
+    eprintln!(
+        "gpu-check: correctness {} ({} checks), measuring…",
+        if all_ok { "ok" } else { "FAILED" },
+        checks.len()
+    );
+    let copy = copy_bandwidth(&k)?;
+    let mut decode = Vec::new();
+    for ctx in [4096, 8192, 16384, 32768] {
+        let mut r = decode_bandwidth(&k, ctx)?;
+        let gbs = r["gb_per_s"].as_f64().unwrap_or(0.0);
+        r["fraction_of_copy"] = json!(gbs / copy);
+        eprintln!("  decode {r}");
+        decode.push(r);
+    }
+    let peak = if name.contains("H100") || name.contains("H200") {
+        Some(989.4)
+    } else {
+        None
+    };
+    let mut prefill = Vec::new();
+    for (seqs, n) in [(4, 2048), (2, 8192)] {
+        let mut r = prefill_tflops(&k, seqs, n)?;
+        if let Some(p) = peak {
+            r["fraction_of_bf16_dense_peak"] = json!(r["tflops"].as_f64().unwrap_or(0.0) / p);
+        }
+        eprintln!("  prefill {r}");
+        prefill.push(r);
+    }
+    let summary = json!({
+        "device": name, "arch": k.arch, "sms": sm_count(&k),
+        "correctness": {"ok": all_ok, "checks": checks},
+        "copy_bandwidth_gb_per_s": copy,
+        "decode_attention": decode,
+        "bf16_dense_peak_tflops": peak,
+        "prefill_attention": prefill,
+        "end_to_end_decode": "not run: the CUDA worker backend (worker serve --device cuda:0) is not built yet",
+        "seconds": t0.elapsed().as_secs_f64(),
+    });
+    Ok((summary, all_ok))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let (summary, code) = match run(quick) {
+        Ok((s, ok)) => (
+            s,
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            },
+        ),
+        Err(e) => (json!({"error": e.to_string()}), ExitCode::from(2)),
+    };
+    let text = serde_json::to_string_pretty(&summary)
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    println!("{text}");
+    if let Some(path) = out
+        && let Err(e) = std::fs::write(&path, &text)
+    {
+        eprintln!("gpu-check: cannot write {path}: {e}");
+        return ExitCode::from(2);
+    }
+    code
+}

@@ -1,0 +1,355 @@
+//! Typed launchers for the kernels in kernels/cuda: argument order, grid and block shape
+//! in one place, so the CUDA backend and the GPU check launch them the same way.
+//! bf16 tensors are `CudaSlice<u16>` (bit patterns, as in `gpu_ref`).
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::{CudaError, Kernels};
+
+/// Shapes of a decode-attention launch.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeDims {
+    pub num_seqs: usize,
+    pub n_kv_heads: usize,
+    /// Query heads per KV head (1, 2, 3, 4 or 8).
+    pub group: usize,
+    /// 64, 96 or 128.
+    pub head_dim: usize,
+    pub max_blocks: usize,
+    pub num_splits: usize,
+    pub scale: f32,
+}
+
+/// Scratch for split-KV partial results (reused across launches).
+pub struct SplitScratch {
+    pub part_out: CudaSlice<f32>,
+    pub part_ml: CudaSlice<f32>,
+}
+
+impl SplitScratch {
+    pub fn new(k: &Kernels, d: &DecodeDims) -> Result<Self, CudaError> {
+        let heads = d.num_seqs * d.n_kv_heads * d.group;
+        let splits = d.num_splits.max(1);
+        Ok(Self {
+            part_out: k
+                .stream
+                .alloc_zeros::<f32>((heads * splits * d.head_dim).max(1))?,
+            part_ml: k.stream.alloc_zeros::<f32>((heads * splits * 2).max(1))?,
+        })
+    }
+}
+
+/// How many splits a decode launch should use: enough CTAs to give every SM about two,
+/// never more than the longest context has chunks.
+pub fn decode_splits(num_seqs: usize, n_kv_heads: usize, max_len: usize, sm_count: usize) -> usize {
+    let ctas = (num_seqs * n_kv_heads).max(1);
+    let chunks = max_len.div_ceil(crate::gpu_ref::DECODE_CHUNK).max(1);
+    if ctas >= 2 * sm_count {
+        1
+    } else {
+        (2 * sm_count).div_ceil(ctas).min(chunks).max(1)
+    }
+}
+
+fn dim(v: usize) -> Result<i32, CudaError> {
+    i32::try_from(v).map_err(|_| CudaError::Shape(format!("{v} does not fit a kernel argument")))
+}
+
+fn grid(x: usize, y: usize, z: usize) -> Result<(u32, u32, u32), CudaError> {
+    let c = |v: usize| u32::try_from(v.max(1)).map_err(|_| CudaError::Shape(format!("grid {v}")));
+    Ok((c(x)?, c(y)?, c(z)?))
+}
+
+/// `decode_attention_hd{D}_g{G}` (+ the merge when `num_splits > 1`).
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention(
+    k: &Kernels,
+    d: &DecodeDims,
+    q: &CudaSlice<u16>,
+    k_cache: &CudaSlice<u16>,
+    v_cache: &CudaSlice<u16>,
+    block_tables: &CudaSlice<i32>,
+    seq_lens: &CudaSlice<i32>,
+    out: &mut CudaSlice<u16>,
+    scratch: &mut SplitScratch,
+) -> Result<(), CudaError> {
+    let entry = format!("decode_attention_hd{}_g{}", d.head_dim, d.group);
+    let f = k.function("decode_attention.cu", &entry)?;
+    let (n_kv, max_blocks, splits) = (dim(d.n_kv_heads)?, dim(d.max_blocks)?, dim(d.num_splits)?);
+    let cfg = LaunchConfig {
+        grid_dim: grid(d.num_seqs, d.n_kv_heads, d.num_splits)?,
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(q)
+        .arg(k_cache)
+        .arg(v_cache)
+        .arg(block_tables)
+        .arg(seq_lens)
+        .arg(&mut *out)
+        .arg(&mut scratch.part_out)
+        .arg(&mut scratch.part_ml)
+        .arg(&n_kv)
+        .arg(&max_blocks)
+        .arg(&splits)
+        .arg(&d.scale);
+    // SAFETY: argument types and order match the kernel's signature; every buffer is
+    // sized by the caller for `d` (checked by the GPU check against the CPU reference).
+    unsafe { b.launch(cfg) }?;
+    if d.num_splits > 1 {
+        let m = k.function("decode_attention.cu", "decode_attention_merge")?;
+        let (n_heads, hd) = (dim(d.n_kv_heads * d.group)?, dim(d.head_dim)?);
+        let cfg = LaunchConfig {
+            grid_dim: grid(d.num_seqs, d.n_kv_heads * d.group, 1)?,
+            block_dim: (d.head_dim.min(128) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = k.stream.launch_builder(&m);
+        b.arg(&scratch.part_out)
+            .arg(&scratch.part_ml)
+            .arg(&mut *out)
+            .arg(&n_heads)
+            .arg(&hd)
+            .arg(&splits);
+        // SAFETY: as above.
+        unsafe { b.launch(cfg) }?;
+    }
+    Ok(())
+}
+
+/// Shapes of a prefill-attention launch.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefillDims {
+    pub num_seqs: usize,
+    /// Most new tokens of any sequence in the batch.
+    pub max_new: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    /// 64, 96 or 128.
+    pub head_dim: usize,
+    pub max_blocks: usize,
+    pub scale: f32,
+}
+
+/// `prefill_attention_hd{D}`: `cu_q` has `num_seqs + 1` offsets into the packed tokens.
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_attention(
+    k: &Kernels,
+    d: &PrefillDims,
+    q: &CudaSlice<u16>,
+    k_cache: &CudaSlice<u16>,
+    v_cache: &CudaSlice<u16>,
+    cu_q: &CudaSlice<i32>,
+    seq_lens: &CudaSlice<i32>,
+    block_tables: &CudaSlice<i32>,
+    out: &mut CudaSlice<u16>,
+) -> Result<(), CudaError> {
+    let f = k.function(
+        "prefill_attention.cu",
+        &format!("prefill_attention_hd{}", d.head_dim),
+    )?;
+    let (nh, nkv, mb) = (dim(d.n_heads)?, dim(d.n_kv_heads)?, dim(d.max_blocks)?);
+    let cfg = LaunchConfig {
+        grid_dim: grid(d.max_new.div_ceil(64), d.n_heads, d.num_seqs)?,
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(q)
+        .arg(k_cache)
+        .arg(v_cache)
+        .arg(cu_q)
+        .arg(seq_lens)
+        .arg(block_tables)
+        .arg(&mut *out)
+        .arg(&nh)
+        .arg(&nkv)
+        .arg(&mb)
+        .arg(&d.scale);
+    // SAFETY: as in `decode_attention`.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// `rms_norm` over `rows` rows of `dim` (a multiple of 8).
+pub fn rms_norm(
+    k: &Kernels,
+    x: &CudaSlice<u16>,
+    weight: &CudaSlice<u16>,
+    out: &mut CudaSlice<u16>,
+    rows: usize,
+    dim_: usize,
+    eps: f32,
+) -> Result<(), CudaError> {
+    let f = k.function("norm.cu", "rms_norm")?;
+    let n = dim(dim_)?;
+    let cfg = LaunchConfig {
+        grid_dim: grid(rows, 1, 1)?,
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(x).arg(weight).arg(&mut *out).arg(&n).arg(&eps);
+    // SAFETY: as in `decode_attention`.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// `add_rms_norm`: `residual += x`, `out = rms_norm(residual)`.
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm(
+    k: &Kernels,
+    residual: &mut CudaSlice<f32>,
+    x: &CudaSlice<u16>,
+    weight: &CudaSlice<u16>,
+    out: &mut CudaSlice<u16>,
+    rows: usize,
+    dim_: usize,
+    eps: f32,
+) -> Result<(), CudaError> {
+    let f = k.function("norm.cu", "add_rms_norm")?;
+    let n = dim(dim_)?;
+    let cfg = LaunchConfig {
+        grid_dim: grid(rows, 1, 1)?,
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&mut *residual)
+        .arg(x)
+        .arg(weight)
+        .arg(&mut *out)
+        .arg(&n)
+        .arg(&eps);
+    // SAFETY: as in `decode_attention`.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// `silu_and_mul`: `gate_up` is `[rows][2 * inter]`, `out` `[rows][inter]`.
+pub fn silu_and_mul(
+    k: &Kernels,
+    gate_up: &CudaSlice<u16>,
+    out: &mut CudaSlice<u16>,
+    rows: usize,
+    inter: usize,
+) -> Result<(), CudaError> {
+    let f = k.function("act.cu", "silu_and_mul")?;
+    let (r, i) = (dim(rows)?, dim(inter)?);
+    let pieces = rows * inter / 8;
+    let cfg = LaunchConfig {
+        grid_dim: grid(pieces.div_ceil(256).min(65_535), 1, 1)?,
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(gate_up).arg(&mut *out).arg(&r).arg(&i);
+    // SAFETY: as in `decode_attention`.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// Shapes of a `rope_write_kv` launch.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeDims {
+    pub tokens: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rot_dim: usize,
+    /// 0 = interleaved pairs (GGUF), 1 = half pairs (Hugging Face).
+    pub style: i32,
+}
+
+/// `rope_write_kv`: rotates `q` in place and stores rotated K and V at each token's slot.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_write_kv(
+    k: &Kernels,
+    d: &RopeDims,
+    q: &mut CudaSlice<u16>,
+    key: &CudaSlice<u16>,
+    value: &CudaSlice<u16>,
+    positions: &CudaSlice<i32>,
+    slots: &CudaSlice<i32>,
+    cos: &CudaSlice<f32>,
+    sin: &CudaSlice<f32>,
+    k_cache: &mut CudaSlice<u16>,
+    v_cache: &mut CudaSlice<u16>,
+) -> Result<(), CudaError> {
+    let f = k.function("rope_kv.cu", "rope_write_kv")?;
+    let (nh, nkv, hd, rot) = (
+        dim(d.n_heads)?,
+        dim(d.n_kv_heads)?,
+        dim(d.head_dim)?,
+        dim(d.rot_dim)?,
+    );
+    let cfg = LaunchConfig {
+        grid_dim: grid(d.tokens, 1, 1)?,
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&mut *q)
+        .arg(key)
+        .arg(value)
+        .arg(positions)
+        .arg(slots)
+        .arg(cos)
+        .arg(sin)
+        .arg(&mut *k_cache)
+        .arg(&mut *v_cache)
+        .arg(&nh)
+        .arg(&nkv)
+        .arg(&hd)
+        .arg(&rot)
+        .arg(&d.style);
+    // SAFETY: as in `decode_attention`.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// `argmax_rows`: one index per row of `vocab` logits.
+pub fn argmax_rows(
+    k: &Kernels,
+    logits: &CudaSlice<f32>,
+    out: &mut CudaSlice<i32>,
+    rows: usize,
+    vocab: usize,
+) -> Result<(), CudaError> {
+    let f = k.function("sampling.cu", "argmax_rows")?;
+    let v = dim(vocab)?;
+    let cfg = LaunchConfig {
+        grid_dim: grid(rows, 1, 1)?,
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(logits).arg(&mut *out).arg(&v);
+    // SAFETY: as in `decode_attention`.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// `softmax_rows`: probabilities of `logits / temperature`.
+pub fn softmax_rows(
+    k: &Kernels,
+    logits: &CudaSlice<f32>,
+    probs: &mut CudaSlice<f32>,
+    rows: usize,
+    vocab: usize,
+    temperature: f32,
+) -> Result<(), CudaError> {
+    let f = k.function("sampling.cu", "softmax_rows")?;
+    let v = dim(vocab)?;
+    let cfg = LaunchConfig {
+        grid_dim: grid(rows, 1, 1)?,
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(logits).arg(&mut *probs).arg(&v).arg(&temperature);
+    // SAFETY: as in `decode_attention`.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
