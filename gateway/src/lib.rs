@@ -20,6 +20,7 @@ pub mod config;
 pub mod demo;
 pub mod domain;
 pub mod error;
+pub mod grpc_h2;
 pub mod policy;
 pub mod pools;
 pub mod relay;

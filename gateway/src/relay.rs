@@ -9,7 +9,8 @@ use bytes::Bytes;
 use pingora::protocols::http::ServerSession;
 use proto::openai::{ResponseMeta, UsageCounts};
 use proto::worker as pb;
-use tonic::Streaming;
+
+use crate::grpc_h2::GenerateStream;
 
 use crate::error::ApiError;
 use crate::policy::Candidate;
@@ -22,7 +23,7 @@ pub struct Started {
     pub country: String,
     pub worker: Arc<WorkerHandle>,
     first: Option<pb::GenerateChunk>,
-    stream: Streaming<pb::GenerateChunk>,
+    stream: GenerateStream,
     _inflight: InflightGuard,
 }
 
@@ -53,9 +54,8 @@ pub async fn start(
         for w in router.rank(&cand.pool, Some(prefix_key)) {
             tried += 1;
             let guard = w.start_request();
-            let mut client = w.client();
             let attempt = async {
-                let mut stream = client.generate(req.clone()).await?.into_inner();
+                let mut stream = w.generate().generate(&req).await?;
                 let first = stream.message().await?;
                 Ok::<_, tonic::Status>((first, stream))
             };

@@ -13,6 +13,7 @@ use proto::worker::worker_client::WorkerClient;
 use proto::worker::{LoadSnapshot, WatchLoadRequest};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::grpc_h2::H2Generate;
 use crate::pools::{Pool, PoolsConfig};
 
 /// Tunables of routing, from the gateway config's `[routing]` table.
@@ -53,10 +54,9 @@ pub struct WorkerHandle {
     /// The pool's country, from the pools file: the worker must report the same.
     pub country: String,
     pub addr: SocketAddr,
-    /// For Generate calls: created on first use from the request path, so that the
-    /// channel's tasks run on the front end's runtime, next to the requests using it.
-    client: std::sync::OnceLock<WorkerClient<Channel>>,
-    endpoint: Endpoint,
+    /// For Generate calls: a bare HTTP/2 connection, made on first use from the request
+    /// path, so that its task runs on the front end's runtime next to the requests.
+    generate: H2Generate,
     /// For WatchLoad, on its own HTTP/2 connection: resets of cancelled Generate
     /// streams (clients that left) must not take the load view down with them.
     watch_client: WorkerClient<Channel>,
@@ -96,19 +96,16 @@ impl WorkerHandle {
             pool: pool.to_string(),
             country: country.to_string(),
             addr,
-            client: std::sync::OnceLock::new(),
+            generate: H2Generate::new(addr, Duration::from_millis(cfg.connect_timeout_ms)),
             watch_client: WorkerClient::new(endpoint.connect_lazy()),
-            endpoint,
             state: Mutex::new(WorkerState::default()),
             inflight: AtomicU32::new(0),
         }
     }
 
     /// The Generate client (must be called within a tokio runtime).
-    pub fn client(&self) -> WorkerClient<Channel> {
-        self.client
-            .get_or_init(|| WorkerClient::new(self.endpoint.connect_lazy()))
-            .clone()
+    pub fn generate(&self) -> &H2Generate {
+        &self.generate
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, WorkerState> {
