@@ -22,3 +22,14 @@ extern "C" __global__ void __launch_bounds__(256)
     sov::store8(out + r * inter + c, o);
   }
 }
+
+// Embedding lookup: out[t] = table[ids[t]] (bf16 rows of `hidden`, a multiple of 8).
+// One CTA of 128 threads per token. CPU reference: kernels::gpu_ref::embed_rows.
+extern "C" __global__ void __launch_bounds__(128)
+    embed_rows(const sov::bf16* __restrict__ table, const int* __restrict__ ids,
+               sov::bf16* __restrict__ out, int hidden) {
+  const long long t = blockIdx.x;
+  const sov::bf16* src = table + (long long)ids[t] * hidden;
+  for (int c = threadIdx.x * 8; c < hidden; c += blockDim.x * 8)
+    *reinterpret_cast<uint4*>(out + t * hidden + c) = *reinterpret_cast<const uint4*>(src + c);
+}

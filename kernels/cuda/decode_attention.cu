@@ -3,7 +3,9 @@
 // f32; here K/V/Q are bf16 and every sum is f32).
 //
 // Layouts (row-major):
-//   q            [num_seqs][n_heads][HD] bf16
+//   q            [num_seqs] rows of q_stride elements, the query heads first in each
+//                row ([n_heads][HD]; q_stride > n_heads * HD reads q out of a fused
+//                q|k|v projection)
 //   k/v cache    [num_blocks][16][n_kv_heads][HD] bf16 (one layer)
 //   block_tables [num_seqs][max_blocks] int   (physical block of logical block i)
 //   seq_lens     [num_seqs] int               (context length, the new token included)
@@ -35,7 +37,7 @@ __device__ __forceinline__ void decode_attention_impl(
     const sov::bf16* __restrict__ v_cache, const int* __restrict__ block_tables,
     const int* __restrict__ seq_lens, sov::bf16* __restrict__ out,
     float* __restrict__ part_out, float* __restrict__ part_ml, int n_kv_heads,
-    int max_blocks, int num_splits, float scale) {
+    int max_blocks, int num_splits, float scale, int q_stride) {
   constexpr int CHUNKS = HD / 8;              // 16-byte pieces of one row
   constexpr int SUB = CHUNKS <= 8 ? 8 : 16;   // lanes per row (a power of two)
   constexpr int ROWS_PER_WARP = 32 / SUB;
@@ -65,7 +67,7 @@ __device__ __forceinline__ void decode_attention_impl(
 #pragma unroll
   for (int g = 0; g < GROUP; ++g) {
     if (has) {
-      load8(q + ((long long)seq * n_heads + kvh * GROUP + g) * HD + lsub * 8, qr[g]);
+      load8(q + (long long)seq * q_stride + (kvh * GROUP + g) * HD + lsub * 8, qr[g]);
     } else {
 #pragma unroll
       for (int i = 0; i < 8; ++i) qr[g][i] = 0.f;
@@ -209,10 +211,10 @@ __device__ __forceinline__ void decode_attention_impl(
           const sov::bf16* q, const sov::bf16* k_cache,                           \
           const sov::bf16* v_cache, const int* block_tables, const int* seq_lens,     \
           sov::bf16* out, float* part_out, float* part_ml, int n_kv_heads,            \
-          int max_blocks, int num_splits, float scale) {                                  \
+          int max_blocks, int num_splits, float scale, int q_stride) {                    \
     sov::decode_attention_impl<HD, GROUP>(q, k_cache, v_cache, block_tables, seq_lens,   \
                                           out, part_out, part_ml, n_kv_heads, max_blocks, \
-                                          num_splits, scale);                             \
+                                          num_splits, scale, q_stride);                   \
   }
 
 SOV_DECODE_ATTENTION(64, 1)

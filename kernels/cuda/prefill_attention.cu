@@ -3,7 +3,8 @@
 // kernels::gpu_ref::prefill_attention (and kernels::cpu::PagedAttention::run in f32).
 //
 // The new tokens of every sequence in the batch are packed:
-//   q            [num_tokens][n_heads][HD] bf16, sequence s owns rows cu_q[s]..cu_q[s+1]
+//   q            [num_tokens] rows of q_stride elements (query heads first,
+//                [n_heads][HD]), sequence s owns rows cu_q[s]..cu_q[s+1]
 //   seq_lens     [num_seqs] int: context length after this step (cached + new tokens)
 //   block_tables [num_seqs][max_blocks] int; k/v cache [num_blocks][16][n_kv_heads][HD]
 //   out          [num_tokens][n_heads][HD] bf16
@@ -37,7 +38,7 @@ __device__ __forceinline__ void prefill_attention_impl(
     const sov::bf16* __restrict__ v_cache, const int* __restrict__ cu_q,
     const int* __restrict__ seq_lens, const int* __restrict__ block_tables,
     sov::bf16* __restrict__ out, int n_heads, int n_kv_heads, int max_blocks,
-    float scale) {
+    float scale, int q_stride) {
   static_assert(HD % 16 == 0 && HD <= 128, "head_dim must be a multiple of 16, <= 128");
   constexpr int KS = HD / 16;  // k-steps of S = Q K^T
   constexpr int NT = HD / 8;   // n-tiles of O
@@ -67,7 +68,7 @@ __device__ __forceinline__ void prefill_attention_impl(
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const unsigned* src = reinterpret_cast<const unsigned*>(
-          q + ((long long)(q0 + rows[r]) * n_heads + head) * HD + ks * 16 + 2 * t);
+          q + (long long)(q0 + rows[r]) * q_stride + head * HD + ks * 16 + 2 * t);
       const bool ok = rows[r] < n_new;
       qa[ks][r] = ok ? src[0] : 0u;      // cols 2t, 2t+1
       qa[ks][r + 2] = ok ? src[4] : 0u;  // cols 2t+8, 2t+9
@@ -199,9 +200,10 @@ __device__ __forceinline__ void prefill_attention_impl(
                                const sov::bf16* v_cache, const int* cu_q,             \
                                const int* seq_lens, const int* block_tables,              \
                                sov::bf16* out, int n_heads, int n_kv_heads,           \
-                               int max_blocks, float scale) {                             \
+                               int max_blocks, float scale, int q_stride) {               \
     sov::prefill_attention_impl<HD>(q, k_cache, v_cache, cu_q, seq_lens, block_tables,   \
-                                    out, n_heads, n_kv_heads, max_blocks, scale);         \
+                                    out, n_heads, n_kv_heads, max_blocks, scale,          \
+                                    q_stride);                                            \
   }
 
 SOV_PREFILL_ATTENTION(64)

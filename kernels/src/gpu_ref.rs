@@ -256,14 +256,14 @@ pub struct RopeShape<'a> {
     pub sin: &'a [f32],
 }
 
-/// `rope_write_kv`: rotates `q` in place; rotated `k` and plain `v` go to the cache at
-/// each token's slot (tokens with a negative slot are not stored).
-#[allow(clippy::too_many_arguments)]
+/// `rope_write_kv`: `qkv` rows (`stride` elements each) hold q `[n_heads][hd]`, k and v
+/// `[n_kv_heads][hd]`; q is rotated in place, rotated k and plain v go to the cache at
+/// each token's slot (tokens with a negative slot are not stored); k stays as it is in
+/// `qkv`.
 pub fn rope_write_kv(
     s: &RopeShape,
-    q: &mut [u16],
-    k: &[u16],
-    v: &[u16],
+    qkv: &mut [u16],
+    stride: usize,
     positions: &[usize],
     slots: &[i64],
     k_cache: &mut [u16],
@@ -282,21 +282,33 @@ pub fn rope_write_kv(
             head[b] = to_bf16(x * sn + y * c);
         }
     };
-    let kv = s.n_kv_heads * hd;
+    let (qd, kv) = (s.n_heads * hd, s.n_kv_heads * hd);
     for (t, (&pos, &slot)) in positions.iter().zip(slots).enumerate() {
-        for head in q[t * s.n_heads * hd..(t + 1) * s.n_heads * hd].chunks_exact_mut(hd) {
+        let row = &mut qkv[t * stride..t * stride + qd + 2 * kv];
+        for head in row[..qd].chunks_exact_mut(hd) {
             rotate(head, pos);
         }
         let Ok(slot) = usize::try_from(slot) else {
             continue;
         };
-        let mut kt = k[t * kv..(t + 1) * kv].to_vec();
+        let mut kt = row[qd..qd + kv].to_vec();
         for head in kt.chunks_exact_mut(hd) {
             rotate(head, pos);
         }
         k_cache[slot * kv..(slot + 1) * kv].copy_from_slice(&kt);
-        v_cache[slot * kv..(slot + 1) * kv].copy_from_slice(&v[t * kv..(t + 1) * kv]);
+        v_cache[slot * kv..(slot + 1) * kv].copy_from_slice(&row[qd + kv..qd + 2 * kv]);
     }
+}
+
+/// `embed_rows`: the embedding rows of `ids` (bf16 table `[vocab][hidden]`).
+pub fn embed_rows(table: &[u16], ids: &[u32], hidden: usize) -> Vec<u16> {
+    ids.iter()
+        .flat_map(|&i| {
+            table[i as usize * hidden..(i as usize + 1) * hidden]
+                .iter()
+                .copied()
+        })
+        .collect()
 }
 
 /// `softmax_rows`: probabilities of `logits / temperature`, per row.

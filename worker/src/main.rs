@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use worker::api::{self, Service, WorkerInfo};
+use worker::backend::cuda::{CudaBackend, kv_block_bytes_bf16};
 use worker::backend::{Backend, cpu::CpuBackend, kv_block_bytes};
 use worker::chat::ChatTemplate;
 use worker::engine::{self, EngineConfig};
@@ -89,6 +90,11 @@ struct ModelArgs {
     /// CPU threads for the forward pass (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where the forward pass runs: `cpu`, or `cuda:N` (GPU N, our CUDA kernels and
+    /// cuBLAS; bf16 weights and KV cache). Kernels are compiled with NVRTC on first use
+    /// and cached in `$SOV_KERNEL_CACHE` (default ~/.cache/sovereign-gateway/kernels).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: Device,
     /// Memory for the KV cache, in MiB.
     #[arg(long, default_value_t = 512)]
     kv_cache_mb: usize,
@@ -171,6 +177,38 @@ fn main() -> Result<()> {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("`{s}` is not a device: use cpu, cuda or cuda:N")),
+    }
+}
+
+/// Where compiled CUDA kernels are cached: `$SOV_KERNEL_CACHE`, else next to the model
+/// cache.
+fn kernel_cache_dir() -> PathBuf {
+    std::env::var_os("SOV_KERNEL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let models = fetch::cache_dir();
+            models
+                .parent()
+                .map(|p| p.join("kernels"))
+                .unwrap_or_else(|| models.join("kernels"))
+        })
+}
+
 fn start_engine(
     a: &ModelArgs,
     served_name: Option<String>,
@@ -182,7 +220,11 @@ fn start_engine(
     let loaded = model::load(&path).with_context(|| format!("loading model {}", path.display()))?;
     let mut cfg = loaded.config.clone();
     let block_size = 16;
-    let num_blocks = (a.kv_cache_mb << 20) / kv_block_bytes(&cfg, block_size);
+    let block_bytes = match a.device {
+        Device::Cpu => kv_block_bytes(&cfg, block_size),
+        Device::Cuda(_) => kv_block_bytes_bf16(&cfg, block_size),
+    };
+    let num_blocks = (a.kv_cache_mb << 20) / block_bytes;
     if num_blocks < 2 {
         bail!(
             "--kv-cache-mb {} holds fewer than 2 KV blocks for this model",
@@ -212,20 +254,33 @@ fn start_engine(
         None => ChatTemplate::chatml(),
     };
     let vocab = cfg.vocab_size;
-    let backend = CpuBackend::new(
-        cfg.clone(),
-        Arc::new(loaded.weights),
-        num_blocks,
-        block_size,
-        threads,
-    )?;
+    let backend: Box<dyn Backend> = match a.device {
+        Device::Cpu => Box::new(CpuBackend::new(
+            cfg.clone(),
+            Arc::new(loaded.weights),
+            num_blocks,
+            block_size,
+            threads,
+        )?),
+        Device::Cuda(n) => Box::new(
+            CudaBackend::new(
+                cfg.clone(),
+                &loaded.weights,
+                n,
+                num_blocks,
+                block_size,
+                &kernel_cache_dir(),
+            )
+            .with_context(|| format!("--device cuda:{n}"))?,
+        ),
+    };
     let backend_name = backend.name();
     tracing::info!(
         model = %path.display(), layers = cfg.n_layers, hidden = cfg.hidden, vocab, num_blocks, max_model_len,
         backend = %backend_name, load_ms = t0.elapsed().as_millis() as u64, "model loaded"
     );
     let engine = engine::start(
-        Box::new(backend),
+        backend,
         Arc::clone(&tokenizer),
         vocab,
         EngineConfig {

@@ -480,3 +480,37 @@ fn fetch_model_fails_clearly_offline_and_for_unknown_names() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown model `gpt-5`; known: smollm2"));
 }
+
+#[test]
+fn cuda_device_without_a_gpu_is_a_clear_error() {
+    if kernels::cuda::driver_present() {
+        eprintln!("libcuda present: kernels/gpu-check.sh covers the CUDA path on this machine");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args([
+            "bench",
+            "--model",
+            "smollm2",
+            "--device",
+            "cuda:0",
+            "--batches",
+            "1",
+        ])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--device cuda:0") && err.contains("no CUDA driver"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["bench", "--model", "smollm2", "--device", "tpu:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use cpu, cuda or cuda:N"));
+}

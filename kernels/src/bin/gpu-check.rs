@@ -151,6 +151,7 @@ fn check_decode(
         max_blocks: p.max_blocks,
         num_splits,
         scale: 1.0 / (hd as f32).sqrt(),
+        q_stride: n_heads * hd,
     };
     let tables: Vec<i32> = p.tables.iter().map(|t| *t as i32).collect();
     let lens_i: Vec<i32> = lens.iter().map(|l| *l as i32).collect();
@@ -214,6 +215,7 @@ fn check_prefill(
         head_dim: hd,
         max_blocks: p.max_blocks,
         scale: 1.0 / (hd as f32).sqrt(),
+        q_stride: n_heads * hd,
     };
     let i32s = |v: &[usize]| v.iter().map(|x| *x as i32).collect::<Vec<i32>>();
     let tables: Vec<i32> = p.tables.iter().map(|t| *t as i32).collect();
@@ -275,6 +277,16 @@ fn check_small_kernels(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaErr
     launch::silu_and_mul(k, &gud, &mut o, 3, inter)?;
     let (err, first) = compare(&down(k, &o)?, &gpu_ref::silu_and_mul(&gu, inter));
     out.push(json!({"kernel": "silu_and_mul", "rows": 3, "inter": inter, "max_abs_err": err, "ok": first.is_none(), "mismatch": first}));
+    // Embedding lookup.
+    let (vocab, hidden) = (1000, 2048);
+    let table = to_bf16_vec(&rng.f32s(vocab * hidden));
+    let ids = [7u32, 999, 0, 7];
+    let td = up(k, &table)?;
+    let idd = up(k, &ids.iter().map(|i| *i as i32).collect::<Vec<_>>())?;
+    let mut o = zeros::<u16>(k, ids.len() * hidden)?;
+    launch::embed_rows(k, &td, &idd, &mut o, ids.len(), hidden)?;
+    let ok = down(k, &o)? == gpu_ref::embed_rows(&table, &ids, hidden);
+    out.push(json!({"kernel": "embed_rows", "hidden": hidden, "ok": ok}));
     // RoPE + KV write, both styles.
     for (style, style_id) in [(RopeStyle::Interleaved, 0), (RopeStyle::Half, 1)] {
         let (tokens, nh, nkv, hd, rot, max_pos) = (5, 16, 8, 128, 128, 4096);
@@ -287,13 +299,12 @@ fn check_small_kernels(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaErr
                 sin.push(th.sin() as f32);
             }
         }
-        let mut q = to_bf16_vec(&rng.f32s(tokens * nh * hd));
-        let key = to_bf16_vec(&rng.f32s(tokens * nkv * hd));
-        let val = to_bf16_vec(&rng.f32s(tokens * nkv * hd));
+        let stride = (nh + 2 * nkv) * hd + 8;
+        let mut qkv = to_bf16_vec(&rng.f32s(tokens * stride));
         let positions = [0usize, 1, 17, 1000, 4095];
         let slots = [3i64, 4, -1, 40, 0];
         let n_slots = 48;
-        let (mut qd, kd, vd) = (up(k, &q)?, up(k, &key)?, up(k, &val)?);
+        let mut qkvd = up(k, &qkv)?;
         let pd = up(k, &positions.iter().map(|p| *p as i32).collect::<Vec<_>>())?;
         let sd = up(k, &slots.iter().map(|s| *s as i32).collect::<Vec<_>>())?;
         let (cd, snd) = (up(k, &cos)?, up(k, &sin)?);
@@ -306,10 +317,9 @@ fn check_small_kernels(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaErr
             head_dim: hd,
             rot_dim: rot,
             style: style_id,
+            qkv_stride: stride,
         };
-        launch::rope_write_kv(
-            k, &d, &mut qd, &kd, &vd, &pd, &sd, &cd, &snd, &mut kc, &mut vc,
-        )?;
+        launch::rope_write_kv(k, &d, &mut qkvd, &pd, &sd, &cd, &snd, &mut kc, &mut vc)?;
         let s = gpu_ref::RopeShape {
             n_heads: nh,
             n_kv_heads: nkv,
@@ -323,15 +333,14 @@ fn check_small_kernels(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaErr
         let mut vc_ref = vec![0u16; n_slots * nkv * hd];
         gpu_ref::rope_write_kv(
             &s,
-            &mut q,
-            &key,
-            &val,
+            &mut qkv,
+            stride,
             &positions,
             &slots,
             &mut kc_ref,
             &mut vc_ref,
         );
-        let (e1, f1) = compare(&down(k, &qd)?, &q);
+        let (e1, f1) = compare(&down(k, &qkvd)?, &qkv);
         let (e2, f2) = compare(&down(k, &kc)?, &kc_ref);
         let (e3, f3) = compare(&down(k, &vc)?, &vc_ref);
         let first = f1.or(f2).or(f3);
@@ -424,6 +433,7 @@ fn decode_bandwidth(k: &Kernels, ctx: usize) -> Result<Value, CudaError> {
         max_blocks: p.max_blocks,
         num_splits: launch::decode_splits(batch, n_kv, ctx, sm_count(k)),
         scale: 1.0 / (hd as f32).sqrt(),
+        q_stride: n_kv * group * hd,
     };
     let q = zeros::<u16>(k, batch * n_kv * group * hd)?;
     let (kd, vd) = (zeros::<u16>(k, p.kc.len())?, zeros::<u16>(k, p.vc.len())?);
@@ -455,6 +465,7 @@ fn prefill_tflops(k: &Kernels, seqs: usize, n: usize) -> Result<Value, CudaError
         head_dim: hd,
         max_blocks: p.max_blocks,
         scale: 1.0 / (hd as f32).sqrt(),
+        q_stride: nh * hd,
     };
     let q = zeros::<u16>(k, seqs * n * nh * hd)?;
     let (kd, vd) = (zeros::<u16>(k, p.kc.len())?, zeros::<u16>(k, p.vc.len())?);

@@ -18,6 +18,9 @@ pub struct DecodeDims {
     pub max_blocks: usize,
     pub num_splits: usize,
     pub scale: f32,
+    /// Elements between consecutive sequences' query rows (`n_heads * head_dim` when q is
+    /// contiguous; the fused q|k|v row width when q is read out of the projection).
+    pub q_stride: usize,
 }
 
 /// Scratch for split-KV partial results (reused across launches).
@@ -76,6 +79,7 @@ pub fn decode_attention(
     let entry = format!("decode_attention_hd{}_g{}", d.head_dim, d.group);
     let f = k.function("decode_attention.cu", &entry)?;
     let (n_kv, max_blocks, splits) = (dim(d.n_kv_heads)?, dim(d.max_blocks)?, dim(d.num_splits)?);
+    let q_stride = dim(d.q_stride)?;
     let cfg = LaunchConfig {
         grid_dim: grid(d.num_seqs, d.n_kv_heads, d.num_splits)?,
         block_dim: (128, 1, 1),
@@ -93,7 +97,8 @@ pub fn decode_attention(
         .arg(&n_kv)
         .arg(&max_blocks)
         .arg(&splits)
-        .arg(&d.scale);
+        .arg(&d.scale)
+        .arg(&q_stride);
     // SAFETY: argument types and order match the kernel's signature; every buffer is
     // sized by the caller for `d` (checked by the GPU check against the CPU reference).
     unsafe { b.launch(cfg) }?;
@@ -130,6 +135,8 @@ pub struct PrefillDims {
     pub head_dim: usize,
     pub max_blocks: usize,
     pub scale: f32,
+    /// Elements between consecutive tokens' query rows (see [`DecodeDims::q_stride`]).
+    pub q_stride: usize,
 }
 
 /// `prefill_attention_hd{D}`: `cu_q` has `num_seqs + 1` offsets into the packed tokens.
@@ -150,6 +157,7 @@ pub fn prefill_attention(
         &format!("prefill_attention_hd{}", d.head_dim),
     )?;
     let (nh, nkv, mb) = (dim(d.n_heads)?, dim(d.n_kv_heads)?, dim(d.max_blocks)?);
+    let q_stride = dim(d.q_stride)?;
     let cfg = LaunchConfig {
         grid_dim: grid(d.max_new.div_ceil(64), d.n_heads, d.num_seqs)?,
         block_dim: (128, 1, 1),
@@ -166,7 +174,8 @@ pub fn prefill_attention(
         .arg(&nh)
         .arg(&nkv)
         .arg(&mb)
-        .arg(&d.scale);
+        .arg(&d.scale)
+        .arg(&q_stride);
     // SAFETY: as in `decode_attention`.
     unsafe { b.launch(cfg) }?;
     Ok(())
@@ -260,16 +269,17 @@ pub struct RopeDims {
     pub rot_dim: usize,
     /// 0 = interleaved pairs (GGUF), 1 = half pairs (Hugging Face).
     pub style: i32,
+    /// Elements per `qkv` row (at least `(n_heads + 2 * n_kv_heads) * head_dim`).
+    pub qkv_stride: usize,
 }
 
-/// `rope_write_kv`: rotates `q` in place and stores rotated K and V at each token's slot.
+/// `rope_write_kv`: in each fused `qkv` row, rotates q in place, and stores rotated K and
+/// plain V at the token's slot.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_write_kv(
     k: &Kernels,
     d: &RopeDims,
-    q: &mut CudaSlice<u16>,
-    key: &CudaSlice<u16>,
-    value: &CudaSlice<u16>,
+    qkv: &mut CudaSlice<u16>,
     positions: &CudaSlice<i32>,
     slots: &CudaSlice<i32>,
     cos: &CudaSlice<f32>,
@@ -284,15 +294,15 @@ pub fn rope_write_kv(
         dim(d.head_dim)?,
         dim(d.rot_dim)?,
     );
+    let stride = dim(d.qkv_stride)?;
     let cfg = LaunchConfig {
         grid_dim: grid(d.tokens, 1, 1)?,
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
     let mut b = k.stream.launch_builder(&f);
-    b.arg(&mut *q)
-        .arg(key)
-        .arg(value)
+    b.arg(&mut *qkv)
+        .arg(&stride)
         .arg(positions)
         .arg(slots)
         .arg(cos)
@@ -349,6 +359,29 @@ pub fn softmax_rows(
     };
     let mut b = k.stream.launch_builder(&f);
     b.arg(logits).arg(&mut *probs).arg(&v).arg(&temperature);
+    // SAFETY: as in `decode_attention`.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// `embed_rows`: `out[t] = table[ids[t]]`, rows of `hidden` bf16.
+pub fn embed_rows(
+    k: &Kernels,
+    table: &CudaSlice<u16>,
+    ids: &CudaSlice<i32>,
+    out: &mut CudaSlice<u16>,
+    tokens: usize,
+    hidden: usize,
+) -> Result<(), CudaError> {
+    let f = k.function("act.cu", "embed_rows")?;
+    let h = dim(hidden)?;
+    let cfg = LaunchConfig {
+        grid_dim: grid(tokens, 1, 1)?,
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(table).arg(ids).arg(&mut *out).arg(&h);
     // SAFETY: as in `decode_attention`.
     unsafe { b.launch(cfg) }?;
     Ok(())

@@ -279,22 +279,23 @@ fn rope_write_kv_matches_the_f32_kernel() {
             sin: &sin,
         };
         let tokens = 3;
-        let mut q = to_bf16_vec(&rand_vec(tokens * n_heads * hd, 8));
-        let k = to_bf16_vec(&rand_vec(tokens * n_kv * hd, 9));
-        let v = to_bf16_vec(&rand_vec(tokens * n_kv * hd, 10));
+        let (qd, kv) = (n_heads * hd, n_kv * hd);
+        // A fused q|k|v row with 4 padding elements, as a strided projection output.
+        let stride = qd + 2 * kv + 4;
+        let mut qkv = to_bf16_vec(&rand_vec(tokens * stride, 8));
+        let orig = qkv.clone();
         let positions = [5usize, 6, 63];
         let slots = [17i64, -1, 2];
-        let kv = n_kv * hd;
         let mut kc = vec![0u16; 20 * kv];
         let mut vc = vec![0u16; 20 * kv];
-        let q0 = from_bf16_vec(&q);
-        rope_write_kv(&s, &mut q, &k, &v, &positions, &slots, &mut kc, &mut vc);
+        rope_write_kv(&s, &mut qkv, stride, &positions, &slots, &mut kc, &mut vc);
         for (t, &pos) in positions.iter().enumerate() {
+            let row = &orig[t * stride..(t + 1) * stride];
             for h in 0..n_heads {
-                let mut want = q0[(t * n_heads + h) * hd..][..hd].to_vec();
+                let mut want = from_bf16_vec(&row[h * hd..(h + 1) * hd]);
                 table.rotate(&mut want, pos);
                 for d in 0..hd {
-                    let got = from_bf16(q[(t * n_heads + h) * hd + d]);
+                    let got = from_bf16(qkv[t * stride + h * hd + d]);
                     assert!(
                         close(got, want[d], 1.0 / 128.0, 1e-6),
                         "{style:?} q {got} vs {}",
@@ -302,11 +303,13 @@ fn rope_write_kv_matches_the_f32_kernel() {
                     );
                 }
             }
+            // k, v and the padding are untouched in the projection buffer.
+            assert_eq!(&qkv[t * stride + qd..(t + 1) * stride], &row[qd..]);
             let Ok(slot) = usize::try_from(slots[t]) else {
                 continue;
             };
             for h in 0..n_kv {
-                let mut want = from_bf16_vec(&k[(t * n_kv + h) * hd..][..hd]);
+                let mut want = from_bf16_vec(&row[qd + h * hd..qd + (h + 1) * hd]);
                 table.rotate(&mut want, pos);
                 for d in 0..hd {
                     let got = from_bf16(kc[slot * kv + h * hd + d]);
@@ -317,7 +320,7 @@ fn rope_write_kv_matches_the_f32_kernel() {
                     );
                 }
             }
-            assert_eq!(&vc[slot * kv..(slot + 1) * kv], &v[t * kv..(t + 1) * kv]);
+            assert_eq!(&vc[slot * kv..(slot + 1) * kv], &row[qd + kv..qd + 2 * kv]);
         }
         // The token without a slot wrote nothing.
         let written: std::collections::BTreeSet<usize> = (0..20)
@@ -374,4 +377,13 @@ fn prefill_attention_matches_the_f32_paged_kernel() {
             );
         }
     }
+}
+
+#[test]
+fn embed_rows_gathers_table_rows() {
+    let table: Vec<u16> = (0..5 * 8).map(|i| i as u16).collect();
+    let out = embed_rows(&table, &[4, 0, 4], 8);
+    assert_eq!(&out[..8], &table[32..40]);
+    assert_eq!(&out[8..16], &table[..8]);
+    assert_eq!(&out[16..], &table[32..40]);
 }

@@ -6,6 +6,7 @@
 //! named slots and returns logits for the sequences that need a sample.
 
 pub mod cpu;
+pub mod cuda;
 
 /// One sequence's share of a step.
 #[derive(Debug, Clone)]

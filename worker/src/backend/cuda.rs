@@ -1,0 +1,536 @@
+//! The CUDA backend: the same forward pass as the CPU backend, on one NVIDIA GPU.
+//!
+//! Weights are dequantized to bf16 once and kept in device memory; the KV cache is bf16
+//! in device memory with the CPU backend's layout (`[blocks][16][n_kv][head_dim]` per
+//! layer). Matrix products are cuBLAS bf16 GEMMs with f32 accumulation; everything else
+//! runs our kernels (kernels/cuda, launched through `kernels::cuda::launch`): embedding
+//! lookup, fused residual + RMSNorm (the residual stream stays f32), RoPE + KV write
+//! straight out of the fused q|k|v projection, paged attention (the decode kernel when
+//! every chunk is one token, the tensor-core prefill kernel otherwise), SiLU-and-mul.
+//! Logits of the sequences that need a sample come back to the host for the sampler.
+//!
+//! Semantics are the CPU backend's up to bf16 storage of weights, activations and K/V
+//! (the GPU check compares every kernel with its CPU reference).
+
+use std::ffi::c_void;
+use std::path::Path;
+
+use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use kernels::cuda::launch::{self, DecodeDims, PrefillDims, RopeDims, SplitScratch};
+use kernels::cuda::{CudaError, Kernels};
+use kernels::gpu_ref::to_bf16;
+use rayon::prelude::*;
+
+use super::{Backend, BackendError, SeqChunk};
+use crate::model::{Matrix, ModelConfig, Weights};
+
+/// Bytes one KV block takes across all layers with a bf16 cache.
+pub fn kv_block_bytes_bf16(cfg: &ModelConfig, block_size: usize) -> usize {
+    2 * cfg.n_layers * block_size * cfg.n_kv_heads * cfg.head_dim * 2
+}
+
+fn dev(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Device(e.to_string())
+}
+
+/// A weight matrix in device memory: row-major `[rows][cols]` bf16.
+struct DevMatrix {
+    data: CudaSlice<u16>,
+    rows: usize,
+    cols: usize,
+}
+
+struct DevLayer {
+    attn_norm: CudaSlice<u16>,
+    wqkv: DevMatrix,
+    wo: DevMatrix,
+    ffn_norm: CudaSlice<u16>,
+    w_gate_up: DevMatrix,
+    w_down: DevMatrix,
+}
+
+/// Per-step buffers, grown to the largest step seen.
+struct StepBuffers {
+    tokens: usize,
+    residual: CudaSlice<f32>,
+    proj: CudaSlice<u16>,
+    xn: CudaSlice<u16>,
+    qkv: CudaSlice<u16>,
+    attn: CudaSlice<u16>,
+    gate_up: CudaSlice<u16>,
+    act: CudaSlice<u16>,
+}
+
+pub struct CudaBackend {
+    cfg: ModelConfig,
+    k: Kernels,
+    blas: CudaBlas,
+    ordinal: usize,
+    embed: CudaSlice<u16>,
+    layers: Vec<DevLayer>,
+    final_norm: CudaSlice<u16>,
+    output: DevMatrix,
+    k_cache: Vec<CudaSlice<u16>>,
+    v_cache: Vec<CudaSlice<u16>>,
+    num_blocks: usize,
+    block_size: usize,
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+    max_pos: usize,
+    sms: usize,
+    bufs: Option<StepBuffers>,
+}
+
+fn bf16_rows(m: &Matrix) -> Vec<u16> {
+    let mut out = vec![0u16; m.rows * m.cols];
+    out.par_chunks_mut(m.cols).enumerate().for_each_init(
+        || vec![0.0f32; m.cols],
+        |row, (r, dst)| {
+            m.dequantize_row(r, row);
+            for (d, v) in dst.iter_mut().zip(row.iter()) {
+                *d = to_bf16(*v);
+            }
+        },
+    );
+    out
+}
+
+impl CudaBackend {
+    /// Loads the model onto GPU `ordinal` with `num_blocks` KV blocks. Kernels are
+    /// compiled (or taken from `kernel_cache`) for the device's architecture.
+    pub fn new(
+        cfg: ModelConfig,
+        weights: &Weights,
+        ordinal: usize,
+        num_blocks: usize,
+        block_size: usize,
+        kernel_cache: &Path,
+    ) -> Result<Self, BackendError> {
+        if block_size != 16 {
+            return Err(dev(format!(
+                "the CUDA kernels use 16-token KV blocks, not {block_size}"
+            )));
+        }
+        if !matches!(cfg.head_dim, 64 | 96 | 128) {
+            return Err(dev(format!(
+                "head_dim {} (the CUDA kernels support 64, 96, 128)",
+                cfg.head_dim
+            )));
+        }
+        let group = cfg.n_heads / cfg.n_kv_heads.max(1);
+        if !matches!(group, 1 | 2 | 3 | 4 | 8) || !cfg.n_heads.is_multiple_of(cfg.n_kv_heads.max(1))
+        {
+            return Err(dev(format!(
+                "{} query heads over {} KV heads (the CUDA kernels support GQA groups 1, 2, 3, 4, 8)",
+                cfg.n_heads, cfg.n_kv_heads
+            )));
+        }
+        if !cfg.hidden.is_multiple_of(8) || !cfg.intermediate.is_multiple_of(8) {
+            return Err(dev("hidden and intermediate sizes must be multiples of 8"));
+        }
+        if weights.layers.iter().any(|l| l.bqkv.is_some()) {
+            return Err(dev(
+                "q/k/v biases are not supported by the CUDA backend yet",
+            ));
+        }
+        let k = Kernels::new(ordinal, kernel_cache).map_err(dev)?;
+        let blas = CudaBlas::new(k.stream.clone()).map_err(dev)?;
+        let s = &k.stream;
+        let upm = |m: &Matrix| -> Result<DevMatrix, BackendError> {
+            Ok(DevMatrix {
+                data: s.clone_htod(&bf16_rows(m)).map_err(dev)?,
+                rows: m.rows,
+                cols: m.cols,
+            })
+        };
+        let upv = |v: &[f32]| -> Result<CudaSlice<u16>, BackendError> {
+            s.clone_htod(&v.iter().map(|x| to_bf16(*x)).collect::<Vec<u16>>())
+                .map_err(dev)
+        };
+        let mut layers = Vec::with_capacity(weights.layers.len());
+        for l in &weights.layers {
+            layers.push(DevLayer {
+                attn_norm: upv(&l.attn_norm)?,
+                wqkv: upm(&l.wqkv)?,
+                wo: upm(&l.wo)?,
+                ffn_norm: upv(&l.ffn_norm)?,
+                w_gate_up: upm(&l.w_gate_up)?,
+                w_down: upm(&l.w_down)?,
+            });
+        }
+        let embed = upm(&weights.embed)?.data;
+        let output = upm(&weights.output)?;
+        let final_norm = upv(&weights.final_norm)?;
+        let elems = num_blocks * block_size * cfg.n_kv_heads * cfg.head_dim;
+        let mut k_cache = Vec::with_capacity(cfg.n_layers);
+        let mut v_cache = Vec::with_capacity(cfg.n_layers);
+        for _ in 0..cfg.n_layers {
+            k_cache.push(s.alloc_zeros::<u16>(elems).map_err(dev)?);
+            v_cache.push(s.alloc_zeros::<u16>(elems).map_err(dev)?);
+        }
+        // cos/sin for every position: [max_pos][rope_dim / 2], as the CPU RopeTable.
+        let inv = cfg.rope_inv_freq();
+        let max_pos = cfg.max_context;
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(max_pos * inv.len()),
+            Vec::with_capacity(max_pos * inv.len()),
+        );
+        for p in 0..max_pos {
+            for f in &inv {
+                let th = p as f64 * f;
+                cos.push(th.cos() as f32);
+                sin.push(th.sin() as f32);
+            }
+        }
+        let sms = k
+            .ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map(|v| v.max(1) as usize)
+            .unwrap_or(1);
+        Ok(Self {
+            cos: s.clone_htod(&cos).map_err(dev)?,
+            sin: s.clone_htod(&sin).map_err(dev)?,
+            cfg,
+            blas,
+            ordinal,
+            embed,
+            layers,
+            final_norm,
+            output,
+            k_cache,
+            v_cache,
+            num_blocks,
+            block_size,
+            max_pos,
+            sms,
+            bufs: None,
+            k,
+        })
+    }
+
+    fn buffers(&mut self, tokens: usize) -> Result<(), BackendError> {
+        if self.bufs.as_ref().is_some_and(|b| b.tokens >= tokens) {
+            return Ok(());
+        }
+        let c = &self.cfg;
+        let t = tokens.next_power_of_two().max(16);
+        let qkv_dim = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
+        let s = &self.k.stream;
+        self.bufs = Some(StepBuffers {
+            tokens: t,
+            residual: s.alloc_zeros(t * c.hidden).map_err(dev)?,
+            proj: s.alloc_zeros(t * c.hidden).map_err(dev)?,
+            xn: s.alloc_zeros(t * c.hidden).map_err(dev)?,
+            qkv: s.alloc_zeros(t * qkv_dim).map_err(dev)?,
+            attn: s.alloc_zeros(t * c.n_heads * c.head_dim).map_err(dev)?,
+            gate_up: s.alloc_zeros(t * 2 * c.intermediate).map_err(dev)?,
+            act: s.alloc_zeros(t * c.intermediate).map_err(dev)?,
+        });
+        Ok(())
+    }
+
+    /// `y[t][r] = sum_c w[r][c] * x[t][c]` for `tokens` rows: one cuBLAS GEMM, bf16
+    /// inputs, f32 accumulation, output type `c_type` (bf16 activations or f32 logits).
+    fn gemm<Y>(
+        blas: &CudaBlas,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        w: &DevMatrix,
+        x: &CudaSlice<u16>,
+        tokens: usize,
+        y: &mut CudaSlice<Y>,
+        c_type: blas_sys::cudaDataType,
+    ) -> Result<(), BackendError> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let int = |v: usize| i32::try_from(v).map_err(|_| dev(format!("GEMM size {v} too large")));
+        let (m, n, k) = (int(w.rows)?, int(tokens)?, int(w.cols)?);
+        let (wp, _w) = w.data.device_ptr(stream);
+        let (xp, _x) = x.device_ptr(stream);
+        let (yp, _y) = y.device_ptr_mut(stream);
+        // Row-major Y[T][out] is column-major out x T: Y = W^T(col-major in x out) * X.
+        // SAFETY: the pointers are live device buffers of at least the GEMM's extent
+        // (buffers are sized for `tokens` rows, weights for rows x cols); alpha/beta are
+        // host f32 as the default pointer mode and compute type 32F expect.
+        unsafe {
+            blas::gemm_ex(
+                *blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                m,
+                n,
+                k,
+                (&alpha as *const f32).cast::<c_void>(),
+                wp as *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k,
+                xp as *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k,
+                (&beta as *const f32).cast::<c_void>(),
+                yp as *mut c_void,
+                c_type,
+                m,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(dev)
+    }
+
+    fn check(&self, chunks: &[SeqChunk<'_>]) -> Result<usize, BackendError> {
+        let mut total = 0;
+        for c in chunks {
+            let end = c.start + c.tokens.len();
+            if end > self.max_pos {
+                return Err(BackendError::PositionTooLarge(end.saturating_sub(1)));
+            }
+            if c.block_table.len() * self.block_size < end {
+                return Err(BackendError::BlockTableTooShort {
+                    pos: end.saturating_sub(1),
+                    blocks: c.block_table.len(),
+                    block_size: self.block_size,
+                });
+            }
+            if let Some(&b) = c
+                .block_table
+                .iter()
+                .find(|&&b| b as usize >= self.num_blocks)
+            {
+                return Err(BackendError::BadBlock(b));
+            }
+            if let Some(&t) = c
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size)
+            {
+                return Err(BackendError::BadToken(t));
+            }
+            total += c.tokens.len();
+        }
+        Ok(total)
+    }
+
+    fn forward_inner(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        t: usize,
+    ) -> Result<Vec<f32>, BackendError> {
+        self.buffers(t)?;
+        let cfg = self.cfg.clone();
+        let (h, hd, inter) = (cfg.hidden, cfg.head_dim, cfg.intermediate);
+        let (q_dim, kv_dim) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
+        let qkv_dim = q_dim + 2 * kv_dim;
+        let bs = self.block_size;
+        // Host-side step description.
+        let mut ids = Vec::with_capacity(t);
+        let mut positions = Vec::with_capacity(t);
+        let mut slots = Vec::with_capacity(t);
+        let mut cu_q = vec![0i32];
+        let mut lens = Vec::with_capacity(chunks.len());
+        let max_blocks = chunks
+            .iter()
+            .map(|c| c.block_table.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut tables = vec![0i32; chunks.len() * max_blocks];
+        for (i, c) in chunks.iter().enumerate() {
+            for (j, &tok) in c.tokens.iter().enumerate() {
+                let pos = c.start + j;
+                ids.push(tok as i32);
+                positions.push(pos as i32);
+                slots.push((c.block_table[pos / bs] as usize * bs + pos % bs) as i32);
+            }
+            cu_q.push(cu_q[i] + c.tokens.len() as i32);
+            lens.push((c.start + c.tokens.len()) as i32);
+            for (j, b) in c.block_table.iter().enumerate() {
+                tables[i * max_blocks + j] = *b as i32;
+            }
+        }
+        let s = self.k.stream.clone();
+        let up = |v: &[i32]| s.clone_htod(v).map_err(dev);
+        let (ids_d, pos_d, slots_d) = (up(&ids)?, up(&positions)?, up(&slots)?);
+        let (cu_d, lens_d, tables_d) = (up(&cu_q)?, up(&lens)?, up(&tables)?);
+        let all_decode = chunks.iter().all(|c| c.tokens.len() == 1);
+        let max_len = lens.iter().copied().max().unwrap_or(1) as usize;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let decode = DecodeDims {
+            num_seqs: chunks.len(),
+            n_kv_heads: cfg.n_kv_heads,
+            group: cfg.n_heads / cfg.n_kv_heads,
+            head_dim: hd,
+            max_blocks,
+            num_splits: launch::decode_splits(chunks.len(), cfg.n_kv_heads, max_len, self.sms),
+            scale,
+            q_stride: qkv_dim,
+        };
+        let prefill = PrefillDims {
+            num_seqs: chunks.len(),
+            max_new: chunks.iter().map(|c| c.tokens.len()).max().unwrap_or(1),
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: hd,
+            max_blocks,
+            scale,
+            q_stride: qkv_dim,
+        };
+        let rope = RopeDims {
+            tokens: t,
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: hd,
+            rot_dim: cfg.rope_dim,
+            style: match cfg.rope_style {
+                kernels::cpu::RopeStyle::Interleaved => 0,
+                kernels::cpu::RopeStyle::Half => 1,
+            },
+            qkv_stride: qkv_dim,
+        };
+        let mut split = SplitScratch::new(&self.k, &decode).map_err(dev)?;
+        let k = &self.k;
+        let b = self
+            .bufs
+            .as_mut()
+            .ok_or_else(|| dev("step buffers missing"))?;
+        let bf16 = blas_sys::cudaDataType::CUDA_R_16BF;
+        let eps = cfg.rms_eps;
+        // Embeddings into `proj`; the residual starts at zero, so layer 0's fused
+        // add + norm makes it the embeddings.
+        launch::embed_rows(k, &self.embed, &ids_d, &mut b.proj, t, h).map_err(dev)?;
+        s.memset_zeros(&mut b.residual).map_err(dev)?;
+        for (li, l) in self.layers.iter().enumerate() {
+            launch::add_rms_norm(
+                k,
+                &mut b.residual,
+                &b.proj,
+                &l.attn_norm,
+                &mut b.xn,
+                t,
+                h,
+                eps,
+            )
+            .map_err(dev)?;
+            Self::gemm(&self.blas, &s, &l.wqkv, &b.xn, t, &mut b.qkv, bf16)?;
+            launch::rope_write_kv(
+                k,
+                &rope,
+                &mut b.qkv,
+                &pos_d,
+                &slots_d,
+                &self.cos,
+                &self.sin,
+                &mut self.k_cache[li],
+                &mut self.v_cache[li],
+            )
+            .map_err(dev)?;
+            if all_decode {
+                launch::decode_attention(
+                    k,
+                    &decode,
+                    &b.qkv,
+                    &self.k_cache[li],
+                    &self.v_cache[li],
+                    &tables_d,
+                    &lens_d,
+                    &mut b.attn,
+                    &mut split,
+                )
+                .map_err(dev)?;
+            } else {
+                launch::prefill_attention(
+                    k,
+                    &prefill,
+                    &b.qkv,
+                    &self.k_cache[li],
+                    &self.v_cache[li],
+                    &cu_d,
+                    &lens_d,
+                    &tables_d,
+                    &mut b.attn,
+                )
+                .map_err(dev)?;
+            }
+            Self::gemm(&self.blas, &s, &l.wo, &b.attn, t, &mut b.proj, bf16)?;
+            launch::add_rms_norm(
+                k,
+                &mut b.residual,
+                &b.proj,
+                &l.ffn_norm,
+                &mut b.xn,
+                t,
+                h,
+                eps,
+            )
+            .map_err(dev)?;
+            Self::gemm(&self.blas, &s, &l.w_gate_up, &b.xn, t, &mut b.gate_up, bf16)?;
+            launch::silu_and_mul(k, &b.gate_up, &mut b.act, t, inter).map_err(dev)?;
+            Self::gemm(&self.blas, &s, &l.w_down, &b.act, t, &mut b.proj, bf16)?;
+        }
+        launch::add_rms_norm(
+            k,
+            &mut b.residual,
+            &b.proj,
+            &self.final_norm,
+            &mut b.xn,
+            t,
+            h,
+            eps,
+        )
+        .map_err(dev)?;
+        // The rows that need logits (each wanted chunk's last token), packed.
+        let mut rows = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            if c.want_logits {
+                rows.push(cu_q[i + 1] as usize - 1);
+            }
+        }
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sel = s.alloc_zeros::<u16>(rows.len() * h).map_err(dev)?;
+        for (j, &r) in rows.iter().enumerate() {
+            let src = b.xn.slice(r * h..(r + 1) * h);
+            let mut dst = sel.slice_mut(j * h..(j + 1) * h);
+            s.memcpy_dtod(&src, &mut dst).map_err(dev)?;
+        }
+        let mut logits = s
+            .alloc_zeros::<f32>(rows.len() * cfg.vocab_size)
+            .map_err(dev)?;
+        Self::gemm(
+            &self.blas,
+            &s,
+            &self.output,
+            &sel,
+            rows.len(),
+            &mut logits,
+            blas_sys::cudaDataType::CUDA_R_32F,
+        )?;
+        s.clone_dtoh(&logits).map_err(dev)
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> String {
+        format!("cuda:{} ({})", self.ordinal, self.k.arch)
+    }
+
+    fn num_kv_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, BackendError> {
+        let t = self.check(chunks)?;
+        if t == 0 {
+            return Ok(Vec::new());
+        }
+        self.forward_inner(chunks, t)
+    }
+}
+
+impl From<CudaError> for BackendError {
+    fn from(e: CudaError) -> Self {
+        dev(e)
+    }
+}
