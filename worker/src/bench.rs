@@ -114,7 +114,7 @@ pub async fn run(h: &EngineHandle, cfg: &BenchConfig) -> anyhow::Result<serde_js
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(json!({
-        "engine": "sovereign worker (CPU backend)",
+        "engine": "sovereign worker",
         "prompt_tokens": cfg.prompt_tokens,
         "decode_tokens": cfg.decode_tokens,
         "reps": cfg.reps,

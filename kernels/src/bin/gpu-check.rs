@@ -568,7 +568,6 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
         "decode_attention": decode,
         "bf16_dense_peak_tflops": peak,
         "prefill_attention": prefill,
-        "end_to_end_decode": "not run: the CUDA worker backend (worker serve --device cuda:0) is not built yet",
         "seconds": t0.elapsed().as_secs_f64(),
     });
     Ok((summary, all_ok))
