@@ -5,6 +5,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -513,4 +514,50 @@ fn cuda_device_without_a_gpu_is_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("use cpu, cuda or cuda:N"));
+}
+
+/// The random-weight models kernels/gpu-check.sh benchmarks on a GPU machine load and run
+/// here (on the CPU backend), so a GPU session does not find a broken generator.
+#[test]
+fn random_weight_models_for_the_gpu_check_load_and_run() {
+    let dir = std::env::temp_dir().join(format!("sov-random-model-{}", std::process::id()));
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels/tools/make_random_model.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(["--shape", "tiny", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["bench", "--model"])
+        .arg(&dir)
+        .args([
+            "--batches",
+            "1,2",
+            "--reps",
+            "1",
+            "--prompt-tokens",
+            "8",
+            "--decode-tokens",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["decode"]["2"]["aggregate_tok_s"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
 }
