@@ -50,6 +50,35 @@ struct DevLayer {
     w_down: DevMatrix,
 }
 
+/// Step inputs on the device, grown to the largest step seen (allocated once, not per
+/// step; a prerequisite for capturing decode steps in CUDA graphs).
+struct StepMeta {
+    ids: CudaSlice<i32>,
+    positions: CudaSlice<i32>,
+    slots: CudaSlice<i32>,
+    cu_q: CudaSlice<i32>,
+    lens: CudaSlice<i32>,
+    tables: CudaSlice<i32>,
+    /// Rows that need logits, packed, and their logits.
+    sel: CudaSlice<u16>,
+    logits: CudaSlice<f32>,
+    split: SplitScratch,
+}
+
+/// Grows `slot` to hold at least `n` elements (contents are not kept).
+fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    slot: &mut CudaSlice<T>,
+    n: usize,
+) -> Result<(), BackendError> {
+    if slot.len() < n {
+        *slot = stream
+            .alloc_zeros::<T>(n.next_power_of_two())
+            .map_err(dev)?;
+    }
+    Ok(())
+}
+
 /// Per-step buffers, grown to the largest step seen.
 struct StepBuffers {
     tokens: usize,
@@ -80,6 +109,7 @@ pub struct CudaBackend {
     max_pos: usize,
     sms: usize,
     bufs: Option<StepBuffers>,
+    meta: StepMeta,
 }
 
 fn bf16_rows(m: &Matrix) -> Vec<u16> {
@@ -190,7 +220,23 @@ impl CudaBackend {
             )
             .map(|v| v.max(1) as usize)
             .unwrap_or(1);
+        let z32 = || s.alloc_zeros::<i32>(1).map_err(dev);
+        let meta = StepMeta {
+            ids: z32()?,
+            positions: z32()?,
+            slots: z32()?,
+            cu_q: z32()?,
+            lens: z32()?,
+            tables: z32()?,
+            sel: s.alloc_zeros::<u16>(1).map_err(dev)?,
+            logits: s.alloc_zeros::<f32>(1).map_err(dev)?,
+            split: SplitScratch {
+                part_out: s.alloc_zeros::<f32>(1).map_err(dev)?,
+                part_ml: s.alloc_zeros::<f32>(1).map_err(dev)?,
+            },
+        };
         Ok(Self {
+            meta,
             cos: s.clone_htod(&cos).map_err(dev)?,
             sin: s.clone_htod(&sin).map_err(dev)?,
             cfg,
@@ -350,9 +396,18 @@ impl CudaBackend {
             }
         }
         let s = self.k.stream.clone();
-        let up = |v: &[i32]| s.clone_htod(v).map_err(dev);
-        let (ids_d, pos_d, slots_d) = (up(&ids)?, up(&positions)?, up(&slots)?);
-        let (cu_d, lens_d, tables_d) = (up(&cu_q)?, up(&lens)?, up(&tables)?);
+        let m = &mut self.meta;
+        for (dst, src) in [
+            (&mut m.ids, &ids),
+            (&mut m.positions, &positions),
+            (&mut m.slots, &slots),
+            (&mut m.cu_q, &cu_q),
+            (&mut m.lens, &lens),
+            (&mut m.tables, &tables),
+        ] {
+            grow(&s, dst, src.len())?;
+            s.memcpy_htod(src, dst).map_err(dev)?;
+        }
         let all_decode = chunks.iter().all(|c| c.tokens.len() == 1);
         let max_len = lens.iter().copied().max().unwrap_or(1) as usize;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -388,7 +443,12 @@ impl CudaBackend {
             },
             qkv_stride: qkv_dim,
         };
-        let mut split = SplitScratch::new(&self.k, &decode).map_err(dev)?;
+        let heads = decode.num_seqs * cfg.n_heads * decode.num_splits;
+        grow(&s, &mut m.split.part_out, heads * hd)?;
+        grow(&s, &mut m.split.part_ml, heads * 2)?;
+        let want_rows = chunks.iter().filter(|c| c.want_logits).count();
+        grow(&s, &mut m.sel, want_rows * h)?;
+        grow(&s, &mut m.logits, want_rows * cfg.vocab_size)?;
         let k = &self.k;
         let b = self
             .bufs
@@ -398,7 +458,7 @@ impl CudaBackend {
         let eps = cfg.rms_eps;
         // Embeddings into `proj`; the residual starts at zero, so layer 0's fused
         // add + norm makes it the embeddings.
-        launch::embed_rows(k, &self.embed, &ids_d, &mut b.proj, t, h).map_err(dev)?;
+        launch::embed_rows(k, &self.embed, &m.ids, &mut b.proj, t, h).map_err(dev)?;
         s.memset_zeros(&mut b.residual).map_err(dev)?;
         for (li, l) in self.layers.iter().enumerate() {
             launch::add_rms_norm(
@@ -417,8 +477,8 @@ impl CudaBackend {
                 k,
                 &rope,
                 &mut b.qkv,
-                &pos_d,
-                &slots_d,
+                &m.positions,
+                &m.slots,
                 &self.cos,
                 &self.sin,
                 &mut self.k_cache[li],
@@ -432,10 +492,10 @@ impl CudaBackend {
                     &b.qkv,
                     &self.k_cache[li],
                     &self.v_cache[li],
-                    &tables_d,
-                    &lens_d,
+                    &m.tables,
+                    &m.lens,
                     &mut b.attn,
-                    &mut split,
+                    &mut m.split,
                 )
                 .map_err(dev)?;
             } else {
@@ -445,9 +505,9 @@ impl CudaBackend {
                     &b.qkv,
                     &self.k_cache[li],
                     &self.v_cache[li],
-                    &cu_d,
-                    &lens_d,
-                    &tables_d,
+                    &m.cu_q,
+                    &m.lens,
+                    &m.tables,
                     &mut b.attn,
                 )
                 .map_err(dev)?;
