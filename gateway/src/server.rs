@@ -291,28 +291,50 @@ impl Gateway {
         completion.prompt_hmac = None;
         // 6. route + relay (retry on another allowed worker only before the first token)
         let prefix = route::prefix_key(&parsed.prefix_bytes, self.router.cfg.affinity_prefix_bytes);
-        let started =
-            match relay::start(&self.router, &allowed, parsed.request.clone(), prefix).await {
-                Ok(st) => st,
-                Err(e) => {
-                    completion.outcome = Some(audit::Outcome {
-                        status: e.status,
-                        code: e.code.clone(),
-                    });
-                    completion.latency_ms = Some(ctx.started.elapsed().as_millis() as u64);
-                    self.append_completion(completion);
-                    return Err(e);
-                }
-            };
-        let pool = started.pool.clone();
-        let receipt = self.audit.receipt(
-            &decision_rec,
-            &ctx.id,
-            state,
-            &started.pool,
-            &started.country,
-            &decision.policy_hash,
+        // The receipt names the serving pool, almost always the first allowed one: sign
+        // it for that pool while the worker computes (the yield lets the request's write
+        // go out first), and sign again only if the request fell over to another pool.
+        let first = &allowed[0];
+        let speculative = async {
+            tokio::task::yield_now().await;
+            self.audit.receipt(
+                &decision_rec,
+                &ctx.id,
+                state,
+                &first.pool,
+                &first.country,
+                &decision.policy_hash,
+            )
+        };
+        let (started, speculative) = tokio::join!(
+            relay::start(&self.router, &allowed, parsed.request.clone(), prefix),
+            speculative
         );
+        let started = match started {
+            Ok(st) => st,
+            Err(e) => {
+                completion.outcome = Some(audit::Outcome {
+                    status: e.status,
+                    code: e.code.clone(),
+                });
+                completion.latency_ms = Some(ctx.started.elapsed().as_millis() as u64);
+                self.append_completion(completion);
+                return Err(e);
+            }
+        };
+        let pool = started.pool.clone();
+        let receipt = if started.pool == first.pool && started.country == first.country {
+            speculative
+        } else {
+            self.audit.receipt(
+                &decision_rec,
+                &ctx.id,
+                state,
+                &started.pool,
+                &started.country,
+                &decision.policy_hash,
+            )
+        };
         let headers = vec![
             (POOL_HEADER, started.pool.clone()),
             (COUNTRY_HEADER, started.country.clone()),
