@@ -9,6 +9,26 @@ pub mod cpu;
 pub mod cuda;
 pub mod gpu_ref;
 
+/// Deterministic pseudo-random test inputs shared by the kernels' tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    /// Deterministic pseudo-random values in [-1, 1).
+    pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407)
+            | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+}
+
 /// Layout of one layer's paged KV cache: `[num_blocks][block_size][n_kv_heads][head_dim]`,
 /// f32, row-major. A token at logical position `p` of a sequence lives in physical block
 /// `block_table[p / block_size]`, row `p % block_size`.

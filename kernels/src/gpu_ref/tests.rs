@@ -3,21 +3,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::cpu;
 
-/// Deterministic pseudo-random values in [-1, 1).
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407)
-        | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
+use crate::test_util::rand_vec;
 
 fn close(a: f32, b: f32, rel: f32, abs: f32) -> bool {
     (a - b).abs() <= rel * b.abs() + abs

@@ -13,7 +13,7 @@ use kernels::cpu::{
 };
 use rayon::prelude::*;
 
-use super::{Backend, BackendError, SeqChunk};
+use super::{Backend, BackendError, SeqChunk, check_chunks};
 use crate::model::{ModelConfig, Weights};
 
 pub struct CpuBackend {
@@ -83,34 +83,15 @@ impl CpuBackend {
     }
 
     fn check(&self, chunks: &[SeqChunk<'_>]) -> Result<Vec<TokenSlot>, BackendError> {
-        let bs = self.layout.block_size;
-        let mut slots = Vec::new();
+        let total = check_chunks(
+            chunks,
+            self.rope.max_pos(),
+            self.layout.block_size,
+            self.layout.num_blocks,
+            self.cfg.vocab_size,
+        )?;
+        let mut slots = Vec::with_capacity(total);
         for (ci, c) in chunks.iter().enumerate() {
-            let end = c.start + c.tokens.len();
-            if end > self.rope.max_pos() {
-                return Err(BackendError::PositionTooLarge(end - 1));
-            }
-            if c.block_table.len() * bs < end {
-                return Err(BackendError::BlockTableTooShort {
-                    pos: end - 1,
-                    blocks: c.block_table.len(),
-                    block_size: bs,
-                });
-            }
-            if let Some(&b) = c
-                .block_table
-                .iter()
-                .find(|&&b| b as usize >= self.layout.num_blocks)
-            {
-                return Err(BackendError::BadBlock(b));
-            }
-            if let Some(&t) = c
-                .tokens
-                .iter()
-                .find(|&&t| t as usize >= self.cfg.vocab_size)
-            {
-                return Err(BackendError::BadToken(t));
-            }
             slots.extend((0..c.tokens.len()).map(|i| TokenSlot {
                 chunk: ci,
                 pos: c.start + i,

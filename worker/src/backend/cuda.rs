@@ -22,7 +22,7 @@ use kernels::cuda::{CudaError, Kernels};
 use kernels::gpu_ref::to_bf16;
 use rayon::prelude::*;
 
-use super::{Backend, BackendError, SeqChunk};
+use super::{Backend, BackendError, SeqChunk, check_chunks};
 use crate::model::{Matrix, ModelConfig, Weights};
 
 /// Bytes one KV block takes across all layers with a bf16 cache.
@@ -325,39 +325,6 @@ impl CudaBackend {
         .map_err(dev)
     }
 
-    fn check(&self, chunks: &[SeqChunk<'_>]) -> Result<usize, BackendError> {
-        let mut total = 0;
-        for c in chunks {
-            let end = c.start + c.tokens.len();
-            if end > self.max_pos {
-                return Err(BackendError::PositionTooLarge(end.saturating_sub(1)));
-            }
-            if c.block_table.len() * self.block_size < end {
-                return Err(BackendError::BlockTableTooShort {
-                    pos: end.saturating_sub(1),
-                    blocks: c.block_table.len(),
-                    block_size: self.block_size,
-                });
-            }
-            if let Some(&b) = c
-                .block_table
-                .iter()
-                .find(|&&b| b as usize >= self.num_blocks)
-            {
-                return Err(BackendError::BadBlock(b));
-            }
-            if let Some(&t) = c
-                .tokens
-                .iter()
-                .find(|&&t| t as usize >= self.cfg.vocab_size)
-            {
-                return Err(BackendError::BadToken(t));
-            }
-            total += c.tokens.len();
-        }
-        Ok(total)
-    }
-
     fn forward_inner(
         &mut self,
         chunks: &[SeqChunk<'_>],
@@ -581,7 +548,13 @@ impl Backend for CudaBackend {
     }
 
     fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, BackendError> {
-        let t = self.check(chunks)?;
+        let t = check_chunks(
+            chunks,
+            self.max_pos,
+            self.block_size,
+            self.num_blocks,
+            self.cfg.vocab_size,
+        )?;
         if t == 0 {
             return Ok(Vec::new());
         }

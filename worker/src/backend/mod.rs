@@ -38,6 +38,40 @@ pub enum BackendError {
     Device(String),
 }
 
+/// Checks a step against a backend's limits (positions, block tables, block ids, token
+/// ids) and returns its token count. Shared by every backend, so they refuse the same
+/// inputs with the same errors.
+pub fn check_chunks(
+    chunks: &[SeqChunk<'_>],
+    max_pos: usize,
+    block_size: usize,
+    num_blocks: usize,
+    vocab_size: usize,
+) -> Result<usize, BackendError> {
+    let mut total = 0;
+    for c in chunks {
+        let end = c.start + c.tokens.len();
+        if end > max_pos {
+            return Err(BackendError::PositionTooLarge(end.saturating_sub(1)));
+        }
+        if c.block_table.len() * block_size < end {
+            return Err(BackendError::BlockTableTooShort {
+                pos: end.saturating_sub(1),
+                blocks: c.block_table.len(),
+                block_size,
+            });
+        }
+        if let Some(&b) = c.block_table.iter().find(|&&b| b as usize >= num_blocks) {
+            return Err(BackendError::BadBlock(b));
+        }
+        if let Some(&t) = c.tokens.iter().find(|&&t| t as usize >= vocab_size) {
+            return Err(BackendError::BadToken(t));
+        }
+        total += c.tokens.len();
+    }
+    Ok(total)
+}
+
 pub trait Backend: Send {
     /// Short name for /metrics and Info ("cpu", "cuda:0").
     fn name(&self) -> String;
