@@ -11,35 +11,35 @@ use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL
 use serde::{Deserialize, Serialize};
 
 use super::keys::{SigningKey, VerifierKey};
-use super::record::canonical_json;
+use super::record::{canonical_json, sorted_json};
 use super::{Appended, checkpoint_text};
 
 const DOMAIN: &[u8] = b"sovereign-gateway/receipt/v1\n";
 
-/// What a receipt states.
+/// What a receipt states. Fields in RFC 8785 key order (see `record::sorted_json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiptStatement {
-    pub v: u32,
-    pub request_id: String,
-    pub state: String,
-    pub pool: String,
-    pub country: String,
-    pub policy_hash: String,
-    /// Log origin and sequence number of the request's decision record.
-    pub origin: String,
-    pub seq: u64,
-    /// Hex leaf hash of that record.
-    pub leaf_hash: String,
+    /// Base64 root of the tree at `checkpoint_size` (as in a C2SP checkpoint).
+    pub checkpoint_root: String,
     /// The tree size right after the record was made durable; the log's checkpoints of
     /// this size or larger cover it, and `checkpoint_root` is that tree's root, signed
     /// here, so `sovctl audit consistency --old <size>` can prove later checkpoints
     /// extend it.
     pub checkpoint_size: u64,
-    /// Base64 root of the tree at `checkpoint_size` (as in a C2SP checkpoint).
-    pub checkpoint_root: String,
+    pub country: String,
     /// `<key name>+<hex key id>` of the signing key.
     pub key: String,
+    /// Hex leaf hash of the request's decision record.
+    pub leaf_hash: String,
+    /// Log origin and sequence number of that record.
+    pub origin: String,
+    pub policy_hash: String,
+    pub pool: String,
+    pub request_id: String,
+    pub seq: u64,
+    pub state: String,
+    pub v: u32,
 }
 
 impl ReceiptStatement {
@@ -73,9 +73,10 @@ pub(crate) fn issue(
         checkpoint_root: B64.encode(a.covered_by_root),
         key: format!("{}+{:08x}", key.name(), key.key_id()),
     };
-    let Ok(payload) = canonical_json(&st) else {
+    let mut payload = Vec::with_capacity(512);
+    if sorted_json(&mut payload, &st).is_err() {
         return String::new();
-    };
+    }
     let mut msg = DOMAIN.to_vec();
     msg.extend_from_slice(&payload);
     let sig = key.sign(&msg).unwrap_or_default();

@@ -58,10 +58,10 @@ impl std::str::FromStr for Decision {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Candidate {
-    pub pool: String,
-    pub country: String,
     pub allowed: bool,
+    pub country: String,
     pub policy_ids: Vec<String>,
+    pub pool: String,
     pub reasons: Vec<String>,
 }
 
@@ -69,8 +69,8 @@ pub struct Candidate {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Outcome {
-    pub status: u16,
     pub code: String,
+    pub status: u16,
 }
 
 /// What a retention deletion removed and what it kept so the log still verifies.
@@ -81,12 +81,12 @@ pub struct Retention {
     pub deleted_from: u64,
     /// One past the last deleted sequence number (the new start of the log).
     pub deleted_to: u64,
-    /// The deleted segment files.
-    pub segments: Vec<String>,
     /// Compact range of `[0, deleted_to)`: hex subtree roots, largest first.
     pub frontier: Vec<String>,
     /// Hex tree root at size `deleted_to`.
     pub root: String,
+    /// The deleted segment files.
+    pub segments: Vec<String>,
 }
 
 /// What the gateway hands to [`super::AuditLog::append`]: every field except the log
@@ -121,53 +121,58 @@ pub struct RecordInput {
 }
 
 /// A record as stored: one canonical JSON line. Absent optional fields are omitted.
+///
+/// The fields of this struct and of every struct in it are declared in RFC 8785 key order
+/// (byte order of the ASCII names) and hold no floats, so plain `serde_json` output *is*
+/// the canonical form ([`Record::write_canonical`]; `canonical_form_matches_jcs` checks it
+/// against a JCS implementation on random records). Keep new fields in order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Record {
-    pub origin: String,
-    pub seq: u64,
-    /// RFC 3339 UTC with milliseconds, e.g. `2025-05-01T12:00:00.123Z`.
-    pub time: String,
-    pub phase: Phase,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub request_id: String,
-    pub state: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ministry: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caller_hmac: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<Candidate>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classification: Option<Classification>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ministry: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_requested: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_served: Option<String>,
+    pub origin: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub decision: Option<Decision>,
+    pub outcome: Option<Outcome>,
+    pub phase: Phase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_hash: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool_country: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub candidates: Vec<Candidate>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub reason_codes: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub policy_hash: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_hmac: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reason_codes: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub request_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_hmac: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompt_tokens: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub completion_tokens: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub latency_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outcome: Option<Outcome>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<Retention>,
+    pub seq: u64,
+    pub state: String,
+    /// RFC 3339 UTC with milliseconds, e.g. `2025-05-01T12:00:00.123Z`.
+    pub time: String,
 }
 
 impl Record {
@@ -202,7 +207,14 @@ impl Record {
 
     /// The record's canonical (RFC 8785) bytes: the stored line without its newline.
     pub fn canonical(&self) -> Result<Vec<u8>, AuditError> {
-        canonical_json(self)
+        let mut out = Vec::with_capacity(512);
+        self.write_canonical(&mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the canonical bytes to `out` (no allocation of its own).
+    pub fn write_canonical(&self, out: &mut Vec<u8>) -> Result<(), AuditError> {
+        sorted_json(out, self)
     }
 
     /// Every reason code the record mentions (its own, its candidates', its outcome's).
@@ -221,13 +233,22 @@ pub fn canonical_json<T: Serialize>(v: &T) -> Result<Vec<u8>, AuditError> {
     serde_json_canonicalizer::to_vec(v).map_err(|e| AuditError::Encode(e.to_string()))
 }
 
+/// Canonical JSON of a value whose structs declare their fields in RFC 8785 key order and
+/// hold no floats or maps: for such values `serde_json`'s compact output is already
+/// canonical (same string escapes, integers as digits), without JCS's detour through a
+/// sorted `Value` tree. Callers are tested against [`canonical_json`].
+pub(crate) fn sorted_json<T: Serialize>(out: &mut Vec<u8>, v: &T) -> Result<(), AuditError> {
+    serde_json::to_writer(out, v).map_err(|e| AuditError::Encode(e.to_string()))
+}
+
 /// The bytes the gateway HMACs for a chat request's `prompt_hmac`: the messages as
 /// canonical JSON `[{"content":...,"role":...},...]` (role and text content only).
 pub fn prompt_digest_input_chat<R: AsRef<str>, C: AsRef<str>>(messages: &[(R, C)]) -> Vec<u8> {
+    // Fields in JCS key order (see `sorted_json`).
     #[derive(Serialize)]
     struct Msg<'a> {
-        role: &'a str,
         content: &'a str,
+        role: &'a str,
     }
     let msgs: Vec<Msg<'_>> = messages
         .iter()
@@ -237,11 +258,15 @@ pub fn prompt_digest_input_chat<R: AsRef<str>, C: AsRef<str>>(messages: &[(R, C)
         })
         .collect();
     // Serializing plain strings cannot fail.
-    serde_json_canonicalizer::to_vec(&msgs).unwrap_or_default()
+    let mut out = Vec::new();
+    let _ = sorted_json(&mut out, &msgs);
+    out
 }
 
 /// The bytes the gateway HMACs for a completions request's `prompt_hmac`: the prompt as
 /// a canonical JSON string.
 pub fn prompt_digest_input_text(prompt: &str) -> Vec<u8> {
-    serde_json_canonicalizer::to_vec(&prompt).unwrap_or_default()
+    let mut out = Vec::with_capacity(prompt.len() + 2);
+    let _ = sorted_json(&mut out, &prompt);
+    out
 }

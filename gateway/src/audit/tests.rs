@@ -657,3 +657,172 @@ async fn lazy_appends_share_fsyncs_keep_order_and_precede_checkpoints() {
         102
     );
 }
+
+mod canonical_form {
+    use proptest::prelude::*;
+
+    use super::super::receipt::ReceiptStatement;
+    use super::super::record::{prompt_digest_input_chat, prompt_digest_input_text, sorted_json};
+    use super::*;
+    use crate::domain::Classification;
+
+    /// Any text, with control characters, quotes, backslashes and non-ASCII favoured.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "\\PC{0,12}",
+            "[\\x00-\\x1f\"\\\\/\\x7f\u{80}\u{2028}\u{2029}\u{fffd}\u{1F600}a-z]{0,12}",
+        ]
+    }
+
+    /// Integers JSON numbers hold exactly (I-JSON, RFC 7493): JCS writes larger ones as
+    /// rounded doubles, which no count or sequence number of ours comes near.
+    fn int() -> impl Strategy<Value = u64> {
+        0..=(1u64 << 53)
+    }
+
+    fn opt<T: std::fmt::Debug + Clone>(
+        s: impl Strategy<Value = T>,
+    ) -> impl Strategy<Value = Option<T>> {
+        proptest::option::of(s)
+    }
+
+    fn candidate() -> impl Strategy<Value = Candidate> {
+        (
+            any::<bool>(),
+            text(),
+            proptest::collection::vec(text(), 0..3),
+            text(),
+            proptest::collection::vec(text(), 0..3),
+        )
+            .prop_map(|(allowed, country, policy_ids, pool, reasons)| Candidate {
+                allowed,
+                country,
+                policy_ids,
+                pool,
+                reasons,
+            })
+    }
+
+    fn record() -> impl Strategy<Value = Record> {
+        let a = (
+            opt(text()),
+            proptest::collection::vec(candidate(), 0..3),
+            opt(prop_oneof![
+                Just(Classification::Public),
+                Just(Classification::Internal),
+                Just(Classification::Restricted)
+            ]),
+            opt(int()),
+            opt(prop_oneof![Just(Decision::Allow), Just(Decision::Deny)]),
+            opt(int()),
+            opt(text()),
+            opt(text()),
+            opt(text()),
+            text(),
+        );
+        let b = (
+            opt((text(), any::<u16>()).prop_map(|(code, status)| Outcome { code, status })),
+            prop_oneof![
+                Just(Phase::Decision),
+                Just(Phase::Completion),
+                Just(Phase::Retention)
+            ],
+            opt(text()),
+            opt(text()),
+            opt(text()),
+            opt(text()),
+            opt(int()),
+            proptest::collection::vec(text(), 0..3),
+            text(),
+            opt(text()),
+        );
+        let c = (
+            opt((
+                int(),
+                int(),
+                proptest::collection::vec(text(), 0..3),
+                text(),
+            )
+                .prop_map(|(deleted_from, deleted_to, segments, root)| Retention {
+                    deleted_from,
+                    deleted_to,
+                    frontier: segments.clone(),
+                    root,
+                    segments,
+                })),
+            int(),
+            text(),
+            text(),
+        );
+        (a, b, c).prop_map(|(a, b, c)| Record {
+            caller_hmac: a.0,
+            candidates: a.1,
+            classification: a.2,
+            completion_tokens: a.3,
+            decision: a.4,
+            latency_ms: a.5,
+            ministry: a.6,
+            model_requested: a.7,
+            model_served: a.8,
+            origin: a.9,
+            outcome: b.0,
+            phase: b.1,
+            policy_hash: b.2,
+            pool: b.3,
+            pool_country: b.4,
+            prompt_hmac: b.5,
+            prompt_tokens: b.6,
+            reason_codes: b.7,
+            request_id: b.8,
+            response_hmac: b.9,
+            retention: c.0,
+            seq: c.1,
+            state: c.2,
+            time: c.3,
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        /// The records' fast path (plain serde_json over key-ordered structs) is exactly
+        /// RFC 8785: the same bytes as a JCS implementation, so leaf hashes match.
+        #[test]
+        fn canonical_form_matches_jcs(rec in record()) {
+            prop_assert_eq!(rec.canonical().unwrap(), canonical_json(&rec).unwrap());
+        }
+
+        #[test]
+        fn receipt_and_prompt_forms_match_jcs(
+            s in proptest::collection::vec(text(), 9),
+            n in proptest::collection::vec(int(), 2),
+            v in any::<u32>(),
+        ) {
+            let st = ReceiptStatement {
+                checkpoint_root: s[0].clone(),
+                checkpoint_size: n[0],
+                country: s[1].clone(),
+                key: s[2].clone(),
+                leaf_hash: s[3].clone(),
+                origin: s[4].clone(),
+                policy_hash: s[5].clone(),
+                pool: s[6].clone(),
+                request_id: s[7].clone(),
+                seq: n[1],
+                state: s[8].clone(),
+                v,
+            };
+            let mut fast = Vec::new();
+            sorted_json(&mut fast, &st).unwrap();
+            prop_assert_eq!(fast, canonical_json(&st).unwrap());
+
+            let msgs = [(s[0].as_str(), s[1].as_str()), (s[2].as_str(), s[3].as_str())];
+            let as_values: Vec<serde_json::Value> = msgs
+                .iter()
+                .map(|(r, c)| serde_json::json!({"role": r, "content": c}))
+                .collect();
+            prop_assert_eq!(prompt_digest_input_chat(&msgs), canonical_json(&as_values).unwrap());
+            prop_assert_eq!(prompt_digest_input_text(&s[4]), canonical_json(&s[4]).unwrap());
+        }
+    }
+}

@@ -113,6 +113,8 @@ pub(crate) struct Writer {
     last_retention: Instant,
     /// Lazy appends assigned a seq but not yet written (see [`Msg::AppendLazy`]).
     lazy_buf: Vec<u8>,
+    /// Scratch for one record's canonical line (keeps its capacity).
+    line: Vec<u8>,
     lazy_pending: Pending,
     lazy_since: Option<Instant>,
     _lock: File,
@@ -219,6 +221,7 @@ impl Writer {
             last_cp_at: Instant::now(),
             last_retention: Instant::now(),
             lazy_buf: Vec::new(),
+            line: Vec::with_capacity(1024),
             lazy_pending: Vec::new(),
             lazy_since: None,
             _lock: lock,
@@ -321,19 +324,18 @@ impl Writer {
         // Buffered lazy appends come first: their seqs are older.
         let mut buf = std::mem::take(&mut self.lazy_buf);
         let mut pending: Pending = std::mem::take(&mut self.lazy_pending);
+        let mut line = std::mem::take(&mut self.line);
         let any_sync = appends.iter().any(|a| a.2);
         let time = now_rfc3339();
         let mut iter = appends.into_iter();
         while let Some((input, tx, _)) = iter.next() {
             let seq = self.frontier.size();
             let rec = Record::from_input(*input, &self.origin, seq, time.clone());
-            let line = match rec.canonical() {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    continue;
-                }
-            };
+            line.clear();
+            if let Err(e) = rec.write_canonical(&mut line) {
+                let _ = tx.send(Err(e));
+                continue;
+            }
             if self.seg_bytes > 0
                 && self.seg_bytes + (buf.len() + line.len() + 1) as u64 > self.cfg.segment_max_bytes
             {
@@ -367,6 +369,7 @@ impl Writer {
         }
         self.lazy_buf = buf;
         self.lazy_pending = pending;
+        self.line = line;
     }
 
     /// Writes and fsyncs the buffered lazy appends, if any.
