@@ -292,20 +292,18 @@ impl Gateway {
         // 6. route + relay (retry on another allowed worker only before the first token)
         let prefix = route::prefix_key(&parsed.prefix_bytes, self.router.cfg.affinity_prefix_bytes);
         // The receipt names the serving pool, almost always the first allowed one: sign
-        // it for that pool while the worker computes (the yield lets the request's write
-        // go out first), and sign again only if the request fell over to another pool.
+        // it for that pool while the worker computes (its yield lets the request's write
+        // go out first, and lets concurrent requests share the signature), and sign again
+        // only if the request fell over to another pool.
         let first = &allowed[0];
-        let speculative = async {
-            tokio::task::yield_now().await;
-            self.audit.receipt(
-                &decision_rec,
-                &ctx.id,
-                state,
-                &first.pool,
-                &first.country,
-                &decision.policy_hash,
-            )
-        };
+        let speculative = self.audit.receipt_batched(
+            &decision_rec,
+            &ctx.id,
+            state,
+            &first.pool,
+            &first.country,
+            &decision.policy_hash,
+        );
         let (started, speculative) = tokio::join!(
             relay::start(&self.router, &allowed, parsed.request.clone(), prefix),
             speculative

@@ -175,7 +175,11 @@ pub struct AuditLog {
     hmac: BTreeMap<String, Vec<u8>>,
     key: Arc<SigningKey>,
     replica: String,
+    /// Receipt statements waiting for a shared signature ([`AuditLog::receipt_batched`]).
+    receipts: Mutex<Vec<PendingReceipt>>,
 }
+
+type PendingReceipt = (Vec<u8>, tokio::sync::oneshot::Sender<String>);
 
 impl AuditLog {
     /// Open (create, recover, verify) every configured state's log and start its writer.
@@ -241,6 +245,7 @@ impl AuditLog {
             hmac,
             key,
             replica: cfg.replica,
+            receipts: Mutex::new(Vec::new()),
         }))
     }
 
@@ -294,7 +299,59 @@ impl AuditLog {
         country: &str,
         policy_hash: &str,
     ) -> String {
-        receipt::issue(&self.key, a, request_id, state, pool, country, policy_hash)
+        let st = receipt::statement(&self.key, a, request_id, state, pool, country, policy_hash);
+        receipt::sign_one(&self.key, &st)
+    }
+
+    /// The same receipt, signed together with every other receipt requested meanwhile:
+    /// the statement joins a queue, the task yields once so that requests woken by the
+    /// same group commit can join too, then the first of them to run again signs the whole
+    /// queue with one signature (a single receipt when alone, so concurrency 1 pays
+    /// nothing extra). Others find their receipt ready, or wait for the task signing it.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn receipt_batched(
+        &self,
+        a: &Appended,
+        request_id: &str,
+        state: &str,
+        pool: &str,
+        country: &str,
+        policy_hash: &str,
+    ) -> String {
+        let st = receipt::statement(&self.key, a, request_id, state, pool, country, policy_hash);
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        self.lock_receipts().push((st.clone(), tx));
+        tokio::task::yield_now().await;
+        if let Ok(r) = rx.try_recv() {
+            return r;
+        }
+        loop {
+            let batch = {
+                let mut q = self.lock_receipts();
+                let n = q.len().min(receipt::MAX_BATCH);
+                q.drain(..n).collect::<Vec<_>>()
+            };
+            if batch.is_empty() {
+                break;
+            }
+            let payloads: Vec<&[u8]> = batch.iter().map(|(p, _)| p.as_slice()).collect();
+            let signed = receipt::sign_batch(&self.key, &payloads);
+            for ((_, tx), r) in batch.into_iter().zip(signed) {
+                let _ = tx.send(r);
+            }
+            if let Ok(r) = rx.try_recv() {
+                return r;
+            }
+        }
+        // Another thread took this statement and is signing it now.
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => receipt::sign_one(&self.key, &st),
+        }
+    }
+
+    fn lock_receipts(&self) -> std::sync::MutexGuard<'_, Vec<PendingReceipt>> {
+        self.receipts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The verifier key line for checkpoints and receipts.

@@ -614,6 +614,106 @@ async fn proofs_receipts_and_prompt_matching() {
     );
 }
 
+/// Receipts signed together: every one verifies on its own, a batch of one is the single
+/// form, and neither a statement nor its batch part can be swapped or edited.
+#[test]
+fn batched_receipts_verify_alone_and_resist_tampering() {
+    let e = env(1 << 20, 4);
+    let key = SigningKey::load(&e.cfg.signing_key).unwrap();
+    let keys = std::slice::from_ref(&e.vkey);
+    for n in [1usize, 2, 3, 5, 8, 13, 64] {
+        let statements: Vec<Vec<u8>> = (0..n)
+            .map(|i| {
+                let a = Appended {
+                    origin: "sovereign-gateway/r1/DE".into(),
+                    seq: i as u64,
+                    leaf_hash: [i as u8; 32],
+                    covered_by_size: i as u64 + 1,
+                    covered_by_root: [7; 32],
+                };
+                receipt::statement(
+                    &key,
+                    &a,
+                    &format!("req-{i}"),
+                    "DE",
+                    "de-fra-1",
+                    "DE",
+                    "cafe",
+                )
+            })
+            .collect();
+        let refs: Vec<&[u8]> = statements.iter().map(Vec::as_slice).collect();
+        let receipts = receipt::sign_batch(&key, &refs);
+        assert_eq!(receipts.len(), n);
+        for (i, r) in receipts.iter().enumerate() {
+            assert_eq!(r.split('.').count(), if n == 1 { 2 } else { 3 });
+            assert!(http::HeaderValue::from_str(r).is_ok());
+            let st = verify_receipt(r, keys).unwrap();
+            assert_eq!(
+                (st.seq, st.request_id.as_str()),
+                (i as u64, format!("req-{i}").as_str())
+            );
+        }
+        if n == 1 {
+            continue;
+        }
+        // Same signature for the whole batch, one leaf per statement.
+        let sigs: std::collections::BTreeSet<&str> = receipts
+            .iter()
+            .map(|r| r.rsplit('.').next().unwrap())
+            .collect();
+        assert_eq!(sigs.len(), 1);
+        let parts: Vec<Vec<&str>> = receipts.iter().map(|r| r.split('.').collect()).collect();
+        // Statement of receipt 0 with the batch part of receipt 1: wrong leaf.
+        let swapped = format!("{}.{}.{}", parts[0][0], parts[1][1], parts[0][2]);
+        assert!(
+            verify_receipt(&swapped, keys)
+                .unwrap_err()
+                .contains("batch")
+        );
+        // A flipped bit in the root, the index or the path.
+        let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine as _;
+        let raw = b.decode(parts[0][1]).unwrap();
+        for at in [3, 20, raw.len() - 1] {
+            let mut t = raw.clone();
+            t[at] ^= 1;
+            let forged = format!("{}.{}.{}", parts[0][0], b.encode(&t), parts[0][2]);
+            assert!(verify_receipt(&forged, keys).is_err(), "flip at {at}");
+        }
+        // The batch signature is not a single receipt's signature.
+        assert!(verify_receipt(&format!("{}.{}", parts[0][0], parts[0][2]), keys).is_err());
+        // The root in the batch part is the RFC 6962 tree hash of the statements.
+        let leaves: Vec<Hash> = statements.iter().map(|s| merkle::leaf_hash(s)).collect();
+        assert_eq!(raw[8..40], merkle::mth(&leaves));
+    }
+}
+
+/// Concurrent requests woken together share one signature; alone, a request gets the
+/// single form.
+#[tokio::test]
+async fn receipts_requested_together_share_a_signature() {
+    let e = env(1 << 20, 4);
+    let log = AuditLog::open(e.cfg.clone()).unwrap();
+    let a = log.append(rec("DE", 0)).await.unwrap();
+    let alone = log
+        .receipt_batched(&a, "req-0", "DE", "de-fra-1", "DE", "cafe")
+        .await;
+    assert_eq!(alone.split('.').count(), 2);
+    let ids: Vec<String> = (0..10).map(|i| format!("req-{i}")).collect();
+    let together = futures::future::join_all(
+        ids.iter()
+            .map(|id| log.receipt_batched(&a, id, "DE", "de-fra-1", "DE", "cafe")),
+    )
+    .await;
+    for (r, id) in together.iter().zip(&ids) {
+        assert_eq!(r.split('.').count(), 3);
+        let st = verify_receipt(r, std::slice::from_ref(&e.vkey)).unwrap();
+        assert_eq!(&st.request_id, id);
+    }
+    log.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lazy_appends_share_fsyncs_keep_order_and_precede_checkpoints() {
     let e = env(1 << 20, 1_000_000);
