@@ -210,7 +210,7 @@ pub fn verify_receipt(receipt: &str, keys: &[VerifierKey]) -> Result<ReceiptStat
 
 /// `u32be(index) || u32be(size) || root || path` of a batched receipt.
 fn parse_batch(b: &[u8]) -> Result<(u64, u64, Hash, Vec<Hash>), String> {
-    if b.len() < 40 || (b.len() - 40) % 32 != 0 {
+    if b.len() < 40 || !(b.len() - 40).is_multiple_of(32) {
         return Err(format!(
             "batch: {} bytes; expected 40 + 32 per path hash",
             b.len()
