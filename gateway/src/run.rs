@@ -60,6 +60,7 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         router: router.clone(),
         max_body_bytes: cfg.max_body_bytes,
         options,
+        active: Default::default(),
     };
 
     let conf = ServerConf {

@@ -5,6 +5,7 @@
 //! and the response (streamed or whole) is written from here.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -43,6 +44,24 @@ pub struct Gateway {
     pub router: Arc<Router>,
     pub max_body_bytes: usize,
     pub options: HttpServerOptions,
+    /// Requests being processed now (decides whether an audit append may poll).
+    pub active: AtomicUsize,
+}
+
+/// Counts a request in [`Gateway::active`] while it lives.
+struct ActiveGuard<'a>(&'a AtomicUsize);
+
+impl<'a> ActiveGuard<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What a request ended as, for the access log.
@@ -74,6 +93,7 @@ impl HttpServerApp for Gateway {
             Ok(false) | Err(_) => return None,
         }
         session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+        let active = ActiveGuard::new(&self.active);
         let mut ctx = RequestCtx {
             id: new_request_id(),
             started: Instant::now(),
@@ -82,6 +102,7 @@ impl HttpServerApp for Gateway {
             model: None,
         };
         let (outcome, reusable) = self.dispatch(&mut session, &mut ctx).await;
+        drop(active);
         log_request(&ctx, &outcome);
         if !reusable {
             return None;
@@ -417,7 +438,12 @@ impl Gateway {
 
     /// Appends a decision record; fails closed with 503 `audit_unavailable`.
     async fn append_audit(&self, rec: audit::RecordInput) -> Result<audit::Appended, ApiError> {
-        self.audit.append(rec).await.map_err(|e| {
+        let appended = if self.active.load(Ordering::Relaxed) <= 1 {
+            self.audit.append_polling(rec).await
+        } else {
+            self.audit.append(rec).await
+        };
+        appended.map_err(|e| {
             tracing::error!(error = %e, "audit record not durable; request refused");
             ApiError::unavailable(
                 "audit_unavailable",

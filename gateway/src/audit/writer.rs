@@ -11,7 +11,7 @@ use std::io::Write as _;
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -93,6 +93,8 @@ pub(crate) struct WriterCfg {
     pub every: Duration,
     pub segment_max_bytes: u64,
     pub retention_days: u32,
+    /// Polling before sleeping (`AuditConfig::writer_spin_us`).
+    pub spin: Duration,
 }
 
 pub(crate) struct Writer {
@@ -243,13 +245,33 @@ impl Writer {
                 timeout = timeout.min(LAZY_MAX.saturating_sub(since.elapsed()));
             }
             let mut batch = Vec::new();
-            match rx.recv_timeout(timeout) {
-                Ok(m) => batch.push(m),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.finish();
-                    return;
+            // Poll briefly before sleeping (yielding the CPU to anything runnable): under
+            // steady traffic the next record comes within microseconds, and a sleeping
+            // writer costs its sender a futex wake-up and itself a context switch.
+            let spin_until = Instant::now() + self.cfg.spin;
+            let first = loop {
+                match rx.try_recv() {
+                    Ok(m) => break Some(m),
+                    Err(TryRecvError::Disconnected) => {
+                        self.finish();
+                        return;
+                    }
+                    Err(TryRecvError::Empty) if Instant::now() < spin_until => {
+                        std::thread::yield_now();
+                    }
+                    Err(TryRecvError::Empty) => break None,
                 }
+            };
+            match first {
+                Some(m) => batch.push(m),
+                None => match rx.recv_timeout(timeout) {
+                    Ok(m) => batch.push(m),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => {
+                        self.finish();
+                        return;
+                    }
+                },
             }
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
