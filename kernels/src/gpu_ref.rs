@@ -324,5 +324,40 @@ pub fn softmax_rows(logits: &[f32], vocab: usize, temperature: f32) -> Vec<f32> 
         .collect()
 }
 
+/// Largest `k` of `topk_rows`.
+pub const TOPK_MAX: usize = 1024;
+
+/// A logit as the sampler sees it: NaN -> -inf, +inf -> `f32::MAX`.
+pub fn sanitize_logit(v: f32) -> f32 {
+    if v.is_nan() {
+        f32::NEG_INFINITY
+    } else if v == f32::INFINITY {
+        f32::MAX
+    } else {
+        v
+    }
+}
+
+/// `topk_rows`: per row, the `k` best tokens by the sampler's rank (larger sanitized
+/// logit first by `total_cmp`, equal logits by lower id), as (logits, ids) in rank order,
+/// `k` per row.
+pub fn topk_rows(logits: &[f32], vocab: usize, k: usize) -> (Vec<f32>, Vec<i32>) {
+    let mut vals = Vec::with_capacity(k * logits.len() / vocab.max(1));
+    let mut ids = Vec::with_capacity(vals.capacity());
+    for row in logits.chunks_exact(vocab) {
+        let mut r: Vec<(f32, i32)> = row
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (sanitize_logit(v), i as i32))
+            .collect();
+        r.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        for &(v, i) in &r[..k.min(vocab)] {
+            vals.push(v);
+            ids.push(i);
+        }
+    }
+    (vals, ids)
+}
+
 #[cfg(test)]
 mod tests;

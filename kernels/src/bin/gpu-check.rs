@@ -382,6 +382,32 @@ fn check_small_kernels(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaErr
     out.push(
         json!({"kernel": "softmax_rows", "vocab": vocab, "max_abs_err": err, "ok": err < 1e-5}),
     );
+    // top-k candidates: exact ids and logits, over vocabularies of SmolLM2, Llama 3 and
+    // EuroLLM size, with many ties (logits rounded to halves), a NaN and +inf.
+    for (vocab, rows) in [(49_152usize, 4usize), (128_256, 2), (262_144, 2)] {
+        let mut logits: Vec<f32> = rng
+            .f32s(rows * vocab)
+            .iter()
+            .map(|v| (v * 16.0).round() / 2.0)
+            .collect();
+        logits[3] = f32::NAN;
+        logits[vocab + 7] = f32::INFINITY;
+        let ld = up(k, &logits)?;
+        for top in [1usize, 50, 1024] {
+            let mut vals = zeros::<f32>(k, rows * top)?;
+            let mut ids = zeros::<i32>(k, rows * top)?;
+            launch::topk_rows(k, &ld, &mut vals, &mut ids, rows, vocab, top)?;
+            let (want_v, want_i) = gpu_ref::topk_rows(&logits, vocab, top);
+            let (got_v, got_i) = (down(k, &vals)?, down(k, &ids)?);
+            let ok = got_i == want_i
+                && got_v
+                    .iter()
+                    .zip(&want_v)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+            let first = got_i.iter().zip(&want_i).position(|(a, b)| a != b);
+            out.push(json!({"kernel": "topk_rows", "vocab": vocab, "rows": rows, "k": top, "ok": ok, "first_mismatch": first}));
+        }
+    }
     Ok(out)
 }
 

@@ -341,6 +341,48 @@ pub fn argmax_rows(
     Ok(())
 }
 
+/// `topk_rows`: the `top` best (logit, id) pairs of each row in rank order (see
+/// `gpu_ref::topk_rows`); `top` in `1..=min(1024, vocab)`.
+pub fn topk_rows(
+    k: &Kernels,
+    logits: &CudaSlice<f32>,
+    out_logits: &mut CudaSlice<f32>,
+    out_ids: &mut CudaSlice<i32>,
+    rows: usize,
+    vocab: usize,
+    top: usize,
+) -> Result<(), CudaError> {
+    if top == 0 || top > crate::gpu_ref::TOPK_MAX || top > vocab {
+        return Err(CudaError::Shape(format!(
+            "topk_rows: k = {top} must be in 1..={} and at most the vocabulary ({vocab})",
+            crate::gpu_ref::TOPK_MAX
+        )));
+    }
+    if logits.len() < rows * vocab || out_logits.len() < rows * top || out_ids.len() < rows * top {
+        return Err(CudaError::Shape(format!(
+            "topk_rows: {rows} rows need {} logits and {} outputs",
+            rows * vocab,
+            rows * top
+        )));
+    }
+    let f = k.function("sampling.cu", "topk_rows")?;
+    let (v, t) = (dim(vocab)?, dim(top)?);
+    let cfg = LaunchConfig {
+        grid_dim: grid(rows, 1, 1)?,
+        block_dim: (512, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(logits)
+        .arg(&mut *out_logits)
+        .arg(&mut *out_ids)
+        .arg(&v)
+        .arg(&t);
+    // SAFETY: as in `decode_attention`; the slice lengths were checked above.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
 /// `softmax_rows`: probabilities of `logits / temperature`.
 pub fn softmax_rows(
     k: &Kernels,

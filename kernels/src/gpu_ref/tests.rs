@@ -373,3 +373,53 @@ fn embed_rows_gathers_table_rows() {
     assert_eq!(&out[8..16], &table[..8]);
     assert_eq!(&out[16..], &table[32..40]);
 }
+
+/// The top-k reference against a naive repeated-maximum selection, with ties, NaN, both
+/// infinities and both zeros.
+#[test]
+fn topk_rows_matches_naive_selection() {
+    let vocab = 3000;
+    let mut logits: Vec<f32> = crate::test_util::rand_vec(2 * vocab, 77)
+        .iter()
+        .map(|v| (v * 8.0).round() / 2.0) // many exact ties
+        .collect();
+    logits[5] = f32::NAN;
+    logits[6] = f32::INFINITY;
+    logits[7] = f32::NEG_INFINITY;
+    logits[8] = -0.0;
+    logits[9] = 0.0;
+    logits[vocab + 1] = f32::INFINITY;
+    logits[vocab + 2] = f32::MAX;
+    for k in [1usize, 2, 17, 256, TOPK_MAX] {
+        let (vals, ids) = topk_rows(&logits, vocab, k);
+        assert_eq!((vals.len(), ids.len()), (2 * k, 2 * k));
+        for (r, row) in logits.chunks_exact(vocab).enumerate() {
+            let mut taken = vec![false; vocab];
+            for j in 0..k {
+                let mut best: Option<usize> = None;
+                for i in 0..vocab {
+                    if taken[i] {
+                        continue;
+                    }
+                    let better = match best {
+                        None => true,
+                        Some(b) => sanitize_logit(row[i])
+                            .total_cmp(&sanitize_logit(row[b]))
+                            .is_gt(),
+                    };
+                    if better {
+                        best = Some(i);
+                    }
+                }
+                let b = best.unwrap();
+                taken[b] = true;
+                assert_eq!(ids[r * k + j], b as i32, "row {r} k {k} rank {j}");
+                assert_eq!(vals[r * k + j].to_bits(), sanitize_logit(row[b]).to_bits());
+            }
+        }
+    }
+    // The sanitized infinities: +inf ranks as f32::MAX, ahead of an equal f32::MAX only by id.
+    let (vals, ids) = topk_rows(&logits[vocab..], vocab, 2);
+    assert_eq!((ids[0], ids[1]), (1, 2));
+    assert_eq!((vals[0], vals[1]), (f32::MAX, f32::MAX));
+}
