@@ -34,6 +34,8 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   [ -n "${AUDIT:-}" ] && rm -rf "$AUDIT"
+  # Keys, configs and logs of this run (results are in bench/out/).
+  rm -rf "$D"
 }
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

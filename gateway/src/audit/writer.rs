@@ -113,6 +113,8 @@ pub(crate) struct Writer {
     last_cp_size: u64,
     last_cp_at: Instant,
     last_retention: Instant,
+    /// Messages in the last batch taken from the queue (decides whether to poll).
+    last_batch: usize,
     /// Lazy appends assigned a seq but not yet written (see [`Msg::AppendLazy`]).
     lazy_buf: Vec<u8>,
     /// Scratch for one record's canonical line (keeps its capacity).
@@ -222,6 +224,7 @@ impl Writer {
             last_cp_size,
             last_cp_at: Instant::now(),
             last_retention: Instant::now(),
+            last_batch: 0,
             lazy_buf: Vec::new(),
             line: Vec::with_capacity(1024),
             lazy_pending: Vec::new(),
@@ -245,10 +248,17 @@ impl Writer {
                 timeout = timeout.min(LAZY_MAX.saturating_sub(since.elapsed()));
             }
             let mut batch = Vec::new();
-            // Poll briefly before sleeping (yielding the CPU to anything runnable): under
-            // steady traffic the next record comes within microseconds, and a sleeping
-            // writer costs its sender a futex wake-up and itself a context switch.
-            let spin_until = Instant::now() + self.cfg.spin;
+            // Poll briefly before sleeping (yielding the CPU to anything runnable) while
+            // records come one or two at a time: the next one comes within microseconds,
+            // and a sleeping writer costs its sender a futex wake-up and itself a context
+            // switch each time. Under load the queue holds many records per wake-up, the
+            // wake-up is shared, and polling would only take CPU from the request threads.
+            let spin = if self.last_batch <= 2 {
+                self.cfg.spin
+            } else {
+                Duration::ZERO
+            };
+            let spin_until = Instant::now() + spin;
             let first = loop {
                 match rx.try_recv() {
                     Ok(m) => break Some(m),
@@ -279,6 +289,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            self.last_batch = batch.len();
             let mut appends = Vec::new();
             let mut control = Vec::new();
             for m in batch {
