@@ -31,11 +31,12 @@ OUT=bench/out/$(date -u +%Y%m%dT%H%M%SZ)-gateway
 mkdir -p "$OUT"
 pids=()
 cleanup() {
+  local st=$?
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   [ -n "${AUDIT:-}" ] && rm -rf "$AUDIT"
-  # Keys, configs and logs of this run (results are in bench/out/).
-  rm -rf "$D"
+  # Keys, configs and logs of this run (results are in bench/out/); kept after a failure.
+  if [ "$st" = 0 ]; then rm -rf "$D"; fi
 }
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
