@@ -1,6 +1,7 @@
 //! The audit log in the real gateway process, over a `worker fake` upstream: kill -9
 //! during a burst loses no acknowledged decision record; a log that cannot make records
-//! durable refuses requests (503 `audit_unavailable`) instead of serving them.
+//! durable refuses requests (503 `audit_unavailable`) instead of serving them; receipts
+//! issued to concurrent requests (batched under one signature) each verify alone.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::audit_gateway::{Setup, request};
+use common::audit_gateway::{Setup, request, request_receipt};
 use common::wait_for;
 
 fn verify(dir: &Path, key: &Path) -> (i32, String) {
@@ -145,4 +146,50 @@ fn a_log_that_cannot_write_refuses_requests() {
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["error"]["code"], "audit_unavailable", "{v}");
+}
+
+/// 16 clients at once: every served response carries a receipt that verifies on its own
+/// against the audit key and names its own request, whether it was signed alone or in a
+/// batch with others (how many were batched depends on timing, so it is only reported).
+#[test]
+fn concurrent_receipts_each_verify() {
+    let s = Setup::new("audit-receipts", 64 * 1024 * 1024);
+    let results: Arc<Mutex<Vec<(u16, String, Option<String>)>>> = Arc::default();
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            let (results, addr, token) = (results.clone(), s.addr.clone(), s.token.clone());
+            std::thread::spawn(move || {
+                for _ in 0..8 {
+                    if let Some(r) = request_receipt(&addr, &token) {
+                        results.lock().unwrap().push(r);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let results = results.lock().unwrap().clone();
+    assert_eq!(results.len(), 128, "every request answered");
+    let pubkey = std::fs::read_to_string(s.dir.join("audit-keys/audit-signing.pub")).unwrap();
+    let key = gateway::audit::VerifierKey::parse(pubkey.trim()).unwrap();
+    let mut batched = 0;
+    for (status, id, receipt) in &results {
+        assert_eq!(*status, 200);
+        let receipt = receipt
+            .as_deref()
+            .expect("served responses carry a receipt");
+        let st = gateway::audit::verify_receipt(receipt, std::slice::from_ref(&key))
+            .unwrap_or_else(|e| panic!("receipt of {id} does not verify: {e}"));
+        assert_eq!(&st.request_id, id);
+        assert_eq!((st.state.as_str(), st.pool.as_str()), ("DE", "de-fra-1"));
+        if receipt.split('.').count() == 3 {
+            batched += 1;
+        }
+    }
+    eprintln!(
+        "{} receipts verified, {batched} of them batched",
+        results.len()
+    );
 }

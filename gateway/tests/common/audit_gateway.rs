@@ -203,6 +203,22 @@ pub fn request(addr: &str, token: &str) -> Option<(u16, String)> {
 
 /// One chat completion at `classification` with `token`: (status, request id).
 pub fn request_with(addr: &str, token: &str, classification: &str) -> Option<(u16, String)> {
+    request_head(addr, token, classification).map(|(status, id, _)| (status, id))
+}
+
+/// One internal-classified chat completion: (status, request id, `x-residency-receipt`).
+pub fn request_receipt(addr: &str, token: &str) -> Option<(u16, String, Option<String>)> {
+    let (status, id, head) = request_head(addr, token, "internal")?;
+    let receipt = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("x-residency-receipt")
+            .then(|| value.trim().to_string())
+    });
+    Some((status, id, receipt))
+}
+
+/// One chat completion: (status, request id, response head).
+fn request_head(addr: &str, token: &str, classification: &str) -> Option<(u16, String, String)> {
     let body =
         r#"{"model":"fake","messages":[{"role":"user","content":"audit me"}],"max_tokens":8}"#;
     let mut s = TcpStream::connect(addr).ok()?;
@@ -237,7 +253,7 @@ pub fn request_with(addr: &str, token: &str, classification: &str) -> Option<(u1
             .strip_prefix("x-request-id:")
             .map(|v| v.trim().to_string())
     })?;
-    Some((status, id))
+    Some((status, id, head.to_string()))
 }
 
 impl Drop for Setup {
