@@ -154,7 +154,8 @@ fn a_log_that_cannot_write_refuses_requests() {
 #[test]
 fn concurrent_receipts_each_verify() {
     let s = Setup::new("audit-receipts", 64 * 1024 * 1024);
-    let results: Arc<Mutex<Vec<(u16, String, Option<String>)>>> = Arc::default();
+    type Answer = (u16, String, Option<String>);
+    let results: Arc<Mutex<Vec<Answer>>> = Arc::default();
     let threads: Vec<_> = (0..16)
         .map(|_| {
             let (results, addr, token) = (results.clone(), s.addr.clone(), s.token.clone());
