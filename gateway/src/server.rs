@@ -317,14 +317,14 @@ impl Gateway {
         // go out first, and lets concurrent requests share the signature), and sign again
         // only if the request fell over to another pool.
         let first = &allowed[0];
-        let speculative = self.audit.receipt_batched(
-            &decision_rec,
-            &ctx.id,
+        let subject = audit::ReceiptSubject {
+            request_id: &ctx.id,
             state,
-            &first.pool,
-            &first.country,
-            &decision.policy_hash,
-        );
+            pool: &first.pool,
+            country: &first.country,
+            policy_hash: &decision.policy_hash,
+        };
+        let speculative = self.audit.receipt_batched(&decision_rec, &subject);
         let (started, speculative) = tokio::join!(
             relay::start(&self.router, &allowed, parsed.request.clone(), prefix),
             speculative
@@ -345,14 +345,12 @@ impl Gateway {
         let receipt = if started.pool == first.pool && started.country == first.country {
             speculative
         } else {
-            self.audit.receipt(
-                &decision_rec,
-                &ctx.id,
-                state,
-                &started.pool,
-                &started.country,
-                &decision.policy_hash,
-            )
+            let served_by = audit::ReceiptSubject {
+                pool: &started.pool,
+                country: &started.country,
+                ..subject
+            };
+            self.audit.receipt(&decision_rec, &served_by)
         };
         let headers = vec![
             (POOL_HEADER, started.pool.clone()),

@@ -38,7 +38,7 @@ pub use read::{
     inclusion_proof, inclusion_proof_at, prompt_candidates, read_records, verify_consistency,
     verify_proof,
 };
-pub use receipt::{ReceiptStatement, verify_receipt};
+pub use receipt::{ReceiptStatement, ReceiptSubject, verify_receipt};
 pub use record::{
     Candidate, Decision, Outcome, Phase, Record, RecordInput, Retention, canonical_json,
     prompt_digest_input_chat, prompt_digest_input_text,
@@ -344,16 +344,8 @@ impl AuditLog {
     }
 
     /// The signed `x-residency-receipt` value for a served request.
-    pub fn receipt(
-        &self,
-        a: &Appended,
-        request_id: &str,
-        state: &str,
-        pool: &str,
-        country: &str,
-        policy_hash: &str,
-    ) -> String {
-        let st = receipt::statement(&self.key, a, request_id, state, pool, country, policy_hash);
+    pub fn receipt(&self, a: &Appended, subject: &ReceiptSubject<'_>) -> String {
+        let st = receipt::statement(&self.key, a, subject);
         receipt::sign_one(&self.key, &st)
     }
 
@@ -362,17 +354,8 @@ impl AuditLog {
     /// same group commit can join too, then the first of them to run again signs the whole
     /// queue with one signature (a single receipt when alone, so concurrency 1 pays
     /// nothing extra). Others find their receipt ready, or wait for the task signing it.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn receipt_batched(
-        &self,
-        a: &Appended,
-        request_id: &str,
-        state: &str,
-        pool: &str,
-        country: &str,
-        policy_hash: &str,
-    ) -> String {
-        let st = receipt::statement(&self.key, a, request_id, state, pool, country, policy_hash);
+    pub async fn receipt_batched(&self, a: &Appended, subject: &ReceiptSubject<'_>) -> String {
+        let st = receipt::statement(&self.key, a, subject);
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         self.lock_receipts().push((st.clone(), tx));
         tokio::task::yield_now().await;

@@ -63,23 +63,25 @@ impl ReceiptStatement {
     }
 }
 
+/// What a receipt is about, besides the log position: the request and where it ran.
+#[derive(Debug, Clone, Copy)]
+pub struct ReceiptSubject<'a> {
+    pub request_id: &'a str,
+    pub state: &'a str,
+    pub pool: &'a str,
+    pub country: &'a str,
+    pub policy_hash: &'a str,
+}
+
 /// The canonical statement bytes of a receipt.
-pub(crate) fn statement(
-    key: &SigningKey,
-    a: &Appended,
-    request_id: &str,
-    state: &str,
-    pool: &str,
-    country: &str,
-    policy_hash: &str,
-) -> Vec<u8> {
+pub(crate) fn statement(key: &SigningKey, a: &Appended, s: &ReceiptSubject<'_>) -> Vec<u8> {
     let st = ReceiptStatement {
         v: 1,
-        request_id: request_id.to_string(),
-        state: state.to_string(),
-        pool: pool.to_string(),
-        country: country.to_string(),
-        policy_hash: policy_hash.to_string(),
+        request_id: s.request_id.to_string(),
+        state: s.state.to_string(),
+        pool: s.pool.to_string(),
+        country: s.country.to_string(),
+        policy_hash: s.policy_hash.to_string(),
         origin: a.origin.clone(),
         seq: a.seq,
         leaf_hash: hex::encode(a.leaf_hash),

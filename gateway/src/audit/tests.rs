@@ -538,6 +538,17 @@ async fn retention_deletes_records_itself_and_still_verifies() {
     assert!(!check(&e.cfg.dir, &e.vkey).ok());
 }
 
+/// A receipt subject in DE's pool `de-fra-1`.
+fn subject(request_id: &str) -> ReceiptSubject<'_> {
+    ReceiptSubject {
+        request_id,
+        state: "DE",
+        pool: "de-fra-1",
+        country: "DE",
+        policy_hash: "cafe",
+    }
+}
+
 #[tokio::test]
 async fn proofs_receipts_and_prompt_matching() {
     let e = env(1 << 20, 4);
@@ -547,7 +558,7 @@ async fn proofs_receipts_and_prompt_matching() {
         last = Some(log.append(rec("DE", i)).await.unwrap());
     }
     let a = last.unwrap();
-    let receipt = log.receipt(&a, "req-00000009", "DE", "de-fra-1", "DE", "cafe");
+    let receipt = log.receipt(&a, &subject("req-00000009"));
     assert!(http::HeaderValue::from_str(&receipt).is_ok());
     let st = verify_receipt(&receipt, std::slice::from_ref(&e.vkey)).unwrap();
     assert_eq!(
@@ -631,15 +642,7 @@ fn batched_receipts_verify_alone_and_resist_tampering() {
                     covered_by_size: i as u64 + 1,
                     covered_by_root: [7; 32],
                 };
-                receipt::statement(
-                    &key,
-                    &a,
-                    &format!("req-{i}"),
-                    "DE",
-                    "de-fra-1",
-                    "DE",
-                    "cafe",
-                )
+                receipt::statement(&key, &a, &subject(&format!("req-{i}")))
             })
             .collect();
         let refs: Vec<&[u8]> = statements.iter().map(Vec::as_slice).collect();
@@ -696,16 +699,12 @@ async fn receipts_requested_together_share_a_signature() {
     let e = env(1 << 20, 4);
     let log = AuditLog::open(e.cfg.clone()).unwrap();
     let a = log.append(rec("DE", 0)).await.unwrap();
-    let alone = log
-        .receipt_batched(&a, "req-0", "DE", "de-fra-1", "DE", "cafe")
-        .await;
+    let alone = log.receipt_batched(&a, &subject("req-0")).await;
     assert_eq!(alone.split('.').count(), 2);
     let ids: Vec<String> = (0..10).map(|i| format!("req-{i}")).collect();
-    let together = futures::future::join_all(
-        ids.iter()
-            .map(|id| log.receipt_batched(&a, id, "DE", "de-fra-1", "DE", "cafe")),
-    )
-    .await;
+    let subjects: Vec<ReceiptSubject<'_>> = ids.iter().map(|id| subject(id)).collect();
+    let together =
+        futures::future::join_all(subjects.iter().map(|s| log.receipt_batched(&a, s))).await;
     for (r, id) in together.iter().zip(&ids) {
         assert_eq!(r.split('.').count(), 3);
         let st = verify_receipt(r, std::slice::from_ref(&e.vkey)).unwrap();
