@@ -128,7 +128,14 @@ pub enum PromptField {
 }
 
 /// Parse a JSON body into `T`: malformed JSON and wrong types become errors.
+///
+/// Well-formed bodies take one direct pass. Any failure is re-parsed through
+/// `serde_json::Value`, which decides the error (and its reason code) exactly as before, and
+/// keeps the `Value` path's leniency, e.g. a repeated key where the last one wins.
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
+    if let Ok(v) = serde_json::from_slice::<T>(body) {
+        return Ok(v);
+    }
     let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
         WireError::new(
             "invalid_json",
@@ -427,5 +434,38 @@ impl ResponseMeta {
             }
         };
         self.chunk(choice, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn via_value<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+        let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        serde_json::from_value(v).map_err(|e| e.to_string())
+    }
+
+    /// The one-pass parse gives what the `Value` path gives, and errors keep their codes.
+    #[test]
+    fn direct_parse_agrees_with_the_value_path() {
+        let bodies: [&[u8]; 6] = [
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#,
+            br#"{"model":"a","model":"b","messages":[]}"#,
+            br#"{"messages":[],"model":"m","temperature":0.1,"stop":["x"],"extra":{"k":[1,2]}}"#,
+            br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"t"}]}]}"#,
+            br#"{"model":"m","messages":[],"max_tokens":3,"max_tokens":4}"#,
+            br#"{"model":"m","messages":[],"seed":18446744073709551615}"#,
+        ];
+        for b in bodies {
+            let fast = parse::<ChatRequest>(b).map(|r| format!("{r:?}"));
+            let slow = via_value::<ChatRequest>(b).map(|r| format!("{r:?}"));
+            assert_eq!(fast.ok(), slow.ok(), "{}", String::from_utf8_lossy(b));
+        }
+        let code = |b: &[u8]| parse::<ChatRequest>(b).unwrap_err().code;
+        assert_eq!(code(b"[1]"), "invalid_json");
+        assert_eq!(code(b"{"), "invalid_json");
+        assert_eq!(code(br#"{"messages":[]}"#), "missing_field");
+        assert_eq!(code(br#"{"model":1,"messages":[]}"#), "invalid_type");
     }
 }
