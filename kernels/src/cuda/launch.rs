@@ -58,9 +58,14 @@ fn dim(v: usize) -> Result<i32, CudaError> {
     i32::try_from(v).map_err(|_| CudaError::Shape(format!("{v} does not fit a kernel argument")))
 }
 
-fn grid(x: usize, y: usize, z: usize) -> Result<(u32, u32, u32), CudaError> {
+/// A launch over an `x * y * z` grid of `threads`-thread CTAs, no dynamic shared memory.
+fn config(x: usize, y: usize, z: usize, threads: u32) -> Result<LaunchConfig, CudaError> {
     let c = |v: usize| u32::try_from(v.max(1)).map_err(|_| CudaError::Shape(format!("grid {v}")));
-    Ok((c(x)?, c(y)?, c(z)?))
+    Ok(LaunchConfig {
+        grid_dim: (c(x)?, c(y)?, c(z)?),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
 }
 
 /// `decode_attention_hd{D}_g{G}` (+ the merge when `num_splits > 1`).
@@ -80,11 +85,7 @@ pub fn decode_attention(
     let f = k.function("decode_attention.cu", &entry)?;
     let (n_kv, max_blocks, splits) = (dim(d.n_kv_heads)?, dim(d.max_blocks)?, dim(d.num_splits)?);
     let q_stride = dim(d.q_stride)?;
-    let cfg = LaunchConfig {
-        grid_dim: grid(d.num_seqs, d.n_kv_heads, d.num_splits)?,
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = config(d.num_seqs, d.n_kv_heads, d.num_splits, 128)?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(q)
         .arg(k_cache)
@@ -105,11 +106,12 @@ pub fn decode_attention(
     if d.num_splits > 1 {
         let m = k.function("decode_attention.cu", "decode_attention_merge")?;
         let (n_heads, hd) = (dim(d.n_kv_heads * d.group)?, dim(d.head_dim)?);
-        let cfg = LaunchConfig {
-            grid_dim: grid(d.num_seqs, d.n_kv_heads * d.group, 1)?,
-            block_dim: (d.head_dim.min(128) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = config(
+            d.num_seqs,
+            d.n_kv_heads * d.group,
+            1,
+            d.head_dim.min(128) as u32,
+        )?;
         let mut b = k.stream.launch_builder(&m);
         b.arg(&scratch.part_out)
             .arg(&scratch.part_ml)
@@ -158,11 +160,7 @@ pub fn prefill_attention(
     )?;
     let (nh, nkv, mb) = (dim(d.n_heads)?, dim(d.n_kv_heads)?, dim(d.max_blocks)?);
     let q_stride = dim(d.q_stride)?;
-    let cfg = LaunchConfig {
-        grid_dim: grid(d.max_new.div_ceil(64), d.n_heads, d.num_seqs)?,
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = config(d.max_new.div_ceil(64), d.n_heads, d.num_seqs, 128)?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(q)
         .arg(k_cache)
@@ -193,11 +191,7 @@ pub fn rms_norm(
 ) -> Result<(), CudaError> {
     let f = k.function("norm.cu", "rms_norm")?;
     let n = dim(dim_)?;
-    let cfg = LaunchConfig {
-        grid_dim: grid(rows, 1, 1)?,
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = config(rows, 1, 1, 256)?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(x).arg(weight).arg(&mut *out).arg(&n).arg(&eps);
     // SAFETY: as in `decode_attention`.
@@ -219,11 +213,7 @@ pub fn add_rms_norm(
 ) -> Result<(), CudaError> {
     let f = k.function("norm.cu", "add_rms_norm")?;
     let n = dim(dim_)?;
-    let cfg = LaunchConfig {
-        grid_dim: grid(rows, 1, 1)?,
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = config(rows, 1, 1, 256)?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(&mut *residual)
         .arg(x)
@@ -247,11 +237,7 @@ pub fn silu_and_mul(
     let f = k.function("act.cu", "silu_and_mul")?;
     let (r, i) = (dim(rows)?, dim(inter)?);
     let pieces = rows * inter / 8;
-    let cfg = LaunchConfig {
-        grid_dim: grid(pieces.div_ceil(256).min(65_535), 1, 1)?,
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = config(pieces.div_ceil(256).min(65_535), 1, 1, 256)?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(gate_up).arg(&mut *out).arg(&r).arg(&i);
     // SAFETY: as in `decode_attention`.
@@ -295,11 +281,7 @@ pub fn rope_write_kv(
         dim(d.rot_dim)?,
     );
     let stride = dim(d.qkv_stride)?;
-    let cfg = LaunchConfig {
-        grid_dim: grid(d.tokens, 1, 1)?,
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = config(d.tokens, 1, 1, 128)?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(&mut *qkv)
         .arg(&stride)
@@ -329,11 +311,7 @@ pub fn argmax_rows(
 ) -> Result<(), CudaError> {
     let f = k.function("sampling.cu", "argmax_rows")?;
     let v = dim(vocab)?;
-    let cfg = LaunchConfig {
-        grid_dim: grid(rows, 1, 1)?,
-        block_dim: (1024, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = config(rows, 1, 1, 1024)?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(logits).arg(&mut *out).arg(&v);
     // SAFETY: as in `decode_attention`.
@@ -367,11 +345,7 @@ pub fn topk_rows(
     }
     let f = k.function("sampling.cu", "topk_rows")?;
     let (v, t) = (dim(vocab)?, dim(top)?);
-    let cfg = LaunchConfig {
-        grid_dim: grid(rows, 1, 1)?,
-        block_dim: (512, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = config(rows, 1, 1, 512)?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(logits)
         .arg(&mut *out_logits)
@@ -394,11 +368,7 @@ pub fn softmax_rows(
 ) -> Result<(), CudaError> {
     let f = k.function("sampling.cu", "softmax_rows")?;
     let v = dim(vocab)?;
-    let cfg = LaunchConfig {
-        grid_dim: grid(rows, 1, 1)?,
-        block_dim: (1024, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = config(rows, 1, 1, 1024)?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(logits).arg(&mut *probs).arg(&v).arg(&temperature);
     // SAFETY: as in `decode_attention`.
@@ -417,11 +387,7 @@ pub fn embed_rows(
 ) -> Result<(), CudaError> {
     let f = k.function("act.cu", "embed_rows")?;
     let h = dim(hidden)?;
-    let cfg = LaunchConfig {
-        grid_dim: grid(tokens, 1, 1)?,
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = config(tokens, 1, 1, 128)?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(table).arg(ids).arg(&mut *out).arg(&h);
     // SAFETY: as in `decode_attention`.
