@@ -80,6 +80,13 @@ pub struct AuditConfig {
     pub append_spin_us: u64,
 }
 
+/// The writer's answer to an append, or its absence when the writer stopped.
+fn acknowledged(
+    r: Result<Result<Appended, AuditError>, oneshot::error::RecvError>,
+) -> Result<Appended, AuditError> {
+    r.map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
+}
+
 fn default_replica() -> String {
     "r1".into()
 }
@@ -288,14 +295,8 @@ impl AuditLog {
 
     /// Append a record to its state's log; `Ok` only once it is durable (fsync'd).
     pub async fn append(&self, rec: RecordInput) -> Result<Appended, AuditError> {
-        let log = self.state(&rec.state)?;
-        if let Some(why) = log.shared.failed() {
-            return Err(AuditError::Unavailable(why));
-        }
-        let (tx, rx) = oneshot::channel();
-        log.send(writer::Msg::Append(Box::new(rec), tx))?;
-        rx.await
-            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
+        let rx = self.submit(rec, false)?;
+        acknowledged(rx.await)
     }
 
     /// [`AuditLog::append`] for a caller that knows nothing else needs its thread (the
@@ -304,30 +305,16 @@ impl AuditLog {
     /// gateway thereby answers without the thread wake-up after every fsync; a request
     /// arriving meanwhile waits at most that long.
     pub async fn append_polling(&self, rec: RecordInput) -> Result<Appended, AuditError> {
-        if self.append_spin.is_zero() {
-            return self.append(rec).await;
-        }
-        let log = self.state(&rec.state)?;
-        if let Some(why) = log.shared.failed() {
-            return Err(AuditError::Unavailable(why));
-        }
-        let (tx, mut rx) = oneshot::channel();
-        log.send(writer::Msg::Append(Box::new(rec), tx))?;
+        let mut rx = self.submit(rec, false)?;
         let until = std::time::Instant::now() + self.append_spin;
-        loop {
+        while std::time::Instant::now() < until {
             match rx.try_recv() {
                 Ok(r) => return r,
                 Err(oneshot::error::TryRecvError::Closed) => break,
-                Err(oneshot::error::TryRecvError::Empty) => {
-                    if std::time::Instant::now() >= until {
-                        break;
-                    }
-                    std::thread::yield_now();
-                }
+                Err(oneshot::error::TryRecvError::Empty) => std::thread::yield_now(),
             }
         }
-        rx.await
-            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
+        acknowledged(rx.await)
     }
 
     /// Appends without waiting for durability: the record is written with the next
@@ -335,12 +322,27 @@ impl AuditLog {
     /// it. For records whose loss in a crash is acceptable (completion records); never
     /// for decision records.
     pub fn append_lazy(&self, rec: RecordInput) -> Result<(), AuditError> {
+        self.submit(rec, true).map(drop)
+    }
+
+    /// Queues `rec` on its state's writer (refused at once when that log has failed).
+    fn submit(
+        &self,
+        rec: RecordInput,
+        lazy: bool,
+    ) -> Result<oneshot::Receiver<Result<Appended, AuditError>>, AuditError> {
         let log = self.state(&rec.state)?;
         if let Some(why) = log.shared.failed() {
             return Err(AuditError::Unavailable(why));
         }
-        let (tx, _rx) = oneshot::channel();
-        log.send(writer::Msg::AppendLazy(Box::new(rec), tx))
+        let (tx, rx) = oneshot::channel();
+        let rec = Box::new(rec);
+        log.send(if lazy {
+            writer::Msg::AppendLazy(rec, tx)
+        } else {
+            writer::Msg::Append(rec, tx)
+        })?;
+        Ok(rx)
     }
 
     /// The signed `x-residency-receipt` value for a served request.
