@@ -6,7 +6,7 @@
 //! started. Nothing here is needed in production: it only composes the real binaries.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -540,8 +540,7 @@ fn demo_tls(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
 }
 
 fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").context("no free loopback port")?;
-    Ok(l.local_addr()?)
+    crate::net::free_loopback_addr().context("no free loopback port")
 }
 
 /// A minimal HTTP/1.1 GET on loopback: (status, body).

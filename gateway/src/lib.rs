@@ -21,6 +21,7 @@ pub mod demo;
 pub mod domain;
 pub mod error;
 pub mod grpc_h2;
+pub mod net;
 pub mod policy;
 pub mod pools;
 pub mod relay;

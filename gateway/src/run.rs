@@ -23,6 +23,7 @@ use crate::route::Router;
 use crate::server::Gateway;
 
 pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
+    probe_listeners(&cfg)?;
     let bg = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("gateway-bg")
@@ -69,6 +70,7 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         graceful_shutdown_timeout_seconds: Some(cfg.shutdown_grace_secs),
         ..ServerConf::default()
     };
+    probe_listeners(&cfg)?;
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
@@ -97,6 +99,16 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     // A final checkpoint covers every record written.
     bg.block_on(audit.shutdown());
     tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// pingora binds in its service tasks and panics there on failure, leaving a process
+/// that runs on without that listener (never ready); probing first (at start, and again
+/// just before the server binds) makes a taken port a clear exit.
+fn probe_listeners(cfg: &GatewayConfig) -> anyhow::Result<()> {
+    for addr in std::iter::once(cfg.listen).chain(cfg.admin_listen) {
+        std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    }
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! The audit log in the real gateway process, over a `worker fake` upstream: kill -9
 //! during a burst loses no acknowledged decision record; a log that cannot make records
 //! durable refuses requests (503 `audit_unavailable`) instead of serving them; receipts
-//! issued to concurrent requests (batched under one signature) each verify alone.
+//! issued to concurrent requests (batched under one signature) each verify alone; a
+//! gateway whose port is taken exits with the reason.
 
 mod common;
 
@@ -146,6 +147,42 @@ fn a_log_that_cannot_write_refuses_requests() {
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["error"]["code"], "audit_unavailable", "{v}");
+}
+
+/// A gateway whose listen address is taken exits at once with the reason, instead of
+/// running on without its listener (pingora panics in the listener task on a failed
+/// bind, and the process would stay up, never ready).
+#[test]
+fn a_taken_listen_port_is_a_clear_exit() {
+    let s = Setup::new("gateway-port-taken", 64 * 1024 * 1024);
+    // The same config again: both listeners are held by the running gateway.
+    let mut second = Command::new(common::bin("gateway"))
+        .arg("--config")
+        .arg(&s.config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = second.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("the second gateway kept running on a taken port");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains(&format!("cannot listen on {}", s.addr)),
+        "{err}"
+    );
+    // The first one still serves.
+    assert_eq!(s.request().map(|r| r.0), Some(200));
 }
 
 /// 16 clients at once: every served response carries a receipt that verifies on its own

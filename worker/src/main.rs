@@ -377,7 +377,7 @@ fn fake(a: FakeArgs) -> Result<()> {
         let grpc = tokio::net::TcpListener::bind(a.grpc_addr)
             .await
             .with_context(|| format!("cannot listen on --grpc-addr {}", a.grpc_addr))?;
-        tracing::info!(http = %a.http_addr, grpc = %a.grpc_addr, "fake worker ready");
+        tracing::info!(http = %http.local_addr()?, grpc = %grpc.local_addr()?, "fake worker ready");
         let router = worker::fake::http_router(cfg.clone());
         let http_task = tokio::spawn(async move { axum::serve(http, router).await });
         let grpc_task = tokio::spawn(

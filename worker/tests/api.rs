@@ -4,7 +4,6 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,17 +25,28 @@ impl Drop for WorkerProc {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The value of `key=` in a log line, without terminal colour codes.
+fn log_field(line: &str, key: &str) -> Option<String> {
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ ... final byte in @..~
+            for d in chars.by_ref() {
+                if ('@'..='~').contains(&d) && d != '[' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let at = plain.find(&format!("{key}="))? + key.len() + 1;
+    Some(plain[at..].split_whitespace().next()?.to_string())
 }
 
 fn spawn_worker(extra: &[&str]) -> WorkerProc {
     let model = common::smollm2_path();
-    let (hp, gp) = (free_port(), free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_worker"))
         .args(["serve", "--model"])
         .arg(&model)
@@ -49,10 +59,11 @@ fn spawn_worker(extra: &[&str]) -> WorkerProc {
             "64",
         ])
         .args([
+            // Port 0: the worker binds and reports its addresses in the ready line.
             "--http-addr",
-            &format!("127.0.0.1:{hp}"),
+            "127.0.0.1:0",
             "--grpc-addr",
-            &format!("127.0.0.1:{gp}"),
+            "127.0.0.1:0",
         ])
         .args(["--pool", "de-1", "--country", "DE"])
         .args(extra)
@@ -65,16 +76,20 @@ fn spawn_worker(extra: &[&str]) -> WorkerProc {
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if line.contains("worker ready") {
-                let _ = tx.send(());
+                let _ = tx.send((log_field(&line, "http"), log_field(&line, "grpc")));
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(60))
+    let (http, grpc) = rx
+        .recv_timeout(Duration::from_secs(60))
         .expect("worker became ready within 60 s");
+    let (Some(http), Some(grpc)) = (http, grpc) else {
+        panic!("the ready line names no http= / grpc= address");
+    };
     WorkerProc {
         child,
-        http: format!("http://127.0.0.1:{hp}"),
-        grpc: format!("http://127.0.0.1:{gp}"),
+        http: format!("http://{http}"),
+        grpc: format!("http://{grpc}"),
     }
 }
 

@@ -26,11 +26,7 @@ pub struct Setup {
 }
 
 pub fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    gateway::net::free_loopback_port().expect("a free loopback port")
 }
 
 pub fn sovctl(args: &[&str]) -> String {

@@ -102,6 +102,14 @@ impl Demo {
         if let Ok(g) = std::fs::read_to_string(self.dir.join("logs/gateway.log")) {
             s.push_str("\n--- gateway.log (tail) ---\n");
             let lines: Vec<&str> = g.lines().collect();
+            // A panic's message comes before its (long) backtrace: show it on its own.
+            for (i, l) in lines.iter().enumerate() {
+                if l.contains("panicked at") {
+                    s.push_str("--- panic ---\n");
+                    s.push_str(&lines[i..(i + 3).min(lines.len())].join("\n"));
+                    s.push('\n');
+                }
+            }
             s.push_str(&lines[lines.len().saturating_sub(40)..].join("\n"));
         }
         s
