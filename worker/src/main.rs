@@ -380,11 +380,7 @@ fn fake(a: FakeArgs) -> Result<()> {
         tracing::info!(http = %http.local_addr()?, grpc = %grpc.local_addr()?, "fake worker ready");
         let router = worker::fake::http_router(cfg.clone());
         let http_task = tokio::spawn(async move { axum::serve(http, router).await });
-        let grpc_task = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(worker::fake::grpc_server(cfg))
-                .serve_with_incoming(nodelay(grpc)),
-        );
+        let grpc_task = tokio::spawn(worker::fake::serve_grpc(grpc, cfg));
         shutdown_signal().await;
         http_task.abort();
         grpc_task.abort();
