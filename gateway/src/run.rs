@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use pingora::apps::HttpServerOptions;
 use pingora::apps::http_app::HttpServer;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
@@ -61,7 +62,6 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         router: router.clone(),
         max_body_bytes: cfg.max_body_bytes,
         options,
-        active: Default::default(),
     };
 
     let conf = ServerConf {
@@ -112,21 +112,28 @@ fn probe_listeners(cfg: &GatewayConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Per-connection write buffer of the listeners (bytes).
+const RESPONSE_WRITE_BUFFER: usize = 4096;
+
 fn add_listener<A>(
     svc: &mut Service<A>,
     tls: Option<&TlsConfig>,
     addr: &str,
 ) -> anyhow::Result<()> {
-    match tls {
-        None => svc.add_tcp(addr),
-        Some(tls) => {
-            let (cert, key) = (tls.cert.to_string_lossy(), tls.key.to_string_lossy());
-            let mut settings = pingora::listeners::tls::TlsSettings::intermediate(&cert, &key)
-                .map_err(|e| anyhow::anyhow!("TLS certificate {cert} / key {key}: {e}"))?;
-            settings.enable_h2();
-            svc.add_tls_with_settings(addr, None, settings);
-        }
+    // A response's head and a short body leave in one send: pingora's default write
+    // buffer (1460 bytes) splits any response over that in two, and a batched receipt
+    // header alone can be several hundred bytes (at concurrency 64 that was 2 sendto
+    // per request, each paying the loopback's receive path too).
+    let buffer = L4BufferSettings::default().write(RESPONSE_WRITE_BUFFER);
+    let mut endpoint = ListenerConfig::tcp(addr).l4_buffer(buffer);
+    if let Some(tls) = tls {
+        let (cert, key) = (tls.cert.to_string_lossy(), tls.key.to_string_lossy());
+        let mut settings = pingora::listeners::tls::TlsSettings::intermediate(&cert, &key)
+            .map_err(|e| anyhow::anyhow!("TLS certificate {cert} / key {key}: {e}"))?;
+        settings.enable_h2();
+        endpoint = endpoint.tls(settings);
     }
+    svc.add_listener(endpoint);
     Ok(())
 }
 

@@ -44,11 +44,10 @@ pub struct Gateway {
     pub router: Arc<Router>,
     pub max_body_bytes: usize,
     pub options: HttpServerOptions,
-    /// Requests being processed now (decides whether an audit append may poll).
-    pub active: AtomicUsize,
 }
 
-/// Counts a request in [`Gateway::active`] while it lives.
+/// Counts a request in [`AuditLog::in_flight`](audit::AuditLog::in_flight) while it
+/// lives (it decides whether the audit writer and appends may poll).
 struct ActiveGuard<'a>(&'a AtomicUsize);
 
 impl<'a> ActiveGuard<'a> {
@@ -93,7 +92,7 @@ impl HttpServerApp for Gateway {
             Ok(false) | Err(_) => return None,
         }
         session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
-        let active = ActiveGuard::new(&self.active);
+        let active = ActiveGuard::new(self.audit.in_flight());
         let mut ctx = RequestCtx {
             id: new_request_id(),
             started: Instant::now(),
@@ -436,7 +435,7 @@ impl Gateway {
 
     /// Appends a decision record; fails closed with 503 `audit_unavailable`.
     async fn append_audit(&self, rec: audit::RecordInput) -> Result<audit::Appended, ApiError> {
-        let appended = if self.active.load(Ordering::Relaxed) <= 1 {
+        let appended = if self.audit.in_flight().load(Ordering::Relaxed) <= 1 {
             self.audit.append_polling(rec).await
         } else {
             self.audit.append(rec).await
