@@ -250,8 +250,9 @@ impl Writer {
                 timeout = timeout.min(LAZY_MAX.saturating_sub(since.elapsed()));
             }
             let mut batch = Vec::new();
-            // Poll briefly before sleeping (yielding the CPU to anything runnable) while
-            // one request at a time is served: its next record comes within
+            // Poll briefly before sleeping (busy-waiting: `sched_yield` would hand the CPU
+            // to any other runnable process for a whole slice) while one request at a
+            // time is served: its next record comes within
             // microseconds, and a sleeping writer costs its sender a futex wake-up and
             // itself a context switch each time. Under load (more requests in flight, or
             // many records per wake-up) the wake-up is shared, and polling would only
@@ -277,7 +278,7 @@ impl Writer {
                         return;
                     }
                     Err(TryRecvError::Empty) if Instant::now() < spin_until => {
-                        std::thread::yield_now();
+                        std::hint::spin_loop();
                     }
                     Err(TryRecvError::Empty) => break None,
                 }
