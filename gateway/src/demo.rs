@@ -5,8 +5,8 @@
 //! copy-paste commands. It runs until Ctrl-C (or SIGTERM) and then stops everything it
 //! started. Nothing here is needed in production: it only composes the real binaries.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -341,11 +341,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             &dir,
             deadline,
             &format!("worker {id}"),
-            || http_get(*http, "/health").is_some_and(|(s, _)| s == 200),
+            || crate::net::http_get(*http, "/health").is_some_and(|(s, _)| s == 200),
         )?;
     }
     wait_until(&mut children, &dir, deadline, "gateway", || {
-        http_get(admin, "/admin/status").is_some_and(|(s, body)| {
+        crate::net::http_get(admin, "/admin/status").is_some_and(|(s, body)| {
             s == 200
                 && serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|v| {
                     v["workers"].as_array().is_some_and(|ws| {
@@ -354,7 +354,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 })
         })
     })?;
-    let policy_hash = http_get(admin, "/admin/policy-hash")
+    let policy_hash = crate::net::http_get(admin, "/admin/policy-hash")
         .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
         .and_then(|v| v["policy_hash"].as_str().map(str::to_string))
         .unwrap_or_default();
@@ -541,25 +541,6 @@ fn demo_tls(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
 
 fn free_port() -> anyhow::Result<SocketAddr> {
     crate::net::free_loopback_addr().context("no free loopback port")
-}
-
-/// A minimal HTTP/1.1 GET on loopback: (status, body).
-fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {

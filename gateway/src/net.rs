@@ -1,5 +1,5 @@
-//! Loopback port allocation for processes this one starts (the demo's workers and
-//! gateway, and the tests').
+//! Loopback helpers for processes this one starts (the demo's workers and gateway, and
+//! the tests'): port allocation and a readiness `GET`.
 //!
 //! Asking the kernel for port 0 and handing the number to a child leaves a window in
 //! which that port can be taken, most often as the local port of an outgoing
@@ -79,6 +79,30 @@ pub fn free_loopback_addr() -> std::io::Result<SocketAddr> {
         Ipv4Addr::LOCALHOST,
         free_loopback_port()?,
     )))
+}
+
+/// A minimal HTTP/1.1 `GET` (connection closed after the answer): (status, body), or
+/// `None` when the peer cannot be reached or answers something else than HTTP. For
+/// readiness probes of local processes.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
 }
 
 #[cfg(test)]

@@ -274,24 +274,9 @@ pub fn chat_body(model: &str, content: &str, max_tokens: u32, stream: bool) -> V
 
 /// A GET on loopback without curl's process overhead: (status, body).
 pub fn http_get(url_base: &str, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
     let addr = url_base.trim_start_matches("http://").trim_end_matches('/');
-    let addr = addr.split('/').next()?;
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
+    let addr = addr.split('/').next()?.parse().ok()?;
+    gateway::net::http_get(addr, path)
 }
 
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
