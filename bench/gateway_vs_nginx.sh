@@ -26,6 +26,9 @@ for t in nginx wrk; do
   command -v "$t" >/dev/null || { echo "bench needs $t (apt-get install nginx-light wrk)" >&2; exit 1; }
 done
 cargo build --release -q -p worker -p gateway
+# Write back the build's output now: dirty pages flushed during the run share the ext4
+# journal with the audit log's fdatasync and put 20-80 ms stalls into its first round.
+sync
 D=$(mktemp -d /tmp/sov-bench.XXXXXX)
 OUT=bench/out/$(date -u +%Y%m%dT%H%M%SZ)-gateway
 mkdir -p "$OUT"
