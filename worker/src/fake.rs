@@ -271,3 +271,96 @@ pub fn http_router(cfg: FakeConfig) -> Router {
             get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
         )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::worker::worker_client::WorkerClient;
+
+    fn cfg() -> FakeConfig {
+        FakeConfig {
+            model: "fake".into(),
+            pool: "de-fra-1".into(),
+            country: "DE".into(),
+            tokens: 8,
+        }
+    }
+
+    /// A tonic client (as the gateway's load watcher uses) against the bare-h2 server:
+    /// every method of the contract, and a clear status for one it does not have.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tonic_clients_get_the_worker_contract() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_grpc(listener, cfg()));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut c = WorkerClient::new(channel.clone());
+
+        let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
+        assert_eq!(
+            (info.pool.as_str(), info.country.as_str()),
+            ("de-fra-1", "DE")
+        );
+        assert_eq!(info.backend, "fake");
+
+        // Generate: one chunk per token (max_tokens caps the fixed answer), then the
+        // finish chunk with usage, then a clean end.
+        for (max, want) in [(Some(5), 5), (None, 8), (Some(100), 8)] {
+            let req = pb::GenerateRequest {
+                sampling: Some(pb::SamplingParams {
+                    max_tokens: max,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let mut stream = c.generate(req).await.unwrap().into_inner();
+            let mut chunks = Vec::new();
+            while let Some(ch) = stream.message().await.unwrap() {
+                chunks.push(ch);
+            }
+            assert_eq!(chunks.len(), want + 1, "max_tokens {max:?}");
+            let text: String = chunks.iter().map(|c| c.text.as_str()).collect();
+            assert_eq!(text, (0..want as u32).map(token_text).collect::<String>());
+            let last = chunks.last().unwrap();
+            assert_eq!(last.finish_reason, "length");
+            assert_eq!(last.usage.as_ref().unwrap().completion_tokens, want as u32);
+        }
+
+        let mut load = c
+            .watch_load(pb::WatchLoadRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        for _ in 0..2 {
+            let snap = load.message().await.unwrap().expect("a snapshot");
+            assert_eq!(snap.kv_blocks_total, 1024);
+        }
+        drop(load);
+        assert_eq!(
+            c.drain(pb::DrainRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .remaining,
+            0
+        );
+
+        // An unknown method is UNIMPLEMENTED (a trailers-only answer), not a hang.
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let err = grpc
+            .unary(
+                tonic::Request::new(pb::InfoRequest {}),
+                http::uri::PathAndQuery::from_static("/sovereign.worker.v1.Worker/Nope"),
+                tonic_prost::ProstCodec::<pb::InfoRequest, pb::InfoReply>::default(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unimplemented, "{err}");
+        server.abort();
+    }
+}
