@@ -195,6 +195,36 @@ impl StateLog {
     }
 }
 
+/// One pause of a polling loop (the writer's `writer_spin_us`, a lone request's
+/// `append_spin_us`). It yields the CPU, so that the threads the polled-for event depends
+/// on (the fake or real worker, the client, the writer) can run on a 2-core machine:
+/// busy-waiting cost concurrency-1 p50 10-40 us in alternating A/B runs. But while other
+/// processes are runnable, `sched_yield` hands one of them a whole time slice (with two
+/// nice-19 CPU hogs on the machine p50 became 3.97 ms). So when a yield took long (the
+/// CPU went elsewhere), every poll busy-waits for the next second instead (p50 1.05 ms
+/// with the hogs; always busy-waiting: 0.29-0.37 ms).
+pub(crate) fn poll_pause() {
+    use std::sync::OnceLock;
+    use std::sync::atomic::AtomicU64;
+    use std::time::Instant;
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    // Until when (ns since EPOCH) polls busy-wait.
+    static BUSY_UNTIL: AtomicU64 = AtomicU64::new(0);
+    const SLOW_YIELD: Duration = Duration::from_micros(250);
+    const BUSY_FOR: Duration = Duration::from_secs(1);
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let now = epoch.elapsed();
+    if (now.as_nanos() as u64) < BUSY_UNTIL.load(Ordering::Relaxed) {
+        std::hint::spin_loop();
+        return;
+    }
+    std::thread::yield_now();
+    let took = epoch.elapsed().saturating_sub(now);
+    if took > SLOW_YIELD {
+        BUSY_UNTIL.store((now + took + BUSY_FOR).as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
 /// Every state's log of one gateway process. Cheap to share (`Arc`).
 pub struct AuditLog {
     states: BTreeMap<String, StateLog>,
@@ -314,12 +344,9 @@ impl AuditLog {
 
     /// [`AuditLog::append`] for a caller that knows nothing else needs its thread (the
     /// only request in the gateway): it polls for the acknowledgement for up to
-    /// `append_spin_us`, then waits as usual. An idle gateway thereby answers without
-    /// the thread wake-up after every fsync; a request arriving meanwhile waits at most
-    /// that long. The poll busy-waits instead of yielding: `sched_yield` hands the CPU to
-    /// any other runnable process for a whole time slice (with two busy low-priority
-    /// processes on the machine, p50 went from 0.36 to 3.7-4 ms), and a busy CPU also
-    /// wakes faster than one that went idle in a virtual machine.
+    /// `append_spin_us` (see [`poll_pause`]), then waits as usual. An idle gateway
+    /// thereby answers without the thread wake-up after every fsync; a request arriving
+    /// meanwhile waits at most that long.
     pub async fn append_polling(&self, rec: RecordInput) -> Result<Appended, AuditError> {
         let mut rx = self.submit(rec, false)?;
         let until = std::time::Instant::now() + self.append_spin;
@@ -327,7 +354,7 @@ impl AuditLog {
             match rx.try_recv() {
                 Ok(r) => return r,
                 Err(oneshot::error::TryRecvError::Closed) => break,
-                Err(oneshot::error::TryRecvError::Empty) => std::hint::spin_loop(),
+                Err(oneshot::error::TryRecvError::Empty) => poll_pause(),
             }
         }
         acknowledged(rx.await)

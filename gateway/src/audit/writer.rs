@@ -250,8 +250,7 @@ impl Writer {
                 timeout = timeout.min(LAZY_MAX.saturating_sub(since.elapsed()));
             }
             let mut batch = Vec::new();
-            // Poll briefly before sleeping (busy-waiting: `sched_yield` would hand the CPU
-            // to any other runnable process for a whole slice) while one request at a
+            // Poll briefly before sleeping (`super::poll_pause`) while one request at a
             // time is served: its next record comes within
             // microseconds, and a sleeping writer costs its sender a futex wake-up and
             // itself a context switch each time. Under load (more requests in flight, or
@@ -278,7 +277,7 @@ impl Writer {
                         return;
                     }
                     Err(TryRecvError::Empty) if Instant::now() < spin_until => {
-                        std::hint::spin_loop();
+                        super::poll_pause();
                     }
                     Err(TryRecvError::Empty) => break None,
                 }
