@@ -19,29 +19,59 @@ for d in ./gpu-bundle ./target/release; do
   [ -x "$d/gpu-check" ] && [ -x "$d/worker" ] && { BIN=$d; break; }
 done
 [ -n "$BIN" ] || { echo '{"error": "gpu-check and worker binaries not found (run kernels/gpu-bundle.sh)"}'; exit 2; }
-# libnvrtc.so.13: the CUDA toolkit's, or NVIDIA's pip wheel.
-for d in /usr/local/cuda/lib64 /usr/local/cuda-13.0/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
-  $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(b, "cu13", "lib") for b in nvidia.__path__))' 2>/dev/null); do
-  [ -e "$d/libnvrtc.so.13" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-done
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
+# Progress of every stage, also kept in $OUT/gpu-check.log when OUT is set.
+LOG=${OUT:-$TMP}/gpu-check.log
+: > "$LOG"
+say() { echo "gpu-check: $*" | tee -a "$LOG" >&2; }
+# The libraries cudarc loads (the driver's libcuda, NVRTC 13, cuBLAS 13): where the
+# loader does not know them, the CUDA toolkit's folders, the driver's, or NVIDIA's pip
+# wheels (python3's `nvidia` package).
+candidates() {
+  echo /usr/local/cuda/lib64 /usr/local/cuda-13.0/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+    /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64
+  python3 -c 'import glob, nvidia, os; [print(d) for b in nvidia.__path__ for d in sorted(glob.glob(os.path.join(b, "*", "lib")))]' 2>/dev/null
+}
+for lib in libcuda.so.1 libnvrtc.so.13 libcublas.so.13; do
+  if ldconfig -p 2>/dev/null | grep -q "	$lib "; then
+    say "$lib: $(ldconfig -p | grep "	$lib " | head -1 | sed 's/.*=> //')"
+    continue
+  fi
+  found=""
+  for d in $(candidates); do
+    if [ -e "$d/$lib" ]; then
+      export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+      found=$d
+      break
+    fi
+  done
+  say "$lib: ${found:-NOT FOUND}"
+done
+command -v nvidia-smi > /dev/null && say "$(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1)"
 export SOV_KERNEL_CACHE="$TMP/kernel-cache"
-echo "gpu-check: kernels (correctness, bandwidth, TFLOP/s)" >&2
-timeout 300 "$BIN/gpu-check" "$@" --out "$TMP/kernels.json" > /dev/null
+say "kernels (correctness, bandwidth, TFLOP/s)"
+timeout 240 "$BIN/gpu-check" "$@" --out "$TMP/kernels.json" > /dev/null 2> >(tee -a "$LOG" >&2)
 status=$?
+[ $status -eq 124 ] && say "gpu-check timed out"
+say "PyTorch SDPA"
+timeout 90 python3 kernels/tools/torch_sdpa.py > "$TMP/torch.json" 2> "$TMP/torch.err" \
+  || echo "{\"error\": \"torch comparison failed: $(tail -1 "$TMP/torch.err" | tr -d '"')\"}" > "$TMP/torch.json"
+tail -5 "$TMP/torch.err" >> "$LOG"
 # End to end: random-weight models of real shapes (real weights do not travel here).
-for shape in smollm2-135m eurollm-1.7b; do
-  echo "gpu-check: worker bench on a random $shape" >&2
-  python3 kernels/tools/make_random_model.py --shape "$shape" --out "$TMP/$shape" > "$TMP/$shape.model.json" 2>&1 \
-    && RUST_BACKTRACE=0 timeout 150 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 --kv-cache-mb 8192 \
-         --batches 1,8,32 --reps 3 --prompt-tokens 128 --decode-tokens 64 > "$TMP/$shape.bench.json" 2> "$TMP/$shape.err" \
-    || echo "{\"error\": \"$(tail -3 "$TMP/$shape.err" 2>/dev/null | tr -d '"\n')\"}" > "$TMP/$shape.bench.json"
+for shape in eurollm-1.7b smollm2-135m; do
+  say "worker bench on a random $shape"
+  if python3 kernels/tools/make_random_model.py --shape "$shape" --out "$TMP/$shape" > "$TMP/$shape.model.json" 2>> "$LOG"; then
+    RUST_BACKTRACE=0 timeout 120 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 --kv-cache-mb 8192 \
+      --batches 1,8,32 --reps 3 --prompt-tokens 128 --decode-tokens 64 > "$TMP/$shape.bench.json" 2> "$TMP/$shape.err"
+    rc=$?
+    tail -40 "$TMP/$shape.err" >> "$LOG"
+    [ $rc -eq 0 ] || echo "{\"error\": \"exit $rc: $( (grep -m1 panicked "$TMP/$shape.err"; sed -n '/^Error:/,$p' "$TMP/$shape.err") | tr -s ' \n' ' ' | tr -d '"\\' | cut -c1-600)\"}" > "$TMP/$shape.bench.json"
+  else
+    echo '{"error": "make_random_model.py failed (see the log)"}' > "$TMP/$shape.bench.json"
+  fi
   rm -rf "${TMP:?}/$shape"
 done
-echo "gpu-check: PyTorch SDPA" >&2
-timeout 120 python3 kernels/tools/torch_sdpa.py > "$TMP/torch.json" 2> "$TMP/torch.err" \
-  || echo "{\"error\": \"torch comparison failed: $(tail -1 "$TMP/torch.err" | tr -d '"')\"}" > "$TMP/torch.json"
 python3 - "$TMP" "$status" <<'PY'
 import json, os, sys
 tmp, status = sys.argv[1], int(sys.argv[2])
@@ -66,13 +96,13 @@ for shape in ["smollm2-135m", "eurollm-1.7b"]:
     summary["end_to_end"][shape] = e
 side = []
 for ours in k.get("decode_attention", []):
-    theirs = next((x for x in t.get("decode", []) if x["context"] == ours["context"]), None)
-    if theirs:
+    theirs = next((x for x in t.get("decode", []) if x.get("context") == ours.get("context")), None)
+    if theirs and "gb_per_s" in ours and "gb_per_s" in theirs:
         side.append({"decode_context": ours["context"], "ours_gb_s": ours["gb_per_s"], "torch_gb_s": theirs["gb_per_s"],
                      "ratio": ours["gb_per_s"] / theirs["gb_per_s"]})
 for ours in k.get("prefill_attention", []):
-    theirs = next((x for x in t.get("prefill", []) if x["tokens"] == ours["tokens"]), None)
-    if theirs:
+    theirs = next((x for x in t.get("prefill", []) if x.get("tokens") == ours.get("tokens")), None)
+    if theirs and "tflops" in ours and "tflops" in theirs:
         side.append({"prefill_tokens": ours["tokens"], "ours_tflops": ours["tflops"], "torch_tflops": theirs["tflops"],
                      "ratio": ours["tflops"] / theirs["tflops"]})
 summary["side_by_side"] = side

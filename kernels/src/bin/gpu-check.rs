@@ -239,7 +239,13 @@ fn check_prefill(
     )
 }
 
-fn check_small_kernels(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
+/// A check that could not run (a launch or copy failed): recorded as failed, and the
+/// GPU check goes on, so one run reports on every kernel.
+fn failed(kernel: &str, shape: Value, e: &CudaError) -> Value {
+    json!({"kernel": kernel, "shape": shape, "ok": false, "error": e.to_string()})
+}
+
+fn check_norms(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
     let mut out = Vec::new();
     // RMSNorm, plain and with the residual.
     let (rows, dim) = (7, 2048);
@@ -264,6 +270,11 @@ fn check_small_kernels(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaErr
         first.get_or_insert_with(|| "residual differs".into());
     }
     out.push(json!({"kernel": "add_rms_norm", "rows": rows, "dim": dim, "max_abs_err": err, "ok": first.is_none(), "mismatch": first}));
+    Ok(out)
+}
+
+fn check_act(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
+    let mut out = Vec::new();
     // SiLU-and-mul.
     let inter = 5632;
     let gu = to_bf16_vec(
@@ -287,6 +298,11 @@ fn check_small_kernels(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaErr
     launch::embed_rows(k, &td, &idd, &mut o, ids.len(), hidden)?;
     let ok = down(k, &o)? == gpu_ref::embed_rows(&table, &ids, hidden);
     out.push(json!({"kernel": "embed_rows", "hidden": hidden, "ok": ok}));
+    Ok(out)
+}
+
+fn check_rope(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
+    let mut out = Vec::new();
     // RoPE + KV write, both styles.
     for (style, style_id) in [(RopeStyle::Interleaved, 0), (RopeStyle::Half, 1)] {
         let (tokens, nh, nkv, hd, rot, max_pos) = (5, 16, 8, 128, 128, 4096);
@@ -346,6 +362,11 @@ fn check_small_kernels(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaErr
         let first = f1.or(f2).or(f3);
         out.push(json!({"kernel": "rope_write_kv", "style": format!("{style:?}"), "max_abs_err": e1.max(e2).max(e3), "ok": first.is_none(), "mismatch": first}));
     }
+    Ok(out)
+}
+
+fn check_sampling(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
+    let mut out = Vec::new();
     // argmax and softmax over a 49152-entry vocabulary, with ties and a NaN.
     let vocab = 49_152;
     let mut logits = rng
@@ -382,6 +403,11 @@ fn check_small_kernels(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaErr
     out.push(
         json!({"kernel": "softmax_rows", "vocab": vocab, "max_abs_err": err, "ok": err < 1e-5}),
     );
+    Ok(out)
+}
+
+fn check_topk(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
+    let mut out = Vec::new();
     // top-k candidates: exact ids and logits, over vocabularies of SmolLM2, Llama 3 and
     // EuroLLM size, with many ties (logits rounded to halves), a NaN and +inf.
     for (vocab, rows) in [(49_152usize, 4usize), (128_256, 2), (262_144, 2)] {
@@ -508,6 +534,18 @@ fn prefill_tflops(k: &Kernels, seqs: usize, n: usize) -> Result<Value, CudaError
     Ok(json!({"seqs": seqs, "tokens": n, "ms": ms, "tflops": flops / (ms / 1e3) / 1e12}))
 }
 
+/// The driver's CUDA version, e.g. "13.0" (the library is loaded: a context exists).
+fn driver_version() -> String {
+    let mut v = 0i32;
+    // SAFETY: libcuda is loaded (Kernels::new succeeded); the pointer is valid.
+    let rc = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    if rc == cudarc::driver::sys::cudaError_enum::CUDA_SUCCESS {
+        format!("{}.{}", v / 1000, (v % 1000) / 10)
+    } else {
+        format!("unknown ({rc:?})")
+    }
+}
+
 fn run(quick: bool) -> Result<(Value, bool), CudaError> {
     let t0 = Instant::now();
     let cache = std::env::var_os("SOV_KERNEL_CACHE")
@@ -515,10 +553,14 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
         .unwrap_or_else(|| std::env::temp_dir().join("sov-kernel-cache"));
     let k = Kernels::new(0, &cache)?;
     let name = k.ctx.name().unwrap_or_default();
+    let nvrtc = kernels::cuda::nvrtc_version()
+        .map(|(a, b)| format!("{a}.{b}"))
+        .unwrap_or_default();
     eprintln!(
-        "gpu-check: {name} ({}), {} SMs, kernels loaded in {:.1} s",
+        "gpu-check: {name} ({}), {} SMs, driver CUDA {}, NVRTC {nvrtc}, kernels loaded in {:.1} s",
         k.arch,
         sm_count(&k),
+        driver_version(),
         t0.elapsed().as_secs_f64()
     );
     let mut rng = Rng(0x5eed);
@@ -540,7 +582,12 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
         for group in [1, 2, 4, 8] {
             for &(batch, ctx) in contexts {
                 for splits in [None, Some(1)] {
-                    let c = check_decode(&k, &mut rng, hd, group, batch, ctx, splits)?;
+                    let c = check_decode(&k, &mut rng, hd, group, batch, ctx, splits)
+                        .unwrap_or_else(|e| {
+                            let shape = json!({"head_dim": hd, "group": group, "batch": batch,
+                                "context": ctx, "splits": splits});
+                            failed("decode_attention", shape, &e)
+                        });
                     eprintln!("  {c}");
                     checks.push(c);
                 }
@@ -553,23 +600,52 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
         } else {
             &[(1, 0), (77, 0), (130, 500), (1024, 0), (300, 2000)]
         };
-        let c = check_prefill(&k, &mut rng, hd, group, cases)?;
+        let c = check_prefill(&k, &mut rng, hd, group, cases).unwrap_or_else(|e| {
+            let shape = json!({"head_dim": hd, "group": group, "cases_new_cached": cases});
+            failed("prefill_attention", shape, &e)
+        });
         eprintln!("  {c}");
         checks.push(c);
     }
-    checks.extend(check_small_kernels(&k, &mut rng)?);
+    type Check = fn(&Kernels, &mut Rng) -> Result<Vec<Value>, CudaError>;
+    let small: [(&str, Check); 5] = [
+        ("rms_norm", check_norms),
+        ("silu_and_mul+embed_rows", check_act),
+        ("rope_write_kv", check_rope),
+        ("argmax_rows+softmax_rows", check_sampling),
+        ("topk_rows", check_topk),
+    ];
+    for (kernel, f) in small {
+        let cs = f(&k, &mut rng).unwrap_or_else(|e| vec![failed(kernel, Value::Null, &e)]);
+        for c in cs {
+            eprintln!("  {c}");
+            checks.push(c);
+        }
+    }
     let all_ok = checks.iter().all(|c| c["ok"] == json!(true));
     eprintln!(
-        "gpu-check: correctness {} ({} checks), measuring…",
+        "gpu-check: correctness {} ({} checks, {} failed), measuring…",
         if all_ok { "ok" } else { "FAILED" },
-        checks.len()
+        checks.len(),
+        checks.iter().filter(|c| c["ok"] != json!(true)).count()
     );
-    let copy = copy_bandwidth(&k)?;
+    let copy = match copy_bandwidth(&k) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("  copy bandwidth: {e}");
+            None
+        }
+    };
     let mut decode = Vec::new();
     for ctx in [4096, 8192, 16384, 32768] {
-        let mut r = decode_bandwidth(&k, ctx)?;
-        let gbs = r["gb_per_s"].as_f64().unwrap_or(0.0);
-        r["fraction_of_copy"] = json!(gbs / copy);
+        let r = match decode_bandwidth(&k, ctx) {
+            Ok(mut r) => {
+                let gbs = r["gb_per_s"].as_f64().unwrap_or(0.0);
+                r["fraction_of_copy"] = json!(copy.map(|c| gbs / c));
+                r
+            }
+            Err(e) => json!({"context": ctx, "error": e.to_string()}),
+        };
         eprintln!("  decode {r}");
         decode.push(r);
     }
@@ -580,15 +656,22 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
     };
     let mut prefill = Vec::new();
     for (seqs, n) in [(4, 2048), (2, 8192)] {
-        let mut r = prefill_tflops(&k, seqs, n)?;
-        if let Some(p) = peak {
-            r["fraction_of_bf16_dense_peak"] = json!(r["tflops"].as_f64().unwrap_or(0.0) / p);
-        }
+        let r = match prefill_tflops(&k, seqs, n) {
+            Ok(mut r) => {
+                if let Some(p) = peak {
+                    r["fraction_of_bf16_dense_peak"] =
+                        json!(r["tflops"].as_f64().unwrap_or(0.0) / p);
+                }
+                r
+            }
+            Err(e) => json!({"seqs": seqs, "tokens": n, "error": e.to_string()}),
+        };
         eprintln!("  prefill {r}");
         prefill.push(r);
     }
     let summary = json!({
         "device": name, "arch": k.arch, "sms": sm_count(&k),
+        "driver_cuda": driver_version(), "nvrtc": nvrtc,
         "correctness": {"ok": all_ok, "checks": checks},
         "copy_bandwidth_gb_per_s": copy,
         "decode_attention": decode,

@@ -165,6 +165,13 @@ impl CudaBackend {
             ));
         }
         let k = Kernels::new(ordinal, kernel_cache).map_err(dev)?;
+        // cudarc panics on the first call into a library it cannot load: check first.
+        // SAFETY: only tries to dlopen libcublas and drops the handle.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(dev(
+                "no cuBLAS: libcublas (CUDA 13) could not be loaded; install the CUDA 13 toolkit or put libcublas.so.13 on LD_LIBRARY_PATH",
+            ));
+        }
         let blas = CudaBlas::new(k.stream.clone()).map_err(dev)?;
         let s = &k.stream;
         let upm = |m: &Matrix| -> Result<DevMatrix, BackendError> {
