@@ -11,25 +11,32 @@
 //   seq_lens     [num_seqs] int               (context length, the new token included)
 //   out          [num_seqs][n_heads][HD] bf16
 //
-// Grid: (num_seqs, n_kv_heads, num_splits); 128 threads. One CTA serves every query head
-// of one KV head's GQA group, so each K/V row is read from memory once per group. The
-// context is cut into `num_splits` contiguous ranges (split-KV, for when sequences x KV
-// heads are too few CTAs to fill the GPU); each CTA walks its range in chunks of PART
-// tokens with an online softmax (running max and sum, accumulators rescaled per chunk).
-// The chunk's slice of the block table is prefetched into shared memory; K and V rows
-// are read with 16-byte loads, SUB lanes per row.
+// Grid: (num_seqs, n_kv_heads, num_splits); 128 threads (4 warps). One CTA serves every
+// query head of one KV head's GQA group, so each K/V row is read from memory once per
+// group. The context is cut into `num_splits` contiguous ranges of whole 256-token chunks
+// (split-KV, for when sequences x KV heads are too few CTAs to fill the GPU).
+//
+// Inside a CTA there is no barrier until the end: warp w takes KV blocks w, w + 4, ... of
+// the CTA's range, and within a warp each group of SUB lanes (one row: 16-byte loads,
+// 8 bf16 per lane) streams its own rows of each block with its own online softmax
+// (running max, sum and accumulators per query head). A warp issues every K and V load
+// of NU rows before it computes on them, and reads the next block's table entry while it
+// computes, so many loads are in flight per SM. Scores are kept in log2 units (q is
+// pre-scaled by scale * log2(e)) so the softmax uses exp2. At the end the row groups are
+// merged with shuffles, the warps through shared memory (log-sum-exp weights).
 //
 // num_splits == 1: the CTA writes `out`. Otherwise it writes its normalised partial
-// output and its (max, sum) to part_out [num_seqs][n_heads][num_splits][HD] f32 and
-// part_ml [num_seqs][n_heads][num_splits][2] f32, and decode_attention_merge combines
-// the splits with a log-sum-exp merge.
+// output and its (max in log2 units, sum) to part_out [num_seqs][n_heads][num_splits][HD]
+// f32 and part_ml [num_seqs][n_heads][num_splits][2] f32, and decode_attention_merge
+// combines the splits.
 #include "common.cuh"
 
 namespace sov {
 
 constexpr int DA_THREADS = 128;
 constexpr int DA_WARPS = DA_THREADS / 32;
-constexpr int DA_PART = 256;  // tokens per chunk (a multiple of KV_BLOCK)
+constexpr int DA_PART = 256;  // tokens per split unit (a multiple of KV_BLOCK)
+constexpr float LOG2E = 1.4426950408889634f;
 
 template <int HD, int GROUP>
 __device__ __forceinline__ void decode_attention_impl(
@@ -40,14 +47,16 @@ __device__ __forceinline__ void decode_attention_impl(
     int max_blocks, int num_splits, float scale, int q_stride) {
   constexpr int CHUNKS = HD / 8;              // 16-byte pieces of one row
   constexpr int SUB = CHUNKS <= 8 ? 8 : 16;   // lanes per row (a power of two)
-  constexpr int ROWS_PER_WARP = 32 / SUB;
-  constexpr int ROWS_PER_PASS = DA_WARPS * ROWS_PER_WARP;
+  constexpr int RPW = 32 / SUB;               // rows a warp covers per load
+  constexpr int U = KV_BLOCK / RPW;           // loads per lane to cover one block
+  // Rows per lane per step: as many as the registers allow next to q and the
+  // accumulators (8 * GROUP floats each).
+  constexpr int NU = GROUP <= 2 ? U : (GROUP <= 4 ? (U < 4 ? U : 4) : 2);
   static_assert(HD % 8 == 0 && CHUNKS <= SUB, "head_dim must be 8..128, a multiple of 8");
-  static_assert(DA_PART % KV_BLOCK == 0, "chunk must hold whole blocks");
+  static_assert(DA_PART % KV_BLOCK == 0, "a split unit must hold whole blocks");
+  static_assert(U % NU == 0, "steps must tile a block");
 
-  __shared__ int s_blocks[DA_PART / KV_BLOCK];
-  __shared__ float s_p[GROUP][DA_PART];
-  __shared__ float s_m[GROUP], s_l[GROUP], s_rescale[GROUP];
+  __shared__ float s_m[DA_WARPS][GROUP], s_l[DA_WARPS][GROUP];
   __shared__ float s_acc[DA_WARPS][GROUP][HD];
 
   const int seq = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
@@ -56,13 +65,15 @@ __device__ __forceinline__ void decode_attention_impl(
   const int sub = lane / SUB, lsub = lane % SUB;
   const bool has = lsub < CHUNKS;
   const int len = seq_lens[seq];
-  // This split's token range, whole chunks except the last.
-  const int chunks_total = (len + DA_PART - 1) / DA_PART;
-  const int chunks_per_split = (chunks_total + num_splits - 1) / num_splits;
-  const int begin = split * chunks_per_split * DA_PART;
-  const int end = min(len, begin + chunks_per_split * DA_PART);
+  // This split's token range: whole 256-token units except the last.
+  const int units_total = (len + DA_PART - 1) / DA_PART;
+  const int units_per_split = (units_total + num_splits - 1) / num_splits;
+  const int begin = split * units_per_split * DA_PART;
+  const int end = min(len, begin + units_per_split * DA_PART);
+  const int blk_end = (end + KV_BLOCK - 1) / KV_BLOCK;
 
-  // This lane's slice of each query head of the group.
+  // This lane's slice of each query head of the group, in log2 units.
+  const float qscale = scale * LOG2E;
   float qr[GROUP][8];
 #pragma unroll
   for (int g = 0; g < GROUP; ++g) {
@@ -72,106 +83,124 @@ __device__ __forceinline__ void decode_attention_impl(
 #pragma unroll
       for (int i = 0; i < 8; ++i) qr[g][i] = 0.f;
     }
-  }
-  float acc[GROUP][8];
 #pragma unroll
-  for (int g = 0; g < GROUP; ++g)
+    for (int i = 0; i < 8; ++i) qr[g][i] *= qscale;
+  }
+  float acc[GROUP][8], m[GROUP], l[GROUP];
+#pragma unroll
+  for (int g = 0; g < GROUP; ++g) {
+    m[g] = sov::neg_inf();
+    l[g] = 0.f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
-  if (threadIdx.x < GROUP) {
-    s_m[threadIdx.x] = sov::neg_inf();
-    s_l[threadIdx.x] = 0.f;
   }
   const long long row_stride = (long long)n_kv_heads * HD;
   const int* bt = block_tables + (long long)seq * max_blocks;
+  const sov::bf16* kbase = k_cache + kvh * HD + lsub * 8;
+  const sov::bf16* vbase = v_cache + kvh * HD + lsub * 8;
 
+  int b = begin / KV_BLOCK + warp;
+  int phys = b < blk_end ? bt[b] : 0;
 #pragma unroll 1
-  for (int c0 = begin; c0 < end; c0 += DA_PART) {
-    const int n = min(DA_PART, end - c0);
-    for (int i = threadIdx.x; i < (n + KV_BLOCK - 1) / KV_BLOCK; i += DA_THREADS)
-      s_blocks[i] = bt[c0 / KV_BLOCK + i];
-    __syncthreads();
-
-    // Scores: each SUB-lane group takes one key row per pass.
-#pragma unroll 2
-    for (int t0 = warp * ROWS_PER_WARP; t0 < n; t0 += ROWS_PER_PASS) {
-      const int t = t0 + sub;
-      float kf[8];
-      if (t < n && has) {
-        const long long slot = (long long)s_blocks[t / KV_BLOCK] * KV_BLOCK + t % KV_BLOCK;
-        load8(k_cache + slot * row_stride + kvh * HD + lsub * 8, kf);
-      } else {
+  for (; b < blk_end; b += DA_WARPS) {
+    const int nb = b + DA_WARPS;
+    const int phys_next = nb < blk_end ? bt[nb] : 0;
+    const long long block_row = (long long)phys * KV_BLOCK;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) kf[i] = 0.f;
+    for (int u0 = 0; u0 < U; u0 += NU) {
+      uint4 kr[NU], vr[NU];
+#pragma unroll
+      for (int u = 0; u < NU; ++u) {
+        const long long off = (block_row + (u0 + u) * RPW + sub) * row_stride;
+        if (has) {
+          kr[u] = *reinterpret_cast<const uint4*>(kbase + off);
+          vr[u] = *reinterpret_cast<const uint4*>(vbase + off);
+        } else {
+          kr[u] = make_uint4(0, 0, 0, 0);
+          vr[u] = make_uint4(0, 0, 0, 0);
+        }
+      }
+      float sc[NU][GROUP];
+#pragma unroll
+      for (int u = 0; u < NU; ++u) {
+        const unsigned w[4] = {kr[u].x, kr[u].y, kr[u].z, kr[u].w};
+        float kf[8];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          kf[2 * i] = __uint_as_float(w[i] << 16);
+          kf[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        }
+        const bool valid = b * KV_BLOCK + (u0 + u) * RPW + sub < end;
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) {
+          float d = 0.f;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) d = fmaf(qr[g][i], kf[i], d);
+#pragma unroll
+          for (int off = SUB / 2; off > 0; off >>= 1) d += __shfl_xor_sync(FULL_MASK, d, off);
+          sc[u][g] = valid ? d : sov::neg_inf();
+        }
       }
 #pragma unroll
       for (int g = 0; g < GROUP; ++g) {
-        float d = 0.f;
+        float mx = sc[0][g];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) d = fmaf(qr[g][i], kf[i], d);
+        for (int u = 1; u < NU; ++u) mx = fmaxf(mx, sc[u][g]);
+        const float m_new = fmaxf(m[g], mx);
+        if (m_new == sov::neg_inf()) continue;  // no valid row of this group yet
+        const float r = exp2f(m[g] - m_new);     // 0 when m[g] is still -inf
+        m[g] = m_new;
+        l[g] *= r;
 #pragma unroll
-        for (int off = SUB / 2; off > 0; off >>= 1) d += __shfl_xor_sync(FULL_MASK, d, off);
-        if (lsub == 0 && t < n) s_p[g][t] = d * scale;
+        for (int i = 0; i < 8; ++i) acc[g][i] *= r;
+#pragma unroll
+        for (int u = 0; u < NU; ++u) sc[u][g] = exp2f(sc[u][g] - m_new);
       }
-    }
-    __syncthreads();
-
-    // Online softmax: warp w owns heads w, w + 4, ...
-    for (int g = warp; g < GROUP; g += DA_WARPS) {
-      float mc = sov::neg_inf();
-      for (int t = lane; t < n; t += 32) mc = fmaxf(mc, s_p[g][t]);
-      mc = warp_max(mc);
-      const float m_old = s_m[g];
-      const float m_new = fmaxf(m_old, mc);
-      float sum = 0.f;
-      for (int t = lane; t < n; t += 32) {
-        const float p = __expf(s_p[g][t] - m_new);
-        s_p[g][t] = p;
-        sum += p;
-      }
-      sum = warp_sum(sum);
-      if (lane == 0) {
-        const float r = __expf(m_old - m_new);  // 0 on the first chunk (m_old = -inf)
-        s_rescale[g] = r;
-        s_l[g] = s_l[g] * r + sum;
-        s_m[g] = m_new;
-      }
-    }
-    __syncthreads();
-
-    // P x V into this lane's 8 output elements of every head.
 #pragma unroll
-    for (int g = 0; g < GROUP; ++g) {
-      const float r = s_rescale[g];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[g][i] *= r;
-    }
-#pragma unroll 2
-    for (int t0 = warp * ROWS_PER_WARP; t0 < n; t0 += ROWS_PER_PASS) {
-      const int t = t0 + sub;
-      if (t < n && has) {
-        const long long slot = (long long)s_blocks[t / KV_BLOCK] * KV_BLOCK + t % KV_BLOCK;
+      for (int u = 0; u < NU; ++u) {
+        const unsigned w[4] = {vr[u].x, vr[u].y, vr[u].z, vr[u].w};
         float vf[8];
-        load8(v_cache + slot * row_stride + kvh * HD + lsub * 8, vf);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          vf[2 * i] = __uint_as_float(w[i] << 16);
+          vf[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        }
 #pragma unroll
         for (int g = 0; g < GROUP; ++g) {
-          const float p = s_p[g][t];
+          // A group with no valid row yet skipped its update: its scores are still -inf
+          // or raw; weigh them 0.
+          const float p = m[g] == sov::neg_inf() ? 0.f : sc[u][g];
+          l[g] += p;
 #pragma unroll
           for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(p, vf[i], acc[g][i]);
         }
       }
     }
-    __syncthreads();  // s_p and s_blocks are rewritten by the next chunk
+    phys = phys_next;
   }
 
-  // Sum the row groups of each warp, then the warps.
+  // Merge the row groups of each warp (lanes SUB apart) ...
 #pragma unroll
-  for (int g = 0; g < GROUP; ++g)
+  for (int g = 0; g < GROUP; ++g) {
+    float mw = m[g];
 #pragma unroll
-    for (int i = 0; i < 8; ++i)
+    for (int off = SUB; off < 32; off <<= 1) mw = fmaxf(mw, __shfl_xor_sync(FULL_MASK, mw, off));
+    const float f = m[g] == sov::neg_inf() ? 0.f : exp2f(m[g] - mw);
+    float lw = l[g] * f;
 #pragma unroll
-      for (int off = SUB; off < 32; off <<= 1)
-        acc[g][i] += __shfl_xor_sync(FULL_MASK, acc[g][i], off);
+    for (int off = SUB; off < 32; off <<= 1) lw += __shfl_xor_sync(FULL_MASK, lw, off);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float a = acc[g][i] * f;
+#pragma unroll
+      for (int off = SUB; off < 32; off <<= 1) a += __shfl_xor_sync(FULL_MASK, a, off);
+      acc[g][i] = a;
+    }
+    if (lane == 0) {
+      s_m[warp][g] = mw;
+      s_l[warp][g] = lw;
+    }
+  }
   if (sub == 0 && has) {
 #pragma unroll
     for (int g = 0; g < GROUP; ++g)
@@ -179,26 +208,32 @@ __device__ __forceinline__ void decode_attention_impl(
       for (int i = 0; i < 8; ++i) s_acc[warp][g][lsub * 8 + i] = acc[g][i];
   }
   __syncthreads();
+  // ... then the warps.
   for (int e = threadIdx.x; e < GROUP * HD; e += DA_THREADS) {
     const int g = e / HD, d = e % HD;
-    float o = 0.f;
+    float mm = sov::neg_inf();
 #pragma unroll
-    for (int w = 0; w < DA_WARPS; ++w) o += s_acc[w][g][d];
-    const float l = s_l[g];
-    // An empty split (begin >= len) has l == 0: it writes zeros and (max -inf, sum 0),
+    for (int w = 0; w < DA_WARPS; ++w) mm = fmaxf(mm, s_m[w][g]);
+    float o = 0.f, den = 0.f;
+#pragma unroll
+    for (int w = 0; w < DA_WARPS; ++w) {
+      const float f = s_m[w][g] == sov::neg_inf() ? 0.f : exp2f(s_m[w][g] - mm);
+      o = fmaf(f, s_acc[w][g][d], o);
+      den = fmaf(f, s_l[w][g], den);
+    }
+    // An empty split (begin >= len) has den == 0: it writes zeros and (max -inf, sum 0),
     // which the merge weighs by 0.
-    const float v = l > 0.f ? o / l : 0.f;
+    const float v = den > 0.f ? o / den : 0.f;
     const long long head = (long long)seq * n_heads + kvh * GROUP + g;
     if (num_splits == 1) {
       out[head * HD + d] = sov::f32_to_bf16(v);
     } else {
       part_out[(head * num_splits + split) * HD + d] = v;
+      if (d == 0) {
+        part_ml[(head * num_splits + split) * 2] = mm;
+        part_ml[(head * num_splits + split) * 2 + 1] = den;
+      }
     }
-  }
-  if (num_splits > 1 && threadIdx.x < GROUP) {
-    const long long head = (long long)seq * n_heads + kvh * GROUP + threadIdx.x;
-    part_ml[(head * num_splits + split) * 2] = s_m[threadIdx.x];
-    part_ml[(head * num_splits + split) * 2 + 1] = s_l[threadIdx.x];
   }
 }
 
@@ -206,7 +241,7 @@ __device__ __forceinline__ void decode_attention_impl(
 
 // One entry point per (head_dim, GQA group): the host picks the one matching the model.
 #define SOV_DECODE_ATTENTION(HD, GROUP)                                                   \
-  extern "C" __global__ void __launch_bounds__(sov::DA_THREADS, 1)                        \
+  extern "C" __global__ void __launch_bounds__(sov::DA_THREADS, (GROUP) <= 2 ? 3 : 2)      \
       decode_attention_hd##HD##_g##GROUP(                                                 \
           const sov::bf16* q, const sov::bf16* k_cache,                           \
           const sov::bf16* v_cache, const int* block_tables, const int* seq_lens,     \
@@ -245,7 +280,7 @@ extern "C" __global__ void __launch_bounds__(128)
     for (int s = 0; s < num_splits; ++s) {
       const float l = ml[2 * s + 1];
       if (l > 0.f) {
-        const float w = l * __expf(ml[2 * s] - m);
+        const float w = l * exp2f(ml[2 * s] - m);  // maxima are in log2 units
         num = fmaf(w, part_out[(head * num_splits + s) * head_dim + d], num);
         den += w;
       }

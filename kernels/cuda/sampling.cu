@@ -158,7 +158,7 @@ extern "C" __global__ void __launch_bounds__(sov::TOPK_THREADS)
   }
 }
 
-extern "C" __global__ void __launch_bounds__(sov::TOPK_THREADS)
+extern "C" __global__ void __launch_bounds__(sov::SAMPLE_THREADS)
     argmax_rows(const float* __restrict__ logits, int* __restrict__ out, int vocab) {
   __shared__ float s_v[32];
   __shared__ int s_i[32];

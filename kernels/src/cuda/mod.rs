@@ -228,6 +228,8 @@ pub struct Kernels {
     pub stream: Arc<CudaStream>,
     pub arch: String,
     modules: HashMap<&'static str, Arc<CudaModule>>,
+    /// Entry points already looked up (a launch then costs no driver lookup).
+    functions: std::sync::Mutex<HashMap<String, CudaFunction>>,
 }
 
 impl Kernels {
@@ -253,16 +255,26 @@ impl Kernels {
             stream,
             arch,
             modules,
+            functions: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
     /// An entry point of one source, e.g. `("decode_attention.cu", "decode_attention_hd64_g3")`.
     pub fn function(&self, source: &str, entry: &str) -> Result<CudaFunction, CudaError> {
+        let mut cache = self
+            .functions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(f) = cache.get(entry) {
+            return Ok(f.clone());
+        }
         let m = self
             .modules
             .get(source)
             .ok_or_else(|| CudaError::UnknownSource(source.to_string()))?;
-        Ok(m.load_function(entry)?)
+        let f = m.load_function(entry)?;
+        cache.insert(entry.to_string(), f.clone());
+        Ok(f)
     }
 }
 

@@ -523,25 +523,26 @@ impl CudaBackend {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let mut sel = s.alloc_zeros::<u16>(rows.len() * h).map_err(dev)?;
+        // `sel` and `logits` were grown for `want_rows` rows above.
         for (j, &r) in rows.iter().enumerate() {
             let src = b.xn.slice(r * h..(r + 1) * h);
-            let mut dst = sel.slice_mut(j * h..(j + 1) * h);
+            let mut dst = m.sel.slice_mut(j * h..(j + 1) * h);
             s.memcpy_dtod(&src, &mut dst).map_err(dev)?;
         }
-        let mut logits = s
-            .alloc_zeros::<f32>(rows.len() * cfg.vocab_size)
-            .map_err(dev)?;
         Self::gemm(
             &self.blas,
             &s,
             &self.output,
-            &sel,
+            &m.sel,
             rows.len(),
-            &mut logits,
+            &mut m.logits,
             blas_sys::cudaDataType::CUDA_R_32F,
         )?;
-        s.clone_dtoh(&logits).map_err(dev)
+        let mut host = vec![0f32; rows.len() * cfg.vocab_size];
+        s.memcpy_dtoh(&m.logits.slice(0..host.len()), &mut host)
+            .map_err(dev)?;
+        s.synchronize().map_err(dev)?;
+        Ok(host)
     }
 }
 
