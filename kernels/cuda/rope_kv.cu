@@ -10,7 +10,8 @@
 //   cos, sin [max_pos][rot_dim / 2] f32
 //   k_cache, v_cache [num_blocks][16][n_kv_heads][hd] bf16
 // style 0 = interleaved pairs (2i, 2i+1) (GGUF), 1 = half pairs (i, i + rot_dim/2) (HF).
-// Dimensions at and beyond rot_dim are copied unchanged. One CTA of 128 threads per token.
+// Dimensions at and beyond rot_dim are copied unchanged. Grid (tokens, items / 128): one
+// thread per rotation pair of q and k, per unrotated k element and per 16-byte piece of v.
 #include "common.cuh"
 
 namespace sov {
@@ -37,41 +38,47 @@ extern "C" __global__ void __launch_bounds__(128)
   sov::bf16* q = qkv + tok * qkv_stride;
   const sov::bf16* k = q + n_heads * hd;
   const sov::bf16* v = k + n_kv_heads * hd;
-  const int pos = positions[tok];
+  const int half = rot_dim / 2, tail = hd - rot_dim;
+  // One work item per thread: q pairs, k pairs, k tail elements, v 16-byte pieces.
+  int e = blockIdx.y * blockDim.x + threadIdx.x;
+  const int q_pairs = n_heads * half, k_pairs = n_kv_heads * half;
+  const int k_tail = n_kv_heads * tail, v_pieces = n_kv_heads * hd / 8;
   const int slot = slots[tok];
-  const int half = rot_dim / 2;
-  const float* cs = cos_t + (long long)pos * half;
-  const float* sn = sin_t + (long long)pos * half;
-  // Query heads, in place: one thread per rotation pair.
-  for (int e = threadIdx.x; e < n_heads * half; e += blockDim.x) {
+  const long long dst = (long long)slot * n_kv_heads * hd;
+  if (e < q_pairs + k_pairs) {
+    const bool is_q = e < q_pairs;
+    if (!is_q) {
+      if (slot < 0) return;
+      e -= q_pairs;
+    }
     const int h = e / half, i = e % half;
+    const int pos = positions[tok];
+    const float c = cos_t[(long long)pos * half + i], sn = sin_t[(long long)pos * half + i];
     int a, b;
     sov::rope_pair_index(style, rot_dim, i, &a, &b);
-    sov::bf16* qh = q + h * hd;
-    const float x = sov::bf16_to_f32(qh[a]), y = sov::bf16_to_f32(qh[b]);
-    qh[a] = sov::f32_to_bf16(x * cs[i] - y * sn[i]);
-    qh[b] = sov::f32_to_bf16(x * sn[i] + y * cs[i]);
+    if (is_q) {
+      sov::bf16* qh = q + h * hd;
+      const float x = sov::bf16_to_f32(qh[a]), y = sov::bf16_to_f32(qh[b]);
+      qh[a] = sov::f32_to_bf16(x * c - y * sn);
+      qh[b] = sov::f32_to_bf16(x * sn + y * c);
+    } else {
+      const sov::bf16* kh = k + h * hd;
+      const float x = sov::bf16_to_f32(kh[a]), y = sov::bf16_to_f32(kh[b]);
+      k_cache[dst + h * hd + a] = sov::f32_to_bf16(x * c - y * sn);
+      k_cache[dst + h * hd + b] = sov::f32_to_bf16(x * sn + y * c);
+    }
+    return;
   }
   if (slot < 0) return;
-  const long long dst = (long long)slot * n_kv_heads * hd;
-  // Keys: rotated pairs, then the unrotated tail.
-  for (int e = threadIdx.x; e < n_kv_heads * half; e += blockDim.x) {
-    const int h = e / half, i = e % half;
-    int a, b;
-    sov::rope_pair_index(style, rot_dim, i, &a, &b);
-    const sov::bf16* kh = k + h * hd;
-    const float x = sov::bf16_to_f32(kh[a]), y = sov::bf16_to_f32(kh[b]);
-    k_cache[dst + h * hd + a] = sov::f32_to_bf16(x * cs[i] - y * sn[i]);
-    k_cache[dst + h * hd + b] = sov::f32_to_bf16(x * sn[i] + y * cs[i]);
-  }
-  const int tail = hd - rot_dim;
-  for (int e = threadIdx.x; e < n_kv_heads * tail; e += blockDim.x) {
+  e -= q_pairs + k_pairs;
+  if (e < k_tail) {
     const int h = e / tail, d = rot_dim + e % tail;
     k_cache[dst + h * hd + d] = k[h * hd + d];
+    return;
   }
+  e -= k_tail;
   // Values: a straight copy, 16 bytes at a time (hd is a multiple of 8).
-  for (int e = threadIdx.x * 8; e < n_kv_heads * hd; e += blockDim.x * 8) {
-    *reinterpret_cast<uint4*>(v_cache + dst + e) =
-        *reinterpret_cast<const uint4*>(v + e);
+  if (e < v_pieces) {
+    *reinterpret_cast<uint4*>(v_cache + dst + e * 8) = *reinterpret_cast<const uint4*>(v + e * 8);
   }
 }

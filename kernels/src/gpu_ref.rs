@@ -231,6 +231,22 @@ fn normed(r: &[f32], w: &[f32], eps: f32) -> Vec<u16> {
     r.iter().zip(w).map(|(v, w)| to_bf16(v * inv * w)).collect()
 }
 
+/// `gemv`: `y[t][r] = sum_c w[r][c] * x[t][c]` over the rows of `x` (bf16 in, f32 sums,
+/// bf16 out); `w` is `[rows][k]`.
+pub fn gemv(w: &[u16], x: &[u16], rows: usize, k: usize) -> Vec<u16> {
+    let wf = from_bf16_vec(w);
+    let mut out = Vec::with_capacity(x.len() / k.max(1) * rows);
+    for xr in x.chunks_exact(k) {
+        let xf = from_bf16_vec(xr);
+        out.extend(
+            wf.chunks_exact(k)
+                .take(rows)
+                .map(|wr| to_bf16(wr.iter().zip(&xf).map(|(a, b)| a * b).sum())),
+        );
+    }
+    out
+}
+
 /// `silu_and_mul`: `gate_up` rows are `[gate (inter)][up (inter)]`.
 pub fn silu_and_mul(gate_up: &[u16], inter: usize) -> Vec<u16> {
     gate_up

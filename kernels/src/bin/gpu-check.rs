@@ -301,6 +301,29 @@ fn check_act(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
     Ok(out)
 }
 
+fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
+    let mut out = Vec::new();
+    // EuroLLM-1.7B's o_proj and down_proj shapes, and a ragged last CTA.
+    for (rows, cols) in [(2048usize, 2048usize), (2048, 5632), (1001, 64)] {
+        for tokens in [1usize, 3, 8] {
+            let t = launch::gemv_rows(tokens);
+            let w = to_bf16_vec(&rng.f32s(rows * cols));
+            let x = to_bf16_vec(&rng.f32s(t * cols));
+            let (wd, xd) = (up(k, &w)?, up(k, &x)?);
+            let mut y = zeros::<u16>(k, t * rows)?;
+            launch::gemv(k, &wd, &xd, &mut y, tokens, rows, cols)?;
+            let got = down(k, &y)?;
+            let want = gpu_ref::gemv(&w, &x[..tokens * cols], rows, cols);
+            let (err, first) = compare(&got[..want.len()], &want);
+            out.push(
+                json!({"kernel": "gemv", "rows": rows, "cols": cols, "tokens": tokens,
+                "max_abs_err": err, "ok": first.is_none(), "mismatch": first}),
+            );
+        }
+    }
+    Ok(out)
+}
+
 fn check_rope(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
     let mut out = Vec::new();
     // RoPE + KV write, both styles.
@@ -503,6 +526,27 @@ fn decode_bandwidth(k: &Kernels, ctx: usize) -> Result<Value, CudaError> {
     )
 }
 
+/// The decode GEMV on EuroLLM-1.7B's layer shapes: GB/s of weights read.
+fn gemv_bandwidth(
+    k: &Kernels,
+    rows: usize,
+    cols: usize,
+    tokens: usize,
+) -> Result<Value, CudaError> {
+    let t = launch::gemv_rows(tokens);
+    let w = zeros::<u16>(k, rows * cols)?;
+    let x = zeros::<u16>(k, t * cols)?;
+    let mut y = zeros::<u16>(k, t * rows)?;
+    let ms = time_ms(k, 20, || {
+        launch::gemv(k, &w, &x, &mut y, tokens, rows, cols)
+    })?;
+    let bytes = (rows * cols * 2) as f64;
+    Ok(
+        json!({"rows": rows, "cols": cols, "tokens": tokens, "us": ms * 1e3,
+              "gb_per_s": bytes / (ms / 1e3) / 1e9}),
+    )
+}
+
 /// Causal prefill of `seqs` fresh prompts of `n` tokens, 32 query / 8 KV heads, hd 128.
 fn prefill_tflops(k: &Kernels, seqs: usize, n: usize) -> Result<Value, CudaError> {
     let (nh, n_kv, hd) = (32, 8, 128);
@@ -608,8 +652,9 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
         checks.push(c);
     }
     type Check = fn(&Kernels, &mut Rng) -> Result<Vec<Value>, CudaError>;
-    let small: [(&str, Check); 5] = [
+    let small: [(&str, Check); 6] = [
         ("rms_norm", check_norms),
+        ("gemv", check_gemv),
         ("silu_and_mul+embed_rows", check_act),
         ("rope_write_kv", check_rope),
         ("argmax_rows+softmax_rows", check_sampling),
@@ -649,6 +694,23 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
         eprintln!("  decode {r}");
         decode.push(r);
     }
+    let mut gemv = Vec::new();
+    for (rows, cols) in [(4096, 2048), (2048, 2048), (11264, 2048), (2048, 5632)] {
+        for tokens in [1, 8] {
+            let r = match gemv_bandwidth(&k, rows, cols, tokens) {
+                Ok(mut r) => {
+                    let gbs = r["gb_per_s"].as_f64().unwrap_or(0.0);
+                    r["fraction_of_copy"] = json!(copy.map(|c| gbs / c));
+                    r
+                }
+                Err(e) => {
+                    json!({"rows": rows, "cols": cols, "tokens": tokens, "error": e.to_string()})
+                }
+            };
+            eprintln!("  gemv {r}");
+            gemv.push(r);
+        }
+    }
     let peak = if name.contains("H100") || name.contains("H200") {
         Some(989.4)
     } else {
@@ -675,6 +737,7 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
         "correctness": {"ok": all_ok, "checks": checks},
         "copy_bandwidth_gb_per_s": copy,
         "decode_attention": decode,
+        "gemv": gemv,
         "bf16_dense_peak_tflops": peak,
         "prefill_attention": prefill,
         "seconds": t0.elapsed().as_secs_f64(),

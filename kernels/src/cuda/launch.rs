@@ -281,7 +281,11 @@ pub fn rope_write_kv(
         dim(d.rot_dim)?,
     );
     let stride = dim(d.qkv_stride)?;
-    let cfg = config(d.tokens, 1, 1, 128)?;
+    let half = d.rot_dim / 2;
+    let items = (d.n_heads + d.n_kv_heads) * half
+        + d.n_kv_heads * (d.head_dim - d.rot_dim)
+        + d.n_kv_heads * d.head_dim / 8;
+    let cfg = config(d.tokens, items.div_ceil(128), 1, 128)?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(&mut *qkv)
         .arg(&stride)
@@ -391,6 +395,51 @@ pub fn embed_rows(
     let mut b = k.stream.launch_builder(&f);
     b.arg(table).arg(ids).arg(&mut *out).arg(&h);
     // SAFETY: as in `decode_attention`.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// Most token rows [`gemv`] takes; more go to a GEMM.
+pub const GEMV_MAX_TOKENS: usize = 8;
+
+/// The token rows a [`gemv`] of `tokens` rows reads from `x` and writes to `y` (the count
+/// rounded up to 1, 2, 4 or 8).
+pub fn gemv_rows(tokens: usize) -> usize {
+    tokens.max(1).next_power_of_two()
+}
+
+/// `gemv_t{T}`: `y[t][r] = sum_c w[r][c] * x[t][c]` for `tokens` (at most
+/// [`GEMV_MAX_TOKENS`]) rows; `w` is `[rows][k]` bf16, `k` a multiple of 8. `x` and `y`
+/// must hold [`gemv_rows`]`(tokens)` rows: the rows past `tokens` are computed too.
+pub fn gemv(
+    k: &Kernels,
+    w: &CudaSlice<u16>,
+    x: &CudaSlice<u16>,
+    y: &mut CudaSlice<u16>,
+    tokens: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<(), CudaError> {
+    let t = gemv_rows(tokens);
+    if tokens > GEMV_MAX_TOKENS || !cols.is_multiple_of(8) {
+        return Err(CudaError::Shape(format!(
+            "gemv: {tokens} tokens (at most {GEMV_MAX_TOKENS}), {cols} columns (a multiple of 8)"
+        )));
+    }
+    if w.len() < rows * cols || x.len() < t * cols || y.len() < t * rows {
+        return Err(CudaError::Shape(format!(
+            "gemv: {rows}x{cols} weights over {t} rows need {} weights, {} inputs, {} outputs",
+            rows * cols,
+            t * cols,
+            t * rows
+        )));
+    }
+    let f = k.function("gemv.cu", &format!("gemv_t{t}"))?;
+    let (r, c) = (dim(rows)?, dim(cols)?);
+    let cfg = config(rows.div_ceil(4), 1, 1, 128)?;
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(w).arg(x).arg(&mut *y).arg(&r).arg(&c);
+    // SAFETY: as in `decode_attention`; the slice lengths were checked above.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }

@@ -29,6 +29,7 @@ pub const SOURCES: &[(&str, &str)] = &[
         "decode_attention.cu",
         include_str!("../../cuda/decode_attention.cu"),
     ),
+    ("gemv.cu", include_str!("../../cuda/gemv.cu")),
     ("norm.cu", include_str!("../../cuda/norm.cu")),
     (
         "prefill_attention.cu",
@@ -242,9 +243,15 @@ impl Kernels {
             return Err(CudaError::NoNvrtc);
         }
         let ctx = CudaContext::new(ordinal)?;
+        // Everything runs on one stream, so cudarc's cross-stream events are not needed;
+        // without them a stream can be captured into a CUDA graph (the worker's decode
+        // steps). The stream is a created one: the legacy default stream cannot be
+        // captured.
+        // SAFETY: no buffer is shared between streams (there is one).
+        unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability()?;
         let arch = format!("sm_{major}{minor}");
-        let stream = ctx.default_stream();
+        let stream = ctx.new_stream()?;
         let mut modules = HashMap::new();
         for (name, _) in SOURCES {
             let (cubin, _) = cached_cubin(cache_dir, name, &arch)?;

@@ -236,6 +236,28 @@ fn silu_and_mul_matches_the_f32_kernel() {
 }
 
 #[test]
+fn gemv_matches_a_dense_f64_product() {
+    let (rows, k, t) = (13, 40, 3);
+    let w = to_bf16_vec(&rand_vec(rows * k, 11));
+    let x = to_bf16_vec(&rand_vec(t * k, 12));
+    let got = gemv(&w, &x, rows, k);
+    assert_eq!(got.len(), t * rows);
+    let (wf, xf) = (from_bf16_vec(&w), from_bf16_vec(&x));
+    for ti in 0..t {
+        for r in 0..rows {
+            let want: f64 = (0..k)
+                .map(|c| f64::from(wf[r * k + c]) * f64::from(xf[ti * k + c]))
+                .sum();
+            let g = from_bf16(got[ti * rows + r]);
+            assert!(
+                close(g, want as f32, 1.0 / 128.0, 1e-5),
+                "row {r} token {ti}: {g} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
 fn rope_write_kv_matches_the_f32_kernel() {
     for style in [cpu::RopeStyle::Interleaved, cpu::RopeStyle::Half] {
         let (n_heads, n_kv, hd, rot) = (4, 2, 16, 12);

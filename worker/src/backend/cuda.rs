@@ -65,19 +65,35 @@ struct StepMeta {
     split: SplitScratch,
 }
 
-/// Grows `slot` to hold at least `n` elements (contents are not kept).
+/// Grows `slot` to hold at least `n` elements (contents are not kept); a new buffer
+/// bumps `epoch` (captured graphs hold the old address).
 fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
     stream: &std::sync::Arc<cudarc::driver::CudaStream>,
     slot: &mut CudaSlice<T>,
     n: usize,
+    epoch: &mut u64,
 ) -> Result<(), BackendError> {
     if slot.len() < n {
         *slot = stream
             .alloc_zeros::<T>(n.next_power_of_two())
             .map_err(dev)?;
+        *epoch += 1;
     }
     Ok(())
 }
+
+/// A decode step captured as a CUDA graph, valid while no step buffer is reallocated.
+struct DecodeGraph {
+    graph: cudarc::driver::CudaGraph,
+    epoch: u64,
+}
+
+// SAFETY: a CudaGraph is only used through `&mut CudaBackend`, so never from two threads
+// at once (CUDA requires graph calls to be serialised, not to stay on one thread).
+unsafe impl Send for DecodeGraph {}
+
+/// Most graphs kept (one per batch size and split count); beyond it they are dropped.
+const MAX_GRAPHS: usize = 64;
 
 /// Per-step buffers, grown to the largest step seen.
 struct StepBuffers {
@@ -110,6 +126,12 @@ pub struct CudaBackend {
     sms: usize,
     bufs: Option<StepBuffers>,
     meta: StepMeta,
+    /// Decode steps of up to `GEMV_MAX_TOKENS` sequences replay captured graphs, keyed by
+    /// (sequences, KV splits); `SOV_CUDA_GRAPHS=0` turns them off.
+    graphs: std::collections::HashMap<(usize, usize), DecodeGraph>,
+    use_graphs: bool,
+    /// Bumped whenever a step buffer is reallocated.
+    epoch: u64,
 }
 
 fn bf16_rows(m: &Matrix) -> Vec<u16> {
@@ -261,6 +283,9 @@ impl CudaBackend {
             sms,
             bufs: None,
             k,
+            graphs: std::collections::HashMap::new(),
+            use_graphs: std::env::var("SOV_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            epoch: 0,
         })
     }
 
@@ -272,6 +297,7 @@ impl CudaBackend {
         let t = tokens.next_power_of_two().max(16);
         let qkv_dim = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
         let s = &self.k.stream;
+        self.epoch += 1;
         self.bufs = Some(StepBuffers {
             tokens: t,
             residual: s.alloc_zeros(t * c.hidden).map_err(dev)?,
@@ -332,6 +358,32 @@ impl CudaBackend {
         .map_err(dev)
     }
 
+    /// A layer's matrix product over `tokens` rows of bf16 activations: our GEMV kernel
+    /// for decode-sized batches (it reads the weights at close to copy bandwidth, which
+    /// cuBLAS's tiles do not for so few rows), a cuBLAS GEMM otherwise.
+    fn linear(
+        k: &Kernels,
+        blas: &CudaBlas,
+        w: &DevMatrix,
+        x: &CudaSlice<u16>,
+        tokens: usize,
+        y: &mut CudaSlice<u16>,
+    ) -> Result<(), BackendError> {
+        if tokens <= launch::GEMV_MAX_TOKENS && w.cols.is_multiple_of(8) {
+            launch::gemv(k, &w.data, x, y, tokens, w.rows, w.cols).map_err(dev)
+        } else {
+            Self::gemm(
+                blas,
+                &k.stream,
+                w,
+                x,
+                tokens,
+                y,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+            )
+        }
+    }
+
     fn forward_inner(
         &mut self,
         chunks: &[SeqChunk<'_>],
@@ -339,22 +391,29 @@ impl CudaBackend {
     ) -> Result<Vec<f32>, BackendError> {
         self.buffers(t)?;
         let cfg = self.cfg.clone();
-        let (h, hd, inter) = (cfg.hidden, cfg.head_dim, cfg.intermediate);
+        let (h, hd) = (cfg.hidden, cfg.head_dim);
         let (q_dim, kv_dim) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
         let qkv_dim = q_dim + 2 * kv_dim;
         let bs = self.block_size;
-        // Host-side step description.
+        let all_decode = chunks.iter().all(|c| c.tokens.len() == 1);
+        let graph = self.use_graphs && all_decode && t <= launch::GEMV_MAX_TOKENS;
+        // Host-side step description. A graphed step's block tables have a fixed stride
+        // (the longest context's block count), so the captured kernels fit every step.
         let mut ids = Vec::with_capacity(t);
         let mut positions = Vec::with_capacity(t);
         let mut slots = Vec::with_capacity(t);
         let mut cu_q = vec![0i32];
         let mut lens = Vec::with_capacity(chunks.len());
-        let max_blocks = chunks
-            .iter()
-            .map(|c| c.block_table.len())
-            .max()
-            .unwrap_or(1)
-            .max(1);
+        let max_blocks = if graph {
+            self.max_pos.div_ceil(bs)
+        } else {
+            chunks
+                .iter()
+                .map(|c| c.block_table.len())
+                .max()
+                .unwrap_or(1)
+                .max(1)
+        };
         let mut tables = vec![0i32; chunks.len() * max_blocks];
         for (i, c) in chunks.iter().enumerate() {
             for (j, &tok) in c.tokens.iter().enumerate() {
@@ -370,6 +429,7 @@ impl CudaBackend {
             }
         }
         let s = self.k.stream.clone();
+        let mut epoch = self.epoch;
         let m = &mut self.meta;
         for (dst, src) in [
             (&mut m.ids, &ids),
@@ -379,140 +439,59 @@ impl CudaBackend {
             (&mut m.lens, &lens),
             (&mut m.tables, &tables),
         ] {
-            grow(&s, dst, src.len())?;
+            grow(&s, dst, src.len(), &mut epoch)?;
             s.memcpy_htod(src, dst).map_err(dev)?;
         }
-        let all_decode = chunks.iter().all(|c| c.tokens.len() == 1);
         let max_len = lens.iter().copied().max().unwrap_or(1) as usize;
         let scale = 1.0 / (hd as f32).sqrt();
-        let decode = DecodeDims {
-            num_seqs: chunks.len(),
-            n_kv_heads: cfg.n_kv_heads,
-            group: cfg.n_heads / cfg.n_kv_heads,
-            head_dim: hd,
-            max_blocks,
-            num_splits: launch::decode_splits(chunks.len(), cfg.n_kv_heads, max_len, self.sms),
-            scale,
-            q_stride: qkv_dim,
-        };
-        let prefill = PrefillDims {
-            num_seqs: chunks.len(),
-            max_new: chunks.iter().map(|c| c.tokens.len()).max().unwrap_or(1),
-            n_heads: cfg.n_heads,
-            n_kv_heads: cfg.n_kv_heads,
-            head_dim: hd,
-            max_blocks,
-            scale,
-            q_stride: qkv_dim,
-        };
-        let rope = RopeDims {
-            tokens: t,
-            n_heads: cfg.n_heads,
-            n_kv_heads: cfg.n_kv_heads,
-            head_dim: hd,
-            rot_dim: cfg.rope_dim,
-            style: match cfg.rope_style {
-                kernels::cpu::RopeStyle::Interleaved => 0,
-                kernels::cpu::RopeStyle::Half => 1,
-            },
-            qkv_stride: qkv_dim,
-        };
-        let heads = decode.num_seqs * cfg.n_heads * decode.num_splits;
-        grow(&s, &mut m.split.part_out, heads * hd)?;
-        grow(&s, &mut m.split.part_ml, heads * 2)?;
-        let want_rows = chunks.iter().filter(|c| c.want_logits).count();
-        grow(&s, &mut m.sel, want_rows * h)?;
-        grow(&s, &mut m.logits, want_rows * cfg.vocab_size)?;
-        let k = &self.k;
-        let b = self
-            .bufs
-            .as_mut()
-            .ok_or_else(|| dev("step buffers missing"))?;
-        let bf16 = blas_sys::cudaDataType::CUDA_R_16BF;
-        let eps = cfg.rms_eps;
-        // Embeddings into `proj`; the residual starts at zero, so layer 0's fused
-        // add + norm makes it the embeddings.
-        launch::embed_rows(k, &self.embed, &m.ids, &mut b.proj, t, h).map_err(dev)?;
-        s.memset_zeros(&mut b.residual).map_err(dev)?;
-        for (li, l) in self.layers.iter().enumerate() {
-            launch::add_rms_norm(
-                k,
-                &mut b.residual,
-                &b.proj,
-                &l.attn_norm,
-                &mut b.xn,
-                t,
-                h,
-                eps,
-            )
-            .map_err(dev)?;
-            Self::gemm(&self.blas, &s, &l.wqkv, &b.xn, t, &mut b.qkv, bf16)?;
-            launch::rope_write_kv(
-                k,
-                &rope,
-                &mut b.qkv,
-                &m.positions,
-                &m.slots,
-                &self.cos,
-                &self.sin,
-                &mut self.k_cache[li],
-                &mut self.v_cache[li],
-            )
-            .map_err(dev)?;
-            if all_decode {
-                launch::decode_attention(
-                    k,
-                    &decode,
-                    &b.qkv,
-                    &self.k_cache[li],
-                    &self.v_cache[li],
-                    &m.tables,
-                    &m.lens,
-                    &mut b.attn,
-                    &mut m.split,
-                )
-                .map_err(dev)?;
-            } else {
-                launch::prefill_attention(
-                    k,
-                    &prefill,
-                    &b.qkv,
-                    &self.k_cache[li],
-                    &self.v_cache[li],
-                    &m.cu_q,
-                    &m.lens,
-                    &m.tables,
-                    &mut b.attn,
-                )
-                .map_err(dev)?;
-            }
-            Self::gemm(&self.blas, &s, &l.wo, &b.attn, t, &mut b.proj, bf16)?;
-            launch::add_rms_norm(
-                k,
-                &mut b.residual,
-                &b.proj,
-                &l.ffn_norm,
-                &mut b.xn,
-                t,
-                h,
-                eps,
-            )
-            .map_err(dev)?;
-            Self::gemm(&self.blas, &s, &l.w_gate_up, &b.xn, t, &mut b.gate_up, bf16)?;
-            launch::silu_and_mul(k, &b.gate_up, &mut b.act, t, inter).map_err(dev)?;
-            Self::gemm(&self.blas, &s, &l.w_down, &b.act, t, &mut b.proj, bf16)?;
-        }
-        launch::add_rms_norm(
-            k,
-            &mut b.residual,
-            &b.proj,
-            &self.final_norm,
-            &mut b.xn,
+        let shapes = StepShapes {
             t,
-            h,
-            eps,
-        )
-        .map_err(dev)?;
+            all_decode,
+            decode: DecodeDims {
+                num_seqs: chunks.len(),
+                n_kv_heads: cfg.n_kv_heads,
+                group: cfg.n_heads / cfg.n_kv_heads,
+                head_dim: hd,
+                max_blocks,
+                num_splits: launch::decode_splits(chunks.len(), cfg.n_kv_heads, max_len, self.sms),
+                scale,
+                q_stride: qkv_dim,
+            },
+            prefill: PrefillDims {
+                num_seqs: chunks.len(),
+                max_new: chunks.iter().map(|c| c.tokens.len()).max().unwrap_or(1),
+                n_heads: cfg.n_heads,
+                n_kv_heads: cfg.n_kv_heads,
+                head_dim: hd,
+                max_blocks,
+                scale,
+                q_stride: qkv_dim,
+            },
+            rope: RopeDims {
+                tokens: t,
+                n_heads: cfg.n_heads,
+                n_kv_heads: cfg.n_kv_heads,
+                head_dim: hd,
+                rot_dim: cfg.rope_dim,
+                style: match cfg.rope_style {
+                    kernels::cpu::RopeStyle::Interleaved => 0,
+                    kernels::cpu::RopeStyle::Half => 1,
+                },
+                qkv_stride: qkv_dim,
+            },
+        };
+        let heads = shapes.decode.num_seqs * cfg.n_heads * shapes.decode.num_splits;
+        grow(&s, &mut m.split.part_out, heads * hd, &mut epoch)?;
+        grow(&s, &mut m.split.part_ml, heads * 2, &mut epoch)?;
+        let want_rows = chunks.iter().filter(|c| c.want_logits).count();
+        grow(&s, &mut m.sel, want_rows * h, &mut epoch)?;
+        grow(&s, &mut m.logits, want_rows * cfg.vocab_size, &mut epoch)?;
+        self.epoch = epoch;
+        if graph {
+            self.replay_step(&shapes)?;
+        } else {
+            self.enqueue_step(&shapes)?;
+        }
         // The rows that need logits (each wanted chunk's last token), packed.
         let mut rows = Vec::new();
         for (i, c) in chunks.iter().enumerate() {
@@ -523,6 +502,11 @@ impl CudaBackend {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
+        let b = self
+            .bufs
+            .as_ref()
+            .ok_or_else(|| dev("step buffers missing"))?;
+        let m = &mut self.meta;
         // `sel` and `logits` were grown for `want_rows` rows above.
         for (j, &r) in rows.iter().enumerate() {
             let src = b.xn.slice(r * h..(r + 1) * h);
@@ -544,6 +528,146 @@ impl CudaBackend {
         s.synchronize().map_err(dev)?;
         Ok(host)
     }
+
+    /// Launches a graphed decode step, capturing it first when no graph of this shape is
+    /// valid (a step buffer was reallocated since, or none was captured yet).
+    fn replay_step(&mut self, shapes: &StepShapes) -> Result<(), BackendError> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        let key = (shapes.decode.num_seqs, shapes.decode.num_splits);
+        let fresh = self.graphs.get(&key).is_some_and(|g| g.epoch == self.epoch);
+        if !fresh {
+            if self.graphs.len() >= MAX_GRAPHS {
+                self.graphs.clear();
+            }
+            let s = self.k.stream.clone();
+            s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+                .map_err(dev)?;
+            let enqueued = self.enqueue_step(shapes);
+            // End the capture whatever happened, so the stream is usable again.
+            let captured = s.end_capture(CUgraphInstantiate_flags(0));
+            enqueued?;
+            let graph = captured
+                .map_err(dev)?
+                .ok_or_else(|| dev("CUDA graph capture of a decode step produced no graph"))?;
+            self.graphs.insert(
+                key,
+                DecodeGraph {
+                    graph,
+                    epoch: self.epoch,
+                },
+            );
+        }
+        let g = self
+            .graphs
+            .get(&key)
+            .ok_or_else(|| dev("decode graph missing"))?;
+        g.graph.launch().map_err(dev)
+    }
+
+    /// Enqueues the layers of one step, embeddings to the final norm (into `bufs.xn`).
+    fn enqueue_step(&mut self, sh: &StepShapes) -> Result<(), BackendError> {
+        let t = sh.t;
+        let (h, inter, eps) = (self.cfg.hidden, self.cfg.intermediate, self.cfg.rms_eps);
+        let s = self.k.stream.clone();
+        let k = &self.k;
+        let m = &mut self.meta;
+        let b = self
+            .bufs
+            .as_mut()
+            .ok_or_else(|| dev("step buffers missing"))?;
+        // Embeddings into `proj`; the residual starts at zero, so layer 0's fused
+        // add + norm makes it the embeddings.
+        launch::embed_rows(k, &self.embed, &m.ids, &mut b.proj, t, h).map_err(dev)?;
+        s.memset_zeros(&mut b.residual).map_err(dev)?;
+        for (li, l) in self.layers.iter().enumerate() {
+            launch::add_rms_norm(
+                k,
+                &mut b.residual,
+                &b.proj,
+                &l.attn_norm,
+                &mut b.xn,
+                t,
+                h,
+                eps,
+            )
+            .map_err(dev)?;
+            Self::linear(k, &self.blas, &l.wqkv, &b.xn, t, &mut b.qkv)?;
+            launch::rope_write_kv(
+                k,
+                &sh.rope,
+                &mut b.qkv,
+                &m.positions,
+                &m.slots,
+                &self.cos,
+                &self.sin,
+                &mut self.k_cache[li],
+                &mut self.v_cache[li],
+            )
+            .map_err(dev)?;
+            if sh.all_decode {
+                launch::decode_attention(
+                    k,
+                    &sh.decode,
+                    &b.qkv,
+                    &self.k_cache[li],
+                    &self.v_cache[li],
+                    &m.tables,
+                    &m.lens,
+                    &mut b.attn,
+                    &mut m.split,
+                )
+                .map_err(dev)?;
+            } else {
+                launch::prefill_attention(
+                    k,
+                    &sh.prefill,
+                    &b.qkv,
+                    &self.k_cache[li],
+                    &self.v_cache[li],
+                    &m.cu_q,
+                    &m.lens,
+                    &m.tables,
+                    &mut b.attn,
+                )
+                .map_err(dev)?;
+            }
+            Self::linear(k, &self.blas, &l.wo, &b.attn, t, &mut b.proj)?;
+            launch::add_rms_norm(
+                k,
+                &mut b.residual,
+                &b.proj,
+                &l.ffn_norm,
+                &mut b.xn,
+                t,
+                h,
+                eps,
+            )
+            .map_err(dev)?;
+            Self::linear(k, &self.blas, &l.w_gate_up, &b.xn, t, &mut b.gate_up)?;
+            launch::silu_and_mul(k, &b.gate_up, &mut b.act, t, inter).map_err(dev)?;
+            Self::linear(k, &self.blas, &l.w_down, &b.act, t, &mut b.proj)?;
+        }
+        launch::add_rms_norm(
+            k,
+            &mut b.residual,
+            &b.proj,
+            &self.final_norm,
+            &mut b.xn,
+            t,
+            h,
+            eps,
+        )
+        .map_err(dev)
+    }
+}
+
+/// The launch shapes of one step.
+struct StepShapes {
+    t: usize,
+    all_decode: bool,
+    decode: DecodeDims,
+    prefill: PrefillDims,
+    rope: RopeDims,
 }
 
 impl Backend for CudaBackend {
