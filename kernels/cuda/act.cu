@@ -33,3 +33,19 @@ extern "C" __global__ void __launch_bounds__(128)
   for (int c = threadIdx.x * 8; c < hidden; c += blockDim.x * 8)
     *reinterpret_cast<uint4*>(out + t * hidden + c) = *reinterpret_cast<const uint4*>(src + c);
 }
+
+// Embedding lookup into the f32 residual stream: residual[t] = table[ids[t]] (the fused
+// decode path adds every layer's output to it). CPU reference: kernels::gpu_ref::embed_rows.
+extern "C" __global__ void __launch_bounds__(128)
+    embed_rows_f32(const sov::bf16* __restrict__ table, const int* __restrict__ ids,
+                   float* __restrict__ residual, int hidden) {
+  const long long t = blockIdx.x;
+  const sov::bf16* src = table + (long long)ids[t] * hidden;
+  for (int c = threadIdx.x * 8; c < hidden; c += blockDim.x * 8) {
+    float v[8];
+    sov::load8(src + c, v);
+    float4* dst = reinterpret_cast<float4*>(residual + t * hidden + c);
+    dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+    dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
+}

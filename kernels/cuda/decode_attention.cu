@@ -13,7 +13,7 @@
 //
 // Grid: (num_seqs, n_kv_heads, num_splits); 128 threads (4 warps). One CTA serves every
 // query head of one KV head's GQA group, so each K/V row is read from memory once per
-// group. The context is cut into `num_splits` contiguous ranges of whole 256-token chunks
+// group. The context is cut into `num_splits` contiguous ranges of whole 64-token units
 // (split-KV, for when sequences x KV heads are too few CTAs to fill the GPU).
 //
 // Inside a CTA there is no barrier until the end: warp w takes KV blocks w, w + 4, ... of
@@ -35,7 +35,7 @@ namespace sov {
 
 constexpr int DA_THREADS = 128;
 constexpr int DA_WARPS = DA_THREADS / 32;
-constexpr int DA_PART = 256;  // tokens per split unit (a multiple of KV_BLOCK)
+constexpr int DA_PART = 64;  // tokens per split unit (a multiple of KV_BLOCK; gpu_ref::DECODE_CHUNK)
 constexpr float LOG2E = 1.4426950408889634f;
 
 template <int HD, int GROUP>
@@ -65,7 +65,7 @@ __device__ __forceinline__ void decode_attention_impl(
   const int sub = lane / SUB, lsub = lane % SUB;
   const bool has = lsub < CHUNKS;
   const int len = seq_lens[seq];
-  // This split's token range: whole 256-token units except the last.
+  // This split's token range: whole 64-token units except the last.
   const int units_total = (len + DA_PART - 1) / DA_PART;
   const int units_per_split = (units_total + num_splits - 1) / num_splits;
   const int begin = split * units_per_split * DA_PART;

@@ -1,15 +1,27 @@
-// Skinny matrix product for decode steps: y[t][r] = sum_c w[r][c] * x[t][c] for T <= 8
-// token rows, bf16 in, f32 sums, bf16 out. CPU reference: kernels::gpu_ref::gemv.
+// Skinny matrix products for decode steps: y[t][r] = sum_c w[r][c] * x[t][c] for T <= 8
+// token rows, bf16 weights, f32 sums. CPU reference: kernels::gpu_ref::gemv and
+// kernels::gpu_ref::gemv_f32 (with the input and output stages below).
 // cuBLAS picks tensor-core tiles for these shapes that reach 30-65% of the memory
-// bandwidth on a 2048-wide layer (measured on an H200); this kernel streams the weights
-// once with 16-byte loads, every load of a CTA in flight together.
+// bandwidth on a 2048-wide layer (measured on an H200); these kernels stream the weights
+// once with 16-byte loads, every load of a CTA in flight together, and fuse the steps
+// around a decode step's matrix products, so a layer is six kernels:
 //
-//   w [rows][k] bf16 (row-major, k a multiple of 8), x [T][k] bf16, y [T][rows] bf16
+//   gemv_norm_t{T}      x = rms_norm(residual) * norm_w (rounded to bf16, as the
+//                       unfused rms_norm kernel writes it), y bf16
+//   gemv_t{T}           x bf16, y bf16
+//   gemv_add_t{T}       x bf16, residual += y (f32)
+//   gemv_silu_add_t{T}  x = silu(gate) * up from the fused gate|up rows (rounded to bf16,
+//                       as silu_and_mul writes it), residual += y (f32)
+//
+//   w [rows][k] bf16 (row-major, k a multiple of 8); x or residual rows have k columns
+//   (gate|up rows 2k); y and the output residual rows have `rows` columns.
 //
 // Grid: ceil(rows / GV_ROWS) CTAs of 128 threads. A CTA computes GV_ROWS rows; its
-// threads stride over the 16-byte column pieces, so each weight row is read by all 128
-// threads in coalesced 2 KB runs and each x piece is loaded once for GV_ROWS rows. The
-// partial sums are reduced with shuffles, then across the 4 warps in shared memory.
+// threads stride over the 16-byte column pieces, so each weight row is read in coalesced
+// 2 KB runs and each x piece is formed once for GV_ROWS rows. The sums are reduced with
+// shuffles, then across the 4 warps in shared memory. The host rounds the token count up
+// to T = 1, 2, 4 or 8: the extra input rows are read (the buffers must hold T rows) and
+// their results dropped; only `tokens` rows are written.
 #include "common.cuh"
 
 namespace sov {
@@ -18,13 +30,59 @@ constexpr int GV_THREADS = 128;
 constexpr int GV_WARPS = GV_THREADS / 32;
 constexpr int GV_ROWS = 4;
 
-template <int T>
+enum GvIn { GV_PLAIN = 0, GV_NORM = 1, GV_SILU = 2 };
+enum GvOut { GV_BF16 = 0, GV_ADD = 1 };
+
+// Eight f32 values rounded to bf16 and widened back (what a bf16 store and load give).
+__device__ __forceinline__ void round8(float v[8]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = bf16_to_f32(f32_to_bf16(v[i]));
+}
+
+template <int T, int IN, int OUT>
 __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
-                                          const sov::bf16* __restrict__ x,
-                                          sov::bf16* __restrict__ y, int rows, int k) {
+                                          const void* __restrict__ xin,
+                                          const sov::bf16* __restrict__ norm_w, float eps,
+                                          void* __restrict__ yout, int rows, int k,
+                                          int tokens) {
   __shared__ float s_part[GV_WARPS][GV_ROWS][T];
+  __shared__ float s_inv[T];
   const int row0 = blockIdx.x * GV_ROWS;
   const int pieces = k / 8;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const float* res = static_cast<const float*>(xin);
+  const sov::bf16* xb = static_cast<const sov::bf16*>(xin);
+
+  if (IN == GV_NORM) {
+    // 1 / rms of each residual row (the rows were written by the previous kernel and
+    // sit in L2).
+    float ss[T];
+#pragma unroll
+    for (int t = 0; t < T; ++t) ss[t] = 0.f;
+    for (int p = threadIdx.x; p < pieces; p += GV_THREADS) {
+#pragma unroll
+      for (int t = 0; t < T; ++t) {
+        const float4 a = *reinterpret_cast<const float4*>(res + (long long)t * k + p * 8);
+        const float4 b = *reinterpret_cast<const float4*>(res + (long long)t * k + p * 8 + 4);
+        ss[t] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y +
+                 b.z * b.z + b.w * b.w;
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+      const float v = warp_sum(ss[t]);
+      if (lane == 0) s_part[warp][0][t] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < T) {
+      float v = 0.f;
+#pragma unroll
+      for (int wi = 0; wi < GV_WARPS; ++wi) v += s_part[wi][0][threadIdx.x];
+      s_inv[threadIdx.x] = rsqrtf(v / k + eps);
+    }
+    __syncthreads();
+  }
+
   float acc[GV_ROWS][T];
 #pragma unroll
   for (int r = 0; r < GV_ROWS; ++r)
@@ -36,15 +94,37 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
     // Rows past the end read row 0 (always valid) and are never written.
     wr[r] = w + (long long)(row0 + r < rows ? row0 + r : 0) * k;
   }
-#pragma unroll 2
+  // Two pieces in flight per thread; one for the SiLU input, whose extra registers
+  // would otherwise spill.
+#pragma unroll(IN == GV_SILU ? 1 : 2)
   for (int p = threadIdx.x; p < pieces; p += GV_THREADS) {
     uint4 wv[GV_ROWS];
 #pragma unroll
     for (int r = 0; r < GV_ROWS; ++r) wv[r] = *reinterpret_cast<const uint4*>(wr[r] + p * 8);
+    float nw[8];
+    if (IN == GV_NORM) load8(norm_w + p * 8, nw);
 #pragma unroll
     for (int t = 0; t < T; ++t) {
       float xf[8];
-      sov::load8(x + (long long)t * k + p * 8, xf);
+      if (IN == GV_PLAIN) {
+        load8(xb + (long long)t * k + p * 8, xf);
+      } else if (IN == GV_NORM) {
+        const float* rr = res + (long long)t * k + p * 8;
+        const float4 a = *reinterpret_cast<const float4*>(rr);
+        const float4 b = *reinterpret_cast<const float4*>(rr + 4);
+        const float inv = s_inv[t];
+        const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) xf[i] = v[i] * inv * nw[i];
+        round8(xf);
+      } else {
+        float g[8], u[8];
+        load8(xb + (long long)t * 2 * k + p * 8, g);
+        load8(xb + (long long)t * 2 * k + k + p * 8, u);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) xf[i] = g[i] / (1.f + __expf(-g[i])) * u[i];
+        round8(xf);
+      }
 #pragma unroll
       for (int r = 0; r < GV_ROWS; ++r) {
         const unsigned u[4] = {wv[r].x, wv[r].y, wv[r].z, wv[r].w};
@@ -58,12 +138,12 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
       }
     }
   }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (IN == GV_NORM) __syncthreads();  // s_part held the norms
 #pragma unroll
   for (int r = 0; r < GV_ROWS; ++r)
 #pragma unroll
     for (int t = 0; t < T; ++t) {
-      const float v = sov::warp_sum(acc[r][t]);
+      const float v = warp_sum(acc[r][t]);
       if (lane == 0) s_part[warp][r][t] = v;
     }
   __syncthreads();
@@ -72,20 +152,44 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
     float v = 0.f;
 #pragma unroll
     for (int wi = 0; wi < GV_WARPS; ++wi) v += s_part[wi][r][t];
-    if (row0 + r < rows) y[(long long)t * rows + row0 + r] = sov::f32_to_bf16(v);
+    if (row0 + r < rows && t < tokens) {
+      const long long o = (long long)t * rows + row0 + r;
+      if (OUT == GV_BF16) {
+        static_cast<sov::bf16*>(yout)[o] = f32_to_bf16(v);
+      } else {
+        static_cast<float*>(yout)[o] += v;
+      }
+    }
   }
 }
 
 }  // namespace sov
 
-#define SOV_GEMV(T)                                                                      \
-  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                          \
-      gemv_t##T(const sov::bf16* w, const sov::bf16* x, sov::bf16* y, int rows, int k) { \
-    sov::gemv_impl<T>(w, x, y, rows, k);                                                 \
+#define SOV_GEMV(T)                                                                        \
+  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
+      gemv_t##T(const sov::bf16* w, const sov::bf16* x, sov::bf16* y, int rows, int k,     \
+                int tokens) {                                                              \
+    sov::gemv_impl<T, sov::GV_PLAIN, sov::GV_BF16>(w, x, nullptr, 0.f, y, rows, k, tokens); \
+  }                                                                                        \
+  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
+      gemv_norm_t##T(const sov::bf16* w, const float* residual, const sov::bf16* norm_w,   \
+                     float eps, sov::bf16* y, int rows, int k, int tokens) {               \
+    sov::gemv_impl<T, sov::GV_NORM, sov::GV_BF16>(w, residual, norm_w, eps, y, rows, k,    \
+                                                  tokens);                                 \
+  }                                                                                        \
+  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
+      gemv_add_t##T(const sov::bf16* w, const sov::bf16* x, float* residual, int rows,     \
+                    int k, int tokens) {                                                   \
+    sov::gemv_impl<T, sov::GV_PLAIN, sov::GV_ADD>(w, x, nullptr, 0.f, residual, rows, k,   \
+                                                  tokens);                                 \
+  }                                                                                        \
+  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
+      gemv_silu_add_t##T(const sov::bf16* w, const sov::bf16* gate_up, float* residual,    \
+                         int rows, int k, int tokens) {                                    \
+    sov::gemv_impl<T, sov::GV_SILU, sov::GV_ADD>(w, gate_up, nullptr, 0.f, residual, rows, \
+                                                 k, tokens);                               \
   }
 
-// T = 1, 2, 4, 8: the host rounds the token count up (the extra rows of x are read and
-// the extra rows of y written, so both buffers must hold T rows).
 SOV_GEMV(1)
 SOV_GEMV(2)
 SOV_GEMV(4)

@@ -83,3 +83,30 @@ extern "C" __global__ void __launch_bounds__(sov::NORM_THREADS)
     sov::store8(out + row * dim + c, v);
   }
 }
+
+// out[r] = rms_norm(residual[r]) (residual f32, out bf16): the final norm of the fused
+// decode path, whose matrix kernels add into the residual themselves.
+extern "C" __global__ void __launch_bounds__(sov::NORM_THREADS)
+    rms_norm_f32(const float* __restrict__ residual, const sov::bf16* __restrict__ weight,
+                 sov::bf16* __restrict__ out, int dim, float eps) {
+  __shared__ float scratch[sov::NORM_THREADS / 32];
+  const long long row = blockIdx.x;
+  const float* rr = residual + row * dim;
+  float ss = 0.f;
+  for (int c = threadIdx.x * 4; c < dim; c += sov::NORM_THREADS * 4) {
+    const float4 a = *reinterpret_cast<const float4*>(rr + c);
+    ss = fmaf(a.x, a.x, ss); ss = fmaf(a.y, a.y, ss); ss = fmaf(a.z, a.z, ss); ss = fmaf(a.w, a.w, ss);
+  }
+  ss = sov::block_sum(ss, scratch);
+  const float inv = rsqrtf(ss / dim + eps);
+  for (int c = threadIdx.x * 8; c < dim; c += sov::NORM_THREADS * 8) {
+    const float4* r4 = reinterpret_cast<const float4*>(rr + c);
+    const float4 a = r4[0], b = r4[1];
+    float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    float w[8];
+    sov::load8(weight + c, w);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = v[i] * inv * w[i];
+    sov::store8(out + row * dim + c, v);
+  }
+}

@@ -9,7 +9,7 @@ use crate::KvLayout;
 use crate::cpu::RopeStyle;
 
 /// Tokens per chunk of the decode kernel (`DA_PART` in decode_attention.cu).
-pub const DECODE_CHUNK: usize = 256;
+pub const DECODE_CHUNK: usize = 64;
 
 /// f32 -> bf16, round to nearest even (NaN stays NaN), as `__float2bfloat16_rn`.
 pub fn to_bf16(x: f32) -> u16 {
@@ -245,6 +245,31 @@ pub fn gemv(w: &[u16], x: &[u16], rows: usize, k: usize) -> Vec<u16> {
         );
     }
     out
+}
+
+/// `gemv` with the f32 sums (what the `gemv_add` kernels add to the residual stream).
+pub fn gemv_f32(w: &[u16], x: &[u16], rows: usize, k: usize) -> Vec<f32> {
+    let wf = from_bf16_vec(w);
+    let mut out = Vec::with_capacity(x.len() / k.max(1) * rows);
+    for xr in x.chunks_exact(k) {
+        let xf = from_bf16_vec(xr);
+        out.extend(
+            wf.chunks_exact(k)
+                .take(rows)
+                .map(|wr| wr.iter().zip(&xf).map(|(a, b)| a * b).sum::<f32>()),
+        );
+    }
+    out
+}
+
+/// `rms_norm_f32`: rows of the f32 residual normalised and scaled by `weight`, as bf16
+/// (also the input the `gemv_norm` kernels form).
+pub fn rms_norm_f32(residual: &[f32], weight: &[u16], dim: usize, eps: f32) -> Vec<u16> {
+    let w = from_bf16_vec(weight);
+    residual
+        .chunks_exact(dim)
+        .flat_map(|r| normed(r, &w, eps))
+        .collect()
 }
 
 /// `silu_and_mul`: `gate_up` rows are `[gate (inter)][up (inter)]`.

@@ -33,17 +33,20 @@ grep '^"' "$TMP/ncu.out" > "$OUT/ncu-$SHAPE.csv"
 python3 - "$OUT/ncu-$SHAPE.csv" <<'PY'
 import csv, sys, collections
 rows = list(csv.DictReader(open(sys.argv[1])))
-ks = [(r["Kernel Name"], float(r["Metric Value"])) for r in rows if r.get("Metric Name") == "gpu__time_duration.sum"]
-print(f"{len(ks)} kernels profiled")
-# The last 1/3 of the launches are decode steps at batch 1.
-tail = ks[len(ks) * 2 // 3:]
-by = collections.defaultdict(lambda: [0, 0.0])
-for n, t in tail:
-    short = n.split("(")[0][:60]
-    by[short][0] += 1
-    by[short][1] += t
-total = sum(t for _, t in tail)
-print(f"last {len(tail)} kernels: {total / 1e3:.1f} us total")
-for n, (c, t) in sorted(by.items(), key=lambda x: -x[1][1]):
-    print(f"{t / total * 100:5.1f}%  {c:5d} x {t / c / 1e3:8.2f} us  {n}")
+ks = [(r["Kernel Name"].split("(")[0][:60] + " " + r["Grid Size"], float(r["Metric Value"].replace(",", "")))
+      for r in rows if r.get("Metric Name") == "gpu__time_duration.sum"]
+# A step starts with the embedding lookup; the last steps are batch-1 decode steps.
+starts = [i for i, (n, _) in enumerate(ks) if n.startswith("embed_rows")]
+print(f"{len(ks)} kernels, {len(starts)} steps")
+if len(starts) >= 3:
+    a, b = starts[-3], starts[-2]
+    step = ks[a:b]
+    total = sum(t for _, t in step)
+    print(f"one decode step: {len(step)} kernels, {total / 1e3:.1f} us of GPU time")
+    by = collections.defaultdict(lambda: [0, 0.0])
+    for n, t in step:
+        by[n][0] += 1
+        by[n][1] += t
+    for n, (c, t) in sorted(by.items(), key=lambda x: -x[1][1]):
+        print(f"{t / total * 100:5.1f}%  {c:4d} x {t / c / 1e3:8.2f} us  {n}")
 PY

@@ -302,25 +302,118 @@ fn check_act(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
 }
 
 fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
+    use launch::{GemvInput, GemvOutput};
     let mut out = Vec::new();
     // EuroLLM-1.7B's o_proj and down_proj shapes, and a ragged last CTA.
     for (rows, cols) in [(2048usize, 2048usize), (2048, 5632), (1001, 64)] {
         for tokens in [1usize, 3, 8] {
             let t = launch::gemv_rows(tokens);
             let w = to_bf16_vec(&rng.f32s(rows * cols));
+            let wd = up(k, &w)?;
+            // Plain, into bf16.
             let x = to_bf16_vec(&rng.f32s(t * cols));
-            let (wd, xd) = (up(k, &w)?, up(k, &x)?);
+            let xd = up(k, &x)?;
             let mut y = zeros::<u16>(k, t * rows)?;
-            launch::gemv(k, &wd, &xd, &mut y, tokens, rows, cols)?;
-            let got = down(k, &y)?;
+            launch::gemv(
+                k,
+                &wd,
+                GemvInput::Plain(&xd),
+                GemvOutput::Bf16(&mut y),
+                tokens,
+                rows,
+                cols,
+            )?;
             let want = gpu_ref::gemv(&w, &x[..tokens * cols], rows, cols);
-            let (err, first) = compare(&got[..want.len()], &want);
+            let (err, first) = compare(&down(k, &y)?[..want.len()], &want);
             out.push(
                 json!({"kernel": "gemv", "rows": rows, "cols": cols, "tokens": tokens,
                 "max_abs_err": err, "ok": first.is_none(), "mismatch": first}),
             );
+            // RMS-normalised residual rows, into bf16.
+            let res: Vec<f32> = rng.f32s(t * cols).iter().map(|v| v * 3.0).collect();
+            let nw = to_bf16_vec(&rng.f32s(cols));
+            let (rd, nwd) = (up(k, &res)?, up(k, &nw)?);
+            let input = GemvInput::Norm {
+                residual: &rd,
+                weight: &nwd,
+                eps: 1e-5,
+            };
+            launch::gemv(k, &wd, input, GemvOutput::Bf16(&mut y), tokens, rows, cols)?;
+            let xn = gpu_ref::rms_norm_f32(&res[..tokens * cols], &nw, cols, 1e-5);
+            let want = gpu_ref::gemv(&w, &xn, rows, cols);
+            let (err, first) = compare(&down(k, &y)?[..want.len()], &want);
+            out.push(
+                json!({"kernel": "gemv_norm", "rows": rows, "cols": cols, "tokens": tokens,
+                "max_abs_err": err, "ok": first.is_none(), "mismatch": first}),
+            );
+            // Plain and SiLU inputs added to a residual of `rows` columns.
+            let gu: Vec<f32> = rng.f32s(t * 2 * cols).iter().map(|v| v * 4.0).collect();
+            let gu = to_bf16_vec(&gu);
+            let gud = up(k, &gu)?;
+            for silu in [false, true] {
+                let base = rng.f32s(t * rows);
+                let mut rd = up(k, &base)?;
+                let (input, xr) = if silu {
+                    (
+                        GemvInput::SiluOf(&gud),
+                        gpu_ref::silu_and_mul(&gu[..tokens * 2 * cols], cols),
+                    )
+                } else {
+                    (GemvInput::Plain(&xd), x[..tokens * cols].to_vec())
+                };
+                launch::gemv(
+                    k,
+                    &wd,
+                    input,
+                    GemvOutput::AddTo(&mut rd),
+                    tokens,
+                    rows,
+                    cols,
+                )?;
+                let sums = gpu_ref::gemv_f32(&w, &xr, rows, cols);
+                let got = down(k, &rd)?;
+                let mut max_err = 0f32;
+                let mut first = None;
+                for (i, g) in got.iter().enumerate() {
+                    let want = base[i] + sums.get(i).copied().unwrap_or(0.0);
+                    let e = (g - want).abs();
+                    max_err = max_err.max(e);
+                    if e.is_nan() || e > want.abs() / 512.0 + 1e-3 {
+                        first.get_or_insert_with(|| {
+                            format!("element {i}: gpu {g} vs reference {want}")
+                        });
+                    }
+                }
+                let name = if silu { "gemv_silu_add" } else { "gemv_add" };
+                out.push(
+                    json!({"kernel": name, "rows": rows, "cols": cols, "tokens": tokens,
+                    "max_abs_err": max_err, "ok": first.is_none(), "mismatch": first}),
+                );
+            }
         }
     }
+    // The fused path's final norm and embedding lookup.
+    let (rows, dim) = (5, 2048);
+    let res: Vec<f32> = rng.f32s(rows * dim).iter().map(|v| v * 7.0).collect();
+    let nw = to_bf16_vec(&rng.f32s(dim));
+    let (rd, nwd) = (up(k, &res)?, up(k, &nw)?);
+    let mut o = zeros::<u16>(k, rows * dim)?;
+    launch::rms_norm_f32(k, &rd, &nwd, &mut o, rows, dim, 1e-5)?;
+    let (err, first) = compare(&down(k, &o)?, &gpu_ref::rms_norm_f32(&res, &nw, dim, 1e-5));
+    out.push(json!({"kernel": "rms_norm_f32", "rows": rows, "dim": dim, "max_abs_err": err, "ok": first.is_none(), "mismatch": first}));
+    let table = to_bf16_vec(&rng.f32s(100 * dim));
+    let ids = [3u32, 99, 0];
+    let (td, idd) = (
+        up(k, &table)?,
+        up(k, &ids.iter().map(|i| *i as i32).collect::<Vec<_>>())?,
+    );
+    let mut r = zeros::<f32>(k, ids.len() * dim)?;
+    launch::embed_rows_f32(k, &td, &idd, &mut r, ids.len(), dim)?;
+    let want: Vec<f32> = gpu_ref::embed_rows(&table, &ids, dim)
+        .iter()
+        .map(|b| from_bf16(*b))
+        .collect();
+    out.push(json!({"kernel": "embed_rows_f32", "hidden": dim, "ok": down(k, &r)? == want}));
     Ok(out)
 }
 
@@ -538,7 +631,15 @@ fn gemv_bandwidth(
     let x = zeros::<u16>(k, t * cols)?;
     let mut y = zeros::<u16>(k, t * rows)?;
     let ms = time_ms(k, 20, || {
-        launch::gemv(k, &w, &x, &mut y, tokens, rows, cols)
+        launch::gemv(
+            k,
+            &w,
+            launch::GemvInput::Plain(&x),
+            launch::GemvOutput::Bf16(&mut y),
+            tokens,
+            rows,
+            cols,
+        )
     })?;
     let bytes = (rows * cols * 2) as f64;
     Ok(

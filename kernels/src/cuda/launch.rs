@@ -408,38 +408,153 @@ pub fn gemv_rows(tokens: usize) -> usize {
     tokens.max(1).next_power_of_two()
 }
 
-/// `gemv_t{T}`: `y[t][r] = sum_c w[r][c] * x[t][c]` for `tokens` (at most
-/// [`GEMV_MAX_TOKENS`]) rows; `w` is `[rows][k]` bf16, `k` a multiple of 8. `x` and `y`
-/// must hold [`gemv_rows`]`(tokens)` rows: the rows past `tokens` are computed too.
+/// What a [`gemv`] multiplies: bf16 rows, the RMS-normalised rows of the f32 residual
+/// stream (scaled by `weight`), or SiLU(gate) * up of fused gate|up rows (`2 * cols` wide).
+pub enum GemvInput<'a> {
+    Plain(&'a CudaSlice<u16>),
+    Norm {
+        residual: &'a CudaSlice<f32>,
+        weight: &'a CudaSlice<u16>,
+        eps: f32,
+    },
+    SiluOf(&'a CudaSlice<u16>),
+}
+
+/// Where a [`gemv`]'s rows go: stored as bf16, or added to the f32 residual stream.
+pub enum GemvOutput<'a> {
+    Bf16(&'a mut CudaSlice<u16>),
+    AddTo(&'a mut CudaSlice<f32>),
+}
+
+/// `gemv*_t{T}`: `y[t][r] = sum_c w[r][c] * x[t][c]` for `tokens` (at most
+/// [`GEMV_MAX_TOKENS`]) rows; `w` is `[rows][cols]` bf16, `cols` a multiple of 8. The input
+/// must hold [`gemv_rows`]`(tokens)` rows (the extra rows are read, their results
+/// dropped). Supported pairs: plain or normalised input into bf16, plain or SiLU input
+/// added to the residual.
 pub fn gemv(
     k: &Kernels,
     w: &CudaSlice<u16>,
-    x: &CudaSlice<u16>,
-    y: &mut CudaSlice<u16>,
+    input: GemvInput<'_>,
+    output: GemvOutput<'_>,
     tokens: usize,
     rows: usize,
     cols: usize,
 ) -> Result<(), CudaError> {
     let t = gemv_rows(tokens);
-    if tokens > GEMV_MAX_TOKENS || !cols.is_multiple_of(8) {
-        return Err(CudaError::Shape(format!(
-            "gemv: {tokens} tokens (at most {GEMV_MAX_TOKENS}), {cols} columns (a multiple of 8)"
+    let shape =
+        |what: String| CudaError::Shape(format!("gemv ({rows}x{cols}, {tokens} tokens): {what}"));
+    if tokens == 0 || tokens > GEMV_MAX_TOKENS || !cols.is_multiple_of(8) {
+        return Err(shape(format!(
+            "needs 1..={GEMV_MAX_TOKENS} tokens and a multiple of 8 columns"
         )));
     }
-    if w.len() < rows * cols || x.len() < t * cols || y.len() < t * rows {
-        return Err(CudaError::Shape(format!(
-            "gemv: {rows}x{cols} weights over {t} rows need {} weights, {} inputs, {} outputs",
-            rows * cols,
-            t * cols,
-            t * rows
-        )));
+    if w.len() < rows * cols {
+        return Err(shape(format!("{} weights", w.len())));
     }
-    let f = k.function("gemv.cu", &format!("gemv_t{t}"))?;
-    let (r, c) = (dim(rows)?, dim(cols)?);
+    let in_len = match &input {
+        GemvInput::Plain(x) => x.len() >= t * cols,
+        GemvInput::Norm {
+            residual, weight, ..
+        } => residual.len() >= t * cols && weight.len() >= cols,
+        GemvInput::SiluOf(gu) => gu.len() >= t * 2 * cols,
+    };
+    let out_len = match &output {
+        GemvOutput::Bf16(y) => y.len() >= tokens * rows,
+        GemvOutput::AddTo(r) => r.len() >= tokens * rows,
+    };
+    if !in_len || !out_len {
+        return Err(shape("input or output buffer too short".into()));
+    }
+    let (r, c, n) = (dim(rows)?, dim(cols)?, dim(tokens)?);
     let cfg = config(rows.div_ceil(4), 1, 1, 128)?;
+    let entry = |name: &str| k.function("gemv.cu", &format!("{name}_t{t}"));
+    match (input, output) {
+        (GemvInput::Plain(x), GemvOutput::Bf16(y)) => {
+            let f = entry("gemv")?;
+            let mut b = k.stream.launch_builder(&f);
+            b.arg(w).arg(x).arg(y).arg(&r).arg(&c).arg(&n);
+            // SAFETY: as in `decode_attention`; the lengths were checked above.
+            unsafe { b.launch(cfg) }?;
+        }
+        (
+            GemvInput::Norm {
+                residual,
+                weight,
+                eps,
+            },
+            GemvOutput::Bf16(y),
+        ) => {
+            let f = entry("gemv_norm")?;
+            let mut b = k.stream.launch_builder(&f);
+            b.arg(w)
+                .arg(residual)
+                .arg(weight)
+                .arg(&eps)
+                .arg(y)
+                .arg(&r)
+                .arg(&c)
+                .arg(&n);
+            // SAFETY: as above.
+            unsafe { b.launch(cfg) }?;
+        }
+        (GemvInput::Plain(x), GemvOutput::AddTo(res)) => {
+            let f = entry("gemv_add")?;
+            let mut b = k.stream.launch_builder(&f);
+            b.arg(w).arg(x).arg(res).arg(&r).arg(&c).arg(&n);
+            // SAFETY: as above.
+            unsafe { b.launch(cfg) }?;
+        }
+        (GemvInput::SiluOf(gu), GemvOutput::AddTo(res)) => {
+            let f = entry("gemv_silu_add")?;
+            let mut b = k.stream.launch_builder(&f);
+            b.arg(w).arg(gu).arg(res).arg(&r).arg(&c).arg(&n);
+            // SAFETY: as above.
+            unsafe { b.launch(cfg) }?;
+        }
+        _ => {
+            return Err(shape(
+                "no kernel for this input and output (norm or plain into bf16, plain or SiLU added to the residual)".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `rms_norm_f32`: `out = rms_norm(residual)` over `rows` rows of `dim` (f32 in, bf16 out).
+pub fn rms_norm_f32(
+    k: &Kernels,
+    residual: &CudaSlice<f32>,
+    weight: &CudaSlice<u16>,
+    out: &mut CudaSlice<u16>,
+    rows: usize,
+    dim_: usize,
+    eps: f32,
+) -> Result<(), CudaError> {
+    let f = k.function("norm.cu", "rms_norm_f32")?;
+    let n = dim(dim_)?;
+    let cfg = config(rows, 1, 1, 256)?;
     let mut b = k.stream.launch_builder(&f);
-    b.arg(w).arg(x).arg(&mut *y).arg(&r).arg(&c);
-    // SAFETY: as in `decode_attention`; the slice lengths were checked above.
+    b.arg(residual).arg(weight).arg(&mut *out).arg(&n).arg(&eps);
+    // SAFETY: as in `decode_attention`.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// `embed_rows_f32`: `residual[t] = table[ids[t]]` (bf16 table rows widened to f32).
+pub fn embed_rows_f32(
+    k: &Kernels,
+    table: &CudaSlice<u16>,
+    ids: &CudaSlice<i32>,
+    residual: &mut CudaSlice<f32>,
+    tokens: usize,
+    hidden: usize,
+) -> Result<(), CudaError> {
+    let f = k.function("act.cu", "embed_rows_f32")?;
+    let h = dim(hidden)?;
+    let cfg = config(tokens, 1, 1, 128)?;
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(table).arg(ids).arg(&mut *residual).arg(&h);
+    // SAFETY: as in `decode_attention`.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }

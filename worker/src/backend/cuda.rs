@@ -358,32 +358,6 @@ impl CudaBackend {
         .map_err(dev)
     }
 
-    /// A layer's matrix product over `tokens` rows of bf16 activations: our GEMV kernel
-    /// for decode-sized batches (it reads the weights at close to copy bandwidth, which
-    /// cuBLAS's tiles do not for so few rows), a cuBLAS GEMM otherwise.
-    fn linear(
-        k: &Kernels,
-        blas: &CudaBlas,
-        w: &DevMatrix,
-        x: &CudaSlice<u16>,
-        tokens: usize,
-        y: &mut CudaSlice<u16>,
-    ) -> Result<(), BackendError> {
-        if tokens <= launch::GEMV_MAX_TOKENS && w.cols.is_multiple_of(8) {
-            launch::gemv(k, &w.data, x, y, tokens, w.rows, w.cols).map_err(dev)
-        } else {
-            Self::gemm(
-                blas,
-                &k.stream,
-                w,
-                x,
-                tokens,
-                y,
-                blas_sys::cudaDataType::CUDA_R_16BF,
-            )
-        }
-    }
-
     fn forward_inner(
         &mut self,
         chunks: &[SeqChunk<'_>],
@@ -566,7 +540,11 @@ impl CudaBackend {
 
     /// Enqueues the layers of one step, embeddings to the final norm (into `bufs.xn`).
     fn enqueue_step(&mut self, sh: &StepShapes) -> Result<(), BackendError> {
+        if sh.t <= launch::GEMV_MAX_TOKENS {
+            return self.enqueue_step_fused(sh);
+        }
         let t = sh.t;
+        let bf16 = blas_sys::cudaDataType::CUDA_R_16BF;
         let (h, inter, eps) = (self.cfg.hidden, self.cfg.intermediate, self.cfg.rms_eps);
         let s = self.k.stream.clone();
         let k = &self.k;
@@ -591,7 +569,7 @@ impl CudaBackend {
                 eps,
             )
             .map_err(dev)?;
-            Self::linear(k, &self.blas, &l.wqkv, &b.xn, t, &mut b.qkv)?;
+            Self::gemm(&self.blas, &s, &l.wqkv, &b.xn, t, &mut b.qkv, bf16)?;
             launch::rope_write_kv(
                 k,
                 &sh.rope,
@@ -631,7 +609,7 @@ impl CudaBackend {
                 )
                 .map_err(dev)?;
             }
-            Self::linear(k, &self.blas, &l.wo, &b.attn, t, &mut b.proj)?;
+            Self::gemm(&self.blas, &s, &l.wo, &b.attn, t, &mut b.proj, bf16)?;
             launch::add_rms_norm(
                 k,
                 &mut b.residual,
@@ -643,9 +621,9 @@ impl CudaBackend {
                 eps,
             )
             .map_err(dev)?;
-            Self::linear(k, &self.blas, &l.w_gate_up, &b.xn, t, &mut b.gate_up)?;
+            Self::gemm(&self.blas, &s, &l.w_gate_up, &b.xn, t, &mut b.gate_up, bf16)?;
             launch::silu_and_mul(k, &b.gate_up, &mut b.act, t, inter).map_err(dev)?;
-            Self::linear(k, &self.blas, &l.w_down, &b.act, t, &mut b.proj)?;
+            Self::gemm(&self.blas, &s, &l.w_down, &b.act, t, &mut b.proj, bf16)?;
         }
         launch::add_rms_norm(
             k,
@@ -658,6 +636,97 @@ impl CudaBackend {
             eps,
         )
         .map_err(dev)
+    }
+}
+
+impl CudaBackend {
+    /// A step of at most `GEMV_MAX_TOKENS` tokens (decode batches, short prompts): six
+    /// kernels a layer. The GEMV kernels normalise their input from the f32 residual
+    /// stream and add their output to it, so no separate norm, residual add or SiLU runs.
+    fn enqueue_step_fused(&mut self, sh: &StepShapes) -> Result<(), BackendError> {
+        use launch::{GemvInput, GemvOutput};
+        let t = sh.t;
+        let (h, inter, eps) = (self.cfg.hidden, self.cfg.intermediate, self.cfg.rms_eps);
+        let k = &self.k;
+        let m = &mut self.meta;
+        let b = self
+            .bufs
+            .as_mut()
+            .ok_or_else(|| dev("step buffers missing"))?;
+        launch::embed_rows_f32(k, &self.embed, &m.ids, &mut b.residual, t, h).map_err(dev)?;
+        for (li, l) in self.layers.iter().enumerate() {
+            let norm = GemvInput::Norm {
+                residual: &b.residual,
+                weight: &l.attn_norm,
+                eps,
+            };
+            let (rows, cols) = (l.wqkv.rows, l.wqkv.cols);
+            launch::gemv(
+                k,
+                &l.wqkv.data,
+                norm,
+                GemvOutput::Bf16(&mut b.qkv),
+                t,
+                rows,
+                cols,
+            )
+            .map_err(dev)?;
+            launch::rope_write_kv(
+                k,
+                &sh.rope,
+                &mut b.qkv,
+                &m.positions,
+                &m.slots,
+                &self.cos,
+                &self.sin,
+                &mut self.k_cache[li],
+                &mut self.v_cache[li],
+            )
+            .map_err(dev)?;
+            if sh.all_decode {
+                launch::decode_attention(
+                    k,
+                    &sh.decode,
+                    &b.qkv,
+                    &self.k_cache[li],
+                    &self.v_cache[li],
+                    &m.tables,
+                    &m.lens,
+                    &mut b.attn,
+                    &mut m.split,
+                )
+                .map_err(dev)?;
+            } else {
+                launch::prefill_attention(
+                    k,
+                    &sh.prefill,
+                    &b.qkv,
+                    &self.k_cache[li],
+                    &self.v_cache[li],
+                    &m.cu_q,
+                    &m.lens,
+                    &m.tables,
+                    &mut b.attn,
+                )
+                .map_err(dev)?;
+            }
+            let (rows, cols) = (l.wo.rows, l.wo.cols);
+            let out = GemvOutput::AddTo(&mut b.residual);
+            launch::gemv(k, &l.wo.data, GemvInput::Plain(&b.attn), out, t, rows, cols)
+                .map_err(dev)?;
+            let norm = GemvInput::Norm {
+                residual: &b.residual,
+                weight: &l.ffn_norm,
+                eps,
+            };
+            let (rows, cols) = (l.w_gate_up.rows, l.w_gate_up.cols);
+            let out = GemvOutput::Bf16(&mut b.gate_up);
+            launch::gemv(k, &l.w_gate_up.data, norm, out, t, rows, cols).map_err(dev)?;
+            let out = GemvOutput::AddTo(&mut b.residual);
+            let input = GemvInput::SiluOf(&b.gate_up);
+            launch::gemv(k, &l.w_down.data, input, out, t, h, inter).map_err(dev)?;
+        }
+        launch::rms_norm_f32(k, &b.residual, &self.final_norm, &mut b.xn, t, h, eps).map_err(dev)
     }
 }
 
