@@ -54,8 +54,15 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
   const sov::bf16* xb = static_cast<const sov::bf16*>(xin);
 
   if (IN == GV_NORM) {
+    // Start this CTA's weight rows on their way into L2, then the norms while they come.
+#pragma unroll
+    for (int r = 0; r < GV_ROWS; ++r) {
+      const sov::bf16* row = w + (long long)(row0 + r < rows ? row0 + r : 0) * k;
+      for (int p = threadIdx.x * 8; p < pieces; p += GV_THREADS * 8)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(row + p * 8));
+    }
     // 1 / rms of each residual row (the rows were written by the previous kernel and
-    // sit in L2).
+    // sit in L2). Correctly rounded sqrt and division, as the CPU reference computes it.
     float ss[T];
 #pragma unroll
     for (int t = 0; t < T; ++t) ss[t] = 0.f;
@@ -78,7 +85,7 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
       float v = 0.f;
 #pragma unroll
       for (int wi = 0; wi < GV_WARPS; ++wi) v += s_part[wi][0][threadIdx.x];
-      s_inv[threadIdx.x] = rsqrtf(v / k + eps);
+      s_inv[threadIdx.x] = 1.f / sqrtf(v / k + eps);
     }
     __syncthreads();
   }

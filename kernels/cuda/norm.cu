@@ -98,7 +98,7 @@ extern "C" __global__ void __launch_bounds__(sov::NORM_THREADS)
     ss = fmaf(a.x, a.x, ss); ss = fmaf(a.y, a.y, ss); ss = fmaf(a.z, a.z, ss); ss = fmaf(a.w, a.w, ss);
   }
   ss = sov::block_sum(ss, scratch);
-  const float inv = rsqrtf(ss / dim + eps);
+  const float inv = 1.f / sqrtf(ss / dim + eps);  // as the CPU reference rounds it
   for (int c = threadIdx.x * 8; c < dim; c += sov::NORM_THREADS * 8) {
     const float4* r4 = reinterpret_cast<const float4*>(rr + c);
     const float4 a = r4[0], b = r4[1];

@@ -341,7 +341,29 @@ fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
             launch::gemv(k, &wd, input, GemvOutput::Bf16(&mut y), tokens, rows, cols)?;
             let xn = gpu_ref::rms_norm_f32(&res[..tokens * cols], &nw, cols, 1e-5);
             let want = gpu_ref::gemv(&w, &xn, rows, cols);
-            let (err, first) = compare(&down(k, &y)?[..want.len()], &want);
+            // The GPU's norm sums in another order: an input element can round to the
+            // neighbouring bf16 value. Allow two such flips per output beyond `close`.
+            let got = down(k, &y)?;
+            let mut err = 0f32;
+            let mut first = None;
+            for (i, (g, wv)) in got.iter().zip(&want).enumerate() {
+                let (g, wv) = (from_bf16(*g), from_bf16(*wv));
+                let (t_i, r) = (i / rows, i % rows);
+                let xr = &xn[t_i * cols..(t_i + 1) * cols];
+                let wr = &w[r * cols..(r + 1) * cols];
+                let flip = xr
+                    .iter()
+                    .zip(wr)
+                    .map(|(a, b)| (from_bf16(*a) * from_bf16(*b)).abs())
+                    .fold(0f32, f32::max)
+                    * 2.0
+                    / 128.0;
+                let e = (g - wv).abs();
+                err = err.max(e);
+                if e.is_nan() || e > wv.abs() / 128.0 + 2e-3 + flip {
+                    first.get_or_insert_with(|| format!("element {i}: gpu {g} vs reference {wv}"));
+                }
+            }
             out.push(
                 json!({"kernel": "gemv_norm", "rows": rows, "cols": cols, "tokens": tokens,
                 "max_abs_err": err, "ok": first.is_none(), "mismatch": first}),
