@@ -54,13 +54,6 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
   const sov::bf16* xb = static_cast<const sov::bf16*>(xin);
 
   if (IN == GV_NORM) {
-    // Start this CTA's weight rows on their way into L2, then the norms while they come.
-#pragma unroll
-    for (int r = 0; r < GV_ROWS; ++r) {
-      const sov::bf16* row = w + (long long)(row0 + r < rows ? row0 + r : 0) * k;
-      for (int p = threadIdx.x * 8; p < pieces; p += GV_THREADS * 8)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(row + p * 8));
-    }
     // 1 / rms of each residual row (the rows were written by the previous kernel and
     // sit in L2). Correctly rounded sqrt and division, as the CPU reference computes it.
     float ss[T];
