@@ -8,12 +8,12 @@
 //! keeps running without the listener). So ports come from below the ephemeral range,
 //! where only explicit binds land, and one process never hands out the same port twice.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::Mutex;
 
 /// Ports already handed out by this process.
-static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
 /// The kernel's ephemeral port range (Linux), or the IANA one elsewhere.
 fn ephemeral_range() -> (u16, u16) {
@@ -48,7 +48,6 @@ pub fn free_loopback_port() -> std::io::Result<u16> {
         (u32::from(hi) + 1, 65_536)
     };
     let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
-    let handed = handed.get_or_insert_with(HashSet::new);
     if end > start + 100 {
         let span = end - start;
         let first = (seed() % u64::from(span)) as u32;
@@ -112,7 +111,7 @@ mod tests {
     #[test]
     fn ports_are_distinct_bindable_and_outside_the_ephemeral_range() {
         let (lo, hi) = ephemeral_range();
-        let mut seen = HashSet::new();
+        let mut seen = std::collections::HashSet::new();
         for _ in 0..64 {
             let p = free_loopback_port().expect("a free port");
             assert!(seen.insert(p), "port {p} handed out twice");

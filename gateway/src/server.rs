@@ -435,12 +435,7 @@ impl Gateway {
 
     /// Appends a decision record; fails closed with 503 `audit_unavailable`.
     async fn append_audit(&self, rec: audit::RecordInput) -> Result<audit::Appended, ApiError> {
-        let appended = if self.audit.in_flight().load(Ordering::Relaxed) <= 1 {
-            self.audit.append_polling(rec).await
-        } else {
-            self.audit.append(rec).await
-        };
-        appended.map_err(|e| {
+        self.audit.append(rec).await.map_err(|e| {
             tracing::error!(error = %e, "audit record not durable; request refused");
             ApiError::unavailable(
                 "audit_unavailable",

@@ -21,6 +21,23 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return t;
 }
 
+// out = residual * inv * weight for one f32 row, rounded to bf16 (16-byte stores).
+__device__ __forceinline__ void store_normed(const float* __restrict__ rr,
+                                             const sov::bf16* __restrict__ weight,
+                                             sov::bf16* __restrict__ out, int dim,
+                                             float inv) {
+  for (int c = threadIdx.x * 8; c < dim; c += NORM_THREADS * 8) {
+    const float4* r4 = reinterpret_cast<const float4*>(rr + c);
+    const float4 a = r4[0], b = r4[1];
+    float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    float w[8];
+    load8(weight + c, w);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = v[i] * inv * w[i];
+    store8(out + c, v);
+  }
+}
+
 }  // namespace sov
 
 // out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight
@@ -71,17 +88,7 @@ extern "C" __global__ void __launch_bounds__(sov::NORM_THREADS)
     ss = fmaf(b.x, b.x, ss); ss = fmaf(b.y, b.y, ss); ss = fmaf(b.z, b.z, ss); ss = fmaf(b.w, b.w, ss);
   }
   ss = sov::block_sum(ss, scratch);
-  const float inv = rsqrtf(ss / dim + eps);
-  for (int c = threadIdx.x * 8; c < dim; c += sov::NORM_THREADS * 8) {
-    const float4* r4 = reinterpret_cast<const float4*>(rr + c);
-    const float4 a = r4[0], b = r4[1];
-    float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-    float w[8];
-    sov::load8(weight + c, w);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = v[i] * inv * w[i];
-    sov::store8(out + row * dim + c, v);
-  }
+  sov::store_normed(rr, weight, out + row * dim, dim, rsqrtf(ss / dim + eps));
 }
 
 // out[r] = rms_norm(residual[r]) (residual f32, out bf16): the final norm of the fused
@@ -98,15 +105,6 @@ extern "C" __global__ void __launch_bounds__(sov::NORM_THREADS)
     ss = fmaf(a.x, a.x, ss); ss = fmaf(a.y, a.y, ss); ss = fmaf(a.z, a.z, ss); ss = fmaf(a.w, a.w, ss);
   }
   ss = sov::block_sum(ss, scratch);
-  const float inv = 1.f / sqrtf(ss / dim + eps);  // as the CPU reference rounds it
-  for (int c = threadIdx.x * 8; c < dim; c += sov::NORM_THREADS * 8) {
-    const float4* r4 = reinterpret_cast<const float4*>(rr + c);
-    const float4 a = r4[0], b = r4[1];
-    float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-    float w[8];
-    sov::load8(weight + c, w);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = v[i] * inv * w[i];
-    sov::store8(out + row * dim + c, v);
-  }
+  // Correctly rounded sqrt and division, as the CPU reference computes it.
+  sov::store_normed(rr, weight, out + row * dim, dim, 1.f / sqrtf(ss / dim + eps));
 }

@@ -234,17 +234,7 @@ fn normed(r: &[f32], w: &[f32], eps: f32) -> Vec<u16> {
 /// `gemv`: `y[t][r] = sum_c w[r][c] * x[t][c]` over the rows of `x` (bf16 in, f32 sums,
 /// bf16 out); `w` is `[rows][k]`.
 pub fn gemv(w: &[u16], x: &[u16], rows: usize, k: usize) -> Vec<u16> {
-    let wf = from_bf16_vec(w);
-    let mut out = Vec::with_capacity(x.len() / k.max(1) * rows);
-    for xr in x.chunks_exact(k) {
-        let xf = from_bf16_vec(xr);
-        out.extend(
-            wf.chunks_exact(k)
-                .take(rows)
-                .map(|wr| to_bf16(wr.iter().zip(&xf).map(|(a, b)| a * b).sum())),
-        );
-    }
-    out
+    to_bf16_vec(&gemv_f32(w, x, rows, k))
 }
 
 /// `gemv` with the f32 sums (what the `gemv_add` kernels add to the residual stream).

@@ -75,7 +75,7 @@ pub struct AuditConfig {
     pub writer_spin_us: u64,
     /// Longest (microseconds) a request that is alone in the gateway polls for its
     /// decision record's acknowledgement, yielding the CPU meanwhile, instead of parking
-    /// its thread until the writer wakes it (see [`AuditLog::append_polling`]). 0: never.
+    /// its thread until the writer wakes it (see [`AuditLog::append`]). 0: never.
     #[serde(default = "default_append_spin_us")]
     pub append_spin_us: u64,
 }
@@ -314,7 +314,7 @@ impl AuditLog {
     }
 
     /// How many requests the log's user (the gateway) has in flight; it counts them
-    /// here. Polling (the writer's `writer_spin_us`, [`AuditLog::append_polling`]) pays
+    /// here. Polling (the writer's `writer_spin_us`, [`AuditLog::append`]'s) pays
     /// off only while at most one is: then the CPU is otherwise idle and polling saves a
     /// wake-up per record, while under load it would take CPU from the requests.
     pub fn in_flight(&self) -> &AtomicUsize {
@@ -337,24 +337,22 @@ impl AuditLog {
     }
 
     /// Append a record to its state's log; `Ok` only once it is durable (fsync'd).
+    ///
+    /// While at most one request is in flight ([`AuditLog::in_flight`]), nothing else
+    /// needs this thread: the caller polls for the acknowledgement for up to
+    /// `append_spin_us` (see [`poll_pause`]), then waits as usual. An idle gateway thereby
+    /// answers without the thread wake-up after every fsync; a request arriving meanwhile
+    /// waits at most that long. Under load it just waits.
     pub async fn append(&self, rec: RecordInput) -> Result<Appended, AuditError> {
-        let rx = self.submit(rec, false)?;
-        acknowledged(rx.await)
-    }
-
-    /// [`AuditLog::append`] for a caller that knows nothing else needs its thread (the
-    /// only request in the gateway): it polls for the acknowledgement for up to
-    /// `append_spin_us` (see [`poll_pause`]), then waits as usual. An idle gateway
-    /// thereby answers without the thread wake-up after every fsync; a request arriving
-    /// meanwhile waits at most that long.
-    pub async fn append_polling(&self, rec: RecordInput) -> Result<Appended, AuditError> {
         let mut rx = self.submit(rec, false)?;
-        let until = std::time::Instant::now() + self.append_spin;
-        while std::time::Instant::now() < until {
-            match rx.try_recv() {
-                Ok(r) => return r,
-                Err(oneshot::error::TryRecvError::Closed) => break,
-                Err(oneshot::error::TryRecvError::Empty) => poll_pause(),
+        if self.in_flight.load(Ordering::Relaxed) <= 1 {
+            let until = std::time::Instant::now() + self.append_spin;
+            while std::time::Instant::now() < until {
+                match rx.try_recv() {
+                    Ok(r) => return r,
+                    Err(oneshot::error::TryRecvError::Closed) => break,
+                    Err(oneshot::error::TryRecvError::Empty) => poll_pause(),
+                }
             }
         }
         acknowledged(rx.await)

@@ -612,45 +612,8 @@ impl CudaBackend {
             )
             .map_err(dev)?;
             Self::gemm(&self.blas, &s, &l.wqkv, &b.xn, t, &mut b.qkv, bf16)?;
-            launch::rope_write_kv(
-                k,
-                &sh.rope,
-                &mut b.qkv,
-                &m.positions,
-                &m.slots,
-                &self.cos,
-                &self.sin,
-                &mut self.k_cache[li],
-                &mut self.v_cache[li],
-            )
-            .map_err(dev)?;
-            if sh.all_decode {
-                launch::decode_attention(
-                    k,
-                    &sh.decode,
-                    &b.qkv,
-                    &self.k_cache[li],
-                    &self.v_cache[li],
-                    &m.tables,
-                    &m.lens,
-                    &mut b.attn,
-                    &mut m.split,
-                )
-                .map_err(dev)?;
-            } else {
-                launch::prefill_attention(
-                    k,
-                    &sh.prefill,
-                    &b.qkv,
-                    &self.k_cache[li],
-                    &self.v_cache[li],
-                    &m.cu_q,
-                    &m.lens,
-                    &m.tables,
-                    &mut b.attn,
-                )
-                .map_err(dev)?;
-            }
+            let (kc, vc) = (&mut self.k_cache[li], &mut self.v_cache[li]);
+            attend(k, sh, b, m, (&self.cos, &self.sin), kc, vc)?;
             Self::gemm(&self.blas, &s, &l.wo, &b.attn, t, &mut b.proj, bf16)?;
             launch::add_rms_norm(
                 k,
@@ -713,45 +676,8 @@ impl CudaBackend {
                 cols,
             )
             .map_err(dev)?;
-            launch::rope_write_kv(
-                k,
-                &sh.rope,
-                &mut b.qkv,
-                &m.positions,
-                &m.slots,
-                &self.cos,
-                &self.sin,
-                &mut self.k_cache[li],
-                &mut self.v_cache[li],
-            )
-            .map_err(dev)?;
-            if sh.all_decode {
-                launch::decode_attention(
-                    k,
-                    &sh.decode,
-                    &b.qkv,
-                    &self.k_cache[li],
-                    &self.v_cache[li],
-                    &m.tables,
-                    &m.lens,
-                    &mut b.attn,
-                    &mut m.split,
-                )
-                .map_err(dev)?;
-            } else {
-                launch::prefill_attention(
-                    k,
-                    &sh.prefill,
-                    &b.qkv,
-                    &self.k_cache[li],
-                    &self.v_cache[li],
-                    &m.cu_q,
-                    &m.lens,
-                    &m.tables,
-                    &mut b.attn,
-                )
-                .map_err(dev)?;
-            }
+            let (kc, vc) = (&mut self.k_cache[li], &mut self.v_cache[li]);
+            attend(k, sh, b, m, (&self.cos, &self.sin), kc, vc)?;
             let (rows, cols) = (l.wo.rows, l.wo.cols);
             let out = GemvOutput::AddTo(&mut b.residual);
             launch::gemv(k, &l.wo.data, GemvInput::Plain(&b.attn), out, t, rows, cols)
@@ -770,6 +696,58 @@ impl CudaBackend {
         }
         launch::rms_norm_f32(k, &b.residual, &self.final_norm, &mut b.xn, t, h, eps).map_err(dev)
     }
+}
+
+/// One layer's RoPE + KV write from the fused q|k|v rows in `b.qkv`, then its attention
+/// (the decode kernel when every chunk is one token, the prefill kernel otherwise) into
+/// `b.attn`.
+fn attend(
+    k: &Kernels,
+    sh: &StepShapes,
+    b: &mut StepBuffers,
+    m: &mut StepMeta,
+    (cos, sin): (&CudaSlice<f32>, &CudaSlice<f32>),
+    k_cache: &mut CudaSlice<u16>,
+    v_cache: &mut CudaSlice<u16>,
+) -> Result<(), BackendError> {
+    launch::rope_write_kv(
+        k,
+        &sh.rope,
+        &mut b.qkv,
+        &m.positions,
+        &m.slots,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+    )
+    .map_err(dev)?;
+    if sh.all_decode {
+        launch::decode_attention(
+            k,
+            &sh.decode,
+            &b.qkv,
+            k_cache,
+            v_cache,
+            &m.tables,
+            &m.lens,
+            &mut b.attn,
+            &mut m.split,
+        )
+    } else {
+        launch::prefill_attention(
+            k,
+            &sh.prefill,
+            &b.qkv,
+            k_cache,
+            v_cache,
+            &m.cu_q,
+            &m.lens,
+            &m.tables,
+            &mut b.attn,
+        )
+    }
+    .map_err(dev)
 }
 
 /// The launch shapes of one step.
