@@ -6,7 +6,8 @@
 #   2. decode attention GB/s against the device-to-device copy bandwidth,
 #   3. prefill attention TFLOP/s,
 #   4. end-to-end `worker bench --device cuda:0` on random-weight models shaped like
-#      SmolLM2-135M and EuroLLM-1.7B, against the weight-bandwidth limit,
+#      SmolLM2-135M and EuroLLM-1.7B, against the weight-bandwidth limit (batch 1 also
+#      with SOV_GEMV_KERNEL=warp, the other GEMV design),
 #   5. the same attention shapes through PyTorch's scaled_dot_product_attention.
 # Prints one JSON summary (and writes it to $OUT/gpu-check.json when OUT is set).
 #
@@ -66,6 +67,10 @@ for shape in eurollm-1.7b smollm2-135m; do
       --batches 1,8,32 --reps 3 --prompt-tokens 128 --decode-tokens 64 > "$TMP/$shape.bench.json" 2> "$TMP/$shape.err"
     rc=$?
     tail -40 "$TMP/$shape.err" >> "$LOG"
+    # The fused path's other GEMV design, side by side at batch 1.
+    SOV_GEMV_KERNEL=warp RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
+      --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
+      > "$TMP/$shape.warp.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$TMP/$shape.warp.json"
     [ $rc -eq 0 ] || echo "{\"error\": \"exit $rc: $( (grep -m1 panicked "$TMP/$shape.err"; sed -n '/^Error:/,$p' "$TMP/$shape.err") | tr -s ' \n' ' ' | tr -d '"\\' | cut -c1-600)\"}" > "$TMP/$shape.bench.json"
   else
     echo '{"error": "make_random_model.py failed (see the log)"}' > "$TMP/$shape.bench.json"
@@ -86,11 +91,14 @@ summary = {"gpu_check_exit": status, "kernels": k, "torch_sdpa": t, "end_to_end"
 copy = k.get("copy_bandwidth_gb_per_s")
 for shape in ["smollm2-135m", "eurollm-1.7b"]:
     m, b = load(f"{shape}.model.json"), load(f"{shape}.bench.json")
-    e = {"model": m, "bench": b}
+    wb = load(f"{shape}.warp.json")
+    e = {"model": m, "bench": b, "bench_gemv_warp": wb}
     try:
         b1 = b["decode"]["1"]["aggregate_tok_s"]
         limit = copy * 1e9 / m["weight_bytes"]
         e["batch1_tok_s"], e["bandwidth_limit_tok_s"], e["fraction_of_limit"] = b1, limit, b1 / limit
+        w1 = wb["decode"]["1"]["aggregate_tok_s"]
+        e["gemv_warp_batch1_tok_s"], e["gemv_warp_fraction_of_limit"] = w1, w1 / limit
     except Exception as ex:
         e["note"] = f"no ratio: {ex}"
     summary["end_to_end"][shape] = e

@@ -163,6 +163,154 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Second design, selected by the host (`GemvKernel::Warp`): the input rows are formed once
+// per CTA into shared memory (normalised or SiLU-combined, rounded to bf16 as above), then
+// each warp computes GW_ROWS weight rows at a time on its own, with every lane's
+// GW_UNROLL 16-byte loads of each row in flight together and no barrier in the main loop;
+// the CTAs loop over the row groups (grid sized by the host to fill the GPU). It amortises
+// the input preparation over many rows and has no per-CTA reduction through shared
+// memory. `gemvw*` entry points, same arguments and results as `gemv*`; dynamic shared
+// memory of T * k bf16.
+constexpr int GW_THREADS = 256;
+constexpr int GW_WARPS = GW_THREADS / 32;
+constexpr int GW_ROWS = 2;
+constexpr int GW_UNROLL = 8;
+
+template <int T, int IN, int OUT>
+__device__ __forceinline__ void gemvw_impl(const sov::bf16* __restrict__ w,
+                                           const void* __restrict__ xin,
+                                           const sov::bf16* __restrict__ norm_w, float eps,
+                                           void* __restrict__ yout, int rows, int k,
+                                           int tokens) {
+  extern __shared__ __align__(16) unsigned char gw_smem[];
+  sov::bf16* s_x = reinterpret_cast<sov::bf16*>(gw_smem);  // [T][k]
+  __shared__ float s_red[GW_WARPS][T];
+  __shared__ float s_inv[T];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int pieces = k / 8;
+  const float* res = static_cast<const float*>(xin);
+  const sov::bf16* xb = static_cast<const sov::bf16*>(xin);
+
+  // Form the input rows in shared memory.
+  if (IN == GV_NORM) {
+    float ss[T];
+#pragma unroll
+    for (int t = 0; t < T; ++t) ss[t] = 0.f;
+    for (int p = threadIdx.x; p < pieces; p += GW_THREADS) {
+#pragma unroll
+      for (int t = 0; t < T; ++t) {
+        const float4 a = *reinterpret_cast<const float4*>(res + (long long)t * k + p * 8);
+        const float4 b = *reinterpret_cast<const float4*>(res + (long long)t * k + p * 8 + 4);
+        ss[t] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y +
+                 b.z * b.z + b.w * b.w;
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+      const float v = warp_sum(ss[t]);
+      if (lane == 0) s_red[warp][t] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < T) {
+      float v = 0.f;
+#pragma unroll
+      for (int wi = 0; wi < GW_WARPS; ++wi) v += s_red[wi][threadIdx.x];
+      s_inv[threadIdx.x] = 1.f / sqrtf(v / k + eps);  // as the CPU reference rounds it
+    }
+    __syncthreads();
+  }
+  for (int e = threadIdx.x; e < T * pieces; e += GW_THREADS) {
+    const int t = e / pieces, p = e % pieces;
+    float xf[8];
+    if (IN == GV_PLAIN) {
+      *reinterpret_cast<uint4*>(s_x + (long long)t * k + p * 8) =
+          *reinterpret_cast<const uint4*>(xb + (long long)t * k + p * 8);
+      continue;
+    } else if (IN == GV_NORM) {
+      const float* rr = res + (long long)t * k + p * 8;
+      const float4 a = *reinterpret_cast<const float4*>(rr);
+      const float4 b = *reinterpret_cast<const float4*>(rr + 4);
+      const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+      float nw[8];
+      load8(norm_w + p * 8, nw);
+      const float inv = s_inv[t];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) xf[i] = v[i] * inv * nw[i];
+    } else {
+      float g[8], u[8];
+      load8(xb + (long long)t * 2 * k + p * 8, g);
+      load8(xb + (long long)t * 2 * k + k + p * 8, u);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) xf[i] = g[i] / (1.f + __expf(-g[i])) * u[i];
+    }
+    store8(s_x + (long long)t * k + p * 8, xf);
+  }
+  __syncthreads();
+
+  const int groups = (rows + GW_ROWS - 1) / GW_ROWS;
+  for (int g = blockIdx.x * GW_WARPS + warp; g < groups; g += gridDim.x * GW_WARPS) {
+    const sov::bf16* wr[GW_ROWS];
+#pragma unroll
+    for (int r = 0; r < GW_ROWS; ++r) {
+      const int row = g * GW_ROWS + r;
+      wr[r] = w + (long long)(row < rows ? row : 0) * k;
+    }
+    float acc[GW_ROWS][T];
+#pragma unroll
+    for (int r = 0; r < GW_ROWS; ++r)
+#pragma unroll
+      for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
+    for (int p0 = lane; p0 < pieces; p0 += 32 * GW_UNROLL) {
+      uint4 wv[GW_ROWS][GW_UNROLL];
+#pragma unroll
+      for (int u = 0; u < GW_UNROLL; ++u) {
+        const int p = p0 + u * 32;
+#pragma unroll
+        for (int r = 0; r < GW_ROWS; ++r)
+          wv[r][u] = p < pieces ? *reinterpret_cast<const uint4*>(wr[r] + p * 8)
+                                : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < GW_UNROLL; ++u) {
+        const int p = p0 + u * 32;
+        if (p >= pieces) break;
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+          float xf[8];
+          load8(s_x + (long long)t * k + p * 8, xf);
+#pragma unroll
+          for (int r = 0; r < GW_ROWS; ++r) {
+            const unsigned q[4] = {wv[r][u].x, wv[r][u].y, wv[r][u].z, wv[r][u].w};
+            float s = acc[r][t];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              s = fmaf(__uint_as_float(q[i] << 16), xf[2 * i], s);
+              s = fmaf(__uint_as_float(q[i] & 0xffff0000u), xf[2 * i + 1], s);
+            }
+            acc[r][t] = s;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < GW_ROWS; ++r)
+#pragma unroll
+      for (int t = 0; t < T; ++t) {
+        const float v = warp_sum(acc[r][t]);
+        const int row = g * GW_ROWS + r;
+        if (lane == 0 && row < rows && t < tokens) {
+          const long long o = (long long)t * rows + row;
+          if (OUT == GV_BF16) {
+            static_cast<sov::bf16*>(yout)[o] = f32_to_bf16(v);
+          } else {
+            static_cast<float*>(yout)[o] += v;
+          }
+        }
+      }
+  }
+}
+
 }  // namespace sov
 
 #define SOV_GEMV(T)                                                                        \
@@ -194,3 +342,32 @@ SOV_GEMV(1)
 SOV_GEMV(2)
 SOV_GEMV(4)
 SOV_GEMV(8)
+
+#define SOV_GEMVW(T)                                                                        \
+  extern "C" __global__ void __launch_bounds__(sov::GW_THREADS, 2)                          \
+      gemvw_t##T(const sov::bf16* w, const sov::bf16* x, sov::bf16* y, int rows, int k,     \
+                 int tokens) {                                                              \
+    sov::gemvw_impl<T, sov::GV_PLAIN, sov::GV_BF16>(w, x, nullptr, 0.f, y, rows, k, tokens); \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(sov::GW_THREADS, 2)                          \
+      gemvw_norm_t##T(const sov::bf16* w, const float* residual, const sov::bf16* norm_w,   \
+                      float eps, sov::bf16* y, int rows, int k, int tokens) {               \
+    sov::gemvw_impl<T, sov::GV_NORM, sov::GV_BF16>(w, residual, norm_w, eps, y, rows, k,    \
+                                                   tokens);                                 \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(sov::GW_THREADS, 2)                          \
+      gemvw_add_t##T(const sov::bf16* w, const sov::bf16* x, float* residual, int rows,     \
+                     int k, int tokens) {                                                   \
+    sov::gemvw_impl<T, sov::GV_PLAIN, sov::GV_ADD>(w, x, nullptr, 0.f, residual, rows, k,   \
+                                                   tokens);                                 \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(sov::GW_THREADS, 2)                          \
+      gemvw_silu_add_t##T(const sov::bf16* w, const sov::bf16* gate_up, float* residual,    \
+                          int rows, int k, int tokens) {                                    \
+    sov::gemvw_impl<T, sov::GV_SILU, sov::GV_ADD>(w, gate_up, nullptr, 0.f, residual, rows, \
+                                                  k, tokens);                               \
+  }
+
+// The warp design for 1 and 2 tokens (the fused path's sizes).
+SOV_GEMVW(1)
+SOV_GEMVW(2)

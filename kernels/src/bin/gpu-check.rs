@@ -302,11 +302,22 @@ fn check_act(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
 }
 
 fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
-    use launch::{GemvInput, GemvOutput};
+    use launch::{GemvInput, GemvKernel, GemvOutput};
     let mut out = Vec::new();
-    // EuroLLM-1.7B's o_proj and down_proj shapes, and a ragged last CTA.
+    // EuroLLM-1.7B's o_proj and down_proj shapes, and a ragged last CTA; both kernel
+    // designs (the warp design serves 1-2 tokens).
     for (rows, cols) in [(2048usize, 2048usize), (2048, 5632), (1001, 64)] {
-        for tokens in [1usize, 3, 8] {
+        for (tokens, kind) in [
+            (1usize, GemvKernel::Block),
+            (3, GemvKernel::Block),
+            (8, GemvKernel::Block),
+            (1, GemvKernel::Warp),
+            (2, GemvKernel::Warp),
+        ] {
+            let name = |n: &str| match kind {
+                GemvKernel::Block => n.to_string(),
+                GemvKernel::Warp => n.replacen("gemv", "gemvw", 1),
+            };
             let t = launch::gemv_rows(tokens);
             let w = to_bf16_vec(&rng.f32s(rows * cols));
             let wd = up(k, &w)?;
@@ -314,8 +325,9 @@ fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
             let x = to_bf16_vec(&rng.f32s(t * cols));
             let xd = up(k, &x)?;
             let mut y = zeros::<u16>(k, t * rows)?;
-            launch::gemv(
+            launch::gemv_with(
                 k,
+                kind,
                 &wd,
                 GemvInput::Plain(&xd),
                 GemvOutput::Bf16(&mut y),
@@ -326,7 +338,7 @@ fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
             let want = gpu_ref::gemv(&w, &x[..tokens * cols], rows, cols);
             let (err, first) = compare(&down(k, &y)?[..want.len()], &want);
             out.push(
-                json!({"kernel": "gemv", "rows": rows, "cols": cols, "tokens": tokens,
+                json!({"kernel": name("gemv"), "rows": rows, "cols": cols, "tokens": tokens,
                 "max_abs_err": err, "ok": first.is_none(), "mismatch": first}),
             );
             // RMS-normalised residual rows, into bf16.
@@ -338,7 +350,16 @@ fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
                 weight: &nwd,
                 eps: 1e-5,
             };
-            launch::gemv(k, &wd, input, GemvOutput::Bf16(&mut y), tokens, rows, cols)?;
+            launch::gemv_with(
+                k,
+                kind,
+                &wd,
+                input,
+                GemvOutput::Bf16(&mut y),
+                tokens,
+                rows,
+                cols,
+            )?;
             let xn = gpu_ref::rms_norm_f32(&res[..tokens * cols], &nw, cols, 1e-5);
             let want = gpu_ref::gemv(&w, &xn, rows, cols);
             // The GPU's norm sums in another order: an input element can round to the
@@ -365,7 +386,7 @@ fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
                 }
             }
             out.push(
-                json!({"kernel": "gemv_norm", "rows": rows, "cols": cols, "tokens": tokens,
+                json!({"kernel": name("gemv_norm"), "rows": rows, "cols": cols, "tokens": tokens,
                 "max_abs_err": err, "ok": first.is_none(), "mismatch": first}),
             );
             // Plain and SiLU inputs added to a residual of `rows` columns.
@@ -383,8 +404,9 @@ fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
                 } else {
                     (GemvInput::Plain(&xd), x[..tokens * cols].to_vec())
                 };
-                launch::gemv(
+                launch::gemv_with(
                     k,
+                    kind,
                     &wd,
                     input,
                     GemvOutput::AddTo(&mut rd),
@@ -406,9 +428,9 @@ fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
                         });
                     }
                 }
-                let name = if silu { "gemv_silu_add" } else { "gemv_add" };
+                let n = if silu { "gemv_silu_add" } else { "gemv_add" };
                 out.push(
-                    json!({"kernel": name, "rows": rows, "cols": cols, "tokens": tokens,
+                    json!({"kernel": name(n), "rows": rows, "cols": cols, "tokens": tokens,
                     "max_abs_err": max_err, "ok": first.is_none(), "mismatch": first}),
                 );
             }
@@ -644,6 +666,7 @@ fn decode_bandwidth(k: &Kernels, ctx: usize) -> Result<Value, CudaError> {
 /// The decode GEMV on EuroLLM-1.7B's layer shapes: GB/s of weights read.
 fn gemv_bandwidth(
     k: &Kernels,
+    kind: launch::GemvKernel,
     rows: usize,
     cols: usize,
     tokens: usize,
@@ -653,8 +676,9 @@ fn gemv_bandwidth(
     let x = zeros::<u16>(k, t * cols)?;
     let mut y = zeros::<u16>(k, t * rows)?;
     let ms = time_ms(k, 20, || {
-        launch::gemv(
+        launch::gemv_with(
             k,
+            kind,
             &w,
             launch::GemvInput::Plain(&x),
             launch::GemvOutput::Bf16(&mut y),
@@ -665,7 +689,7 @@ fn gemv_bandwidth(
     })?;
     let bytes = (rows * cols * 2) as f64;
     Ok(
-        json!({"rows": rows, "cols": cols, "tokens": tokens, "us": ms * 1e3,
+        json!({"kernel": format!("{kind:?}"), "rows": rows, "cols": cols, "tokens": tokens, "us": ms * 1e3,
               "gb_per_s": bytes / (ms / 1e3) / 1e9}),
     )
 }
@@ -819,8 +843,13 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
     }
     let mut gemv = Vec::new();
     for (rows, cols) in [(4096, 2048), (2048, 2048), (11264, 2048), (2048, 5632)] {
-        for tokens in [1, 8] {
-            let r = match gemv_bandwidth(&k, rows, cols, tokens) {
+        for (tokens, kind) in [
+            (1, launch::GemvKernel::Block),
+            (1, launch::GemvKernel::Warp),
+            (2, launch::GemvKernel::Warp),
+            (8, launch::GemvKernel::Block),
+        ] {
+            let r = match gemv_bandwidth(&k, kind, rows, cols, tokens) {
                 Ok(mut r) => {
                     let gbs = r["gb_per_s"].as_f64().unwrap_or(0.0);
                     r["fraction_of_copy"] = json!(copy.map(|c| gbs / c));

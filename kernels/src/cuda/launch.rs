@@ -426,6 +426,19 @@ pub enum GemvOutput<'a> {
     AddTo(&'a mut CudaSlice<f32>),
 }
 
+/// Which GEMV kernel design runs (kernels/cuda/gemv.cu): `Block` (`gemv*`: a CTA per 4
+/// rows, threads striding over the columns) or `Warp` (`gemvw*`: the input formed once per
+/// CTA in shared memory, a warp per 2 rows; for 1-2 tokens and inputs of at most 48 KB,
+/// else `Block` runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemvKernel {
+    Block,
+    Warp,
+}
+
+/// Most bytes of input rows the `Warp` design stages in shared memory.
+const GEMVW_MAX_SMEM: usize = 48 << 10;
+
 /// `gemv*_t{T}`: `y[t][r] = sum_c w[r][c] * x[t][c]` for `tokens` (at most
 /// [`GEMV_MAX_TOKENS`]) rows; `w` is `[rows][cols]` bf16, `cols` a multiple of 8. The input
 /// must hold [`gemv_rows`]`(tokens)` rows (the extra rows are read, their results
@@ -440,7 +453,23 @@ pub fn gemv(
     rows: usize,
     cols: usize,
 ) -> Result<(), CudaError> {
+    gemv_with(k, GemvKernel::Block, w, input, output, tokens, rows, cols)
+}
+
+/// [`gemv`] with a chosen kernel design.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_with(
+    k: &Kernels,
+    kind: GemvKernel,
+    w: &CudaSlice<u16>,
+    input: GemvInput<'_>,
+    output: GemvOutput<'_>,
+    tokens: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<(), CudaError> {
     let t = gemv_rows(tokens);
+    let warp = kind == GemvKernel::Warp && t <= 2 && t * cols * 2 <= GEMVW_MAX_SMEM;
     let shape =
         |what: String| CudaError::Shape(format!("gemv ({rows}x{cols}, {tokens} tokens): {what}"));
     if tokens == 0 || tokens > GEMV_MAX_TOKENS || !cols.is_multiple_of(8) {
@@ -466,8 +495,23 @@ pub fn gemv(
         return Err(shape("input or output buffer too short".into()));
     }
     let (r, c, n) = (dim(rows)?, dim(cols)?, dim(tokens)?);
-    let cfg = config(rows.div_ceil(4), 1, 1, 128)?;
-    let entry = |name: &str| k.function("gemv.cu", &format!("{name}_t{t}"));
+    let cfg = if warp {
+        // 8 warps a CTA, 2 rows a warp; at most 2 CTAs an SM (the CTAs loop).
+        let ctas = rows.div_ceil(2).div_ceil(8).min(2 * k.sms);
+        let mut cfg = config(ctas, 1, 1, 256)?;
+        cfg.shared_mem_bytes = (t * cols * 2) as u32;
+        cfg
+    } else {
+        config(rows.div_ceil(4), 1, 1, 128)?
+    };
+    let entry = |name: &str| {
+        let name = if warp {
+            name.replacen("gemv", "gemvw", 1)
+        } else {
+            name.to_string()
+        };
+        k.function("gemv.cu", &format!("{name}_t{t}"))
+    };
     match (input, output) {
         (GemvInput::Plain(x), GemvOutput::Bf16(y)) => {
             let f = entry("gemv")?;

@@ -228,6 +228,8 @@ pub struct Kernels {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     pub arch: String,
+    /// Streaming multiprocessors of the device.
+    pub sms: usize,
     modules: HashMap<&'static str, Arc<CudaModule>>,
     /// Entry points already looked up (a launch then costs no driver lookup).
     functions: std::sync::Mutex<HashMap<String, CudaFunction>>,
@@ -251,6 +253,12 @@ impl Kernels {
         unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability()?;
         let arch = format!("sm_{major}{minor}");
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map(|v| v.max(1) as usize)
+            .unwrap_or(1);
         let stream = ctx.new_stream()?;
         let mut modules = HashMap::new();
         for (name, _) in SOURCES {
@@ -261,6 +269,7 @@ impl Kernels {
             ctx,
             stream,
             arch,
+            sms,
             modules,
             functions: std::sync::Mutex::new(HashMap::new()),
         })

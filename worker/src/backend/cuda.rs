@@ -141,6 +141,9 @@ pub struct CudaBackend {
     /// (sequences, KV splits); `SOV_CUDA_GRAPHS=0` turns them off.
     graphs: std::collections::HashMap<(usize, usize), DecodeGraph>,
     use_graphs: bool,
+    /// The GEMV design of the fused path: `SOV_GEMV_KERNEL=warp` picks the warp design
+    /// (kernels/cuda/gemv.cu), anything else the block design.
+    gemv_kind: launch::GemvKernel,
     /// Batch sizes whose capture failed: they run without a graph.
     ungraphable: std::collections::HashSet<usize>,
     _blas_workspace: CudaSlice<u8>,
@@ -319,6 +322,10 @@ impl CudaBackend {
             graphs: std::collections::HashMap::new(),
             use_graphs: std::env::var("SOV_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             ungraphable: std::collections::HashSet::new(),
+            gemv_kind: match std::env::var("SOV_GEMV_KERNEL").as_deref() {
+                Ok("warp") => launch::GemvKernel::Warp,
+                _ => launch::GemvKernel::Block,
+            },
             _blas_workspace: blas_workspace,
             epoch: 0,
         })
@@ -651,6 +658,7 @@ impl CudaBackend {
     fn enqueue_step_fused(&mut self, sh: &StepShapes) -> Result<(), BackendError> {
         use launch::{GemvInput, GemvOutput};
         let t = sh.t;
+        let kind = self.gemv_kind;
         let (h, inter, eps) = (self.cfg.hidden, self.cfg.intermediate, self.cfg.rms_eps);
         let k = &self.k;
         let m = &mut self.meta;
@@ -666,8 +674,9 @@ impl CudaBackend {
                 eps,
             };
             let (rows, cols) = (l.wqkv.rows, l.wqkv.cols);
-            launch::gemv(
+            launch::gemv_with(
                 k,
+                kind,
                 &l.wqkv.data,
                 norm,
                 GemvOutput::Bf16(&mut b.qkv),
@@ -680,8 +689,17 @@ impl CudaBackend {
             attend(k, sh, b, m, (&self.cos, &self.sin), kc, vc)?;
             let (rows, cols) = (l.wo.rows, l.wo.cols);
             let out = GemvOutput::AddTo(&mut b.residual);
-            launch::gemv(k, &l.wo.data, GemvInput::Plain(&b.attn), out, t, rows, cols)
-                .map_err(dev)?;
+            launch::gemv_with(
+                k,
+                kind,
+                &l.wo.data,
+                GemvInput::Plain(&b.attn),
+                out,
+                t,
+                rows,
+                cols,
+            )
+            .map_err(dev)?;
             let norm = GemvInput::Norm {
                 residual: &b.residual,
                 weight: &l.ffn_norm,
@@ -689,10 +707,10 @@ impl CudaBackend {
             };
             let (rows, cols) = (l.w_gate_up.rows, l.w_gate_up.cols);
             let out = GemvOutput::Bf16(&mut b.gate_up);
-            launch::gemv(k, &l.w_gate_up.data, norm, out, t, rows, cols).map_err(dev)?;
+            launch::gemv_with(k, kind, &l.w_gate_up.data, norm, out, t, rows, cols).map_err(dev)?;
             let out = GemvOutput::AddTo(&mut b.residual);
             let input = GemvInput::SiluOf(&b.gate_up);
-            launch::gemv(k, &l.w_down.data, input, out, t, h, inter).map_err(dev)?;
+            launch::gemv_with(k, kind, &l.w_down.data, input, out, t, h, inter).map_err(dev)?;
         }
         launch::rms_norm_f32(k, &b.residual, &self.final_norm, &mut b.xn, t, h, eps).map_err(dev)
     }
