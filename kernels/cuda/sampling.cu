@@ -1,9 +1,10 @@
 // Sampling helpers for the GPU path. CPU references: kernels::cpu::argmax and
 // kernels::cpu::softmax_in_place.
 //
-// argmax_rows: index of the largest logit per row; the lowest index wins ties and NaN
-// never wins (greedy decoding is deterministic and equal to the CPU path's). One CTA of
-// 1024 threads per row.
+// argmax_rows: index of the largest logit per row, the worker sampler's greedy pick: the
+// lowest index wins ties, NaN never wins, +inf counts as FLT_MAX (greedy decoding is
+// deterministic and equal to the CPU path's). One CTA of 1024 threads per row. CPU
+// reference: kernels::gpu_ref::argmax_rows.
 //
 // softmax_rows: probabilities of logits / temperature per row (f32), for the host-side
 // top-k / top-p / min-p sampler. One CTA of 1024 threads per row.
@@ -166,7 +167,8 @@ extern "C" __global__ void __launch_bounds__(sov::SAMPLE_THREADS)
   float bv = sov::neg_inf();
   int bi = 0x7fffffff;
   for (int i = threadIdx.x; i < vocab; i += sov::SAMPLE_THREADS) {
-    const float v = row[i];
+    // +inf counts as FLT_MAX, as the sampler sanitizes it (NaN never wins).
+    const float v = fminf(row[i], __int_as_float(0x7f7fffff));
     if (sov::better(v, i, bv, bi)) { bv = v; bi = i; }
   }
 #pragma unroll

@@ -342,6 +342,34 @@ pub fn embed_rows(table: &[u16], ids: &[u32], hidden: usize) -> Vec<u16> {
         .collect()
 }
 
+/// `argmax_rows`: per row, the greedy pick of the worker's sampler: NaN counts as `-inf`,
+/// `+inf` as `f32::MAX`, and the lowest index of the largest value wins (0 when every
+/// value is `-inf` or NaN).
+pub fn argmax_rows(logits: &[f32], vocab: usize) -> Vec<u32> {
+    logits
+        .chunks_exact(vocab)
+        .map(|row| {
+            let clean = |v: f32| {
+                if v.is_nan() {
+                    f32::NEG_INFINITY
+                } else {
+                    v.min(f32::MAX)
+                }
+            };
+            let mut best = 0;
+            let mut best_v = f32::NEG_INFINITY;
+            for (i, &v) in row.iter().enumerate() {
+                let v = clean(v);
+                if v > best_v {
+                    best = i;
+                    best_v = v;
+                }
+            }
+            best as u32
+        })
+        .collect()
+}
+
 /// `softmax_rows`: probabilities of `logits / temperature`, per row.
 pub fn softmax_rows(logits: &[f32], vocab: usize, temperature: f32) -> Vec<f32> {
     logits

@@ -493,8 +493,19 @@ impl Engine {
                 want_logits: s.sample,
             })
             .collect();
-        let mut logits = match self.backend.forward(&chunks) {
-            Ok(l) => l,
+        // Rows whose request is plain greedy: the backend may pick their token itself.
+        let greedy: Vec<bool> = plan
+            .seqs
+            .iter()
+            .filter(|s| s.sample)
+            .map(|s| {
+                self.active
+                    .get(&s.id)
+                    .is_some_and(|a| a.sampler.is_plain_greedy())
+            })
+            .collect();
+        let mut out = match self.backend.forward_step(&chunks, &greedy) {
+            Ok(o) => o,
             Err(e) => {
                 tracing::error!(error = %e, "backend step failed; failing the step's requests");
                 for s in &plan.seqs {
@@ -504,14 +515,22 @@ impl Engine {
             }
         };
         let mut sampled = Vec::new();
-        let mut rows = logits.chunks_exact_mut(self.vocab_size);
-        for s in plan.seqs.iter().filter(|s| s.sample) {
-            let Some(row) = rows.next() else { break };
+        let mut rows = out.logits.chunks_exact_mut(self.vocab_size);
+        for (i, s) in plan.seqs.iter().filter(|s| s.sample).enumerate() {
+            // A row the backend did not pick has logits, consumed in order.
+            let picked = out.picked.get(i).copied().flatten();
+            let row = if picked.is_none() { rows.next() } else { None };
             let Some(a) = self.active.get_mut(&s.id) else {
                 continue;
             };
-            let history = self.sched.seq_tokens(s.id).unwrap_or(&[]);
-            let tok = a.sampler.sample(row, history, &a.generated);
+            let tok = match (picked, row) {
+                (Some(t), _) => t,
+                (None, Some(row)) => {
+                    let history = self.sched.seq_tokens(s.id).unwrap_or(&[]);
+                    a.sampler.sample(row, history, &a.generated)
+                }
+                (None, None) => break,
+            };
             sampled.push((s.id, tok));
         }
         self.sched.on_step_done(&mut self.bm, &plan, &sampled);

@@ -271,6 +271,13 @@ impl Sampler {
     ///
     /// Never panics. If no token has a finite logit (or `logits` is empty) the result is the
     /// greedy choice among them: token 0 when all are `-inf`/NaN.
+    /// Whether [`Sampler::sample`] reduces to [`greedy_pick`] of the raw logits (greedy,
+    /// no penalty): then a backend may pick the token itself, without sending the logits.
+    pub fn is_plain_greedy(&self) -> bool {
+        let t = self.params.temperature;
+        !self.params.has_penalties() && (t == 0.0 || !(1.0 / t).is_finite())
+    }
+
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32], generated: &[u32]) -> u32 {
         if self.params.has_penalties() {
             self.apply_penalties(logits, history, generated);
@@ -428,6 +435,14 @@ impl SamplingParams {
             || self.presence_penalty != 0.0
             || self.frequency_penalty != 0.0
     }
+}
+
+/// The greedy choice [`Sampler::sample`] makes for a plain greedy request: logits
+/// sanitized (NaN to `-inf`, `+inf` to `f32::MAX`), then the lowest index of the largest
+/// value (0 when every value is `-inf` or NaN). The GPU's `argmax_rows` computes the same.
+pub fn greedy_pick(logits: &mut [f32]) -> u32 {
+    let max = sanitize(logits);
+    first_index_of(logits, max)
 }
 
 /// NaN to `-inf`, `+inf` to `f32::MAX`; returns the largest value. Branch-free so that it

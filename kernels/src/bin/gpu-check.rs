@@ -537,18 +537,27 @@ fn check_sampling(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
     logits[vocab + 10] = 100.0;
     logits[vocab + 20] = 100.0; // tie: the lower index wins
     logits[2 * vocab + 5] = f32::NAN;
+    // +inf counts as f32::MAX: the earlier MAX wins.
+    logits[3 * vocab + 7] = f32::MAX;
+    logits[3 * vocab + 9] = f32::INFINITY;
     let ld = up(k, &logits)?;
     let mut idx = zeros::<i32>(k, 4)?;
     launch::argmax_rows(k, &ld, &mut idx, 4, vocab)?;
     let got = down(k, &idx)?;
-    let want: Vec<i32> = logits
-        .chunks_exact(vocab)
-        .map(|r| kernels::cpu::argmax(r) as i32)
+    let want: Vec<i32> = gpu_ref::argmax_rows(&logits, vocab)
+        .iter()
+        .map(|t| *t as i32)
         .collect();
     out.push(json!({"kernel": "argmax_rows", "vocab": vocab, "gpu": got, "reference": want, "ok": got == want}));
     let finite: Vec<f32> = logits
         .iter()
-        .map(|v| if v.is_nan() { 0.0 } else { *v })
+        .map(|v| {
+            if v.is_nan() || v.abs() > 1e30 {
+                0.0
+            } else {
+                *v
+            }
+        })
         .collect();
     let fd = up(k, &finite)?;
     let mut pd = zeros::<f32>(k, finite.len())?;

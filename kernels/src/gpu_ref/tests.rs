@@ -445,3 +445,18 @@ fn topk_rows_matches_naive_selection() {
     assert_eq!((ids[0], ids[1]), (1, 2));
     assert_eq!((vals[0], vals[1]), (f32::MAX, f32::MAX));
 }
+
+#[test]
+fn argmax_rows_is_the_sampler_greedy_rule() {
+    let m = f32::MAX;
+    let rows = [
+        vec![1.0, 3.0, 3.0, 2.0],
+        vec![f32::NAN, 0.5, 0.25, 0.5],
+        vec![m, 1.0, f32::INFINITY, 0.0],
+        vec![f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY, f32::NAN],
+        vec![f32::NAN, f32::NAN, f32::NAN, -1.0],
+    ];
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    // +inf counts as f32::MAX, so the earlier MAX wins the tie.
+    assert_eq!(argmax_rows(&flat, 4), vec![1, 1, 0, 0, 3]);
+}

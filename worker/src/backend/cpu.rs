@@ -224,6 +224,10 @@ impl CpuBackend {
 }
 
 impl Backend for CpuBackend {
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
     fn name(&self) -> String {
         format!("cpu ({} threads)", self.pool.current_num_threads())
     }

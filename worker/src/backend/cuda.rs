@@ -22,7 +22,7 @@ use kernels::cuda::{CudaError, Kernels};
 use kernels::gpu_ref::to_bf16;
 use rayon::prelude::*;
 
-use super::{Backend, BackendError, SeqChunk, check_chunks};
+use super::{Backend, BackendError, SeqChunk, StepOutput, check_chunks, pick_greedy_rows};
 use crate::model::{Matrix, ModelConfig, Weights};
 
 /// Bytes one KV block takes across all layers with a bf16 cache.
@@ -62,6 +62,8 @@ struct StepMeta {
     /// Rows that need logits, packed, and their logits.
     sel: CudaSlice<u16>,
     logits: CudaSlice<f32>,
+    /// Token ids picked on the GPU for greedy rows.
+    picked: CudaSlice<i32>,
     split: SplitScratch,
 }
 
@@ -295,6 +297,7 @@ impl CudaBackend {
             tables: z32()?,
             sel: s.alloc_zeros::<u16>(1).map_err(dev)?,
             logits: s.alloc_zeros::<f32>(1).map_err(dev)?,
+            picked: z32()?,
             split: SplitScratch {
                 part_out: s.alloc_zeros::<f32>(1).map_err(dev)?,
                 part_ml: s.alloc_zeros::<f32>(1).map_err(dev)?,
@@ -400,11 +403,13 @@ impl CudaBackend {
         .map_err(dev)
     }
 
+    /// One step; `greedy` as in [`Backend::forward_step`] (empty: every row's logits).
     fn forward_inner(
         &mut self,
         chunks: &[SeqChunk<'_>],
         t: usize,
-    ) -> Result<Vec<f32>, BackendError> {
+        greedy: &[bool],
+    ) -> Result<StepOutput, BackendError> {
         self.buffers(t)?;
         let cfg = self.cfg.clone();
         let (h, hd) = (cfg.hidden, cfg.head_dim);
@@ -503,6 +508,7 @@ impl CudaBackend {
         let want_rows = chunks.iter().filter(|c| c.want_logits).count();
         grow(&s, &mut m.sel, want_rows * h, &mut epoch)?;
         grow(&s, &mut m.logits, want_rows * cfg.vocab_size, &mut epoch)?;
+        grow(&s, &mut m.picked, want_rows, &mut epoch)?;
         self.epoch = epoch;
         if graph {
             if let Err(e) = self.replay_step(&shapes) {
@@ -523,7 +529,7 @@ impl CudaBackend {
             }
         }
         if rows.is_empty() {
-            return Ok(Vec::new());
+            return Ok(StepOutput::default());
         }
         let b = self
             .bufs
@@ -545,11 +551,33 @@ impl CudaBackend {
             &mut m.logits,
             blas_sys::cudaDataType::CUDA_R_32F,
         )?;
-        let mut host = vec![0f32; rows.len() * cfg.vocab_size];
+        let vocab = cfg.vocab_size;
+        if greedy.len() == rows.len() && greedy.iter().all(|g| *g) {
+            // Every row is greedy: pick on the GPU and copy back one id a row instead of
+            // the logits (512 KB a row for a 128k vocabulary).
+            launch::argmax_rows(&self.k, &m.logits, &mut m.picked, rows.len(), vocab)
+                .map_err(dev)?;
+            let mut ids = vec![0i32; rows.len()];
+            s.memcpy_dtoh(&m.picked.slice(0..rows.len()), &mut ids)
+                .map_err(dev)?;
+            s.synchronize().map_err(dev)?;
+            return Ok(StepOutput {
+                picked: ids.iter().map(|&i| Some(i as u32)).collect(),
+                logits: Vec::new(),
+            });
+        }
+        let mut host = vec![0f32; rows.len() * vocab];
         s.memcpy_dtoh(&m.logits.slice(0..host.len()), &mut host)
             .map_err(dev)?;
         s.synchronize().map_err(dev)?;
-        Ok(host)
+        Ok(if greedy.is_empty() {
+            StepOutput {
+                picked: vec![None; rows.len()],
+                logits: host,
+            }
+        } else {
+            pick_greedy_rows(host, greedy, vocab)
+        })
     }
 
     /// Launches a graphed decode step, capturing it first when no graph of this shape is
@@ -778,6 +806,28 @@ struct StepShapes {
 }
 
 impl Backend for CudaBackend {
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn forward_step(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        greedy: &[bool],
+    ) -> Result<StepOutput, BackendError> {
+        let t = check_chunks(
+            chunks,
+            self.max_pos,
+            self.block_size,
+            self.num_blocks,
+            self.cfg.vocab_size,
+        )?;
+        if t == 0 {
+            return Ok(StepOutput::default());
+        }
+        self.forward_inner(chunks, t, greedy)
+    }
+
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.ordinal, self.k.arch)
     }
@@ -797,7 +847,7 @@ impl Backend for CudaBackend {
         if t == 0 {
             return Ok(Vec::new());
         }
-        self.forward_inner(chunks, t)
+        Ok(self.forward_inner(chunks, t, &[])?.logits)
     }
 }
 

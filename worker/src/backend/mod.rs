@@ -80,9 +80,111 @@ pub trait Backend: Send {
     /// Run one step. Returns `vocab_size` logits for each chunk with `want_logits`, in
     /// chunk order, concatenated.
     fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, BackendError>;
+
+    /// Run one step for the engine: like [`Backend::forward`], but for the chunks with
+    /// `want_logits` whose `greedy` flag is set (one flag per such chunk, in order) the
+    /// backend picks the token itself ([`crate::sampler::greedy_pick`]'s rule), and only
+    /// the other rows' logits come back. A GPU backend thereby copies one id per greedy
+    /// row instead of a vocabulary of logits.
+    fn forward_step(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        greedy: &[bool],
+    ) -> Result<StepOutput, BackendError> {
+        let logits = self.forward(chunks)?;
+        Ok(pick_greedy_rows(logits, greedy, self.vocab_size()))
+    }
+
+    /// Logits per row.
+    fn vocab_size(&self) -> usize;
+}
+
+/// What [`Backend::forward_step`] returns.
+#[derive(Debug, Default)]
+pub struct StepOutput {
+    /// The picked token of each wanted row, `None` where the engine samples it.
+    pub picked: Vec<Option<u32>>,
+    /// `vocab_size` logits for each row with `picked == None`, in order, concatenated.
+    pub logits: Vec<f32>,
+}
+
+/// [`Backend::forward_step`] on the host: picks the greedy rows of `logits` and keeps the
+/// others.
+pub fn pick_greedy_rows(mut logits: Vec<f32>, greedy: &[bool], vocab: usize) -> StepOutput {
+    let mut picked = Vec::with_capacity(greedy.len());
+    let mut kept = 0;
+    for (i, &g) in greedy.iter().enumerate() {
+        let Some(row) = logits.get_mut(i * vocab..(i + 1) * vocab) else {
+            break;
+        };
+        if g {
+            picked.push(Some(crate::sampler::greedy_pick(row)));
+        } else {
+            if kept != i {
+                logits.copy_within(i * vocab..(i + 1) * vocab, kept * vocab);
+            }
+            kept += 1;
+            picked.push(None);
+        }
+    }
+    logits.truncate(kept * vocab);
+    StepOutput { picked, logits }
 }
 
 /// Bytes one KV block takes across all layers (f32 K and V).
 pub fn kv_block_bytes(cfg: &crate::model::ModelConfig, block_size: usize) -> usize {
     2 * cfg.n_layers * block_size * cfg.n_kv_heads * cfg.head_dim * std::mem::size_of::<f32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GPU's `argmax_rows` (checked against `gpu_ref::argmax_rows` on a GPU) and the
+    /// host's greedy pick agree, specials included, so a backend may pick for the sampler.
+    #[test]
+    fn greedy_pick_is_the_gpu_argmax_rule() {
+        let specials = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            0.0,
+            2.5,
+        ];
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for _ in 0..2000 {
+            let n = 1 + (next() % 40) as usize;
+            let row: Vec<f32> = (0..n)
+                .map(|_| {
+                    let r = next();
+                    if r % 4 == 0 {
+                        specials[(r >> 8) as usize % specials.len()]
+                    } else {
+                        ((r >> 16) % 7) as f32 - 3.0
+                    }
+                })
+                .collect();
+            let want = kernels::gpu_ref::argmax_rows(&row, n)[0];
+            let mut copy = row.clone();
+            assert_eq!(crate::sampler::greedy_pick(&mut copy), want, "{row:?}");
+        }
+    }
+
+    #[test]
+    fn pick_greedy_rows_keeps_the_other_rows_in_order() {
+        let logits = vec![0.0, 5.0, 1.0, 7.0, 9.0, 2.0, 3.0, 3.0];
+        let out = pick_greedy_rows(logits, &[true, false, true, false], 2);
+        assert_eq!(out.picked, vec![Some(1), None, Some(0), None]);
+        assert_eq!(out.logits, vec![1.0, 7.0, 3.0, 3.0]);
+        let all = pick_greedy_rows(vec![1.0, 2.0], &[false], 2);
+        assert_eq!(all.picked, vec![None]);
+        assert_eq!(all.logits, vec![1.0, 2.0]);
+    }
 }
