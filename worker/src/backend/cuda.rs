@@ -139,9 +139,9 @@ pub struct CudaBackend {
     sms: usize,
     bufs: Option<StepBuffers>,
     meta: StepMeta,
-    /// Decode steps of up to `GEMV_MAX_TOKENS` sequences replay captured graphs, keyed by
-    /// (sequences, KV splits); `SOV_CUDA_GRAPHS=0` turns them off.
-    graphs: std::collections::HashMap<(usize, usize), DecodeGraph>,
+    /// Decode steps of up to `GRAPH_MAX_SEQS` sequences replay captured graphs, keyed by
+    /// (sequences, KV splits, block-table stride); `SOV_CUDA_GRAPHS=0` turns them off.
+    graphs: std::collections::HashMap<(usize, usize, usize), DecodeGraph>,
     use_graphs: bool,
     /// The GEMV design of the fused path: `SOV_GEMV_KERNEL=warp` picks the warp design
     /// (kernels/cuda/gemv.cu), anything else the block design.
@@ -426,15 +426,18 @@ impl CudaBackend {
         let mut slots = Vec::with_capacity(t);
         let mut cu_q = vec![0i32];
         let mut lens = Vec::with_capacity(chunks.len());
+        let longest = chunks
+            .iter()
+            .map(|c| c.block_table.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        // A table longer than the model's context needs (never expected) gets its own
+        // stride, and so its own graph: the stride is part of the graph's key.
         let max_blocks = if graph {
-            self.max_pos.div_ceil(bs)
+            longest.max(self.max_pos.div_ceil(bs))
         } else {
-            chunks
-                .iter()
-                .map(|c| c.block_table.len())
-                .max()
-                .unwrap_or(1)
-                .max(1)
+            longest
         };
         let mut tables = vec![0i32; chunks.len() * max_blocks];
         for (i, c) in chunks.iter().enumerate() {
@@ -536,17 +539,21 @@ impl CudaBackend {
             .as_ref()
             .ok_or_else(|| dev("step buffers missing"))?;
         let m = &mut self.meta;
-        // `sel` and `logits` were grown for `want_rows` rows above.
-        for (j, &r) in rows.iter().enumerate() {
-            let src = b.xn.slice(r * h..(r + 1) * h);
-            let mut dst = m.sel.slice_mut(j * h..(j + 1) * h);
-            s.memcpy_dtod(&src, &mut dst).map_err(dev)?;
+        // `sel` and `logits` were grown for `want_rows` rows above. A decode step wants
+        // rows 0, 1, ... of `xn` itself: no gathering copy then.
+        let gathered = rows.iter().enumerate().any(|(j, &r)| j != r);
+        if gathered {
+            for (j, &r) in rows.iter().enumerate() {
+                let src = b.xn.slice(r * h..(r + 1) * h);
+                let mut dst = m.sel.slice_mut(j * h..(j + 1) * h);
+                s.memcpy_dtod(&src, &mut dst).map_err(dev)?;
+            }
         }
         Self::gemm(
             &self.blas,
             &s,
             &self.output,
-            &m.sel,
+            if gathered { &m.sel } else { &b.xn },
             rows.len(),
             &mut m.logits,
             blas_sys::cudaDataType::CUDA_R_32F,
@@ -584,7 +591,8 @@ impl CudaBackend {
     /// valid (a step buffer was reallocated since, or none was captured yet).
     fn replay_step(&mut self, shapes: &StepShapes) -> Result<(), BackendError> {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-        let key = (shapes.decode.num_seqs, shapes.decode.num_splits);
+        let d = &shapes.decode;
+        let key = (d.num_seqs, d.num_splits, d.max_blocks);
         let fresh = self.graphs.get(&key).is_some_and(|g| g.epoch == self.epoch);
         if !fresh {
             if self.graphs.len() >= MAX_GRAPHS {
