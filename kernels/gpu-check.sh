@@ -8,11 +8,14 @@
 #   4. end-to-end `worker bench --device cuda:0` on random-weight models shaped like
 #      SmolLM2-135M and EuroLLM-1.7B, against the weight-bandwidth limit (batch 1 also
 #      with SOV_GEMV_KERNEL=warp, the other GEMV design),
-#   5. the same attention shapes through PyTorch's scaled_dot_product_attention.
+#   5. the same attention shapes through PyTorch's scaled_dot_product_attention;
+#   6. `worker check-backend`: the CUDA backend's logits against the CPU backend's over
+#      prefill and decode steps (batch 3, 2, 1) on both model shapes.
 # Prints one JSON summary (and writes it to $OUT/gpu-check.json when OUT is set).
 #
 #   bash kernels/gpu-check.sh [--quick]
-# Exit status: gpu-check's (1 = a correctness check failed, 2 = no usable GPU).
+# Exit status: gpu-check's (1 = a correctness check failed, 2 = no usable GPU), or 1 when
+# a backend check failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=""
@@ -67,6 +70,10 @@ for shape in eurollm-1.7b smollm2-135m; do
       --batches 1,8,32 --reps 3 --prompt-tokens 128 --decode-tokens 64 > "$TMP/$shape.bench.json" 2> "$TMP/$shape.err"
     rc=$?
     tail -40 "$TMP/$shape.err" >> "$LOG"
+    # The CUDA backend's forward pass against the CPU backend's, step by step.
+    RUST_BACKTRACE=0 timeout 180 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
+      > "$TMP/$shape.check.json" 2>> "$LOG" || { echo "gpu-check: check-backend failed on $shape" | tee -a "$LOG" >&2; [ $status -eq 0 ] && status=1; }
+    [ -s "$TMP/$shape.check.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$TMP/$shape.check.json"
     # The fused path's other GEMV design, side by side at batch 1.
     SOV_GEMV_KERNEL=warp RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
       --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
@@ -92,7 +99,9 @@ copy = k.get("copy_bandwidth_gb_per_s")
 for shape in ["smollm2-135m", "eurollm-1.7b"]:
     m, b = load(f"{shape}.model.json"), load(f"{shape}.bench.json")
     wb = load(f"{shape}.warp.json")
-    e = {"model": m, "bench": b, "bench_gemv_warp": wb}
+    ck = load(f"{shape}.check.json")
+    ck.pop("per_row", None)
+    e = {"model": m, "bench": b, "bench_gemv_warp": wb, "backend_check": ck}
     try:
         b1 = b["decode"]["1"]["aggregate_tok_s"]
         limit = copy * 1e9 / m["weight_bytes"]

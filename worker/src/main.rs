@@ -40,6 +40,23 @@ enum Cmd {
     /// Benchmark stand-in: answer every request at once with fixed tokens (gRPC and
     /// OpenAI HTTP), to measure the gateway itself. Never serves users.
     Fake(FakeArgs),
+    /// Compare a device's forward pass with the CPU backend's on the same steps (prefill,
+    /// decode at batch 3, 2, 1, device-picked greedy tokens); prints JSON, exit 1 when
+    /// they differ beyond bf16 tolerance.
+    CheckBackend(CheckArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// A GGUF file, a Hugging Face model directory, or a known alias.
+    #[arg(long)]
+    model: String,
+    /// The backend checked against the CPU: `cuda:N` (or `cpu`, which checks the check).
+    #[arg(long, default_value = "cuda:0", value_parser = parse_device)]
+    device: Device,
+    /// CPU threads of the reference (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -156,6 +173,7 @@ fn main() -> Result<()> {
         }
         Cmd::Serve(a) => serve(a),
         Cmd::Fake(a) => fake(a),
+        Cmd::CheckBackend(a) => check_backend(a),
         Cmd::Bench(a) => {
             let svc = start_engine(&a.model, None, "bench", "EU")?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -207,6 +225,61 @@ fn kernel_cache_dir() -> PathBuf {
                 .map(|p| p.join("kernels"))
                 .unwrap_or_else(|| models.join("kernels"))
         })
+}
+
+fn check_backend(a: CheckArgs) -> Result<()> {
+    let path: PathBuf = fetch::resolve_model(&a.model)?;
+    let loaded = model::load(&path).with_context(|| format!("loading model {}", path.display()))?;
+    let mut cfg = loaded.config.clone();
+    // Three sequences of at most 96 tokens, in blocks of 16.
+    let (block_size, num_blocks) = (16, 18);
+    cfg.max_context = cfg.max_context.min(num_blocks * block_size);
+    let vocab = cfg.vocab_size;
+    let threads = a.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let weights = Arc::new(loaded.weights);
+    let mut reference = CpuBackend::new(
+        cfg.clone(),
+        Arc::clone(&weights),
+        num_blocks,
+        block_size,
+        threads,
+    )?;
+    let mut candidate: Box<dyn Backend> = match a.device {
+        Device::Cpu => Box::new(CpuBackend::new(
+            cfg.clone(),
+            Arc::clone(&weights),
+            num_blocks,
+            block_size,
+            threads,
+        )?),
+        Device::Cuda(n) => Box::new(
+            CudaBackend::new(
+                cfg.clone(),
+                &weights,
+                n,
+                num_blocks,
+                block_size,
+                &kernel_cache_dir(),
+            )
+            .with_context(|| format!("--device cuda:{n}"))?,
+        ),
+    };
+    let mut report = worker::backend::compare::compare(&mut reference, candidate.as_mut(), vocab)?;
+    report["reference"] = reference.name().into();
+    report["candidate"] = candidate.name().into();
+    let ok = report["ok"] == serde_json::json!(true);
+    println!("{report}");
+    if !ok {
+        bail!(
+            "the {} backend's logits differ from the CPU backend's",
+            candidate.name()
+        );
+    }
+    Ok(())
 }
 
 fn start_engine(

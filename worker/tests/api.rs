@@ -564,6 +564,13 @@ fn random_weight_models_for_the_gpu_check_load_and_run() {
         ])
         .output()
         .unwrap();
+    // The backend comparison the GPU check runs, here CPU against CPU: it must run through
+    // every step and find them identical.
+    let check = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["check-backend", "--device", "cpu", "--model"])
+        .arg(&dir)
+        .output()
+        .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     assert!(
         out.status.success(),
@@ -575,4 +582,13 @@ fn random_weight_models_for_the_gpu_check_load_and_run() {
         v["decode"]["2"]["aggregate_tok_s"].as_f64().unwrap() > 0.0,
         "{v}"
     );
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let c: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
+    assert_eq!(c["ok"], serde_json::json!(true), "{c}");
+    assert_eq!(c["rows"], serde_json::json!(39), "{c}");
+    assert_eq!(c["max_rel_diff"], serde_json::json!(0.0), "{c}");
 }

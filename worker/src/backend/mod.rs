@@ -5,6 +5,7 @@
 //! scheduler does). Given the step's token chunks and block tables, it writes K/V into the
 //! named slots and returns logits for the sequences that need a sample.
 
+pub mod compare;
 pub mod cpu;
 pub mod cuda;
 

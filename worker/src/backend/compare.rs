@@ -1,0 +1,259 @@
+//! `worker check-backend`: runs two backends on the same steps and compares their
+//! logits, end to end through every path a backend has (a prefill of several prompts,
+//! decode steps at batch 3, 2 and 1, and backend-picked greedy tokens). The kernels are
+//! each checked against their CPU references on a GPU (`gpu-check`); this checks the
+//! wiring: that the CUDA backend computes the same forward pass as the CPU backend, up
+//! to its bf16 storage.
+//!
+//! Tokens are teacher-forced (a fixed pseudo-random sequence), so both backends see the
+//! same inputs whatever they predict. Each compared row reports the cosine similarity of
+//! the two logit vectors, the largest difference relative to the reference's largest
+//! magnitude, and whether the argmax agrees.
+
+use serde_json::{Value, json};
+
+use super::{Backend, BackendError, SeqChunk};
+use crate::sampler::greedy_pick;
+
+/// Pass thresholds. bf16 weights and activations against f32 over a whole model move
+/// the logits by about 1% (cosine above 0.99). The argmax may then differ where two
+/// logits are nearly tied, so a row's argmax passes when it is the reference's, or when
+/// the reference's logit there is within `NEAR_TIE` of the reference's largest magnitude
+/// from its maximum.
+const MIN_COSINE: f64 = 0.98;
+const NEAR_TIE: f64 = 0.02;
+const MIN_ARGMAX_AGREEMENT: f64 = 0.95;
+
+fn tokens(n: usize, vocab: usize, salt: u64) -> Vec<u32> {
+    let mut s = 0x9E37_79B9_7F4A_7C15u64 ^ salt.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab as u64) as u32
+        })
+        .collect()
+}
+
+struct Seq {
+    toks: Vec<u32>,
+    /// Tokens already in the KV cache.
+    done: usize,
+    table: Vec<u32>,
+}
+
+/// Cosine similarity, relative max difference, argmax agreement (up to near-ties) of one
+/// row.
+fn compare_row(want: &[f32], got: &[f32]) -> (f64, f64, bool) {
+    let (mut dot, mut nw, mut ng, mut maxd, mut maxw) = (0f64, 0f64, 0f64, 0f64, 0f64);
+    for (&w, &g) in want.iter().zip(got) {
+        let (w, g) = (f64::from(w), f64::from(g));
+        dot += w * g;
+        nw += w * w;
+        ng += g * g;
+        maxd = maxd.max((w - g).abs());
+        maxw = maxw.max(w.abs());
+    }
+    let cos = if nw > 0.0 && ng > 0.0 {
+        dot / (nw.sqrt() * ng.sqrt())
+    } else {
+        0.0
+    };
+    let (wa, ga) = (
+        greedy_pick(&mut want.to_vec()) as usize,
+        greedy_pick(&mut got.to_vec()) as usize,
+    );
+    let near = f64::from(want[wa]) - f64::from(want[ga]) <= NEAR_TIE * maxw;
+    (cos, maxd / maxw.max(f64::MIN_POSITIVE), wa == ga || near)
+}
+
+/// Runs `reference` and `candidate` (each with at least `3 * blocks_per_seq` KV blocks of
+/// 16 tokens and a context of at least 96 tokens) through the same steps and returns the
+/// JSON report; `ok` says whether every row passed the thresholds.
+pub fn compare(
+    reference: &mut dyn Backend,
+    candidate: &mut dyn Backend,
+    vocab: usize,
+) -> Result<Value, BackendError> {
+    const BLOCKS_PER_SEQ: usize = 6; // 96 tokens
+    let prompts = [33usize, 7, 20];
+    let mut seqs: Vec<Seq> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| Seq {
+            toks: tokens(n + 40, vocab, i as u64 + 1),
+            done: 0,
+            table: (0..BLOCKS_PER_SEQ)
+                .map(|b| (i * BLOCKS_PER_SEQ + b) as u32)
+                .collect(),
+        })
+        .collect();
+    // (sequences in the step, phase name): prefill all, then decode at batch 3, 2, 1.
+    let mut plan: Vec<(Vec<usize>, &str)> = vec![(vec![0, 1, 2], "prefill")];
+    plan.extend((0..6).map(|_| (vec![0, 1, 2], "decode batch 3")));
+    plan.extend((0..6).map(|_| (vec![0, 2], "decode batch 2")));
+    plan.extend((0..6).map(|_| (vec![1], "decode batch 1")));
+    let mut rows = Vec::new();
+    let (mut min_cos, mut max_rel, mut agree, mut total) = (1f64, 0f64, 0usize, 0usize);
+    for (step, (ids, phase)) in plan.iter().enumerate() {
+        let spans: Vec<(usize, usize)> = ids
+            .iter()
+            .map(|&i| {
+                let s = &seqs[i];
+                let n = if step == 0 { prompts[i] } else { 1 };
+                (s.done, s.done + n)
+            })
+            .collect();
+        let chunks: Vec<SeqChunk<'_>> = ids
+            .iter()
+            .zip(&spans)
+            .map(|(&i, &(a, b))| SeqChunk {
+                tokens: &seqs[i].toks[a..b],
+                start: a,
+                block_table: &seqs[i].table,
+                want_logits: true,
+            })
+            .collect();
+        let want = reference.forward(&chunks)?;
+        let got = candidate.forward(&chunks)?;
+        if want.len() != got.len() || want.len() != ids.len() * vocab {
+            return Err(BackendError::Device(format!(
+                "step {step}: {} reference and {} candidate logits for {} rows",
+                want.len(),
+                got.len(),
+                ids.len()
+            )));
+        }
+        // The same step again, with every row greedy: a backend that picks on its own
+        // device must pick the argmax of its logits. (Writing the same K/V again is
+        // idempotent.)
+        let picked = candidate.forward_step(&chunks, &vec![true; ids.len()])?;
+        for (r, &i) in ids.iter().enumerate() {
+            let (w, g) = (
+                &want[r * vocab..(r + 1) * vocab],
+                &got[r * vocab..(r + 1) * vocab],
+            );
+            let (cos, rel, ag) = compare_row(w, g);
+            let own = greedy_pick(&mut g.to_vec());
+            let pick = picked.picked.get(r).copied().flatten();
+            min_cos = min_cos.min(cos);
+            max_rel = max_rel.max(rel);
+            agree += usize::from(ag);
+            total += 1;
+            rows.push(
+                json!({"step": step, "phase": phase, "seq": i, "cosine": cos,
+                "max_rel_diff": rel, "argmax_agrees": ag, "picked": pick,
+                "picked_is_own_argmax": pick == Some(own)}),
+            );
+        }
+        drop(chunks);
+        for (&i, &(_, b)) in ids.iter().zip(&spans) {
+            seqs[i].done = b;
+        }
+    }
+    let agreement = agree as f64 / total.max(1) as f64;
+    let picks_ok = rows
+        .iter()
+        .all(|r| r["picked_is_own_argmax"] == json!(true));
+    let ok = min_cos >= MIN_COSINE && agreement >= MIN_ARGMAX_AGREEMENT && picks_ok;
+    Ok(json!({
+        "ok": ok,
+        "rows": total,
+        "min_cosine": min_cos,
+        "max_rel_diff": max_rel,
+        "argmax_agreement": agreement,
+        "picks_are_own_argmax": picks_ok,
+        "thresholds": {"min_cosine": MIN_COSINE, "near_tie": NEAR_TIE,
+            "min_argmax_agreement": MIN_ARGMAX_AGREEMENT},
+        "per_row": rows,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Logits as a function of each chunk's last token and position; `skew` perturbs
+    /// them, `wrong_picks` makes `forward_step` pick a token other than the argmax.
+    struct Toy {
+        vocab: usize,
+        skew: f32,
+        wrong_picks: bool,
+    }
+
+    impl Backend for Toy {
+        fn name(&self) -> String {
+            "toy".into()
+        }
+        fn num_kv_blocks(&self) -> usize {
+            18
+        }
+        fn vocab_size(&self) -> usize {
+            self.vocab
+        }
+        fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, BackendError> {
+            let mut out = Vec::new();
+            for c in chunks {
+                let last = c.tokens.last().copied().unwrap_or(0) as f32;
+                let pos = (c.start + c.tokens.len()) as f32;
+                out.extend((0..self.vocab).map(|v| {
+                    let v = v as f32;
+                    (last * 0.37 + v * 1.3 + pos * 0.11).sin() + self.skew * (v * 7.1).cos()
+                }));
+            }
+            Ok(out)
+        }
+        fn forward_step(
+            &mut self,
+            chunks: &[SeqChunk<'_>],
+            greedy: &[bool],
+        ) -> Result<super::super::StepOutput, BackendError> {
+            let logits = self.forward(chunks)?;
+            let mut out = super::super::pick_greedy_rows(logits, greedy, self.vocab);
+            if self.wrong_picks {
+                for p in out.picked.iter_mut().flatten() {
+                    *p = (*p + 1) % self.vocab as u32;
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    fn run(skew: f32, wrong_picks: bool) -> Value {
+        let vocab = 50;
+        let mut a = Toy {
+            vocab,
+            skew: 0.0,
+            wrong_picks: false,
+        };
+        let mut b = Toy {
+            vocab,
+            skew,
+            wrong_picks,
+        };
+        compare(&mut a, &mut b, vocab).expect("compare runs")
+    }
+
+    #[test]
+    fn identical_backends_pass_and_different_ones_fail() {
+        let same = run(0.0, false);
+        assert_eq!(same["ok"], json!(true), "{same}");
+        assert_eq!(same["rows"], json!(39));
+        let tiny = run(0.01, false);
+        assert_eq!(
+            tiny["ok"],
+            json!(true),
+            "a bf16-sized difference passes: {tiny}"
+        );
+        let far = run(2.0, false);
+        assert_eq!(far["ok"], json!(false), "different logits fail");
+        let picks = run(0.0, true);
+        assert_eq!(
+            picks["ok"],
+            json!(false),
+            "picks that are not the argmax fail"
+        );
+        assert_eq!(picks["picks_are_own_argmax"], json!(false));
+    }
+}
