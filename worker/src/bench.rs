@@ -26,14 +26,20 @@ fn params(max_tokens: usize) -> GenerateParams {
 /// Deterministic pseudo-random prompt tokens (distinct per `salt`, so the prefix cache
 /// never serves them).
 fn prompt(vocab: usize, n: usize, salt: u64) -> Vec<u32> {
+    // Skip the first 256 ids, which are special or byte tokens in most vocabularies.
+    pseudo_tokens(n, 256, vocab, salt)
+}
+
+/// `n` pseudo-random token ids in `lo..hi` (xorshift, a fixed stream per `salt`).
+pub(crate) fn pseudo_tokens(n: usize, lo: usize, hi: usize, salt: u64) -> Vec<u32> {
     let mut s = 0x9E37_79B9_7F4A_7C15u64 ^ salt.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let span = hi.saturating_sub(lo).max(1) as u64;
     (0..n)
         .map(|_| {
             s ^= s << 13;
             s ^= s >> 7;
             s ^= s << 17;
-            // Skip the first 256 ids, which are special or byte tokens in most vocabularies.
-            (256 + s % (vocab as u64 - 256)) as u32
+            (lo as u64 + s % span) as u32
         })
         .collect()
 }

@@ -227,31 +227,19 @@ fn kernel_cache_dir() -> PathBuf {
         })
 }
 
-fn check_backend(a: CheckArgs) -> Result<()> {
-    let path: PathBuf = fetch::resolve_model(&a.model)?;
-    let loaded = model::load(&path).with_context(|| format!("loading model {}", path.display()))?;
-    let mut cfg = loaded.config.clone();
-    // Three sequences of at most 96 tokens, in blocks of 16.
-    let (block_size, num_blocks) = (16, 18);
-    cfg.max_context = cfg.max_context.min(num_blocks * block_size);
-    let vocab = cfg.vocab_size;
-    let threads = a.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    let weights = Arc::new(loaded.weights);
-    let mut reference = CpuBackend::new(
-        cfg.clone(),
-        Arc::clone(&weights),
-        num_blocks,
-        block_size,
-        threads,
-    )?;
-    let mut candidate: Box<dyn Backend> = match a.device {
+/// The backend for `device`.
+fn make_backend(
+    device: Device,
+    cfg: &model::ModelConfig,
+    weights: Arc<model::Weights>,
+    num_blocks: usize,
+    block_size: usize,
+    threads: usize,
+) -> Result<Box<dyn Backend>> {
+    Ok(match device {
         Device::Cpu => Box::new(CpuBackend::new(
             cfg.clone(),
-            Arc::clone(&weights),
+            weights,
             num_blocks,
             block_size,
             threads,
@@ -267,7 +255,43 @@ fn check_backend(a: CheckArgs) -> Result<()> {
             )
             .with_context(|| format!("--device cuda:{n}"))?,
         ),
-    };
+    })
+}
+
+/// `--threads`, else every core.
+fn default_threads(threads: Option<usize>) -> usize {
+    threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
+}
+
+fn check_backend(a: CheckArgs) -> Result<()> {
+    let path: PathBuf = fetch::resolve_model(&a.model)?;
+    let loaded = model::load(&path).with_context(|| format!("loading model {}", path.display()))?;
+    let mut cfg = loaded.config.clone();
+    // Three sequences of at most 96 tokens, in blocks of 16.
+    let (block_size, num_blocks) = (16, 18);
+    cfg.max_context = cfg.max_context.min(num_blocks * block_size);
+    let vocab = cfg.vocab_size;
+    let threads = default_threads(a.threads);
+    let weights = Arc::new(loaded.weights);
+    let mut reference = CpuBackend::new(
+        cfg.clone(),
+        Arc::clone(&weights),
+        num_blocks,
+        block_size,
+        threads,
+    )?;
+    let mut candidate = make_backend(
+        a.device,
+        &cfg,
+        Arc::clone(&weights),
+        num_blocks,
+        block_size,
+        threads,
+    )?;
     let mut report = worker::backend::compare::compare(&mut reference, candidate.as_mut(), vocab)?;
     report["reference"] = reference.name().into();
     report["candidate"] = candidate.name().into();
@@ -310,11 +334,7 @@ fn start_engine(
         .min(cfg.max_context)
         .min(num_blocks * block_size);
     cfg.max_context = max_model_len;
-    let threads = a.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
+    let threads = default_threads(a.threads);
     let tokenizer = Arc::clone(&loaded.tokenizer);
     let tok_str = |id: Option<u32>| {
         id.and_then(|i| tokenizer.id_to_token(i))
@@ -327,26 +347,14 @@ fn start_engine(
         None => ChatTemplate::chatml(),
     };
     let vocab = cfg.vocab_size;
-    let backend: Box<dyn Backend> = match a.device {
-        Device::Cpu => Box::new(CpuBackend::new(
-            cfg.clone(),
-            Arc::new(loaded.weights),
-            num_blocks,
-            block_size,
-            threads,
-        )?),
-        Device::Cuda(n) => Box::new(
-            CudaBackend::new(
-                cfg.clone(),
-                &loaded.weights,
-                n,
-                num_blocks,
-                block_size,
-                &kernel_cache_dir(),
-            )
-            .with_context(|| format!("--device cuda:{n}"))?,
-        ),
-    };
+    let backend = make_backend(
+        a.device,
+        &cfg,
+        Arc::new(loaded.weights),
+        num_blocks,
+        block_size,
+        threads,
+    )?;
     let backend_name = backend.name();
     tracing::info!(
         model = %path.display(), layers = cfg.n_layers, hidden = cfg.hidden, vocab, num_blocks, max_model_len,

@@ -24,18 +24,6 @@ const MIN_COSINE: f64 = 0.98;
 const NEAR_TIE: f64 = 0.02;
 const MIN_ARGMAX_AGREEMENT: f64 = 0.95;
 
-fn tokens(n: usize, vocab: usize, salt: u64) -> Vec<u32> {
-    let mut s = 0x9E37_79B9_7F4A_7C15u64 ^ salt.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % vocab as u64) as u32
-        })
-        .collect()
-}
-
 struct Seq {
     toks: Vec<u32>,
     /// Tokens already in the KV cache.
@@ -82,7 +70,7 @@ pub fn compare(
         .iter()
         .enumerate()
         .map(|(i, &n)| Seq {
-            toks: tokens(n + 40, vocab, i as u64 + 1),
+            toks: crate::bench::pseudo_tokens(n + 40, 0, vocab, i as u64 + 1),
             done: 0,
             table: (0..BLOCKS_PER_SEQ)
                 .map(|b| (i * BLOCKS_PER_SEQ + b) as u32)
