@@ -123,6 +123,23 @@ for ours in k.get("prefill_attention", []):
         side.append({"prefill_tokens": ours["tokens"], "ours_tflops": ours["tflops"], "torch_tflops": theirs["tflops"],
                      "ratio": ours["tflops"] / theirs["tflops"]})
 summary["side_by_side"] = side
+# The targets, met or not (None: not measured in this run).
+def frac_min(xs, key, pred=lambda x: True):
+    v = [x[key] for x in xs if key in x and pred(x)]
+    return min(v) if v else None
+dec = frac_min(k.get("decode_attention", []), "fraction_of_copy", lambda x: x.get("context", 0) >= 4096)
+pre = max([x["fraction_of_bf16_dense_peak"] for x in k.get("prefill_attention", []) if "fraction_of_bf16_dense_peak" in x] or [None], key=lambda v: -1 if v is None else v)
+eu = summary["end_to_end"].get("eurollm-1.7b", {})
+e2e = max([v for v in (eu.get("fraction_of_limit"), eu.get("gemv_warp_fraction_of_limit")) if v is not None] or [None], key=lambda v: -1 if v is None else v)
+# A check that printed an error ran and failed; one absent was not run.
+checks = [c.get("ok", False) for c in (e.get("backend_check") for e in summary["end_to_end"].values()) if c is not None]
+summary["targets"] = {
+    "kernels_match_references": k.get("correctness", {}).get("ok"),
+    "backend_matches_cpu": all(c is True for c in checks) if checks else None,
+    "decode_attention_min_fraction_of_copy_4k_plus": dec, "decode_attention_target_met": None if dec is None else dec >= 0.8,
+    "prefill_best_fraction_of_peak": pre, "prefill_target_met": None if pre is None else pre >= 0.4,
+    "eurollm_batch1_best_fraction_of_limit": e2e, "eurollm_batch1_target_met": None if e2e is None else e2e >= 0.7,
+}
 text = json.dumps(summary, indent=1)
 print(text)
 if os.environ.get("OUT"):
