@@ -2,7 +2,8 @@
 # Per-kernel GPU time of the worker's decode steps, with Nsight Compute (ncu), on a GPU
 # machine that has it: a random-weight model of SHAPE (default eurollm-1.7b) decodes a
 # few tokens at batch 1 under ncu, which records every kernel's duration. Writes
-# $OUT/ncu-SHAPE.csv and prints a per-kernel summary of the decode steps.
+# $OUT/ncu-SHAPE.csv and prints the wall time a token (without ncu) and a per-kernel
+# summary of one decode step.
 #
 #   OUT=DIR bash kernels/tools/gpu-profile.sh [SHAPE]
 # Needs what kernels/gpu-check.sh needs (it sets up the library paths the same way).
@@ -24,6 +25,11 @@ NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/
 [ -n "$NCU" ] || { echo "gpu-profile: no ncu" >&2; exit 2; }
 python3 kernels/tools/make_random_model.py --shape "$SHAPE" --out "$TMP/m" > /dev/null || exit 2
 export SOV_KERNEL_CACHE="$TMP/kc"
+# Wall time per token without ncu, to set against the GPU time of a step below (the gap
+# is host work between steps).
+"$BIN/worker" bench --model "$TMP/m" --device cuda:0 --kv-cache-mb 4096 --batches 1 --reps 3 \
+  --prompt-tokens 16 --decode-tokens 64 2> /dev/null > "$TMP/wall.json" \
+  && python3 -c "import json,sys; t=json.load(open(sys.argv[1]))['decode']['1']['aggregate_tok_s']; print(f'batch-1 decode without ncu: {t:.0f} tok/s = {1e6 / t:.1f} us a token')" "$TMP/wall.json"
 timeout 200 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
   --launch-count 6000 "$BIN/worker" bench --model "$TMP/m" --device cuda:0 --kv-cache-mb 4096 \
   --batches 1 --reps 1 --prompt-tokens 16 --decode-tokens 16 > "$TMP/ncu.out" 2> "$TMP/ncu.err"
