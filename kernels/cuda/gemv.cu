@@ -39,6 +39,91 @@ __device__ __forceinline__ void round8(float v[8]) {
   for (int i = 0; i < 8; ++i) v[i] = bf16_to_f32(f32_to_bf16(v[i]));
 }
 
+// acc + the dot product of 8 bf16 weights (one 16-byte load) with 8 inputs.
+__device__ __forceinline__ float dot8(const uint4 w, const float x[8], float acc) {
+  const unsigned u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    acc = fmaf(__uint_as_float(u[i] << 16), x[2 * i], acc);
+    acc = fmaf(__uint_as_float(u[i] & 0xffff0000u), x[2 * i + 1], acc);
+  }
+  return acc;
+}
+
+// Output element o: stored as bf16 (GV_BF16) or added to the f32 residual (GV_ADD).
+template <int OUT>
+__device__ __forceinline__ void store_out(void* __restrict__ yout, long long o, float v) {
+  if (OUT == GV_BF16) {
+    static_cast<sov::bf16*>(yout)[o] = f32_to_bf16(v);
+  } else {
+    static_cast<float*>(yout)[o] += v;
+  }
+}
+
+// 1 / rms of each of the T residual rows of k columns, into s_inv (every thread of the
+// CTA calls it; it synchronises). The rows were written by the previous kernel and sit in
+// L2. Correctly rounded sqrt and division, as the CPU reference computes it.
+template <int T, int THREADS>
+__device__ __forceinline__ void row_inv_rms(const float* __restrict__ res, int k, float eps,
+                                            float* s_inv) {
+  __shared__ float s_red[THREADS / 32][T];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float ss[T];
+#pragma unroll
+  for (int t = 0; t < T; ++t) ss[t] = 0.f;
+  for (int p = threadIdx.x; p < k / 8; p += THREADS) {
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+      const float4 a = *reinterpret_cast<const float4*>(res + (long long)t * k + p * 8);
+      const float4 b = *reinterpret_cast<const float4*>(res + (long long)t * k + p * 8 + 4);
+      ss[t] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y +
+               b.z * b.z + b.w * b.w;
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < T; ++t) {
+    const float v = warp_sum(ss[t]);
+    if (lane == 0) s_red[warp][t] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < T) {
+    float v = 0.f;
+#pragma unroll
+    for (int wi = 0; wi < THREADS / 32; ++wi) v += s_red[wi][threadIdx.x];
+    s_inv[threadIdx.x] = 1.f / sqrtf(v / k + eps);
+  }
+  __syncthreads();
+}
+
+// The 8 input values of token row t at 16-byte piece p: the bf16 row (GV_PLAIN), the
+// RMS-normalised residual (inv: 1 / rms of the row, nw: that piece of the norm weight) or
+// SiLU(gate) * up of a gate|up row; the latter two rounded to bf16 where the unfused
+// kernels store them.
+template <int IN>
+__device__ __forceinline__ void input8(const float* __restrict__ res,
+                                       const sov::bf16* __restrict__ xb, int k, int t, int p,
+                                       float inv, const float nw[8], float xf[8]) {
+  if (IN == GV_PLAIN) {
+    load8(xb + (long long)t * k + p * 8, xf);
+    return;
+  }
+  if (IN == GV_NORM) {
+    const float* rr = res + (long long)t * k + p * 8;
+    const float4 a = *reinterpret_cast<const float4*>(rr);
+    const float4 b = *reinterpret_cast<const float4*>(rr + 4);
+    const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) xf[i] = v[i] * inv * nw[i];
+  } else {
+    float g[8], u[8];
+    load8(xb + (long long)t * 2 * k + p * 8, g);
+    load8(xb + (long long)t * 2 * k + k + p * 8, u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) xf[i] = g[i] / (1.f + __expf(-g[i])) * u[i];
+  }
+  round8(xf);
+}
+
 template <int T, int IN, int OUT>
 __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
                                           const void* __restrict__ xin,
@@ -53,35 +138,7 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
   const float* res = static_cast<const float*>(xin);
   const sov::bf16* xb = static_cast<const sov::bf16*>(xin);
 
-  if (IN == GV_NORM) {
-    // 1 / rms of each residual row (the rows were written by the previous kernel and
-    // sit in L2). Correctly rounded sqrt and division, as the CPU reference computes it.
-    float ss[T];
-#pragma unroll
-    for (int t = 0; t < T; ++t) ss[t] = 0.f;
-    for (int p = threadIdx.x; p < pieces; p += GV_THREADS) {
-#pragma unroll
-      for (int t = 0; t < T; ++t) {
-        const float4 a = *reinterpret_cast<const float4*>(res + (long long)t * k + p * 8);
-        const float4 b = *reinterpret_cast<const float4*>(res + (long long)t * k + p * 8 + 4);
-        ss[t] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y +
-                 b.z * b.z + b.w * b.w;
-      }
-    }
-#pragma unroll
-    for (int t = 0; t < T; ++t) {
-      const float v = warp_sum(ss[t]);
-      if (lane == 0) s_part[warp][0][t] = v;
-    }
-    __syncthreads();
-    if (threadIdx.x < T) {
-      float v = 0.f;
-#pragma unroll
-      for (int wi = 0; wi < GV_WARPS; ++wi) v += s_part[wi][0][threadIdx.x];
-      s_inv[threadIdx.x] = 1.f / sqrtf(v / k + eps);
-    }
-    __syncthreads();
-  }
+  if (IN == GV_NORM) row_inv_rms<T, GV_THREADS>(res, k, eps, s_inv);
 
   float acc[GV_ROWS][T];
 #pragma unroll
@@ -106,39 +163,13 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
 #pragma unroll
     for (int t = 0; t < T; ++t) {
       float xf[8];
-      if (IN == GV_PLAIN) {
-        load8(xb + (long long)t * k + p * 8, xf);
-      } else if (IN == GV_NORM) {
-        const float* rr = res + (long long)t * k + p * 8;
-        const float4 a = *reinterpret_cast<const float4*>(rr);
-        const float4 b = *reinterpret_cast<const float4*>(rr + 4);
-        const float inv = s_inv[t];
-        const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-        for (int i = 0; i < 8; ++i) xf[i] = v[i] * inv * nw[i];
-        round8(xf);
-      } else {
-        float g[8], u[8];
-        load8(xb + (long long)t * 2 * k + p * 8, g);
-        load8(xb + (long long)t * 2 * k + k + p * 8, u);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) xf[i] = g[i] / (1.f + __expf(-g[i])) * u[i];
-        round8(xf);
-      }
+      input8<IN>(res, xb, k, t, p, IN == GV_NORM ? s_inv[t] : 0.f, nw, xf);
 #pragma unroll
       for (int r = 0; r < GV_ROWS; ++r) {
-        const unsigned u[4] = {wv[r].x, wv[r].y, wv[r].z, wv[r].w};
-        float s = acc[r][t];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          s = fmaf(__uint_as_float(u[i] << 16), xf[2 * i], s);
-          s = fmaf(__uint_as_float(u[i] & 0xffff0000u), xf[2 * i + 1], s);
-        }
-        acc[r][t] = s;
+        acc[r][t] = dot8(wv[r], xf, acc[r][t]);
       }
     }
   }
-  if (IN == GV_NORM) __syncthreads();  // s_part held the norms
 #pragma unroll
   for (int r = 0; r < GV_ROWS; ++r)
 #pragma unroll
@@ -154,11 +185,7 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
     for (int wi = 0; wi < GV_WARPS; ++wi) v += s_part[wi][r][t];
     if (row0 + r < rows && t < tokens) {
       const long long o = (long long)t * rows + row0 + r;
-      if (OUT == GV_BF16) {
-        static_cast<sov::bf16*>(yout)[o] = f32_to_bf16(v);
-      } else {
-        static_cast<float*>(yout)[o] += v;
-      }
+      store_out<OUT>(yout, o, v);
     }
   }
 }
@@ -185,7 +212,6 @@ __device__ __forceinline__ void gemvw_impl(const sov::bf16* __restrict__ w,
                                            int tokens) {
   extern __shared__ __align__(16) unsigned char gw_smem[];
   sov::bf16* s_x = reinterpret_cast<sov::bf16*>(gw_smem);  // [T][k]
-  __shared__ float s_red[GW_WARPS][T];
   __shared__ float s_inv[T];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int pieces = k / 8;
@@ -193,57 +219,17 @@ __device__ __forceinline__ void gemvw_impl(const sov::bf16* __restrict__ w,
   const sov::bf16* xb = static_cast<const sov::bf16*>(xin);
 
   // Form the input rows in shared memory.
-  if (IN == GV_NORM) {
-    float ss[T];
-#pragma unroll
-    for (int t = 0; t < T; ++t) ss[t] = 0.f;
-    for (int p = threadIdx.x; p < pieces; p += GW_THREADS) {
-#pragma unroll
-      for (int t = 0; t < T; ++t) {
-        const float4 a = *reinterpret_cast<const float4*>(res + (long long)t * k + p * 8);
-        const float4 b = *reinterpret_cast<const float4*>(res + (long long)t * k + p * 8 + 4);
-        ss[t] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y +
-                 b.z * b.z + b.w * b.w;
-      }
-    }
-#pragma unroll
-    for (int t = 0; t < T; ++t) {
-      const float v = warp_sum(ss[t]);
-      if (lane == 0) s_red[warp][t] = v;
-    }
-    __syncthreads();
-    if (threadIdx.x < T) {
-      float v = 0.f;
-#pragma unroll
-      for (int wi = 0; wi < GW_WARPS; ++wi) v += s_red[wi][threadIdx.x];
-      s_inv[threadIdx.x] = 1.f / sqrtf(v / k + eps);  // as the CPU reference rounds it
-    }
-    __syncthreads();
-  }
+  if (IN == GV_NORM) row_inv_rms<T, GW_THREADS>(res, k, eps, s_inv);
   for (int e = threadIdx.x; e < T * pieces; e += GW_THREADS) {
     const int t = e / pieces, p = e % pieces;
-    float xf[8];
     if (IN == GV_PLAIN) {
       *reinterpret_cast<uint4*>(s_x + (long long)t * k + p * 8) =
           *reinterpret_cast<const uint4*>(xb + (long long)t * k + p * 8);
       continue;
-    } else if (IN == GV_NORM) {
-      const float* rr = res + (long long)t * k + p * 8;
-      const float4 a = *reinterpret_cast<const float4*>(rr);
-      const float4 b = *reinterpret_cast<const float4*>(rr + 4);
-      const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-      float nw[8];
-      load8(norm_w + p * 8, nw);
-      const float inv = s_inv[t];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) xf[i] = v[i] * inv * nw[i];
-    } else {
-      float g[8], u[8];
-      load8(xb + (long long)t * 2 * k + p * 8, g);
-      load8(xb + (long long)t * 2 * k + k + p * 8, u);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) xf[i] = g[i] / (1.f + __expf(-g[i])) * u[i];
     }
+    float nw[8], xf[8];
+    if (IN == GV_NORM) load8(norm_w + p * 8, nw);
+    input8<IN>(res, xb, k, t, p, IN == GV_NORM ? s_inv[t] : 0.f, nw, xf);
     store8(s_x + (long long)t * k + p * 8, xf);
   }
   __syncthreads();
@@ -281,14 +267,7 @@ __device__ __forceinline__ void gemvw_impl(const sov::bf16* __restrict__ w,
           load8(s_x + (long long)t * k + p * 8, xf);
 #pragma unroll
           for (int r = 0; r < GW_ROWS; ++r) {
-            const unsigned q[4] = {wv[r][u].x, wv[r][u].y, wv[r][u].z, wv[r][u].w};
-            float s = acc[r][t];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              s = fmaf(__uint_as_float(q[i] << 16), xf[2 * i], s);
-              s = fmaf(__uint_as_float(q[i] & 0xffff0000u), xf[2 * i + 1], s);
-            }
-            acc[r][t] = s;
+            acc[r][t] = dot8(wv[r][u], xf, acc[r][t]);
           }
         }
       }
@@ -301,11 +280,7 @@ __device__ __forceinline__ void gemvw_impl(const sov::bf16* __restrict__ w,
         const int row = g * GW_ROWS + r;
         if (lane == 0 && row < rows && t < tokens) {
           const long long o = (long long)t * rows + row;
-          if (OUT == GV_BF16) {
-            static_cast<sov::bf16*>(yout)[o] = f32_to_bf16(v);
-          } else {
-            static_cast<float*>(yout)[o] += v;
-          }
+          store_out<OUT>(yout, o, v);
         }
       }
   }

@@ -9,7 +9,7 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use kernels::KvLayout;
 use kernels::cpu::RopeStyle;
@@ -117,13 +117,6 @@ fn paged(rng: &mut Rng, lens: &[usize], n_kv: usize, hd: usize, random: bool) ->
     }
 }
 
-fn sm_count(k: &Kernels) -> usize {
-    k.ctx
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .map(|v| v.max(1) as usize)
-        .unwrap_or(1)
-}
-
 /// One decode-attention correctness case; checks at most `check_seqs` sequences on the
 /// CPU (the reference is slow for long batches).
 fn check_decode(
@@ -142,7 +135,7 @@ fn check_decode(
     let p = paged(rng, &lens, n_kv, hd, true);
     let n_heads = n_kv * group;
     let q = to_bf16_vec(&rng.f32s(batch * n_heads * hd));
-    let num_splits = splits.unwrap_or_else(|| launch::decode_splits(batch, n_kv, ctx, sm_count(k)));
+    let num_splits = splits.unwrap_or_else(|| launch::decode_splits(batch, n_kv, ctx, k.sms));
     let d = DecodeDims {
         num_seqs: batch,
         n_kv_heads: n_kv,
@@ -325,7 +318,7 @@ fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
             let x = to_bf16_vec(&rng.f32s(t * cols));
             let xd = up(k, &x)?;
             let mut y = zeros::<u16>(k, t * rows)?;
-            launch::gemv_with(
+            launch::gemv(
                 k,
                 kind,
                 &wd,
@@ -350,7 +343,7 @@ fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
                 weight: &nwd,
                 eps: 1e-5,
             };
-            launch::gemv_with(
+            launch::gemv(
                 k,
                 kind,
                 &wd,
@@ -404,7 +397,7 @@ fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
                 } else {
                     (GemvInput::Plain(&xd), x[..tokens * cols].to_vec())
                 };
-                launch::gemv_with(
+                launch::gemv(
                     k,
                     kind,
                     &wd,
@@ -652,7 +645,7 @@ fn decode_bandwidth(k: &Kernels, ctx: usize) -> Result<Value, CudaError> {
         group,
         head_dim: hd,
         max_blocks: p.max_blocks,
-        num_splits: launch::decode_splits(batch, n_kv, ctx, sm_count(k)),
+        num_splits: launch::decode_splits(batch, n_kv, ctx, k.sms),
         scale: 1.0 / (hd as f32).sqrt(),
         q_stride: n_kv * group * hd,
     };
@@ -685,7 +678,7 @@ fn gemv_bandwidth(
     let x = zeros::<u16>(k, t * cols)?;
     let mut y = zeros::<u16>(k, t * rows)?;
     let ms = time_ms(k, 20, || {
-        launch::gemv_with(
+        launch::gemv(
             k,
             kind,
             &w,
@@ -759,7 +752,7 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
     eprintln!(
         "gpu-check: {name} ({}), {} SMs, driver CUDA {}, NVRTC {nvrtc}, kernels loaded in {:.1} s",
         k.arch,
-        sm_count(&k),
+        k.sms,
         driver_version(),
         t0.elapsed().as_secs_f64()
     );
@@ -893,7 +886,7 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
         prefill.push(r);
     }
     let summary = json!({
-        "device": name, "arch": k.arch, "sms": sm_count(&k),
+        "device": name, "arch": k.arch, "sms": k.sms,
         "driver_cuda": driver_version(), "nvrtc": nvrtc,
         "correctness": {"ok": all_ok, "checks": checks},
         "copy_bandwidth_gb_per_s": copy,

@@ -444,21 +444,8 @@ const GEMVW_MAX_SMEM: usize = 48 << 10;
 /// must hold [`gemv_rows`]`(tokens)` rows (the extra rows are read, their results
 /// dropped). Supported pairs: plain or normalised input into bf16, plain or SiLU input
 /// added to the residual.
-pub fn gemv(
-    k: &Kernels,
-    w: &CudaSlice<u16>,
-    input: GemvInput<'_>,
-    output: GemvOutput<'_>,
-    tokens: usize,
-    rows: usize,
-    cols: usize,
-) -> Result<(), CudaError> {
-    gemv_with(k, GemvKernel::Block, w, input, output, tokens, rows, cols)
-}
-
-/// [`gemv`] with a chosen kernel design.
 #[allow(clippy::too_many_arguments)]
-pub fn gemv_with(
+pub fn gemv(
     k: &Kernels,
     kind: GemvKernel,
     w: &CudaSlice<u16>,

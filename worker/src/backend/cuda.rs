@@ -136,7 +136,6 @@ pub struct CudaBackend {
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
     max_pos: usize,
-    sms: usize,
     bufs: Option<StepBuffers>,
     meta: StepMeta,
     /// Decode steps of up to `GRAPH_MAX_SEQS` sequences replay captured graphs, keyed by
@@ -280,13 +279,6 @@ impl CudaBackend {
                 sin.push(th.sin() as f32);
             }
         }
-        let sms = k
-            .ctx
-            .attribute(
-                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )
-            .map(|v| v.max(1) as usize)
-            .unwrap_or(1);
         let z32 = || s.alloc_zeros::<i32>(1).map_err(dev);
         let meta = StepMeta {
             ids: z32()?,
@@ -319,7 +311,6 @@ impl CudaBackend {
             num_blocks,
             block_size,
             max_pos,
-            sms,
             bufs: None,
             k,
             graphs: std::collections::HashMap::new(),
@@ -478,7 +469,12 @@ impl CudaBackend {
                 group: cfg.n_heads / cfg.n_kv_heads,
                 head_dim: hd,
                 max_blocks,
-                num_splits: launch::decode_splits(chunks.len(), cfg.n_kv_heads, max_len, self.sms),
+                num_splits: launch::decode_splits(
+                    chunks.len(),
+                    cfg.n_kv_heads,
+                    max_len,
+                    self.k.sms,
+                ),
                 scale,
                 q_stride: qkv_dim,
             },
@@ -688,7 +684,7 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
-    /// A step of at most `GEMV_MAX_TOKENS` tokens (decode batches, short prompts): six
+    /// A step of at most `FUSED_MAX_TOKENS` tokens (decode batches, short prompts): six
     /// kernels a layer. The GEMV kernels normalise their input from the f32 residual
     /// stream and add their output to it, so no separate norm, residual add or SiLU runs.
     fn enqueue_step_fused(&mut self, sh: &StepShapes) -> Result<(), BackendError> {
@@ -710,7 +706,7 @@ impl CudaBackend {
                 eps,
             };
             let (rows, cols) = (l.wqkv.rows, l.wqkv.cols);
-            launch::gemv_with(
+            launch::gemv(
                 k,
                 kind,
                 &l.wqkv.data,
@@ -725,7 +721,7 @@ impl CudaBackend {
             attend(k, sh, b, m, (&self.cos, &self.sin), kc, vc)?;
             let (rows, cols) = (l.wo.rows, l.wo.cols);
             let out = GemvOutput::AddTo(&mut b.residual);
-            launch::gemv_with(
+            launch::gemv(
                 k,
                 kind,
                 &l.wo.data,
@@ -743,10 +739,10 @@ impl CudaBackend {
             };
             let (rows, cols) = (l.w_gate_up.rows, l.w_gate_up.cols);
             let out = GemvOutput::Bf16(&mut b.gate_up);
-            launch::gemv_with(k, kind, &l.w_gate_up.data, norm, out, t, rows, cols).map_err(dev)?;
+            launch::gemv(k, kind, &l.w_gate_up.data, norm, out, t, rows, cols).map_err(dev)?;
             let out = GemvOutput::AddTo(&mut b.residual);
             let input = GemvInput::SiluOf(&b.gate_up);
-            launch::gemv_with(k, kind, &l.w_down.data, input, out, t, h, inter).map_err(dev)?;
+            launch::gemv(k, kind, &l.w_down.data, input, out, t, h, inter).map_err(dev)?;
         }
         launch::rms_norm_f32(k, &b.residual, &self.final_norm, &mut b.xn, t, h, eps).map_err(dev)
     }
@@ -845,17 +841,8 @@ impl Backend for CudaBackend {
     }
 
     fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, BackendError> {
-        let t = check_chunks(
-            chunks,
-            self.max_pos,
-            self.block_size,
-            self.num_blocks,
-            self.cfg.vocab_size,
-        )?;
-        if t == 0 {
-            return Ok(Vec::new());
-        }
-        Ok(self.forward_inner(chunks, t, &[])?.logits)
+        // No greedy rows: every wanted row's logits.
+        Ok(self.forward_step(chunks, &[])?.logits)
     }
 }
 
