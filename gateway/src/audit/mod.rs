@@ -344,7 +344,7 @@ impl AuditLog {
     /// answers without the thread wake-up after every fsync; a request arriving meanwhile
     /// waits at most that long. Under load it just waits.
     pub async fn append(&self, rec: RecordInput) -> Result<Appended, AuditError> {
-        let mut rx = self.submit(rec, false)?;
+        let mut rx = self.submit(rec)?;
         if self.in_flight.load(Ordering::Relaxed) <= 1 {
             let until = std::time::Instant::now() + self.append_spin;
             while std::time::Instant::now() < until {
@@ -363,27 +363,31 @@ impl AuditLog {
     /// it. For records whose loss in a crash is acceptable (completion records); never
     /// for decision records.
     pub fn append_lazy(&self, rec: RecordInput) -> Result<(), AuditError> {
-        self.submit(rec, true).map(drop)
+        let log = self.usable(&rec.state)?;
+        if log.shared.push_lazy(rec)? {
+            log.send(writer::Msg::Wake)?;
+        }
+        Ok(())
     }
 
-    /// Queues `rec` on its state's writer (refused at once when that log has failed).
+    /// Queues `rec` on its state's writer.
     fn submit(
         &self,
         rec: RecordInput,
-        lazy: bool,
     ) -> Result<oneshot::Receiver<Result<Appended, AuditError>>, AuditError> {
-        let log = self.state(&rec.state)?;
-        if let Some(why) = log.shared.failed() {
-            return Err(AuditError::Unavailable(why));
-        }
+        let log = self.usable(&rec.state)?;
         let (tx, rx) = oneshot::channel();
-        let rec = Box::new(rec);
-        log.send(if lazy {
-            writer::Msg::AppendLazy(rec, tx)
-        } else {
-            writer::Msg::Append(rec, tx)
-        })?;
+        log.send(writer::Msg::Append(Box::new(rec), tx))?;
         Ok(rx)
+    }
+
+    /// `state`'s log, refused at once when it has failed.
+    fn usable(&self, state: &str) -> Result<&StateLog, AuditError> {
+        let log = self.state(state)?;
+        match log.shared.failed() {
+            Some(why) => Err(AuditError::Unavailable(why)),
+            None => Ok(log),
+        }
     }
 
     /// The signed `x-residency-receipt` value for a served request.

@@ -757,6 +757,39 @@ async fn lazy_appends_share_fsyncs_keep_order_and_precede_checkpoints() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_appends_while_requests_are_in_flight_are_flushed_and_never_lost() {
+    let e = env(1 << 20, 1_000_000);
+    let log = AuditLog::open(e.cfg.clone()).unwrap();
+    // With requests in flight a lazy append does not wake the writer: it must still be
+    // taken at the writer's next deadline and flushed on its own.
+    log.in_flight()
+        .store(3, std::sync::atomic::Ordering::SeqCst);
+    log.append(rec("DE", 0)).await.unwrap();
+    log.append_lazy(rec("DE", 1)).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while log.stats("DE").unwrap().0 < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lazy append never flushed while requests were in flight"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // Lazy appends queued right before shutdown are written by it; later ones are
+    // refused, not dropped.
+    for i in 2..20 {
+        log.append_lazy(rec("DE", i)).unwrap();
+    }
+    log.shutdown().await;
+    assert!(log.append_lazy(rec("DE", 20)).is_err());
+    let r = check(&e.cfg.dir, &e.vkey);
+    assert!(r.ok(), "{r:#?}");
+    assert_eq!(
+        read_records(&e.cfg.dir, &Filter::default()).unwrap().len(),
+        20
+    );
+}
+
 mod canonical_form {
     use proptest::prelude::*;
 
