@@ -123,6 +123,11 @@ impl Started {
     /// in the background, so the HTTP/2 stream ends cleanly instead of being reset and
     /// the client's connection is free for its next request at once.
     fn finish(mut self) {
+        // Usually the end (the trailers) came with the final chunk: then no task is
+        // needed (a spawned task per request was ~2% of the front end's CPU at c64).
+        if let Some(Ok(None) | Err(_)) = futures::FutureExt::now_or_never(self.stream.message()) {
+            return;
+        }
         tokio::spawn(async move {
             let drain = async { while let Ok(Some(_)) = self.stream.message().await {} };
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;

@@ -652,10 +652,13 @@ pub async fn write_json(
     s: &mut ServerSession,
     status: u16,
     extra: &[(&'static str, String)],
-    body: &serde_json::Value,
+    body: &impl serde::Serialize,
     request_id: &str,
 ) -> bool {
-    let bytes = Bytes::from(body.to_string());
+    // Our bodies are structs and string-keyed maps: serializing them cannot fail.
+    let Ok(bytes) = serde_json::to_vec(body).map(Bytes::from) else {
+        return false;
+    };
     let Some(h) = response_header(
         status,
         "application/json",
