@@ -49,7 +49,7 @@ fn token_text(i: u32) -> &'static str {
 /// leave in one write. The wire format is plain gRPC, so tonic clients (the gateway's
 /// load watcher) and the gateway's bare-h2 Generate client both talk to it.
 pub async fn serve_grpc(listener: tokio::net::TcpListener, cfg: FakeConfig) -> std::io::Result<()> {
-    let cfg = std::sync::Arc::new(cfg);
+    let cfg = std::sync::Arc::new(Answers::new(cfg));
     loop {
         let (tcp, _) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);
@@ -62,9 +62,42 @@ pub async fn serve_grpc(listener: tokio::net::TcpListener, cfg: FakeConfig) -> s
     }
 }
 
+/// The fixed Generate answers, encoded once: `by_max[m]` is the answer to a request for
+/// at most `m` tokens. (The HTTP route's answer is as fixed; both routes still decode
+/// each request to learn its `max_tokens`.)
+struct Answers {
+    cfg: FakeConfig,
+    by_max: Vec<Bytes>,
+}
+
+impl Answers {
+    fn new(cfg: FakeConfig) -> Self {
+        let by_max = (0..=cfg.tokens)
+            .map(|max| {
+                let mut out = BytesMut::new();
+                for chunk in generate_chunks(max) {
+                    put_message(&mut out, &chunk);
+                }
+                out.freeze()
+            })
+            .collect();
+        Self { cfg, by_max }
+    }
+
+    fn generate(&self, req: &pb::GenerateRequest) -> Bytes {
+        let max = req
+            .sampling
+            .as_ref()
+            .and_then(|s| s.max_tokens)
+            .unwrap_or(self.cfg.tokens)
+            .min(self.cfg.tokens);
+        self.by_max[max as usize].clone()
+    }
+}
+
 async fn serve_connection(
     tcp: tokio::net::TcpStream,
-    cfg: std::sync::Arc<FakeConfig>,
+    cfg: std::sync::Arc<Answers>,
 ) -> Result<(), h2::Error> {
     let mut conn = h2::server::Builder::new()
         .initial_window_size(1 << 20)
@@ -74,11 +107,17 @@ async fn serve_connection(
     while let Some(accepted) = conn.accept().await {
         let (req, respond) = accepted?;
         let cfg = cfg.clone();
-        tokio::spawn(async move {
+        let mut answered = Box::pin(async move {
             if let Err(e) = answer(req, respond, &cfg).await {
                 tracing::debug!(error = %e, "fake gRPC stream ended early");
             }
         });
+        // A unary request's body has usually arrived with its headers: answer it here,
+        // and spawn a task only for one that has to wait (a task per stream was a fifth
+        // of the fake's CPU per request).
+        if futures::FutureExt::now_or_never(answered.as_mut()).is_none() {
+            tokio::spawn(answered);
+        }
     }
     Ok(())
 }
@@ -107,8 +146,9 @@ fn grpc_trailers(code: tonic::Code, message: &str) -> http::HeaderMap {
 async fn answer(
     req: http::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
-    cfg: &FakeConfig,
+    answers: &Answers,
 ) -> Result<(), h2::Error> {
+    let cfg = &answers.cfg;
     let path = req.uri().path().to_string();
     let mut body = req.into_body();
     let mut buf = BytesMut::new();
@@ -129,15 +169,19 @@ async fn answer(
         .body(())
         .map_err(|_| h2::Error::from(h2::Reason::INTERNAL_ERROR))?;
     let mut out = BytesMut::new();
-    match path.rsplit('/').next().unwrap_or("") {
+    let mut out = match path.rsplit('/').next().unwrap_or("") {
         "Generate" => {
             let req = pb::GenerateRequest::decode(msg.freeze()).unwrap_or_default();
-            for chunk in generate_chunks(cfg, &req) {
-                put_message(&mut out, &chunk);
-            }
+            answers.generate(&req)
         }
-        "Info" => put_message(&mut out, &info(cfg)),
-        "Drain" => put_message(&mut out, &pb::DrainReply { remaining: 0 }),
+        "Info" => {
+            put_message(&mut out, &info(cfg));
+            out.freeze()
+        }
+        "Drain" => {
+            put_message(&mut out, &pb::DrainReply { remaining: 0 });
+            out.freeze()
+        }
         "WatchLoad" => {
             let mut send = respond.send_response(head, false)?;
             let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -165,26 +209,20 @@ async fn answer(
             respond.send_response(head, true)?;
             return Ok(());
         }
-    }
+    };
     let mut send = respond.send_response(head, false)?;
     // DATA frames under 256 bytes: h2 copies those into its write buffer, while a larger
     // payload is chained and must be flushed before the trailers can be encoded, which
     // would cost a second write.
-    let mut out = out.freeze();
     while !out.is_empty() {
         send.send_data(out.split_to(out.len().min(255)), false)?;
     }
     send.send_trailers(grpc_trailers(tonic::Code::Ok, ""))
 }
 
-/// The fixed answer: one chunk per token, then the finish chunk with usage.
-fn generate_chunks(cfg: &FakeConfig, req: &pb::GenerateRequest) -> Vec<pb::GenerateChunk> {
-    let max = req
-        .sampling
-        .as_ref()
-        .and_then(|s| s.max_tokens)
-        .unwrap_or(cfg.tokens)
-        .min(cfg.tokens);
+/// The fixed answer of `max` tokens: one chunk per token, then the finish chunk with
+/// usage.
+fn generate_chunks(max: u32) -> Vec<pb::GenerateChunk> {
     let mut chunks: Vec<pb::GenerateChunk> = (0..max)
         .map(|i| pb::GenerateChunk {
             text: token_text(i).to_string(),
