@@ -169,7 +169,10 @@ impl Admin {
     }
 
     /// The caller, if its token is valid and carries the auditor role.
-    async fn auditor(&self, authorization: Option<&str>) -> Result<Caller, ApiError> {
+    async fn auditor(
+        &self,
+        authorization: Option<&str>,
+    ) -> Result<std::sync::Arc<Caller>, ApiError> {
         let caller =
             self.auth
                 .authenticate(authorization)

@@ -164,6 +164,27 @@ impl H2Generate {
     }
 }
 
+/// The part of a `GenerateChunk` the relay uses, decoded without copies: `text` is a
+/// slice of the received buffer (checked as UTF-8 when decoded), and `token_ids`
+/// (field 2) is skipped instead of allocated. Same wire format as `pb::GenerateChunk`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Chunk {
+    #[prost(bytes = "bytes", tag = "1")]
+    text: Bytes,
+    #[prost(string, tag = "3")]
+    pub finish_reason: String,
+    #[prost(message, optional, tag = "4")]
+    pub usage: Option<pb::Usage>,
+}
+
+impl Chunk {
+    /// The text this chunk adds.
+    pub fn text(&self) -> &str {
+        // Checked in `GenerateStream::message`.
+        std::str::from_utf8(&self.text).unwrap_or_default()
+    }
+}
+
 /// The worker's stream of chunks.
 pub struct GenerateStream {
     body: h2::RecvStream,
@@ -174,7 +195,7 @@ pub struct GenerateStream {
 
 impl GenerateStream {
     /// The next chunk; `Ok(None)` at a clean end (`grpc-status: 0`).
-    pub async fn message(&mut self) -> Result<Option<pb::GenerateChunk>, Status> {
+    pub async fn message(&mut self) -> Result<Option<Chunk>, Status> {
         loop {
             if self.buf.len() >= 5 {
                 if self.buf[0] != 0 {
@@ -187,9 +208,12 @@ impl GenerateStream {
                 if self.buf.len() >= 5 + len {
                     self.buf.advance(5);
                     let msg = self.buf.split_to(len);
-                    return pb::GenerateChunk::decode(msg.freeze())
-                        .map(Some)
-                        .map_err(|e| Status::internal(format!("decode: {e}")));
+                    let chunk = Chunk::decode(msg.freeze())
+                        .map_err(|e| Status::internal(format!("decode: {e}")))?;
+                    if std::str::from_utf8(&chunk.text).is_err() {
+                        return Err(Status::internal("decode: chunk text is not UTF-8"));
+                    }
+                    return Ok(Some(chunk));
                 }
             }
             match self.body.data().await {

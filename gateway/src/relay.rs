@@ -10,7 +10,7 @@ use pingora::protocols::http::ServerSession;
 use proto::openai::{ResponseMeta, UsageCounts};
 use proto::worker as pb;
 
-use crate::grpc_h2::GenerateStream;
+use crate::grpc_h2::{Chunk, GenerateStream};
 
 use crate::error::ApiError;
 use crate::policy::Candidate;
@@ -22,7 +22,7 @@ pub struct Started {
     pub pool: String,
     pub country: String,
     pub worker: Arc<WorkerHandle>,
-    first: Option<pb::GenerateChunk>,
+    first: Option<Chunk>,
     stream: GenerateStream,
     _inflight: InflightGuard,
 }
@@ -45,7 +45,7 @@ pub enum Relayed {
 pub async fn start(
     router: &Router,
     allowed: &[Candidate],
-    req: pb::GenerateRequest,
+    req: &pb::GenerateRequest,
     prefix_key: u64,
 ) -> Result<Started, ApiError> {
     let mut tried = 0usize;
@@ -55,7 +55,7 @@ pub async fn start(
             tried += 1;
             let guard = w.start_request();
             let attempt = async {
-                let mut stream = w.generate().generate(&req).await?;
+                let mut stream = w.generate().generate(req).await?;
                 let first = stream.message().await?;
                 Ok::<_, tonic::Status>((first, stream))
             };
@@ -108,7 +108,7 @@ pub async fn start(
     ))
 }
 
-fn usage_of(c: &pb::GenerateChunk) -> UsageCounts {
+fn usage_of(c: &Chunk) -> UsageCounts {
     c.usage
         .map(|u| UsageCounts {
             prompt_tokens: u.prompt_tokens.into(),
@@ -134,7 +134,7 @@ impl Started {
         });
     }
 
-    async fn next(&mut self) -> Result<Option<pb::GenerateChunk>, tonic::Status> {
+    async fn next(&mut self) -> Result<Option<Chunk>, tonic::Status> {
         if let Some(c) = self.first.take() {
             return Ok(Some(c));
         }
@@ -172,11 +172,11 @@ pub async fn stream_sse(
     loop {
         let (data, end, result) = match started.next().await {
             Ok(Some(c)) if c.finish_reason.is_empty() => {
-                if c.text.is_empty() {
+                if c.text().is_empty() {
                     continue;
                 }
-                text.push_str(&c.text);
-                (event(meta.delta(&c.text, None)).to_vec(), false, None)
+                text.push_str(c.text());
+                (event(meta.delta(c.text(), None)).to_vec(), false, None)
             }
             Ok(Some(c)) => {
                 let usage = usage_of(&c);
@@ -230,7 +230,7 @@ pub async fn whole(
         let collect = async {
             loop {
                 match started.next().await {
-                    Ok(Some(c)) if c.finish_reason.is_empty() => text.push_str(&c.text),
+                    Ok(Some(c)) if c.finish_reason.is_empty() => text.push_str(c.text()),
                     Ok(Some(c)) => return Ok((c.finish_reason.clone(), usage_of(&c))),
                     Ok(None) => {
                         return Err(ApiError::new(

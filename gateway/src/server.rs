@@ -75,7 +75,7 @@ struct Outcome {
 struct RequestCtx {
     id: String,
     started: Instant,
-    caller: Option<Caller>,
+    caller: Option<Arc<Caller>>,
     classification: Option<Classification>,
     model: Option<String>,
 }
@@ -160,7 +160,7 @@ impl Gateway {
         &self,
         s: &ServerSession,
         ctx: &mut RequestCtx,
-    ) -> Result<Caller, ApiError> {
+    ) -> Result<Arc<Caller>, ApiError> {
         let header = s
             .get_header(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
@@ -304,7 +304,7 @@ impl Gateway {
         rec.pool = Some(allowed[0].pool.clone());
         rec.pool_country = Some(allowed[0].country.clone());
         let decision_rec = self.append_audit(rec).await?;
-        let mut completion = base.clone();
+        let mut completion = base;
         completion.phase = audit::Phase::Completion;
         completion.classification = Some(classification);
         completion.policy_hash = Some(decision.policy_hash.clone());
@@ -325,7 +325,7 @@ impl Gateway {
         };
         let speculative = self.audit.receipt_batched(&decision_rec, &subject);
         let (started, speculative) = tokio::join!(
-            relay::start(&self.router, &allowed, parsed.request.clone(), prefix),
+            relay::start(&self.router, &allowed, &parsed.request, prefix),
             speculative
         );
         let started = match started {
@@ -482,9 +482,9 @@ impl ParsedRequest {
                     .flat_map(|m| m.content.as_bytes().iter().copied())
                     .take(4096)
                     .collect();
-                let pairs: Vec<(String, String)> = messages
+                let pairs: Vec<(&str, &str)> = messages
                     .iter()
-                    .map(|m| (m.role.clone(), m.content.clone()))
+                    .map(|m| (m.role.as_str(), m.content.as_str()))
                     .collect();
                 let digest = audit::prompt_digest_input_chat(&pairs);
                 (
@@ -599,10 +599,13 @@ fn outcome(status: u16, code: &str) -> Outcome {
 /// One structured log line per request: who, what class, where, how it ended. Never the
 /// prompt or the completion.
 fn log_request(ctx: &RequestCtx, o: &Outcome) {
+    if !tracing::enabled!(tracing::Level::INFO) {
+        return;
+    }
     let (state, ministry) = ctx
         .caller
         .as_ref()
-        .map(|c| (c.state.to_string(), c.ministry.clone()))
+        .map(|c| (c.state.as_str(), c.ministry.as_str()))
         .unwrap_or_default();
     tracing::info!(
         request_id = %ctx.id,

@@ -148,7 +148,7 @@ pub struct Authenticator {
 
 /// A cache entry of [`Authenticator::verified`].
 struct Verified {
-    caller: Caller,
+    caller: Arc<Caller>,
     exp: i64,
     issuer: Arc<Issuer>,
     key: Arc<VerifyKey>,
@@ -230,7 +230,7 @@ impl Authenticator {
     pub async fn authenticate(
         &self,
         authorization_header: Option<&str>,
-    ) -> Result<Caller, AuthError> {
+    ) -> Result<Arc<Caller>, AuthError> {
         let token = bearer_token(authorization_header)?;
         let digest: [u8; 32] = sha2::Digest::finalize(sha2::Digest::chain_update(
             <sha2::Sha256 as sha2::Digest>::new(),
@@ -310,7 +310,10 @@ impl Authenticator {
         validation.set_required_spec_claims(&["iss", "aud"]);
         let data = jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &validation)
             .map_err(|e| map_jwt_error(&e, &issuer.config))?;
-        let caller = claims::caller_from_claims(&issuer.config.state, &data.claims)?;
+        let caller = Arc::new(claims::caller_from_claims(
+            &issuer.config.state,
+            &data.claims,
+        )?);
         if let Some(exp) = data.claims.get("exp").and_then(serde_json::Value::as_i64) {
             let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
             if cache.len() >= VERIFIED_CACHE_ENTRIES {
@@ -331,7 +334,7 @@ impl Authenticator {
 
     /// A previously verified token that is still valid: not expired (with the same
     /// leeway as a full check) and its key still published by its issuer.
-    fn cached(&self, digest: &[u8; 32]) -> Option<Caller> {
+    fn cached(&self, digest: &[u8; 32]) -> Option<Arc<Caller>> {
         let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
         let entry = cache.get(digest)?;
         let now = std::time::SystemTime::now()

@@ -92,7 +92,9 @@ fn bearer(token: &str) -> String {
 }
 
 async fn auth_with(auth: &Authenticator, token: &str) -> Result<Caller, AuthError> {
-    auth.authenticate(Some(&bearer(token))).await
+    auth.authenticate(Some(&bearer(token)))
+        .await
+        .map(|c| (*c).clone())
 }
 
 async fn reason_of(token: &str) -> &'static str {
