@@ -78,6 +78,15 @@ pub struct AuditConfig {
     /// its thread until the writer wakes it (see [`AuditLog::append`]). 0: never.
     #[serde(default = "default_append_spin_us")]
     pub append_spin_us: u64,
+    /// Under load, how long (microseconds) a state's writer waits before an fsync that
+    /// makes decision records durable, so that one fsync covers more of them (group
+    /// commit, as PostgreSQL's `commit_delay`). Only while at least `commit_siblings`
+    /// requests are in flight; a request alone never waits. 0: never.
+    #[serde(default = "default_commit_delay_us")]
+    pub commit_delay_us: u64,
+    /// Requests in flight from which `commit_delay_us` applies.
+    #[serde(default = "default_commit_siblings")]
+    pub commit_siblings: usize,
 }
 
 /// The writer's answer to an append, or its absence when the writer stopped.
@@ -105,6 +114,12 @@ fn default_retention_days() -> u32 {
 fn default_writer_spin_us() -> u64 {
     200
 }
+fn default_commit_delay_us() -> u64 {
+    100
+}
+fn default_commit_siblings() -> usize {
+    8
+}
 fn default_append_spin_us() -> u64 {
     500
 }
@@ -122,6 +137,8 @@ impl AuditConfig {
             segment_max_bytes: default_segment_max_bytes(),
             retention_days: default_retention_days(),
             writer_spin_us: default_writer_spin_us(),
+            commit_delay_us: default_commit_delay_us(),
+            commit_siblings: default_commit_siblings(),
             append_spin_us: default_append_spin_us(),
         }
     }
@@ -266,6 +283,8 @@ impl AuditLog {
             segment_max_bytes: cfg.segment_max_bytes.max(1),
             retention_days: cfg.retention_days,
             spin: Duration::from_micros(cfg.writer_spin_us.min(10_000)),
+            commit_delay: Duration::from_micros(cfg.commit_delay_us.min(10_000)),
+            commit_siblings: cfg.commit_siblings.max(1),
             in_flight: in_flight.clone(),
         };
         let mut hmac = BTreeMap::new();

@@ -790,6 +790,42 @@ async fn lazy_appends_while_requests_are_in_flight_are_flushed_and_never_lost() 
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_the_commit_delay_lets_one_fsync_cover_staggered_appends() {
+    let mut e = env(1 << 20, 1_000_000);
+    e.cfg.commit_delay_us = 8_000;
+    e.cfg.commit_siblings = 4;
+    let log = AuditLog::open(e.cfg.clone()).unwrap();
+    log.in_flight().store(4, Ordering::SeqCst);
+    let (_, fsyncs_before) = log.stats("DE").unwrap();
+    // Ten decision records, 1 ms apart: without the delay each gets its own fsync.
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move { log.append(rec("DE", i)).await }));
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let mut seqs = Vec::new();
+    for t in tasks {
+        seqs.push(t.await.unwrap().unwrap().seq);
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (0..10).collect::<Vec<u64>>());
+    let (records, fsyncs) = log.stats("DE").unwrap();
+    assert_eq!(records, 10);
+    assert!(
+        fsyncs - fsyncs_before <= 5,
+        "{} fsyncs for 10 staggered appends under load",
+        fsyncs - fsyncs_before
+    );
+    // With the gateway nearly idle a record is never held back.
+    log.in_flight().store(1, Ordering::SeqCst);
+    let t = std::time::Instant::now();
+    log.append(rec("DE", 10)).await.unwrap();
+    assert!(t.elapsed() < std::time::Duration::from_millis(8));
+    log.shutdown().await;
+}
+
 mod canonical_form {
     use proptest::prelude::*;
 
