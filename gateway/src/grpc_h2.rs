@@ -31,6 +31,8 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct H2Generate {
     addr: SocketAddr,
     connect_timeout: Duration,
+    /// `http://<addr>/…/Generate`, parsed once.
+    uri: http::Uri,
     conn: Mutex<Option<SendRequest<Bytes>>>,
 }
 
@@ -43,6 +45,8 @@ impl H2Generate {
         Self {
             addr,
             connect_timeout,
+            uri: http::Uri::try_from(format!("http://{addr}{GENERATE_PATH}"))
+                .unwrap_or_else(|_| http::Uri::from_static("http://127.0.0.1/")),
             conn: Mutex::new(None),
         }
     }
@@ -131,7 +135,7 @@ impl H2Generate {
             .map_err(|e| Status::internal(format!("encode: {e}")))?;
         let request = http::Request::builder()
             .method(http::Method::POST)
-            .uri(format!("http://{}{GENERATE_PATH}", self.addr))
+            .uri(self.uri.clone())
             .header(http::header::CONTENT_TYPE, "application/grpc")
             .header(http::header::TE, "trailers")
             .body(())
@@ -227,6 +231,13 @@ impl GenerateStream {
                         return Err(Status::internal("stream ended inside a message"));
                     }
                     let trailers = self.body.trailers().await.map_err(h2_status)?;
+                    let ok = trailers
+                        .as_ref()
+                        .and_then(|t| t.get("grpc-status"))
+                        .is_some_and(|v| v.as_bytes() == b"0");
+                    if ok {
+                        return Ok(None);
+                    }
                     return match trailers.as_ref().and_then(Status::from_header_map) {
                         Some(s) if s.code() != tonic::Code::Ok => Err(s),
                         Some(_) => Ok(None),

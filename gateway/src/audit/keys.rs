@@ -23,6 +23,8 @@ pub const DEFAULT_KEY_NAME: &str = "sovereign-gateway";
 pub struct SigningKey {
     signer: StandardSigner,
     vkey: String,
+    /// `<name>+<hex id>`, as receipts name their key.
+    receipt_key_id: String,
 }
 
 impl SigningKey {
@@ -40,7 +42,12 @@ impl SigningKey {
             .ok_or_else(|| AuditError::Key("signing key: not an Ed25519 key".into()))?;
         let sk = ed25519_dalek::SigningKey::from_bytes(&seed);
         let vkey = signed_note::new_ed25519_verifier_key(signer.name(), &sk.verifying_key());
-        Ok(Self { signer, vkey })
+        let receipt_key_id = format!("{}+{:08x}", signer.name(), signer.key_id());
+        Ok(Self {
+            signer,
+            vkey,
+            receipt_key_id,
+        })
     }
 
     pub fn load(path: &Path) -> Result<Self, AuditError> {
@@ -59,6 +66,11 @@ impl SigningKey {
 
     pub fn name(&self) -> &str {
         self.signer.name()
+    }
+
+    /// `<name>+<hex id>`: the `key` field of receipts.
+    pub fn receipt_key_id(&self) -> &str {
+        &self.receipt_key_id
     }
 
     pub fn key_id(&self) -> u32 {

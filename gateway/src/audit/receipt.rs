@@ -75,19 +75,38 @@ pub struct ReceiptSubject<'a> {
 
 /// The canonical statement bytes of a receipt.
 pub(crate) fn statement(key: &SigningKey, a: &Appended, s: &ReceiptSubject<'_>) -> Vec<u8> {
-    let st = ReceiptStatement {
+    /// [`ReceiptStatement`] borrowed (same fields, same order: serialized on every
+    /// served request).
+    #[derive(Serialize)]
+    struct Borrowed<'a> {
+        checkpoint_root: &'a str,
+        checkpoint_size: u64,
+        country: &'a str,
+        key: &'a str,
+        leaf_hash: &'a str,
+        origin: &'a str,
+        policy_hash: &'a str,
+        pool: &'a str,
+        request_id: &'a str,
+        seq: u64,
+        state: &'a str,
+        v: u32,
+    }
+    let root = B64.encode(a.covered_by_root);
+    let leaf = hex::encode(a.leaf_hash);
+    let st = Borrowed {
         v: 1,
-        request_id: s.request_id.to_string(),
-        state: s.state.to_string(),
-        pool: s.pool.to_string(),
-        country: s.country.to_string(),
-        policy_hash: s.policy_hash.to_string(),
-        origin: a.origin.clone(),
+        request_id: s.request_id,
+        state: s.state,
+        pool: s.pool,
+        country: s.country,
+        policy_hash: s.policy_hash,
+        origin: &a.origin,
         seq: a.seq,
-        leaf_hash: hex::encode(a.leaf_hash),
+        leaf_hash: &leaf,
         checkpoint_size: a.covered_by_size,
-        checkpoint_root: B64.encode(a.covered_by_root),
-        key: format!("{}+{:08x}", key.name(), key.key_id()),
+        checkpoint_root: &root,
+        key: key.receipt_key_id(),
     };
     let mut payload = Vec::with_capacity(512);
     // Plain strings and integers: serializing cannot fail.
