@@ -385,8 +385,8 @@ impl Writer {
             self.last_batch = batch.len() + lazy.len();
             // Lazy appends first: they were mostly queued before the batch's.
             let mut appends: Vec<_> = lazy.into_iter().map(|r| (r, None)).collect();
-            if !appends.is_empty() {
-                self.lazy_since = self.lazy_since.min(since).or(since);
+            if let Some(t) = since {
+                self.lazy_since = Some(self.lazy_since.map_or(t, |s| s.min(t)));
             }
             let mut control = Vec::new();
             for m in batch {
