@@ -260,7 +260,7 @@ impl AuditorView {
         let canonical = rec.canonical().map_err(audit_error)?;
         Ok(json!({
             "record": rec,
-            "leaf_hash": hex::encode(audit::leaf_hash(&canonical)),
+            "leaf_hash": crate::hexstr(audit::leaf_hash(&canonical)),
             "canonical": String::from_utf8_lossy(&canonical),
         }))
     }

@@ -569,7 +569,7 @@ fn keygen(a: KeygenArgs) -> anyhow::Result<ExitCode> {
         let mut key = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
         let p = a.out.join(format!("hmac-{cc}.key"));
-        write_secret(&p, format!("{}\n", hex::encode(key)).as_bytes(), a.force)?;
+        write_secret(&p, format!("{}\n", crate::hexstr(key)).as_bytes(), a.force)?;
         println!("hmac key {cc}   {}", p.display());
     }
     Ok(ExitCode::SUCCESS)

@@ -504,7 +504,7 @@ fn demo_audit_keys(dir: &Path) -> anyhow::Result<String> {
     for (cc, _) in STATES {
         let path = keys.join(format!("{}.audit-hmac", cc.to_ascii_lowercase()));
         let key: [u8; 32] = rand::random();
-        write_private(&path, &format!("{}\n", hex::encode(key)))?;
+        write_private(&path, &format!("{}\n", crate::hexstr(key)))?;
         t.push_str(&format!("{cc} = {path:?}\n"));
     }
     Ok(t)

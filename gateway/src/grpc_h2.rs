@@ -136,8 +136,11 @@ impl H2Generate {
         let request = http::Request::builder()
             .method(http::Method::POST)
             .uri(self.uri.clone())
-            .header(http::header::CONTENT_TYPE, "application/grpc")
-            .header(http::header::TE, "trailers")
+            .header(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            )
+            .header(http::header::TE, http::HeaderValue::from_static("trailers"))
             .body(())
             .map_err(|e| Status::internal(format!("request: {e}")))?;
         let (response, mut stream) = send

@@ -44,7 +44,7 @@ pub enum Relayed {
 /// (400) is returned at once; a worker that fails is skipped (and its breaker told).
 pub async fn start(
     router: &Router,
-    allowed: &[Candidate],
+    allowed: &[&Candidate],
     req: &pb::GenerateRequest,
     prefix_key: u64,
 ) -> Result<Started, ApiError> {
@@ -148,13 +148,13 @@ pub async fn stream_sse(
     mut started: Started,
     meta: &ResponseMeta,
     include_usage: bool,
-    extra: &[(&'static str, String)],
+    extra: &[(&'static str, &str)],
     request_id: &str,
 ) -> Relayed {
     let mut extra = extra.to_vec();
-    extra.push(("cache-control", "no-cache".into()));
+    extra.push(("cache-control", "no-cache"));
     if !s.is_http2() {
-        extra.push(("transfer-encoding", "chunked".into()));
+        extra.push(("transfer-encoding", "chunked"));
     }
     let Some(h) = response_header(200, "text/event-stream", None, &extra, request_id) else {
         return Relayed::Failed(ApiError::internal("cannot build the response header"));
@@ -222,7 +222,7 @@ pub async fn whole(
     s: &mut ServerSession,
     mut started: Started,
     meta: &ResponseMeta,
-    extra: &[(&'static str, String)],
+    extra: &[(&'static str, &str)],
     request_id: &str,
 ) -> Relayed {
     let mut text = String::new();

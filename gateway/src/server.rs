@@ -22,7 +22,7 @@ use crate::auth::{Authenticator, Caller};
 use crate::body;
 use crate::domain::Classification;
 use crate::error::ApiError;
-use crate::policy::{DecisionRequest, PolicyStore};
+use crate::policy::{Candidate, DecisionRequest, PolicyStore};
 use crate::pools::PoolsConfig;
 use crate::relay::{self, Relayed};
 use crate::route::{self, Router};
@@ -164,14 +164,20 @@ impl Gateway {
         let header = s
             .get_header(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        let caller = self
-            .auth
-            .authenticate(header)
-            .await
-            .map_err(|e| match e.http_status() {
-                401 => ApiError::unauthorized(e.reason, e.message.clone()),
-                status => ApiError::new(status, "permission_error", e.reason, e.message.clone()),
-            })?;
+        // A cached token is the common case and needs no future; the full check (which
+        // may fetch JWKS) is boxed so that its large state is not part of every
+        // request's future, which is allocated and moved per request.
+        let caller = match self.auth.authenticate_cached(header) {
+            Some(caller) => caller,
+            None => Box::pin(self.auth.authenticate(header))
+                .await
+                .map_err(|e| match e.http_status() {
+                    401 => ApiError::unauthorized(e.reason, e.message.clone()),
+                    status => {
+                        ApiError::new(status, "permission_error", e.reason, e.message.clone())
+                    }
+                })?,
+        };
         ctx.caller = Some(caller.clone());
         Ok(caller)
     }
@@ -247,7 +253,7 @@ impl Gateway {
             classification,
             model: &parsed.model,
         });
-        let allowed: Vec<_> = decision.allowed().cloned().collect();
+        let allowed: Vec<&Candidate> = decision.allowed().collect();
         let mut rec = base.clone();
         rec.classification = Some(classification);
         rec.policy_hash = Some(decision.policy_hash.clone());
@@ -351,15 +357,18 @@ impl Gateway {
             };
             self.audit.receipt(&decision_rec, &served_by)
         };
-        let headers = vec![
-            (POOL_HEADER, started.pool.clone()),
-            (COUNTRY_HEADER, started.country.clone()),
-            (POLICY_HASH_HEADER, decision.policy_hash.clone()),
-            (RECEIPT_HEADER, receipt),
-        ];
         completion.pool = Some(started.pool.clone());
         completion.pool_country = Some(started.country.clone());
         completion.model_served = Some(parsed.model.clone());
+        let headers = [
+            (POOL_HEADER, completion.pool.as_deref().unwrap_or_default()),
+            (
+                COUNTRY_HEADER,
+                completion.pool_country.as_deref().unwrap_or_default(),
+            ),
+            (POLICY_HASH_HEADER, decision.policy_hash.as_str()),
+            (RECEIPT_HEADER, receipt.as_str()),
+        ];
         let relayed = if parsed.stream {
             relay::stream_sse(
                 s,
@@ -416,17 +425,20 @@ impl Gateway {
         parsed: &ParsedRequest,
     ) -> audit::RecordInput {
         let state = caller.state.as_str();
-        let identity = format!(
-            "{}/{}",
-            caller.ministry,
-            caller.subject.as_deref().unwrap_or("")
-        );
+        let caller_hmac = caller.audit_hmac.get_or_init(|| {
+            let identity = format!(
+                "{}/{}",
+                caller.ministry,
+                caller.subject.as_deref().unwrap_or("")
+            );
+            self.audit.hmac(state, identity.as_bytes()).ok()
+        });
         audit::RecordInput {
             phase: audit::Phase::Decision,
             request_id: ctx.id.clone(),
             state: state.to_string(),
             ministry: Some(caller.ministry.clone()),
-            caller_hmac: self.audit.hmac(state, identity.as_bytes()).ok(),
+            caller_hmac: caller_hmac.map(str::to_owned),
             model_requested: Some(parsed.model.clone()),
             prompt_hmac: self.audit.hmac(state, &parsed.prompt_digest).ok(),
             ..Default::default()
@@ -471,8 +483,8 @@ impl ParsedRequest {
     fn parse(bytes: &[u8], endpoint: Endpoint, id: &str) -> Result<Self, ApiError> {
         let (common, input, prefix_bytes, prompt_digest) = match endpoint {
             Endpoint::Chat => {
-                let r: ChatRequest = openai::parse(bytes)?;
-                let messages = r.messages()?;
+                let mut r: ChatRequest = openai::parse(bytes)?;
+                let messages = r.take_messages()?;
                 if messages.is_empty() {
                     return Err(ApiError::bad_request("empty_prompt", "messages is empty")
                         .with_param("messages"));
@@ -631,21 +643,26 @@ pub fn new_request_id() -> String {
 /// A response header with the request id and the given extra headers.
 pub fn response_header(
     status: u16,
-    content_type: &str,
+    content_type: &'static str,
     len: Option<usize>,
-    extra: &[(&'static str, String)],
+    extra: &[(&'static str, &str)],
     request_id: &str,
 ) -> Option<ResponseHeader> {
-    let mut h = ResponseHeader::build(status, Some(4 + extra.len())).ok()?;
-    h.insert_header(http::header::CONTENT_TYPE, content_type)
-        .ok()?;
+    // No case map: names go out as given (ours are lower case) or title-cased (standard
+    // ones), and the second header map per response is saved.
+    let mut h = ResponseHeader::build_no_case(status, Some(4 + extra.len())).ok()?;
+    h.insert_header(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    )
+    .ok()?;
     if let Some(n) = len {
-        h.insert_header(http::header::CONTENT_LENGTH, n.to_string())
+        h.insert_header(http::header::CONTENT_LENGTH, http::HeaderValue::from(n))
             .ok()?;
     }
     h.insert_header(REQUEST_ID_HEADER, request_id).ok()?;
     for (k, v) in extra {
-        h.insert_header(*k, v.as_str()).ok()?;
+        h.insert_header(*k, *v).ok()?;
     }
     Some(h)
 }
@@ -654,7 +671,7 @@ pub fn response_header(
 pub async fn write_json(
     s: &mut ServerSession,
     status: u16,
-    extra: &[(&'static str, String)],
+    extra: &[(&'static str, &str)],
     body: &impl serde::Serialize,
     request_id: &str,
 ) -> bool {
@@ -677,9 +694,10 @@ pub async fn write_json(
 
 /// Writes an OpenAI-shaped error (with Retry-After where it applies).
 pub async fn write_error(s: &mut ServerSession, e: &ApiError, request_id: &str) -> bool {
-    let mut extra = Vec::new();
-    if let Some(r) = e.retry_after {
-        extra.push(("retry-after", r.to_string()));
-    }
-    write_json(s, e.status, &extra, &e.to_json(), request_id).await
+    let retry_after = e.retry_after.map(|r| r.to_string());
+    let extra: &[(&'static str, &str)] = match &retry_after {
+        Some(r) => &[("retry-after", r.as_str())],
+        None => &[],
+    };
+    write_json(s, e.status, extra, &e.to_json(), request_id).await
 }

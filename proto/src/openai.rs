@@ -260,10 +260,12 @@ impl CommonFields {
 }
 
 impl ChatRequest {
-    /// The messages with their text content; `developer` becomes `system`.
-    pub fn messages(&self) -> Result<Vec<pb::ChatMessage>, WireError> {
-        let mut out = Vec::with_capacity(self.messages.len());
-        for (i, m) in self.messages.iter().enumerate() {
+    /// The messages with their text content; `developer` becomes `system`. Moves the
+    /// texts out of the request (a prompt is not copied); `self.messages` is left empty.
+    pub fn take_messages(&mut self) -> Result<Vec<pb::ChatMessage>, WireError> {
+        let messages = std::mem::take(&mut self.messages);
+        let mut out = Vec::with_capacity(messages.len());
+        for (i, m) in messages.into_iter().enumerate() {
             if !matches!(
                 m.role.as_str(),
                 "system" | "developer" | "user" | "assistant" | "tool"
@@ -273,9 +275,9 @@ impl ChatRequest {
                     format!("messages[{i}].role `{}` is not a known role", m.role),
                 ));
             }
-            let content = match &m.content {
+            let content = match m.content {
                 None => String::new(),
-                Some(MessageContent::Text(t)) => t.clone(),
+                Some(MessageContent::Text(t)) => t,
                 Some(MessageContent::Parts(parts)) => {
                     let mut s = String::new();
                     for p in parts {
@@ -297,7 +299,7 @@ impl ChatRequest {
             let role = if m.role == "developer" {
                 "system".to_string()
             } else {
-                m.role.clone()
+                m.role
             };
             out.push(pb::ChatMessage { role, content });
         }

@@ -29,8 +29,8 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 
 pub use keys::{
-    Checkpoint, DEFAULT_KEY_NAME, SigningKey, VerifierKey, checkpoint_text, generate_signing_key,
-    hmac_hex, load_hmac_key, open_checkpoint, parse_hmac_key,
+    Checkpoint, DEFAULT_KEY_NAME, HmacKey, SigningKey, VerifierKey, checkpoint_text,
+    generate_signing_key, hmac_hex, load_hmac_key, open_checkpoint, parse_hmac_key,
 };
 pub use merkle::{EMPTY_ROOT, Frontier, Hash, LeafStore, leaf_hash, node_hash};
 pub use read::{
@@ -245,7 +245,7 @@ pub(crate) fn poll_pause() {
 /// Every state's log of one gateway process. Cheap to share (`Arc`).
 pub struct AuditLog {
     states: BTreeMap<String, StateLog>,
-    hmac: BTreeMap<String, Vec<u8>>,
+    hmac: BTreeMap<String, HmacKey>,
     key: Arc<SigningKey>,
     replica: String,
     append_spin: Duration,
@@ -296,7 +296,7 @@ impl AuditLog {
                     "`{state}` is not a country code"
                 )));
             }
-            hmac.insert(cc.clone(), load_hmac_key(path)?);
+            hmac.insert(cc.clone(), HmacKey::new(&load_hmac_key(path)?)?);
             let dir = cfg.dir.join(&cc);
             let shared = Arc::new(writer::Shared::default());
             let w = writer::Writer::open(
@@ -346,7 +346,7 @@ impl AuditLog {
             .hmac
             .get(state)
             .ok_or_else(|| AuditError::UnknownState(state.to_string()))?;
-        Ok(hmac_hex(key, data))
+        Ok(key.hex(data))
     }
 
     fn state(&self, state: &str) -> Result<&StateLog, AuditError> {

@@ -236,10 +236,10 @@ pub fn inclusion_proof_at(log: &Path, seq: u64) -> Result<Proof, AuditError> {
         origin: l.origin.unwrap_or_default(),
         seq,
         record,
-        leaf_hash: hex::encode(leaf),
+        leaf_hash: crate::hexstr(leaf),
         tree_size: cp.size,
-        root: hex::encode(root),
-        path: path.iter().map(hex::encode).collect(),
+        root: crate::hexstr(root),
+        path: path.iter().map(crate::hexstr).collect(),
         checkpoint: cp.note.clone(),
     })
 }
@@ -256,7 +256,7 @@ pub fn verify_proof(p: &Proof, keys: &[VerifierKey]) -> Result<(), String> {
     }
     let canon = p.record.canonical().map_err(|e| e.to_string())?;
     let leaf = leaf_hash(&canon);
-    if hex::encode(leaf) != p.leaf_hash {
+    if crate::hexstr(leaf) != p.leaf_hash {
         return Err("the record does not hash to the proof's leaf hash".into());
     }
     let cp = open_checkpoint(&p.checkpoint, keys).map_err(|e| format!("checkpoint: {e}"))?;
@@ -306,7 +306,7 @@ pub fn consistency_proof(
     let root = |s| {
         l.leaves
             .root(s)
-            .map(hex::encode)
+            .map(crate::hexstr)
             .map_err(|e| AuditError::Proof(e.to_string()))
     };
     let note = |s: u64| {
@@ -321,7 +321,7 @@ pub fn consistency_proof(
         old_root: root(old)?,
         new_size: new,
         new_root: root(new)?,
-        path: path.iter().map(hex::encode).collect(),
+        path: path.iter().map(crate::hexstr).collect(),
         old_checkpoint: note(old),
         new_checkpoint: note(new),
     })

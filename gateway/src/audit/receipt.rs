@@ -93,7 +93,7 @@ pub(crate) fn statement(key: &SigningKey, a: &Appended, s: &ReceiptSubject<'_>) 
         v: u32,
     }
     let root = B64.encode(a.covered_by_root);
-    let leaf = hex::encode(a.leaf_hash);
+    let leaf = crate::hexstr(a.leaf_hash);
     let st = Borrowed {
         v: 1,
         request_id: s.request_id,

@@ -237,5 +237,5 @@ pub fn parse_hex_hash(s: &str) -> Result<Hash, String> {
 }
 
 pub fn frontier_hex(f: &Frontier) -> Vec<String> {
-    f.nodes().iter().map(hex::encode).collect()
+    f.nodes().iter().map(crate::hexstr).collect()
 }

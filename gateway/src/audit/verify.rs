@@ -234,7 +234,7 @@ fn verify_inner(
         let f = a.frontier().map_err(|e| fail(Some(a.cut), e))?;
         let cp = open_checkpoint(&a.checkpoint, keys)
             .map_err(|e| fail(Some(a.cut), format!("anchor checkpoint: {e}")))?;
-        if cp.size != a.cut || cp.root != f.root() || hex::encode(f.root()) != a.root {
+        if cp.size != a.cut || cp.root != f.root() || crate::hexstr(f.root()) != a.root {
             return Err(fail(
                 Some(a.cut),
                 "retention anchor: compact range does not match its signed checkpoint",
@@ -500,7 +500,7 @@ fn check_retention(
                 format!("retention cut {} is not a segment boundary", r.deleted_to),
             )
         })?;
-        Some((frontier_hex(f), hex::encode(f.root())))
+        Some((frontier_hex(f), crate::hexstr(f.root())))
     } else {
         None // an older retention whose cut was itself deleted since
     };

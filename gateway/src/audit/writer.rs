@@ -120,7 +120,7 @@ impl Shared {
         self.failed
             .lock()
             .map(|g| g.clone())
-            .unwrap_or(Some("poisoned".into()))
+            .unwrap_or_else(|_| Some("poisoned".into()))
     }
 
     fn set_failed(&self, why: String) {
@@ -672,7 +672,7 @@ impl Writer {
                 deleted_to: cut,
                 segments: names,
                 frontier: frontier_hex(&f),
-                root: hex::encode(root),
+                root: crate::hexstr(root),
             }),
             ..RecordInput::default()
         };
@@ -691,7 +691,7 @@ impl Writer {
             origin: self.origin.clone(),
             cut,
             frontier: frontier_hex(&f),
-            root: hex::encode(root),
+            root: crate::hexstr(root),
             checkpoint: note,
         }
         .write(&self.dir)?;

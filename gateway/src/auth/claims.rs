@@ -75,6 +75,7 @@ pub(crate) fn caller_from_claims(
         roles,
         subject: optional_str(claims, "sub")?,
         token_id: optional_str(claims, "jti")?,
+        audit_hmac: Default::default(),
     })
 }
 

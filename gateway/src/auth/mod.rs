@@ -96,6 +96,15 @@ impl fmt::Display for AuthError {
 
 impl std::error::Error for AuthError {}
 
+/// The token cache's key: SHA-256 of the token, so the cache holds no bearer tokens.
+fn token_digest(token: &str) -> [u8; 32] {
+    sha2::Digest::finalize(sha2::Digest::chain_update(
+        <sha2::Sha256 as sha2::Digest>::new(),
+        token.as_bytes(),
+    ))
+    .into()
+}
+
 /// An authenticated caller: a ministry of a member state, with its clearance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
@@ -107,7 +116,29 @@ pub struct Caller {
     pub roles: Vec<String>,
     pub subject: Option<String>,
     pub token_id: Option<String>,
+    /// The audit log's HMAC of this caller's identity, computed on first use: the token
+    /// cache hands the same `Caller` to every request that presents the token.
+    pub audit_hmac: Memo,
 }
+
+/// A value derived from a [`Caller`]'s other fields, computed at most once. It never
+/// makes two callers differ.
+#[derive(Debug, Clone, Default)]
+pub struct Memo(std::sync::OnceLock<Option<String>>);
+
+impl Memo {
+    pub fn get_or_init(&self, f: impl FnOnce() -> Option<String>) -> Option<&str> {
+        self.0.get_or_init(f).as_deref()
+    }
+}
+
+impl PartialEq for Memo {
+    fn eq(&self, _: &Memo) -> bool {
+        true
+    }
+}
+
+impl Eq for Memo {}
 
 impl Caller {
     /// The data classification of a request: the requested one (header
@@ -226,17 +257,21 @@ impl Authenticator {
         self.issuers.values().map(|i| &i.config.state)
     }
 
+    /// The caller of an `Authorization: Bearer <jwt>` header value whose token was
+    /// verified before and is still valid: the synchronous fast path of
+    /// [`Authenticator::authenticate`]. `None` means "not cached", not "invalid".
+    pub fn authenticate_cached(&self, authorization_header: Option<&str>) -> Option<Arc<Caller>> {
+        let token = bearer_token(authorization_header).ok()?;
+        self.cached(&token_digest(token))
+    }
+
     /// Authenticates an `Authorization: Bearer <jwt>` header value.
     pub async fn authenticate(
         &self,
         authorization_header: Option<&str>,
     ) -> Result<Arc<Caller>, AuthError> {
         let token = bearer_token(authorization_header)?;
-        let digest: [u8; 32] = sha2::Digest::finalize(sha2::Digest::chain_update(
-            <sha2::Sha256 as sha2::Digest>::new(),
-            token.as_bytes(),
-        ))
-        .into();
+        let digest = token_digest(token);
         if let Some(caller) = self.cached(&digest) {
             return Ok(caller);
         }

@@ -446,6 +446,7 @@ fn classification_for_never_exceeds_clearance() {
         roles: vec![],
         subject: None,
         token_id: None,
+        audit_hmac: Default::default(),
     };
     assert_eq!(caller.classification_for(None), Ok(Classification::Public));
     assert_eq!(

@@ -144,7 +144,7 @@ fn hash_files(files: &BTreeMap<String, String>) -> String {
         h.update((text.len() as u64).to_be_bytes());
         h.update(text.as_bytes());
     }
-    hex::encode(h.finalize())
+    crate::hexstr(h.finalize())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,7 +13,9 @@ use crate::pools::PoolsConfig;
 /// Cached decisions before the cache is cleared (a crude but bounded LRU substitute).
 const CACHE_CAPACITY: usize = 16_384;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A cached decision's inputs. The cache is looked up by a hash of the borrowed request
+/// fields and this key is then compared field by field, so a cache hit allocates nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct CacheKey {
     policy_hash: String,
     state: String,
@@ -23,13 +25,78 @@ struct CacheKey {
     model: String,
 }
 
+impl CacheKey {
+    fn matches(&self, policy_hash: &str, req: &DecisionRequest) -> bool {
+        self.policy_hash == policy_hash
+            && self.state == req.state
+            && self.ministry == req.ministry
+            && self.clearance == req.clearance
+            && self.classification == req.classification
+            && self.model == req.model
+    }
+}
+
+/// Decisions by the hash of their inputs; a bucket holds the (rare) collisions.
+#[derive(Debug, Default)]
+struct DecisionCache {
+    hasher: std::hash::RandomState,
+    buckets: HashMap<u64, Vec<(CacheKey, Arc<ResidencyDecision>)>>,
+    len: usize,
+}
+
+impl DecisionCache {
+    fn hash(&self, policy_hash: &str, req: &DecisionRequest) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one((
+            policy_hash,
+            req.state,
+            req.ministry,
+            req.clearance,
+            req.classification,
+            req.model,
+        ))
+    }
+
+    fn get(
+        &self,
+        h: u64,
+        policy_hash: &str,
+        req: &DecisionRequest,
+    ) -> Option<&Arc<ResidencyDecision>> {
+        self.buckets
+            .get(&h)?
+            .iter()
+            .find(|(k, _)| k.matches(policy_hash, req))
+            .map(|(_, d)| d)
+    }
+
+    fn insert(&mut self, h: u64, key: CacheKey, decision: Arc<ResidencyDecision>) {
+        if self.len >= CACHE_CAPACITY {
+            self.clear();
+        }
+        let bucket = self.buckets.entry(h).or_default();
+        match bucket.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = decision,
+            None => {
+                bucket.push((key, decision));
+                self.len += 1;
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.buckets.clear();
+        self.len = 0;
+    }
+}
+
 /// Holds the active policy set; `Send + Sync`, share it as `Arc<PolicyStore>`.
 #[derive(Debug)]
 pub struct PolicyStore {
     dir: PathBuf,
     pools: Arc<PoolsConfig>,
     current: RwLock<Arc<PolicySet>>,
-    cache: Mutex<HashMap<CacheKey, Arc<ResidencyDecision>>>,
+    cache: Mutex<DecisionCache>,
     /// Serializes reloads (SIGHUP and the watcher may race).
     reloading: Mutex<()>,
 }
@@ -48,7 +115,7 @@ impl PolicyStore {
             dir,
             pools,
             current: RwLock::new(Arc::new(set)),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(DecisionCache::default()),
             reloading: Mutex::new(()),
         })
     }
@@ -74,6 +141,15 @@ impl PolicyStore {
     /// Decide with the active set; repeated requests are answered from the cache.
     pub fn decide(&self, req: &DecisionRequest) -> Arc<ResidencyDecision> {
         let set = self.current();
+        let h = {
+            let cache = self.lock_cache();
+            let h = cache.hash(set.hash(), req);
+            if let Some(hit) = cache.get(h, set.hash(), req) {
+                return Arc::clone(hit);
+            }
+            h
+        };
+        let decision = Arc::new(set.decide(req));
         let key = CacheKey {
             policy_hash: set.hash().to_string(),
             state: req.state.to_string(),
@@ -82,15 +158,7 @@ impl PolicyStore {
             classification: req.classification,
             model: req.model.to_string(),
         };
-        if let Some(hit) = self.lock_cache().get(&key) {
-            return Arc::clone(hit);
-        }
-        let decision = Arc::new(set.decide(req));
-        let mut cache = self.lock_cache();
-        if cache.len() >= CACHE_CAPACITY {
-            cache.clear();
-        }
-        cache.insert(key, Arc::clone(&decision));
+        self.lock_cache().insert(h, key, Arc::clone(&decision));
         decision
     }
 
@@ -132,7 +200,7 @@ impl PolicyStore {
         }
     }
 
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, Arc<ResidencyDecision>>> {
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, DecisionCache> {
         match self.cache.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),

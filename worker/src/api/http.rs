@@ -57,8 +57,8 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 async fn chat(State(st): State<AppState>, body: Body) -> Response {
     let run = async {
         let bytes = read_body(body, st.body_limit).await?;
-        let req: ChatRequest = openai::parse(&bytes)?;
-        let input = openai::chat_input(&req)?;
+        let mut req: ChatRequest = openai::parse(&bytes)?;
+        let input = openai::chat_input(&mut req)?;
         generate(&st.svc, Kind::Chat, input, &req.common).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)

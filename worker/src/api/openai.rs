@@ -33,9 +33,9 @@ pub fn options(c: &CommonFields) -> Result<RequestOptions, ApiError> {
     })
 }
 
-pub fn chat_input(r: &ChatRequest) -> Result<Input, ApiError> {
+pub fn chat_input(r: &mut ChatRequest) -> Result<Input, ApiError> {
     Ok(Input::Chat(
-        r.messages()?
+        r.take_messages()?
             .into_iter()
             .map(|m| ChatMessage {
                 role: m.role,
