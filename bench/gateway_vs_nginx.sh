@@ -46,36 +46,8 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 AUDIT=$(mktemp -d "${AUDIT_DIR:-$D}/sov-bench-audit.XXXXXX")
 UP_HTTP=$(port); UP_GRPC=$(port); NGINX=$(port); GW=$(port)
 
-./target/release/worker fake --http-addr 127.0.0.1:$UP_HTTP --grpc-addr 127.0.0.1:$UP_GRPC \
-  --model fake --pool de-fra-1 --country DE --tokens 16 --threads 1 2>"$D/fake.log" &
-pids+=($!)
-
-./target/release/sovctl keys generate --dir "$D/keys" --state DE --alg EdDSA > "$D/member_state.toml"
-TOKEN=$(./target/release/sovctl token mint --keys "$D/keys" --state DE --ministry bench \
-  --clearance restricted --ttl 2h)
-./target/release/sovctl audit keygen --out "$D/audit-keys" --hmac-states DE >/dev/null
-cat > "$D/pools.toml" <<TOML
-[[pool]]
-id = "de-fra-1"
-country = "DE"
-certifications = ["bsi-c5", "iso27001"]
-models = ["fake"]
-workers = ["127.0.0.1:$UP_GRPC"]
-TOML
-{
-  echo "listen = \"127.0.0.1:$GW\""
-  echo "policies = \"$PWD/policies\""
-  echo "pools = \"$D/pools.toml\""
-  echo "threads = ${GW_THREADS:-2}"
-  grep -v '^#' "$D/member_state.toml"
-  # The audit log is in the path: every request's decision record is fsync'd (group
-  # commit) before the worker is called.
-  echo "[audit]"
-  echo "dir = \"$AUDIT/log\""
-  echo "signing_key = \"$D/audit-keys/audit-signing.key\""
-  echo "[audit.hmac_keys]"
-  echo "DE = \"$D/audit-keys/hmac-DE.key\""
-} > "$D/gateway.toml"
+AUDIT_LOG=$AUDIT/log
+. bench/gateway_setup.sh
 SOV_LOG=warn ./target/release/gateway --config "$D/gateway.toml" 2>"$D/gateway.log" &
 GW_PID=$!
 pids+=($GW_PID)
@@ -103,13 +75,6 @@ NGINX
 nginx -c "$D/nginx.conf" -p "$D" -g 'daemon off;' &
 pids+=($!)
 
-cat > "$D/post.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '{"model":"fake","messages":[{"role":"user","content":"Hello from the benchmark"}],"max_tokens":16}'
-wrk.headers["content-type"] = "application/json"
-wrk.headers["authorization"] = "Bearer $TOKEN"
-wrk.headers["x-data-classification"] = "restricted"
-LUA
 
 # Ready: each target answers 200.
 for i in $(seq 1 100); do
