@@ -234,6 +234,8 @@ impl GenerateStream {
                         return Err(Status::internal("stream ended inside a message"));
                     }
                     let trailers = self.body.trailers().await.map_err(h2_status)?;
+                    // The common end, `grpc-status: 0`, is read as bytes: building a
+                    // `tonic::Status` would also parse `grpc-message` and allocate.
                     let ok = trailers
                         .as_ref()
                         .and_then(|t| t.get("grpc-status"))

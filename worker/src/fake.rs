@@ -34,6 +34,12 @@ const WORDS: [&str; 8] = [
     ".",
 ];
 
+/// How many tokens the fake answers (both routes): the request's `max_tokens`, capped at
+/// `--tokens`.
+fn answer_tokens(cfg: &FakeConfig, max_tokens: Option<u64>) -> u32 {
+    max_tokens.map_or(cfg.tokens, |m| m.min(u64::from(cfg.tokens)) as u32)
+}
+
 fn token_text(i: u32) -> &'static str {
     WORDS[i as usize % WORDS.len()]
 }
@@ -85,12 +91,13 @@ impl Answers {
     }
 
     fn generate(&self, req: &pb::GenerateRequest) -> Bytes {
-        let max = req
-            .sampling
-            .as_ref()
-            .and_then(|s| s.max_tokens)
-            .unwrap_or(self.cfg.tokens)
-            .min(self.cfg.tokens);
+        let max = answer_tokens(
+            &self.cfg,
+            req.sampling
+                .as_ref()
+                .and_then(|s| s.max_tokens)
+                .map(u64::from),
+        );
         self.by_max[max as usize].clone()
     }
 }
@@ -283,11 +290,12 @@ pub fn http_router(cfg: FakeConfig) -> Router {
             post(move |body: axum::body::Bytes| {
                 let cfg = chat_cfg.clone();
                 async move {
-                    let max = serde_json::from_slice::<serde_json::Value>(&body)
-                        .ok()
-                        .and_then(|v| v["max_tokens"].as_u64())
-                        .map(|m| m.min(u64::from(cfg.tokens)) as u32)
-                        .unwrap_or(cfg.tokens);
+                    let max = answer_tokens(
+                        &cfg,
+                        serde_json::from_slice::<serde_json::Value>(&body)
+                            .ok()
+                            .and_then(|v| v["max_tokens"].as_u64()),
+                    );
                     let text: String = (0..max).map(token_text).collect();
                     let meta = ResponseMeta {
                         id: "chatcmpl-fake".into(),

@@ -184,7 +184,7 @@ impl AuditError {
 /// Where an appended record landed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Appended {
-    pub origin: String,
+    pub origin: Arc<str>,
     pub seq: u64,
     pub leaf_hash: [u8; 32],
     /// Tree size right after the group commit that made the record durable.

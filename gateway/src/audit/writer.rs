@@ -150,7 +150,8 @@ pub(crate) struct WriterCfg {
 
 pub(crate) struct Writer {
     dir: PathBuf,
-    origin: String,
+    /// Shared with every `Appended` it acknowledges.
+    origin: Arc<str>,
     state: String,
     key: Arc<SigningKey>,
     cfg: WriterCfg,
@@ -261,7 +262,7 @@ impl Writer {
         shared.records.store(size, Ordering::Relaxed);
         let mut w = Self {
             dir,
-            origin,
+            origin: origin.into(),
             state,
             key,
             cfg,
@@ -529,14 +530,13 @@ impl Writer {
         if buf.is_empty() {
             return Ok(());
         }
-        let path = segment_path(&self.dir, self.seg_first);
         let res = if self.shared.fail_next.swap(false, Ordering::SeqCst) {
             Err(std::io::Error::other("injected fsync failure"))
         } else {
             self.seg.write_all(buf).and_then(|()| self.seg.sync_data())
         };
         if let Err(e) = res {
-            let err = AuditError::io(&path, e);
+            let err = AuditError::io(&segment_path(&self.dir, self.seg_first), e);
             self.shared.set_failed(err.to_string());
             for tx in pending.drain(..).filter_map(|p| p.0) {
                 let _ = tx.send(Err(AuditError::Unavailable(err.to_string())));
@@ -688,7 +688,7 @@ impl Writer {
             }
         }
         Anchor {
-            origin: self.origin.clone(),
+            origin: self.origin.to_string(),
             cut,
             frontier: frontier_hex(&f),
             root: crate::hexstr(root),
