@@ -33,7 +33,10 @@ pub struct H2Generate {
     connect_timeout: Duration,
     /// `http://<addr>/…/Generate`, parsed once.
     uri: http::Uri,
-    conn: Mutex<Option<SendRequest<Bytes>>>,
+    /// One connection per front-end thread: pingora runs each thread as its own
+    /// single-threaded runtime (no work stealing), so a request and the connection task
+    /// that carries it stay on one thread and hand frames over without waking another.
+    conns: Mutex<Vec<(std::thread::ThreadId, SendRequest<Bytes>)>>,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> Status {
@@ -47,7 +50,7 @@ impl H2Generate {
             connect_timeout,
             uri: http::Uri::try_from(format!("http://{addr}{GENERATE_PATH}"))
                 .unwrap_or_else(|_| http::Uri::from_static("http://127.0.0.1/")),
-            conn: Mutex::new(None),
+            conns: Mutex::new(Vec::new()),
         }
     }
 
@@ -104,7 +107,14 @@ impl H2Generate {
     /// A sender ready for a new stream: the cached connection, or a fresh one when it
     /// is gone (the worker restarted, or the connection failed).
     async fn ready(&self) -> Result<SendRequest<Bytes>, Status> {
-        let cached = self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let me = std::thread::current().id();
+        let cached = self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(t, _)| *t == me)
+            .map(|(_, s)| s.clone());
         if let Some(s) = cached {
             match s.ready().await {
                 Ok(s) => return Ok(s),
@@ -117,7 +127,11 @@ impl H2Generate {
             .ready()
             .await
             .map_err(|e| unavailable("HTTP/2", e))?;
-        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(fresh.clone());
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        match conns.iter_mut().find(|(t, _)| *t == me) {
+            Some(slot) => slot.1 = fresh.clone(),
+            None => conns.push((me, fresh.clone())),
+        }
         Ok(fresh)
     }
 

@@ -66,6 +66,9 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
 
     let conf = ServerConf {
         threads: cfg.threads.unwrap_or(2).max(1),
+        // One single-threaded runtime per thread: a connection's requests, and the
+        // worker connection that carries them (grpc_h2), stay on one thread.
+        work_stealing: false,
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(cfg.shutdown_grace_secs),
         ..ServerConf::default()
