@@ -90,12 +90,20 @@ for i in $(seq 1 100); do
 done
 [ $ok = 3 ] || { echo "targets not ready; logs in $D" >&2; exit 1; }
 
+fsync_probe() {
+  rm -rf "$AUDIT/fsync-probe" && mkdir -p "$AUDIT/fsync-probe"
+  ./target/release/sovctl audit bench --dir "$AUDIT/fsync-probe" --writers 1 --records 2000 2>/dev/null \
+    | tail -1 > "$1"
+}
 for round in $(seq 1 "$ROUNDS"); do
   for target in direct:$UP_HTTP nginx:$NGINX gateway:$GW; do
     name=${target%%:*}; p=${target##*:}
     echo "round $round: $name" >&2
     wrk -t1 -c1 -d"${DURATION}s" --latency -s "$D/post.lua" "http://127.0.0.1:$p/v1/chat/completions" \
       > "$OUT/$name-c1-$round.txt"
+    # One fsync on the audit log's file system right after the gateway's c1 run (the
+    # disk's latency drifts: 124-199 us p50 between runs of one evening).
+    [ "$name" = gateway ] && fsync_probe "$OUT/fsync-$round.json"
     # PERF_GATEWAY=1: profile the gateway during its concurrency-64 run (bench/out/…/gateway.perf).
     if [ "${PERF_GATEWAY:-}" = 1 ] && [ "$name" = gateway ]; then
       perf record -g -F 999 -p "$GW_PID" -o "$OUT/gateway.perf" -- sleep "$DURATION" 2>/dev/null &
@@ -104,8 +112,6 @@ for round in $(seq 1 "$ROUNDS"); do
       > "$OUT/$name-c64-$round.txt"
   done
 done
-# One fsync on the audit log's file system, now (the disk's latency drifts by the hour).
-mkdir -p "$AUDIT/fsync-probe"
-./target/release/sovctl audit bench --dir "$AUDIT/fsync-probe" --writers 1 --records 2000 2>/dev/null \
-  | tail -1 > "$OUT/fsync.json"
+# And once more at the end; the budget uses the median of the probes.
+fsync_probe "$OUT/fsync-end.json"
 python3 bench/wrk_table.py "$OUT" "$ROUNDS"
