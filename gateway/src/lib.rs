@@ -31,16 +31,16 @@ pub mod server;
 
 pub use domain::{Classification, Country, EU_MEMBER_STATES};
 
-/// Lower-case hex of `bytes`. Table-driven: `hex::encode` builds its `String` one `char`
-/// at a time, and the request path hex-encodes several hashes per request.
+/// Lower-case hex of `bytes`, through `hex::encode_to_slice` (table-driven): `hex::encode`
+/// builds its `String` one `char` at a time, and the request path hex-encodes several
+/// hashes per request.
 pub fn hexstr(bytes: impl AsRef<[u8]>) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let bytes = bytes.as_ref();
-    let mut out = Vec::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)]);
-        out.push(DIGITS[usize::from(b & 0x0f)]);
+    let mut out = vec![0u8; bytes.len() * 2];
+    // The output is exactly twice the input's length and holds only ASCII digits, so
+    // neither step can fail.
+    if hex::encode_to_slice(bytes, &mut out).is_err() {
+        return String::new();
     }
-    // Only ASCII digits were pushed.
     String::from_utf8(out).unwrap_or_default()
 }

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::AuditError;
-use super::keys::{Checkpoint, VerifierKey, hmac_hex, open_checkpoint};
+use super::keys::{Checkpoint, HmacKey, VerifierKey, open_checkpoint};
 use super::merkle::{Frontier, Hash, LeafStore, check_consistency, check_inclusion, leaf_hash};
 use super::record::{Decision, Phase, Record, prompt_digest_input_chat, prompt_digest_input_text};
 use super::store::{self, Anchor, CheckpointLine, Lines, parse_hex_hash};
@@ -411,9 +411,10 @@ pub fn prompt_candidates(file: &[u8]) -> Vec<Vec<u8>> {
 
 /// The records under `dir` whose prompt HMAC (under `key`) matches the prompt `file`.
 pub fn check_prompt(dir: &Path, key: &[u8], file: &[u8]) -> Result<Vec<Record>, AuditError> {
+    let key = HmacKey::new(key)?;
     let wanted: BTreeSet<String> = prompt_candidates(file)
         .iter()
-        .map(|input| hmac_hex(key, input))
+        .map(|input| key.hex(input))
         .collect();
     let mut out = Vec::new();
     for log in store::discover_logs(dir)? {
