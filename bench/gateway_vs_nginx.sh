@@ -15,8 +15,9 @@
 # which the audit log gets a fresh subdirectory (default: the bench's temp dir on the
 # project disk); a tmpfs (AUDIT_DIR=/dev/shm) separates the fsync from the rest of the
 # gateway's cost. The
-# script also measures one fsync on the audit log's file system (`sovctl audit bench`,
-# one writer) in the same run: the issue's latency budget is nginx's + 50 us + one fsync.
+# script also measures one plain fsync on the audit log's file system (`sovctl audit bench
+# --plain-fsync`) in the same run: the issue's latency budget is nginx's + 50 us + one
+# fsync. It reports the audit log's own durable append beside it (`--writers 1`).
 # Needs nginx and wrk (Debian: apt-get install nginx-light wrk).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -90,10 +91,15 @@ for i in $(seq 1 100); do
 done
 [ $ok = 3 ] || { echo "targets not ready; logs in $D" >&2; exit 1; }
 
+# One plain fsync (append a record-sized line + fdatasync; the issue's "one fsync") and,
+# for comparison, one durable append through the audit log itself (durability ring +
+# writer thread hop), on the audit log's file system.
 fsync_probe() {
   rm -rf "$AUDIT/fsync-probe" && mkdir -p "$AUDIT/fsync-probe"
+  ./target/release/sovctl audit bench --dir "$AUDIT/fsync-probe" --plain-fsync --records 2000 2>/dev/null \
+    | tail -1 > "$OUT/fsync-$1.json"
   ./target/release/sovctl audit bench --dir "$AUDIT/fsync-probe" --writers 1 --records 2000 2>/dev/null \
-    | tail -1 > "$1"
+    | tail -1 > "$OUT/append-$1.json"
 }
 for round in $(seq 1 "$ROUNDS"); do
   for target in direct:$UP_HTTP nginx:$NGINX gateway:$GW; do
@@ -103,7 +109,7 @@ for round in $(seq 1 "$ROUNDS"); do
       > "$OUT/$name-c1-$round.txt"
     # One fsync on the audit log's file system right after the gateway's c1 run (the
     # disk's latency drifts: 124-199 us p50 between runs of one evening).
-    [ "$name" = gateway ] && fsync_probe "$OUT/fsync-$round.json"
+    [ "$name" = gateway ] && fsync_probe "$round"
     # PERF_GATEWAY=1: profile the gateway during its concurrency-64 run (bench/out/…/gateway.perf).
     if [ "${PERF_GATEWAY:-}" = 1 ] && [ "$name" = gateway ]; then
       perf record -g -F 999 -p "$GW_PID" -o "$OUT/gateway.perf" -- sleep "$DURATION" 2>/dev/null &
@@ -113,5 +119,5 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 # And once more at the end; the budget uses the median of the probes.
-fsync_probe "$OUT/fsync-end.json"
+fsync_probe end
 python3 bench/wrk_table.py "$OUT" "$ROUNDS"

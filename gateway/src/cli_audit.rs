@@ -191,6 +191,11 @@ pub struct BenchArgs {
     /// Keep the logs written (their path is printed) instead of removing them.
     #[arg(long)]
     pub keep: bool,
+    /// Measure one plain fsync instead of the log: append one record-sized line to a file
+    /// and `fdatasync` it, `--records` times (what an fsync costs on this disk, without
+    /// the log's durability ring or writer thread).
+    #[arg(long)]
+    pub plain_fsync: bool,
 }
 
 #[derive(Debug, Args)]
@@ -632,7 +637,51 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--plain-fsync`: append + `fdatasync` of one canonical sample record per round.
+fn bench_plain_fsync(root: &Path, records: usize) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let path = root.join("plain-fsync.jsonl");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)?;
+    let mut lat = Vec::with_capacity(records);
+    let started = Instant::now();
+    for i in 0..records.max(1) {
+        let rec = audit::Record::from_input(
+            sample_record("DE", i),
+            "sovereign-gateway/bench/DE",
+            i as u64,
+            "2026-01-01T00:00:00.000Z".into(),
+        );
+        let mut line = Vec::new();
+        rec.write_canonical(&mut line)?;
+        line.push(b'\n');
+        f.write_all(&line)?;
+        let t = Instant::now();
+        f.sync_data()?;
+        lat.push(t.elapsed().as_micros() as u64);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize] as f64 / 1000.0;
+    println!(
+        "{}",
+        serde_json::json!({
+            "plain_fsync": true,
+            "records": lat.len(),
+            "seconds": (secs * 1000.0).round() / 1000.0,
+            "p50_ms": pct(0.50),
+            "p99_ms": pct(0.99),
+        })
+    );
+    Ok(())
+}
+
 fn bench_in(root: &Path, a: &BenchArgs) -> anyhow::Result<()> {
+    if a.plain_fsync {
+        return bench_plain_fsync(root, a.records);
+    }
     let (skey, _) = audit::generate_signing_key(audit::DEFAULT_KEY_NAME)?;
     std::fs::write(root.join("signing.key"), skey)?;
     std::fs::write(root.join("hmac-DE.key"), "11".repeat(32))?;

@@ -11,6 +11,7 @@ mod merkle;
 mod read;
 mod receipt;
 mod record;
+mod ring;
 mod store;
 mod verify;
 mod writer;
@@ -87,6 +88,11 @@ pub struct AuditConfig {
     /// Requests in flight from which `commit_delay_us` applies.
     #[serde(default = "default_commit_siblings")]
     pub commit_siblings: usize,
+    /// Size of each state's durability ring (`durable.ring`, docs/audit.md): group
+    /// commits are made durable there, by overwriting preallocated blocks, instead of by
+    /// fsyncing the growing segment. 0: no ring, fsync the segment itself.
+    #[serde(default = "default_ring_bytes")]
+    pub ring_bytes: u64,
 }
 
 /// The writer's answer to an append, or its absence when the writer stopped.
@@ -120,6 +126,9 @@ fn default_commit_delay_us() -> u64 {
 fn default_commit_siblings() -> usize {
     8
 }
+fn default_ring_bytes() -> u64 {
+    ring::DEFAULT_RING_BYTES
+}
 fn default_append_spin_us() -> u64 {
     500
 }
@@ -140,6 +149,7 @@ impl AuditConfig {
             commit_delay_us: default_commit_delay_us(),
             commit_siblings: default_commit_siblings(),
             append_spin_us: default_append_spin_us(),
+            ring_bytes: default_ring_bytes(),
         }
     }
 }
@@ -272,6 +282,11 @@ impl AuditLog {
                 "checkpoint intervals must be > 0".into(),
             ));
         }
+        if cfg.ring_bytes != 0 && cfg.ring_bytes < 64 * 1024 {
+            return Err(AuditError::Config(
+                "ring_bytes must be 0 (no ring) or at least 65536".into(),
+            ));
+        }
         if cfg.retention_days < 1 {
             return Err(AuditError::Config("retention_days must be >= 1".into()));
         }
@@ -285,6 +300,7 @@ impl AuditLog {
             spin: Duration::from_micros(cfg.writer_spin_us.min(10_000)),
             commit_delay: Duration::from_micros(cfg.commit_delay_us.min(10_000)),
             commit_siblings: cfg.commit_siblings.max(1),
+            ring_bytes: cfg.ring_bytes,
             in_flight: in_flight.clone(),
         };
         let mut hmac = BTreeMap::new();

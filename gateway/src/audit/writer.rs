@@ -1,5 +1,6 @@
 //! The one writer of a state's log: a dedicated thread that takes every append queued
-//! since its last flush, writes them with one `write` and one `fdatasync` (group commit),
+//! since its last flush, writes them with one `write` to the segment and makes them
+//! durable with one `fdatasync` of the durability ring ([`super::ring`]; group commit),
 //! and only then acknowledges them. It also signs checkpoints (every N records or T ms),
 //! rotates segments, and applies retention. Any write or fsync error puts the log in a
 //! failed state that it never leaves: later appends are refused, never silently kept in
@@ -21,6 +22,7 @@ use tokio::sync::oneshot;
 use super::keys::SigningKey;
 use super::merkle::{Frontier, Hash, leaf_hash};
 use super::record::{Phase, Record, RecordInput, Retention};
+use super::ring::Ring;
 use super::store::{
     self, Anchor, CheckpointLine, Lines, VKEY_FILE, checkpoints_path, frontier_hex, segment_path,
 };
@@ -144,6 +146,8 @@ pub(crate) struct WriterCfg {
     /// `AuditConfig::commit_delay_us` and `commit_siblings`.
     pub commit_delay: Duration,
     pub commit_siblings: usize,
+    /// `AuditConfig::ring_bytes` (0: fsync the segment itself).
+    pub ring_bytes: u64,
     /// [`super::AuditLog::in_flight`]: the writer polls only while it is at most 1.
     pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -161,6 +165,9 @@ pub(crate) struct Writer {
     seg_first: u64,
     seg: File,
     seg_bytes: u64,
+    /// The segment holds bytes written since its last `fdatasync`.
+    seg_dirty: bool,
+    ring: Option<Ring>,
     cp_file: Option<File>,
     last_cp_size: u64,
     last_cp_at: Instant,
@@ -199,8 +206,9 @@ impl Writer {
             store::write_atomic(&vkey_path, vkey_line.as_bytes())?;
         }
         finish_retention(&dir)?;
-        if let Some((_, last)) = store::list_segments(&dir)?.last() {
+        if let Some((first, last)) = store::list_segments(&dir)?.last() {
             cut_torn_tail(last)?;
+            replay_ring(&dir, *first, last)?;
         }
         if let Some((_, last)) = store::list_checkpoint_files(&dir)?.last() {
             cut_torn_tail(last)?;
@@ -248,7 +256,13 @@ impl Writer {
             .metadata()
             .map_err(|e| AuditError::io(&seg_path, e))?
             .len();
+        // The ring restarts at offset 0: everything in it must be in a durable segment.
+        seg.sync_data().map_err(|e| AuditError::io(&seg_path, e))?;
         store::fsync_dir(&dir)?;
+        let ring = match cfg.ring_bytes {
+            0 => None,
+            n => Some(Ring::open(&dir, n)?),
+        };
         let mut boundaries = log.boundaries;
         boundaries
             .entry(seg_first)
@@ -272,6 +286,8 @@ impl Writer {
             seg_first,
             seg,
             seg_bytes,
+            seg_dirty: false,
+            ring,
             cp_file: None,
             last_cp_size,
             last_cp_at: Instant::now(),
@@ -446,6 +462,9 @@ impl Writer {
         {
             self.shared.set_failed(format!("final checkpoint: {e}"));
         }
+        if let Err(e) = self.sync_segment() {
+            self.shared.set_failed(format!("closing the segment: {e}"));
+        }
     }
 
     /// Assign sequence numbers, write and fsync, then acknowledge (group commit).
@@ -530,13 +549,18 @@ impl Writer {
         if buf.is_empty() {
             return Ok(());
         }
+        let first_seq = pending.first().map_or(0, |p| p.1);
+        let count = pending.len() as u32;
         let res = if self.shared.fail_next.swap(false, Ordering::SeqCst) {
-            Err(std::io::Error::other("injected fsync failure"))
+            Err((false, std::io::Error::other("injected fsync failure")))
         } else {
-            self.seg.write_all(buf).and_then(|()| self.seg.sync_data())
+            self.write_durable(buf, first_seq, count)
         };
-        if let Err(e) = res {
-            let err = AuditError::io(&segment_path(&self.dir, self.seg_first), e);
+        if let Err((in_ring, e)) = res {
+            let err = match (in_ring, &self.ring) {
+                (true, Some(r)) => AuditError::io(r.path(), e),
+                _ => AuditError::io(&segment_path(&self.dir, self.seg_first), e),
+            };
             self.shared.set_failed(err.to_string());
             for tx in pending.drain(..).filter_map(|p| p.0) {
                 let _ = tx.send(Err(AuditError::Unavailable(err.to_string())));
@@ -563,9 +587,50 @@ impl Writer {
         Ok(())
     }
 
+    /// Appends `buf` (`count` lines from `first_seq` on) to the segment and makes it
+    /// durable: through the ring, or by fsyncing the segment when there is no ring or the
+    /// batch is larger than the ring. `Err((true, _))`: the ring's write failed.
+    fn write_durable(
+        &mut self,
+        buf: &[u8],
+        first_seq: u64,
+        count: u32,
+    ) -> Result<(), (bool, std::io::Error)> {
+        self.seg.write_all(buf).map_err(|e| (false, e))?;
+        self.seg_dirty = true;
+        let seg = &self.seg;
+        let mut seg_failed = false;
+        let in_ring = match self.ring.as_mut() {
+            // Before the ring wraps, the segment is made durable.
+            Some(r) => r
+                .append(first_seq, count, buf, || {
+                    seg.sync_data().inspect_err(|_| seg_failed = true)
+                })
+                .map_err(|e| (!seg_failed, e))?,
+            None => false,
+        };
+        if !in_ring {
+            self.seg.sync_data().map_err(|e| (false, e))?;
+            self.seg_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Makes the segment durable if it holds bytes written since its last fsync.
+    fn sync_segment(&mut self) -> Result<(), AuditError> {
+        if self.seg_dirty {
+            self.seg
+                .sync_data()
+                .map_err(|e| AuditError::io(&segment_path(&self.dir, self.seg_first), e))?;
+            self.seg_dirty = false;
+        }
+        Ok(())
+    }
+
     /// Close the segment with a checkpoint at its end and start the next one.
     fn rotate(&mut self) -> Result<(), AuditError> {
         self.checkpoint_if(true)?;
+        self.sync_segment()?;
         let first = self.frontier.size();
         let path = segment_path(&self.dir, first);
         self.seg = OpenOptions::new()
@@ -593,11 +658,13 @@ impl Writer {
         if !due {
             return Ok(());
         }
-        // A checkpoint only ever covers records on disk.
+        // A checkpoint only ever covers records in durable segments (not only in the
+        // ring), so that an auditor can verify the files as they are after a crash.
         self.flush_lazy();
         if let Some(why) = self.shared.failed() {
             return Err(AuditError::Unavailable(why));
         }
+        self.sync_segment()?;
         let note = self
             .key
             .sign_checkpoint(&self.origin, size, &self.frontier.root())?;
@@ -732,6 +799,51 @@ fn finish_retention(dir: &Path) -> Result<(), AuditError> {
         return Ok(());
     }
     remove_segments(dir, &below)
+}
+
+/// Appends to the last segment (`path`, first seq `first`) the records that were made
+/// durable in the ring but did not reach the segment's disk blocks before a crash, and
+/// fsyncs it. Runs after the segment's torn tail was cut.
+fn replay_ring(dir: &Path, first: u64, path: &Path) -> Result<(), AuditError> {
+    let frames = Ring::read(dir)?;
+    if frames.is_empty() {
+        return Ok(());
+    }
+    let next = match store::last_line(path)? {
+        None => first,
+        Some(line) => {
+            let rec: Record = serde_json::from_slice(&line).map_err(|e| {
+                AuditError::Corrupt(format!("{}: last record: {e}", path.display()))
+            })?;
+            rec.seq + 1
+        }
+    };
+    let mut want = next;
+    let mut add = Vec::new();
+    for f in &frames {
+        for (seq, line) in (f.first_seq..).zip(f.payload.split_inclusive(|b| *b == b'\n')) {
+            if seq == want {
+                add.extend_from_slice(line);
+                want += 1;
+            }
+        }
+    }
+    if add.is_empty() {
+        return Ok(());
+    }
+    let mut seg = OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(|e| AuditError::io(path, e))?;
+    seg.write_all(&add)
+        .and_then(|()| seg.sync_data())
+        .map_err(|e| AuditError::io(path, e))?;
+    tracing::warn!(
+        file = %path.display(),
+        records = want - next,
+        "audit: restored records from the durability ring that the segment lost in a crash"
+    );
+    Ok(())
 }
 
 /// Remove bytes after the last newline: a record or checkpoint torn by a crash was never
