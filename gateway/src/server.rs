@@ -309,18 +309,11 @@ impl Gateway {
         rec.decision = Some(audit::Decision::Allow);
         rec.pool = Some(allowed[0].pool.clone());
         rec.pool_country = Some(allowed[0].country.clone());
-        let decision_rec = self.append_audit(rec).await?;
-        let mut completion = base;
-        completion.phase = audit::Phase::Completion;
-        completion.classification = Some(classification);
-        completion.policy_hash = Some(decision.policy_hash.clone());
-        completion.prompt_hmac = None;
-        // 6. route + relay (retry on another allowed worker only before the first token)
-        let prefix = route::prefix_key(&parsed.prefix_bytes, self.router.cfg.affinity_prefix_bytes);
-        // The receipt names the serving pool, almost always the first allowed one: sign
-        // it for that pool while the worker computes (its yield lets the request's write
-        // go out first, and lets concurrent requests share the signature), and sign again
-        // only if the request fell over to another pool.
+        // The receipt names the serving pool, almost always the first allowed one: the
+        // audit writer signs it for that pool right after the group commit, beside the
+        // worker call (on its own thread, so a lone request's worker is not kept waiting
+        // for this thread's CPU), and it is signed again only if the request fell over to
+        // another pool.
         let first = &allowed[0];
         let subject = audit::ReceiptSubject {
             request_id: &ctx.id,
@@ -329,12 +322,19 @@ impl Gateway {
             country: &first.country,
             policy_hash: &decision.policy_hash,
         };
-        let speculative = self.audit.receipt_batched(&decision_rec, &subject);
-        let (started, speculative) = tokio::join!(
-            relay::start(&self.router, &allowed, &parsed.request, prefix),
-            speculative
-        );
-        let started = match started {
+        let (decision_rec, speculative) = self
+            .audit
+            .append_with_receipt(rec, &subject)
+            .await
+            .map_err(audit_unavailable)?;
+        let mut completion = base;
+        completion.phase = audit::Phase::Completion;
+        completion.classification = Some(classification);
+        completion.policy_hash = Some(decision.policy_hash.clone());
+        completion.prompt_hmac = None;
+        // 6. route + relay (retry on another allowed worker only before the first token)
+        let prefix = route::prefix_key(&parsed.prefix_bytes, self.router.cfg.affinity_prefix_bytes);
+        let started = match relay::start(&self.router, &allowed, &parsed.request, prefix).await {
             Ok(st) => st,
             Err(e) => {
                 completion.outcome = Some(audit::Outcome {
@@ -347,8 +347,13 @@ impl Gateway {
             }
         };
         let pool = started.pool.clone();
+        // Polled only now, when it is almost always ready: waiting on it earlier would
+        // cost this thread a wake-up when it arrives.
         let receipt = if started.pool == first.pool && started.country == first.country {
-            speculative
+            match speculative.await {
+                Ok(r) => r,
+                Err(_) => self.audit.receipt(&decision_rec, &subject),
+            }
         } else {
             let served_by = audit::ReceiptSubject {
                 pool: &started.pool,
@@ -447,13 +452,7 @@ impl Gateway {
 
     /// Appends a decision record; fails closed with 503 `audit_unavailable`.
     async fn append_audit(&self, rec: audit::RecordInput) -> Result<audit::Appended, ApiError> {
-        self.audit.append(rec).await.map_err(|e| {
-            tracing::error!(error = %e, "audit record not durable; request refused");
-            ApiError::unavailable(
-                "audit_unavailable",
-                "the audit log cannot record this request durably, so it is not processed",
-            )
-        })
+        self.audit.append(rec).await.map_err(audit_unavailable)
     }
 
     /// Appends a completion record without holding up the response or the next
@@ -464,6 +463,15 @@ impl Gateway {
             tracing::error!(error = %e, "completion record not written");
         }
     }
+}
+
+/// A decision record that could not be made durable: the request is refused.
+fn audit_unavailable(e: audit::AuditError) -> ApiError {
+    tracing::error!(error = %e, "audit record not durable; request refused");
+    ApiError::unavailable(
+        "audit_unavailable",
+        "the audit log cannot record this request durably, so it is not processed",
+    )
 }
 
 /// An OpenAI request translated into the worker contract.

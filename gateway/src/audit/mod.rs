@@ -261,11 +261,7 @@ pub struct AuditLog {
     append_spin: Duration,
     /// Requests the log's user has in flight (see [`AuditLog::in_flight`]).
     in_flight: Arc<AtomicUsize>,
-    /// Receipt statements waiting for a shared signature ([`AuditLog::receipt_batched`]).
-    receipts: Mutex<Vec<PendingReceipt>>,
 }
-
-type PendingReceipt = (Vec<u8>, tokio::sync::oneshot::Sender<String>);
 
 impl AuditLog {
     /// Open (create, recover, verify) every configured state's log and start its writer.
@@ -344,7 +340,6 @@ impl AuditLog {
             replica: cfg.replica,
             append_spin: Duration::from_micros(cfg.append_spin_us.min(10_000)),
             in_flight,
-            receipts: Mutex::new(Vec::new()),
         }))
     }
 
@@ -379,7 +374,38 @@ impl AuditLog {
     /// answers without the thread wake-up after every fsync; a request arriving meanwhile
     /// waits at most that long. Under load it just waits.
     pub async fn append(&self, rec: RecordInput) -> Result<Appended, AuditError> {
-        let mut rx = self.submit(rec)?;
+        self.append_ordered(rec, None).await
+    }
+
+    /// [`AuditLog::append`], plus the record's signed `x-residency-receipt` for
+    /// `subject` (whose state must be the record's): the writer signs it right after the
+    /// group commit, once every append of that commit has been acknowledged, so the
+    /// caller can forward its request meanwhile; the receipts of one commit share one
+    /// signature. The receiver fails only if the writer stopped; sign with
+    /// [`AuditLog::receipt`] then.
+    pub async fn append_with_receipt(
+        &self,
+        rec: RecordInput,
+        subject: &ReceiptSubject<'_>,
+    ) -> Result<(Appended, oneshot::Receiver<String>), AuditError> {
+        let (tx, rx) = oneshot::channel();
+        let order = writer::ReceiptOrder {
+            request_id: subject.request_id.to_string(),
+            pool: subject.pool.to_string(),
+            country: subject.country.to_string(),
+            policy_hash: subject.policy_hash.to_string(),
+            tx,
+        };
+        let a = self.append_ordered(rec, Some(Box::new(order))).await?;
+        Ok((a, rx))
+    }
+
+    async fn append_ordered(
+        &self,
+        rec: RecordInput,
+        order: Option<Box<writer::ReceiptOrder>>,
+    ) -> Result<Appended, AuditError> {
+        let mut rx = self.submit(rec, order)?;
         if self.in_flight.load(Ordering::Relaxed) <= 1 {
             let until = std::time::Instant::now() + self.append_spin;
             while std::time::Instant::now() < until {
@@ -409,10 +435,11 @@ impl AuditLog {
     fn submit(
         &self,
         rec: RecordInput,
+        order: Option<Box<writer::ReceiptOrder>>,
     ) -> Result<oneshot::Receiver<Result<Appended, AuditError>>, AuditError> {
         let log = self.usable(&rec.state)?;
         let (tx, rx) = oneshot::channel();
-        log.send(writer::Msg::Append(Box::new(rec), tx))?;
+        log.send(writer::Msg::Append(Box::new(rec), tx, order))?;
         Ok(rx)
     }
 
@@ -429,48 +456,6 @@ impl AuditLog {
     pub fn receipt(&self, a: &Appended, subject: &ReceiptSubject<'_>) -> String {
         let st = receipt::statement(&self.key, a, subject);
         receipt::sign_one(&self.key, &st)
-    }
-
-    /// The same receipt, signed together with every other receipt requested meanwhile:
-    /// the statement joins a queue, the task yields once so that requests woken by the
-    /// same group commit can join too, then the first of them to run again signs the whole
-    /// queue with one signature (a single receipt when alone, so concurrency 1 pays
-    /// nothing extra). Others find their receipt ready, or wait for the task signing it.
-    pub async fn receipt_batched(&self, a: &Appended, subject: &ReceiptSubject<'_>) -> String {
-        let st = receipt::statement(&self.key, a, subject);
-        let (tx, mut rx) = tokio::sync::oneshot::channel();
-        self.lock_receipts().push((st.clone(), tx));
-        tokio::task::yield_now().await;
-        if let Ok(r) = rx.try_recv() {
-            return r;
-        }
-        loop {
-            let batch = {
-                let mut q = self.lock_receipts();
-                let n = q.len().min(receipt::MAX_BATCH);
-                q.drain(..n).collect::<Vec<_>>()
-            };
-            if batch.is_empty() {
-                break;
-            }
-            let payloads: Vec<&[u8]> = batch.iter().map(|(p, _)| p.as_slice()).collect();
-            let signed = receipt::sign_batch(&self.key, &payloads);
-            for ((_, tx), r) in batch.into_iter().zip(signed) {
-                let _ = tx.send(r);
-            }
-            if let Ok(r) = rx.try_recv() {
-                return r;
-            }
-        }
-        // Another thread took this statement and is signing it now.
-        match rx.await {
-            Ok(r) => r,
-            Err(_) => receipt::sign_one(&self.key, &st),
-        }
-    }
-
-    fn lock_receipts(&self) -> std::sync::MutexGuard<'_, Vec<PendingReceipt>> {
-        self.receipts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The verifier key line for checkpoints and receipts.

@@ -754,20 +754,40 @@ fn batched_receipts_verify_alone_and_resist_tampering() {
 /// single form.
 #[tokio::test]
 async fn receipts_requested_together_share_a_signature() {
-    let e = env(1 << 20, 4);
+    let mut e = env(1 << 20, 4);
+    // No polling for acknowledgements: the appends below are submitted together.
+    e.cfg.append_spin_us = 0;
     let log = AuditLog::open(e.cfg.clone()).unwrap();
-    let a = log.append(rec("DE", 0)).await.unwrap();
-    let alone = log.receipt_batched(&a, &subject("req-0")).await;
+    // Alone in its group commit: the single-signature form.
+    let (a, rx) = log
+        .append_with_receipt(rec("DE", 0), &subject("req-0"))
+        .await
+        .unwrap();
+    let alone = rx.await.unwrap();
     assert_eq!(alone.split('.').count(), 2);
-    let ids: Vec<String> = (0..10).map(|i| format!("req-{i}")).collect();
+    let st = verify_receipt(&alone, std::slice::from_ref(&e.vkey)).unwrap();
+    assert_eq!((st.seq, st.request_id.as_str()), (a.seq, "req-0"));
+    // Appended together: receipts of one group commit share a signature (batch form),
+    // each naming its own record and verifying alone.
+    let ids: Vec<String> = (1..=20).map(|i| format!("req-{i}")).collect();
     let subjects: Vec<ReceiptSubject<'_>> = ids.iter().map(|id| subject(id)).collect();
-    let together =
-        futures::future::join_all(subjects.iter().map(|s| log.receipt_batched(&a, s))).await;
-    for (r, id) in together.iter().zip(&ids) {
-        assert_eq!(r.split('.').count(), 3);
-        let st = verify_receipt(r, std::slice::from_ref(&e.vkey)).unwrap();
-        assert_eq!(&st.request_id, id);
+    let together = futures::future::join_all(
+        subjects
+            .iter()
+            .enumerate()
+            .map(|(i, s)| log.append_with_receipt(rec("DE", i + 1), s)),
+    )
+    .await;
+    let mut batched = 0;
+    for (r, id) in together.into_iter().zip(&ids) {
+        let (a, rx) = r.unwrap();
+        let receipt = rx.await.unwrap();
+        batched += usize::from(receipt.split('.').count() == 3);
+        let st = verify_receipt(&receipt, std::slice::from_ref(&e.vkey)).unwrap();
+        assert_eq!((&st.request_id, st.seq), (id, a.seq));
+        assert_eq!(st.checkpoint_size, a.covered_by_size);
     }
+    assert!(batched >= 2, "no receipts shared a signature");
     log.shutdown().await;
 }
 

@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 
 use super::keys::SigningKey;
 use super::merkle::{Frontier, Hash, leaf_hash};
+use super::receipt::{self, ReceiptSubject};
 use super::record::{Phase, Record, RecordInput, Retention};
 use super::ring::Ring;
 use super::store::{
@@ -29,6 +30,9 @@ use super::store::{
 use super::verify::verify_log;
 use super::{Appended, AuditError};
 
+/// An append: the record, where its acknowledgement goes (none: lazy), and its receipt.
+type Append = (RecordInput, Option<Reply>, Option<Box<ReceiptOrder>>);
+
 /// Most appends taken into one group commit.
 const MAX_BATCH: usize = 8192;
 /// How often the writer looks for segments past retention.
@@ -36,14 +40,24 @@ const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 
 /// Where an append's result goes.
 type Reply = oneshot::Sender<Result<Appended, AuditError>>;
-/// Appends assigned a seq, waiting for their flush (lazy ones have no reply).
-type Pending = Vec<(Option<Reply>, u64, Hash)>;
+/// Appends assigned a seq, waiting for their flush (lazy ones have no reply), with the
+/// receipt to sign for them once they are durable.
+type Pending = Vec<(Option<Reply>, u64, Hash, Option<Box<ReceiptOrder>>)>;
+
+/// A receipt for an append, signed by the writer right after the group commit that made
+/// the record durable, once every append of that commit has been acknowledged
+/// ([`super::AuditLog::append_with_receipt`]). The receipts of one commit share one
+/// signature.
+pub(crate) struct ReceiptOrder {
+    pub request_id: String,
+    pub pool: String,
+    pub country: String,
+    pub policy_hash: String,
+    pub tx: oneshot::Sender<String>,
+}
 
 pub(crate) enum Msg {
-    Append(
-        Box<RecordInput>,
-        oneshot::Sender<Result<Appended, AuditError>>,
-    ),
+    Append(Box<RecordInput>, Reply, Option<Box<ReceiptOrder>>),
     Retention(
         DateTime<Utc>,
         oneshot::Sender<Result<Option<(u64, u64)>, AuditError>>,
@@ -401,14 +415,14 @@ impl Writer {
             let since = self.shared.take_lazy(&mut lazy, false);
             self.last_batch = batch.len() + lazy.len();
             // Lazy appends first: they were mostly queued before the batch's.
-            let mut appends: Vec<_> = lazy.into_iter().map(|r| (r, None)).collect();
+            let mut appends: Vec<_> = lazy.into_iter().map(|r| (r, None, None)).collect();
             if let Some(t) = since {
                 self.lazy_since = Some(self.lazy_since.map_or(t, |s| s.min(t)));
             }
             let mut control = Vec::new();
             for m in batch {
                 match m {
-                    Msg::Append(input, tx) => appends.push((*input, Some(tx))),
+                    Msg::Append(input, tx, order) => appends.push((*input, Some(tx), order)),
                     other => control.push(other),
                 }
             }
@@ -454,7 +468,7 @@ impl Writer {
         let mut lazy = Vec::new();
         self.shared.take_lazy(&mut lazy, true);
         if !lazy.is_empty() {
-            self.commit(lazy.into_iter().map(|r| (r, None)).collect());
+            self.commit(lazy.into_iter().map(|r| (r, None, None)).collect());
         }
         self.flush_lazy();
         if self.shared.failed().is_none()
@@ -469,7 +483,7 @@ impl Writer {
 
     /// Assign sequence numbers, write and fsync, then acknowledge (group commit).
     /// `None` replies: lazy appends.
-    fn commit(&mut self, appends: Vec<(RecordInput, Option<Reply>)>) {
+    fn commit(&mut self, appends: Vec<Append>) {
         if let Some(why) = self.shared.failed() {
             for tx in appends.into_iter().filter_map(|a| a.1) {
                 let _ = tx.send(Err(AuditError::Unavailable(why.clone())));
@@ -483,7 +497,7 @@ impl Writer {
         let any_sync = appends.iter().any(|a| a.1.is_some());
         let time = now_rfc3339();
         let mut iter = appends.into_iter();
-        while let Some((input, tx)) = iter.next() {
+        while let Some((input, tx, order)) = iter.next() {
             let seq = self.frontier.size();
             let rec = Record::from_input(input, &self.origin, seq, time.clone());
             line.clear();
@@ -512,7 +526,7 @@ impl Writer {
             buf.extend_from_slice(&line);
             buf.push(b'\n');
             self.frontier.push(leaf);
-            pending.push((tx, seq, leaf));
+            pending.push((tx, seq, leaf, order));
         }
         let overdue = self.lazy_since.is_some_and(|t| t.elapsed() >= LAZY_MAX);
         if any_sync || overdue || buf.len() >= LAZY_MAX_BYTES {
@@ -574,17 +588,52 @@ impl Writer {
         let size = self.frontier.size();
         self.shared.records.store(size, Ordering::Relaxed);
         let root = self.frontier.root();
-        for (tx, seq, leaf) in pending.drain(..) {
-            let Some(tx) = tx else { continue };
-            let _ = tx.send(Ok(Appended {
+        let mut orders = Vec::new();
+        for (tx, seq, leaf, order) in pending.drain(..) {
+            let appended = Appended {
                 origin: self.origin.clone(),
                 seq,
                 leaf_hash: leaf,
                 covered_by_size: size,
                 covered_by_root: root,
-            }));
+            };
+            if let Some(o) = order {
+                orders.push((o, appended.clone()));
+            }
+            if let Some(tx) = tx {
+                let _ = tx.send(Ok(appended));
+            }
         }
+        // After every acknowledgement: the requests go on to their workers meanwhile.
+        self.sign_receipts(orders);
         Ok(())
+    }
+
+    /// Signs the receipts ordered with one group commit, one signature per
+    /// [`receipt::MAX_BATCH`] of them.
+    fn sign_receipts(&self, mut orders: Vec<(Box<ReceiptOrder>, Appended)>) {
+        while !orders.is_empty() {
+            let rest = orders.split_off(orders.len().min(receipt::MAX_BATCH));
+            let payloads: Vec<Vec<u8>> = orders
+                .iter()
+                .map(|(o, a)| {
+                    let subject = ReceiptSubject {
+                        request_id: &o.request_id,
+                        state: &self.state,
+                        pool: &o.pool,
+                        country: &o.country,
+                        policy_hash: &o.policy_hash,
+                    };
+                    receipt::statement(&self.key, a, &subject)
+                })
+                .collect();
+            let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+            let signed = receipt::sign_batch(&self.key, &refs);
+            for ((o, _), r) in orders.into_iter().zip(signed) {
+                let _ = o.tx.send(r);
+            }
+            orders = rest;
+        }
     }
 
     /// Appends `buf` (`count` lines from `first_seq` on) to the segment and makes it
@@ -744,7 +793,7 @@ impl Writer {
             ..RecordInput::default()
         };
         let (tx, mut rx) = oneshot::channel();
-        self.commit(vec![(input, Some(tx))]);
+        self.commit(vec![(input, Some(tx), None)]);
         match rx.try_recv() {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
