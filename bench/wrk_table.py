@@ -54,22 +54,16 @@ def main():
     print(f"| non-2xx responses | {d['non2xx']} | {n['non2xx']} | {g['non2xx']} | |")
     # fsync probes: one after each round's gateway c1 run and one at the end (older runs:
     # fsync.json only); the budget uses their median.
-    def p50s(pattern):
-        return [
-            json.loads(p.read_text())["p50_ms"] * 1000.0
-            for p in sorted(out.glob(pattern))
-            if p.read_text().strip()
-        ]
+    def probe_files(pattern):
+        texts = (p.read_text().strip() for p in sorted(out.glob(pattern)))
+        return [json.loads(t) for t in texts if t]
 
-    probes = p50s("fsync*.json")
     # Since the durability ring, fsync-*.json is a plain fsync (`--plain-fsync`) and
     # append-*.json the log's own durable append; before, fsync*.json was the latter.
-    plain = any(
-        json.loads(p.read_text()).get("plain_fsync")
-        for p in out.glob("fsync*.json")
-        if p.read_text().strip()
-    )
-    appends = p50s("append-*.json")
+    fsyncs = probe_files("fsync*.json")
+    probes = [j["p50_ms"] * 1000.0 for j in fsyncs]
+    plain = any(j.get("plain_fsync") for j in fsyncs)
+    appends = [j["p50_ms"] * 1000.0 for j in probe_files("append-*.json")]
     if appends:
         a = statistics.median(appends)
         res["durable_append_p50_us"] = a

@@ -637,6 +637,11 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The `p` quantile, in ms, of latencies in us sorted ascending (not empty).
+fn pct_ms(sorted_us: &[u64], p: f64) -> f64 {
+    sorted_us[((sorted_us.len() as f64 - 1.0) * p) as usize] as f64 / 1000.0
+}
+
 /// `--plain-fsync`: append + `fdatasync` of one canonical sample record per round.
 fn bench_plain_fsync(root: &Path, records: usize) -> anyhow::Result<()> {
     use std::io::Write as _;
@@ -646,6 +651,7 @@ fn bench_plain_fsync(root: &Path, records: usize) -> anyhow::Result<()> {
         .append(true)
         .open(&path)?;
     let mut lat = Vec::with_capacity(records);
+    let mut line = Vec::with_capacity(1024);
     let started = Instant::now();
     for i in 0..records.max(1) {
         let rec = audit::Record::from_input(
@@ -654,7 +660,7 @@ fn bench_plain_fsync(root: &Path, records: usize) -> anyhow::Result<()> {
             i as u64,
             "2026-01-01T00:00:00.000Z".into(),
         );
-        let mut line = Vec::new();
+        line.clear();
         rec.write_canonical(&mut line)?;
         line.push(b'\n');
         f.write_all(&line)?;
@@ -664,15 +670,14 @@ fn bench_plain_fsync(root: &Path, records: usize) -> anyhow::Result<()> {
     }
     let secs = started.elapsed().as_secs_f64();
     lat.sort_unstable();
-    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize] as f64 / 1000.0;
     println!(
         "{}",
         serde_json::json!({
             "plain_fsync": true,
             "records": lat.len(),
             "seconds": (secs * 1000.0).round() / 1000.0,
-            "p50_ms": pct(0.50),
-            "p99_ms": pct(0.99),
+            "p50_ms": pct_ms(&lat, 0.50),
+            "p99_ms": pct_ms(&lat, 0.99),
         })
     );
     Ok(())
@@ -721,7 +726,6 @@ fn bench_in(root: &Path, a: &BenchArgs) -> anyhow::Result<()> {
             let (_, fsyncs) = log.stats("DE").unwrap_or_default();
             log.shutdown().await;
             lat.sort_unstable();
-            let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize] as f64 / 1000.0;
             anyhow::Ok(serde_json::json!({
                 "writers": writers,
                 "records": lat.len(),
@@ -729,8 +733,8 @@ fn bench_in(root: &Path, a: &BenchArgs) -> anyhow::Result<()> {
                 "records_per_s": (lat.len() as f64 / secs).round(),
                 "fsyncs": fsyncs,
                 "records_per_fsync": ((lat.len() as f64 / fsyncs.max(1) as f64) * 10.0).round() / 10.0,
-                "p50_ms": pct(0.50),
-                "p99_ms": pct(0.99),
+                "p50_ms": pct_ms(&lat, 0.50),
+                "p99_ms": pct_ms(&lat, 0.99),
             }))
         })?;
         println!("{out}");

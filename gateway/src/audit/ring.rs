@@ -141,33 +141,46 @@ impl Ring {
     /// The frames of the current lap, in order (see the module's invariants).
     pub fn read(dir: &Path) -> Result<Vec<Frame>, AuditError> {
         let path = dir.join(RING_FILE);
-        let data = match std::fs::read(&path) {
-            Ok(d) => d,
+        let file = match File::open(&path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(AuditError::io(&path, e)),
         };
+        let size = file.metadata().map_err(|e| AuditError::io(&path, e))?.len();
+        // Frame by frame, so that opening a log reads only the current lap, not the
+        // whole ring.
         let mut frames: Vec<Frame> = Vec::new();
-        let mut off = 0usize;
-        while off + HEADER <= data.len() && data[off..off + 4] == MAGIC {
-            let h = &data[off..off + HEADER];
+        let mut off = 0u64;
+        let mut h = [0u8; HEADER];
+        while off + HEADER as u64 <= size {
+            file.read_exact_at(&mut h, off)
+                .map_err(|e| AuditError::io(&path, e))?;
+            if h[..4] != MAGIC {
+                break;
+            }
             let word = |a: usize| u32::from_le_bytes([h[a], h[a + 1], h[a + 2], h[a + 3]]);
             let mut seq = [0u8; 8];
             seq.copy_from_slice(&h[4..12]);
             let first_seq = u64::from_le_bytes(seq);
-            let (count, len) = (word(12), word(16) as usize);
-            let end = off + HEADER + len;
-            if end > data.len() || crc(&h[4..20], &data[off + HEADER..end]) != word(20) {
+            let (count, len) = (word(12), u64::from(word(16)));
+            let end = off + HEADER as u64 + len;
+            if end > size
+                || frames
+                    .last()
+                    .is_some_and(|prev| prev.first_seq + u64::from(prev.count) != first_seq)
+            {
                 break;
             }
-            if let Some(prev) = frames.last()
-                && prev.first_seq + u64::from(prev.count) != first_seq
-            {
+            let mut payload = vec![0u8; len as usize];
+            file.read_exact_at(&mut payload, off + HEADER as u64)
+                .map_err(|e| AuditError::io(&path, e))?;
+            if crc(&h[4..20], &payload) != word(20) {
                 break;
             }
             frames.push(Frame {
                 first_seq,
                 count,
-                payload: data[off + HEADER..end].to_vec(),
+                payload,
             });
             off = end;
         }
