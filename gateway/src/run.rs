@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use pingora::apps::HttpServerOptions;
 use pingora::apps::http_app::HttpServer;
-use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
@@ -64,8 +64,9 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         options,
     };
 
+    let threads = cfg.threads.unwrap_or(2).max(1);
     let conf = ServerConf {
-        threads: cfg.threads.unwrap_or(2).max(1),
+        threads,
         // One single-threaded runtime per thread: a connection's requests, and the
         // worker connection that carries them (grpc_h2), stay on one thread.
         work_stealing: false,
@@ -77,9 +78,19 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut api = Service::new("openai-api".to_string(), gateway);
-    add_listener(&mut api, cfg.tls.as_ref(), &cfg.listen.to_string())?;
-    server.add_service(api);
+    // One listening service per front-end thread, each a single-threaded runtime with
+    // its own SO_REUSEPORT socket on the same address; the kernel spreads connections
+    // over them. Why not one service with `threads` runtimes: pingora accepts on one
+    // runtime and hands each connection to a random one, while the socket stays
+    // registered with the accepting runtime's reactor, so every readiness event of
+    // half the connections woke the other thread (an eventfd write and a thread
+    // wake-up per request; docs/benchmarks.md).
+    for _ in 0..threads {
+        let mut api = Service::new("openai-api".to_string(), gateway.clone());
+        api.threads = Some(1);
+        add_listener(&mut api, cfg.tls.as_ref(), &cfg.listen.to_string(), true)?;
+        server.add_service(api);
+    }
 
     if let Some(admin_addr) = cfg.admin_listen {
         let admin = Admin::new(policy, router, auth.clone(), &audit)
@@ -94,7 +105,8 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                 app.server_options = Some(o);
             }
         }
-        add_listener(&mut svc, tls, &admin_addr.to_string())?;
+        svc.threads = Some(1);
+        add_listener(&mut svc, tls, &admin_addr.to_string(), false)?;
         server.add_service(svc);
     }
     tracing::info!(listen = %cfg.listen, admin = ?cfg.admin_listen, tls = cfg.tls.is_some(), "gateway starting");
@@ -118,10 +130,14 @@ fn probe_listeners(cfg: &GatewayConfig) -> anyhow::Result<()> {
 /// Per-connection write buffer of the listeners (bytes).
 const RESPONSE_WRITE_BUFFER: usize = 4096;
 
+/// `reuse_port`: SO_REUSEPORT, for the front-end threads' listeners on one address. The
+/// probe in [`probe_listeners`] (a bind without it) has made sure that no other socket
+/// holds the address.
 fn add_listener<A>(
     svc: &mut Service<A>,
     tls: Option<&TlsConfig>,
     addr: &str,
+    reuse_port: bool,
 ) -> anyhow::Result<()> {
     // A response's head and a short body leave in one send: pingora's default write
     // buffer (1460 bytes) splits any response over that in two, and a batched receipt
@@ -129,6 +145,11 @@ fn add_listener<A>(
     // per request, each paying the loopback's receive path too).
     let buffer = L4BufferSettings::default().write(RESPONSE_WRITE_BUFFER);
     let mut endpoint = ListenerConfig::tcp(addr).l4_buffer(buffer);
+    if reuse_port {
+        let mut options = TcpSocketOptions::default();
+        options.so_reuseport = Some(true);
+        endpoint = endpoint.tcp_socket_options(options);
+    }
     if let Some(tls) = tls {
         let (cert, key) = (tls.cert.to_string_lossy(), tls.key.to_string_lossy());
         let mut settings = pingora::listeners::tls::TlsSettings::intermediate(&cert, &key)

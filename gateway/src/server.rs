@@ -35,7 +35,9 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 pub const POLICY_HASH_HEADER: &str = "x-policy-hash";
 pub const RECEIPT_HEADER: &str = "x-residency-receipt";
 
-/// Everything a request needs, shared by all connections.
+/// Everything a request needs, shared by all connections (one clone per front-end
+/// thread's listener).
+#[derive(Clone)]
 pub struct Gateway {
     pub auth: Arc<Authenticator>,
     pub audit: Arc<AuditLog>,

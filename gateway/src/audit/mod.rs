@@ -7,6 +7,7 @@
 //! See docs/audit.md for the formats and the auditor's commands.
 
 mod keys;
+mod mailbox;
 mod merkle;
 mod read;
 mod receipt;
@@ -405,8 +406,11 @@ impl AuditLog {
         rec: RecordInput,
         order: Option<Box<writer::ReceiptOrder>>,
     ) -> Result<Appended, AuditError> {
-        let mut rx = self.submit(rec, order)?;
-        if self.in_flight.load(Ordering::Relaxed) <= 1 {
+        // A lone request polls for its acknowledgement on this thread, so it must come
+        // straight from the writer, not through this runtime's mailbox.
+        let alone = self.in_flight.load(Ordering::Relaxed) <= 1;
+        let mut rx = self.submit(rec, order, !alone)?;
+        if alone {
             let until = std::time::Instant::now() + self.append_spin;
             while std::time::Instant::now() < until {
                 match rx.try_recv() {
@@ -432,14 +436,22 @@ impl AuditLog {
     }
 
     /// Queues `rec` on its state's writer.
+    /// `batched`: acknowledge through the caller's runtime's mailbox, if it has one
+    /// ([`mailbox`]).
     fn submit(
         &self,
         rec: RecordInput,
         order: Option<Box<writer::ReceiptOrder>>,
+        batched: bool,
     ) -> Result<oneshot::Receiver<Result<Appended, AuditError>>, AuditError> {
         let log = self.usable(&rec.state)?;
         let (tx, rx) = oneshot::channel();
-        log.send(writer::Msg::Append(Box::new(rec), tx, order))?;
+        let reply = if batched {
+            mailbox::Reply::batched(tx)
+        } else {
+            mailbox::Reply::direct(tx)
+        };
+        log.send(writer::Msg::Append(Box::new(rec), reply, order))?;
         Ok(rx)
     }
 

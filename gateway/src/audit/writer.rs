@@ -20,6 +20,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use tokio::sync::oneshot;
 
 use super::keys::SigningKey;
+use super::mailbox::{Deliveries, Reply};
 use super::merkle::{Frontier, Hash, leaf_hash};
 use super::receipt::{self, ReceiptSubject};
 use super::record::{Phase, Record, RecordInput, Retention};
@@ -38,8 +39,6 @@ const MAX_BATCH: usize = 8192;
 /// How often the writer looks for segments past retention.
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 
-/// Where an append's result goes.
-type Reply = oneshot::Sender<Result<Appended, AuditError>>;
 /// Appends assigned a seq, waiting for their flush (lazy ones have no reply), with the
 /// receipt to sign for them once they are durable.
 type Pending = Vec<(Option<Reply>, u64, Hash, Option<Box<ReceiptOrder>>)>;
@@ -486,7 +485,7 @@ impl Writer {
     fn commit(&mut self, appends: Vec<Append>) {
         if let Some(why) = self.shared.failed() {
             for tx in appends.into_iter().filter_map(|a| a.1) {
-                let _ = tx.send(Err(AuditError::Unavailable(why.clone())));
+                tx.send(Err(AuditError::Unavailable(why.clone())));
             }
             return;
         }
@@ -503,7 +502,7 @@ impl Writer {
             line.clear();
             if let Err(e) = rec.write_canonical(&mut line) {
                 if let Some(tx) = tx {
-                    let _ = tx.send(Err(e));
+                    tx.send(Err(e));
                 }
                 continue;
             }
@@ -516,7 +515,7 @@ impl Writer {
                 if let Err(e) = rotated {
                     self.shared.set_failed(e.to_string());
                     for tx in tx.into_iter().chain(iter.filter_map(|a| a.1)) {
-                        let _ = tx.send(Err(AuditError::Unavailable(e.to_string())));
+                        tx.send(Err(AuditError::Unavailable(e.to_string())));
                     }
                     self.lazy_since = None;
                     return;
@@ -577,7 +576,7 @@ impl Writer {
             };
             self.shared.set_failed(err.to_string());
             for tx in pending.drain(..).filter_map(|p| p.0) {
-                let _ = tx.send(Err(AuditError::Unavailable(err.to_string())));
+                tx.send(Err(AuditError::Unavailable(err.to_string())));
             }
             buf.clear();
             return Err(err);
@@ -589,6 +588,7 @@ impl Writer {
         self.shared.records.store(size, Ordering::Relaxed);
         let root = self.frontier.root();
         let mut orders = Vec::new();
+        let mut acks = Deliveries::default();
         for (tx, seq, leaf, order) in pending.drain(..) {
             let appended = Appended {
                 origin: self.origin.clone(),
@@ -601,9 +601,10 @@ impl Writer {
                 orders.push((o, appended.clone()));
             }
             if let Some(tx) = tx {
-                let _ = tx.send(Ok(appended));
+                acks.push(tx, Ok(appended));
             }
         }
+        acks.post();
         // After every acknowledgement: the requests go on to their workers meanwhile.
         self.sign_receipts(orders);
         Ok(())
@@ -793,7 +794,7 @@ impl Writer {
             ..RecordInput::default()
         };
         let (tx, mut rx) = oneshot::channel();
-        self.commit(vec![(input, Some(tx), None)]);
+        self.commit(vec![(input, Some(Reply::direct(tx)), None)]);
         match rx.try_recv() {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
