@@ -64,4 +64,75 @@ __device__ __forceinline__ void store8(bf16* p, const float v[8]) {
   *reinterpret_cast<uint4*>(p) = raw;
 }
 
+// FP8 KV cache: OCP E4M3 ("e4m3fn": bias 7, no infinities, NaN = S.1111.111, largest
+// finite 448), one byte per element, scaled per KV head (stored = value / scale). Both
+// conversions are exact integer code, as kernels::gpu_ref::{to_e4m3, from_e4m3}, the same
+// on every architecture.
+typedef unsigned char fp8;
+
+// One code to f32 (exact): e4m3's exponent and mantissa fit f16's (subnormals too), and
+// f16 -> f32 is exact; the two biases differ by 8.
+__device__ __forceinline__ float e4m3_to_f32(unsigned c) {
+  const unsigned short h = (unsigned short)(((c & 0x80u) << 8) | ((c & 0x7fu) << 7));
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return (c & 0x7fu) == 0x7fu ? __int_as_float(0x7fffffff) : f * 256.f;
+}
+
+// f32 to the nearest code (ties to even), saturating to +-448; NaN stays NaN.
+__device__ __forceinline__ unsigned f32_to_e4m3(float x) {
+  const unsigned u = __float_as_uint(x);
+  const unsigned sign = (u >> 24) & 0x80u;
+  const unsigned a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return sign | 0x7fu;  // NaN
+  if (a >= 0x43e00000u) return sign | 0x7eu;  // |x| >= 448, infinities included
+  if (a < 0x3c800000u) {                      // |x| < 2^-6: subnormal steps of 2^-9
+    return sign | (unsigned)__float2int_rn(__uint_as_float(a) * 512.f);
+  }
+  // Round the mantissa to 3 bits (a carry moves into the exponent), rebias 127 -> 7.
+  const unsigned r = a + 0x7ffffu + ((a >> 20) & 1u);
+  return sign | ((r >> 20) - (120u << 3));
+}
+
+// Eight codes (one 8-byte load) widened to f32.
+__device__ __forceinline__ void widen8_e4m3(uint2 raw, float out[8]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[i] = e4m3_to_f32((raw.x >> (8 * i)) & 0xffu);
+    out[4 + i] = e4m3_to_f32((raw.y >> (8 * i)) & 0xffu);
+  }
+}
+
+// Eight bf16 values (one 16-byte word) widened to f32.
+__device__ __forceinline__ void widen8_bf16(uint4 raw, float out[8]) {
+  const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __uint_as_float(w[i] << 16);
+    out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+// Eight consecutive KV-cache elements: their raw load and their widening, per storage type.
+template <typename T>
+struct Kv8;
+template <>
+struct Kv8<bf16> {
+  typedef uint4 Raw;
+  static __device__ __forceinline__ Raw load(const bf16* p) {
+    return *reinterpret_cast<const uint4*>(p);
+  }
+  static __device__ __forceinline__ Raw zero() { return make_uint4(0, 0, 0, 0); }
+  static __device__ __forceinline__ void widen(Raw r, float out[8]) { widen8_bf16(r, out); }
+};
+template <>
+struct Kv8<fp8> {
+  typedef uint2 Raw;
+  static __device__ __forceinline__ Raw load(const fp8* p) {
+    return *reinterpret_cast<const uint2*>(p);
+  }
+  static __device__ __forceinline__ Raw zero() { return make_uint2(0, 0); }
+  static __device__ __forceinline__ void widen(Raw r, float out[8]) { widen8_e4m3(r, out); }
+};
+
 }  // namespace sov

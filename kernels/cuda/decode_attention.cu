@@ -6,7 +6,8 @@
 //   q            [num_seqs] rows of q_stride elements, the query heads first in each
 //                row ([n_heads][HD]; q_stride > n_heads * HD reads q out of a fused
 //                q|k|v projection)
-//   k/v cache    [num_blocks][16][n_kv_heads][HD] bf16 (one layer)
+//   k/v cache    [num_blocks][16][n_kv_heads][HD] bf16 (one layer), or e4m3 bytes in the
+//                `_fp8` entry points, with k_scale / v_scale [n_kv_heads] f32
 //   block_tables [num_seqs][max_blocks] int   (physical block of logical block i)
 //   seq_lens     [num_seqs] int               (context length, the new token included)
 //   out          [num_seqs][n_heads][HD] bf16
@@ -38,13 +39,19 @@ constexpr int DA_WARPS = DA_THREADS / 32;
 constexpr int DA_PART = 64;  // tokens per split unit (a multiple of KV_BLOCK; gpu_ref::DECODE_CHUNK)
 constexpr float LOG2E = 1.4426950408889634f;
 
-template <int HD, int GROUP>
+// KV: the cache's element type, bf16 or fp8 (e4m3 with a scale per KV head: k_scale and
+// v_scale [n_kv_heads], unused for bf16). The K scale is folded into q and the V scale
+// into the output, so the loop is the same for both; an fp8 lane loads 8 bytes a row.
+template <int HD, int GROUP, typename KV>
 __device__ __forceinline__ void decode_attention_impl(
-    const sov::bf16* __restrict__ q, const sov::bf16* __restrict__ k_cache,
-    const sov::bf16* __restrict__ v_cache, const int* __restrict__ block_tables,
+    const sov::bf16* __restrict__ q, const KV* __restrict__ k_cache,
+    const KV* __restrict__ v_cache, const float* __restrict__ k_scale,
+    const float* __restrict__ v_scale, const int* __restrict__ block_tables,
     const int* __restrict__ seq_lens, sov::bf16* __restrict__ out,
     float* __restrict__ part_out, float* __restrict__ part_ml, int n_kv_heads,
     int max_blocks, int num_splits, float scale, int q_stride) {
+  constexpr bool FP8 = sizeof(KV) == 1;
+  typedef sov::Kv8<KV> Kv;
   constexpr int CHUNKS = HD / 8;              // 16-byte pieces of one row
   constexpr int SUB = CHUNKS <= 8 ? 8 : 16;   // lanes per row (a power of two)
   constexpr int RPW = 32 / SUB;               // rows a warp covers per load
@@ -73,7 +80,7 @@ __device__ __forceinline__ void decode_attention_impl(
   const int blk_end = (end + KV_BLOCK - 1) / KV_BLOCK;
 
   // This lane's slice of each query head of the group, in log2 units.
-  const float qscale = scale * LOG2E;
+  const float qscale = scale * LOG2E * (FP8 ? k_scale[kvh] : 1.f);
   float qr[GROUP][8];
 #pragma unroll
   for (int g = 0; g < GROUP; ++g) {
@@ -96,8 +103,8 @@ __device__ __forceinline__ void decode_attention_impl(
   }
   const long long row_stride = (long long)n_kv_heads * HD;
   const int* bt = block_tables + (long long)seq * max_blocks;
-  const sov::bf16* kbase = k_cache + kvh * HD + lsub * 8;
-  const sov::bf16* vbase = v_cache + kvh * HD + lsub * 8;
+  const KV* kbase = k_cache + kvh * HD + lsub * 8;
+  const KV* vbase = v_cache + kvh * HD + lsub * 8;
 
   int b = begin / KV_BLOCK + warp;
   int phys = b < blk_end ? bt[b] : 0;
@@ -108,28 +115,23 @@ __device__ __forceinline__ void decode_attention_impl(
     const long long block_row = (long long)phys * KV_BLOCK;
 #pragma unroll
     for (int u0 = 0; u0 < U; u0 += NU) {
-      uint4 kr[NU], vr[NU];
+      typename Kv::Raw kr[NU], vr[NU];
 #pragma unroll
       for (int u = 0; u < NU; ++u) {
         const long long off = (block_row + (u0 + u) * RPW + sub) * row_stride;
         if (has) {
-          kr[u] = *reinterpret_cast<const uint4*>(kbase + off);
-          vr[u] = *reinterpret_cast<const uint4*>(vbase + off);
+          kr[u] = Kv::load(kbase + off);
+          vr[u] = Kv::load(vbase + off);
         } else {
-          kr[u] = make_uint4(0, 0, 0, 0);
-          vr[u] = make_uint4(0, 0, 0, 0);
+          kr[u] = Kv::zero();
+          vr[u] = Kv::zero();
         }
       }
       float sc[NU][GROUP];
 #pragma unroll
       for (int u = 0; u < NU; ++u) {
-        const unsigned w[4] = {kr[u].x, kr[u].y, kr[u].z, kr[u].w};
         float kf[8];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          kf[2 * i] = __uint_as_float(w[i] << 16);
-          kf[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-        }
+        Kv::widen(kr[u], kf);
         const bool valid = b * KV_BLOCK + (u0 + u) * RPW + sub < end;
 #pragma unroll
         for (int g = 0; g < GROUP; ++g) {
@@ -158,13 +160,8 @@ __device__ __forceinline__ void decode_attention_impl(
       }
 #pragma unroll
       for (int u = 0; u < NU; ++u) {
-        const unsigned w[4] = {vr[u].x, vr[u].y, vr[u].z, vr[u].w};
         float vf[8];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          vf[2 * i] = __uint_as_float(w[i] << 16);
-          vf[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-        }
+        Kv::widen(vr[u], vf);
 #pragma unroll
         for (int g = 0; g < GROUP; ++g) {
           // A group with no valid row yet skipped its update: its scores are still -inf
@@ -209,6 +206,7 @@ __device__ __forceinline__ void decode_attention_impl(
   }
   __syncthreads();
   // ... then the warps.
+  const float vs = FP8 ? v_scale[kvh] : 1.f;
   for (int e = threadIdx.x; e < GROUP * HD; e += DA_THREADS) {
     const int g = e / HD, d = e % HD;
     float mm = sov::neg_inf();
@@ -223,7 +221,7 @@ __device__ __forceinline__ void decode_attention_impl(
     }
     // An empty split (begin >= len) has den == 0: it writes zeros and (max -inf, sum 0),
     // which the merge weighs by 0.
-    const float v = den > 0.f ? o / den : 0.f;
+    const float v = den > 0.f ? o / den * vs : 0.f;
     const long long head = (long long)seq * n_heads + kvh * GROUP + g;
     if (num_splits == 1) {
       out[head * HD + d] = sov::f32_to_bf16(v);
@@ -239,7 +237,8 @@ __device__ __forceinline__ void decode_attention_impl(
 
 }  // namespace sov
 
-// One entry point per (head_dim, GQA group): the host picks the one matching the model.
+// One entry point per (head_dim, GQA group): the host picks the one matching the model;
+// `_fp8` variants read an e4m3 cache with per-KV-head scales.
 #define SOV_DECODE_ATTENTION(HD, GROUP)                                                   \
   extern "C" __global__ void __launch_bounds__(sov::DA_THREADS, (GROUP) <= 2 ? 3 : 2)      \
       decode_attention_hd##HD##_g##GROUP(                                                 \
@@ -247,9 +246,19 @@ __device__ __forceinline__ void decode_attention_impl(
           const sov::bf16* v_cache, const int* block_tables, const int* seq_lens,     \
           sov::bf16* out, float* part_out, float* part_ml, int n_kv_heads,            \
           int max_blocks, int num_splits, float scale, int q_stride) {                    \
-    sov::decode_attention_impl<HD, GROUP>(q, k_cache, v_cache, block_tables, seq_lens,   \
-                                          out, part_out, part_ml, n_kv_heads, max_blocks, \
-                                          num_splits, scale, q_stride);                   \
+    sov::decode_attention_impl<HD, GROUP, sov::bf16>(                                     \
+        q, k_cache, v_cache, nullptr, nullptr, block_tables, seq_lens, out, part_out,     \
+        part_ml, n_kv_heads, max_blocks, num_splits, scale, q_stride);                    \
+  }                                                                                       \
+  extern "C" __global__ void __launch_bounds__(sov::DA_THREADS, (GROUP) <= 2 ? 3 : 2)      \
+      decode_attention_hd##HD##_g##GROUP##_fp8(                                           \
+          const sov::bf16* q, const sov::fp8* k_cache, const sov::fp8* v_cache,           \
+          const float* k_scale, const float* v_scale, const int* block_tables,            \
+          const int* seq_lens, sov::bf16* out, float* part_out, float* part_ml,           \
+          int n_kv_heads, int max_blocks, int num_splits, float scale, int q_stride) {    \
+    sov::decode_attention_impl<HD, GROUP, sov::fp8>(                                      \
+        q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, out, part_out,     \
+        part_ml, n_kv_heads, max_blocks, num_splits, scale, q_stride);                    \
   }
 
 SOV_DECODE_ATTENTION(64, 1)

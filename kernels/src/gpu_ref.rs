@@ -26,6 +26,60 @@ pub fn from_bf16(h: u16) -> f32 {
     f32::from_bits(u32::from(h) << 16)
 }
 
+/// f32 -> OCP FP8 E4M3 ("e4m3fn": bias 7, no infinities, NaN `S.1111.111`, largest
+/// finite 448) as `f32_to_e4m3` in common.cuh: nearest, ties to even, saturating to
+/// +-448 (infinities too); NaN stays NaN.
+pub fn to_e4m3(x: f32) -> u8 {
+    let u = x.to_bits();
+    let sign = ((u >> 24) & 0x80) as u8;
+    let a = u & 0x7fff_ffff;
+    if a > 0x7f80_0000 {
+        return sign | 0x7f;
+    }
+    if a >= 0x43e0_0000 {
+        return sign | 0x7e;
+    }
+    if a < 0x3c80_0000 {
+        // Below 2^-6: subnormal steps of 2^-9 (x * 512 is exact).
+        return sign | (f32::from_bits(a) * 512.0).round_ties_even() as u8;
+    }
+    let r = a + 0x7_ffff + ((a >> 20) & 1);
+    sign | ((r >> 20) - (120 << 3)) as u8
+}
+
+/// OCP FP8 E4M3 -> f32 (exact), as `e4m3_to_f32` in common.cuh.
+pub fn from_e4m3(c: u8) -> f32 {
+    if c & 0x7f == 0x7f {
+        return f32::NAN;
+    }
+    let (e, m) = (i32::from((c >> 3) & 0xf), f32::from(c & 7));
+    let mag = if e == 0 {
+        m * (2.0f32).powi(-9)
+    } else {
+        (1.0 + m / 8.0) * (2.0f32).powi(e - 7)
+    };
+    if c & 0x80 != 0 { -mag } else { mag }
+}
+
+/// One layer's K or V cache as the attention kernels read it: bf16, or e4m3 codes with
+/// one scale per KV head (value = `from_e4m3(code) * scales[kv_head]`).
+#[derive(Debug, Clone, Copy)]
+pub enum KvCache<'a> {
+    Bf16(&'a [u16]),
+    Fp8 { codes: &'a [u8], scales: &'a [f32] },
+}
+
+impl KvCache<'_> {
+    /// Element `i` (of KV head `kvh`) as f32.
+    #[inline]
+    fn get(&self, i: usize, kvh: usize) -> f32 {
+        match self {
+            KvCache::Bf16(c) => from_bf16(c[i]),
+            KvCache::Fp8 { codes, scales } => from_e4m3(codes[i]) * scales[kvh],
+        }
+    }
+}
+
 pub fn to_bf16_vec(x: &[f32]) -> Vec<u16> {
     x.iter().copied().map(to_bf16).collect()
 }
@@ -65,6 +119,25 @@ pub fn decode_attention(
     block_tables: &[u32],
     seq_lens: &[usize],
 ) -> Vec<u16> {
+    decode_attention_kv(
+        s,
+        q,
+        KvCache::Bf16(k_cache),
+        KvCache::Bf16(v_cache),
+        block_tables,
+        seq_lens,
+    )
+}
+
+/// [`decode_attention`] over either cache type (`decode_attention_hd*_g*_fp8` for fp8).
+pub fn decode_attention_kv(
+    s: &DecodeShape,
+    q: &[u16],
+    k_cache: KvCache<'_>,
+    v_cache: KvCache<'_>,
+    block_tables: &[u32],
+    seq_lens: &[usize],
+) -> Vec<u16> {
     let l = &s.layout;
     let hd = l.head_dim;
     let mut out = vec![0u16; seq_lens.len() * s.n_heads * hd];
@@ -93,8 +166,8 @@ fn decode_split(
     s: &DecodeShape,
     q: &[f32],
     kvh: usize,
-    k_cache: &[u16],
-    v_cache: &[u16],
+    k_cache: KvCache<'_>,
+    v_cache: KvCache<'_>,
     table: &[u32],
     len: usize,
     split: usize,
@@ -113,8 +186,11 @@ fn decode_split(
         let scores: Vec<f32> = (c0..c0 + n)
             .map(|p| {
                 let off = l.offset(l.slot(table, p), kvh);
-                let k = &k_cache[off..off + hd];
-                q.iter().zip(k).map(|(a, b)| a * from_bf16(*b)).sum::<f32>() * s.scale
+                q.iter()
+                    .enumerate()
+                    .map(|(d, a)| a * k_cache.get(off + d, kvh))
+                    .sum::<f32>()
+                    * s.scale
             })
             .collect();
         let mc = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -128,8 +204,8 @@ fn decode_split(
         }
         for (i, pos) in (c0..c0 + n).enumerate() {
             let off = l.offset(l.slot(table, pos), kvh);
-            for (a, v) in acc.iter_mut().zip(&v_cache[off..off + hd]) {
-                *a += p[i] * from_bf16(*v);
+            for (d, a) in acc.iter_mut().enumerate() {
+                *a += p[i] * v_cache.get(off + d, kvh);
             }
         }
         c0 += n;
@@ -168,6 +244,27 @@ pub fn prefill_attention(
     q: &[u16],
     k_cache: &[u16],
     v_cache: &[u16],
+    block_tables: &[u32],
+    cu_q: &[usize],
+    seq_lens: &[usize],
+) -> Vec<u16> {
+    prefill_attention_kv(
+        s,
+        q,
+        KvCache::Bf16(k_cache),
+        KvCache::Bf16(v_cache),
+        block_tables,
+        cu_q,
+        seq_lens,
+    )
+}
+
+/// [`prefill_attention`] over either cache type.
+pub fn prefill_attention_kv(
+    s: &DecodeShape,
+    q: &[u16],
+    k_cache: KvCache<'_>,
+    v_cache: KvCache<'_>,
     block_tables: &[u32],
     cu_q: &[usize],
     seq_lens: &[usize],
@@ -328,6 +425,65 @@ pub fn rope_write_kv(
         }
         k_cache[slot * kv..(slot + 1) * kv].copy_from_slice(&kt);
         v_cache[slot * kv..(slot + 1) * kv].copy_from_slice(&row[qd + kv..qd + 2 * kv]);
+    }
+}
+
+/// `rope_write_kv_fp8`: [`rope_write_kv`] into an e4m3 cache, K and V divided by their KV
+/// head's scale (`k_scale`, `v_scale`) before rounding; each rotated K value is rounded
+/// once, from f32.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_write_kv_fp8(
+    s: &RopeShape,
+    qkv: &mut [u16],
+    stride: usize,
+    positions: &[usize],
+    slots: &[i64],
+    k_cache: &mut [u8],
+    v_cache: &mut [u8],
+    k_scale: &[f32],
+    v_scale: &[f32],
+) {
+    let (hd, half) = (s.head_dim, s.rot_dim / 2);
+    let pair = |i: usize| match s.style {
+        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+        RopeStyle::Half => (i, i + half),
+    };
+    let (qd, kv) = (s.n_heads * hd, s.n_kv_heads * hd);
+    for (t, (&pos, &slot)) in positions.iter().zip(slots).enumerate() {
+        let row = &mut qkv[t * stride..t * stride + qd + 2 * kv];
+        for head in row[..qd].chunks_exact_mut(hd) {
+            for i in 0..half {
+                let (a, b) = pair(i);
+                let (c, sn) = (s.cos[pos * half + i], s.sin[pos * half + i]);
+                let (x, y) = (from_bf16(head[a]), from_bf16(head[b]));
+                head[a] = to_bf16(x * c - y * sn);
+                head[b] = to_bf16(x * sn + y * c);
+            }
+        }
+        let Ok(slot) = usize::try_from(slot) else {
+            continue;
+        };
+        for h in 0..s.n_kv_heads {
+            let k = &row[qd + h * hd..qd + (h + 1) * hd];
+            let dst = &mut k_cache[slot * kv + h * hd..slot * kv + (h + 1) * hd];
+            for d in s.rot_dim..hd {
+                dst[d] = to_e4m3(from_bf16(k[d]) / k_scale[h]);
+            }
+            for i in 0..half {
+                let (a, b) = pair(i);
+                let (c, sn) = (s.cos[pos * half + i], s.sin[pos * half + i]);
+                let (x, y) = (from_bf16(k[a]), from_bf16(k[b]));
+                dst[a] = to_e4m3((x * c - y * sn) / k_scale[h]);
+                dst[b] = to_e4m3((x * sn + y * c) / k_scale[h]);
+            }
+            let v = &row[qd + kv + h * hd..qd + kv + (h + 1) * hd];
+            for (o, &x) in v_cache[slot * kv + h * hd..slot * kv + (h + 1) * hd]
+                .iter_mut()
+                .zip(v)
+            {
+                *o = to_e4m3(from_bf16(x) / v_scale[h]);
+            }
+        }
     }
 }
 

@@ -460,3 +460,227 @@ fn argmax_rows_is_the_sampler_greedy_rule() {
     // +inf counts as f32::MAX, so the earlier MAX wins the tie.
     assert_eq!(argmax_rows(&flat, 4), vec![1, 1, 0, 0, 3]);
 }
+
+/// Every finite e4m3 value, by code, from the format's definition (no bit tricks).
+fn e4m3_table() -> Vec<(u8, f64)> {
+    (0u8..=255)
+        .filter(|c| c & 0x7f != 0x7f)
+        .map(|c| {
+            let (e, m) = (i32::from((c >> 3) & 0xf), f64::from(c & 7));
+            let mag = if e == 0 {
+                m / 8.0 * 2f64.powi(-6)
+            } else {
+                (1.0 + m / 8.0) * 2f64.powi(e - 7)
+            };
+            (c, if c & 0x80 != 0 { -mag } else { mag })
+        })
+        .collect()
+}
+
+/// Nearest finite e4m3 code by exhaustive search: ties to the even code, beyond 448
+/// the largest finite value of that sign.
+fn e4m3_nearest(x: f32, table: &[(u8, f64)]) -> u8 {
+    let x = f64::from(x);
+    let mut best = (f64::INFINITY, 0u8);
+    for &(c, v) in table {
+        if (v == 0.0 && x.is_sign_negative() != (c & 0x80 != 0))
+            || (v != 0.0 && (v < 0.0) != (x < 0.0))
+        {
+            continue;
+        }
+        let d = (v - x).abs();
+        if d < best.0 || (d == best.0 && c & 1 == 0) {
+            best = (d, c);
+        }
+    }
+    best.1
+}
+
+#[test]
+fn e4m3_decodes_every_code_and_round_trips() {
+    let table = e4m3_table();
+    assert_eq!(table.len(), 254);
+    for &(c, v) in &table {
+        assert_eq!(f64::from(from_e4m3(c)), v, "code {c:#04x}");
+        assert_eq!(to_e4m3(from_e4m3(c)), c, "code {c:#04x}");
+    }
+    assert!(from_e4m3(0x7f).is_nan() && from_e4m3(0xff).is_nan());
+    assert_eq!(from_e4m3(0x38), 1.0);
+    assert_eq!(from_e4m3(0x7e), 448.0);
+    assert_eq!(from_e4m3(0x08), 2f32.powi(-6));
+    assert_eq!(from_e4m3(0x01), 2f32.powi(-9));
+}
+
+#[test]
+fn e4m3_rounds_to_nearest_even_and_saturates() {
+    let table = e4m3_table();
+    // Every midpoint between neighbours, and just either side of it.
+    for c in 0u8..0x7e {
+        let (lo, hi) = (from_e4m3(c), from_e4m3(c + 1));
+        let mid = (lo + hi) / 2.0;
+        let even = if c % 2 == 0 { c } else { c + 1 };
+        assert_eq!(to_e4m3(mid), even, "midpoint above {c:#04x}");
+        assert_eq!(to_e4m3(-mid), even | 0x80, "midpoint below -{c:#04x}");
+        assert_eq!(to_e4m3(f32::from_bits(mid.to_bits() - 1)), c);
+        assert_eq!(to_e4m3(f32::from_bits(mid.to_bits() + 1)), c + 1);
+    }
+    for x in [448.0f32, 449.0, 464.0, 480.0, 1e9, f32::MAX, f32::INFINITY] {
+        assert_eq!(to_e4m3(x), 0x7e, "{x}");
+        assert_eq!(to_e4m3(-x), 0xfe, "{x}");
+    }
+    assert_eq!(to_e4m3(f32::NAN) & 0x7f, 0x7f);
+    assert_eq!(to_e4m3(-0.0), 0x80);
+    assert_eq!(
+        to_e4m3(2f32.powi(-11)),
+        0x00,
+        "a quarter step rounds to zero"
+    );
+    // Random values over the whole range against the exhaustive search.
+    let xs = rand_vec(20_000, 99);
+    for (i, &r) in xs.iter().enumerate() {
+        let x = r * 2f32.powi((i % 22) as i32 - 12);
+        assert_eq!(to_e4m3(x), e4m3_nearest(x, &table), "{x}");
+    }
+}
+
+/// e4m3 codes of `x / scale[kv head]` for a `[slots][n_kv][hd]` cache.
+fn quantize(x: &[u16], n_kv: usize, hd: usize, scales: &[f32]) -> Vec<u8> {
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| to_e4m3(from_bf16(v) / scales[(i / hd) % n_kv]))
+        .collect()
+}
+
+#[test]
+fn fp8_decode_attention_equals_dense_over_the_dequantized_cache() {
+    for (lens, n_kv, group, hd, splits) in [
+        (vec![1usize, 40, 300], 2usize, 4usize, 128usize, 1usize),
+        (vec![1033, 77], 2, 8, 64, 3),
+        (vec![500], 1, 1, 96, 2),
+    ] {
+        let c = decode_case(&lens, n_kv, group, hd, 5 + hd as u64);
+        // Per-head scales: the values are in [-1, 1); scales put them mid-range and in
+        // the subnormals (head 1's K scale is large).
+        let ks: Vec<f32> = (0..n_kv).map(|h| [1.0 / 64.0, 2.0][h % 2]).collect();
+        let vs: Vec<f32> = (0..n_kv).map(|h| [0.01, 1.0 / 200.0][h % 2]).collect();
+        let kq = quantize(&c.kc, n_kv, hd, &ks);
+        let vq = quantize(&c.vc, n_kv, hd, &vs);
+        let mut shape = c.shape;
+        shape.num_splits = splits;
+        let out = decode_attention_kv(
+            &shape,
+            &c.q,
+            KvCache::Fp8 {
+                codes: &kq,
+                scales: &ks,
+            },
+            KvCache::Fp8 {
+                codes: &vq,
+                scales: &vs,
+            },
+            &c.tables,
+            &c.lens,
+        );
+        // The definition over the dequantized values...
+        let l = &shape.layout;
+        for (seq, &len) in c.lens.iter().enumerate() {
+            let table = &c.tables[seq * shape.max_blocks..(seq + 1) * shape.max_blocks];
+            for h in 0..shape.n_heads {
+                let kvh = h / group;
+                let row = |codes: &[u8], sc: f32, p: usize| -> Vec<f32> {
+                    let off = l.offset(l.slot(table, p), kvh);
+                    codes[off..off + hd]
+                        .iter()
+                        .map(|&x| from_e4m3(x) * sc)
+                        .collect()
+                };
+                let keys: Vec<Vec<f32>> = (0..len).map(|p| row(&kq, ks[kvh], p)).collect();
+                let values: Vec<Vec<f32>> = (0..len).map(|p| row(&vq, vs[kvh], p)).collect();
+                let q = from_bf16_vec(&c.q[(seq * shape.n_heads + h) * hd..][..hd]);
+                let want = dense_decode(&q, &keys, &values, shape.scale);
+                // ... and the unquantized one, which fp8 only approximates: e4m3 keeps 3
+                // mantissa bits, so each value is off by up to 1/16 of itself.
+                let exact_k: Vec<Vec<f32>> = (0..len)
+                    .map(|p| {
+                        let off = l.offset(l.slot(table, p), kvh);
+                        from_bf16_vec(&c.kc[off..off + hd])
+                    })
+                    .collect();
+                let exact_v: Vec<Vec<f32>> = (0..len)
+                    .map(|p| {
+                        let off = l.offset(l.slot(table, p), kvh);
+                        from_bf16_vec(&c.vc[off..off + hd])
+                    })
+                    .collect();
+                let exact = dense_decode(&q, &exact_k, &exact_v, shape.scale);
+                for d in 0..hd {
+                    let got = from_bf16(out[(seq * shape.n_heads + h) * hd + d]);
+                    assert!(
+                        close(got, want[d] as f32, 1.0 / 128.0, 2e-3),
+                        "seq {seq} head {h} dim {d}: {got} vs {}",
+                        want[d]
+                    );
+                    assert!(
+                        (f64::from(got) - exact[d]).abs() < 0.08,
+                        "seq {seq} head {h} dim {d}: {got} vs unquantized {}",
+                        exact[d]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_write_kv_fp8_stores_the_rounded_bf16_path_values() {
+    for style in [cpu::RopeStyle::Interleaved, cpu::RopeStyle::Half] {
+        let (n_heads, n_kv, hd, rot) = (4, 2, 16, 12);
+        let half = rot / 2;
+        let (cos, sin): (Vec<f32>, Vec<f32>) = (0..64 * half)
+            .map(|i| {
+                let a = (i / half) as f32 * 0.1 / (1 + i % half) as f32;
+                (a.cos(), a.sin())
+            })
+            .unzip();
+        let s = RopeShape {
+            n_heads,
+            n_kv_heads: n_kv,
+            head_dim: hd,
+            rot_dim: rot,
+            style,
+            cos: &cos,
+            sin: &sin,
+        };
+        let (qd, kv) = (n_heads * hd, n_kv * hd);
+        let stride = qd + 2 * kv + 4;
+        let tokens = 3;
+        let qkv0 = to_bf16_vec(&rand_vec(tokens * stride, 31));
+        let positions = [5usize, 6, 63];
+        let slots = [17i64, -1, 2];
+        let (ks, vs) = ([0.01f32, 1.0 / 300.0], [0.005f32, 0.02]);
+        // The bf16 path is the reference for q (identical) and, to e4m3 precision, for
+        // the cache.
+        let (mut q_bf, mut kc, mut vc) = (qkv0.clone(), vec![0u16; 20 * kv], vec![0u16; 20 * kv]);
+        rope_write_kv(&s, &mut q_bf, stride, &positions, &slots, &mut kc, &mut vc);
+        let (mut q_f8, mut k8, mut v8) = (qkv0.clone(), vec![0u8; 20 * kv], vec![0u8; 20 * kv]);
+        rope_write_kv_fp8(
+            &s, &mut q_f8, stride, &positions, &slots, &mut k8, &mut v8, &ks, &vs,
+        );
+        assert_eq!(q_bf, q_f8, "q is rotated the same");
+        for slot in [17usize, 2] {
+            for i in slot * kv..(slot + 1) * kv {
+                let h = (i / hd) % n_kv;
+                // V: exactly the e4m3 of the bf16 value over its scale.
+                assert_eq!(v8[i], to_e4m3(from_bf16(vc[i]) / vs[h]));
+                // K: within half an e4m3 step (1/16 relative) plus the bf16 rounding.
+                let (got, want) = (from_e4m3(k8[i]) * ks[h], from_bf16(kc[i]));
+                assert!(
+                    close(got, want, 1.0 / 16.0 + 1.0 / 128.0, ks[h] * 2f32.powi(-10)),
+                    "{got} vs {want}"
+                );
+            }
+        }
+        // The skipped token (slot -1) wrote nothing; untouched slots stay zero.
+        assert!(k8[..2 * kv].iter().all(|&c| c == 0) && v8[5 * kv..6 * kv].iter().all(|&c| c == 0));
+    }
+}
