@@ -15,7 +15,7 @@ use kernels::KvLayout;
 use kernels::cpu::RopeStyle;
 use kernels::cuda::launch::{self, DecodeDims, PrefillDims, RopeDims, SplitScratch};
 use kernels::cuda::{CudaError, Kernels};
-use kernels::gpu_ref::{self, DecodeShape, from_bf16, to_bf16_vec};
+use kernels::gpu_ref::{self, DecodeShape, KvCache, from_bf16, to_bf16_vec};
 use serde_json::{Value, json};
 
 /// bf16 tolerance: one rounding of the output plus f32 accumulation differences.
@@ -117,8 +117,24 @@ fn paged(rng: &mut Rng, lens: &[usize], n_kv: usize, hd: usize, random: bool) ->
     }
 }
 
+/// Per-KV-head scales for an fp8 cache of values in [-1, 1): one head mid-range, the
+/// next with many subnormal codes.
+fn fp8_scales(n_kv: usize) -> Vec<f32> {
+    (0..n_kv).map(|h| [1.0 / 64.0, 0.5][h % 2]).collect()
+}
+
+/// e4m3 codes of a `[slots][n_kv][hd]` bf16 cache divided by each head's scale.
+fn quantize(x: &[u16], n_kv: usize, hd: usize, scales: &[f32]) -> Vec<u8> {
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| gpu_ref::to_e4m3(from_bf16(v) / scales[(i / hd) % n_kv]))
+        .collect()
+}
+
 /// One decode-attention correctness case; checks at most `check_seqs` sequences on the
-/// CPU (the reference is slow for long batches).
+/// CPU (the reference is slow for long batches). `fp8`: the `_fp8` kernel over the
+/// cache quantized to e4m3 with per-head scales.
+#[allow(clippy::too_many_arguments)]
 fn check_decode(
     k: &Kernels,
     rng: &mut Rng,
@@ -127,6 +143,7 @@ fn check_decode(
     batch: usize,
     ctx: usize,
     splits: Option<usize>,
+    fp8: bool,
 ) -> Result<Value, CudaError> {
     let n_kv = 2;
     let lens: Vec<usize> = (0..batch)
@@ -157,7 +174,29 @@ fn check_decode(
     );
     let mut out = zeros::<u16>(k, q.len())?;
     let mut scratch = SplitScratch::new(k, &d)?;
-    launch::decode_attention(k, &d, &qd, &kd, &vd, &td, &ld, &mut out, &mut scratch)?;
+    let scales = fp8_scales(n_kv);
+    let (k8, v8) = if fp8 {
+        (
+            quantize(&p.kc, n_kv, hd, &scales),
+            quantize(&p.vc, n_kv, hd, &scales),
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    if fp8 {
+        let (k8d, v8d, sd) = (up(k, &k8)?, up(k, &v8)?, up(k, &scales)?);
+        let kc = launch::Fp8Cache {
+            codes: &k8d,
+            scales: &sd,
+        };
+        let vc = launch::Fp8Cache {
+            codes: &v8d,
+            scales: &sd,
+        };
+        launch::decode_attention_fp8(k, &d, &qd, &kc, &vc, &td, &ld, &mut out, &mut scratch)?;
+    } else {
+        launch::decode_attention(k, &d, &qd, &kd, &vd, &td, &ld, &mut out, &mut scratch)?;
+    }
     let got = down(k, &out)?;
     let check = batch.min(4);
     let shape = DecodeShape {
@@ -167,17 +206,36 @@ fn check_decode(
         scale: d.scale,
         num_splits,
     };
-    let want = gpu_ref::decode_attention(
+    let (kr, vr) = if fp8 {
+        (
+            KvCache::Fp8 {
+                codes: &k8,
+                scales: &scales,
+            },
+            KvCache::Fp8 {
+                codes: &v8,
+                scales: &scales,
+            },
+        )
+    } else {
+        (KvCache::Bf16(&p.kc), KvCache::Bf16(&p.vc))
+    };
+    let want = gpu_ref::decode_attention_kv(
         &shape,
         &q[..check * n_heads * hd],
-        &p.kc,
-        &p.vc,
+        kr,
+        vr,
         &p.tables[..check * p.max_blocks],
         &lens[..check],
     );
     let (err, first) = compare(&got[..want.len()], &want);
+    let kernel = if fp8 {
+        "decode_attention_fp8"
+    } else {
+        "decode_attention"
+    };
     Ok(
-        json!({"kernel": "decode_attention", "head_dim": hd, "group": group, "batch": batch,
+        json!({"kernel": kernel, "head_dim": hd, "group": group, "batch": batch,
               "context": ctx, "splits": num_splits, "checked_seqs": check,
               "max_abs_err": err, "ok": first.is_none(), "mismatch": first}),
     )
@@ -469,7 +527,8 @@ fn check_rope(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
             }
         }
         let stride = (nh + 2 * nkv) * hd + 8;
-        let mut qkv = to_bf16_vec(&rng.f32s(tokens * stride));
+        let qkv0 = to_bf16_vec(&rng.f32s(tokens * stride));
+        let mut qkv = qkv0.clone();
         let positions = [0usize, 1, 17, 1000, 4095];
         let slots = [3i64, 4, -1, 40, 0];
         let n_slots = 48;
@@ -514,6 +573,49 @@ fn check_rope(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
         let (e3, f3) = compare(&down(k, &vc)?, &vc_ref);
         let first = f1.or(f2).or(f3);
         out.push(json!({"kernel": "rope_write_kv", "style": format!("{style:?}"), "max_abs_err": e1.max(e2).max(e3), "ok": first.is_none(), "mismatch": first}));
+
+        // Into an fp8 cache, from the same (unrotated) rows.
+        let mut qkvd = up(k, &qkv0)?;
+        let scales = fp8_scales(nkv);
+        let scd = up(k, &scales)?;
+        let mut k8 = zeros::<u8>(k, n_slots * nkv * hd)?;
+        let mut v8 = zeros::<u8>(k, n_slots * nkv * hd)?;
+        launch::rope_write_kv_fp8(
+            k, &d, &mut qkvd, &pd, &sd, &cd, &snd, &mut k8, &mut v8, &scd, &scd,
+        )?;
+        let mut qkv = qkv0.clone();
+        let mut k8_ref = vec![0u8; n_slots * nkv * hd];
+        let mut v8_ref = vec![0u8; n_slots * nkv * hd];
+        gpu_ref::rope_write_kv_fp8(
+            &s,
+            &mut qkv,
+            stride,
+            &positions,
+            &slots,
+            &mut k8_ref,
+            &mut v8_ref,
+            &scales,
+            &scales,
+        );
+        let (e1, f1) = compare(&down(k, &qkvd)?, &qkv);
+        // V codes are computed exactly alike; a rotated K value may sit within f32
+        // rounding of a boundary between two codes: neighbours pass.
+        let code_diff = |got: &[u8], want: &[u8], max: u8| {
+            got.iter().zip(want).enumerate().find_map(|(i, (g, w))| {
+                let step = (i16::from(g & 0x7f) - i16::from(w & 0x7f)).unsigned_abs();
+                let bad = if *g == *w {
+                    false
+                } else {
+                    (g & 0x80) != (w & 0x80) && (g & 0x7f != 0 || w & 0x7f != 0)
+                        || step > u16::from(max)
+                };
+                bad.then(|| format!("element {i}: gpu code {g:#04x} vs reference {w:#04x}"))
+            })
+        };
+        let f2 = code_diff(&down(k, &k8)?, &k8_ref, 1);
+        let f3 = code_diff(&down(k, &v8)?, &v8_ref, 0);
+        let first = f1.or(f2).or(f3);
+        out.push(json!({"kernel": "rope_write_kv_fp8", "style": format!("{style:?}"), "max_abs_err": e1, "ok": first.is_none(), "mismatch": first}));
     }
     Ok(out)
 }
@@ -659,9 +761,27 @@ fn decode_bandwidth(k: &Kernels, ctx: usize) -> Result<Value, CudaError> {
         launch::decode_attention(k, &d, &q, &kd, &vd, &td, &ld, &mut out, &mut scratch)
     })?;
     let bytes = (batch * per_seq) as f64;
+    // The same sequences over an fp8 cache: half the bytes.
+    let (k8, v8) = (zeros::<u8>(k, p.kc.len())?, zeros::<u8>(k, p.vc.len())?);
+    let sd = up(k, &vec![1.0f32; n_kv])?;
+    let (kc, vc) = (
+        launch::Fp8Cache {
+            codes: &k8,
+            scales: &sd,
+        },
+        launch::Fp8Cache {
+            codes: &v8,
+            scales: &sd,
+        },
+    );
+    let ms8 = time_ms(k, 20, || {
+        launch::decode_attention_fp8(k, &d, &q, &kc, &vc, &td, &ld, &mut out, &mut scratch)
+    })?;
     Ok(
         json!({"context": ctx, "batch": batch, "splits": d.num_splits, "ms": ms,
-              "gb_per_s": bytes / (ms / 1e3) / 1e9}),
+              "gb_per_s": bytes / (ms / 1e3) / 1e9,
+              "fp8": {"ms": ms8, "gb_per_s": bytes / 2.0 / (ms8 / 1e3) / 1e9,
+                      "speedup_vs_bf16": ms / ms8}}),
     )
 }
 
@@ -774,11 +894,13 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
     for hd in [64, 128] {
         for group in [1, 2, 4, 8] {
             for &(batch, ctx) in contexts {
-                for splits in [None, Some(1)] {
-                    let c = check_decode(&k, &mut rng, hd, group, batch, ctx, splits)
+                // The fp8 cache with the automatic split count only (its loop is the
+                // bf16 one's, with other loads and conversions).
+                for (splits, fp8) in [(None, false), (Some(1), false), (None, true)] {
+                    let c = check_decode(&k, &mut rng, hd, group, batch, ctx, splits, fp8)
                         .unwrap_or_else(|e| {
                             let shape = json!({"head_dim": hd, "group": group, "batch": batch,
-                                "context": ctx, "splits": splits});
+                                "context": ctx, "splits": splits, "fp8": fp8});
                             failed("decode_attention", shape, &e)
                         });
                     eprintln!("  {c}");

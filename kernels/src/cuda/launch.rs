@@ -103,6 +103,64 @@ pub fn decode_attention(
     // SAFETY: argument types and order match the kernel's signature; every buffer is
     // sized by the caller for `d` (checked by the GPU check against the CPU reference).
     unsafe { b.launch(cfg) }?;
+    merge_splits(k, d, out, scratch)
+}
+
+/// One layer's FP8 (e4m3) K or V cache: the codes (`[num_blocks][16][n_kv_heads][hd]`
+/// bytes) and one f32 scale per KV head (value = e4m3(code) * scale).
+pub struct Fp8Cache<'a> {
+    pub codes: &'a CudaSlice<u8>,
+    pub scales: &'a CudaSlice<f32>,
+}
+
+/// `decode_attention_hd{D}_g{G}_fp8` (+ the merge when `num_splits > 1`): as
+/// [`decode_attention`] over an fp8 cache.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention_fp8(
+    k: &Kernels,
+    d: &DecodeDims,
+    q: &CudaSlice<u16>,
+    k_cache: &Fp8Cache<'_>,
+    v_cache: &Fp8Cache<'_>,
+    block_tables: &CudaSlice<i32>,
+    seq_lens: &CudaSlice<i32>,
+    out: &mut CudaSlice<u16>,
+    scratch: &mut SplitScratch,
+) -> Result<(), CudaError> {
+    let entry = format!("decode_attention_hd{}_g{}_fp8", d.head_dim, d.group);
+    let f = k.function("decode_attention.cu", &entry)?;
+    let (n_kv, max_blocks, splits) = (dim(d.n_kv_heads)?, dim(d.max_blocks)?, dim(d.num_splits)?);
+    let q_stride = dim(d.q_stride)?;
+    let cfg = config(d.num_seqs, d.n_kv_heads, d.num_splits, 128)?;
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(q)
+        .arg(k_cache.codes)
+        .arg(v_cache.codes)
+        .arg(k_cache.scales)
+        .arg(v_cache.scales)
+        .arg(block_tables)
+        .arg(seq_lens)
+        .arg(&mut *out)
+        .arg(&mut scratch.part_out)
+        .arg(&mut scratch.part_ml)
+        .arg(&n_kv)
+        .arg(&max_blocks)
+        .arg(&splits)
+        .arg(&d.scale)
+        .arg(&q_stride);
+    // SAFETY: as in `decode_attention`; the scales hold `n_kv_heads` values.
+    unsafe { b.launch(cfg) }?;
+    merge_splits(k, d, out, scratch)
+}
+
+/// `decode_attention_merge` when the launch was split.
+fn merge_splits(
+    k: &Kernels,
+    d: &DecodeDims,
+    out: &mut CudaSlice<u16>,
+    scratch: &mut SplitScratch,
+) -> Result<(), CudaError> {
+    let splits = dim(d.num_splits)?;
     if d.num_splits > 1 {
         let m = k.function("decode_attention.cu", "decode_attention_merge")?;
         let (n_heads, hd) = (dim(d.n_kv_heads * d.group)?, dim(d.head_dim)?);
@@ -119,7 +177,7 @@ pub fn decode_attention(
             .arg(&n_heads)
             .arg(&hd)
             .arg(&splits);
-        // SAFETY: as above.
+        // SAFETY: as in `decode_attention`.
         unsafe { b.launch(cfg) }?;
     }
     Ok(())
@@ -281,11 +339,7 @@ pub fn rope_write_kv(
         dim(d.rot_dim)?,
     );
     let stride = dim(d.qkv_stride)?;
-    let half = d.rot_dim / 2;
-    let items = (d.n_heads + d.n_kv_heads) * half
-        + d.n_kv_heads * (d.head_dim - d.rot_dim)
-        + d.n_kv_heads * d.head_dim / 8;
-    let cfg = config(d.tokens, items.div_ceil(128), 1, 128)?;
+    let cfg = rope_config(d)?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(&mut *qkv)
         .arg(&stride)
@@ -301,6 +355,61 @@ pub fn rope_write_kv(
         .arg(&rot)
         .arg(&d.style);
     // SAFETY: as in `decode_attention`.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// One thread per q/k rotation pair, unrotated k element and 8 v elements.
+fn rope_config(d: &RopeDims) -> Result<LaunchConfig, CudaError> {
+    let half = d.rot_dim / 2;
+    let items = (d.n_heads + d.n_kv_heads) * half
+        + d.n_kv_heads * (d.head_dim - d.rot_dim)
+        + d.n_kv_heads * d.head_dim / 8;
+    config(d.tokens, items.div_ceil(128), 1, 128)
+}
+
+/// `rope_write_kv_fp8`: [`rope_write_kv`] into an fp8 (e4m3) cache; K and V are divided
+/// by their KV head's scale and rounded once.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_write_kv_fp8(
+    k: &Kernels,
+    d: &RopeDims,
+    qkv: &mut CudaSlice<u16>,
+    positions: &CudaSlice<i32>,
+    slots: &CudaSlice<i32>,
+    cos: &CudaSlice<f32>,
+    sin: &CudaSlice<f32>,
+    k_cache: &mut CudaSlice<u8>,
+    v_cache: &mut CudaSlice<u8>,
+    k_scale: &CudaSlice<f32>,
+    v_scale: &CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    let f = k.function("rope_kv.cu", "rope_write_kv_fp8")?;
+    let (nh, nkv, hd, rot) = (
+        dim(d.n_heads)?,
+        dim(d.n_kv_heads)?,
+        dim(d.head_dim)?,
+        dim(d.rot_dim)?,
+    );
+    let stride = dim(d.qkv_stride)?;
+    let cfg = rope_config(d)?;
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&mut *qkv)
+        .arg(&stride)
+        .arg(positions)
+        .arg(slots)
+        .arg(cos)
+        .arg(sin)
+        .arg(&mut *k_cache)
+        .arg(&mut *v_cache)
+        .arg(k_scale)
+        .arg(v_scale)
+        .arg(&nh)
+        .arg(&nkv)
+        .arg(&hd)
+        .arg(&rot)
+        .arg(&d.style);
+    // SAFETY: as in `decode_attention`; the scales hold `n_kv_heads` values.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
