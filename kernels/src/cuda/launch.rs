@@ -81,29 +81,8 @@ pub fn decode_attention(
     out: &mut CudaSlice<u16>,
     scratch: &mut SplitScratch,
 ) -> Result<(), CudaError> {
-    let entry = format!("decode_attention_hd{}_g{}", d.head_dim, d.group);
-    let f = k.function("decode_attention.cu", &entry)?;
-    let (n_kv, max_blocks, splits) = (dim(d.n_kv_heads)?, dim(d.max_blocks)?, dim(d.num_splits)?);
-    let q_stride = dim(d.q_stride)?;
-    let cfg = config(d.num_seqs, d.n_kv_heads, d.num_splits, 128)?;
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(q)
-        .arg(k_cache)
-        .arg(v_cache)
-        .arg(block_tables)
-        .arg(seq_lens)
-        .arg(&mut *out)
-        .arg(&mut scratch.part_out)
-        .arg(&mut scratch.part_ml)
-        .arg(&n_kv)
-        .arg(&max_blocks)
-        .arg(&splits)
-        .arg(&d.scale)
-        .arg(&q_stride);
-    // SAFETY: argument types and order match the kernel's signature; every buffer is
-    // sized by the caller for `d` (checked by the GPU check against the CPU reference).
-    unsafe { b.launch(cfg) }?;
-    merge_splits(k, d, out, scratch)
+    let kv = DecodeKv::Bf16(k_cache, v_cache);
+    decode_launch(k, d, q, kv, block_tables, seq_lens, out, scratch)
 }
 
 /// One layer's FP8 (e4m3) K or V cache: the codes (`[num_blocks][16][n_kv_heads][hd]`
@@ -127,18 +106,47 @@ pub fn decode_attention_fp8(
     out: &mut CudaSlice<u16>,
     scratch: &mut SplitScratch,
 ) -> Result<(), CudaError> {
-    let entry = format!("decode_attention_hd{}_g{}_fp8", d.head_dim, d.group);
+    let kv = DecodeKv::Fp8(k_cache, v_cache);
+    decode_launch(k, d, q, kv, block_tables, seq_lens, out, scratch)
+}
+
+/// The K and V caches of a decode launch.
+enum DecodeKv<'a> {
+    Bf16(&'a CudaSlice<u16>, &'a CudaSlice<u16>),
+    Fp8(&'a Fp8Cache<'a>, &'a Fp8Cache<'a>),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decode_launch(
+    k: &Kernels,
+    d: &DecodeDims,
+    q: &CudaSlice<u16>,
+    kv: DecodeKv<'_>,
+    block_tables: &CudaSlice<i32>,
+    seq_lens: &CudaSlice<i32>,
+    out: &mut CudaSlice<u16>,
+    scratch: &mut SplitScratch,
+) -> Result<(), CudaError> {
+    let suffix = match kv {
+        DecodeKv::Bf16(..) => "",
+        DecodeKv::Fp8(..) => "_fp8",
+    };
+    let entry = format!("decode_attention_hd{}_g{}{suffix}", d.head_dim, d.group);
     let f = k.function("decode_attention.cu", &entry)?;
     let (n_kv, max_blocks, splits) = (dim(d.n_kv_heads)?, dim(d.max_blocks)?, dim(d.num_splits)?);
     let q_stride = dim(d.q_stride)?;
     let cfg = config(d.num_seqs, d.n_kv_heads, d.num_splits, 128)?;
     let mut b = k.stream.launch_builder(&f);
-    b.arg(q)
-        .arg(k_cache.codes)
-        .arg(v_cache.codes)
-        .arg(k_cache.scales)
-        .arg(v_cache.scales)
-        .arg(block_tables)
+    b.arg(q);
+    match kv {
+        DecodeKv::Bf16(kc, vc) => {
+            b.arg(kc).arg(vc);
+        }
+        DecodeKv::Fp8(kc, vc) => {
+            b.arg(kc.codes).arg(vc.codes).arg(kc.scales).arg(vc.scales);
+        }
+    }
+    b.arg(block_tables)
         .arg(seq_lens)
         .arg(&mut *out)
         .arg(&mut scratch.part_out)
@@ -148,7 +156,10 @@ pub fn decode_attention_fp8(
         .arg(&splits)
         .arg(&d.scale)
         .arg(&q_stride);
-    // SAFETY: as in `decode_attention`; the scales hold `n_kv_heads` values.
+    // SAFETY: argument types and order match the kernel's signature (the fp8 entry
+    // points take the two scale arrays, `n_kv_heads` values each, after the caches);
+    // every buffer is sized by the caller for `d` (checked by the GPU check against the
+    // CPU reference).
     unsafe { b.launch(cfg) }?;
     merge_splits(k, d, out, scratch)
 }
@@ -331,41 +342,8 @@ pub fn rope_write_kv(
     k_cache: &mut CudaSlice<u16>,
     v_cache: &mut CudaSlice<u16>,
 ) -> Result<(), CudaError> {
-    let f = k.function("rope_kv.cu", "rope_write_kv")?;
-    let (nh, nkv, hd, rot) = (
-        dim(d.n_heads)?,
-        dim(d.n_kv_heads)?,
-        dim(d.head_dim)?,
-        dim(d.rot_dim)?,
-    );
-    let stride = dim(d.qkv_stride)?;
-    let cfg = rope_config(d)?;
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&mut *qkv)
-        .arg(&stride)
-        .arg(positions)
-        .arg(slots)
-        .arg(cos)
-        .arg(sin)
-        .arg(&mut *k_cache)
-        .arg(&mut *v_cache)
-        .arg(&nh)
-        .arg(&nkv)
-        .arg(&hd)
-        .arg(&rot)
-        .arg(&d.style);
-    // SAFETY: as in `decode_attention`.
-    unsafe { b.launch(cfg) }?;
-    Ok(())
-}
-
-/// One thread per q/k rotation pair, unrotated k element and 8 v elements.
-fn rope_config(d: &RopeDims) -> Result<LaunchConfig, CudaError> {
-    let half = d.rot_dim / 2;
-    let items = (d.n_heads + d.n_kv_heads) * half
-        + d.n_kv_heads * (d.head_dim - d.rot_dim)
-        + d.n_kv_heads * d.head_dim / 8;
-    config(d.tokens, items.div_ceil(128), 1, 128)
+    let kv = RopeKv::Bf16(k_cache, v_cache);
+    rope_launch(k, d, qkv, positions, slots, cos, sin, kv)
 }
 
 /// `rope_write_kv_fp8`: [`rope_write_kv`] into an fp8 (e4m3) cache; K and V are divided
@@ -384,7 +362,38 @@ pub fn rope_write_kv_fp8(
     k_scale: &CudaSlice<f32>,
     v_scale: &CudaSlice<f32>,
 ) -> Result<(), CudaError> {
-    let f = k.function("rope_kv.cu", "rope_write_kv_fp8")?;
+    let kv = RopeKv::Fp8(k_cache, v_cache, k_scale, v_scale);
+    rope_launch(k, d, qkv, positions, slots, cos, sin, kv)
+}
+
+/// The caches a RoPE + KV write stores into.
+enum RopeKv<'a> {
+    Bf16(&'a mut CudaSlice<u16>, &'a mut CudaSlice<u16>),
+    Fp8(
+        &'a mut CudaSlice<u8>,
+        &'a mut CudaSlice<u8>,
+        &'a CudaSlice<f32>,
+        &'a CudaSlice<f32>,
+    ),
+}
+
+/// One thread per q/k rotation pair, unrotated k element and 8 v elements.
+#[allow(clippy::too_many_arguments)]
+fn rope_launch(
+    k: &Kernels,
+    d: &RopeDims,
+    qkv: &mut CudaSlice<u16>,
+    positions: &CudaSlice<i32>,
+    slots: &CudaSlice<i32>,
+    cos: &CudaSlice<f32>,
+    sin: &CudaSlice<f32>,
+    kv: RopeKv<'_>,
+) -> Result<(), CudaError> {
+    let entry = match kv {
+        RopeKv::Bf16(..) => "rope_write_kv",
+        RopeKv::Fp8(..) => "rope_write_kv_fp8",
+    };
+    let f = k.function("rope_kv.cu", entry)?;
     let (nh, nkv, hd, rot) = (
         dim(d.n_heads)?,
         dim(d.n_kv_heads)?,
@@ -392,24 +401,29 @@ pub fn rope_write_kv_fp8(
         dim(d.rot_dim)?,
     );
     let stride = dim(d.qkv_stride)?;
-    let cfg = rope_config(d)?;
+    let half = d.rot_dim / 2;
+    let items = (d.n_heads + d.n_kv_heads) * half
+        + d.n_kv_heads * (d.head_dim - d.rot_dim)
+        + d.n_kv_heads * d.head_dim / 8;
+    let cfg = config(d.tokens, items.div_ceil(128), 1, 128)?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(&mut *qkv)
         .arg(&stride)
         .arg(positions)
         .arg(slots)
         .arg(cos)
-        .arg(sin)
-        .arg(&mut *k_cache)
-        .arg(&mut *v_cache)
-        .arg(k_scale)
-        .arg(v_scale)
-        .arg(&nh)
-        .arg(&nkv)
-        .arg(&hd)
-        .arg(&rot)
-        .arg(&d.style);
-    // SAFETY: as in `decode_attention`; the scales hold `n_kv_heads` values.
+        .arg(sin);
+    match kv {
+        RopeKv::Bf16(kc, vc) => {
+            b.arg(kc).arg(vc);
+        }
+        RopeKv::Fp8(kc, vc, ks, vs) => {
+            b.arg(kc).arg(vc).arg(ks).arg(vs);
+        }
+    }
+    b.arg(&nh).arg(&nkv).arg(&hd).arg(&rot).arg(&d.style);
+    // SAFETY: as in `decode_attention`; the fp8 entry point takes the two scale arrays
+    // (`n_kv_heads` values each) after the caches.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
