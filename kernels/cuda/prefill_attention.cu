@@ -7,6 +7,7 @@
 //                [n_heads][HD]), sequence s owns rows cu_q[s]..cu_q[s+1]
 //   seq_lens     [num_seqs] int: context length after this step (cached + new tokens)
 //   block_tables [num_seqs][max_blocks] int; k/v cache [num_blocks][16][n_kv_heads][HD]
+//                bf16, or e4m3 bytes with k_scale / v_scale [n_kv_heads] (`_fp8`)
 //   out          [num_tokens][n_heads][HD] bf16
 // The new tokens' K/V are already in the cache (rope_write_kv runs first). New token i of
 // sequence s sits at position seq_lens[s] - n_new + i and sees positions 0..=that.
@@ -32,13 +33,29 @@ __device__ __forceinline__ void mma_bf16(float c[4], const unsigned a[4], unsign
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-template <int HD>
+// Eight cache elements as eight bf16 in one 16-byte word: a bf16 cache as it is; e4m3
+// codes converted exactly (every e4m3 value is a bf16 value).
+__device__ __forceinline__ uint4 kv8_as_bf16(const bf16* p) {
+  return *reinterpret_cast<const uint4*>(p);
+}
+__device__ __forceinline__ uint4 kv8_as_bf16(const fp8* p) {
+  float f[8];
+  widen8_e4m3(*reinterpret_cast<const uint2*>(p), f);
+  return make_uint4(pack_bf16(f[0], f[1]), pack_bf16(f[2], f[3]), pack_bf16(f[4], f[5]),
+                    pack_bf16(f[6], f[7]));
+}
+
+// KV: bf16, or fp8 (e4m3 with per-KV-head k_scale / v_scale): the K scale joins the
+// softmax scale and the V scale the output's normalisation.
+template <int HD, typename KV>
 __device__ __forceinline__ void prefill_attention_impl(
-    const sov::bf16* __restrict__ q, const sov::bf16* __restrict__ k_cache,
-    const sov::bf16* __restrict__ v_cache, const int* __restrict__ cu_q,
+    const sov::bf16* __restrict__ q, const KV* __restrict__ k_cache,
+    const KV* __restrict__ v_cache, const float* __restrict__ k_scale,
+    const float* __restrict__ v_scale, const int* __restrict__ cu_q,
     const int* __restrict__ seq_lens, const int* __restrict__ block_tables,
     sov::bf16* __restrict__ out, int n_heads, int n_kv_heads, int max_blocks,
     float scale, int q_stride) {
+  constexpr bool FP8 = sizeof(KV) == 1;
   static_assert(HD % 16 == 0 && HD <= 128, "head_dim must be a multiple of 16, <= 128");
   constexpr int KS = HD / 16;  // k-steps of S = Q K^T
   constexpr int NT = HD / 8;   // n-tiles of O
@@ -54,6 +71,7 @@ __device__ __forceinline__ void prefill_attention_impl(
   const int len = seq_lens[seq];
   const int first_pos = len - n_new;  // position of new token 0
   const int kvh = head / (n_heads / n_kv_heads);
+  if (FP8) scale *= k_scale[kvh];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, t = lane & 3;
   const int rows[2] = {tile_row0 + warp * 16 + g, tile_row0 + warp * 16 + g + 8};
@@ -97,8 +115,8 @@ __device__ __forceinline__ void prefill_attention_impl(
       if (pos < kv_end) {
         const long long slot = (long long)bt[pos / KV_BLOCK] * KV_BLOCK + pos % KV_BLOCK;
         const long long off = slot * row_stride + kvh * HD + d0;
-        kraw = *reinterpret_cast<const uint4*>(k_cache + off);
-        vraw = *reinterpret_cast<const uint4*>(v_cache + off);
+        kraw = kv8_as_bf16(k_cache + off);
+        vraw = kv8_as_bf16(v_cache + off);
       }
       *reinterpret_cast<uint4*>(&s_k[key][d0]) = kraw;
       const sov::bf16* vh = reinterpret_cast<const sov::bf16*>(&vraw);
@@ -179,10 +197,11 @@ __device__ __forceinline__ void prefill_attention_impl(
     l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
     l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
   }
+  const float vs = FP8 ? v_scale[kvh] : 1.f;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (rows[r] >= n_new) continue;
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    const float inv = l[r] > 0.f ? vs / l[r] : 0.f;
     sov::bf16* dst = out + ((long long)(q0 + rows[r]) * n_heads + head) * HD;
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
@@ -201,9 +220,20 @@ __device__ __forceinline__ void prefill_attention_impl(
                                const int* seq_lens, const int* block_tables,              \
                                sov::bf16* out, int n_heads, int n_kv_heads,           \
                                int max_blocks, float scale, int q_stride) {               \
-    sov::prefill_attention_impl<HD>(q, k_cache, v_cache, cu_q, seq_lens, block_tables,   \
-                                    out, n_heads, n_kv_heads, max_blocks, scale,          \
-                                    q_stride);                                            \
+    sov::prefill_attention_impl<HD, sov::bf16>(q, k_cache, v_cache, nullptr, nullptr,     \
+                                               cu_q, seq_lens, block_tables, out,         \
+                                               n_heads, n_kv_heads, max_blocks, scale,    \
+                                               q_stride);                                 \
+  }                                                                                       \
+  extern "C" __global__ void __launch_bounds__(sov::PF_THREADS, 1)                       \
+      prefill_attention_hd##HD##_fp8(                                                     \
+          const sov::bf16* q, const sov::fp8* k_cache, const sov::fp8* v_cache,           \
+          const float* k_scale, const float* v_scale, const int* cu_q,                    \
+          const int* seq_lens, const int* block_tables, sov::bf16* out, int n_heads,      \
+          int n_kv_heads, int max_blocks, float scale, int q_stride) {                    \
+    sov::prefill_attention_impl<HD, sov::fp8>(q, k_cache, v_cache, k_scale, v_scale,      \
+                                              cu_q, seq_lens, block_tables, out, n_heads, \
+                                              n_kv_heads, max_blocks, scale, q_stride);   \
   }
 
 SOV_PREFILL_ATTENTION(64)

@@ -247,6 +247,7 @@ fn check_prefill(
     hd: usize,
     group: usize,
     cases: &[(usize, usize)],
+    fp8: bool,
 ) -> Result<Value, CudaError> {
     let n_kv = 2;
     let n_heads = n_kv * group;
@@ -273,7 +274,29 @@ fn check_prefill(
     let (qd, kd, vd) = (up(k, &q)?, up(k, &p.kc)?, up(k, &p.vc)?);
     let (cud, ld, td) = (up(k, &i32s(&cu))?, up(k, &i32s(&lens))?, up(k, &tables)?);
     let mut out = zeros::<u16>(k, q.len())?;
-    launch::prefill_attention(k, &d, &qd, &kd, &vd, &cud, &ld, &td, &mut out)?;
+    let scales = fp8_scales(n_kv);
+    let (k8, v8) = if fp8 {
+        (
+            quantize(&p.kc, n_kv, hd, &scales),
+            quantize(&p.vc, n_kv, hd, &scales),
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    if fp8 {
+        let (k8d, v8d, sd) = (up(k, &k8)?, up(k, &v8)?, up(k, &scales)?);
+        let kc = launch::Fp8Cache {
+            codes: &k8d,
+            scales: &sd,
+        };
+        let vc = launch::Fp8Cache {
+            codes: &v8d,
+            scales: &sd,
+        };
+        launch::prefill_attention_fp8(k, &d, &qd, &kc, &vc, &cud, &ld, &td, &mut out)?;
+    } else {
+        launch::prefill_attention(k, &d, &qd, &kd, &vd, &cud, &ld, &td, &mut out)?;
+    }
     let got = down(k, &out)?;
     let shape = DecodeShape {
         layout: p.layout,
@@ -282,12 +305,29 @@ fn check_prefill(
         scale: d.scale,
         num_splits: 1,
     };
-    let want = gpu_ref::prefill_attention(&shape, &q, &p.kc, &p.vc, &p.tables, &cu, &lens);
+    let (kr, vr) = if fp8 {
+        (
+            KvCache::Fp8 {
+                codes: &k8,
+                scales: &scales,
+            },
+            KvCache::Fp8 {
+                codes: &v8,
+                scales: &scales,
+            },
+        )
+    } else {
+        (KvCache::Bf16(&p.kc), KvCache::Bf16(&p.vc))
+    };
+    let want = gpu_ref::prefill_attention_kv(&shape, &q, kr, vr, &p.tables, &cu, &lens);
     let (err, first) = compare(&got, &want);
-    Ok(
-        json!({"kernel": "prefill_attention", "head_dim": hd, "group": group,
-              "cases_new_cached": cases, "max_abs_err": err, "ok": first.is_none(), "mismatch": first}),
-    )
+    let kernel = if fp8 {
+        "prefill_attention_fp8"
+    } else {
+        "prefill_attention"
+    };
+    Ok(json!({"kernel": kernel, "head_dim": hd, "group": group,
+              "cases_new_cached": cases, "max_abs_err": err, "ok": first.is_none(), "mismatch": first}))
 }
 
 /// A check that could not run (a launch or copy failed): recorded as failed, and the
@@ -915,12 +955,15 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
         } else {
             &[(1, 0), (77, 0), (130, 500), (1024, 0), (300, 2000)]
         };
-        let c = check_prefill(&k, &mut rng, hd, group, cases).unwrap_or_else(|e| {
-            let shape = json!({"head_dim": hd, "group": group, "cases_new_cached": cases});
-            failed("prefill_attention", shape, &e)
-        });
-        eprintln!("  {c}");
-        checks.push(c);
+        for fp8 in [false, true] {
+            let c = check_prefill(&k, &mut rng, hd, group, cases, fp8).unwrap_or_else(|e| {
+                let shape = json!({"head_dim": hd, "group": group, "cases_new_cached": cases,
+                    "fp8": fp8});
+                failed("prefill_attention", shape, &e)
+            });
+            eprintln!("  {c}");
+            checks.push(c);
+        }
     }
     type Check = fn(&Kernels, &mut Rng) -> Result<Vec<Value>, CudaError>;
     let small: [(&str, Check); 6] = [

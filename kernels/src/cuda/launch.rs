@@ -2,7 +2,7 @@
 //! in one place, so the CUDA backend and the GPU check launch them the same way.
 //! bf16 tensors are `CudaSlice<u16>` (bit patterns, as in `gpu_ref`).
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::{CudaError, Kernels};
 
@@ -110,10 +110,32 @@ pub fn decode_attention_fp8(
     decode_launch(k, d, q, kv, block_tables, seq_lens, out, scratch)
 }
 
-/// The K and V caches of a decode launch.
+/// The K and V caches an attention launch reads.
 enum DecodeKv<'a> {
     Bf16(&'a CudaSlice<u16>, &'a CudaSlice<u16>),
     Fp8(&'a Fp8Cache<'a>, &'a Fp8Cache<'a>),
+}
+
+impl<'a> DecodeKv<'a> {
+    /// The entry point's name suffix.
+    fn suffix(&self) -> &'static str {
+        match self {
+            DecodeKv::Bf16(..) => "",
+            DecodeKv::Fp8(..) => "_fp8",
+        }
+    }
+
+    /// The cache arguments, in the kernels' order: K and V, then (fp8) their scales.
+    fn push(&self, b: &mut LaunchArgs<'a>) {
+        match *self {
+            DecodeKv::Bf16(kc, vc) => {
+                b.arg(kc).arg(vc);
+            }
+            DecodeKv::Fp8(kc, vc) => {
+                b.arg(kc.codes).arg(vc.codes).arg(kc.scales).arg(vc.scales);
+            }
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -127,25 +149,19 @@ fn decode_launch(
     out: &mut CudaSlice<u16>,
     scratch: &mut SplitScratch,
 ) -> Result<(), CudaError> {
-    let suffix = match kv {
-        DecodeKv::Bf16(..) => "",
-        DecodeKv::Fp8(..) => "_fp8",
-    };
-    let entry = format!("decode_attention_hd{}_g{}{suffix}", d.head_dim, d.group);
+    let entry = format!(
+        "decode_attention_hd{}_g{}{}",
+        d.head_dim,
+        d.group,
+        kv.suffix()
+    );
     let f = k.function("decode_attention.cu", &entry)?;
     let (n_kv, max_blocks, splits) = (dim(d.n_kv_heads)?, dim(d.max_blocks)?, dim(d.num_splits)?);
     let q_stride = dim(d.q_stride)?;
     let cfg = config(d.num_seqs, d.n_kv_heads, d.num_splits, 128)?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(q);
-    match kv {
-        DecodeKv::Bf16(kc, vc) => {
-            b.arg(kc).arg(vc);
-        }
-        DecodeKv::Fp8(kc, vc) => {
-            b.arg(kc.codes).arg(vc.codes).arg(kc.scales).arg(vc.scales);
-        }
-    }
+    kv.push(&mut b);
     b.arg(block_tables)
         .arg(seq_lens)
         .arg(&mut *out)
@@ -223,18 +239,47 @@ pub fn prefill_attention(
     block_tables: &CudaSlice<i32>,
     out: &mut CudaSlice<u16>,
 ) -> Result<(), CudaError> {
-    let f = k.function(
-        "prefill_attention.cu",
-        &format!("prefill_attention_hd{}", d.head_dim),
-    )?;
+    let kv = DecodeKv::Bf16(k_cache, v_cache);
+    prefill_launch(k, d, q, kv, cu_q, seq_lens, block_tables, out)
+}
+
+/// `prefill_attention_hd{D}_fp8`: [`prefill_attention`] over an fp8 cache.
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_attention_fp8(
+    k: &Kernels,
+    d: &PrefillDims,
+    q: &CudaSlice<u16>,
+    k_cache: &Fp8Cache<'_>,
+    v_cache: &Fp8Cache<'_>,
+    cu_q: &CudaSlice<i32>,
+    seq_lens: &CudaSlice<i32>,
+    block_tables: &CudaSlice<i32>,
+    out: &mut CudaSlice<u16>,
+) -> Result<(), CudaError> {
+    let kv = DecodeKv::Fp8(k_cache, v_cache);
+    prefill_launch(k, d, q, kv, cu_q, seq_lens, block_tables, out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prefill_launch(
+    k: &Kernels,
+    d: &PrefillDims,
+    q: &CudaSlice<u16>,
+    kv: DecodeKv<'_>,
+    cu_q: &CudaSlice<i32>,
+    seq_lens: &CudaSlice<i32>,
+    block_tables: &CudaSlice<i32>,
+    out: &mut CudaSlice<u16>,
+) -> Result<(), CudaError> {
+    let entry = format!("prefill_attention_hd{}{}", d.head_dim, kv.suffix());
+    let f = k.function("prefill_attention.cu", &entry)?;
     let (nh, nkv, mb) = (dim(d.n_heads)?, dim(d.n_kv_heads)?, dim(d.max_blocks)?);
     let q_stride = dim(d.q_stride)?;
     let cfg = config(d.max_new.div_ceil(64), d.n_heads, d.num_seqs, 128)?;
     let mut b = k.stream.launch_builder(&f);
-    b.arg(q)
-        .arg(k_cache)
-        .arg(v_cache)
-        .arg(cu_q)
+    b.arg(q);
+    kv.push(&mut b);
+    b.arg(cu_q)
         .arg(seq_lens)
         .arg(block_tables)
         .arg(&mut *out)
