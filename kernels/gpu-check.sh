@@ -78,6 +78,15 @@ for shape in eurollm-1.7b smollm2-135m; do
     SOV_GEMV_KERNEL=warp RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
       --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
       > "$TMP/$shape.warp.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$TMP/$shape.warp.json"
+    # The FP8 KV cache: the backend check with both backends rounding K/V to e4m3
+    # (informational: the two round different inputs, bf16 vs f32 projections, so a value
+    # may land one e4m3 step apart) and decode speed.
+    RUST_BACKTRACE=0 timeout 180 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
+      --kv-cache-dtype fp8 > "$TMP/$shape.check-fp8.json" 2>> "$LOG" || echo "gpu-check: fp8 check-backend differs on $shape" | tee -a "$LOG" >&2
+    [ -s "$TMP/$shape.check-fp8.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$TMP/$shape.check-fp8.json"
+    RUST_BACKTRACE=0 timeout 90 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 --kv-cache-mb 8192 \
+      --kv-cache-dtype fp8 --batches 1,32 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
+      > "$TMP/$shape.fp8.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$TMP/$shape.fp8.json"
     [ $rc -eq 0 ] || echo "{\"error\": \"exit $rc: $( (grep -m1 panicked "$TMP/$shape.err"; sed -n '/^Error:/,$p' "$TMP/$shape.err") | tr -s ' \n' ' ' | tr -d '"\\' | cut -c1-600)\"}" > "$TMP/$shape.bench.json"
   else
     echo '{"error": "make_random_model.py failed (see the log)"}' > "$TMP/$shape.bench.json"
@@ -101,7 +110,10 @@ for shape in ["smollm2-135m", "eurollm-1.7b"]:
     wb = load(f"{shape}.warp.json")
     ck = load(f"{shape}.check.json")
     ck.pop("per_row", None)
-    e = {"model": m, "bench": b, "bench_gemv_warp": wb, "backend_check": ck}
+    ck8 = load(f"{shape}.check-fp8.json")
+    ck8.pop("per_row", None)
+    e = {"model": m, "bench": b, "bench_gemv_warp": wb, "backend_check": ck,
+         "bench_kv_fp8": load(f"{shape}.fp8.json"), "backend_check_kv_fp8": ck8}
     try:
         b1 = b["decode"]["1"]["aggregate_tok_s"]
         limit = copy * 1e9 / m["weight_bytes"]

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use worker::api::{self, Service, WorkerInfo};
-use worker::backend::cuda::{CudaBackend, kv_block_bytes_bf16};
-use worker::backend::{Backend, cpu::CpuBackend, kv_block_bytes};
+use worker::backend::cuda::{CudaBackend, kv_block_bytes_bf16, kv_block_bytes_fp8};
+use worker::backend::{Backend, KvDtype, cpu::CpuBackend, kv_block_bytes};
 use worker::chat::ChatTemplate;
 use worker::engine::{self, EngineConfig};
 use worker::{fetch, model};
@@ -57,6 +57,9 @@ struct CheckArgs {
     /// CPU threads of the reference (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// KV cache storage of both backends (`auto` or `fp8`; see `serve --help`).
+    #[arg(long, default_value = "auto", value_parser = parse_kv_dtype)]
+    kv_cache_dtype: KvDtype,
 }
 
 #[derive(Args)]
@@ -115,6 +118,11 @@ struct ModelArgs {
     /// Memory for the KV cache, in MiB.
     #[arg(long, default_value_t = 512)]
     kv_cache_mb: usize,
+    /// KV cache storage: `auto` (f32 on the CPU, bf16 on CUDA) or `fp8` (e4m3, scale 1.0
+    /// per KV head: on CUDA half of bf16's memory, so twice the blocks; the CPU rounds its
+    /// K/V values the same way, for the same results, without saving memory).
+    #[arg(long, default_value = "auto", value_parser = parse_kv_dtype)]
+    kv_cache_dtype: KvDtype,
     /// Longest sequence (prompt + completion); default: the model's context, bounded by
     /// the KV cache.
     #[arg(long)]
@@ -201,6 +209,14 @@ enum Device {
     Cuda(usize),
 }
 
+fn parse_kv_dtype(s: &str) -> Result<KvDtype, String> {
+    match s {
+        "auto" => Ok(KvDtype::Auto),
+        "fp8" | "fp8_e4m3" => Ok(KvDtype::Fp8),
+        _ => Err(format!("unknown KV cache dtype {s:?} (auto, fp8)")),
+    }
+}
+
 fn parse_device(s: &str) -> Result<Device, String> {
     match s {
         "cpu" => Ok(Device::Cpu),
@@ -232,18 +248,15 @@ fn make_backend(
     device: Device,
     cfg: &model::ModelConfig,
     weights: Arc<model::Weights>,
-    num_blocks: usize,
-    block_size: usize,
+    (num_blocks, block_size): (usize, usize),
+    kv: KvDtype,
     threads: usize,
 ) -> Result<Box<dyn Backend>> {
     Ok(match device {
-        Device::Cpu => Box::new(CpuBackend::new(
-            cfg.clone(),
-            weights,
-            num_blocks,
-            block_size,
-            threads,
-        )?),
+        Device::Cpu => Box::new(
+            CpuBackend::new(cfg.clone(), weights, num_blocks, block_size, threads)?
+                .with_kv_dtype(kv),
+        ),
         Device::Cuda(n) => Box::new(
             CudaBackend::new(
                 cfg.clone(),
@@ -251,6 +264,7 @@ fn make_backend(
                 n,
                 num_blocks,
                 block_size,
+                kv,
                 &kernel_cache_dir(),
             )
             .with_context(|| format!("--device cuda:{n}"))?,
@@ -283,13 +297,14 @@ fn check_backend(a: CheckArgs) -> Result<()> {
         num_blocks,
         block_size,
         threads,
-    )?;
+    )?
+    .with_kv_dtype(a.kv_cache_dtype);
     let mut candidate = make_backend(
         a.device,
         &cfg,
         Arc::clone(&weights),
-        num_blocks,
-        block_size,
+        (num_blocks, block_size),
+        a.kv_cache_dtype,
         threads,
     )?;
     let mut report = worker::backend::compare::compare(&mut reference, candidate.as_mut(), vocab)?;
@@ -317,9 +332,10 @@ fn start_engine(
     let loaded = model::load(&path).with_context(|| format!("loading model {}", path.display()))?;
     let mut cfg = loaded.config.clone();
     let block_size = 16;
-    let block_bytes = match a.device {
-        Device::Cpu => kv_block_bytes(&cfg, block_size),
-        Device::Cuda(_) => kv_block_bytes_bf16(&cfg, block_size),
+    let block_bytes = match (a.device, a.kv_cache_dtype) {
+        (Device::Cpu, _) => kv_block_bytes(&cfg, block_size),
+        (Device::Cuda(_), KvDtype::Auto) => kv_block_bytes_bf16(&cfg, block_size),
+        (Device::Cuda(_), KvDtype::Fp8) => kv_block_bytes_fp8(&cfg, block_size),
     };
     let num_blocks = (a.kv_cache_mb << 20) / block_bytes;
     if num_blocks < 2 {
@@ -351,8 +367,8 @@ fn start_engine(
         a.device,
         &cfg,
         Arc::new(loaded.weights),
-        num_blocks,
-        block_size,
+        (num_blocks, block_size),
+        a.kv_cache_dtype,
         threads,
     )?;
     let backend_name = backend.name();

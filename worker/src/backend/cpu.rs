@@ -13,7 +13,7 @@ use kernels::cpu::{
 };
 use rayon::prelude::*;
 
-use super::{Backend, BackendError, SeqChunk, check_chunks};
+use super::{Backend, BackendError, KvDtype, SeqChunk, check_chunks, fp8_round};
 use crate::model::{ModelConfig, Weights};
 
 pub struct CpuBackend {
@@ -26,6 +26,8 @@ pub struct CpuBackend {
     v_cache: Vec<Vec<f32>>,
     pool: Arc<rayon::ThreadPool>,
     scratch: Scratch,
+    /// K/V values are rounded to e4m3 as they are written ([`KvDtype::Fp8`]).
+    kv_fp8: bool,
 }
 
 /// Activation buffers reused across steps.
@@ -79,7 +81,15 @@ impl CpuBackend {
             rope,
             pool,
             scratch: Scratch::default(),
+            kv_fp8: false,
         })
+    }
+
+    /// The KV cache's storage: [`KvDtype::Fp8`] rounds every K/V value to e4m3 (scale
+    /// [`super::KV_FP8_SCALE`]) as it is written, as the CUDA backend's FP8 cache does.
+    pub fn with_kv_dtype(mut self, kv: KvDtype) -> Self {
+        self.kv_fp8 = kv == KvDtype::Fp8;
+        self
     }
 
     fn check(&self, chunks: &[SeqChunk<'_>]) -> Result<Vec<TokenSlot>, BackendError> {
@@ -160,6 +170,15 @@ impl CpuBackend {
                 let (k, v) = rest.split_at_mut(kv_dim);
                 let phys = self.layout.slot(chunks[slot.chunk].block_table, slot.pos);
                 rope_and_write_kv(&self.rope, &self.layout, slot.pos, phys, q, k, v, kc, vc);
+                if self.kv_fp8 {
+                    let at = self.layout.offset(phys, 0);
+                    for x in kc[at..at + kv_dim]
+                        .iter_mut()
+                        .chain(&mut vc[at..at + kv_dim])
+                    {
+                        *x = fp8_round(*x);
+                    }
+                }
             }
             let (kc, vc) = (&self.k_cache[li], &self.v_cache[li]);
             let qkv = &s.qkv;

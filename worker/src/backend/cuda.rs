@@ -22,12 +22,51 @@ use kernels::cuda::{CudaError, Kernels};
 use kernels::gpu_ref::to_bf16;
 use rayon::prelude::*;
 
-use super::{Backend, BackendError, SeqChunk, StepOutput, check_chunks, pick_greedy_rows};
+use super::{Backend, BackendError, KvDtype, SeqChunk, StepOutput, check_chunks, pick_greedy_rows};
 use crate::model::{Matrix, ModelConfig, Weights};
 
 /// Bytes one KV block takes across all layers with a bf16 cache.
 pub fn kv_block_bytes_bf16(cfg: &ModelConfig, block_size: usize) -> usize {
     2 * cfg.n_layers * block_size * cfg.n_kv_heads * cfg.head_dim * 2
+}
+
+/// Bytes one KV block takes across all layers in an FP8 cache.
+pub fn kv_block_bytes_fp8(cfg: &ModelConfig, block_size: usize) -> usize {
+    2 * cfg.n_layers * block_size * cfg.n_kv_heads * cfg.head_dim
+}
+
+/// Every layer's K and V caches.
+enum KvCaches {
+    Bf16 {
+        k: Vec<CudaSlice<u16>>,
+        v: Vec<CudaSlice<u16>>,
+    },
+    /// e4m3 codes; `scales` holds the one scale of every KV head (all layers, K and V:
+    /// [`super::KV_FP8_SCALE`]).
+    Fp8 {
+        k: Vec<CudaSlice<u8>>,
+        v: Vec<CudaSlice<u8>>,
+        scales: CudaSlice<f32>,
+    },
+}
+
+impl KvCaches {
+    fn layer(&mut self, li: usize) -> LayerKv<'_> {
+        match self {
+            KvCaches::Bf16 { k, v } => LayerKv::Bf16(&mut k[li], &mut v[li]),
+            KvCaches::Fp8 { k, v, scales } => LayerKv::Fp8(&mut k[li], &mut v[li], scales),
+        }
+    }
+}
+
+/// One layer's caches, as `attend` writes and reads them.
+enum LayerKv<'a> {
+    Bf16(&'a mut CudaSlice<u16>, &'a mut CudaSlice<u16>),
+    Fp8(
+        &'a mut CudaSlice<u8>,
+        &'a mut CudaSlice<u8>,
+        &'a CudaSlice<f32>,
+    ),
 }
 
 fn dev(e: impl std::fmt::Display) -> BackendError {
@@ -129,8 +168,7 @@ pub struct CudaBackend {
     layers: Vec<DevLayer>,
     final_norm: CudaSlice<u16>,
     output: DevMatrix,
-    k_cache: Vec<CudaSlice<u16>>,
-    v_cache: Vec<CudaSlice<u16>>,
+    kv: KvCaches,
     num_blocks: usize,
     block_size: usize,
     cos: CudaSlice<f32>,
@@ -167,14 +205,17 @@ fn bf16_rows(m: &Matrix) -> Vec<u16> {
 }
 
 impl CudaBackend {
-    /// Loads the model onto GPU `ordinal` with `num_blocks` KV blocks. Kernels are
-    /// compiled (or taken from `kernel_cache`) for the device's architecture.
+    /// Loads the model onto GPU `ordinal` with `num_blocks` KV blocks stored as `kv_dtype`
+    /// says (bf16, or e4m3 codes). Kernels are compiled (or taken from `kernel_cache`) for
+    /// the device's architecture.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: ModelConfig,
         weights: &Weights,
         ordinal: usize,
         num_blocks: usize,
         block_size: usize,
+        kv_dtype: KvDtype,
         kernel_cache: &Path,
     ) -> Result<Self, BackendError> {
         if block_size != 16 {
@@ -259,12 +300,28 @@ impl CudaBackend {
         let output = upm(&weights.output)?;
         let final_norm = upv(&weights.final_norm)?;
         let elems = num_blocks * block_size * cfg.n_kv_heads * cfg.head_dim;
-        let mut k_cache = Vec::with_capacity(cfg.n_layers);
-        let mut v_cache = Vec::with_capacity(cfg.n_layers);
-        for _ in 0..cfg.n_layers {
-            k_cache.push(s.alloc_zeros::<u16>(elems).map_err(dev)?);
-            v_cache.push(s.alloc_zeros::<u16>(elems).map_err(dev)?);
-        }
+        let layers_of = |n: usize| 0..n;
+        let kv = match kv_dtype {
+            KvDtype::Auto => KvCaches::Bf16 {
+                k: layers_of(cfg.n_layers)
+                    .map(|_| s.alloc_zeros::<u16>(elems).map_err(dev))
+                    .collect::<Result<_, _>>()?,
+                v: layers_of(cfg.n_layers)
+                    .map(|_| s.alloc_zeros::<u16>(elems).map_err(dev))
+                    .collect::<Result<_, _>>()?,
+            },
+            KvDtype::Fp8 => KvCaches::Fp8 {
+                k: layers_of(cfg.n_layers)
+                    .map(|_| s.alloc_zeros::<u8>(elems).map_err(dev))
+                    .collect::<Result<_, _>>()?,
+                v: layers_of(cfg.n_layers)
+                    .map(|_| s.alloc_zeros::<u8>(elems).map_err(dev))
+                    .collect::<Result<_, _>>()?,
+                scales: s
+                    .clone_htod(&vec![super::KV_FP8_SCALE; cfg.n_kv_heads])
+                    .map_err(dev)?,
+            },
+        };
         // cos/sin for every position: [max_pos][rope_dim / 2], as the CPU RopeTable.
         let inv = cfg.rope_inv_freq();
         let max_pos = cfg.max_context;
@@ -306,8 +363,7 @@ impl CudaBackend {
             layers,
             final_norm,
             output,
-            k_cache,
-            v_cache,
+            kv,
             num_blocks,
             block_size,
             max_pos,
@@ -651,8 +707,7 @@ impl CudaBackend {
             )
             .map_err(dev)?;
             Self::gemm(&self.blas, &s, &l.wqkv, &b.xn, t, &mut b.qkv, bf16)?;
-            let (kc, vc) = (&mut self.k_cache[li], &mut self.v_cache[li]);
-            attend(k, sh, b, m, (&self.cos, &self.sin), kc, vc)?;
+            attend(k, sh, b, m, (&self.cos, &self.sin), self.kv.layer(li))?;
             Self::gemm(&self.blas, &s, &l.wo, &b.attn, t, &mut b.proj, bf16)?;
             launch::add_rms_norm(
                 k,
@@ -717,8 +772,7 @@ impl CudaBackend {
                 cols,
             )
             .map_err(dev)?;
-            let (kc, vc) = (&mut self.k_cache[li], &mut self.v_cache[li]);
-            attend(k, sh, b, m, (&self.cos, &self.sin), kc, vc)?;
+            attend(k, sh, b, m, (&self.cos, &self.sin), self.kv.layer(li))?;
             let (rows, cols) = (l.wo.rows, l.wo.cols);
             let out = GemvOutput::AddTo(&mut b.residual);
             launch::gemv(
@@ -757,45 +811,80 @@ fn attend(
     b: &mut StepBuffers,
     m: &mut StepMeta,
     (cos, sin): (&CudaSlice<f32>, &CudaSlice<f32>),
-    k_cache: &mut CudaSlice<u16>,
-    v_cache: &mut CudaSlice<u16>,
+    kv: LayerKv<'_>,
 ) -> Result<(), BackendError> {
-    launch::rope_write_kv(
-        k,
-        &sh.rope,
-        &mut b.qkv,
-        &m.positions,
-        &m.slots,
-        cos,
-        sin,
-        k_cache,
-        v_cache,
-    )
-    .map_err(dev)?;
-    if sh.all_decode {
-        launch::decode_attention(
-            k,
-            &sh.decode,
-            &b.qkv,
-            k_cache,
-            v_cache,
-            &m.tables,
-            &m.lens,
-            &mut b.attn,
-            &mut m.split,
-        )
-    } else {
-        launch::prefill_attention(
-            k,
-            &sh.prefill,
-            &b.qkv,
-            k_cache,
-            v_cache,
-            &m.cu_q,
-            &m.lens,
-            &m.tables,
-            &mut b.attn,
-        )
+    let (pos, slots) = (&m.positions, &m.slots);
+    match kv {
+        LayerKv::Bf16(k_cache, v_cache) => {
+            launch::rope_write_kv(
+                k, &sh.rope, &mut b.qkv, pos, slots, cos, sin, k_cache, v_cache,
+            )
+            .map_err(dev)?;
+            if sh.all_decode {
+                launch::decode_attention(
+                    k,
+                    &sh.decode,
+                    &b.qkv,
+                    k_cache,
+                    v_cache,
+                    &m.tables,
+                    &m.lens,
+                    &mut b.attn,
+                    &mut m.split,
+                )
+            } else {
+                launch::prefill_attention(
+                    k,
+                    &sh.prefill,
+                    &b.qkv,
+                    k_cache,
+                    v_cache,
+                    &m.cu_q,
+                    &m.lens,
+                    &m.tables,
+                    &mut b.attn,
+                )
+            }
+        }
+        LayerKv::Fp8(k_codes, v_codes, scales) => {
+            launch::rope_write_kv_fp8(
+                k, &sh.rope, &mut b.qkv, pos, slots, cos, sin, k_codes, v_codes, scales, scales,
+            )
+            .map_err(dev)?;
+            let kc = launch::Fp8Cache {
+                codes: k_codes,
+                scales,
+            };
+            let vc = launch::Fp8Cache {
+                codes: v_codes,
+                scales,
+            };
+            if sh.all_decode {
+                launch::decode_attention_fp8(
+                    k,
+                    &sh.decode,
+                    &b.qkv,
+                    &kc,
+                    &vc,
+                    &m.tables,
+                    &m.lens,
+                    &mut b.attn,
+                    &mut m.split,
+                )
+            } else {
+                launch::prefill_attention_fp8(
+                    k,
+                    &sh.prefill,
+                    &b.qkv,
+                    &kc,
+                    &vc,
+                    &m.cu_q,
+                    &m.lens,
+                    &m.tables,
+                    &mut b.attn,
+                )
+            }
+        }
     }
     .map_err(dev)
 }

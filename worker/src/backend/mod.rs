@@ -132,6 +132,31 @@ pub fn pick_greedy_rows(mut logits: Vec<f32>, greedy: &[bool], vocab: usize) -> 
     StepOutput { picked, logits }
 }
 
+/// How the KV cache stores K and V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// The device's native precision: f32 on the CPU, bf16 on CUDA.
+    #[default]
+    Auto,
+    /// OCP FP8 E4M3 with one scale per (layer, KV head) for K and for V (docs/kernels.md).
+    /// On CUDA the cache holds the e4m3 codes (half of bf16's memory). The CPU backend
+    /// stores every K/V value rounded to e4m3 in its f32 cache: the same values the GPU
+    /// attends over, without the memory saving.
+    Fp8,
+}
+
+/// The scale of every (layer, KV head) of an FP8 cache: values are stored as
+/// e4m3(value / scale). 1.0 keeps e4m3's 1/16 relative precision for magnitudes from
+/// 2^-6 to 448, which covers the K/V activations of the Llama-family models we serve;
+/// per-head calibrated scales are not implemented yet.
+pub const KV_FP8_SCALE: f32 = 1.0;
+
+/// `x` as the FP8 cache stores it (see [`KvDtype::Fp8`]).
+#[inline]
+pub fn fp8_round(x: f32) -> f32 {
+    kernels::gpu_ref::from_e4m3(kernels::gpu_ref::to_e4m3(x / KV_FP8_SCALE)) * KV_FP8_SCALE
+}
+
 /// Bytes one KV block takes across all layers (f32 K and V).
 pub fn kv_block_bytes(cfg: &crate::model::ModelConfig, block_size: usize) -> usize {
     2 * cfg.n_layers * block_size * cfg.n_kv_heads * cfg.head_dim * std::mem::size_of::<f32>()
