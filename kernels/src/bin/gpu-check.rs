@@ -123,6 +123,58 @@ fn fp8_scales(n_kv: usize) -> Vec<f32> {
     (0..n_kv).map(|h| [1.0 / 64.0, 0.5][h % 2]).collect()
 }
 
+/// A paged cache's fp8 twin: e4m3 codes over [`fp8_scales`], on the host (for the
+/// reference) and on the device.
+struct Fp8Twin {
+    k: Vec<u8>,
+    v: Vec<u8>,
+    scales: Vec<f32>,
+    kd: CudaSlice<u8>,
+    vd: CudaSlice<u8>,
+    sd: CudaSlice<f32>,
+}
+
+impl Fp8Twin {
+    fn new(k: &Kernels, p: &Paged) -> Result<Self, CudaError> {
+        let (n_kv, hd) = (p.layout.n_kv_heads, p.layout.head_dim);
+        let scales = fp8_scales(n_kv);
+        let kq = quantize(&p.kc, n_kv, hd, &scales);
+        let vq = quantize(&p.vc, n_kv, hd, &scales);
+        Ok(Self {
+            kd: up(k, &kq)?,
+            vd: up(k, &vq)?,
+            sd: up(k, &scales)?,
+            k: kq,
+            v: vq,
+            scales,
+        })
+    }
+
+    fn device(&self) -> (launch::Fp8Cache<'_>, launch::Fp8Cache<'_>) {
+        let kc = launch::Fp8Cache {
+            codes: &self.kd,
+            scales: &self.sd,
+        };
+        let vc = launch::Fp8Cache {
+            codes: &self.vd,
+            scales: &self.sd,
+        };
+        (kc, vc)
+    }
+
+    fn host(&self) -> (KvCache<'_>, KvCache<'_>) {
+        let kc = KvCache::Fp8 {
+            codes: &self.k,
+            scales: &self.scales,
+        };
+        let vc = KvCache::Fp8 {
+            codes: &self.v,
+            scales: &self.scales,
+        };
+        (kc, vc)
+    }
+}
+
 /// e4m3 codes of a `[slots][n_kv][hd]` bf16 cache divided by each head's scale.
 fn quantize(x: &[u16], n_kv: usize, hd: usize, scales: &[f32]) -> Vec<u8> {
     x.iter()
@@ -174,25 +226,13 @@ fn check_decode(
     );
     let mut out = zeros::<u16>(k, q.len())?;
     let mut scratch = SplitScratch::new(k, &d)?;
-    let scales = fp8_scales(n_kv);
-    let (k8, v8) = if fp8 {
-        (
-            quantize(&p.kc, n_kv, hd, &scales),
-            quantize(&p.vc, n_kv, hd, &scales),
-        )
+    let twin = if fp8 {
+        Some(Fp8Twin::new(k, &p)?)
     } else {
-        (Vec::new(), Vec::new())
+        None
     };
-    if fp8 {
-        let (k8d, v8d, sd) = (up(k, &k8)?, up(k, &v8)?, up(k, &scales)?);
-        let kc = launch::Fp8Cache {
-            codes: &k8d,
-            scales: &sd,
-        };
-        let vc = launch::Fp8Cache {
-            codes: &v8d,
-            scales: &sd,
-        };
+    if let Some(t) = &twin {
+        let (kc, vc) = t.device();
         launch::decode_attention_fp8(k, &d, &qd, &kc, &vc, &td, &ld, &mut out, &mut scratch)?;
     } else {
         launch::decode_attention(k, &d, &qd, &kd, &vd, &td, &ld, &mut out, &mut scratch)?;
@@ -206,20 +246,9 @@ fn check_decode(
         scale: d.scale,
         num_splits,
     };
-    let (kr, vr) = if fp8 {
-        (
-            KvCache::Fp8 {
-                codes: &k8,
-                scales: &scales,
-            },
-            KvCache::Fp8 {
-                codes: &v8,
-                scales: &scales,
-            },
-        )
-    } else {
-        (KvCache::Bf16(&p.kc), KvCache::Bf16(&p.vc))
-    };
+    let (kr, vr) = twin
+        .as_ref()
+        .map_or((KvCache::Bf16(&p.kc), KvCache::Bf16(&p.vc)), Fp8Twin::host);
     let want = gpu_ref::decode_attention_kv(
         &shape,
         &q[..check * n_heads * hd],
@@ -274,25 +303,13 @@ fn check_prefill(
     let (qd, kd, vd) = (up(k, &q)?, up(k, &p.kc)?, up(k, &p.vc)?);
     let (cud, ld, td) = (up(k, &i32s(&cu))?, up(k, &i32s(&lens))?, up(k, &tables)?);
     let mut out = zeros::<u16>(k, q.len())?;
-    let scales = fp8_scales(n_kv);
-    let (k8, v8) = if fp8 {
-        (
-            quantize(&p.kc, n_kv, hd, &scales),
-            quantize(&p.vc, n_kv, hd, &scales),
-        )
+    let twin = if fp8 {
+        Some(Fp8Twin::new(k, &p)?)
     } else {
-        (Vec::new(), Vec::new())
+        None
     };
-    if fp8 {
-        let (k8d, v8d, sd) = (up(k, &k8)?, up(k, &v8)?, up(k, &scales)?);
-        let kc = launch::Fp8Cache {
-            codes: &k8d,
-            scales: &sd,
-        };
-        let vc = launch::Fp8Cache {
-            codes: &v8d,
-            scales: &sd,
-        };
+    if let Some(t) = &twin {
+        let (kc, vc) = t.device();
         launch::prefill_attention_fp8(k, &d, &qd, &kc, &vc, &cud, &ld, &td, &mut out)?;
     } else {
         launch::prefill_attention(k, &d, &qd, &kd, &vd, &cud, &ld, &td, &mut out)?;
@@ -305,20 +322,9 @@ fn check_prefill(
         scale: d.scale,
         num_splits: 1,
     };
-    let (kr, vr) = if fp8 {
-        (
-            KvCache::Fp8 {
-                codes: &k8,
-                scales: &scales,
-            },
-            KvCache::Fp8 {
-                codes: &v8,
-                scales: &scales,
-            },
-        )
-    } else {
-        (KvCache::Bf16(&p.kc), KvCache::Bf16(&p.vc))
-    };
+    let (kr, vr) = twin
+        .as_ref()
+        .map_or((KvCache::Bf16(&p.kc), KvCache::Bf16(&p.vc)), Fp8Twin::host);
     let want = gpu_ref::prefill_attention_kv(&shape, &q, kr, vr, &p.tables, &cu, &lens);
     let (err, first) = compare(&got, &want);
     let kernel = if fp8 {
