@@ -384,6 +384,30 @@ pub struct RopeShape<'a> {
     pub sin: &'a [f32],
 }
 
+impl RopeShape<'_> {
+    /// Rotation pair `i` of a bf16 head at `pos`: each index with its rotated value in f32
+    /// (products and difference rounded separately, no fused multiply-add).
+    fn rotate_pair(&self, head: &[u16], pos: usize, i: usize) -> ((usize, f32), (usize, f32)) {
+        let half = self.rot_dim / 2;
+        let (a, b) = match self.style {
+            RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+            RopeStyle::Half => (i, i + half),
+        };
+        let (c, sn) = (self.cos[pos * half + i], self.sin[pos * half + i]);
+        let (x, y) = (from_bf16(head[a]), from_bf16(head[b]));
+        ((a, x * c - y * sn), (b, x * sn + y * c))
+    }
+
+    /// Rotates a bf16 head in place, each value rounded to bf16.
+    fn rotate_bf16(&self, head: &mut [u16], pos: usize) {
+        for i in 0..self.rot_dim / 2 {
+            let ((a, ra), (b, rb)) = self.rotate_pair(head, pos, i);
+            head[a] = to_bf16(ra);
+            head[b] = to_bf16(rb);
+        }
+    }
+}
+
 /// `rope_write_kv`: `qkv` rows (`stride` elements each) hold q `[n_heads][hd]`, k and v
 /// `[n_kv_heads][hd]`; q is rotated in place, rotated k and plain v go to the cache at
 /// each token's slot (tokens with a negative slot are not stored); k stays as it is in
@@ -397,31 +421,19 @@ pub fn rope_write_kv(
     k_cache: &mut [u16],
     v_cache: &mut [u16],
 ) {
-    let (hd, half) = (s.head_dim, s.rot_dim / 2);
-    let rotate = |head: &mut [u16], pos: usize| {
-        for i in 0..half {
-            let (a, b) = match s.style {
-                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-                RopeStyle::Half => (i, i + half),
-            };
-            let (c, sn) = (s.cos[pos * half + i], s.sin[pos * half + i]);
-            let (x, y) = (from_bf16(head[a]), from_bf16(head[b]));
-            head[a] = to_bf16(x * c - y * sn);
-            head[b] = to_bf16(x * sn + y * c);
-        }
-    };
+    let hd = s.head_dim;
     let (qd, kv) = (s.n_heads * hd, s.n_kv_heads * hd);
     for (t, (&pos, &slot)) in positions.iter().zip(slots).enumerate() {
         let row = &mut qkv[t * stride..t * stride + qd + 2 * kv];
         for head in row[..qd].chunks_exact_mut(hd) {
-            rotate(head, pos);
+            s.rotate_bf16(head, pos);
         }
         let Ok(slot) = usize::try_from(slot) else {
             continue;
         };
         let mut kt = row[qd..qd + kv].to_vec();
         for head in kt.chunks_exact_mut(hd) {
-            rotate(head, pos);
+            s.rotate_bf16(head, pos);
         }
         k_cache[slot * kv..(slot + 1) * kv].copy_from_slice(&kt);
         v_cache[slot * kv..(slot + 1) * kv].copy_from_slice(&row[qd + kv..qd + 2 * kv]);
@@ -443,22 +455,12 @@ pub fn rope_write_kv_fp8(
     k_scale: &[f32],
     v_scale: &[f32],
 ) {
-    let (hd, half) = (s.head_dim, s.rot_dim / 2);
-    let pair = |i: usize| match s.style {
-        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-        RopeStyle::Half => (i, i + half),
-    };
+    let hd = s.head_dim;
     let (qd, kv) = (s.n_heads * hd, s.n_kv_heads * hd);
     for (t, (&pos, &slot)) in positions.iter().zip(slots).enumerate() {
         let row = &mut qkv[t * stride..t * stride + qd + 2 * kv];
         for head in row[..qd].chunks_exact_mut(hd) {
-            for i in 0..half {
-                let (a, b) = pair(i);
-                let (c, sn) = (s.cos[pos * half + i], s.sin[pos * half + i]);
-                let (x, y) = (from_bf16(head[a]), from_bf16(head[b]));
-                head[a] = to_bf16(x * c - y * sn);
-                head[b] = to_bf16(x * sn + y * c);
-            }
+            s.rotate_bf16(head, pos);
         }
         let Ok(slot) = usize::try_from(slot) else {
             continue;
@@ -469,12 +471,10 @@ pub fn rope_write_kv_fp8(
             for d in s.rot_dim..hd {
                 dst[d] = to_e4m3(from_bf16(k[d]) / k_scale[h]);
             }
-            for i in 0..half {
-                let (a, b) = pair(i);
-                let (c, sn) = (s.cos[pos * half + i], s.sin[pos * half + i]);
-                let (x, y) = (from_bf16(k[a]), from_bf16(k[b]));
-                dst[a] = to_e4m3((x * c - y * sn) / k_scale[h]);
-                dst[b] = to_e4m3((x * sn + y * c) / k_scale[h]);
+            for i in 0..s.rot_dim / 2 {
+                let ((a, ra), (b, rb)) = s.rotate_pair(k, pos, i);
+                dst[a] = to_e4m3(ra / k_scale[h]);
+                dst[b] = to_e4m3(rb / k_scale[h]);
             }
             let v = &row[qd + kv + h * hd..qd + kv + (h + 1) * hd];
             for (o, &x) in v_cache[slot * kv + h * hd..slot * kv + (h + 1) * hd]

@@ -13,7 +13,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use kernels::KvLayout;
 use kernels::cpu::RopeStyle;
-use kernels::cuda::launch::{self, DecodeDims, PrefillDims, RopeDims, SplitScratch};
+use kernels::cuda::launch::{self, DecodeDims, KvMut, KvRef, PrefillDims, RopeDims, SplitScratch};
 use kernels::cuda::{CudaError, Kernels};
 use kernels::gpu_ref::{self, DecodeShape, KvCache, from_bf16, to_bf16_vec};
 use serde_json::{Value, json};
@@ -150,16 +150,13 @@ impl Fp8Twin {
         })
     }
 
-    fn device(&self) -> (launch::Fp8Cache<'_>, launch::Fp8Cache<'_>) {
-        let kc = launch::Fp8Cache {
-            codes: &self.kd,
-            scales: &self.sd,
-        };
-        let vc = launch::Fp8Cache {
-            codes: &self.vd,
-            scales: &self.sd,
-        };
-        (kc, vc)
+    fn device(&self) -> KvRef<'_> {
+        KvRef::Fp8 {
+            k: &self.kd,
+            v: &self.vd,
+            k_scale: &self.sd,
+            v_scale: &self.sd,
+        }
     }
 
     fn host(&self) -> (KvCache<'_>, KvCache<'_>) {
@@ -231,12 +228,10 @@ fn check_decode(
     } else {
         None
     };
-    if let Some(t) = &twin {
-        let (kc, vc) = t.device();
-        launch::decode_attention_fp8(k, &d, &qd, &kc, &vc, &td, &ld, &mut out, &mut scratch)?;
-    } else {
-        launch::decode_attention(k, &d, &qd, &kd, &vd, &td, &ld, &mut out, &mut scratch)?;
-    }
+    let kv = twin
+        .as_ref()
+        .map_or(KvRef::Bf16 { k: &kd, v: &vd }, Fp8Twin::device);
+    launch::decode_attention_kv(k, &d, &qd, kv, &td, &ld, &mut out, &mut scratch)?;
     let got = down(k, &out)?;
     let check = batch.min(4);
     let shape = DecodeShape {
@@ -308,12 +303,10 @@ fn check_prefill(
     } else {
         None
     };
-    if let Some(t) = &twin {
-        let (kc, vc) = t.device();
-        launch::prefill_attention_fp8(k, &d, &qd, &kc, &vc, &cud, &ld, &td, &mut out)?;
-    } else {
-        launch::prefill_attention(k, &d, &qd, &kd, &vd, &cud, &ld, &td, &mut out)?;
-    }
+    let kv = twin
+        .as_ref()
+        .map_or(KvRef::Bf16 { k: &kd, v: &vd }, Fp8Twin::device);
+    launch::prefill_attention_kv(k, &d, &qd, kv, &cud, &ld, &td, &mut out)?;
     let got = down(k, &out)?;
     let shape = DecodeShape {
         layout: p.layout,
@@ -626,9 +619,13 @@ fn check_rope(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
         let scd = up(k, &scales)?;
         let mut k8 = zeros::<u8>(k, n_slots * nkv * hd)?;
         let mut v8 = zeros::<u8>(k, n_slots * nkv * hd)?;
-        launch::rope_write_kv_fp8(
-            k, &d, &mut qkvd, &pd, &sd, &cd, &snd, &mut k8, &mut v8, &scd, &scd,
-        )?;
+        let mut kv = KvMut::Fp8 {
+            k: &mut k8,
+            v: &mut v8,
+            k_scale: &scd,
+            v_scale: &scd,
+        };
+        launch::rope_write_kv_into(k, &d, &mut qkvd, &pd, &sd, &cd, &snd, &mut kv)?;
         let mut qkv = qkv0.clone();
         let mut k8_ref = vec![0u8; n_slots * nkv * hd];
         let mut v8_ref = vec![0u8; n_slots * nkv * hd];
@@ -810,18 +807,14 @@ fn decode_bandwidth(k: &Kernels, ctx: usize) -> Result<Value, CudaError> {
     // The same sequences over an fp8 cache: half the bytes.
     let (k8, v8) = (zeros::<u8>(k, p.kc.len())?, zeros::<u8>(k, p.vc.len())?);
     let sd = up(k, &vec![1.0f32; n_kv])?;
-    let (kc, vc) = (
-        launch::Fp8Cache {
-            codes: &k8,
-            scales: &sd,
-        },
-        launch::Fp8Cache {
-            codes: &v8,
-            scales: &sd,
-        },
-    );
+    let kv = KvRef::Fp8 {
+        k: &k8,
+        v: &v8,
+        k_scale: &sd,
+        v_scale: &sd,
+    };
     let ms8 = time_ms(k, 20, || {
-        launch::decode_attention_fp8(k, &d, &q, &kc, &vc, &td, &ld, &mut out, &mut scratch)
+        launch::decode_attention_kv(k, &d, &q, kv, &td, &ld, &mut out, &mut scratch)
     })?;
     Ok(
         json!({"context": ctx, "batch": batch, "splits": d.num_splits, "ms": ms,

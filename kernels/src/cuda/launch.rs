@@ -68,7 +68,7 @@ fn config(x: usize, y: usize, z: usize, threads: u32) -> Result<LaunchConfig, Cu
     })
 }
 
-/// `decode_attention_hd{D}_g{G}` (+ the merge when `num_splits > 1`).
+/// `decode_attention_hd{D}_g{G}` (+ the merge when `num_splits > 1`) over a bf16 cache.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_attention(
     k: &Kernels,
@@ -81,69 +81,99 @@ pub fn decode_attention(
     out: &mut CudaSlice<u16>,
     scratch: &mut SplitScratch,
 ) -> Result<(), CudaError> {
-    let kv = DecodeKv::Bf16(k_cache, v_cache);
-    decode_launch(k, d, q, kv, block_tables, seq_lens, out, scratch)
+    let kv = KvRef::Bf16 {
+        k: k_cache,
+        v: v_cache,
+    };
+    decode_attention_kv(k, d, q, kv, block_tables, seq_lens, out, scratch)
 }
 
-/// One layer's FP8 (e4m3) K or V cache: the codes (`[num_blocks][16][n_kv_heads][hd]`
-/// bytes) and one f32 scale per KV head (value = e4m3(code) * scale).
-pub struct Fp8Cache<'a> {
-    pub codes: &'a CudaSlice<u8>,
-    pub scales: &'a CudaSlice<f32>,
+/// One layer's K and V caches as the attention kernels read them: bf16, or FP8 (e4m3
+/// codes, `[num_blocks][16][n_kv_heads][hd]` bytes, with one f32 scale per KV head:
+/// value = e4m3(code) * scale), which the `_fp8` entry points read.
+#[derive(Clone, Copy)]
+pub enum KvRef<'a> {
+    Bf16 {
+        k: &'a CudaSlice<u16>,
+        v: &'a CudaSlice<u16>,
+    },
+    Fp8 {
+        k: &'a CudaSlice<u8>,
+        v: &'a CudaSlice<u8>,
+        k_scale: &'a CudaSlice<f32>,
+        v_scale: &'a CudaSlice<f32>,
+    },
 }
 
-/// `decode_attention_hd{D}_g{G}_fp8` (+ the merge when `num_splits > 1`): as
-/// [`decode_attention`] over an fp8 cache.
-#[allow(clippy::too_many_arguments)]
-pub fn decode_attention_fp8(
-    k: &Kernels,
-    d: &DecodeDims,
-    q: &CudaSlice<u16>,
-    k_cache: &Fp8Cache<'_>,
-    v_cache: &Fp8Cache<'_>,
-    block_tables: &CudaSlice<i32>,
-    seq_lens: &CudaSlice<i32>,
-    out: &mut CudaSlice<u16>,
-    scratch: &mut SplitScratch,
-) -> Result<(), CudaError> {
-    let kv = DecodeKv::Fp8(k_cache, v_cache);
-    decode_launch(k, d, q, kv, block_tables, seq_lens, out, scratch)
+/// [`KvRef`], writable: what RoPE + KV write stores into.
+pub enum KvMut<'a> {
+    Bf16 {
+        k: &'a mut CudaSlice<u16>,
+        v: &'a mut CudaSlice<u16>,
+    },
+    Fp8 {
+        k: &'a mut CudaSlice<u8>,
+        v: &'a mut CudaSlice<u8>,
+        k_scale: &'a CudaSlice<f32>,
+        v_scale: &'a CudaSlice<f32>,
+    },
 }
 
-/// The K and V caches an attention launch reads.
-enum DecodeKv<'a> {
-    Bf16(&'a CudaSlice<u16>, &'a CudaSlice<u16>),
-    Fp8(&'a Fp8Cache<'a>, &'a Fp8Cache<'a>),
+impl KvMut<'_> {
+    /// The same caches, for reading.
+    pub fn as_ref(&self) -> KvRef<'_> {
+        match self {
+            KvMut::Bf16 { k, v } => KvRef::Bf16 { k, v },
+            KvMut::Fp8 {
+                k,
+                v,
+                k_scale,
+                v_scale,
+            } => KvRef::Fp8 {
+                k,
+                v,
+                k_scale,
+                v_scale,
+            },
+        }
+    }
 }
 
-impl<'a> DecodeKv<'a> {
+impl<'a> KvRef<'a> {
     /// The entry point's name suffix.
     fn suffix(&self) -> &'static str {
         match self {
-            DecodeKv::Bf16(..) => "",
-            DecodeKv::Fp8(..) => "_fp8",
+            KvRef::Bf16 { .. } => "",
+            KvRef::Fp8 { .. } => "_fp8",
         }
     }
 
     /// The cache arguments, in the kernels' order: K and V, then (fp8) their scales.
     fn push(&self, b: &mut LaunchArgs<'a>) {
         match *self {
-            DecodeKv::Bf16(kc, vc) => {
-                b.arg(kc).arg(vc);
+            KvRef::Bf16 { k, v } => {
+                b.arg(k).arg(v);
             }
-            DecodeKv::Fp8(kc, vc) => {
-                b.arg(kc.codes).arg(vc.codes).arg(kc.scales).arg(vc.scales);
+            KvRef::Fp8 {
+                k,
+                v,
+                k_scale,
+                v_scale,
+            } => {
+                b.arg(k).arg(v).arg(k_scale).arg(v_scale);
             }
         }
     }
 }
 
+/// `decode_attention_hd{D}_g{G}` or its `_fp8` twin, as `kv` is stored (+ the merge
+/// when `num_splits > 1`).
 #[allow(clippy::too_many_arguments)]
-fn decode_launch(
+pub fn decode_attention_kv(
     k: &Kernels,
     d: &DecodeDims,
     q: &CudaSlice<u16>,
-    kv: DecodeKv<'_>,
+    kv: KvRef<'_>,
     block_tables: &CudaSlice<i32>,
     seq_lens: &CudaSlice<i32>,
     out: &mut CudaSlice<u16>,
@@ -226,7 +256,8 @@ pub struct PrefillDims {
     pub q_stride: usize,
 }
 
-/// `prefill_attention_hd{D}`: `cu_q` has `num_seqs + 1` offsets into the packed tokens.
+/// `prefill_attention_hd{D}` over a bf16 cache: `cu_q` has `num_seqs + 1` offsets into
+/// the packed tokens.
 #[allow(clippy::too_many_arguments)]
 pub fn prefill_attention(
     k: &Kernels,
@@ -239,33 +270,20 @@ pub fn prefill_attention(
     block_tables: &CudaSlice<i32>,
     out: &mut CudaSlice<u16>,
 ) -> Result<(), CudaError> {
-    let kv = DecodeKv::Bf16(k_cache, v_cache);
-    prefill_launch(k, d, q, kv, cu_q, seq_lens, block_tables, out)
+    let kv = KvRef::Bf16 {
+        k: k_cache,
+        v: v_cache,
+    };
+    prefill_attention_kv(k, d, q, kv, cu_q, seq_lens, block_tables, out)
 }
 
-/// `prefill_attention_hd{D}_fp8`: [`prefill_attention`] over an fp8 cache.
+/// `prefill_attention_hd{D}` or its `_fp8` twin, as `kv` is stored.
 #[allow(clippy::too_many_arguments)]
-pub fn prefill_attention_fp8(
+pub fn prefill_attention_kv(
     k: &Kernels,
     d: &PrefillDims,
     q: &CudaSlice<u16>,
-    k_cache: &Fp8Cache<'_>,
-    v_cache: &Fp8Cache<'_>,
-    cu_q: &CudaSlice<i32>,
-    seq_lens: &CudaSlice<i32>,
-    block_tables: &CudaSlice<i32>,
-    out: &mut CudaSlice<u16>,
-) -> Result<(), CudaError> {
-    let kv = DecodeKv::Fp8(k_cache, v_cache);
-    prefill_launch(k, d, q, kv, cu_q, seq_lens, block_tables, out)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn prefill_launch(
-    k: &Kernels,
-    d: &PrefillDims,
-    q: &CudaSlice<u16>,
-    kv: DecodeKv<'_>,
+    kv: KvRef<'_>,
     cu_q: &CudaSlice<i32>,
     seq_lens: &CudaSlice<i32>,
     block_tables: &CudaSlice<i32>,
@@ -374,7 +392,7 @@ pub struct RopeDims {
 }
 
 /// `rope_write_kv`: in each fused `qkv` row, rotates q in place, and stores rotated K and
-/// plain V at the token's slot.
+/// plain V at the token's slot of a bf16 cache.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_write_kv(
     k: &Kernels,
@@ -387,14 +405,18 @@ pub fn rope_write_kv(
     k_cache: &mut CudaSlice<u16>,
     v_cache: &mut CudaSlice<u16>,
 ) -> Result<(), CudaError> {
-    let kv = RopeKv::Bf16(k_cache, v_cache);
-    rope_launch(k, d, qkv, positions, slots, cos, sin, kv)
+    let mut kv = KvMut::Bf16 {
+        k: k_cache,
+        v: v_cache,
+    };
+    rope_write_kv_into(k, d, qkv, positions, slots, cos, sin, &mut kv)
 }
 
-/// `rope_write_kv_fp8`: [`rope_write_kv`] into an fp8 (e4m3) cache; K and V are divided
-/// by their KV head's scale and rounded once.
+/// [`rope_write_kv`] into either cache type (`rope_write_kv_fp8` for fp8: K and V are
+/// divided by their KV head's scale and rounded once). One thread per q/k rotation pair,
+/// unrotated k element and 8 v elements.
 #[allow(clippy::too_many_arguments)]
-pub fn rope_write_kv_fp8(
+pub fn rope_write_kv_into(
     k: &Kernels,
     d: &RopeDims,
     qkv: &mut CudaSlice<u16>,
@@ -402,41 +424,11 @@ pub fn rope_write_kv_fp8(
     slots: &CudaSlice<i32>,
     cos: &CudaSlice<f32>,
     sin: &CudaSlice<f32>,
-    k_cache: &mut CudaSlice<u8>,
-    v_cache: &mut CudaSlice<u8>,
-    k_scale: &CudaSlice<f32>,
-    v_scale: &CudaSlice<f32>,
-) -> Result<(), CudaError> {
-    let kv = RopeKv::Fp8(k_cache, v_cache, k_scale, v_scale);
-    rope_launch(k, d, qkv, positions, slots, cos, sin, kv)
-}
-
-/// The caches a RoPE + KV write stores into.
-enum RopeKv<'a> {
-    Bf16(&'a mut CudaSlice<u16>, &'a mut CudaSlice<u16>),
-    Fp8(
-        &'a mut CudaSlice<u8>,
-        &'a mut CudaSlice<u8>,
-        &'a CudaSlice<f32>,
-        &'a CudaSlice<f32>,
-    ),
-}
-
-/// One thread per q/k rotation pair, unrotated k element and 8 v elements.
-#[allow(clippy::too_many_arguments)]
-fn rope_launch(
-    k: &Kernels,
-    d: &RopeDims,
-    qkv: &mut CudaSlice<u16>,
-    positions: &CudaSlice<i32>,
-    slots: &CudaSlice<i32>,
-    cos: &CudaSlice<f32>,
-    sin: &CudaSlice<f32>,
-    kv: RopeKv<'_>,
+    kv: &mut KvMut<'_>,
 ) -> Result<(), CudaError> {
     let entry = match kv {
-        RopeKv::Bf16(..) => "rope_write_kv",
-        RopeKv::Fp8(..) => "rope_write_kv_fp8",
+        KvMut::Bf16 { .. } => "rope_write_kv",
+        KvMut::Fp8 { .. } => "rope_write_kv_fp8",
     };
     let f = k.function("rope_kv.cu", entry)?;
     let (nh, nkv, hd, rot) = (
@@ -459,11 +451,16 @@ fn rope_launch(
         .arg(cos)
         .arg(sin);
     match kv {
-        RopeKv::Bf16(kc, vc) => {
-            b.arg(kc).arg(vc);
+        KvMut::Bf16 { k, v } => {
+            b.arg(&mut **k).arg(&mut **v);
         }
-        RopeKv::Fp8(kc, vc, ks, vs) => {
-            b.arg(kc).arg(vc).arg(ks).arg(vs);
+        KvMut::Fp8 {
+            k,
+            v,
+            k_scale,
+            v_scale,
+        } => {
+            b.arg(&mut **k).arg(&mut **v).arg(*k_scale).arg(*v_scale);
         }
     }
     b.arg(&nh).arg(&nkv).arg(&hd).arg(&rot).arg(&d.style);

@@ -16,8 +16,8 @@ use std::ffi::c_void;
 use std::path::Path;
 
 use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
-use kernels::cuda::launch::{self, DecodeDims, PrefillDims, RopeDims, SplitScratch};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
+use kernels::cuda::launch::{self, DecodeDims, KvMut, PrefillDims, RopeDims, SplitScratch};
 use kernels::cuda::{CudaError, Kernels};
 use kernels::gpu_ref::to_bf16;
 use rayon::prelude::*;
@@ -51,22 +51,20 @@ enum KvCaches {
 }
 
 impl KvCaches {
-    fn layer(&mut self, li: usize) -> LayerKv<'_> {
+    fn layer(&mut self, li: usize) -> KvMut<'_> {
         match self {
-            KvCaches::Bf16 { k, v } => LayerKv::Bf16(&mut k[li], &mut v[li]),
-            KvCaches::Fp8 { k, v, scales } => LayerKv::Fp8(&mut k[li], &mut v[li], scales),
+            KvCaches::Bf16 { k, v } => KvMut::Bf16 {
+                k: &mut k[li],
+                v: &mut v[li],
+            },
+            KvCaches::Fp8 { k, v, scales } => KvMut::Fp8 {
+                k: &mut k[li],
+                v: &mut v[li],
+                k_scale: scales,
+                v_scale: scales,
+            },
         }
     }
-}
-
-/// One layer's caches, as `attend` writes and reads them.
-enum LayerKv<'a> {
-    Bf16(&'a mut CudaSlice<u16>, &'a mut CudaSlice<u16>),
-    Fp8(
-        &'a mut CudaSlice<u8>,
-        &'a mut CudaSlice<u8>,
-        &'a CudaSlice<f32>,
-    ),
 }
 
 fn dev(e: impl std::fmt::Display) -> BackendError {
@@ -190,6 +188,17 @@ pub struct CudaBackend {
     epoch: u64,
 }
 
+/// One zeroed `elems`-long cache per layer.
+fn zeroed_layers<T: DeviceRepr + ValidAsZeroBits>(
+    s: &std::sync::Arc<CudaStream>,
+    n_layers: usize,
+    elems: usize,
+) -> Result<Vec<CudaSlice<T>>, BackendError> {
+    (0..n_layers)
+        .map(|_| s.alloc_zeros::<T>(elems).map_err(dev))
+        .collect()
+}
+
 fn bf16_rows(m: &Matrix) -> Vec<u16> {
     let mut out = vec![0u16; m.rows * m.cols];
     out.par_chunks_mut(m.cols).enumerate().for_each_init(
@@ -300,23 +309,14 @@ impl CudaBackend {
         let output = upm(&weights.output)?;
         let final_norm = upv(&weights.final_norm)?;
         let elems = num_blocks * block_size * cfg.n_kv_heads * cfg.head_dim;
-        let layers_of = |n: usize| 0..n;
         let kv = match kv_dtype {
             KvDtype::Auto => KvCaches::Bf16 {
-                k: layers_of(cfg.n_layers)
-                    .map(|_| s.alloc_zeros::<u16>(elems).map_err(dev))
-                    .collect::<Result<_, _>>()?,
-                v: layers_of(cfg.n_layers)
-                    .map(|_| s.alloc_zeros::<u16>(elems).map_err(dev))
-                    .collect::<Result<_, _>>()?,
+                k: zeroed_layers(s, cfg.n_layers, elems)?,
+                v: zeroed_layers(s, cfg.n_layers, elems)?,
             },
             KvDtype::Fp8 => KvCaches::Fp8 {
-                k: layers_of(cfg.n_layers)
-                    .map(|_| s.alloc_zeros::<u8>(elems).map_err(dev))
-                    .collect::<Result<_, _>>()?,
-                v: layers_of(cfg.n_layers)
-                    .map(|_| s.alloc_zeros::<u8>(elems).map_err(dev))
-                    .collect::<Result<_, _>>()?,
+                k: zeroed_layers(s, cfg.n_layers, elems)?,
+                v: zeroed_layers(s, cfg.n_layers, elems)?,
                 scales: s
                     .clone_htod(&vec![super::KV_FP8_SCALE; cfg.n_kv_heads])
                     .map_err(dev)?,
@@ -811,80 +811,34 @@ fn attend(
     b: &mut StepBuffers,
     m: &mut StepMeta,
     (cos, sin): (&CudaSlice<f32>, &CudaSlice<f32>),
-    kv: LayerKv<'_>,
+    mut kv: KvMut<'_>,
 ) -> Result<(), BackendError> {
     let (pos, slots) = (&m.positions, &m.slots);
-    match kv {
-        LayerKv::Bf16(k_cache, v_cache) => {
-            launch::rope_write_kv(
-                k, &sh.rope, &mut b.qkv, pos, slots, cos, sin, k_cache, v_cache,
-            )
-            .map_err(dev)?;
-            if sh.all_decode {
-                launch::decode_attention(
-                    k,
-                    &sh.decode,
-                    &b.qkv,
-                    k_cache,
-                    v_cache,
-                    &m.tables,
-                    &m.lens,
-                    &mut b.attn,
-                    &mut m.split,
-                )
-            } else {
-                launch::prefill_attention(
-                    k,
-                    &sh.prefill,
-                    &b.qkv,
-                    k_cache,
-                    v_cache,
-                    &m.cu_q,
-                    &m.lens,
-                    &m.tables,
-                    &mut b.attn,
-                )
-            }
-        }
-        LayerKv::Fp8(k_codes, v_codes, scales) => {
-            launch::rope_write_kv_fp8(
-                k, &sh.rope, &mut b.qkv, pos, slots, cos, sin, k_codes, v_codes, scales, scales,
-            )
-            .map_err(dev)?;
-            let kc = launch::Fp8Cache {
-                codes: k_codes,
-                scales,
-            };
-            let vc = launch::Fp8Cache {
-                codes: v_codes,
-                scales,
-            };
-            if sh.all_decode {
-                launch::decode_attention_fp8(
-                    k,
-                    &sh.decode,
-                    &b.qkv,
-                    &kc,
-                    &vc,
-                    &m.tables,
-                    &m.lens,
-                    &mut b.attn,
-                    &mut m.split,
-                )
-            } else {
-                launch::prefill_attention_fp8(
-                    k,
-                    &sh.prefill,
-                    &b.qkv,
-                    &kc,
-                    &vc,
-                    &m.cu_q,
-                    &m.lens,
-                    &m.tables,
-                    &mut b.attn,
-                )
-            }
-        }
+    launch::rope_write_kv_into(k, &sh.rope, &mut b.qkv, pos, slots, cos, sin, &mut kv)
+        .map_err(dev)?;
+    let kv = kv.as_ref();
+    if sh.all_decode {
+        launch::decode_attention_kv(
+            k,
+            &sh.decode,
+            &b.qkv,
+            kv,
+            &m.tables,
+            &m.lens,
+            &mut b.attn,
+            &mut m.split,
+        )
+    } else {
+        launch::prefill_attention_kv(
+            k,
+            &sh.prefill,
+            &b.qkv,
+            kv,
+            &m.cu_q,
+            &m.lens,
+            &m.tables,
+            &mut b.attn,
+        )
     }
     .map_err(dev)
 }
