@@ -7,7 +7,7 @@
 #   3. prefill attention TFLOP/s,
 #   4. end-to-end `worker bench --device cuda:0` on random-weight models shaped like
 #      SmolLM2-135M and EuroLLM-1.7B, against the weight-bandwidth limit (batch 1 also
-#      with SOV_GEMV_KERNEL=warp, the other GEMV design),
+#      with SOV_GEMV_KERNEL=warp, the other GEMV design, and SOV_PREFILL_KERNEL=pipelined),
 #   5. the same attention shapes through PyTorch's scaled_dot_product_attention;
 #   6. `worker check-backend`: the CUDA backend's logits against the CPU backend's over
 #      prefill and decode steps (batch 3, 2, 1) on both model shapes.
@@ -74,10 +74,14 @@ for shape in eurollm-1.7b smollm2-135m; do
     RUST_BACKTRACE=0 timeout 180 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
       > "$TMP/$shape.check.json" 2>> "$LOG" || { echo "gpu-check: check-backend failed on $shape" | tee -a "$LOG" >&2; [ $status -eq 0 ] && status=1; }
     [ -s "$TMP/$shape.check.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$TMP/$shape.check.json"
-    # The fused path's other GEMV design, side by side at batch 1.
-    SOV_GEMV_KERNEL=warp RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
+    # The fused path's other GEMV design, side by side at batch 1 (its prefill with the
+    # pipelined attention kernel, whose worker-side check follows).
+    SOV_GEMV_KERNEL=warp SOV_PREFILL_KERNEL=pipelined RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
       --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
       > "$TMP/$shape.warp.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$TMP/$shape.warp.json"
+    SOV_PREFILL_KERNEL=pipelined RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
+      --device cuda:0 > "$TMP/$shape.check-pipe.json" 2>> "$LOG" || echo "gpu-check: check-backend with the pipelined prefill failed on $shape" | tee -a "$LOG" >&2
+    [ -s "$TMP/$shape.check-pipe.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$TMP/$shape.check-pipe.json"
     # The FP8 KV cache: the backend check with both backends rounding K/V to e4m3
     # (informational: the two round different inputs, bf16 vs f32 projections, so a value
     # may land one e4m3 step apart) and decode speed.
@@ -112,8 +116,11 @@ for shape in ["smollm2-135m", "eurollm-1.7b"]:
     ck.pop("per_row", None)
     ck8 = load(f"{shape}.check-fp8.json")
     ck8.pop("per_row", None)
+    ckp = load(f"{shape}.check-pipe.json")
+    ckp.pop("per_row", None)
     e = {"model": m, "bench": b, "bench_gemv_warp": wb, "backend_check": ck,
-         "bench_kv_fp8": load(f"{shape}.fp8.json"), "backend_check_kv_fp8": ck8}
+         "bench_kv_fp8": load(f"{shape}.fp8.json"), "backend_check_kv_fp8": ck8,
+         "backend_check_prefill_pipelined": ckp}
     try:
         b1 = b["decode"]["1"]["aggregate_tok_s"]
         limit = copy * 1e9 / m["weight_bytes"]
@@ -132,7 +139,7 @@ for ours in k.get("decode_attention", []):
 for ours in k.get("prefill_attention", []):
     theirs = next((x for x in t.get("prefill", []) if x.get("tokens") == ours.get("tokens")), None)
     if theirs and "tflops" in ours and "tflops" in theirs:
-        side.append({"prefill_tokens": ours["tokens"], "ours_tflops": ours["tflops"], "torch_tflops": theirs["tflops"],
+        side.append({"prefill_tokens": ours["tokens"], "kernel": ours.get("kernel"), "ours_tflops": ours["tflops"], "torch_tflops": theirs["tflops"],
                      "ratio": ours["tflops"] / theirs["tflops"]})
 summary["side_by_side"] = side
 # The targets, met or not (None: not measured in this run).
@@ -140,7 +147,15 @@ def frac_min(xs, key, pred=lambda x: True):
     v = [x[key] for x in xs if key in x and pred(x)]
     return min(v) if v else None
 dec = frac_min(k.get("decode_attention", []), "fraction_of_copy", lambda x: x.get("context", 0) >= 4096)
-pre = max([x["fraction_of_bf16_dense_peak"] for x in k.get("prefill_attention", []) if "fraction_of_bf16_dense_peak" in x] or [None], key=lambda v: -1 if v is None else v)
+# A prefill design counts only when every correctness check of it passed.
+kind_ok = {"Basic": "prefill_attention", "Pipelined": "prefill_attention_pipe"}
+checks_all = k.get("correctness", {}).get("checks", [])
+def design_ok(kind):
+    mine = [c for c in checks_all if c.get("kernel") == kind_ok.get(kind)]
+    return bool(mine) and all(c.get("ok") for c in mine)
+pre = max([x["fraction_of_bf16_dense_peak"] for x in k.get("prefill_attention", [])
+           if "fraction_of_bf16_dense_peak" in x and design_ok(x.get("kernel", "Basic"))] or [None],
+          key=lambda v: -1 if v is None else v)
 eu = summary["end_to_end"].get("eurollm-1.7b", {})
 e2e = max([v for v in (eu.get("fraction_of_limit"), eu.get("gemv_warp_fraction_of_limit")) if v is not None] or [None], key=lambda v: -1 if v is None else v)
 # A check that printed an error ran and failed; one absent was not run.

@@ -239,3 +239,268 @@ __device__ __forceinline__ void prefill_attention_impl(
 SOV_PREFILL_ATTENTION(64)
 SOV_PREFILL_ATTENTION(96)
 SOV_PREFILL_ATTENTION(128)
+
+// ---------------------------------------------------------------------------------------
+// The pipelined variant (`prefill_attention_pipe_hd{64,96,128}`, bf16 cache only; the
+// launcher picks it with `PrefillKernel::Pipelined`). Same semantics and CPU reference as
+// above; what differs is how the tiles move:
+//   - 128 query rows a CTA (8 warps x 16), so each K/V tile staged in shared memory
+//     serves twice the rows (half the L2 traffic per flop);
+//   - K and V tiles are copied with `cp.async` (16 bytes, straight to shared memory,
+//     zero-filled past the context): V(j) streams in while S = Q K(j)^T and the softmax
+//     run, K(j+1) while O += P V(j) runs (FlashAttention-2's single-buffer schedule);
+//   - both tiles are stored row-major and read with `ldmatrix` (K as it is, V with
+//     `.trans`), four 8x8 fragments an instruction, no transposing stores;
+//   - the softmax works in log2 units (scale x log2 e folded into one FMA before exp2);
+//   - a warp skips the tiles its rows cannot see (causal) and masks only the tiles that
+//     cross its diagonal; the CTAs with the longest prefixes are scheduled first.
+// ---------------------------------------------------------------------------------------
+
+namespace sov {
+
+constexpr int PP_WARPS = 8;
+constexpr int PP_THREADS = PP_WARPS * 32;
+constexpr int PP_BR = PP_WARPS * 16;  // query rows per CTA
+constexpr int PP_BC = 64;             // keys per tile
+
+// 32-bit shared-memory address of a generic pointer into shared memory.
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+// 16 bytes global -> shared without passing through registers (cached in L2 only);
+// `src_bytes` 0 reads nothing and stores zeros.
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, unsigned src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+// Wait until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Four 8x8 bf16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, and each
+// lane receives (row lane/4, columns 2(lane%4), +1) of every matrix (`.trans`: column
+// lane/4, rows 2(lane%4), +1).
+__device__ __forceinline__ void ldsm_x4(unsigned r[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(unsigned r[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+template <int HD>
+__device__ __forceinline__ void prefill_attention_pipe_impl(
+    const sov::bf16* __restrict__ q, const sov::bf16* __restrict__ k_cache,
+    const sov::bf16* __restrict__ v_cache, const int* __restrict__ cu_q,
+    const int* __restrict__ seq_lens, const int* __restrict__ block_tables,
+    sov::bf16* __restrict__ out, int n_heads, int n_kv_heads, int max_blocks, float scale,
+    int q_stride) {
+  static_assert(HD % 32 == 0 && HD <= 128, "head_dim must be 64, 96 or 128");
+  constexpr int KS = HD / 16;              // k-steps of S = Q K^T (even)
+  constexpr int NT = HD / 8;               // n-tiles of O (even)
+  constexpr int PAD = HD + 8;              // row pitch: 16-byte aligned, ldmatrix without conflicts
+  constexpr int PIECES = PP_BC * HD / 8;   // 16-byte pieces in a tile
+  static_assert(PIECES % PP_THREADS == 0, "tile pieces must divide among the threads");
+  __shared__ __align__(128) sov::bf16 s_k[PP_BC][PAD];
+  __shared__ __align__(128) sov::bf16 s_v[PP_BC][PAD];
+
+  const int seq = blockIdx.z, head = blockIdx.y;
+  const int q0 = cu_q[seq], n_new = cu_q[seq + 1] - q0;
+  // The last row tiles see the longest prefixes: run them first.
+  const int tile_row0 = (gridDim.x - 1 - blockIdx.x) * PP_BR;
+  if (tile_row0 >= n_new) return;
+  const int len = seq_lens[seq];
+  const int first_pos = len - n_new;
+  const int kvh = head / (n_heads / n_kv_heads);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, t = lane & 3;
+  const int warp_row0 = tile_row0 + warp * 16;
+  const int rows[2] = {warp_row0 + g, warp_row0 + g + 8};
+  const int qpos[2] = {rows[0] < n_new ? first_pos + rows[0] : -1,
+                       rows[1] < n_new ? first_pos + rows[1] : -1};
+  // This warp's rows: any valid at all, the last position any of them sees, and whether
+  // every row is valid (then only tiles crossing the diagonal need the mask).
+  const bool active = warp_row0 < n_new;
+  const int warp_last_pos = first_pos + min(n_new - 1, warp_row0 + 15);
+  const bool warp_full = warp_row0 + 15 < n_new;
+  const int warp_first_pos = first_pos + warp_row0;
+
+  unsigned qa[KS][4];
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool ok = rows[r] < n_new;
+      const unsigned* src = reinterpret_cast<const unsigned*>(
+          q + (long long)(q0 + (ok ? rows[r] : 0)) * q_stride + head * HD + ks * 16 + 2 * t);
+      qa[ks][r] = ok ? src[0] : 0u;
+      qa[ks][r + 2] = ok ? src[4] : 0u;
+    }
+  }
+
+  float o[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m[2] = {neg_inf(), neg_inf()};  // running max, log2 units
+  float l[2] = {0.f, 0.f};
+  const float scale_log2 = scale * 1.4426950408889634f;
+
+  const int last_row = min(n_new, tile_row0 + PP_BR) - 1;
+  const int kv_end = first_pos + last_row + 1;
+  const int n_tiles = (kv_end + PP_BC - 1) / PP_BC;
+  const int* bt = block_tables + (long long)seq * max_blocks;
+  const long long row_stride = (long long)n_kv_heads * HD;
+
+  // Queue one tile's copies (this thread's share); keys past the context become zeros.
+  auto load_tile = [&](const sov::bf16* cache, sov::bf16 (*dst)[PAD], int k0) {
+#pragma unroll
+    for (int i = 0; i < PIECES / PP_THREADS; ++i) {
+      const int c = threadIdx.x + i * PP_THREADS;
+      const int key = c / (HD / 8), d0 = (c % (HD / 8)) * 8;
+      const int pos = k0 + key;
+      const sov::bf16* src = cache;  // a valid address; nothing is read from it
+      unsigned bytes = 0;
+      if (pos < kv_end) {
+        const long long slot = (long long)bt[pos / KV_BLOCK] * KV_BLOCK + pos % KV_BLOCK;
+        src = cache + slot * row_stride + kvh * HD + d0;
+        bytes = 16;
+      }
+      cp_async16(smem_u32(&dst[key][d0]), src, bytes);
+    }
+  };
+
+  load_tile(k_cache, s_k, 0);
+  cp_async_commit();
+#pragma unroll 1
+  for (int j = 0; j < n_tiles; ++j) {
+    const int k0 = j * PP_BC;
+    load_tile(v_cache, s_v, k0);
+    cp_async_commit();
+    cp_async_wait<1>();  // this thread's K(j) copies have landed
+    __syncthreads();     // and everyone's
+    const bool run = active && k0 <= warp_last_pos;
+    float s[PP_BC / 8][4];
+    if (run) {
+#pragma unroll
+      for (int jn = 0; jn < PP_BC / 8; ++jn) {
+        s[jn][0] = s[jn][1] = s[jn][2] = s[jn][3] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < KS; ks += 2) {
+          unsigned b[4];
+          ldsm_x4(b, smem_u32(&s_k[8 * jn + (lane & 7)][16 * ks + 8 * (lane >> 3)]));
+          mma_bf16(s[jn], qa[ks], b[0], b[1]);
+          mma_bf16(s[jn], qa[ks + 1], b[2], b[3]);
+        }
+      }
+      if (!warp_full || k0 + PP_BC - 1 > warp_first_pos) {
+#pragma unroll
+        for (int jn = 0; jn < PP_BC / 8; ++jn) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int kpos = k0 + 8 * jn + 2 * t + (e & 1);
+            if (kpos > qpos[e >> 1]) s[jn][e] = neg_inf();
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = neg_inf();
+#pragma unroll
+        for (int jn = 0; jn < PP_BC / 8; ++jn)
+          mx = fmaxf(mx, fmaxf(s[jn][2 * r], s[jn][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+        const float m_new = fmaxf(m[r], mx * scale_log2);
+        // Nothing visible yet: shift by 0 so exp2 gives 0 rather than NaN.
+        const float shift = m_new == neg_inf() ? 0.f : m_new;
+        const float rescale = exp2f(m[r] - shift);
+        m[r] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int jn = 0; jn < PP_BC / 8; ++jn) {
+          s[jn][2 * r] = exp2f(fmaf(s[jn][2 * r], scale_log2, -shift));
+          s[jn][2 * r + 1] = exp2f(fmaf(s[jn][2 * r + 1], scale_log2, -shift));
+          sum += s[jn][2 * r] + s[jn][2 * r + 1];
+        }
+        l[r] = l[r] * rescale + sum;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          o[n][2 * r] *= rescale;
+          o[n][2 * r + 1] *= rescale;
+        }
+      }
+    }
+    cp_async_wait<0>();  // V(j) has landed
+    __syncthreads();     // for every thread, and no warp reads s_k any more
+    if (j + 1 < n_tiles) load_tile(k_cache, s_k, k0 + PP_BC);
+    cp_async_commit();   // possibly empty: keeps the group count uniform
+    if (run) {
+#pragma unroll
+      for (int kk = 0; kk < PP_BC / 16; ++kk) {
+        unsigned pa[4];
+        pa[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+        pa[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+        pa[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+        for (int n = 0; n < NT; n += 2) {
+          unsigned b[4];
+          ldsm_x4_trans(b, smem_u32(&s_v[16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1)]
+                                        [8 * (n + (lane >> 4))]));
+          mma_bf16(o[n], pa, b[0], b[1]);
+          mma_bf16(o[n + 1], pa, b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with s_v before V(j+1) lands there
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
+    l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (rows[r] >= n_new) continue;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    sov::bf16* dst = out + ((long long)(q0 + rows[r]) * n_heads + head) * HD;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      *reinterpret_cast<unsigned*>(dst + 8 * n + 2 * t) =
+          pack_bf16(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+    }
+  }
+}
+
+}  // namespace sov
+
+#define SOV_PREFILL_ATTENTION_PIPE(HD)                                                    \
+  extern "C" __global__ void __launch_bounds__(sov::PP_THREADS, 1)                       \
+      prefill_attention_pipe_hd##HD(const sov::bf16* q, const sov::bf16* k_cache,         \
+                                    const sov::bf16* v_cache, const int* cu_q,            \
+                                    const int* seq_lens, const int* block_tables,         \
+                                    sov::bf16* out, int n_heads, int n_kv_heads,          \
+                                    int max_blocks, float scale, int q_stride) {          \
+    sov::prefill_attention_pipe_impl<HD>(q, k_cache, v_cache, cu_q, seq_lens,             \
+                                         block_tables, out, n_heads, n_kv_heads,          \
+                                         max_blocks, scale, q_stride);                    \
+  }
+
+SOV_PREFILL_ATTENTION_PIPE(64)
+SOV_PREFILL_ATTENTION_PIPE(96)
+SOV_PREFILL_ATTENTION_PIPE(128)

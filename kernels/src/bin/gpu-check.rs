@@ -13,7 +13,9 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use kernels::KvLayout;
 use kernels::cpu::RopeStyle;
-use kernels::cuda::launch::{self, DecodeDims, KvMut, KvRef, PrefillDims, RopeDims, SplitScratch};
+use kernels::cuda::launch::{
+    self, DecodeDims, KvMut, KvRef, PrefillDims, PrefillKernel, RopeDims, SplitScratch,
+};
 use kernels::cuda::{CudaError, Kernels};
 use kernels::gpu_ref::{self, DecodeShape, KvCache, from_bf16, to_bf16_vec};
 use serde_json::{Value, json};
@@ -267,6 +269,7 @@ fn check_decode(
 
 fn check_prefill(
     k: &Kernels,
+    kind: PrefillKernel,
     rng: &mut Rng,
     hd: usize,
     group: usize,
@@ -306,7 +309,7 @@ fn check_prefill(
     let kv = twin
         .as_ref()
         .map_or(KvRef::Bf16 { k: &kd, v: &vd }, Fp8Twin::device);
-    launch::prefill_attention_kv(k, &d, &qd, kv, &cud, &ld, &td, &mut out)?;
+    launch::prefill_attention_kv(k, kind, &d, &qd, kv, &cud, &ld, &td, &mut out)?;
     let got = down(k, &out)?;
     let shape = DecodeShape {
         layout: p.layout,
@@ -320,10 +323,10 @@ fn check_prefill(
         .map_or((KvCache::Bf16(&p.kc), KvCache::Bf16(&p.vc)), Fp8Twin::host);
     let want = gpu_ref::prefill_attention_kv(&shape, &q, kr, vr, &p.tables, &cu, &lens);
     let (err, first) = compare(&got, &want);
-    let kernel = if fp8 {
-        "prefill_attention_fp8"
-    } else {
-        "prefill_attention"
+    let kernel = match (fp8, kind) {
+        (true, _) => "prefill_attention_fp8",
+        (false, PrefillKernel::Basic) => "prefill_attention",
+        (false, PrefillKernel::Pipelined) => "prefill_attention_pipe",
     };
     Ok(json!({"kernel": kernel, "head_dim": hd, "group": group,
               "cases_new_cached": cases, "max_abs_err": err, "ok": first.is_none(), "mismatch": first}))
@@ -856,7 +859,12 @@ fn gemv_bandwidth(
 }
 
 /// Causal prefill of `seqs` fresh prompts of `n` tokens, 32 query / 8 KV heads, hd 128.
-fn prefill_tflops(k: &Kernels, seqs: usize, n: usize) -> Result<Value, CudaError> {
+fn prefill_tflops(
+    k: &Kernels,
+    kind: PrefillKernel,
+    seqs: usize,
+    n: usize,
+) -> Result<Value, CudaError> {
     let (nh, n_kv, hd) = (32, 8, 128);
     let lens = vec![n; seqs];
     let mut rng = Rng(2);
@@ -878,12 +886,15 @@ fn prefill_tflops(k: &Kernels, seqs: usize, n: usize) -> Result<Value, CudaError
     let td = up(k, &p.tables.iter().map(|t| *t as i32).collect::<Vec<_>>())?;
     let mut out = zeros::<u16>(k, seqs * n * nh * hd)?;
     let ms = time_ms(k, 10, || {
-        launch::prefill_attention(k, &d, &q, &kd, &vd, &cud, &ld, &td, &mut out)
+        launch::prefill_attention(k, kind, &d, &q, &kd, &vd, &cud, &ld, &td, &mut out)
     })?;
     // QK^T and PV over the causal triangle: 2 matmuls x 2 flops per multiply-add.
     let pairs = (n * (n + 1) / 2) as f64;
     let flops = 4.0 * pairs * (hd * nh * seqs) as f64;
-    Ok(json!({"seqs": seqs, "tokens": n, "ms": ms, "tflops": flops / (ms / 1e3) / 1e12}))
+    Ok(
+        json!({"kernel": format!("{kind:?}"), "seqs": seqs, "tokens": n, "ms": ms,
+              "tflops": flops / (ms / 1e3) / 1e12}),
+    )
 }
 
 /// The driver's CUDA version, e.g. "13.0" (the library is loaded: a context exists).
@@ -954,11 +965,19 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
         } else {
             &[(1, 0), (77, 0), (130, 500), (1024, 0), (300, 2000)]
         };
-        for fp8 in [false, true] {
-            let c = check_prefill(&k, &mut rng, hd, group, cases, fp8).unwrap_or_else(|e| {
+        for (fp8, kind) in [
+            (false, PrefillKernel::Basic),
+            (false, PrefillKernel::Pipelined),
+            (true, PrefillKernel::Basic),
+        ] {
+            let c = check_prefill(&k, kind, &mut rng, hd, group, cases, fp8).unwrap_or_else(|e| {
                 let shape = json!({"head_dim": hd, "group": group, "cases_new_cached": cases,
-                    "fp8": fp8});
-                failed("prefill_attention", shape, &e)
+                    "fp8": fp8, "kind": format!("{kind:?}")});
+                let name = match (fp8, kind) {
+                    (false, PrefillKernel::Pipelined) => "prefill_attention_pipe",
+                    _ => "prefill_attention",
+                };
+                failed(name, shape, &e)
             });
             eprintln!("  {c}");
             checks.push(c);
@@ -1035,8 +1054,13 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
         None
     };
     let mut prefill = Vec::new();
-    for (seqs, n) in [(4, 2048), (2, 8192)] {
-        let r = match prefill_tflops(&k, seqs, n) {
+    for (kind, seqs, n) in [
+        (PrefillKernel::Basic, 4, 2048),
+        (PrefillKernel::Pipelined, 4, 2048),
+        (PrefillKernel::Basic, 2, 8192),
+        (PrefillKernel::Pipelined, 2, 8192),
+    ] {
+        let r = match prefill_tflops(&k, kind, seqs, n) {
             Ok(mut r) => {
                 if let Some(p) = peak {
                     r["fraction_of_bf16_dense_peak"] =
@@ -1044,7 +1068,9 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
                 }
                 r
             }
-            Err(e) => json!({"seqs": seqs, "tokens": n, "error": e.to_string()}),
+            Err(e) => {
+                json!({"kernel": format!("{kind:?}"), "seqs": seqs, "tokens": n, "error": e.to_string()})
+            }
         };
         eprintln!("  prefill {r}");
         prefill.push(r);

@@ -256,11 +256,33 @@ pub struct PrefillDims {
     pub q_stride: usize,
 }
 
+/// Which prefill-attention design runs (kernels/cuda/prefill_attention.cu): `Basic`
+/// (`prefill_attention_hd{D}`: 64 query rows a CTA, tiles staged through registers, the
+/// bf16 and the FP8 cache) or `Pipelined` (`prefill_attention_pipe_hd{D}`: 128 rows a
+/// CTA, `cp.async` copies overlapping the MMAs, `ldmatrix` fragments; bf16 cache only,
+/// so an FP8 cache runs `Basic`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillKernel {
+    Basic,
+    Pipelined,
+}
+
+impl PrefillKernel {
+    /// `SOV_PREFILL_KERNEL=pipelined` picks `Pipelined`; anything else `Basic`.
+    pub fn from_env() -> Self {
+        match std::env::var("SOV_PREFILL_KERNEL").as_deref() {
+            Ok("pipelined") => Self::Pipelined,
+            _ => Self::Basic,
+        }
+    }
+}
+
 /// `prefill_attention_hd{D}` over a bf16 cache: `cu_q` has `num_seqs + 1` offsets into
 /// the packed tokens.
 #[allow(clippy::too_many_arguments)]
 pub fn prefill_attention(
     k: &Kernels,
+    kind: PrefillKernel,
     d: &PrefillDims,
     q: &CudaSlice<u16>,
     k_cache: &CudaSlice<u16>,
@@ -274,13 +296,15 @@ pub fn prefill_attention(
         k: k_cache,
         v: v_cache,
     };
-    prefill_attention_kv(k, d, q, kv, cu_q, seq_lens, block_tables, out)
+    prefill_attention_kv(k, kind, d, q, kv, cu_q, seq_lens, block_tables, out)
 }
 
-/// `prefill_attention_hd{D}` or its `_fp8` twin, as `kv` is stored.
+/// `prefill_attention_hd{D}` or its `_fp8` twin, as `kv` is stored, or
+/// `prefill_attention_pipe_hd{D}` (see [`PrefillKernel`]).
 #[allow(clippy::too_many_arguments)]
 pub fn prefill_attention_kv(
     k: &Kernels,
+    kind: PrefillKernel,
     d: &PrefillDims,
     q: &CudaSlice<u16>,
     kv: KvRef<'_>,
@@ -289,11 +313,17 @@ pub fn prefill_attention_kv(
     block_tables: &CudaSlice<i32>,
     out: &mut CudaSlice<u16>,
 ) -> Result<(), CudaError> {
-    let entry = format!("prefill_attention_hd{}{}", d.head_dim, kv.suffix());
+    let pipelined = kind == PrefillKernel::Pipelined && matches!(kv, KvRef::Bf16 { .. });
+    let (entry, rows, threads) = if pipelined {
+        (format!("prefill_attention_pipe_hd{}", d.head_dim), 128, 256)
+    } else {
+        let e = format!("prefill_attention_hd{}{}", d.head_dim, kv.suffix());
+        (e, 64, 128)
+    };
     let f = k.function("prefill_attention.cu", &entry)?;
     let (nh, nkv, mb) = (dim(d.n_heads)?, dim(d.n_kv_heads)?, dim(d.max_blocks)?);
     let q_stride = dim(d.q_stride)?;
-    let cfg = config(d.max_new.div_ceil(64), d.n_heads, d.num_seqs, 128)?;
+    let cfg = config(d.max_new.div_ceil(rows), d.n_heads, d.num_seqs, threads)?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(q);
     kv.push(&mut b);

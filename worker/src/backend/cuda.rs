@@ -181,6 +181,9 @@ pub struct CudaBackend {
     /// The GEMV design of the fused path: `SOV_GEMV_KERNEL=warp` picks the warp design
     /// (kernels/cuda/gemv.cu), anything else the block design.
     gemv_kind: launch::GemvKernel,
+    /// The prefill-attention design: `SOV_PREFILL_KERNEL=pipelined` picks the pipelined
+    /// one (bf16 cache only), anything else the basic one.
+    prefill_kind: launch::PrefillKernel,
     /// Batch sizes whose capture failed: they run without a graph.
     ungraphable: std::collections::HashSet<usize>,
     _blas_workspace: CudaSlice<u8>,
@@ -376,6 +379,7 @@ impl CudaBackend {
                 Ok("warp") => launch::GemvKernel::Warp,
                 _ => launch::GemvKernel::Block,
             },
+            prefill_kind: launch::PrefillKernel::from_env(),
             _blas_workspace: blas_workspace,
             epoch: 0,
         })
@@ -544,6 +548,7 @@ impl CudaBackend {
                 scale,
                 q_stride: qkv_dim,
             },
+            prefill_kind: self.prefill_kind,
             rope: RopeDims {
                 tokens: t,
                 n_heads: cfg.n_heads,
@@ -831,6 +836,7 @@ fn attend(
     } else {
         launch::prefill_attention_kv(
             k,
+            sh.prefill_kind,
             &sh.prefill,
             &b.qkv,
             kv,
@@ -849,6 +855,7 @@ struct StepShapes {
     all_decode: bool,
     decode: DecodeDims,
     prefill: PrefillDims,
+    prefill_kind: launch::PrefillKernel,
     rope: RopeDims,
 }
 
