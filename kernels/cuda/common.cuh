@@ -135,4 +135,35 @@ struct Kv8<fp8> {
   static __device__ __forceinline__ void widen(Raw r, float out[8]) { widen8_e4m3(r, out); }
 };
 
+// Programmatic dependent launch (PDL), compiled in only with -DSOV_PDL=1 (the worker's
+// `SOV_PDL=1` on sm_90 and later, see kernels::cuda::Kernels::pdl); elsewhere these are
+// empty. A kernel launched with the programmatic-stream-serialization attribute may start
+// while its predecessor in the stream still runs, so every PDL-aware kernel:
+//   1. pdl_trigger(): lets its own successor launch (its CTAs then wait in step 3 of
+//      theirs; a successor launches only once every CTA of this grid has triggered, so
+//      the waiting CTAs never hold back this grid's unscheduled ones);
+//   2. may read what no kernel of the step writes (weights: prefetch_l2);
+//   3. pdl_wait(): waits until its predecessor has completed and its writes are visible,
+//      before reading or writing anything a kernel writes. The predecessor itself waited
+//      for its own, so every earlier kernel has completed too.
+// griddepcontrol.wait returns at once when the kernel was launched without the attribute.
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(SOV_PDL) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(SOV_PDL) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+// Asynchronous prefetch of `bytes` (a multiple of 16, 16-byte aligned start) into L2 by
+// the bulk-copy unit; one thread issues it for the whole range. PDL builds only: it is
+// meant to run while the predecessor kernel still runs.
+__device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
+#if defined(SOV_PDL) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
 }  // namespace sov

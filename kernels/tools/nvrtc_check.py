@@ -140,16 +140,22 @@ def main():
         sys.exit(f"nvrtc_check: no kernels in {CUDA_DIR}")
     print(f"NVRTC {nvrtc.version()}, {len(sources)} sources, archs {args.arch}", flush=True)
     report, failed = {}, False
-    for arch in args.arch.split(","):
+    # Every arch as the worker builds by default, and sm_90+ also as a PDL build
+    # (SOV_PDL=1: kernels::cuda::PDL_DEFINE compiles the griddepcontrol code in).
+    archs = args.arch.split(",")
+    builds = [(a, False) for a in archs] + [(a, True) for a in archs if int(a.split("_")[1]) >= 90]
+    for arch, pdl in builds:
+        label = f"{arch}+pdl" if pdl else arch
+        options = nvrtc_options(arch) + (["-DSOV_PDL=1"] if pdl else [])
         for src in sources:
-            ptx, log = nvrtc.compile_ptx(program_source(src), src.name, nvrtc_options(arch))
+            ptx, log = nvrtc.compile_ptx(program_source(src), src.name, options)
             if ptx is None:
-                print(f"FAIL {src.name} [{arch}]: NVRTC compile error\n{log}", flush=True)
+                print(f"FAIL {src.name} [{label}]: NVRTC compile error\n{log}", flush=True)
                 failed = True
                 continue
             if log.strip():
                 # Warnings fail the check too (like clippy -D warnings).
-                print(f"FAIL {src.name} [{arch}]: compiler warnings\n{log.strip()}")
+                print(f"FAIL {src.name} [{label}]: compiler warnings\n{log.strip()}")
                 failed = True
             entries = ptxas_report(ptxas, ptx, arch)
             for name, e in sorted(entries.items()):
@@ -157,9 +163,9 @@ def main():
                 status = "SPILL" if spills else "ok"
                 if spills:
                     failed = True
-                print(f"{status:5} {arch} {src.name}:{name} regs={e['registers']} smem={e['smem_bytes']} "
+                print(f"{status:5} {label} {src.name}:{name} regs={e['registers']} smem={e['smem_bytes']} "
                       f"stack={e['stack_bytes']} spill_st={e['spill_stores']} spill_ld={e['spill_loads']}")
-                report[f"{arch}/{src.name}/{name}"] = e
+                report[f"{label}/{src.name}/{name}"] = e
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, sort_keys=True))
     print("nvrtc_check:", "FAILED" if failed else f"{len(report)} kernel builds, no spills")

@@ -2,9 +2,128 @@
 //! in one place, so the CUDA backend and the GPU check launch them the same way.
 //! bf16 tensors are `CudaSlice<u16>` (bit patterns, as in `gpu_ref`).
 
-use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg, sys,
+};
 
 use super::{CudaError, Kernels};
+
+/// One argument as `cuLaunchKernelEx` takes it: an 8-byte slot holding a device pointer
+/// or a 32-bit scalar (the driver copies as many bytes as the parameter has, from the
+/// slot's start: little-endian).
+pub trait ExArg {
+    fn slot(&self, k: &Kernels) -> u64;
+}
+impl<T> ExArg for &CudaSlice<T> {
+    fn slot(&self, k: &Kernels) -> u64 {
+        self.device_ptr(&k.stream).0
+    }
+}
+impl<T> ExArg for &mut CudaSlice<T> {
+    fn slot(&self, k: &Kernels) -> u64 {
+        (**self).device_ptr(&k.stream).0
+    }
+}
+impl ExArg for &i32 {
+    fn slot(&self, _: &Kernels) -> u64 {
+        u64::from(**self as u32)
+    }
+}
+impl ExArg for &f32 {
+    fn slot(&self, _: &Kernels) -> u64 {
+        u64::from(self.to_bits())
+    }
+}
+
+/// A launch's arguments. Without PDL it is cudarc's launch builder; with PDL
+/// ([`Kernels::pdl`], set only for the PDL-aware kernels by [`Args::pdl`]) the same
+/// arguments go to `cuLaunchKernelEx` with the programmatic-stream-serialization
+/// attribute, which cudarc's builder cannot set.
+pub struct Args<'a> {
+    k: &'a Kernels,
+    f: &'a CudaFunction,
+    b: LaunchArgs<'a>,
+    slots: Vec<u64>,
+    pdl: bool,
+}
+
+impl<'a> Args<'a> {
+    pub fn new(k: &'a Kernels, f: &'a CudaFunction) -> Self {
+        Self {
+            k,
+            f,
+            b: k.stream.launch_builder(f),
+            slots: Vec::new(),
+            pdl: false,
+        }
+    }
+
+    /// Launch with PDL when the device's kernels were built for it. Only for kernels
+    /// that call `pdl_wait` before touching anything an earlier kernel writes.
+    pub fn pdl(&mut self) -> &mut Self {
+        self.pdl = self.k.pdl;
+        self
+    }
+
+    pub fn arg<T: ExArg>(&mut self, a: T) -> &mut Self
+    where
+        LaunchArgs<'a>: PushKernelArg<T>,
+    {
+        self.slots.push(a.slot(self.k));
+        self.b.arg(a);
+        self
+    }
+
+    /// # Safety
+    /// As cudarc's `LaunchArgs::launch`: the arguments must match the kernel's signature
+    /// and every buffer must be large enough for what the kernel touches.
+    pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), CudaError> {
+        if !self.pdl {
+            // SAFETY: the caller's contract.
+            unsafe { self.b.launch(cfg) }?;
+            return Ok(());
+        }
+        self.k.ctx.bind_to_thread()?;
+        let mut params: Vec<*mut std::ffi::c_void> = self
+            .slots
+            .iter_mut()
+            .map(|s| (s as *mut u64).cast())
+            .collect();
+        // SAFETY: a plain C union; the PDL member is an int.
+        let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
+        };
+        let conf = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.k.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: `params` points at one live slot per kernel parameter (the caller's
+        // contract for their types), `conf` and `attr` outlive the call, the function
+        // belongs to this context.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &conf,
+                self.f.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()?;
+        Ok(())
+    }
+}
 
 /// Shapes of a decode-attention launch.
 #[derive(Debug, Clone, Copy)]
@@ -149,7 +268,7 @@ impl<'a> KvRef<'a> {
     }
 
     /// The cache arguments, in the kernels' order: K and V, then (fp8) their scales.
-    fn push(&self, b: &mut LaunchArgs<'a>) {
+    fn push(&self, b: &mut Args<'a>) {
         match *self {
             KvRef::Bf16 { k, v } => {
                 b.arg(k).arg(v);
@@ -189,7 +308,8 @@ pub fn decode_attention_kv(
     let (n_kv, max_blocks, splits) = (dim(d.n_kv_heads)?, dim(d.max_blocks)?, dim(d.num_splits)?);
     let q_stride = dim(d.q_stride)?;
     let cfg = config(d.num_seqs, d.n_kv_heads, d.num_splits, 128)?;
-    let mut b = k.stream.launch_builder(&f);
+    let mut b = Args::new(k, &f);
+    b.pdl();
     b.arg(q);
     kv.push(&mut b);
     b.arg(block_tables)
@@ -227,7 +347,8 @@ fn merge_splits(
             1,
             d.head_dim.min(128) as u32,
         )?;
-        let mut b = k.stream.launch_builder(&m);
+        let mut b = Args::new(k, &m);
+        b.pdl();
         b.arg(&scratch.part_out)
             .arg(&scratch.part_ml)
             .arg(&mut *out)
@@ -324,7 +445,7 @@ pub fn prefill_attention_kv(
     let (nh, nkv, mb) = (dim(d.n_heads)?, dim(d.n_kv_heads)?, dim(d.max_blocks)?);
     let q_stride = dim(d.q_stride)?;
     let cfg = config(d.max_new.div_ceil(rows), d.n_heads, d.num_seqs, threads)?;
-    let mut b = k.stream.launch_builder(&f);
+    let mut b = Args::new(k, &f);
     b.arg(q);
     kv.push(&mut b);
     b.arg(cu_q)
@@ -354,7 +475,7 @@ pub fn rms_norm(
     let f = k.function("norm.cu", "rms_norm")?;
     let n = dim(dim_)?;
     let cfg = config(rows, 1, 1, 256)?;
-    let mut b = k.stream.launch_builder(&f);
+    let mut b = Args::new(k, &f);
     b.arg(x).arg(weight).arg(&mut *out).arg(&n).arg(&eps);
     // SAFETY: as in `decode_attention`.
     unsafe { b.launch(cfg) }?;
@@ -376,7 +497,7 @@ pub fn add_rms_norm(
     let f = k.function("norm.cu", "add_rms_norm")?;
     let n = dim(dim_)?;
     let cfg = config(rows, 1, 1, 256)?;
-    let mut b = k.stream.launch_builder(&f);
+    let mut b = Args::new(k, &f);
     b.arg(&mut *residual)
         .arg(x)
         .arg(weight)
@@ -400,7 +521,7 @@ pub fn silu_and_mul(
     let (r, i) = (dim(rows)?, dim(inter)?);
     let pieces = rows * inter / 8;
     let cfg = config(pieces.div_ceil(256).min(65_535), 1, 1, 256)?;
-    let mut b = k.stream.launch_builder(&f);
+    let mut b = Args::new(k, &f);
     b.arg(gate_up).arg(&mut *out).arg(&r).arg(&i);
     // SAFETY: as in `decode_attention`.
     unsafe { b.launch(cfg) }?;
@@ -473,7 +594,8 @@ pub fn rope_write_kv_into(
         + d.n_kv_heads * (d.head_dim - d.rot_dim)
         + d.n_kv_heads * d.head_dim / 8;
     let cfg = config(d.tokens, items.div_ceil(128), 1, 128)?;
-    let mut b = k.stream.launch_builder(&f);
+    let mut b = Args::new(k, &f);
+    b.pdl();
     b.arg(&mut *qkv)
         .arg(&stride)
         .arg(positions)
@@ -511,7 +633,7 @@ pub fn argmax_rows(
     let f = k.function("sampling.cu", "argmax_rows")?;
     let v = dim(vocab)?;
     let cfg = config(rows, 1, 1, 1024)?;
-    let mut b = k.stream.launch_builder(&f);
+    let mut b = Args::new(k, &f);
     b.arg(logits).arg(&mut *out).arg(&v);
     // SAFETY: as in `decode_attention`.
     unsafe { b.launch(cfg) }?;
@@ -545,7 +667,7 @@ pub fn topk_rows(
     let f = k.function("sampling.cu", "topk_rows")?;
     let (v, t) = (dim(vocab)?, dim(top)?);
     let cfg = config(rows, 1, 1, 512)?;
-    let mut b = k.stream.launch_builder(&f);
+    let mut b = Args::new(k, &f);
     b.arg(logits)
         .arg(&mut *out_logits)
         .arg(&mut *out_ids)
@@ -568,7 +690,7 @@ pub fn softmax_rows(
     let f = k.function("sampling.cu", "softmax_rows")?;
     let v = dim(vocab)?;
     let cfg = config(rows, 1, 1, 1024)?;
-    let mut b = k.stream.launch_builder(&f);
+    let mut b = Args::new(k, &f);
     b.arg(logits).arg(&mut *probs).arg(&v).arg(&temperature);
     // SAFETY: as in `decode_attention`.
     unsafe { b.launch(cfg) }?;
@@ -587,7 +709,7 @@ pub fn embed_rows(
     let f = k.function("act.cu", "embed_rows")?;
     let h = dim(hidden)?;
     let cfg = config(tokens, 1, 1, 128)?;
-    let mut b = k.stream.launch_builder(&f);
+    let mut b = Args::new(k, &f);
     b.arg(table).arg(ids).arg(&mut *out).arg(&h);
     // SAFETY: as in `decode_attention`.
     unsafe { b.launch(cfg) }?;
@@ -697,7 +819,8 @@ pub fn gemv(
     match (input, output) {
         (GemvInput::Plain(x), GemvOutput::Bf16(y)) => {
             let f = entry("gemv")?;
-            let mut b = k.stream.launch_builder(&f);
+            let mut b = Args::new(k, &f);
+            b.pdl();
             b.arg(w).arg(x).arg(y).arg(&r).arg(&c).arg(&n);
             // SAFETY: as in `decode_attention`; the lengths were checked above.
             unsafe { b.launch(cfg) }?;
@@ -711,7 +834,8 @@ pub fn gemv(
             GemvOutput::Bf16(y),
         ) => {
             let f = entry("gemv_norm")?;
-            let mut b = k.stream.launch_builder(&f);
+            let mut b = Args::new(k, &f);
+            b.pdl();
             b.arg(w)
                 .arg(residual)
                 .arg(weight)
@@ -725,14 +849,16 @@ pub fn gemv(
         }
         (GemvInput::Plain(x), GemvOutput::AddTo(res)) => {
             let f = entry("gemv_add")?;
-            let mut b = k.stream.launch_builder(&f);
+            let mut b = Args::new(k, &f);
+            b.pdl();
             b.arg(w).arg(x).arg(res).arg(&r).arg(&c).arg(&n);
             // SAFETY: as above.
             unsafe { b.launch(cfg) }?;
         }
         (GemvInput::SiluOf(gu), GemvOutput::AddTo(res)) => {
             let f = entry("gemv_silu_add")?;
-            let mut b = k.stream.launch_builder(&f);
+            let mut b = Args::new(k, &f);
+            b.pdl();
             b.arg(w).arg(gu).arg(res).arg(&r).arg(&c).arg(&n);
             // SAFETY: as above.
             unsafe { b.launch(cfg) }?;
@@ -759,7 +885,8 @@ pub fn rms_norm_f32(
     let f = k.function("norm.cu", "rms_norm_f32")?;
     let n = dim(dim_)?;
     let cfg = config(rows, 1, 1, 256)?;
-    let mut b = k.stream.launch_builder(&f);
+    let mut b = Args::new(k, &f);
+    b.pdl();
     b.arg(residual).arg(weight).arg(&mut *out).arg(&n).arg(&eps);
     // SAFETY: as in `decode_attention`.
     unsafe { b.launch(cfg) }?;
@@ -778,7 +905,7 @@ pub fn embed_rows_f32(
     let f = k.function("act.cu", "embed_rows_f32")?;
     let h = dim(hidden)?;
     let cfg = config(tokens, 1, 1, 128)?;
-    let mut b = k.stream.launch_builder(&f);
+    let mut b = Args::new(k, &f);
     b.arg(table).arg(ids).arg(&mut *residual).arg(&h);
     // SAFETY: as in `decode_attention`.
     unsafe { b.launch(cfg) }?;

@@ -57,19 +57,30 @@ fn kernels_compile_to_cubins_and_are_cached() {
     }
     let dir = std::env::temp_dir().join(format!("sov-kernels-cache-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    for arch in ["sm_80", "sm_90"] {
+    let mut plain_sm90 = std::collections::HashMap::new();
+    for (arch, pdl) in [("sm_80", false), ("sm_90", false), ("sm_90", true)] {
         for (name, _) in SOURCES {
-            let (cubin, cached) = cached_cubin(&dir, name, arch).unwrap();
+            let (cubin, cached) = cached_cubin(&dir, name, arch, pdl).unwrap();
             assert!(!cached, "{name}: first build must compile");
             // An ELF image (cubin), not PTX text.
             assert_eq!(&cubin[..4], b"\x7fELF", "{name} for {arch}");
-            let (again, cached) = cached_cubin(&dir, name, arch).unwrap();
+            let (again, cached) = cached_cubin(&dir, name, arch, pdl).unwrap();
             assert!(cached, "{name}: second build must come from the cache");
             assert_eq!(again, cubin);
+            if arch == "sm_90" && !pdl {
+                plain_sm90.insert(*name, cubin);
+            } else if pdl && ["gemv.cu", "decode_attention.cu", "rope_kv.cu"].contains(name) {
+                // The PDL build compiles the griddepcontrol code in.
+                assert_ne!(
+                    plain_sm90.get(name),
+                    Some(&cubin),
+                    "{name}: PDL build identical"
+                );
+            }
         }
     }
-    // One cache file per (source, arch).
-    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2 * SOURCES.len());
+    // One cache file per (source, arch, PDL or not).
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 3 * SOURCES.len());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -78,7 +89,7 @@ fn a_bad_architecture_is_a_compile_error_with_the_reason() {
     if !nvrtc_or_skip("a_bad_architecture_is_a_compile_error_with_the_reason") {
         return;
     }
-    let err = compile_cubin("act.cu", "sm_1").unwrap_err();
+    let err = compile_cubin("act.cu", "sm_1", false).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("act.cu") && text.contains("sm_1"), "{text}");
 }
