@@ -7,7 +7,7 @@
 #   3. prefill attention TFLOP/s,
 #   4. end-to-end `worker bench --device cuda:0` on random-weight models shaped like
 #      SmolLM2-135M and EuroLLM-1.7B, against the weight-bandwidth limit (batch 1 also
-#      with SOV_GEMV_KERNEL=warp, the other GEMV design, and SOV_PREFILL_KERNEL=pipelined),
+#      with SOV_GEMV_KERNEL=warp, the other GEMV design, and with SOV_PDL=1),
 #   5. the same attention shapes through PyTorch's scaled_dot_product_attention;
 #   6. `worker check-backend`: the CUDA backend's logits against the CPU backend's over
 #      prefill and decode steps (batch 3, 2, 1) on both model shapes.
@@ -28,7 +28,7 @@ trap 'rm -rf "$TMP"' EXIT
 # Progress of every stage, also kept in $OUT/gpu-check.log when OUT is set.
 LOG=${OUT:-$TMP}/gpu-check.log
 : > "$LOG"
-say() { echo "gpu-check: $*" | tee -a "$LOG" >&2; }
+say() { echo "gpu-check [${SECONDS}s]: $*" | tee -a "$LOG" >&2; }
 # The libraries cudarc loads (the driver's libcuda, NVRTC 13, cuBLAS 13): where the
 # loader does not know them, the CUDA toolkit's folders, the driver's, or NVIDIA's pip
 # wheels (python3's `nvidia` package).
@@ -74,14 +74,17 @@ for shape in eurollm-1.7b smollm2-135m; do
     RUST_BACKTRACE=0 timeout 180 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
       > "$TMP/$shape.check.json" 2>> "$LOG" || { echo "gpu-check: check-backend failed on $shape" | tee -a "$LOG" >&2; [ $status -eq 0 ] && status=1; }
     [ -s "$TMP/$shape.check.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$TMP/$shape.check.json"
-    # The fused path's other GEMV design, side by side at batch 1 (its prefill with the
-    # pipelined attention kernel, whose worker-side check follows).
-    SOV_GEMV_KERNEL=warp SOV_PREFILL_KERNEL=pipelined RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
+    say "$shape: opt-in designs (warp GEMV, pipelined and wgmma prefill, PDL)"
+    # The fused path's other GEMV design, side by side at batch 1.
+    SOV_GEMV_KERNEL=warp RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
       --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
       > "$TMP/$shape.warp.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$TMP/$shape.warp.json"
-    SOV_PREFILL_KERNEL=pipelined RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
-      --device cuda:0 > "$TMP/$shape.check-pipe.json" 2>> "$LOG" || echo "gpu-check: check-backend with the pipelined prefill failed on $shape" | tee -a "$LOG" >&2
-    [ -s "$TMP/$shape.check-pipe.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$TMP/$shape.check-pipe.json"
+    # The opt-in prefill designs inside the backend (its prefill steps).
+    for p in pipelined wgmma; do
+      SOV_PREFILL_KERNEL=$p RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
+        --device cuda:0 > "$TMP/$shape.check-$p.json" 2>> "$LOG" || echo "gpu-check: check-backend with the $p prefill failed on $shape" | tee -a "$LOG" >&2
+      [ -s "$TMP/$shape.check-$p.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$TMP/$shape.check-$p.json"
+    done
     # Programmatic dependent launch (sm_90+): the backend check, then batch-1 decode with
     # each GEMV design.
     SOV_PDL=1 RUST_BACKTRACE=0 timeout 180 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
@@ -92,6 +95,7 @@ for shape in eurollm-1.7b smollm2-135m; do
         --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
         > "$TMP/$shape.pdl-$g.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$TMP/$shape.pdl-$g.json"
     done
+    say "$shape: FP8 KV cache"
     # The FP8 KV cache: the backend check with both backends rounding K/V to e4m3
     # (informational: the two round different inputs, bf16 vs f32 projections, so a value
     # may land one e4m3 step apart) and decode speed.
@@ -107,6 +111,7 @@ for shape in eurollm-1.7b smollm2-135m; do
   fi
   rm -rf "${TMP:?}/$shape"
 done
+say "summary"
 python3 - "$TMP" "$status" <<'PY'
 import json, os, sys
 tmp, status = sys.argv[1], int(sys.argv[2])
@@ -126,13 +131,16 @@ for shape in ["smollm2-135m", "eurollm-1.7b"]:
     ck.pop("per_row", None)
     ck8 = load(f"{shape}.check-fp8.json")
     ck8.pop("per_row", None)
-    ckp = load(f"{shape}.check-pipe.json")
+    ckp = load(f"{shape}.check-pipelined.json")
     ckp.pop("per_row", None)
+    ckw = load(f"{shape}.check-wgmma.json")
+    ckw.pop("per_row", None)
     ckd = load(f"{shape}.check-pdl.json")
     ckd.pop("per_row", None)
     e = {"model": m, "bench": b, "bench_gemv_warp": wb, "backend_check": ck,
          "bench_kv_fp8": load(f"{shape}.fp8.json"), "backend_check_kv_fp8": ck8,
-         "backend_check_prefill_pipelined": ckp, "backend_check_pdl": ckd,
+         "backend_check_prefill_pipelined": ckp, "backend_check_prefill_wgmma": ckw,
+         "backend_check_pdl": ckd,
          "bench_pdl_gemv_block": load(f"{shape}.pdl-block.json"),
          "bench_pdl_gemv_warp": load(f"{shape}.pdl-warp.json")}
     try:
@@ -171,18 +179,21 @@ def frac_min(xs, key, pred=lambda x: True):
     return min(v) if v else None
 dec = frac_min(k.get("decode_attention", []), "fraction_of_copy", lambda x: x.get("context", 0) >= 4096)
 # A prefill design counts only when every correctness check of it passed.
-kind_ok = {"Basic": "prefill_attention", "Pipelined": "prefill_attention_pipe"}
 checks_all = k.get("correctness", {}).get("checks", [])
-def design_ok(kind):
-    mine = [c for c in checks_all if c.get("kernel") == kind_ok.get(kind)]
+def design_ok(name):
+    mine = [c for c in checks_all if c.get("kernel") == name]
     return bool(mine) and all(c.get("ok") for c in mine)
 pre = max([x["fraction_of_bf16_dense_peak"] for x in k.get("prefill_attention", [])
-           if "fraction_of_bf16_dense_peak" in x and design_ok(x.get("kernel", "Basic"))] or [None],
+           if "fraction_of_bf16_dense_peak" in x and design_ok(x.get("kernel", "prefill_attention"))] or [None],
           key=lambda v: -1 if v is None else v)
 eu = summary["end_to_end"].get("eurollm-1.7b", {})
-e2e_candidates = [eu.get("fraction_of_limit"), eu.get("gemv_warp_fraction_of_limit")]
+# The warp GEMV design counts only where its kernel checks passed, PDL only where the
+# PDL backend check did.
+warp_checks = [c for c in checks_all if str(c.get("kernel", "")).startswith("gemvw")]
+warp_ok = bool(warp_checks) and all(c.get("ok") for c in warp_checks)
+e2e_candidates = [eu.get("fraction_of_limit")] + ([eu.get("gemv_warp_fraction_of_limit")] if warp_ok else [])
 if eu.get("pdl_backend_ok"):
-    e2e_candidates += [eu.get("pdl_gemv_block_fraction_of_limit"), eu.get("pdl_gemv_warp_fraction_of_limit")]
+    e2e_candidates += [eu.get("pdl_gemv_block_fraction_of_limit")] + ([eu.get("pdl_gemv_warp_fraction_of_limit")] if warp_ok else [])
 e2e = max([v for v in e2e_candidates if v is not None] or [None], key=lambda v: -1 if v is None else v)
 # A check that printed an error ran and failed; one absent was not run.
 checks = [c.get("ok", False) for c in (e.get("backend_check") for e in summary["end_to_end"].values()) if c is not None]

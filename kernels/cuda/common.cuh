@@ -135,6 +135,60 @@ struct Kv8<fp8> {
   static __device__ __forceinline__ void widen(Raw r, float out[8]) { widen8_e4m3(r, out); }
 };
 
+// Tensor cores and asynchronous copies (sm_80+), shared by the attention kernels.
+
+// D += A B for one m16n8k16 tile: bf16 in, f32 accumulate. A fragments: a[0] (row g,
+// cols 2t, 2t+1), a[1] (row g + 8), a[2] (row g, cols 2t + 8, + 9), a[3] (row g + 8);
+// B: b0 (k = 2t, 2t + 1, n = g), b1 (k + 8); C: c[0..1] (row g, cols 2t, 2t + 1),
+// c[2..3] (row g + 8); g = lane / 4, t = lane % 4.
+__device__ __forceinline__ void mma_bf16(float c[4], const unsigned a[4], unsigned b0,
+                                         unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 32-bit shared-memory address of a generic pointer into shared memory.
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+// 16 bytes global -> shared without passing through registers (cached in L2 only);
+// `src_bytes` 0 reads nothing and stores zeros.
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, unsigned src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+// Wait until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Four 8x8 bf16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, and each
+// lane receives (row lane/4, columns 2(lane%4), +1) of every matrix (`.trans`: column
+// lane/4, rows 2(lane%4), +1).
+__device__ __forceinline__ void ldsm_x4(unsigned r[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(unsigned r[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
 // Programmatic dependent launch (PDL), compiled in only with -DSOV_PDL=1 (the worker's
 // `SOV_PDL=1` on sm_90 and later, see kernels::cuda::Kernels::pdl); elsewhere these are
 // empty. A kernel launched with the programmatic-stream-serialization attribute may start

@@ -85,6 +85,14 @@ def nvrtc_options(arch):
     return [f"--gpu-architecture={arch.replace('sm_', 'compute_')}"] + opts
 
 
+def build_arch(source, device_arch):
+    """As kernels::cuda::build_arch: prefill_wgmma.cu (Hopper wgmma) builds for sm_90a on
+    sm_90 only; every other source for the device's own architecture."""
+    if source == "prefill_wgmma.cu":
+        return "sm_90a" if device_arch == "sm_90" else None
+    return device_arch
+
+
 def program_source(path):
     """The source as the worker compiles it: `#include "common.cuh"` inlined, so the
     kernels need no include path and no CUDA toolkit headers."""
@@ -144,10 +152,13 @@ def main():
     # (SOV_PDL=1: kernels::cuda::PDL_DEFINE compiles the griddepcontrol code in).
     archs = args.arch.split(",")
     builds = [(a, False) for a in archs] + [(a, True) for a in archs if int(a.split("_")[1]) >= 90]
-    for arch, pdl in builds:
-        label = f"{arch}+pdl" if pdl else arch
-        options = nvrtc_options(arch) + (["-DSOV_PDL=1"] if pdl else [])
+    for device_arch, pdl in builds:
         for src in sources:
+            arch = build_arch(src.name, device_arch)
+            if arch is None:
+                continue
+            label = f"{arch}+pdl" if pdl else arch
+            options = nvrtc_options(arch) + (["-DSOV_PDL=1"] if pdl else [])
             ptx, log = nvrtc.compile_ptx(program_source(src), src.name, options)
             if ptx is None:
                 print(f"FAIL {src.name} [{label}]: NVRTC compile error\n{log}", flush=True)

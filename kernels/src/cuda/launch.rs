@@ -381,21 +381,44 @@ pub struct PrefillDims {
 /// (`prefill_attention_hd{D}`: 64 query rows a CTA, tiles staged through registers, the
 /// bf16 and the FP8 cache) or `Pipelined` (`prefill_attention_pipe_hd{D}`: 128 rows a
 /// CTA, `cp.async` copies overlapping the MMAs, `ldmatrix` fragments; bf16 cache only,
-/// so an FP8 cache runs `Basic`).
+/// so an FP8 cache runs `Basic`) or `Wgmma` (kernels/cuda/prefill_wgmma.cu,
+/// `prefill_attention_wgmma_hd{D}`: Hopper warpgroup MMAs; bf16 cache on sm_90 only,
+/// elsewhere `Pipelined` runs; `swapped` picks the entry points with the descriptor's
+/// two core-matrix strides exchanged, see that file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefillKernel {
     Basic,
     Pipelined,
+    Wgmma { swapped: bool },
 }
 
 impl PrefillKernel {
-    /// `SOV_PREFILL_KERNEL=pipelined` picks `Pipelined`; anything else `Basic`.
+    /// `SOV_PREFILL_KERNEL=pipelined` picks `Pipelined`, `=wgmma` picks `Wgmma` (with
+    /// `SOV_WGMMA_SWAP=1` its swapped variant); anything else `Basic`.
     pub fn from_env() -> Self {
         match std::env::var("SOV_PREFILL_KERNEL").as_deref() {
             Ok("pipelined") => Self::Pipelined,
+            Ok("wgmma") => Self::Wgmma {
+                swapped: std::env::var("SOV_WGMMA_SWAP").is_ok_and(|v| v == "1"),
+            },
             _ => Self::Basic,
         }
     }
+
+    /// The design that runs on this device for this cache (the fallbacks above).
+    pub fn resolve(self, k: &Kernels, fp8: bool) -> Self {
+        match self {
+            _ if fp8 => Self::Basic,
+            Self::Wgmma { .. } if !k.has_source("prefill_wgmma.cu") => Self::Pipelined,
+            other => other,
+        }
+    }
+}
+
+/// Dynamic shared memory of `prefill_attention_wgmma_hd{D}` (as `pw_smem_bytes` in
+/// prefill_wgmma.cu): K and V^T tiles of 64 x D, the padded V staging tile.
+fn wgmma_smem_bytes(head_dim: usize) -> usize {
+    2 * 64 * head_dim * 2 + 64 * (head_dim + 8) * 2
 }
 
 /// `prefill_attention_hd{D}` over a bf16 cache: `cu_q` has `num_seqs + 1` offsets into
@@ -434,17 +457,43 @@ pub fn prefill_attention_kv(
     block_tables: &CudaSlice<i32>,
     out: &mut CudaSlice<u16>,
 ) -> Result<(), CudaError> {
-    let pipelined = kind == PrefillKernel::Pipelined && matches!(kv, KvRef::Bf16 { .. });
-    let (entry, rows, threads) = if pipelined {
-        (format!("prefill_attention_pipe_hd{}", d.head_dim), 128, 256)
-    } else {
-        let e = format!("prefill_attention_hd{}{}", d.head_dim, kv.suffix());
-        (e, 64, 128)
+    let hd = d.head_dim;
+    let kind = kind.resolve(k, matches!(kv, KvRef::Fp8 { .. }));
+    let (source, entry, rows, threads) = match kind {
+        PrefillKernel::Basic => (
+            "prefill_attention.cu",
+            format!("prefill_attention_hd{hd}{}", kv.suffix()),
+            64,
+            128,
+        ),
+        PrefillKernel::Pipelined => (
+            "prefill_attention.cu",
+            format!("prefill_attention_pipe_hd{hd}"),
+            128,
+            256,
+        ),
+        PrefillKernel::Wgmma { swapped } => (
+            "prefill_wgmma.cu",
+            format!(
+                "prefill_attention_wgmma_hd{hd}{}",
+                if swapped { "_swapped" } else { "" }
+            ),
+            128,
+            256,
+        ),
     };
-    let f = k.function("prefill_attention.cu", &entry)?;
+    let f = k.function(source, &entry)?;
     let (nh, nkv, mb) = (dim(d.n_heads)?, dim(d.n_kv_heads)?, dim(d.max_blocks)?);
     let q_stride = dim(d.q_stride)?;
-    let cfg = config(d.max_new.div_ceil(rows), d.n_heads, d.num_seqs, threads)?;
+    let mut cfg = config(d.max_new.div_ceil(rows), d.n_heads, d.num_seqs, threads)?;
+    if let PrefillKernel::Wgmma { .. } = kind {
+        let bytes = wgmma_smem_bytes(hd);
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            dim(bytes)?,
+        )?;
+        cfg.shared_mem_bytes = bytes as u32;
+    }
     let mut b = Args::new(k, &f);
     b.arg(q);
     kv.push(&mut b);

@@ -35,6 +35,10 @@ pub const SOURCES: &[(&str, &str)] = &[
         "prefill_attention.cu",
         include_str!("../../cuda/prefill_attention.cu"),
     ),
+    (
+        "prefill_wgmma.cu",
+        include_str!("../../cuda/prefill_wgmma.cu"),
+    ),
     ("rope_kv.cu", include_str!("../../cuda/rope_kv.cu")),
     ("sampling.cu", include_str!("../../cuda/sampling.cu")),
 ];
@@ -89,6 +93,19 @@ pub fn nvrtc_options() -> Vec<String> {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(String::from)
         .collect()
+}
+
+/// The architecture a source is compiled for on a device of `device_arch` (e.g.
+/// "sm_90"), or `None` where it does not run: `prefill_wgmma.cu` uses Hopper's
+/// arch-specific wgmma instructions, so it builds for sm_90a on sm_90 devices only (an
+/// sm_90a cubin runs on H100 and H200); every other source builds for the device's own
+/// architecture.
+pub fn build_arch(source: &str, device_arch: &str) -> Option<String> {
+    if source == "prefill_wgmma.cu" {
+        (device_arch == "sm_90").then(|| "sm_90a".to_string())
+    } else {
+        Some(device_arch.to_string())
+    }
 }
 
 /// The define that compiles the kernels' programmatic-dependent-launch code (sm_90+; see
@@ -288,7 +305,10 @@ impl Kernels {
         let pdl = major >= 9 && std::env::var("SOV_PDL").is_ok_and(|v| v == "1");
         let mut modules = HashMap::new();
         for (name, _) in SOURCES {
-            let (cubin, _) = cached_cubin(cache_dir, name, &arch, pdl)?;
+            let Some(build) = build_arch(name, &arch) else {
+                continue;
+            };
+            let (cubin, _) = cached_cubin(cache_dir, name, &build, pdl)?;
             modules.insert(*name, ctx.load_module(Ptx::from_binary(cubin))?);
         }
         Ok(Self {
@@ -300,6 +320,11 @@ impl Kernels {
             modules,
             functions: std::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Whether a source was built for this device (see [`build_arch`]).
+    pub fn has_source(&self, source: &str) -> bool {
+        self.modules.contains_key(source)
     }
 
     /// An entry point of one source, e.g. `("decode_attention.cu", "decode_attention_hd64_g3")`.

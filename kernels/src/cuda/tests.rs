@@ -58,8 +58,18 @@ fn kernels_compile_to_cubins_and_are_cached() {
     let dir = std::env::temp_dir().join(format!("sov-kernels-cache-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut plain_sm90 = std::collections::HashMap::new();
-    for (arch, pdl) in [("sm_80", false), ("sm_90", false), ("sm_90", true)] {
+    let mut files = 0;
+    for (device, pdl) in [("sm_80", false), ("sm_90", false), ("sm_90", true)] {
         for (name, _) in SOURCES {
+            let Some(arch) = build_arch(name, device) else {
+                assert_eq!(
+                    *name, "prefill_wgmma.cu",
+                    "only the wgmma kernels skip {device}"
+                );
+                continue;
+            };
+            let arch = arch.as_str();
+            files += 1;
             let (cubin, cached) = cached_cubin(&dir, name, arch, pdl).unwrap();
             assert!(!cached, "{name}: first build must compile");
             // An ELF image (cubin), not PTX text.
@@ -80,7 +90,7 @@ fn kernels_compile_to_cubins_and_are_cached() {
         }
     }
     // One cache file per (source, arch, PDL or not).
-    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 3 * SOURCES.len());
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), files);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

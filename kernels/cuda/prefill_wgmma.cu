@@ -1,0 +1,376 @@
+// Prefill and chunked-prefill attention on Hopper's warpgroup tensor cores (wgmma), bf16
+// cache. Same semantics, arguments and CPU reference (kernels::gpu_ref::prefill_attention)
+// as prefill_attention.cu; compiled only for sm_90a (wgmma is an arch-specific feature:
+// kernels::cuda::build_arch), launched with `PrefillKernel::Wgmma`.
+//
+// Grid (ceil(max_new / 128), n_heads, num_seqs), 256 threads = two warpgroups of 64 query
+// rows each, walking the context in tiles of 64 keys with an online softmax in registers:
+//   S = Q K^T   wgmma m64n64k16 per 16 of head_dim: Q from registers (loaded once), K
+//               from shared memory;
+//   O += P V    wgmma m64n{HD}k16 per 16 keys: P (the softmax weights rounded to bf16)
+//               from registers, V^T from shared memory.
+// Both shared operands are stored "K-major" (contiguous along the reduced dimension: K
+// rows along head_dim, V^T rows along the keys) in the canonical no-swizzle layout:
+// core matrices of 8 rows x 16 bytes, 128 contiguous bytes each, the matrix descriptor
+// giving the byte distance between core matrices adjacent along the reduced dimension
+// (leading, LBO) and along the other (stride, SBO). K tiles are copied straight into that
+// layout with cp.async; V tiles land row-major (as the cache holds them) and are
+// transposed into V^T with ldmatrix.trans (four 8x8 fragments per instruction). V(j)
+// streams in during S = Q K(j)^T, K(j+1) during O += P V(j).
+//
+// The `_swapped` entry points exchange LBO and SBO: the PTX ISA's wording is the first
+// convention, and the GPU check runs both so one run settles it (the launcher uses the
+// first unless `SOV_WGMMA_SWAP=1`).
+#include "common.cuh"
+
+namespace sov {
+
+constexpr int PW_WARPGROUPS = 2;
+constexpr int PW_THREADS = PW_WARPGROUPS * 128;
+constexpr int PW_BR = PW_WARPGROUPS * 64;  // query rows per CTA
+constexpr int PW_BC = 64;                  // keys per tile
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_wait_all() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+// Shared-memory writes by ordinary stores and cp.async become visible to wgmma (the
+// async proxy) only after this fence (then a barrier for the other threads' writes).
+__device__ __forceinline__ void fence_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void st_shared_u32(unsigned addr, unsigned v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+
+// Matrix descriptor of a no-swizzle operand starting at shared address `addr`.
+__device__ __forceinline__ unsigned long long wgmma_desc(unsigned addr, unsigned lbo,
+                                                        unsigned sbo) {
+  return (unsigned long long)((addr & 0x3ffffu) >> 4) |
+         ((unsigned long long)((lbo >> 4) & 0x3fffu) << 16) |
+         ((unsigned long long)((sbo >> 4) & 0x3fffu) << 32);
+}
+
+// D (+)= A B, M = 64 (warp w of the warpgroup holds rows 16w..16w+15 of A and D in the
+// m16n8k16 fragment layouts, D as N/8 consecutive 8-column tiles), K = 16, A from
+// registers, B from shared memory; `accumulate` 0 overwrites D.
+__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const unsigned (&a)[4],
+                                                   unsigned long long desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+      "{%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+        "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+        "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+        "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate)
+      : "memory");
+}
+
+__device__ __forceinline__ void wgmma_m64n96k16_rs(float (&d)[48], const unsigned (&a)[4],
+                                                   unsigned long long desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %53, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47}, "
+      "{%48,%49,%50,%51}, %52, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+        "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+        "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+        "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate)
+      : "memory");
+}
+
+__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const unsigned (&a)[4],
+                                                   unsigned long long desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+      "{%64,%65,%66,%67}, %68, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+        "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+        "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+        "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+        "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+        "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate)
+      : "memory");
+}
+
+template <int HD>
+__device__ __forceinline__ void wgmma_pv(float (&o)[HD / 2], const unsigned (&a)[4],
+                                         unsigned long long desc) {
+  if constexpr (HD == 64) {
+    wgmma_m64n64k16_rs(o, a, desc, 1);
+  } else if constexpr (HD == 96) {
+    wgmma_m64n96k16_rs(o, a, desc, 1);
+  } else {
+    wgmma_m64n128k16_rs(o, a, desc, 1);
+  }
+}
+
+// Dynamic shared memory of one CTA: the K tile and the V^T tile (core-matrix layout,
+// 64 x HD bf16 each), then the row-major V staging tile (rows padded by 8 elements so
+// ldmatrix reads them without bank conflicts).
+template <int HD>
+constexpr int pw_smem_bytes() {
+  return 2 * PW_BC * HD * 2 + PW_BC * (HD + 8) * 2;
+}
+
+template <int HD, bool SWAP>
+__device__ __forceinline__ void prefill_wgmma_impl(
+    const sov::bf16* __restrict__ q, const sov::bf16* __restrict__ k_cache,
+    const sov::bf16* __restrict__ v_cache, const int* __restrict__ cu_q,
+    const int* __restrict__ seq_lens, const int* __restrict__ block_tables,
+    sov::bf16* __restrict__ out, int n_heads, int n_kv_heads, int max_blocks, float scale,
+    int q_stride) {
+  static_assert(HD == 64 || HD == 96 || HD == 128, "head_dim must be 64, 96 or 128");
+  constexpr int KS = HD / 16;             // k-steps of S = Q K^T
+  constexpr int NT = HD / 8;              // 8-column tiles of O
+  constexpr int PAD = HD + 8;             // staging row pitch (elements)
+  constexpr int TILE = PW_BC * HD * 2;    // bytes of one core-matrix tile
+  constexpr int PIECES = PW_BC * HD / 8;  // 16-byte pieces in a tile
+  static_assert(PIECES % PW_THREADS == 0, "tile pieces must divide among the threads");
+  // Core-matrix strides: K tile [key][d] (reduced dimension d), V^T tile [d][key]
+  // (reduced dimension key).
+  constexpr unsigned K_LBO = 128, K_SBO = HD * 16;
+  constexpr unsigned V_LBO = 128, V_SBO = PW_BC * 16;
+  extern __shared__ __align__(1024) unsigned char pw_smem[];
+  const unsigned sk = smem_u32(pw_smem);
+  const unsigned svt = sk + TILE;
+  const unsigned svs = sk + 2 * TILE;
+
+  const int seq = blockIdx.z, head = blockIdx.y;
+  const int q0 = cu_q[seq], n_new = cu_q[seq + 1] - q0;
+  const int tile_row0 = (gridDim.x - 1 - blockIdx.x) * PW_BR;  // longest prefixes first
+  if (tile_row0 >= n_new) return;
+  const int len = seq_lens[seq];
+  const int first_pos = len - n_new;
+  const int kvh = head / (n_heads / n_kv_heads);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wg = warp / 4;
+  const int g = lane >> 2, t = lane & 3;
+  const int wg_row0 = tile_row0 + wg * 64;
+  const int warp_row0 = wg_row0 + (warp % 4) * 16;
+  const int rows[2] = {warp_row0 + g, warp_row0 + g + 8};
+  const int qpos[2] = {rows[0] < n_new ? first_pos + rows[0] : -1,
+                       rows[1] < n_new ? first_pos + rows[1] : -1};
+  // A warpgroup runs its wgmmas for a tile when any of its rows sees a key of it; a warp
+  // masks a tile when it crosses that warp's diagonal or the warp has padding rows.
+  const bool wg_active = wg_row0 < n_new;
+  const int wg_last_pos = first_pos + min(n_new - 1, wg_row0 + 63);
+  const bool warp_full = warp_row0 + 15 < n_new;
+  const int warp_first_pos = first_pos + warp_row0;
+
+  unsigned qa[KS][4];
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool ok = rows[r] < n_new;
+      const unsigned* src = reinterpret_cast<const unsigned*>(
+          q + (long long)(q0 + (ok ? rows[r] : 0)) * q_stride + head * HD + ks * 16 + 2 * t);
+      qa[ks][r] = ok ? src[0] : 0u;
+      qa[ks][r + 2] = ok ? src[4] : 0u;
+    }
+  }
+
+  float o[HD / 2];
+#pragma unroll
+  for (int i = 0; i < HD / 2; ++i) o[i] = 0.f;
+  float m[2] = {neg_inf(), neg_inf()};  // running max, log2 units
+  float l[2] = {0.f, 0.f};
+  const float scale_log2 = scale * 1.4426950408889634f;
+
+  const int last_row = min(n_new, tile_row0 + PW_BR) - 1;
+  const int kv_end = first_pos + last_row + 1;
+  const int n_tiles = (kv_end + PW_BC - 1) / PW_BC;
+  const int* bt = block_tables + (long long)seq * max_blocks;
+  const long long row_stride = (long long)n_kv_heads * HD;
+  // Global address of a key's 16-byte piece (nullptr past the context).
+  auto piece = [&](const sov::bf16* cache, int pos, int d0) -> const sov::bf16* {
+    if (pos >= kv_end) return nullptr;
+    const long long slot = (long long)bt[pos / KV_BLOCK] * KV_BLOCK + pos % KV_BLOCK;
+    return cache + slot * row_stride + kvh * HD + d0;
+  };
+  // K tile straight into the core-matrix layout. Lanes 2i and 2i+1 take neighbouring
+  // pieces of one key (one 32-byte sector), eight keys fill one 128-byte core matrix.
+  auto load_k = [&](int k0) {
+#pragma unroll
+    for (int i = 0; i < PIECES / PW_THREADS; ++i) {
+      const int c = threadIdx.x + i * PW_THREADS;
+      const int key = (c >> 1) & (PW_BC - 1);
+      const int dp = (c & 1) | ((c >> 7) << 1);
+      const sov::bf16* src = piece(k_cache, k0 + key, dp * 8);
+      cp_async16(sk + (key >> 3) * K_SBO + dp * 128 + (key & 7) * 16, src ? src : k_cache,
+                 src ? 16u : 0u);
+    }
+  };
+  // V tile row-major into the staging tile.
+  auto load_v = [&](int k0) {
+#pragma unroll
+    for (int i = 0; i < PIECES / PW_THREADS; ++i) {
+      const int c = threadIdx.x + i * PW_THREADS;
+      const int key = c / (HD / 8), d0 = (c % (HD / 8)) * 8;
+      const sov::bf16* src = piece(v_cache, k0 + key, d0);
+      cp_async16(svs + (key * PAD + d0) * 2, src ? src : v_cache, src ? 16u : 0u);
+    }
+  };
+
+  load_k(0);
+  cp_async_commit();
+#pragma unroll 1
+  for (int j = 0; j < n_tiles; ++j) {
+    const int k0 = j * PW_BC;
+    load_v(k0);
+    cp_async_commit();
+    cp_async_wait<1>();  // this thread's K(j) copies have landed
+    fence_async_shared();
+    __syncthreads();     // and everyone's, visible to wgmma
+    const bool run = wg_active && k0 <= wg_last_pos;
+    float s[32];  // S tile: 8-column tile jn in s[4 jn .. 4 jn + 3]
+    if (run) {
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        const unsigned long long d = SWAP ? wgmma_desc(sk + ks * 256, K_SBO, K_LBO)
+                                          : wgmma_desc(sk + ks * 256, K_LBO, K_SBO);
+        wgmma_m64n64k16_rs(s, qa[ks], d, ks > 0);
+      }
+      wgmma_commit();
+      wgmma_wait_all();
+      if (!warp_full || k0 + PW_BC - 1 > warp_first_pos) {
+#pragma unroll
+        for (int jn = 0; jn < PW_BC / 8; ++jn) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int kpos = k0 + 8 * jn + 2 * t + (e & 1);
+            if (kpos > qpos[e >> 1]) s[4 * jn + e] = neg_inf();
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = neg_inf();
+#pragma unroll
+        for (int jn = 0; jn < PW_BC / 8; ++jn)
+          mx = fmaxf(mx, fmaxf(s[4 * jn + 2 * r], s[4 * jn + 2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+        const float m_new = fmaxf(m[r], mx * scale_log2);
+        const float shift = m_new == neg_inf() ? 0.f : m_new;
+        const float rescale = exp2f(m[r] - shift);
+        m[r] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int jn = 0; jn < PW_BC / 8; ++jn) {
+          float& a = s[4 * jn + 2 * r];
+          float& b = s[4 * jn + 2 * r + 1];
+          a = exp2f(fmaf(a, scale_log2, -shift));
+          b = exp2f(fmaf(b, scale_log2, -shift));
+          sum += a + b;
+        }
+        l[r] = l[r] * rescale + sum;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          o[4 * n + 2 * r] *= rescale;
+          o[4 * n + 2 * r + 1] *= rescale;
+        }
+      }
+    }
+    cp_async_wait<0>();  // V(j) has landed in the staging tile
+    __syncthreads();     // for every thread; no wgmma reads the K tile any more
+    if (j + 1 < n_tiles) load_k(k0 + PW_BC);
+    cp_async_commit();
+    // V^T: each ldmatrix.trans takes four 8-key x 8-dim blocks (keys 32h..32h+31, dims
+    // 8db..8db+7); lane (g, t) gets keys 2t, 2t+1 of dim g of each, one 32-bit word of
+    // a V^T core-matrix row.
+#pragma unroll
+    for (int op = warp; op < 2 * NT; op += PW_THREADS / 32) {
+      const int h = op & 1, db = op >> 1;
+      unsigned w4[4];
+      ldsm_x4_trans(w4, svs + ((32 * h + 8 * (lane >> 3) + (lane & 7)) * PAD + 8 * db) * 2);
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+        st_shared_u32(svt + db * V_SBO + (4 * h + mi) * 128 + g * 16 + t * 4, w4[mi]);
+    }
+    fence_async_shared();
+    __syncthreads();  // V^T complete (and visible to wgmma); the staging tile is free
+    if (run) {
+      unsigned pa[PW_BC / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < PW_BC / 16; ++kk) {
+        pa[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
+        pa[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
+        pa[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
+        pa[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
+      }
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < PW_BC / 16; ++kk) {
+        const unsigned long long d = SWAP ? wgmma_desc(svt + kk * 256, V_SBO, V_LBO)
+                                          : wgmma_desc(svt + kk * 256, V_LBO, V_SBO);
+        wgmma_pv<HD>(o, pa[kk], d);
+      }
+      wgmma_commit();
+      wgmma_wait_all();
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
+    l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (rows[r] >= n_new) continue;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    sov::bf16* dst = out + ((long long)(q0 + rows[r]) * n_heads + head) * HD;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      *reinterpret_cast<unsigned*>(dst + 8 * n + 2 * t) =
+          pack_bf16(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
+    }
+  }
+}
+
+}  // namespace sov
+
+#define SOV_PREFILL_WGMMA(HD, SWAP, SUFFIX)                                               \
+  extern "C" __global__ void __launch_bounds__(sov::PW_THREADS, 1)                       \
+      prefill_attention_wgmma_hd##HD##SUFFIX(                                             \
+          const sov::bf16* q, const sov::bf16* k_cache, const sov::bf16* v_cache,         \
+          const int* cu_q, const int* seq_lens, const int* block_tables, sov::bf16* out,  \
+          int n_heads, int n_kv_heads, int max_blocks, float scale, int q_stride) {       \
+    sov::prefill_wgmma_impl<HD, SWAP>(q, k_cache, v_cache, cu_q, seq_lens, block_tables,  \
+                                      out, n_heads, n_kv_heads, max_blocks, scale,        \
+                                      q_stride);                                          \
+  }
+
+SOV_PREFILL_WGMMA(64, false, )
+SOV_PREFILL_WGMMA(96, false, )
+SOV_PREFILL_WGMMA(128, false, )
+SOV_PREFILL_WGMMA(64, true, _swapped)
+SOV_PREFILL_WGMMA(96, true, _swapped)
+SOV_PREFILL_WGMMA(128, true, _swapped)
