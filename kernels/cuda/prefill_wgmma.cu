@@ -39,6 +39,18 @@ __device__ __forceinline__ void wgmma_commit() {
 __device__ __forceinline__ void wgmma_wait_all() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 }
+// Pins registers in program order (an empty asm that "writes" them): reads of wgmma
+// accumulators stay after wgmma.wait_group, and writes of its register operands before
+// wgmma.fence, whatever the compiler would otherwise schedule.
+template <int N>
+__device__ __forceinline__ void pin(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+__device__ __forceinline__ void pin(unsigned (&r)[4]) {
+  asm volatile("" : "+r"(r[0]), "+r"(r[1]), "+r"(r[2]), "+r"(r[3])::"memory");
+}
+
 // Shared-memory writes by ordinary stores and cp.async become visible to wgmma (the
 // async proxy) only after this fence (then a barrier for the other threads' writes).
 __device__ __forceinline__ void fence_async_shared() {
@@ -259,6 +271,7 @@ __device__ __forceinline__ void prefill_wgmma_impl(
       }
       wgmma_commit();
       wgmma_wait_all();
+      pin(s);
       if (!warp_full || k0 + PW_BC - 1 > warp_first_pos) {
 #pragma unroll
         for (int jn = 0; jn < PW_BC / 8; ++jn) {
@@ -325,6 +338,9 @@ __device__ __forceinline__ void prefill_wgmma_impl(
         pa[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
         pa[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
       }
+#pragma unroll
+      for (int kk = 0; kk < PW_BC / 16; ++kk) pin(pa[kk]);
+      pin(o);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < PW_BC / 16; ++kk) {
@@ -334,6 +350,7 @@ __device__ __forceinline__ void prefill_wgmma_impl(
       }
       wgmma_commit();
       wgmma_wait_all();
+      pin(o);
     }
   }
 
