@@ -3,8 +3,8 @@
 // as prefill_attention.cu; compiled only for sm_90a (wgmma is an arch-specific feature:
 // kernels::cuda::build_arch), launched with `PrefillKernel::Wgmma`.
 //
-// Grid (ceil(max_new / 128), n_heads, num_seqs), 256 threads = two warpgroups of 64 query
-// rows each, walking the context in tiles of 64 keys with an online softmax in registers:
+// Grid (ceil(max_new / (64 x warpgroups)), n_heads, num_seqs), one or two warpgroups of
+// 64 query rows each (see prefill_wgmma_impl), walking the context in tiles of 64 keys with an online softmax in registers:
 //   S = Q K^T   wgmma m64n64k16 per 16 of head_dim: Q from registers (loaded once), K
 //               from shared memory;
 //   O += P V    wgmma m64n{HD}k16 per 16 keys: P (the softmax weights rounded to bf16)
@@ -25,10 +25,7 @@
 
 namespace sov {
 
-constexpr int PW_WARPGROUPS = 2;
-constexpr int PW_THREADS = PW_WARPGROUPS * 128;
-constexpr int PW_BR = PW_WARPGROUPS * 64;  // query rows per CTA
-constexpr int PW_BC = 64;                  // keys per tile
+constexpr int PW_BC = 64;  // keys per tile
 
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -149,7 +146,10 @@ constexpr int pw_smem_bytes() {
   return 2 * PW_BC * HD * 2 + PW_BC * (HD + 8) * 2;
 }
 
-template <int HD, bool SWAP>
+// WGS warpgroups a CTA (64 query rows each): 2 share every K/V tile between 128 rows
+// (half the L2 traffic), 1 lets two CTAs share an SM and overlap one's softmax with the
+// other's MMAs (`prefill_attention_wgmma1_*`). The GPU check times both.
+template <int HD, int WGS, bool SWAP>
 __device__ __forceinline__ void prefill_wgmma_impl(
     const sov::bf16* __restrict__ q, const sov::bf16* __restrict__ k_cache,
     const sov::bf16* __restrict__ v_cache, const int* __restrict__ cu_q,
@@ -162,6 +162,8 @@ __device__ __forceinline__ void prefill_wgmma_impl(
   constexpr int PAD = HD + 8;             // staging row pitch (elements)
   constexpr int TILE = PW_BC * HD * 2;    // bytes of one core-matrix tile
   constexpr int PIECES = PW_BC * HD / 8;  // 16-byte pieces in a tile
+  constexpr int PW_THREADS = WGS * 128;
+  constexpr int PW_BR = WGS * 64;  // query rows per CTA
   static_assert(PIECES % PW_THREADS == 0, "tile pieces must divide among the threads");
   // Core-matrix strides: K tile [key][d] (reduced dimension d), V^T tile [d][key]
   // (reduced dimension key).
@@ -374,20 +376,25 @@ __device__ __forceinline__ void prefill_wgmma_impl(
 
 }  // namespace sov
 
-#define SOV_PREFILL_WGMMA(HD, SWAP, SUFFIX)                                               \
-  extern "C" __global__ void __launch_bounds__(sov::PW_THREADS, 1)                       \
-      prefill_attention_wgmma_hd##HD##SUFFIX(                                             \
-          const sov::bf16* q, const sov::bf16* k_cache, const sov::bf16* v_cache,         \
-          const int* cu_q, const int* seq_lens, const int* block_tables, sov::bf16* out,  \
-          int n_heads, int n_kv_heads, int max_blocks, float scale, int q_stride) {       \
-    sov::prefill_wgmma_impl<HD, SWAP>(q, k_cache, v_cache, cu_q, seq_lens, block_tables,  \
-                                      out, n_heads, n_kv_heads, max_blocks, scale,        \
-                                      q_stride);                                          \
+#define SOV_PREFILL_WGMMA(HD, WGS, SWAP, NAME)                                            \
+  extern "C" __global__ void __launch_bounds__(WGS * 128, 3 - WGS)                       \
+      NAME(const sov::bf16* q, const sov::bf16* k_cache, const sov::bf16* v_cache,         \
+           const int* cu_q, const int* seq_lens, const int* block_tables, sov::bf16* out,  \
+           int n_heads, int n_kv_heads, int max_blocks, float scale, int q_stride) {       \
+    sov::prefill_wgmma_impl<HD, WGS, SWAP>(q, k_cache, v_cache, cu_q, seq_lens,            \
+                                           block_tables, out, n_heads, n_kv_heads,         \
+                                           max_blocks, scale, q_stride);                   \
   }
 
-SOV_PREFILL_WGMMA(64, false, )
-SOV_PREFILL_WGMMA(96, false, )
-SOV_PREFILL_WGMMA(128, false, )
-SOV_PREFILL_WGMMA(64, true, _swapped)
-SOV_PREFILL_WGMMA(96, true, _swapped)
-SOV_PREFILL_WGMMA(128, true, _swapped)
+SOV_PREFILL_WGMMA(64, 2, false, prefill_attention_wgmma_hd64)
+SOV_PREFILL_WGMMA(96, 2, false, prefill_attention_wgmma_hd96)
+SOV_PREFILL_WGMMA(128, 2, false, prefill_attention_wgmma_hd128)
+SOV_PREFILL_WGMMA(64, 2, true, prefill_attention_wgmma_hd64_swapped)
+SOV_PREFILL_WGMMA(96, 2, true, prefill_attention_wgmma_hd96_swapped)
+SOV_PREFILL_WGMMA(128, 2, true, prefill_attention_wgmma_hd128_swapped)
+SOV_PREFILL_WGMMA(64, 1, false, prefill_attention_wgmma1_hd64)
+SOV_PREFILL_WGMMA(96, 1, false, prefill_attention_wgmma1_hd96)
+SOV_PREFILL_WGMMA(128, 1, false, prefill_attention_wgmma1_hd128)
+SOV_PREFILL_WGMMA(64, 1, true, prefill_attention_wgmma1_hd64_swapped)
+SOV_PREFILL_WGMMA(96, 1, true, prefill_attention_wgmma1_hd96_swapped)
+SOV_PREFILL_WGMMA(128, 1, true, prefill_attention_wgmma1_hd128_swapped)

@@ -273,8 +273,18 @@ fn prefill_name(fp8: bool, kind: PrefillKernel) -> &'static str {
         (true, _) => "prefill_attention_fp8",
         (false, PrefillKernel::Basic) => "prefill_attention",
         (false, PrefillKernel::Pipelined) => "prefill_attention_pipe",
-        (false, PrefillKernel::Wgmma { swapped: false }) => "prefill_attention_wgmma",
-        (false, PrefillKernel::Wgmma { swapped: true }) => "prefill_attention_wgmma_swapped",
+        (
+            false,
+            PrefillKernel::Wgmma {
+                swapped,
+                one_warpgroup,
+            },
+        ) => match (one_warpgroup, swapped) {
+            (false, false) => "prefill_attention_wgmma",
+            (false, true) => "prefill_attention_wgmma_swapped",
+            (true, false) => "prefill_attention_wgmma1",
+            (true, true) => "prefill_attention_wgmma1_swapped",
+        },
     }
 }
 
@@ -285,22 +295,30 @@ fn prefill_designs(k: &Kernels) -> Vec<(bool, PrefillKernel)> {
         (false, PrefillKernel::Pipelined),
     ];
     if k.has_source("prefill_wgmma.cu") {
-        v.push((false, PrefillKernel::Wgmma { swapped: false }));
-        v.push((false, PrefillKernel::Wgmma { swapped: true }));
+        for one_warpgroup in [false, true] {
+            for swapped in [false, true] {
+                let kind = PrefillKernel::Wgmma {
+                    swapped,
+                    one_warpgroup,
+                };
+                v.push((false, kind));
+            }
+        }
     }
     v.push((true, PrefillKernel::Basic));
     v
 }
 
+/// Every prefill design in `designs` ((fp8 cache, kind)) on one random batch of `cases`
+/// ((new, cached) tokens per sequence); the references are computed once per cache type.
 fn check_prefill(
     k: &Kernels,
-    kind: PrefillKernel,
+    designs: &[(bool, PrefillKernel)],
     rng: &mut Rng,
     hd: usize,
     group: usize,
     cases: &[(usize, usize)],
-    fp8: bool,
-) -> Result<Value, CudaError> {
+) -> Result<Vec<Value>, CudaError> {
     let n_kv = 2;
     let n_heads = n_kv * group;
     let lens: Vec<usize> = cases.iter().map(|(new, cached)| new + cached).collect();
@@ -325,17 +343,11 @@ fn check_prefill(
     let tables: Vec<i32> = p.tables.iter().map(|t| *t as i32).collect();
     let (qd, kd, vd) = (up(k, &q)?, up(k, &p.kc)?, up(k, &p.vc)?);
     let (cud, ld, td) = (up(k, &i32s(&cu))?, up(k, &i32s(&lens))?, up(k, &tables)?);
-    let mut out = zeros::<u16>(k, q.len())?;
-    let twin = if fp8 {
+    let twin = if designs.iter().any(|(fp8, _)| *fp8) {
         Some(Fp8Twin::new(k, &p)?)
     } else {
         None
     };
-    let kv = twin
-        .as_ref()
-        .map_or(KvRef::Bf16 { k: &kd, v: &vd }, Fp8Twin::device);
-    launch::prefill_attention_kv(k, kind, &d, &qd, kv, &cud, &ld, &td, &mut out)?;
-    let got = down(k, &out)?;
     let shape = DecodeShape {
         layout: p.layout,
         n_heads,
@@ -343,14 +355,39 @@ fn check_prefill(
         scale: d.scale,
         num_splits: 1,
     };
-    let (kr, vr) = twin
-        .as_ref()
-        .map_or((KvCache::Bf16(&p.kc), KvCache::Bf16(&p.vc)), Fp8Twin::host);
-    let want = gpu_ref::prefill_attention_kv(&shape, &q, kr, vr, &p.tables, &cu, &lens);
-    let (err, first) = compare(&got, &want);
-    let kernel = prefill_name(fp8, kind);
-    Ok(json!({"kernel": kernel, "head_dim": hd, "group": group,
-              "cases_new_cached": cases, "max_abs_err": err, "ok": first.is_none(), "mismatch": first}))
+    let reference = |fp8: bool| {
+        let (kr, vr) = match (&twin, fp8) {
+            (Some(t), true) => t.host(),
+            _ => (KvCache::Bf16(&p.kc), KvCache::Bf16(&p.vc)),
+        };
+        gpu_ref::prefill_attention_kv(&shape, &q, kr, vr, &p.tables, &cu, &lens)
+    };
+    let (mut want_bf16, mut want_fp8) = (None, None);
+    let mut out = Vec::new();
+    for &(fp8, kind) in designs {
+        let name = prefill_name(fp8, kind);
+        let kv = match (&twin, fp8) {
+            (Some(t), true) => t.device(),
+            _ => KvRef::Bf16 { k: &kd, v: &vd },
+        };
+        let mut o = zeros::<u16>(k, q.len())?;
+        let got = launch::prefill_attention_kv(k, kind, &d, &qd, kv, &cud, &ld, &td, &mut o)
+            .and_then(|()| down(k, &o));
+        let got = match got {
+            Ok(g) => g,
+            Err(e) => {
+                let shape = json!({"head_dim": hd, "group": group, "cases_new_cached": cases});
+                out.push(failed(name, shape, &e));
+                continue;
+            }
+        };
+        let slot = if fp8 { &mut want_fp8 } else { &mut want_bf16 };
+        let want = slot.get_or_insert_with(|| reference(fp8));
+        let (err, first) = compare(&got, want);
+        out.push(json!({"kernel": name, "head_dim": hd, "group": group,
+              "cases_new_cached": cases, "max_abs_err": err, "ok": first.is_none(), "mismatch": first}));
+    }
+    Ok(out)
 }
 
 /// A check that could not run (a launch or copy failed): recorded as failed, and the
@@ -986,12 +1023,15 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
         } else {
             &[(1, 0), (77, 0), (130, 500), (1024, 0), (300, 2000)]
         };
-        for (fp8, kind) in prefill_designs(&k) {
-            let c = check_prefill(&k, kind, &mut rng, hd, group, cases, fp8).unwrap_or_else(|e| {
-                let shape = json!({"head_dim": hd, "group": group, "cases_new_cached": cases,
-                    "fp8": fp8, "kind": format!("{kind:?}")});
-                failed(prefill_name(fp8, kind), shape, &e)
-            });
+        let designs = prefill_designs(&k);
+        let cs = check_prefill(&k, &designs, &mut rng, hd, group, cases).unwrap_or_else(|e| {
+            let shape = json!({"head_dim": hd, "group": group, "cases_new_cached": cases});
+            designs
+                .iter()
+                .map(|(fp8, kind)| failed(prefill_name(*fp8, *kind), shape.clone(), &e))
+                .collect()
+        });
+        for c in cs {
             eprintln!("  {c}");
             checks.push(c);
         }

@@ -382,24 +382,27 @@ pub struct PrefillDims {
 /// bf16 and the FP8 cache) or `Pipelined` (`prefill_attention_pipe_hd{D}`: 128 rows a
 /// CTA, `cp.async` copies overlapping the MMAs, `ldmatrix` fragments; bf16 cache only,
 /// so an FP8 cache runs `Basic`) or `Wgmma` (kernels/cuda/prefill_wgmma.cu,
-/// `prefill_attention_wgmma_hd{D}`: Hopper warpgroup MMAs; bf16 cache on sm_90 only,
+/// `prefill_attention_wgmma{,1}_hd{D}`: Hopper warpgroup MMAs; bf16 cache on sm_90 only,
 /// elsewhere `Pipelined` runs; `swapped` picks the entry points with the descriptor's
-/// two core-matrix strides exchanged, see that file).
+/// two core-matrix strides exchanged, `one_warpgroup` CTAs of 64 rows instead of 128;
+/// see that file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefillKernel {
     Basic,
     Pipelined,
-    Wgmma { swapped: bool },
+    Wgmma { swapped: bool, one_warpgroup: bool },
 }
 
 impl PrefillKernel {
     /// `SOV_PREFILL_KERNEL=pipelined` picks `Pipelined`, `=wgmma` picks `Wgmma` (with
-    /// `SOV_WGMMA_SWAP=1` its swapped variant); anything else `Basic`.
+    /// `SOV_WGMMA_SWAP=1` its swapped variant, with `SOV_WGMMA_WARPGROUPS=1` its 64-row
+    /// CTAs); anything else `Basic`.
     pub fn from_env() -> Self {
         match std::env::var("SOV_PREFILL_KERNEL").as_deref() {
             Ok("pipelined") => Self::Pipelined,
             Ok("wgmma") => Self::Wgmma {
                 swapped: std::env::var("SOV_WGMMA_SWAP").is_ok_and(|v| v == "1"),
+                one_warpgroup: std::env::var("SOV_WGMMA_WARPGROUPS").is_ok_and(|v| v == "1"),
             },
             _ => Self::Basic,
         }
@@ -472,14 +475,18 @@ pub fn prefill_attention_kv(
             128,
             256,
         ),
-        PrefillKernel::Wgmma { swapped } => (
+        PrefillKernel::Wgmma {
+            swapped,
+            one_warpgroup,
+        } => (
             "prefill_wgmma.cu",
             format!(
-                "prefill_attention_wgmma_hd{hd}{}",
+                "prefill_attention_wgmma{}_hd{hd}{}",
+                if one_warpgroup { "1" } else { "" },
                 if swapped { "_swapped" } else { "" }
             ),
-            128,
-            256,
+            if one_warpgroup { 64 } else { 128 },
+            if one_warpgroup { 128 } else { 256 },
         ),
     };
     let f = k.function(source, &entry)?;
