@@ -193,13 +193,16 @@ __device__ __forceinline__ void ldsm_x4_trans(unsigned r[4], unsigned addr) {
 // `SOV_PDL=1` on sm_90 and later, see kernels::cuda::Kernels::pdl); elsewhere these are
 // empty. A kernel launched with the programmatic-stream-serialization attribute may start
 // while its predecessor in the stream still runs, so every PDL-aware kernel:
-//   1. pdl_trigger(): lets its own successor launch (its CTAs then wait in step 3 of
-//      theirs; a successor launches only once every CTA of this grid has triggered, so
-//      the waiting CTAs never hold back this grid's unscheduled ones);
-//   2. may read what no kernel of the step writes (weights: prefetch_l2);
-//   3. pdl_wait(): waits until its predecessor has completed and its writes are visible,
-//      before reading or writing anything a kernel writes. The predecessor itself waited
-//      for its own, so every earlier kernel has completed too.
+//   - may read, before pdl_wait, only what no kernel of the step writes (weights:
+//     prefetch_l2);
+//   - pdl_wait(): waits until its predecessor has completed and its writes are visible,
+//     before reading or writing anything a kernel writes. The predecessor itself waited
+//     for its own, so every earlier kernel has completed too;
+//   - pdl_trigger(): lets its own successor launch (whose CTAs then wait in their
+//     pdl_wait). A successor launches only once every CTA of this grid has triggered or
+//     exited, so waiting CTAs never hold back this grid's unscheduled ones. Short kernels
+//     trigger first thing; the GEMVs after their main loop, so the next GEMV's weight
+//     prefetch overlaps their tail, not their whole weight stream.
 // griddepcontrol.wait returns at once when the kernel was launched without the attribute.
 __device__ __forceinline__ void pdl_trigger() {
 #if defined(SOV_PDL) && __CUDA_ARCH__ >= 900

@@ -139,9 +139,10 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
   const sov::bf16* xb = static_cast<const sov::bf16*>(xin);
 
   // PDL builds: this CTA's weight rows (one contiguous range) head for L2 while the
-  // previous kernel finishes; nothing a kernel writes is touched before pdl_wait.
+  // previous kernel finishes; nothing a kernel writes is touched before pdl_wait. The
+  // successor is let in only after the main loop (below), so it prefetches during this
+  // kernel's tail rather than competing with its whole weight stream.
   if (threadIdx.x == 0) prefetch_l2(w + (long long)row0 * k, min(GV_ROWS, rows - row0) * k * 2);
-  pdl_trigger();
   pdl_wait();
   if (IN == GV_NORM) row_inv_rms<T, GV_THREADS>(res, k, eps, s_inv);
 
@@ -175,6 +176,7 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
       }
     }
   }
+  pdl_trigger();
 #pragma unroll
   for (int r = 0; r < GV_ROWS; ++r)
 #pragma unroll
@@ -224,14 +226,14 @@ __device__ __forceinline__ void gemvw_impl(const sov::bf16* __restrict__ w,
   const sov::bf16* xb = static_cast<const sov::bf16*>(xin);
 
   // PDL builds: each lane of a warp prefetches one of the warp's row pairs into L2 (as
-  // in gemv_impl); then the wait for the previous kernel.
+  // in gemv_impl); then the wait for the previous kernel; the successor is let in after
+  // the row loop.
   {
     const int groups = (rows + GW_ROWS - 1) / GW_ROWS;
     const int stride = gridDim.x * GW_WARPS;
     for (int g = blockIdx.x * GW_WARPS + warp + lane * stride; g < groups; g += 32 * stride)
       prefetch_l2(w + (long long)g * GW_ROWS * k, min(GW_ROWS, rows - g * GW_ROWS) * k * 2);
   }
-  pdl_trigger();
   pdl_wait();
   // Form the input rows in shared memory.
   if (IN == GV_NORM) row_inv_rms<T, GW_THREADS>(res, k, eps, s_inv);
@@ -299,6 +301,7 @@ __device__ __forceinline__ void gemvw_impl(const sov::bf16* __restrict__ w,
         }
       }
   }
+  pdl_trigger();  // PDL builds: the successor may launch now (see gemv_impl)
 }
 
 }  // namespace sov
