@@ -189,6 +189,110 @@ __device__ __forceinline__ void ldsm_x4_trans(unsigned r[4], unsigned addr) {
                : "memory");
 }
 
+// Online-softmax pieces shared by the pipelined and the wgmma prefill kernels. One warp
+// holds 16 query rows, lane (g, t) rows g and g + 8 (g = lane / 4, t = lane % 4); a
+// 64-key score tile is 8 column tiles in s[4 jn + e] and the output HD / 8 column tiles
+// in o[4 n + e] (e = 0, 1: row g, columns 2t, 2t + 1; e = 2, 3: row g + 8): the
+// m16n8k16 accumulator layout, which wgmma's accumulators share.
+
+// Q as A fragments (k-step ks: columns col0 + 16 ks ..), rows past n_new zero.
+template <int KS>
+__device__ __forceinline__ void attn_load_q(unsigned (&qa)[KS][4], const bf16* __restrict__ q,
+                                            int q0, const int rows[2], int n_new,
+                                            int q_stride, int col0, int t) {
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool ok = rows[r] < n_new;
+      const unsigned* src = reinterpret_cast<const unsigned*>(
+          q + (long long)(q0 + (ok ? rows[r] : 0)) * q_stride + col0 + ks * 16 + 2 * t);
+      qa[ks][r] = ok ? src[0] : 0u;
+      qa[ks][r + 2] = ok ? src[4] : 0u;
+    }
+  }
+}
+
+// Causal mask of the tile of keys k0..k0+63: keys after a row's position become -inf
+// (a padding row has position -1 and sees nothing).
+__device__ __forceinline__ void attn_mask(float (&s)[32], int k0, int t, const int qpos[2]) {
+#pragma unroll
+  for (int jn = 0; jn < 8; ++jn) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (k0 + 8 * jn + 2 * t + (e & 1) > qpos[e >> 1]) s[4 * jn + e] = neg_inf();
+    }
+  }
+}
+
+// One tile's online-softmax step in log2 units: the raw scores s become the weights
+// 2^(s * scale_log2 - m) against the new running max m (per row, over the quad's lanes);
+// the lane-partial sums l and the output o are rescaled to it.
+template <int NO>
+__device__ __forceinline__ void attn_softmax(float (&s)[32], float (&m)[2], float (&l)[2],
+                                             float (&o)[NO], float scale_log2) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = neg_inf();
+#pragma unroll
+    for (int jn = 0; jn < 8; ++jn) mx = fmaxf(mx, fmaxf(s[4 * jn + 2 * r], s[4 * jn + 2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+    const float m_new = fmaxf(m[r], mx * scale_log2);
+    // Nothing visible yet: shift by 0 so exp2 gives 0 rather than NaN.
+    const float shift = m_new == neg_inf() ? 0.f : m_new;
+    const float rescale = exp2f(m[r] - shift);
+    m[r] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int jn = 0; jn < 8; ++jn) {
+      float& a = s[4 * jn + 2 * r];
+      float& b = s[4 * jn + 2 * r + 1];
+      a = exp2f(fmaf(a, scale_log2, -shift));
+      b = exp2f(fmaf(b, scale_log2, -shift));
+      sum += a + b;
+    }
+    l[r] = l[r] * rescale + sum;
+#pragma unroll
+    for (int n = 0; n < NO / 4; ++n) {
+      o[4 * n + 2 * r] *= rescale;
+      o[4 * n + 2 * r + 1] *= rescale;
+    }
+  }
+}
+
+// The weights of keys 16 kk .. 16 kk + 15 as an A fragment (rounded to bf16).
+__device__ __forceinline__ void attn_pack_p(const float (&s)[32], int kk, unsigned (&pa)[4]) {
+  pa[0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
+  pa[1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
+  pa[2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
+  pa[3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
+}
+
+// The finished rows: the quad's partial sums added, o / l stored as bf16 into
+// out[token][n_heads][HD] (padding rows skipped).
+template <int HD>
+__device__ __forceinline__ void attn_store(bf16* __restrict__ out, const float (&o)[HD / 2],
+                                           float (&l)[2], const int rows[2], int n_new,
+                                           int q0, int n_heads, int head, int t) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
+    l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (rows[r] >= n_new) continue;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    bf16* dst = out + ((long long)(q0 + rows[r]) * n_heads + head) * HD;
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) {
+      *reinterpret_cast<unsigned*>(dst + 8 * n + 2 * t) =
+          pack_bf16(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
+    }
+  }
+}
+
 // Programmatic dependent launch (PDL), compiled in only with -DSOV_PDL=1 (the worker's
 // `SOV_PDL=1` on sm_90 and later, see kernels::cuda::Kernels::pdl); elsewhere these are
 // empty. A kernel launched with the programmatic-stream-serialization attribute may start

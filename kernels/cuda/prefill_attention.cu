@@ -293,21 +293,11 @@ __device__ __forceinline__ void prefill_attention_pipe_impl(
   const int warp_first_pos = first_pos + warp_row0;
 
   unsigned qa[KS][4];
-#pragma unroll
-  for (int ks = 0; ks < KS; ++ks) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const bool ok = rows[r] < n_new;
-      const unsigned* src = reinterpret_cast<const unsigned*>(
-          q + (long long)(q0 + (ok ? rows[r] : 0)) * q_stride + head * HD + ks * 16 + 2 * t);
-      qa[ks][r] = ok ? src[0] : 0u;
-      qa[ks][r + 2] = ok ? src[4] : 0u;
-    }
-  }
+  attn_load_q<KS>(qa, q, q0, rows, n_new, q_stride, head * HD, t);
 
-  float o[NT][4];
+  float o[HD / 2];  // column tile n in o[4 n .. 4 n + 3]
 #pragma unroll
-  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  for (int i = 0; i < HD / 2; ++i) o[i] = 0.f;
   float m[2] = {neg_inf(), neg_inf()};  // running max, log2 units
   float l[2] = {0.f, 0.f};
   const float scale_log2 = scale * 1.4426950408889634f;
@@ -346,56 +336,21 @@ __device__ __forceinline__ void prefill_attention_pipe_impl(
     cp_async_wait<1>();  // this thread's K(j) copies have landed
     __syncthreads();     // and everyone's
     const bool run = active && k0 <= warp_last_pos;
-    float s[PP_BC / 8][4];
+    float s[32];  // column tile jn (keys k0 + 8 jn ..) in s[4 jn .. 4 jn + 3]
     if (run) {
 #pragma unroll
       for (int jn = 0; jn < PP_BC / 8; ++jn) {
-        s[jn][0] = s[jn][1] = s[jn][2] = s[jn][3] = 0.f;
+        s[4 * jn] = s[4 * jn + 1] = s[4 * jn + 2] = s[4 * jn + 3] = 0.f;
 #pragma unroll
         for (int ks = 0; ks < KS; ks += 2) {
           unsigned b[4];
           ldsm_x4(b, smem_u32(&s_k[8 * jn + (lane & 7)][16 * ks + 8 * (lane >> 3)]));
-          mma_bf16(s[jn], qa[ks], b[0], b[1]);
-          mma_bf16(s[jn], qa[ks + 1], b[2], b[3]);
+          mma_bf16(&s[4 * jn], qa[ks], b[0], b[1]);
+          mma_bf16(&s[4 * jn], qa[ks + 1], b[2], b[3]);
         }
       }
-      if (!warp_full || k0 + PP_BC - 1 > warp_first_pos) {
-#pragma unroll
-        for (int jn = 0; jn < PP_BC / 8; ++jn) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int kpos = k0 + 8 * jn + 2 * t + (e & 1);
-            if (kpos > qpos[e >> 1]) s[jn][e] = neg_inf();
-          }
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = neg_inf();
-#pragma unroll
-        for (int jn = 0; jn < PP_BC / 8; ++jn)
-          mx = fmaxf(mx, fmaxf(s[jn][2 * r], s[jn][2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
-        const float m_new = fmaxf(m[r], mx * scale_log2);
-        // Nothing visible yet: shift by 0 so exp2 gives 0 rather than NaN.
-        const float shift = m_new == neg_inf() ? 0.f : m_new;
-        const float rescale = exp2f(m[r] - shift);
-        m[r] = m_new;
-        float sum = 0.f;
-#pragma unroll
-        for (int jn = 0; jn < PP_BC / 8; ++jn) {
-          s[jn][2 * r] = exp2f(fmaf(s[jn][2 * r], scale_log2, -shift));
-          s[jn][2 * r + 1] = exp2f(fmaf(s[jn][2 * r + 1], scale_log2, -shift));
-          sum += s[jn][2 * r] + s[jn][2 * r + 1];
-        }
-        l[r] = l[r] * rescale + sum;
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          o[n][2 * r] *= rescale;
-          o[n][2 * r + 1] *= rescale;
-        }
-      }
+      if (!warp_full || k0 + PP_BC - 1 > warp_first_pos) attn_mask(s, k0, t, qpos);
+      attn_softmax(s, m, l, o, scale_log2);
     }
     cp_async_wait<0>();  // V(j) has landed
     __syncthreads();     // for every thread, and no warp reads s_k any more
@@ -405,39 +360,21 @@ __device__ __forceinline__ void prefill_attention_pipe_impl(
 #pragma unroll
       for (int kk = 0; kk < PP_BC / 16; ++kk) {
         unsigned pa[4];
-        pa[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-        pa[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-        pa[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        pa[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        attn_pack_p(s, kk, pa);
 #pragma unroll
         for (int n = 0; n < NT; n += 2) {
           unsigned b[4];
           ldsm_x4_trans(b, smem_u32(&s_v[16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1)]
                                         [8 * (n + (lane >> 4))]));
-          mma_bf16(o[n], pa, b[0], b[1]);
-          mma_bf16(o[n + 1], pa, b[2], b[3]);
+          mma_bf16(&o[4 * n], pa, b[0], b[1]);
+          mma_bf16(&o[4 * n + 4], pa, b[2], b[3]);
         }
       }
     }
     __syncthreads();  // every warp is done with s_v before V(j+1) lands there
   }
 
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
-    l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
-  }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (rows[r] >= n_new) continue;
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-    sov::bf16* dst = out + ((long long)(q0 + rows[r]) * n_heads + head) * HD;
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      *reinterpret_cast<unsigned*>(dst + 8 * n + 2 * t) =
-          pack_bf16(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
-    }
-  }
+  attn_store<HD>(out, o, l, rows, n_new, q0, n_heads, head, t);
 }
 
 }  // namespace sov

@@ -197,17 +197,7 @@ __device__ __forceinline__ void prefill_wgmma_impl(
   const int warp_first_pos = first_pos + warp_row0;
 
   unsigned qa[KS][4];
-#pragma unroll
-  for (int ks = 0; ks < KS; ++ks) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const bool ok = rows[r] < n_new;
-      const unsigned* src = reinterpret_cast<const unsigned*>(
-          q + (long long)(q0 + (ok ? rows[r] : 0)) * q_stride + head * HD + ks * 16 + 2 * t);
-      qa[ks][r] = ok ? src[0] : 0u;
-      qa[ks][r + 2] = ok ? src[4] : 0u;
-    }
-  }
+  attn_load_q<KS>(qa, q, q0, rows, n_new, q_stride, head * HD, t);
 
   float o[HD / 2];
 #pragma unroll
@@ -274,44 +264,8 @@ __device__ __forceinline__ void prefill_wgmma_impl(
       wgmma_commit();
       wgmma_wait_all();
       pin(s);
-      if (!warp_full || k0 + PW_BC - 1 > warp_first_pos) {
-#pragma unroll
-        for (int jn = 0; jn < PW_BC / 8; ++jn) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int kpos = k0 + 8 * jn + 2 * t + (e & 1);
-            if (kpos > qpos[e >> 1]) s[4 * jn + e] = neg_inf();
-          }
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = neg_inf();
-#pragma unroll
-        for (int jn = 0; jn < PW_BC / 8; ++jn)
-          mx = fmaxf(mx, fmaxf(s[4 * jn + 2 * r], s[4 * jn + 2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
-        const float m_new = fmaxf(m[r], mx * scale_log2);
-        const float shift = m_new == neg_inf() ? 0.f : m_new;
-        const float rescale = exp2f(m[r] - shift);
-        m[r] = m_new;
-        float sum = 0.f;
-#pragma unroll
-        for (int jn = 0; jn < PW_BC / 8; ++jn) {
-          float& a = s[4 * jn + 2 * r];
-          float& b = s[4 * jn + 2 * r + 1];
-          a = exp2f(fmaf(a, scale_log2, -shift));
-          b = exp2f(fmaf(b, scale_log2, -shift));
-          sum += a + b;
-        }
-        l[r] = l[r] * rescale + sum;
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          o[4 * n + 2 * r] *= rescale;
-          o[4 * n + 2 * r + 1] *= rescale;
-        }
-      }
+      if (!warp_full || k0 + PW_BC - 1 > warp_first_pos) attn_mask(s, k0, t, qpos);
+      attn_softmax(s, m, l, o, scale_log2);
     }
     cp_async_wait<0>();  // V(j) has landed in the staging tile
     __syncthreads();     // for every thread; no wgmma reads the K tile any more
@@ -335,13 +289,9 @@ __device__ __forceinline__ void prefill_wgmma_impl(
       unsigned pa[PW_BC / 16][4];
 #pragma unroll
       for (int kk = 0; kk < PW_BC / 16; ++kk) {
-        pa[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
-        pa[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
-        pa[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
-        pa[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
+        attn_pack_p(s, kk, pa[kk]);
+        pin(pa[kk]);
       }
-#pragma unroll
-      for (int kk = 0; kk < PW_BC / 16; ++kk) pin(pa[kk]);
       pin(o);
       wgmma_fence();
 #pragma unroll
@@ -356,22 +306,7 @@ __device__ __forceinline__ void prefill_wgmma_impl(
     }
   }
 
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
-    l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
-  }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (rows[r] >= n_new) continue;
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-    sov::bf16* dst = out + ((long long)(q0 + rows[r]) * n_heads + head) * HD;
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      *reinterpret_cast<unsigned*>(dst + 8 * n + 2 * t) =
-          pack_bf16(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
-    }
-  }
+  attn_store<HD>(out, o, l, rows, n_new, q0, n_heads, head, t);
 }
 
 }  // namespace sov
