@@ -11,6 +11,9 @@
 #   5. the same attention shapes through PyTorch's scaled_dot_product_attention;
 #   6. `worker check-backend`: the CUDA backend's logits against the CPU backend's over
 #      prefill and decode steps (batch 3, 2, 1) on both model shapes.
+#   7. the opt-in designs (warp GEMV, pipelined and wgmma prefill: `gpu-check --opt-in
+#      NAME`, one process each; SOV_PDL=1 and the prefill designs inside the worker),
+#      reported apart from the defaults (`kernels_opt_in`, `end_to_end.*`).
 # Prints one JSON summary (and writes it to $OUT/gpu-check.json when OUT is set).
 #
 #   bash kernels/gpu-check.sh [--quick]
@@ -58,6 +61,14 @@ say "kernels (correctness, bandwidth, TFLOP/s)"
 timeout 240 "$BIN/gpu-check" "$@" --out "$TMP/kernels.json" > /dev/null 2> >(tee -a "$LOG" >&2)
 status=$?
 [ $status -eq 124 ] && say "gpu-check timed out"
+# The opt-in designs, each in a process of its own: one that faults cannot take the
+# others' (or the default run's) CUDA context with it.
+OPT_IN="gemvw prefill_attention_pipe prefill_attention_wgmma prefill_attention_wgmma_swapped prefill_attention_wgmma1 prefill_attention_wgmma1_swapped"
+for d in $OPT_IN; do
+  say "opt-in design $d"
+  timeout 120 "$BIN/gpu-check" "$@" --opt-in "$d" --out "$TMP/opt-$d.json" > /dev/null 2> >(tee -a "$LOG" >&2)
+  [ -s "$TMP/opt-$d.json" ] || echo "{\"error\": \"gpu-check --opt-in $d printed nothing (exit or timeout; see the log)\"}" > "$TMP/opt-$d.json"
+done
 say "PyTorch SDPA"
 timeout 90 python3 kernels/tools/torch_sdpa.py > "$TMP/torch.json" 2> "$TMP/torch.err" \
   || echo "{\"error\": \"torch comparison failed: $(tail -1 "$TMP/torch.err" | tr -d '"')\"}" > "$TMP/torch.json"
@@ -112,9 +123,9 @@ for shape in eurollm-1.7b smollm2-135m; do
   rm -rf "${TMP:?}/$shape"
 done
 say "summary"
-python3 - "$TMP" "$status" <<'PY'
+python3 - "$TMP" "$status" "$OPT_IN" <<'PY'
 import json, os, sys
-tmp, status = sys.argv[1], int(sys.argv[2])
+tmp, status, opt_names = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
 def load(name):
     try:
         with open(os.path.join(tmp, name)) as f:
@@ -122,7 +133,18 @@ def load(name):
     except Exception as e:
         return {"error": f"{name}: {e}"}
 k, t = load("kernels.json"), load("torch.json")
-summary = {"gpu_check_exit": status, "kernels": k, "torch_sdpa": t, "end_to_end": {}}
+# The opt-in runs, merged: their checks, prefill and GEMV timings, and each run's errors.
+opt = {"checks": [], "prefill_attention": [], "gemv": [], "errors": {}}
+for name in opt_names:
+    r = load(f"opt-{name}.json")
+    if "error" in r:
+        opt["errors"][name] = r["error"]
+    opt["checks"] += r.get("correctness", {}).get("checks", [])
+    opt["prefill_attention"] += r.get("prefill_attention", [])
+    opt["gemv"] += r.get("gemv", [])
+failing = sorted({c.get("kernel", "?") for c in opt["checks"] if not c.get("ok")} | set(opt["errors"]))
+opt["failing"] = failing
+summary = {"gpu_check_exit": status, "kernels": k, "kernels_opt_in": opt, "torch_sdpa": t, "end_to_end": {}}
 copy = k.get("copy_bandwidth_gb_per_s")
 for shape in ["smollm2-135m", "eurollm-1.7b"]:
     m, b = load(f"{shape}.model.json"), load(f"{shape}.bench.json")
@@ -167,7 +189,7 @@ for ours in k.get("decode_attention", []):
     if theirs and "gb_per_s" in ours and "gb_per_s" in theirs:
         side.append({"decode_context": ours["context"], "ours_gb_s": ours["gb_per_s"], "torch_gb_s": theirs["gb_per_s"],
                      "ratio": ours["gb_per_s"] / theirs["gb_per_s"]})
-for ours in k.get("prefill_attention", []):
+for ours in k.get("prefill_attention", []) + opt["prefill_attention"]:
     theirs = next((x for x in t.get("prefill", []) if x.get("tokens") == ours.get("tokens")), None)
     if theirs and "tflops" in ours and "tflops" in theirs:
         side.append({"prefill_tokens": ours["tokens"], "kernel": ours.get("kernel"), "ours_tflops": ours["tflops"], "torch_tflops": theirs["tflops"],
@@ -179,11 +201,11 @@ def frac_min(xs, key, pred=lambda x: True):
     return min(v) if v else None
 dec = frac_min(k.get("decode_attention", []), "fraction_of_copy", lambda x: x.get("context", 0) >= 4096)
 # A prefill design counts only when every correctness check of it passed.
-checks_all = k.get("correctness", {}).get("checks", [])
+checks_all = k.get("correctness", {}).get("checks", []) + opt["checks"]
 def design_ok(name):
     mine = [c for c in checks_all if c.get("kernel") == name]
     return bool(mine) and all(c.get("ok") for c in mine)
-pre = max([x["fraction_of_bf16_dense_peak"] for x in k.get("prefill_attention", [])
+pre = max([x["fraction_of_bf16_dense_peak"] for x in k.get("prefill_attention", []) + opt["prefill_attention"]
            if "fraction_of_bf16_dense_peak" in x and design_ok(x.get("kernel", "prefill_attention"))] or [None],
           key=lambda v: -1 if v is None else v)
 eu = summary["end_to_end"].get("eurollm-1.7b", {})

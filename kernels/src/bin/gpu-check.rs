@@ -4,7 +4,13 @@
 //! summary on stdout (progress on stderr); exit 1 when a correctness check fails, 2 when
 //! there is no usable GPU. Used by kernels/gpu-check.sh; needs no Rust on the GPU machine.
 //!
-//!   gpu-check [--quick] [--out FILE]
+//!   gpu-check [--quick] [--opt-in [NAME]] [--out FILE]
+//!
+//! `--opt-in`: only the designs the worker runs when asked (SOV_GEMV_KERNEL=warp,
+//! SOV_PREFILL_KERNEL=pipelined|wgmma), checked and timed in a process of their own;
+//! NAME picks one: `gemvw`, `prefill_attention_pipe`, `prefill_attention_wgmma`,
+//! `prefill_attention_wgmma_swapped`, `prefill_attention_wgmma1`,
+//! `prefill_attention_wgmma1_swapped`.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -288,12 +294,13 @@ fn prefill_name(fp8: bool, kind: PrefillKernel) -> &'static str {
     }
 }
 
-/// The prefill designs this device runs, each on the bf16 cache, then FP8 (`Basic`).
-fn prefill_designs(k: &Kernels) -> Vec<(bool, PrefillKernel)> {
-    let mut v = vec![
-        (false, PrefillKernel::Basic),
-        (false, PrefillKernel::Pipelined),
-    ];
+/// The prefill designs of a run ((fp8 cache, kind)): the default one on both caches, or
+/// (`--opt-in`) the opt-in ones this device runs.
+fn prefill_designs(k: &Kernels, opt_in: Option<&str>) -> Vec<(bool, PrefillKernel)> {
+    let Some(only) = opt_in else {
+        return vec![(false, PrefillKernel::Basic), (true, PrefillKernel::Basic)];
+    };
+    let mut v = vec![(false, PrefillKernel::Pipelined)];
     if k.has_source("prefill_wgmma.cu") {
         for one_warpgroup in [false, true] {
             for swapped in [false, true] {
@@ -305,7 +312,7 @@ fn prefill_designs(k: &Kernels) -> Vec<(bool, PrefillKernel)> {
             }
         }
     }
-    v.push((true, PrefillKernel::Basic));
+    v.retain(|(fp8, kind)| only == "all" || prefill_name(*fp8, *kind) == only);
     v
 }
 
@@ -452,19 +459,28 @@ fn check_act(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
     Ok(out)
 }
 
-fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
+/// The block GEMV design (the default) at 1, 3 and 8 tokens.
+fn check_gemv_block(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
+    use launch::GemvKernel::Block;
+    check_gemv(k, rng, &[(1, Block), (3, Block), (8, Block)])
+}
+
+/// The warp GEMV design (opt-in) at the 1 and 2 tokens it serves.
+fn check_gemv_warp(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
+    use launch::GemvKernel::Warp;
+    check_gemv(k, rng, &[(1, Warp), (2, Warp)])
+}
+
+fn check_gemv(
+    k: &Kernels,
+    rng: &mut Rng,
+    designs: &[(usize, launch::GemvKernel)],
+) -> Result<Vec<Value>, CudaError> {
     use launch::{GemvInput, GemvKernel, GemvOutput};
     let mut out = Vec::new();
-    // EuroLLM-1.7B's o_proj and down_proj shapes, and a ragged last CTA; both kernel
-    // designs (the warp design serves 1-2 tokens).
+    // EuroLLM-1.7B's o_proj and down_proj shapes, and a ragged last CTA.
     for (rows, cols) in [(2048usize, 2048usize), (2048, 5632), (1001, 64)] {
-        for (tokens, kind) in [
-            (1usize, GemvKernel::Block),
-            (3, GemvKernel::Block),
-            (8, GemvKernel::Block),
-            (1, GemvKernel::Warp),
-            (2, GemvKernel::Warp),
-        ] {
+        for &(tokens, kind) in designs {
             let name = |n: &str| match kind {
                 GemvKernel::Block => n.to_string(),
                 GemvKernel::Warp => n.replacen("gemv", "gemvw", 1),
@@ -967,7 +983,12 @@ fn driver_version() -> String {
     }
 }
 
-fn run(quick: bool) -> Result<(Value, bool), CudaError> {
+/// One run: the default designs (every kernel the worker runs unless told otherwise), or
+/// with `opt_in` only opt-in designs (`Some("all")`, or one: `gemvw` or a prefill
+/// design's name such as `prefill_attention_wgmma1`), in a process of their own so a
+/// faulting experiment cannot poison another run's CUDA context.
+fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
+    let gemvw = matches!(opt_in, Some("all" | "gemvw"));
     let t0 = Instant::now();
     let cache = std::env::var_os("SOV_KERNEL_CACHE")
         .map(std::path::PathBuf::from)
@@ -986,33 +1007,35 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
     );
     let mut rng = Rng(0x5eed);
     let mut checks = Vec::new();
-    let contexts: &[(usize, usize)] = if quick {
-        &[(1, 1), (3, 300), (1, 4096)]
-    } else {
-        &[
-            (1, 1),
-            (1, 17),
-            (3, 300),
-            (8, 1000),
-            (256, 40),
-            (1, 4096),
-            (2, 32768),
-        ]
-    };
-    for hd in [64, 128] {
-        for group in [1, 2, 4, 8] {
-            for &(batch, ctx) in contexts {
-                // The fp8 cache with the automatic split count only (its loop is the
-                // bf16 one's, with other loads and conversions).
-                for (splits, fp8) in [(None, false), (Some(1), false), (None, true)] {
-                    let c = check_decode(&k, &mut rng, hd, group, batch, ctx, splits, fp8)
-                        .unwrap_or_else(|e| {
-                            let shape = json!({"head_dim": hd, "group": group, "batch": batch,
+    if opt_in.is_none() {
+        let contexts: &[(usize, usize)] = if quick {
+            &[(1, 1), (3, 300), (1, 4096)]
+        } else {
+            &[
+                (1, 1),
+                (1, 17),
+                (3, 300),
+                (8, 1000),
+                (256, 40),
+                (1, 4096),
+                (2, 32768),
+            ]
+        };
+        for hd in [64, 128] {
+            for group in [1, 2, 4, 8] {
+                for &(batch, ctx) in contexts {
+                    // The fp8 cache with the automatic split count only (its loop is the
+                    // bf16 one's, with other loads and conversions).
+                    for (splits, fp8) in [(None, false), (Some(1), false), (None, true)] {
+                        let c = check_decode(&k, &mut rng, hd, group, batch, ctx, splits, fp8)
+                            .unwrap_or_else(|e| {
+                                let shape = json!({"head_dim": hd, "group": group, "batch": batch,
                                 "context": ctx, "splits": splits, "fp8": fp8});
-                            failed("decode_attention", shape, &e)
-                        });
-                    eprintln!("  {c}");
-                    checks.push(c);
+                                failed("decode_attention", shape, &e)
+                            });
+                        eprintln!("  {c}");
+                        checks.push(c);
+                    }
                 }
             }
         }
@@ -1023,7 +1046,10 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
         } else {
             &[(1, 0), (77, 0), (130, 500), (1024, 0), (300, 2000)]
         };
-        let designs = prefill_designs(&k);
+        let designs = prefill_designs(&k, opt_in);
+        if designs.is_empty() {
+            continue;
+        }
         let cs = check_prefill(&k, &designs, &mut rng, hd, group, cases).unwrap_or_else(|e| {
             let shape = json!({"head_dim": hd, "group": group, "cases_new_cached": cases});
             designs
@@ -1037,51 +1063,34 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
         }
     }
     type Check = fn(&Kernels, &mut Rng) -> Result<Vec<Value>, CudaError>;
-    let small: [(&str, Check); 6] = [
-        ("rms_norm", check_norms),
-        ("gemv", check_gemv),
-        ("silu_and_mul+embed_rows", check_act),
-        ("rope_write_kv", check_rope),
-        ("argmax_rows+softmax_rows", check_sampling),
-        ("topk_rows", check_topk),
-    ];
-    for (kernel, f) in small {
+    let small: &[(&str, Check)] = match (opt_in, gemvw) {
+        (Some(_), true) => &[("gemvw", check_gemv_warp)],
+        (Some(_), false) => &[],
+        (None, _) => &[
+            ("rms_norm", check_norms),
+            ("gemv", check_gemv_block),
+            ("silu_and_mul+embed_rows", check_act),
+            ("rope_write_kv", check_rope),
+            ("argmax_rows+softmax_rows", check_sampling),
+            ("topk_rows", check_topk),
+        ],
+    };
+    for &(kernel, f) in small {
         let cs = f(&k, &mut rng).unwrap_or_else(|e| vec![failed(kernel, Value::Null, &e)]);
         for c in cs {
             eprintln!("  {c}");
             checks.push(c);
         }
     }
-    // Designs the worker runs only when asked (SOV_GEMV_KERNEL=warp,
-    // SOV_PREFILL_KERNEL=pipelined|wgmma) are checked and reported on their own: one of
-    // them failing says that design is wrong, not that the default path is.
-    for c in checks.iter_mut() {
-        let name = c["kernel"].as_str().unwrap_or_default();
-        let exp = name.starts_with("gemvw")
-            || name.starts_with("prefill_attention_pipe")
-            || name.starts_with("prefill_attention_wgmma");
-        c["experimental"] = json!(exp);
-    }
-    let is_ok = |c: &&Value| c["ok"] == json!(true);
-    let (default, experimental): (Vec<&Value>, Vec<&Value>) = checks
-        .iter()
-        .partition(|c| c["experimental"] != json!(true));
-    let all_ok = default.iter().all(is_ok);
-    let mut exp_failed: Vec<String> = experimental
-        .iter()
-        .filter(|c| !is_ok(c))
-        .map(|c| c["kernel"].as_str().unwrap_or("?").to_string())
-        .collect();
-    exp_failed.sort();
-    exp_failed.dedup();
+    let is_ok = |c: &Value| c["ok"] == json!(true);
+    let all_ok = checks.iter().all(is_ok);
     eprintln!(
-        "gpu-check: correctness {} ({} checks, {} failed; opt-in designs: {} checks, failing: {exp_failed:?}), measuring…",
+        "gpu-check: correctness of the {} designs {} ({} checks, {} failed), measuring…",
+        opt_in.unwrap_or("default"),
         if all_ok { "ok" } else { "FAILED" },
-        default.len(),
-        default.iter().filter(|c| !is_ok(c)).count(),
-        experimental.len(),
+        checks.len(),
+        checks.iter().filter(|c| !is_ok(c)).count()
     );
-    let experimental_summary = json!({"checks": experimental.len(), "failing_kernels": exp_failed});
     let copy = match copy_bandwidth(&k) {
         Ok(c) => Some(c),
         Err(e) => {
@@ -1090,7 +1099,12 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
         }
     };
     let mut decode = Vec::new();
-    for ctx in [4096, 8192, 16384, 32768] {
+    let contexts: &[usize] = if opt_in.is_some() {
+        &[]
+    } else {
+        &[4096, 8192, 16384, 32768]
+    };
+    for &ctx in contexts {
         let r = match decode_bandwidth(&k, ctx) {
             Ok(mut r) => {
                 let gbs = r["gb_per_s"].as_f64().unwrap_or(0.0);
@@ -1104,12 +1118,15 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
     }
     let mut gemv = Vec::new();
     for (rows, cols) in [(4096, 2048), (2048, 2048), (11264, 2048), (2048, 5632)] {
-        for (tokens, kind) in [
-            (1, launch::GemvKernel::Block),
-            (1, launch::GemvKernel::Warp),
-            (2, launch::GemvKernel::Warp),
-            (8, launch::GemvKernel::Block),
-        ] {
+        let kinds: &[(usize, launch::GemvKernel)] = match (opt_in, gemvw) {
+            (Some(_), true) => &[(1, launch::GemvKernel::Warp), (2, launch::GemvKernel::Warp)],
+            (Some(_), false) => &[],
+            (None, _) => &[
+                (1, launch::GemvKernel::Block),
+                (8, launch::GemvKernel::Block),
+            ],
+        };
+        for &(tokens, kind) in kinds {
             let r = match gemv_bandwidth(&k, kind, rows, cols, tokens) {
                 Ok(mut r) => {
                     let gbs = r["gb_per_s"].as_f64().unwrap_or(0.0);
@@ -1130,7 +1147,7 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
         None
     };
     let mut prefill = Vec::new();
-    let timed: Vec<PrefillKernel> = prefill_designs(&k)
+    let timed: Vec<PrefillKernel> = prefill_designs(&k, opt_in)
         .into_iter()
         .filter(|(fp8, _)| !fp8)
         .map(|(_, kind)| kind)
@@ -1158,7 +1175,8 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
     let summary = json!({
         "device": name, "arch": k.arch, "sms": k.sms,
         "driver_cuda": driver_version(), "nvrtc": nvrtc,
-        "correctness": {"ok": all_ok, "opt_in_designs": experimental_summary, "checks": checks},
+        "designs": opt_in.unwrap_or("default"),
+        "correctness": {"ok": all_ok, "checks": checks},
         "copy_bandwidth_gb_per_s": copy,
         "decode_attention": decode,
         "gemv": gemv,
@@ -1172,12 +1190,19 @@ fn run(quick: bool) -> Result<(Value, bool), CudaError> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
+    // `--opt-in [NAME]`: every opt-in design, or the one named.
+    let opt_in = args.iter().position(|a| a == "--opt-in").map(|i| {
+        args.get(i + 1)
+            .filter(|n| !n.starts_with("--"))
+            .cloned()
+            .unwrap_or_else(|| "all".to_string())
+    });
     let out = args
         .iter()
         .position(|a| a == "--out")
         .and_then(|i| args.get(i + 1))
         .cloned();
-    let (summary, code) = match run(quick) {
+    let (summary, code) = match run(quick, opt_in.as_deref()) {
         Ok((s, ok)) => (
             s,
             if ok {
