@@ -17,113 +17,16 @@
 # Prints one JSON summary (and writes it to $OUT/gpu-check.json when OUT is set).
 #
 #   bash kernels/gpu-check.sh [--quick]
+#   bash kernels/gpu-check.sh --summarize DIR   (the summary of a cut-off run's $OUT/parts)
 # Exit status: gpu-check's (1 = a correctness check failed, 2 = no usable GPU), or 1 when
 # a backend check failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BIN=""
-for d in ./gpu-bundle ./target/release; do
-  [ -x "$d/gpu-check" ] && [ -x "$d/worker" ] && { BIN=$d; break; }
-done
-[ -n "$BIN" ] || { echo '{"error": "gpu-check and worker binaries not found (run kernels/gpu-bundle.sh)"}'; exit 2; }
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-# Progress of every stage, also kept in $OUT/gpu-check.log when OUT is set.
-LOG=${OUT:-$TMP}/gpu-check.log
-: > "$LOG"
-say() { echo "gpu-check [${SECONDS}s]: $*" | tee -a "$LOG" >&2; }
-# The libraries cudarc loads (the driver's libcuda, NVRTC 13, cuBLAS 13): where the
-# loader does not know them, the CUDA toolkit's folders, the driver's, or NVIDIA's pip
-# wheels (python3's `nvidia` package).
-candidates() {
-  echo /usr/local/cuda/lib64 /usr/local/cuda-13.0/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
-    /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64
-  python3 -c 'import glob, nvidia, os; [print(d) for b in nvidia.__path__ for d in sorted(glob.glob(os.path.join(b, "*", "lib")))]' 2>/dev/null
-}
-for lib in libcuda.so.1 libnvrtc.so.13 libcublas.so.13; do
-  if ldconfig -p 2>/dev/null | grep -q "	$lib "; then
-    say "$lib: $(ldconfig -p | grep "	$lib " | head -1 | sed 's/.*=> //')"
-    continue
-  fi
-  found=""
-  for d in $(candidates); do
-    if [ -e "$d/$lib" ]; then
-      export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-      found=$d
-      break
-    fi
-  done
-  say "$lib: ${found:-NOT FOUND}"
-done
-command -v nvidia-smi > /dev/null && say "$(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1)"
-export SOV_KERNEL_CACHE="$TMP/kernel-cache"
-say "kernels (correctness, bandwidth, TFLOP/s)"
-timeout 240 "$BIN/gpu-check" "$@" --out "$TMP/kernels.json" > /dev/null 2> >(tee -a "$LOG" >&2)
-status=$?
-[ $status -eq 124 ] && say "gpu-check timed out"
-# The opt-in designs, each in a process of its own: one that faults cannot take the
-# others' (or the default run's) CUDA context with it.
+# The opt-in designs gpu-check runs one process each (see below).
 OPT_IN="gemvw prefill_attention_pipe prefill_attention_wgmma prefill_attention_wgmma_swapped prefill_attention_wgmma1 prefill_attention_wgmma1_swapped"
-for d in $OPT_IN; do
-  say "opt-in design $d"
-  timeout 120 "$BIN/gpu-check" "$@" --opt-in "$d" --out "$TMP/opt-$d.json" > /dev/null 2> >(tee -a "$LOG" >&2)
-  [ -s "$TMP/opt-$d.json" ] || echo "{\"error\": \"gpu-check --opt-in $d printed nothing (exit or timeout; see the log)\"}" > "$TMP/opt-$d.json"
-done
-say "PyTorch SDPA"
-timeout 90 python3 kernels/tools/torch_sdpa.py > "$TMP/torch.json" 2> "$TMP/torch.err" \
-  || echo "{\"error\": \"torch comparison failed: $(tail -1 "$TMP/torch.err" | tr -d '"')\"}" > "$TMP/torch.json"
-tail -5 "$TMP/torch.err" >> "$LOG"
-# End to end: random-weight models of real shapes (real weights do not travel here).
-for shape in eurollm-1.7b smollm2-135m; do
-  say "worker bench on a random $shape"
-  if python3 kernels/tools/make_random_model.py --shape "$shape" --out "$TMP/$shape" > "$TMP/$shape.model.json" 2>> "$LOG"; then
-    RUST_BACKTRACE=0 timeout 120 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 --kv-cache-mb 8192 \
-      --batches 1,8,32 --reps 3 --prompt-tokens 128 --decode-tokens 64 > "$TMP/$shape.bench.json" 2> "$TMP/$shape.err"
-    rc=$?
-    tail -40 "$TMP/$shape.err" >> "$LOG"
-    # The CUDA backend's forward pass against the CPU backend's, step by step.
-    RUST_BACKTRACE=0 timeout 180 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
-      > "$TMP/$shape.check.json" 2>> "$LOG" || { echo "gpu-check: check-backend failed on $shape" | tee -a "$LOG" >&2; [ $status -eq 0 ] && status=1; }
-    [ -s "$TMP/$shape.check.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$TMP/$shape.check.json"
-    say "$shape: opt-in designs (warp GEMV, pipelined and wgmma prefill, PDL)"
-    # The fused path's other GEMV design, side by side at batch 1.
-    SOV_GEMV_KERNEL=warp RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
-      --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
-      > "$TMP/$shape.warp.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$TMP/$shape.warp.json"
-    # The opt-in prefill designs inside the backend (its prefill steps).
-    for p in pipelined wgmma; do
-      SOV_PREFILL_KERNEL=$p RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
-        --device cuda:0 > "$TMP/$shape.check-$p.json" 2>> "$LOG" || echo "gpu-check: check-backend with the $p prefill failed on $shape" | tee -a "$LOG" >&2
-      [ -s "$TMP/$shape.check-$p.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$TMP/$shape.check-$p.json"
-    done
-    # Programmatic dependent launch (sm_90+): the backend check, then batch-1 decode with
-    # each GEMV design.
-    SOV_PDL=1 RUST_BACKTRACE=0 timeout 180 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
-      > "$TMP/$shape.check-pdl.json" 2>> "$LOG" || echo "gpu-check: check-backend with PDL failed on $shape" | tee -a "$LOG" >&2
-    [ -s "$TMP/$shape.check-pdl.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$TMP/$shape.check-pdl.json"
-    for g in block warp; do
-      SOV_PDL=1 SOV_GEMV_KERNEL=$g RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
-        --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
-        > "$TMP/$shape.pdl-$g.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$TMP/$shape.pdl-$g.json"
-    done
-    say "$shape: FP8 KV cache"
-    # The FP8 KV cache: the backend check with both backends rounding K/V to e4m3
-    # (informational: the two round different inputs, bf16 vs f32 projections, so a value
-    # may land one e4m3 step apart) and decode speed.
-    RUST_BACKTRACE=0 timeout 180 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
-      --kv-cache-dtype fp8 > "$TMP/$shape.check-fp8.json" 2>> "$LOG" || echo "gpu-check: fp8 check-backend differs on $shape" | tee -a "$LOG" >&2
-    [ -s "$TMP/$shape.check-fp8.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$TMP/$shape.check-fp8.json"
-    RUST_BACKTRACE=0 timeout 90 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 --kv-cache-mb 8192 \
-      --kv-cache-dtype fp8 --batches 1,32 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
-      > "$TMP/$shape.fp8.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$TMP/$shape.fp8.json"
-    [ $rc -eq 0 ] || echo "{\"error\": \"exit $rc: $( (grep -m1 panicked "$TMP/$shape.err"; sed -n '/^Error:/,$p' "$TMP/$shape.err") | tr -s ' \n' ' ' | tr -d '"\\' | cut -c1-600)\"}" > "$TMP/$shape.bench.json"
-  else
-    echo '{"error": "make_random_model.py failed (see the log)"}' > "$TMP/$shape.bench.json"
-  fi
-  rm -rf "${TMP:?}/$shape"
-done
-say "summary"
-python3 - "$TMP" "$status" "$OPT_IN" <<'PY'
+# summarize PARTS STATUS: the JSON summary of the stage results in PARTS.
+summarize() {
+python3 - "$1" "$2" "$OPT_IN" <<'PY'
 import json, os, sys
 tmp, status, opt_names = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
 def load(name):
@@ -232,4 +135,116 @@ if os.environ.get("OUT"):
     with open(os.path.join(os.environ["OUT"], "gpu-check.json"), "w") as f:
         f.write(text)
 PY
+}
+# `--summarize DIR`: only rebuild the summary from a cut-off run's $OUT/parts.
+if [ "${1:-}" = "--summarize" ]; then
+  summarize "${2:?usage: gpu-check.sh --summarize PARTS_DIR}" 0
+  exit 0
+fi
+BIN=""
+for d in ./gpu-bundle ./target/release; do
+  [ -x "$d/gpu-check" ] && [ -x "$d/worker" ] && { BIN=$d; break; }
+done
+[ -n "$BIN" ] || { echo '{"error": "gpu-check and worker binaries not found (run kernels/gpu-bundle.sh)"}'; exit 2; }
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+# Progress of every stage, also kept in $OUT/gpu-check.log when OUT is set.
+LOG=${OUT:-$TMP}/gpu-check.log
+: > "$LOG"
+# Every stage's result, kept in $OUT/parts when OUT is set: if the run is cut off, the
+# parts that finished come back and the summary below can be rebuilt from them.
+PARTS=${OUT:-$TMP}/parts
+mkdir -p "$PARTS"
+say() { echo "gpu-check [${SECONDS}s]: $*" | tee -a "$LOG" >&2; }
+# The libraries cudarc loads (the driver's libcuda, NVRTC 13, cuBLAS 13): where the
+# loader does not know them, the CUDA toolkit's folders, the driver's, or NVIDIA's pip
+# wheels (python3's `nvidia` package).
+candidates() {
+  echo /usr/local/cuda/lib64 /usr/local/cuda-13.0/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+    /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64
+  python3 -c 'import glob, nvidia, os; [print(d) for b in nvidia.__path__ for d in sorted(glob.glob(os.path.join(b, "*", "lib")))]' 2>/dev/null
+}
+for lib in libcuda.so.1 libnvrtc.so.13 libcublas.so.13; do
+  if ldconfig -p 2>/dev/null | grep -q "	$lib "; then
+    say "$lib: $(ldconfig -p | grep "	$lib " | head -1 | sed 's/.*=> //')"
+    continue
+  fi
+  found=""
+  for d in $(candidates); do
+    if [ -e "$d/$lib" ]; then
+      export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+      found=$d
+      break
+    fi
+  done
+  say "$lib: ${found:-NOT FOUND}"
+done
+command -v nvidia-smi > /dev/null && say "$(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1)"
+export SOV_KERNEL_CACHE="$TMP/kernel-cache"
+say "kernels (correctness, bandwidth, TFLOP/s)"
+timeout 240 "$BIN/gpu-check" "$@" --out "$PARTS/kernels.json" > /dev/null 2> >(tee -a "$LOG" >&2)
+status=$?
+[ $status -eq 124 ] && say "gpu-check timed out"
+# The opt-in designs, each in a process of its own: one that faults cannot take the
+# others' (or the default run's) CUDA context with it.
+for d in $OPT_IN; do
+  say "opt-in design $d"
+  timeout 120 "$BIN/gpu-check" "$@" --opt-in "$d" --out "$PARTS/opt-$d.json" > /dev/null 2> >(tee -a "$LOG" >&2)
+  [ -s "$PARTS/opt-$d.json" ] || echo "{\"error\": \"gpu-check --opt-in $d printed nothing (exit or timeout; see the log)\"}" > "$PARTS/opt-$d.json"
+done
+say "PyTorch SDPA"
+timeout 90 python3 kernels/tools/torch_sdpa.py > "$PARTS/torch.json" 2> "$PARTS/torch.err" \
+  || echo "{\"error\": \"torch comparison failed: $(tail -1 "$PARTS/torch.err" | tr -d '"')\"}" > "$PARTS/torch.json"
+tail -5 "$PARTS/torch.err" >> "$LOG"
+# End to end: random-weight models of real shapes (real weights do not travel here).
+for shape in eurollm-1.7b smollm2-135m; do
+  say "worker bench on a random $shape"
+  if python3 kernels/tools/make_random_model.py --shape "$shape" --out "$TMP/$shape" > "$PARTS/$shape.model.json" 2>> "$LOG"; then
+    RUST_BACKTRACE=0 timeout 120 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 --kv-cache-mb 8192 \
+      --batches 1,8,32 --reps 3 --prompt-tokens 128 --decode-tokens 64 > "$PARTS/$shape.bench.json" 2> "$PARTS/$shape.err"
+    rc=$?
+    tail -40 "$PARTS/$shape.err" >> "$LOG"
+    # The CUDA backend's forward pass against the CPU backend's, step by step.
+    RUST_BACKTRACE=0 timeout 180 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
+      > "$PARTS/$shape.check.json" 2>> "$LOG" || { echo "gpu-check: check-backend failed on $shape" | tee -a "$LOG" >&2; [ $status -eq 0 ] && status=1; }
+    [ -s "$PARTS/$shape.check.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check.json"
+    say "$shape: opt-in designs (PDL, warp GEMV, pipelined and wgmma prefill)"
+    # Programmatic dependent launch (sm_90+): the backend check, then batch-1 decode with
+    # each GEMV design.
+    SOV_PDL=1 RUST_BACKTRACE=0 timeout 180 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
+      > "$PARTS/$shape.check-pdl.json" 2>> "$LOG" || echo "gpu-check: check-backend with PDL failed on $shape" | tee -a "$LOG" >&2
+    [ -s "$PARTS/$shape.check-pdl.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-pdl.json"
+    for g in block warp; do
+      SOV_PDL=1 SOV_GEMV_KERNEL=$g RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
+        --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
+        > "$PARTS/$shape.pdl-$g.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.pdl-$g.json"
+    done
+    # The fused path's other GEMV design, side by side at batch 1.
+    SOV_GEMV_KERNEL=warp RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
+      --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
+      > "$PARTS/$shape.warp.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.warp.json"
+    # The opt-in prefill designs inside the backend (its prefill steps).
+    for p in pipelined wgmma; do
+      SOV_PREFILL_KERNEL=$p RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
+        --device cuda:0 > "$PARTS/$shape.check-$p.json" 2>> "$LOG" || echo "gpu-check: check-backend with the $p prefill failed on $shape" | tee -a "$LOG" >&2
+      [ -s "$PARTS/$shape.check-$p.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-$p.json"
+    done
+    say "$shape: FP8 KV cache"
+    # The FP8 KV cache: the backend check with both backends rounding K/V to e4m3
+    # (informational: the two round different inputs, bf16 vs f32 projections, so a value
+    # may land one e4m3 step apart) and decode speed.
+    RUST_BACKTRACE=0 timeout 180 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
+      --kv-cache-dtype fp8 > "$PARTS/$shape.check-fp8.json" 2>> "$LOG" || echo "gpu-check: fp8 check-backend differs on $shape" | tee -a "$LOG" >&2
+    [ -s "$PARTS/$shape.check-fp8.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-fp8.json"
+    RUST_BACKTRACE=0 timeout 90 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 --kv-cache-mb 8192 \
+      --kv-cache-dtype fp8 --batches 1,32 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
+      > "$PARTS/$shape.fp8.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.fp8.json"
+    [ $rc -eq 0 ] || echo "{\"error\": \"exit $rc: $( (grep -m1 panicked "$PARTS/$shape.err"; sed -n '/^Error:/,$p' "$PARTS/$shape.err") | tr -s ' \n' ' ' | tr -d '"\\' | cut -c1-600)\"}" > "$PARTS/$shape.bench.json"
+  else
+    echo '{"error": "make_random_model.py failed (see the log)"}' > "$PARTS/$shape.bench.json"
+  fi
+  rm -rf "${TMP:?}/$shape"
+done
+say "summary"
+summarize "$PARTS" "$status"
 exit $status
