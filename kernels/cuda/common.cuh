@@ -195,6 +195,31 @@ __device__ __forceinline__ void ldsm_x4_trans(unsigned r[4], unsigned addr) {
 // in o[4 n + e] (e = 0, 1: row g, columns 2t, 2t + 1; e = 2, 3: row g + 8): the
 // m16n8k16 accumulator layout, which wgmma's accumulators share.
 
+// One warp's 16 query rows, from row0 of a sequence's n_new new tokens (new token 0 at
+// position first_pos): lane (g, t)'s two rows, their positions (-1: a padding row past
+// n_new, which sees nothing), and what the causal walk needs about the warp.
+struct AttnRows {
+  int rows[2];
+  int qpos[2];
+  int first_pos;  // the warp's first row's position
+  int last_pos;   // the last position any valid row of the warp sees
+  bool active;    // some row is valid
+  bool full;      // every row is valid
+  __device__ __forceinline__ AttnRows(int row0, int n_new, int seq_first_pos, int g) {
+    rows[0] = row0 + g;
+    rows[1] = row0 + g + 8;
+    qpos[0] = rows[0] < n_new ? seq_first_pos + rows[0] : -1;
+    qpos[1] = rows[1] < n_new ? seq_first_pos + rows[1] : -1;
+    first_pos = seq_first_pos + row0;
+    last_pos = seq_first_pos + min(n_new - 1, row0 + 15);
+    active = row0 < n_new;
+    full = row0 + 15 < n_new;
+  }
+  // Whether the 64-key tile at k0 crosses the warp's diagonal (or the warp has padding
+  // rows), so that attn_mask must run.
+  __device__ __forceinline__ bool needs_mask(int k0) const { return !full || k0 + 63 > first_pos; }
+};
+
 // Q as A fragments (k-step ks: columns col0 + 16 ks ..), rows past n_new zero.
 template <int KS>
 __device__ __forceinline__ void attn_load_q(unsigned (&qa)[KS][4], const bf16* __restrict__ q,

@@ -281,19 +281,10 @@ __device__ __forceinline__ void prefill_attention_pipe_impl(
   const int kvh = head / (n_heads / n_kv_heads);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, t = lane & 3;
-  const int warp_row0 = tile_row0 + warp * 16;
-  const int rows[2] = {warp_row0 + g, warp_row0 + g + 8};
-  const int qpos[2] = {rows[0] < n_new ? first_pos + rows[0] : -1,
-                       rows[1] < n_new ? first_pos + rows[1] : -1};
-  // This warp's rows: any valid at all, the last position any of them sees, and whether
-  // every row is valid (then only tiles crossing the diagonal need the mask).
-  const bool active = warp_row0 < n_new;
-  const int warp_last_pos = first_pos + min(n_new - 1, warp_row0 + 15);
-  const bool warp_full = warp_row0 + 15 < n_new;
-  const int warp_first_pos = first_pos + warp_row0;
+  const AttnRows wr(tile_row0 + warp * 16, n_new, first_pos, g);
 
   unsigned qa[KS][4];
-  attn_load_q<KS>(qa, q, q0, rows, n_new, q_stride, head * HD, t);
+  attn_load_q<KS>(qa, q, q0, wr.rows, n_new, q_stride, head * HD, t);
 
   float o[HD / 2];  // column tile n in o[4 n .. 4 n + 3]
 #pragma unroll
@@ -335,7 +326,7 @@ __device__ __forceinline__ void prefill_attention_pipe_impl(
     cp_async_commit();
     cp_async_wait<1>();  // this thread's K(j) copies have landed
     __syncthreads();     // and everyone's
-    const bool run = active && k0 <= warp_last_pos;
+    const bool run = wr.active && k0 <= wr.last_pos;  // a tile no row sees is skipped
     float s[32];  // column tile jn (keys k0 + 8 jn ..) in s[4 jn .. 4 jn + 3]
     if (run) {
 #pragma unroll
@@ -349,7 +340,7 @@ __device__ __forceinline__ void prefill_attention_pipe_impl(
           mma_bf16(&s[4 * jn], qa[ks + 1], b[2], b[3]);
         }
       }
-      if (!warp_full || k0 + PP_BC - 1 > warp_first_pos) attn_mask(s, k0, t, qpos);
+      if (wr.needs_mask(k0)) attn_mask(s, k0, t, wr.qpos);
       attn_softmax(s, m, l, o, scale_log2);
     }
     cp_async_wait<0>();  // V(j) has landed
@@ -374,7 +365,7 @@ __device__ __forceinline__ void prefill_attention_pipe_impl(
     __syncthreads();  // every warp is done with s_v before V(j+1) lands there
   }
 
-  attn_store<HD>(out, o, l, rows, n_new, q0, n_heads, head, t);
+  attn_store<HD>(out, o, l, wr.rows, n_new, q0, n_heads, head, t);
 }
 
 }  // namespace sov

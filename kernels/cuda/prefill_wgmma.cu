@@ -138,14 +138,6 @@ __device__ __forceinline__ void wgmma_pv(float (&o)[HD / 2], const unsigned (&a)
   }
 }
 
-// Dynamic shared memory of one CTA: the K tile and the V^T tile (core-matrix layout,
-// 64 x HD bf16 each), then the row-major V staging tile (rows padded by 8 elements so
-// ldmatrix reads them without bank conflicts).
-template <int HD>
-constexpr int pw_smem_bytes() {
-  return 2 * PW_BC * HD * 2 + PW_BC * (HD + 8) * 2;
-}
-
 // WGS warpgroups a CTA (64 query rows each): 2 share every K/V tile between 128 rows
 // (half the L2 traffic), 1 lets two CTAs share an SM and overlap one's softmax with the
 // other's MMAs (`prefill_attention_wgmma1_*`). The GPU check times both.
@@ -169,6 +161,9 @@ __device__ __forceinline__ void prefill_wgmma_impl(
   // (reduced dimension key).
   constexpr unsigned K_LBO = 128, K_SBO = HD * 16;
   constexpr unsigned V_LBO = 128, V_SBO = PW_BC * 16;
+  // Dynamic shared memory (launch::wgmma_smem_bytes): the K tile and the V^T tile
+  // (core-matrix layout, 64 x HD bf16 each), then the row-major V staging tile (rows
+  // padded by 8 elements so ldmatrix reads them without bank conflicts).
   extern __shared__ __align__(1024) unsigned char pw_smem[];
   const unsigned sk = smem_u32(pw_smem);
   const unsigned svt = sk + TILE;
@@ -185,19 +180,14 @@ __device__ __forceinline__ void prefill_wgmma_impl(
   const int wg = warp / 4;
   const int g = lane >> 2, t = lane & 3;
   const int wg_row0 = tile_row0 + wg * 64;
-  const int warp_row0 = wg_row0 + (warp % 4) * 16;
-  const int rows[2] = {warp_row0 + g, warp_row0 + g + 8};
-  const int qpos[2] = {rows[0] < n_new ? first_pos + rows[0] : -1,
-                       rows[1] < n_new ? first_pos + rows[1] : -1};
-  // A warpgroup runs its wgmmas for a tile when any of its rows sees a key of it; a warp
-  // masks a tile when it crosses that warp's diagonal or the warp has padding rows.
+  const AttnRows wr(wg_row0 + (warp % 4) * 16, n_new, first_pos, g);
+  // A warpgroup runs its wgmmas for a tile when any of its rows sees a key of it (the
+  // decision must be the same for its four warps); each warp masks on its own.
   const bool wg_active = wg_row0 < n_new;
   const int wg_last_pos = first_pos + min(n_new - 1, wg_row0 + 63);
-  const bool warp_full = warp_row0 + 15 < n_new;
-  const int warp_first_pos = first_pos + warp_row0;
 
   unsigned qa[KS][4];
-  attn_load_q<KS>(qa, q, q0, rows, n_new, q_stride, head * HD, t);
+  attn_load_q<KS>(qa, q, q0, wr.rows, n_new, q_stride, head * HD, t);
 
   float o[HD / 2];
 #pragma unroll
@@ -264,7 +254,7 @@ __device__ __forceinline__ void prefill_wgmma_impl(
       wgmma_commit();
       wgmma_wait_all();
       pin(s);
-      if (!warp_full || k0 + PW_BC - 1 > warp_first_pos) attn_mask(s, k0, t, qpos);
+      if (wr.needs_mask(k0)) attn_mask(s, k0, t, wr.qpos);
       attn_softmax(s, m, l, o, scale_log2);
     }
     cp_async_wait<0>();  // V(j) has landed in the staging tile
@@ -306,7 +296,7 @@ __device__ __forceinline__ void prefill_wgmma_impl(
     }
   }
 
-  attn_store<HD>(out, o, l, rows, n_new, q0, n_heads, head, t);
+  attn_store<HD>(out, o, l, wr.rows, n_new, q0, n_heads, head, t);
 }
 
 }  // namespace sov

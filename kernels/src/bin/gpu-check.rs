@@ -663,7 +663,11 @@ fn check_rope(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
             style: style_id,
             qkv_stride: stride,
         };
-        launch::rope_write_kv(k, &d, &mut qkvd, &pd, &sd, &cd, &snd, &mut kc, &mut vc)?;
+        let mut kv = KvMut::Bf16 {
+            k: &mut kc,
+            v: &mut vc,
+        };
+        launch::rope_write_kv_into(k, &d, &mut qkvd, &pd, &sd, &cd, &snd, &mut kv)?;
         let s = gpu_ref::RopeShape {
             n_heads: nh,
             n_kv_heads: nkv,
@@ -878,7 +882,8 @@ fn decode_bandwidth(k: &Kernels, ctx: usize) -> Result<Value, CudaError> {
     let mut out = zeros::<u16>(k, batch * n_kv * group * hd)?;
     let mut scratch = SplitScratch::new(k, &d)?;
     let ms = time_ms(k, 20, || {
-        launch::decode_attention(k, &d, &q, &kd, &vd, &td, &ld, &mut out, &mut scratch)
+        let kv = KvRef::Bf16 { k: &kd, v: &vd };
+        launch::decode_attention_kv(k, &d, &q, kv, &td, &ld, &mut out, &mut scratch)
     })?;
     let bytes = (batch * per_seq) as f64;
     // The same sequences over an fp8 cache: half the bytes.
@@ -960,7 +965,8 @@ fn prefill_tflops(
     let td = up(k, &p.tables.iter().map(|t| *t as i32).collect::<Vec<_>>())?;
     let mut out = zeros::<u16>(k, seqs * n * nh * hd)?;
     let ms = time_ms(k, 10, || {
-        launch::prefill_attention(k, kind, &d, &q, &kd, &vd, &cud, &ld, &td, &mut out)
+        let kv = KvRef::Bf16 { k: &kd, v: &vd };
+        launch::prefill_attention_kv(k, kind, &d, &q, kv, &cud, &ld, &td, &mut out)
     })?;
     // QK^T and PV over the causal triangle: 2 matmuls x 2 flops per multiply-add.
     let pairs = (n * (n + 1) / 2) as f64;

@@ -36,9 +36,9 @@ impl ExArg for &f32 {
 }
 
 /// A launch's arguments. Without PDL it is cudarc's launch builder; with PDL
-/// ([`Kernels::pdl`], set only for the PDL-aware kernels by [`Args::pdl`]) the same
-/// arguments go to `cuLaunchKernelEx` with the programmatic-stream-serialization
-/// attribute, which cudarc's builder cannot set.
+/// ([`Kernels::pdl`], for the PDL-aware kernels built by [`Args::pdl`]) the same
+/// arguments also fill `slots` and go to `cuLaunchKernelEx` with the
+/// programmatic-stream-serialization attribute, which cudarc's builder cannot set.
 pub struct Args<'a> {
     k: &'a Kernels,
     f: &'a CudaFunction,
@@ -49,27 +49,32 @@ pub struct Args<'a> {
 
 impl<'a> Args<'a> {
     pub fn new(k: &'a Kernels, f: &'a CudaFunction) -> Self {
+        Self::with(k, f, false)
+    }
+
+    /// A launch with PDL when the device's kernels were built for it. Only for kernels
+    /// that call `pdl_wait` before touching anything an earlier kernel writes.
+    pub fn pdl(k: &'a Kernels, f: &'a CudaFunction) -> Self {
+        Self::with(k, f, k.pdl)
+    }
+
+    fn with(k: &'a Kernels, f: &'a CudaFunction, pdl: bool) -> Self {
         Self {
             k,
             f,
             b: k.stream.launch_builder(f),
             slots: Vec::new(),
-            pdl: false,
+            pdl,
         }
-    }
-
-    /// Launch with PDL when the device's kernels were built for it. Only for kernels
-    /// that call `pdl_wait` before touching anything an earlier kernel writes.
-    pub fn pdl(&mut self) -> &mut Self {
-        self.pdl = self.k.pdl;
-        self
     }
 
     pub fn arg<T: ExArg>(&mut self, a: T) -> &mut Self
     where
         LaunchArgs<'a>: PushKernelArg<T>,
     {
-        self.slots.push(a.slot(self.k));
+        if self.pdl {
+            self.slots.push(a.slot(self.k));
+        }
         self.b.arg(a);
         self
     }
@@ -187,26 +192,6 @@ fn config(x: usize, y: usize, z: usize, threads: u32) -> Result<LaunchConfig, Cu
     })
 }
 
-/// `decode_attention_hd{D}_g{G}` (+ the merge when `num_splits > 1`) over a bf16 cache.
-#[allow(clippy::too_many_arguments)]
-pub fn decode_attention(
-    k: &Kernels,
-    d: &DecodeDims,
-    q: &CudaSlice<u16>,
-    k_cache: &CudaSlice<u16>,
-    v_cache: &CudaSlice<u16>,
-    block_tables: &CudaSlice<i32>,
-    seq_lens: &CudaSlice<i32>,
-    out: &mut CudaSlice<u16>,
-    scratch: &mut SplitScratch,
-) -> Result<(), CudaError> {
-    let kv = KvRef::Bf16 {
-        k: k_cache,
-        v: v_cache,
-    };
-    decode_attention_kv(k, d, q, kv, block_tables, seq_lens, out, scratch)
-}
-
 /// One layer's K and V caches as the attention kernels read them: bf16, or FP8 (e4m3
 /// codes, `[num_blocks][16][n_kv_heads][hd]` bytes, with one f32 scale per KV head:
 /// value = e4m3(code) * scale), which the `_fp8` entry points read.
@@ -308,8 +293,7 @@ pub fn decode_attention_kv(
     let (n_kv, max_blocks, splits) = (dim(d.n_kv_heads)?, dim(d.max_blocks)?, dim(d.num_splits)?);
     let q_stride = dim(d.q_stride)?;
     let cfg = config(d.num_seqs, d.n_kv_heads, d.num_splits, 128)?;
-    let mut b = Args::new(k, &f);
-    b.pdl();
+    let mut b = Args::pdl(k, &f);
     b.arg(q);
     kv.push(&mut b);
     b.arg(block_tables)
@@ -347,15 +331,14 @@ fn merge_splits(
             1,
             d.head_dim.min(128) as u32,
         )?;
-        let mut b = Args::new(k, &m);
-        b.pdl();
+        let mut b = Args::pdl(k, &m);
         b.arg(&scratch.part_out)
             .arg(&scratch.part_ml)
             .arg(&mut *out)
             .arg(&n_heads)
             .arg(&hd)
             .arg(&splits);
-        // SAFETY: as in `decode_attention`.
+        // SAFETY: as in `decode_attention_kv`.
         unsafe { b.launch(cfg) }?;
     }
     Ok(())
@@ -418,36 +401,14 @@ impl PrefillKernel {
     }
 }
 
-/// Dynamic shared memory of `prefill_attention_wgmma_hd{D}` (as `pw_smem_bytes` in
+/// Dynamic shared memory of `prefill_attention_wgmma{,1}_hd{D}` (the layout at `pw_smem` in
 /// prefill_wgmma.cu): K and V^T tiles of 64 x D, the padded V staging tile.
 fn wgmma_smem_bytes(head_dim: usize) -> usize {
     2 * 64 * head_dim * 2 + 64 * (head_dim + 8) * 2
 }
 
-/// `prefill_attention_hd{D}` over a bf16 cache: `cu_q` has `num_seqs + 1` offsets into
-/// the packed tokens.
-#[allow(clippy::too_many_arguments)]
-pub fn prefill_attention(
-    k: &Kernels,
-    kind: PrefillKernel,
-    d: &PrefillDims,
-    q: &CudaSlice<u16>,
-    k_cache: &CudaSlice<u16>,
-    v_cache: &CudaSlice<u16>,
-    cu_q: &CudaSlice<i32>,
-    seq_lens: &CudaSlice<i32>,
-    block_tables: &CudaSlice<i32>,
-    out: &mut CudaSlice<u16>,
-) -> Result<(), CudaError> {
-    let kv = KvRef::Bf16 {
-        k: k_cache,
-        v: v_cache,
-    };
-    prefill_attention_kv(k, kind, d, q, kv, cu_q, seq_lens, block_tables, out)
-}
-
-/// `prefill_attention_hd{D}` or its `_fp8` twin, as `kv` is stored, or
-/// `prefill_attention_pipe_hd{D}` (see [`PrefillKernel`]).
+/// Prefill attention of the design `kind` (see [`PrefillKernel`]) over `kv` as it is
+/// stored; `cu_q` has `num_seqs + 1` offsets into the packed tokens.
 #[allow(clippy::too_many_arguments)]
 pub fn prefill_attention_kv(
     k: &Kernels,
@@ -513,7 +474,7 @@ pub fn prefill_attention_kv(
         .arg(&mb)
         .arg(&d.scale)
         .arg(&q_stride);
-    // SAFETY: as in `decode_attention`.
+    // SAFETY: as in `decode_attention_kv`.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
@@ -533,7 +494,7 @@ pub fn rms_norm(
     let cfg = config(rows, 1, 1, 256)?;
     let mut b = Args::new(k, &f);
     b.arg(x).arg(weight).arg(&mut *out).arg(&n).arg(&eps);
-    // SAFETY: as in `decode_attention`.
+    // SAFETY: as in `decode_attention_kv`.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
@@ -560,7 +521,7 @@ pub fn add_rms_norm(
         .arg(&mut *out)
         .arg(&n)
         .arg(&eps);
-    // SAFETY: as in `decode_attention`.
+    // SAFETY: as in `decode_attention_kv`.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
@@ -579,7 +540,7 @@ pub fn silu_and_mul(
     let cfg = config(pieces.div_ceil(256).min(65_535), 1, 1, 256)?;
     let mut b = Args::new(k, &f);
     b.arg(gate_up).arg(&mut *out).arg(&r).arg(&i);
-    // SAFETY: as in `decode_attention`.
+    // SAFETY: as in `decode_attention_kv`.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
@@ -598,28 +559,8 @@ pub struct RopeDims {
     pub qkv_stride: usize,
 }
 
-/// `rope_write_kv`: in each fused `qkv` row, rotates q in place, and stores rotated K and
-/// plain V at the token's slot of a bf16 cache.
-#[allow(clippy::too_many_arguments)]
-pub fn rope_write_kv(
-    k: &Kernels,
-    d: &RopeDims,
-    qkv: &mut CudaSlice<u16>,
-    positions: &CudaSlice<i32>,
-    slots: &CudaSlice<i32>,
-    cos: &CudaSlice<f32>,
-    sin: &CudaSlice<f32>,
-    k_cache: &mut CudaSlice<u16>,
-    v_cache: &mut CudaSlice<u16>,
-) -> Result<(), CudaError> {
-    let mut kv = KvMut::Bf16 {
-        k: k_cache,
-        v: v_cache,
-    };
-    rope_write_kv_into(k, d, qkv, positions, slots, cos, sin, &mut kv)
-}
-
-/// [`rope_write_kv`] into either cache type (`rope_write_kv_fp8` for fp8: K and V are
+/// `rope_write_kv`: in each fused `qkv` row, rotates q in place and stores rotated K and
+/// plain V at the token's cache slot; `rope_write_kv_fp8` for an fp8 cache (K and V
 /// divided by their KV head's scale and rounded once). One thread per q/k rotation pair,
 /// unrotated k element and 8 v elements.
 #[allow(clippy::too_many_arguments)]
@@ -650,8 +591,7 @@ pub fn rope_write_kv_into(
         + d.n_kv_heads * (d.head_dim - d.rot_dim)
         + d.n_kv_heads * d.head_dim / 8;
     let cfg = config(d.tokens, items.div_ceil(128), 1, 128)?;
-    let mut b = Args::new(k, &f);
-    b.pdl();
+    let mut b = Args::pdl(k, &f);
     b.arg(&mut *qkv)
         .arg(&stride)
         .arg(positions)
@@ -672,7 +612,7 @@ pub fn rope_write_kv_into(
         }
     }
     b.arg(&nh).arg(&nkv).arg(&hd).arg(&rot).arg(&d.style);
-    // SAFETY: as in `decode_attention`; the fp8 entry point takes the two scale arrays
+    // SAFETY: as in `decode_attention_kv`; the fp8 entry point takes the two scale arrays
     // (`n_kv_heads` values each) after the caches.
     unsafe { b.launch(cfg) }?;
     Ok(())
@@ -691,7 +631,7 @@ pub fn argmax_rows(
     let cfg = config(rows, 1, 1, 1024)?;
     let mut b = Args::new(k, &f);
     b.arg(logits).arg(&mut *out).arg(&v);
-    // SAFETY: as in `decode_attention`.
+    // SAFETY: as in `decode_attention_kv`.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
@@ -729,7 +669,7 @@ pub fn topk_rows(
         .arg(&mut *out_ids)
         .arg(&v)
         .arg(&t);
-    // SAFETY: as in `decode_attention`; the slice lengths were checked above.
+    // SAFETY: as in `decode_attention_kv`; the slice lengths were checked above.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
@@ -748,7 +688,7 @@ pub fn softmax_rows(
     let cfg = config(rows, 1, 1, 1024)?;
     let mut b = Args::new(k, &f);
     b.arg(logits).arg(&mut *probs).arg(&v).arg(&temperature);
-    // SAFETY: as in `decode_attention`.
+    // SAFETY: as in `decode_attention_kv`.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
@@ -767,7 +707,7 @@ pub fn embed_rows(
     let cfg = config(tokens, 1, 1, 128)?;
     let mut b = Args::new(k, &f);
     b.arg(table).arg(ids).arg(&mut *out).arg(&h);
-    // SAFETY: as in `decode_attention`.
+    // SAFETY: as in `decode_attention_kv`.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
@@ -875,10 +815,9 @@ pub fn gemv(
     match (input, output) {
         (GemvInput::Plain(x), GemvOutput::Bf16(y)) => {
             let f = entry("gemv")?;
-            let mut b = Args::new(k, &f);
-            b.pdl();
+            let mut b = Args::pdl(k, &f);
             b.arg(w).arg(x).arg(y).arg(&r).arg(&c).arg(&n);
-            // SAFETY: as in `decode_attention`; the lengths were checked above.
+            // SAFETY: as in `decode_attention_kv`; the lengths were checked above.
             unsafe { b.launch(cfg) }?;
         }
         (
@@ -890,8 +829,7 @@ pub fn gemv(
             GemvOutput::Bf16(y),
         ) => {
             let f = entry("gemv_norm")?;
-            let mut b = Args::new(k, &f);
-            b.pdl();
+            let mut b = Args::pdl(k, &f);
             b.arg(w)
                 .arg(residual)
                 .arg(weight)
@@ -905,16 +843,14 @@ pub fn gemv(
         }
         (GemvInput::Plain(x), GemvOutput::AddTo(res)) => {
             let f = entry("gemv_add")?;
-            let mut b = Args::new(k, &f);
-            b.pdl();
+            let mut b = Args::pdl(k, &f);
             b.arg(w).arg(x).arg(res).arg(&r).arg(&c).arg(&n);
             // SAFETY: as above.
             unsafe { b.launch(cfg) }?;
         }
         (GemvInput::SiluOf(gu), GemvOutput::AddTo(res)) => {
             let f = entry("gemv_silu_add")?;
-            let mut b = Args::new(k, &f);
-            b.pdl();
+            let mut b = Args::pdl(k, &f);
             b.arg(w).arg(gu).arg(res).arg(&r).arg(&c).arg(&n);
             // SAFETY: as above.
             unsafe { b.launch(cfg) }?;
@@ -941,10 +877,9 @@ pub fn rms_norm_f32(
     let f = k.function("norm.cu", "rms_norm_f32")?;
     let n = dim(dim_)?;
     let cfg = config(rows, 1, 1, 256)?;
-    let mut b = Args::new(k, &f);
-    b.pdl();
+    let mut b = Args::pdl(k, &f);
     b.arg(residual).arg(weight).arg(&mut *out).arg(&n).arg(&eps);
-    // SAFETY: as in `decode_attention`.
+    // SAFETY: as in `decode_attention_kv`.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
@@ -963,7 +898,7 @@ pub fn embed_rows_f32(
     let cfg = config(tokens, 1, 1, 128)?;
     let mut b = Args::new(k, &f);
     b.arg(table).arg(ids).arg(&mut *residual).arg(&h);
-    // SAFETY: as in `decode_attention`.
+    // SAFETY: as in `decode_attention_kv`.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
