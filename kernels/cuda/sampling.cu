@@ -167,8 +167,10 @@ extern "C" __global__ void __launch_bounds__(sov::SAMPLE_THREADS)
   float bv = sov::neg_inf();
   int bi = 0x7fffffff;
   for (int i = threadIdx.x; i < vocab; i += sov::SAMPLE_THREADS) {
-    // +inf counts as FLT_MAX, as the sampler sanitizes it (NaN never wins).
-    const float v = fminf(row[i], __int_as_float(0x7f7fffff));
+    // +inf counts as FLT_MAX, as the sampler sanitizes it. NaN never wins: it must stay
+    // NaN here, because fminf(NaN, FLT_MAX) is FLT_MAX (IEEE minNum returns the number).
+    const float x = row[i];
+    const float v = x != x ? x : fminf(x, __int_as_float(0x7f7fffff));
     if (sov::better(v, i, bv, bi)) { bv = v; bi = i; }
   }
 #pragma unroll
