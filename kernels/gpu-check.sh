@@ -2,18 +2,21 @@
 # GPU proof of the CUDA kernels and backend, on a machine with an NVIDIA GPU, CUDA 13 and
 # the stripped release binaries from kernels/gpu-bundle.sh in ./gpu-bundle (no Rust
 # needed here; falls back to target/release):
-#   1. every kernel against its CPU reference over a shape grid (gpu-check),
-#   2. decode attention GB/s against the device-to-device copy bandwidth,
-#   3. prefill attention TFLOP/s,
+#   1. every kernel against its CPU reference over a shape grid (gpu-check), the split
+#      decode attention both with its merge kernel and with the fused merge;
+#   2. decode attention GB/s against the device-to-device copy bandwidth;
+#   3. prefill attention TFLOP/s of every design (basic, pipelined, wgmma);
 #   4. end-to-end `worker bench --device cuda:0` on random-weight models shaped like
-#      SmolLM2-135M and EuroLLM-1.7B, against the weight-bandwidth limit (batch 1 also
-#      with SOV_GEMV_KERNEL=warp, the other GEMV design, and with SOV_PDL=1),
+#      SmolLM2-135M and EuroLLM-1.7B, against the weight-bandwidth limit, also with
+#      SOV_DECODE_MERGE=fused;
 #   5. the same attention shapes through PyTorch's scaled_dot_product_attention;
 #   6. `worker check-backend`: the CUDA backend's logits against the CPU backend's over
-#      prefill and decode steps (batch 3, 2, 1) on both model shapes.
-#   7. the opt-in designs (warp GEMV, pipelined and wgmma prefill: `gpu-check --opt-in
-#      NAME`, one process each; SOV_PDL=1 and the prefill designs inside the worker),
-#      reported apart from the defaults (`kernels_opt_in`, `end_to_end.*`).
+#      prefill and decode steps (batch 3, 2, 1) on both model shapes, with each prefill
+#      design, the fused merge and the FP8 KV cache;
+#   7. the experimental designs (`gpu-check --opt-in NAME`, one process each), reported
+#      apart from the defaults (`kernels_opt_in`);
+#   8. where Nsight Compute is installed, one launch of each wgmma prefill design under
+#      ncu (throughput, warp stall reasons), into $OUT/parts/ncu-*.txt.
 # Prints one JSON summary (and writes it to $OUT/gpu-check.json when OUT is set).
 #
 #   bash kernels/gpu-check.sh [--quick]
@@ -22,8 +25,8 @@
 # a backend check failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-# The opt-in designs gpu-check runs one process each (see below).
-OPT_IN="gemvw prefill_attention_pipe prefill_attention_wgmma prefill_attention_wgmma_swapped prefill_attention_wgmma1 prefill_attention_wgmma1_swapped"
+# The experimental designs gpu-check runs one process each (see below).
+OPT_IN="prefill_attention_wgmma2 prefill_attention_wgmma2_swapped"
 # summarize PARTS STATUS: the JSON summary of the stage results in PARTS.
 summarize() {
 python3 - "$1" "$2" "$OPT_IN" <<'PY'
@@ -49,42 +52,28 @@ failing = sorted({c.get("kernel", "?") for c in opt["checks"] if not c.get("ok")
 opt["failing"] = failing
 summary = {"gpu_check_exit": status, "kernels": k, "kernels_opt_in": opt, "torch_sdpa": t, "end_to_end": {}}
 copy = k.get("copy_bandwidth_gb_per_s")
+def check(name):
+    c = load(name)
+    c.pop("per_row", None)
+    return c
 for shape in ["smollm2-135m", "eurollm-1.7b"]:
     m, b = load(f"{shape}.model.json"), load(f"{shape}.bench.json")
-    wb = load(f"{shape}.warp.json")
-    ck = load(f"{shape}.check.json")
-    ck.pop("per_row", None)
-    ck8 = load(f"{shape}.check-fp8.json")
-    ck8.pop("per_row", None)
-    ckp = load(f"{shape}.check-pipelined.json")
-    ckp.pop("per_row", None)
-    ckw = load(f"{shape}.check-wgmma.json")
-    ckw.pop("per_row", None)
-    ckd = load(f"{shape}.check-pdl.json")
-    ckd.pop("per_row", None)
-    e = {"model": m, "bench": b, "bench_gemv_warp": wb, "backend_check": ck,
-         "bench_kv_fp8": load(f"{shape}.fp8.json"), "backend_check_kv_fp8": ck8,
-         "backend_check_prefill_pipelined": ckp, "backend_check_prefill_wgmma": ckw,
-         "backend_check_pdl": ckd,
-         "bench_pdl_gemv_block": load(f"{shape}.pdl-block.json"),
-         "bench_pdl_gemv_warp": load(f"{shape}.pdl-warp.json")}
+    bf = load(f"{shape}.fused.json")
+    e = {"model": m, "bench": b, "bench_fused_merge": bf, "backend_check": check(f"{shape}.check.json"),
+         "backend_check_fused_merge": check(f"{shape}.check-fused.json"),
+         "backend_check_prefill_pipelined": check(f"{shape}.check-pipelined.json"),
+         "backend_check_prefill_wgmma2": check(f"{shape}.check-wgmma2.json"),
+         "backend_check_prefill_wgmma2_swapped": check(f"{shape}.check-wgmma2_swapped.json"),
+         "bench_kv_fp8": load(f"{shape}.fp8.json"), "backend_check_kv_fp8": check(f"{shape}.check-fp8.json")}
     try:
-        b1 = b["decode"]["1"]["aggregate_tok_s"]
         limit = copy * 1e9 / m["weight_bytes"]
-        e["batch1_tok_s"], e["bandwidth_limit_tok_s"], e["fraction_of_limit"] = b1, limit, b1 / limit
-        w1 = wb["decode"]["1"]["aggregate_tok_s"]
-        e["gemv_warp_batch1_tok_s"], e["gemv_warp_fraction_of_limit"] = w1, w1 / limit
+        e["bandwidth_limit_tok_s"] = limit
+        b1 = b["decode"]["1"]["aggregate_tok_s"]
+        e["batch1_tok_s"], e["fraction_of_limit"] = b1, b1 / limit
+        f1 = bf["decode"]["1"]["aggregate_tok_s"]
+        e["fused_merge_batch1_tok_s"], e["fused_merge_fraction_of_limit"] = f1, f1 / limit
     except Exception as ex:
         e["note"] = f"no ratio: {ex}"
-    # PDL variants count only where the PDL backend check passed.
-    e["pdl_backend_ok"] = ckd.get("ok") is True
-    for g in ["block", "warp"]:
-        try:
-            v = e[f"bench_pdl_gemv_{g}"]["decode"]["1"]["aggregate_tok_s"]
-            e[f"pdl_gemv_{g}_batch1_tok_s"] = v
-            e[f"pdl_gemv_{g}_fraction_of_limit"] = v / (copy * 1e9 / m["weight_bytes"])
-        except Exception as ex:
-            e[f"pdl_gemv_{g}_note"] = f"no ratio: {ex}"
     summary["end_to_end"][shape] = e
 side = []
 for ours in k.get("decode_attention", []):
@@ -112,13 +101,11 @@ pre = max([x["fraction_of_bf16_dense_peak"] for x in k.get("prefill_attention", 
            if "fraction_of_bf16_dense_peak" in x and design_ok(x.get("kernel", "prefill_attention"))] or [None],
           key=lambda v: -1 if v is None else v)
 eu = summary["end_to_end"].get("eurollm-1.7b", {})
-# The warp GEMV design counts only where its kernel checks passed, PDL only where the
-# PDL backend check did.
-warp_checks = [c for c in checks_all if str(c.get("kernel", "")).startswith("gemvw")]
-warp_ok = bool(warp_checks) and all(c.get("ok") for c in warp_checks)
-e2e_candidates = [eu.get("fraction_of_limit")] + ([eu.get("gemv_warp_fraction_of_limit")] if warp_ok else [])
-if eu.get("pdl_backend_ok"):
-    e2e_candidates += [eu.get("pdl_gemv_block_fraction_of_limit")] + ([eu.get("pdl_gemv_warp_fraction_of_limit")] if warp_ok else [])
+# The fused merge counts only where its kernel checks and its backend check passed.
+fused_checks = [c for c in checks_all if str(c.get("kernel", "")).endswith("_fused_merge")]
+fused_ok = bool(fused_checks) and all(c.get("ok") for c in fused_checks) \
+    and eu.get("backend_check_fused_merge", {}).get("ok") is True
+e2e_candidates = [eu.get("fraction_of_limit")] + ([eu.get("fused_merge_fraction_of_limit")] if fused_ok else [])
 e2e = max([v for v in e2e_candidates if v is not None] or [None], key=lambda v: -1 if v is None else v)
 # A check that printed an error ran and failed; one absent was not run.
 checks = [c.get("ok", False) for c in (e.get("backend_check") for e in summary["end_to_end"].values()) if c is not None]
@@ -208,23 +195,18 @@ for shape in eurollm-1.7b smollm2-135m; do
     RUST_BACKTRACE=0 timeout 180 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
       > "$PARTS/$shape.check.json" 2>> "$LOG" || { echo "gpu-check: check-backend failed on $shape" | tee -a "$LOG" >&2; [ $status -eq 0 ] && status=1; }
     [ -s "$PARTS/$shape.check.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check.json"
-    say "$shape: opt-in designs (PDL, warp GEMV, pipelined and wgmma prefill)"
-    # Programmatic dependent launch (sm_90+): the backend check, then batch-1 decode with
-    # each GEMV design.
-    SOV_PDL=1 RUST_BACKTRACE=0 timeout 180 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
-      > "$PARTS/$shape.check-pdl.json" 2>> "$LOG" || echo "gpu-check: check-backend with PDL failed on $shape" | tee -a "$LOG" >&2
-    [ -s "$PARTS/$shape.check-pdl.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-pdl.json"
-    for g in block warp; do
-      SOV_PDL=1 SOV_GEMV_KERNEL=$g RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
-        --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
-        > "$PARTS/$shape.pdl-$g.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.pdl-$g.json"
-    done
-    # The fused path's other GEMV design, side by side at batch 1.
-    SOV_GEMV_KERNEL=warp RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
-      --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
-      > "$PARTS/$shape.warp.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.warp.json"
-    # The opt-in prefill designs inside the backend (its prefill steps).
-    for p in pipelined wgmma; do
+    say "$shape: fused split merge; the other prefill designs"
+    # Split decode attention merging in its own kernel (no merge kernel): the backend
+    # check, then decode speed.
+    SOV_DECODE_MERGE=fused RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
+      --device cuda:0 > "$PARTS/$shape.check-fused.json" 2>> "$LOG" || echo "gpu-check: check-backend with the fused merge failed on $shape" | tee -a "$LOG" >&2
+    [ -s "$PARTS/$shape.check-fused.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-fused.json"
+    SOV_DECODE_MERGE=fused RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
+      --kv-cache-mb 8192 --batches 1,8 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
+      > "$PARTS/$shape.fused.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.fused.json"
+    # The prefill designs other than the default inside the backend (its prefill steps):
+    # the pipelined one (the default off Hopper) and the experimental ring design.
+    for p in pipelined wgmma2 wgmma2_swapped; do
       SOV_PREFILL_KERNEL=$p RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
         --device cuda:0 > "$PARTS/$shape.check-$p.json" 2>> "$LOG" || echo "gpu-check: check-backend with the $p prefill failed on $shape" | tee -a "$LOG" >&2
       [ -s "$PARTS/$shape.check-$p.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-$p.json"
@@ -245,6 +227,20 @@ for shape in eurollm-1.7b smollm2-135m; do
   fi
   rm -rf "${TMP:?}/$shape"
 done
+# One timed launch (4 x 2048 tokens) of each wgmma prefill design under Nsight Compute:
+# each process runs one design, whose 4 check launches and 1 warm-up launch are skipped.
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
+if [ -n "$NCU" ]; then
+  for d in prefill_attention_wgmma prefill_attention_wgmma2; do
+    say "ncu: $d"
+    timeout 90 "$NCU" --kernel-name regex:prefill_attention_wgmma --launch-skip 5 --launch-count 1 \
+      --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
+      "$BIN/gpu-check" --opt-in "$d" > "$PARTS/ncu-$d.txt" 2>&1 || say "ncu on $d: exit $?"
+  done
+else
+  say "no ncu: skipping the profiles"
+fi
 say "summary"
 summarize "$PARTS" "$status"
 exit $status

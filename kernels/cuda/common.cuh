@@ -318,38 +318,4 @@ __device__ __forceinline__ void attn_store(bf16* __restrict__ out, const float (
   }
 }
 
-// Programmatic dependent launch (PDL), compiled in only with -DSOV_PDL=1 (the worker's
-// `SOV_PDL=1` on sm_90 and later, see kernels::cuda::Kernels::pdl); elsewhere these are
-// empty. A kernel launched with the programmatic-stream-serialization attribute may start
-// while its predecessor in the stream still runs, so every PDL-aware kernel:
-//   - may read, before pdl_wait, only what no kernel of the step writes (weights:
-//     prefetch_l2);
-//   - pdl_wait(): waits until its predecessor has completed and its writes are visible,
-//     before reading or writing anything a kernel writes. The predecessor itself waited
-//     for its own, so every earlier kernel has completed too;
-//   - pdl_trigger(): lets its own successor launch (whose CTAs then wait in their
-//     pdl_wait). A successor launches only once every CTA of this grid has triggered or
-//     exited, so waiting CTAs never hold back this grid's unscheduled ones. Short kernels
-//     trigger first thing; the GEMVs after their main loop, so the next GEMV's weight
-//     prefetch overlaps their tail, not their whole weight stream.
-// griddepcontrol.wait returns at once when the kernel was launched without the attribute.
-__device__ __forceinline__ void pdl_trigger() {
-#if defined(SOV_PDL) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if defined(SOV_PDL) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-// Asynchronous prefetch of `bytes` (a multiple of 16, 16-byte aligned start) into L2 by
-// the bulk-copy unit; one thread issues it for the whole range. PDL builds only: it is
-// meant to run while the predecessor kernel still runs.
-__device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
-#if defined(SOV_PDL) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
-
 }  // namespace sov

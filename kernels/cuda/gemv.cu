@@ -138,12 +138,6 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
   const float* res = static_cast<const float*>(xin);
   const sov::bf16* xb = static_cast<const sov::bf16*>(xin);
 
-  // PDL builds: this CTA's weight rows (one contiguous range) head for L2 while the
-  // previous kernel finishes; nothing a kernel writes is touched before pdl_wait. The
-  // successor is let in only after the main loop (below), so it prefetches during this
-  // kernel's tail rather than competing with its whole weight stream.
-  if (threadIdx.x == 0) prefetch_l2(w + (long long)row0 * k, min(GV_ROWS, rows - row0) * k * 2);
-  pdl_wait();
   if (IN == GV_NORM) row_inv_rms<T, GV_THREADS>(res, k, eps, s_inv);
 
   float acc[GV_ROWS][T];
@@ -176,7 +170,6 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
       }
     }
   }
-  pdl_trigger();
 #pragma unroll
   for (int r = 0; r < GV_ROWS; ++r)
 #pragma unroll
@@ -195,113 +188,6 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
       store_out<OUT>(yout, o, v);
     }
   }
-}
-
-// ---------------------------------------------------------------------------------------
-// Second design, selected by the host (`GemvKernel::Warp`): the input rows are formed once
-// per CTA into shared memory (normalised or SiLU-combined, rounded to bf16 as above), then
-// each warp computes GW_ROWS weight rows at a time on its own, with every lane's
-// GW_UNROLL 16-byte loads of each row in flight together and no barrier in the main loop;
-// the CTAs loop over the row groups (grid sized by the host to fill the GPU). It amortises
-// the input preparation over many rows and has no per-CTA reduction through shared
-// memory. `gemvw*` entry points, same arguments and results as `gemv*`; dynamic shared
-// memory of T * k bf16.
-constexpr int GW_THREADS = 256;
-constexpr int GW_WARPS = GW_THREADS / 32;
-constexpr int GW_ROWS = 2;
-constexpr int GW_UNROLL = 8;
-
-template <int T, int IN, int OUT>
-__device__ __forceinline__ void gemvw_impl(const sov::bf16* __restrict__ w,
-                                           const void* __restrict__ xin,
-                                           const sov::bf16* __restrict__ norm_w, float eps,
-                                           void* __restrict__ yout, int rows, int k,
-                                           int tokens) {
-  extern __shared__ __align__(16) unsigned char gw_smem[];
-  sov::bf16* s_x = reinterpret_cast<sov::bf16*>(gw_smem);  // [T][k]
-  __shared__ float s_inv[T];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int pieces = k / 8;
-  const float* res = static_cast<const float*>(xin);
-  const sov::bf16* xb = static_cast<const sov::bf16*>(xin);
-
-  // PDL builds: each lane of a warp prefetches one of the warp's row pairs into L2 (as
-  // in gemv_impl); then the wait for the previous kernel; the successor is let in after
-  // the row loop.
-  {
-    const int groups = (rows + GW_ROWS - 1) / GW_ROWS;
-    const int stride = gridDim.x * GW_WARPS;
-    for (int g = blockIdx.x * GW_WARPS + warp + lane * stride; g < groups; g += 32 * stride)
-      prefetch_l2(w + (long long)g * GW_ROWS * k, min(GW_ROWS, rows - g * GW_ROWS) * k * 2);
-  }
-  pdl_wait();
-  // Form the input rows in shared memory.
-  if (IN == GV_NORM) row_inv_rms<T, GW_THREADS>(res, k, eps, s_inv);
-  for (int e = threadIdx.x; e < T * pieces; e += GW_THREADS) {
-    const int t = e / pieces, p = e % pieces;
-    if (IN == GV_PLAIN) {
-      *reinterpret_cast<uint4*>(s_x + (long long)t * k + p * 8) =
-          *reinterpret_cast<const uint4*>(xb + (long long)t * k + p * 8);
-      continue;
-    }
-    float nw[8], xf[8];
-    if (IN == GV_NORM) load8(norm_w + p * 8, nw);
-    input8<IN>(res, xb, k, t, p, IN == GV_NORM ? s_inv[t] : 0.f, nw, xf);
-    store8(s_x + (long long)t * k + p * 8, xf);
-  }
-  __syncthreads();
-
-  const int groups = (rows + GW_ROWS - 1) / GW_ROWS;
-  for (int g = blockIdx.x * GW_WARPS + warp; g < groups; g += gridDim.x * GW_WARPS) {
-    const sov::bf16* wr[GW_ROWS];
-#pragma unroll
-    for (int r = 0; r < GW_ROWS; ++r) {
-      const int row = g * GW_ROWS + r;
-      wr[r] = w + (long long)(row < rows ? row : 0) * k;
-    }
-    float acc[GW_ROWS][T];
-#pragma unroll
-    for (int r = 0; r < GW_ROWS; ++r)
-#pragma unroll
-      for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
-    for (int p0 = lane; p0 < pieces; p0 += 32 * GW_UNROLL) {
-      uint4 wv[GW_ROWS][GW_UNROLL];
-#pragma unroll
-      for (int u = 0; u < GW_UNROLL; ++u) {
-        const int p = p0 + u * 32;
-#pragma unroll
-        for (int r = 0; r < GW_ROWS; ++r)
-          wv[r][u] = p < pieces ? *reinterpret_cast<const uint4*>(wr[r] + p * 8)
-                                : make_uint4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int u = 0; u < GW_UNROLL; ++u) {
-        const int p = p0 + u * 32;
-        if (p >= pieces) break;
-#pragma unroll
-        for (int t = 0; t < T; ++t) {
-          float xf[8];
-          load8(s_x + (long long)t * k + p * 8, xf);
-#pragma unroll
-          for (int r = 0; r < GW_ROWS; ++r) {
-            acc[r][t] = dot8(wv[r][u], xf, acc[r][t]);
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < GW_ROWS; ++r)
-#pragma unroll
-      for (int t = 0; t < T; ++t) {
-        const float v = warp_sum(acc[r][t]);
-        const int row = g * GW_ROWS + r;
-        if (lane == 0 && row < rows && t < tokens) {
-          const long long o = (long long)t * rows + row;
-          store_out<OUT>(yout, o, v);
-        }
-      }
-  }
-  pdl_trigger();  // PDL builds: the successor may launch now (see gemv_impl)
 }
 
 }  // namespace sov
@@ -335,32 +221,3 @@ SOV_GEMV(1)
 SOV_GEMV(2)
 SOV_GEMV(4)
 SOV_GEMV(8)
-
-#define SOV_GEMVW(T)                                                                        \
-  extern "C" __global__ void __launch_bounds__(sov::GW_THREADS, 2)                          \
-      gemvw_t##T(const sov::bf16* w, const sov::bf16* x, sov::bf16* y, int rows, int k,     \
-                 int tokens) {                                                              \
-    sov::gemvw_impl<T, sov::GV_PLAIN, sov::GV_BF16>(w, x, nullptr, 0.f, y, rows, k, tokens); \
-  }                                                                                         \
-  extern "C" __global__ void __launch_bounds__(sov::GW_THREADS, 2)                          \
-      gemvw_norm_t##T(const sov::bf16* w, const float* residual, const sov::bf16* norm_w,   \
-                      float eps, sov::bf16* y, int rows, int k, int tokens) {               \
-    sov::gemvw_impl<T, sov::GV_NORM, sov::GV_BF16>(w, residual, norm_w, eps, y, rows, k,    \
-                                                   tokens);                                 \
-  }                                                                                         \
-  extern "C" __global__ void __launch_bounds__(sov::GW_THREADS, 2)                          \
-      gemvw_add_t##T(const sov::bf16* w, const sov::bf16* x, float* residual, int rows,     \
-                     int k, int tokens) {                                                   \
-    sov::gemvw_impl<T, sov::GV_PLAIN, sov::GV_ADD>(w, x, nullptr, 0.f, residual, rows, k,   \
-                                                   tokens);                                 \
-  }                                                                                         \
-  extern "C" __global__ void __launch_bounds__(sov::GW_THREADS, 2)                          \
-      gemvw_silu_add_t##T(const sov::bf16* w, const sov::bf16* gate_up, float* residual,    \
-                          int rows, int k, int tokens) {                                    \
-    sov::gemvw_impl<T, sov::GV_SILU, sov::GV_ADD>(w, gate_up, nullptr, 0.f, residual, rows, \
-                                                  k, tokens);                               \
-  }
-
-// The warp design for 1 and 2 tokens (the fused path's sizes).
-SOV_GEMVW(1)
-SOV_GEMVW(2)

@@ -90,6 +90,34 @@ for HD in (64, 96, 128):
                         (P[16 * w + g + 8, 16 * kk + 2 * t + 8], P[16 * w + g + 8, 16 * kk + 2 * t + 9])]
                 assert np.allclose(pa, want), (HD, w, lane, kk)
     print("HD", HD, "ok: K tile, V^T tile and P fragments match the wgmma operand model")
+    # The ring design (prefill_wgmma_ring_impl): thread c's piece is (key c / (HD/8),
+    # dims 8 (c % (HD/8)) ..) of both tiles; K into the K-major layout above, V into the
+    # MN-major one, which wgmma reads with imm-trans-b = 1 (no-swizzle MN-major: element
+    # (k, n) at start + (n/8)*SBO + (k/8)*LBO + (k%8)*16 + (n%8)*2).
+    ring = np.zeros(2 * TILE // 2, dtype=np.uint16)
+    rk, rv = 0, TILE
+    seen_k, seen_v = set(), set()
+    for c in range(BC * HD // 8):
+        key, dp = c // (HD // 8), c % (HD // 8)
+        ok_ = rk + (key >> 3) * K_SBO + dp * 128 + (key & 7) * 16
+        ov = rv + (key >> 4) * (HD * 32) + ((key >> 3) & 1) * 128 + dp * 256 + (key & 7) * 16
+        assert ok_ % 16 == 0 and ov % 16 == 0 and ok_ not in seen_k and ov not in seen_v
+        assert rk <= ok_ < rv and rv <= ov < 2 * TILE
+        seen_k.add(ok_); seen_v.add(ov)
+        ring[ok_ // 2: ok_ // 2 + 8] = K[key, dp * 8: dp * 8 + 8]
+        ring[ov // 2: ov // 2 + 8] = V[key, dp * 8: dp * 8 + 8]
+    for ks in range(HD // 16):
+        start = rk + ks * 256
+        B = np.array([[ring[(start + (n // 8) * K_SBO + (k // 8) * K_LBO + (n % 8) * 16 + (k % 8) * 2) // 2]
+                       for n in range(BC)] for k in range(16)])
+        assert (B == K[:, 16 * ks: 16 * ks + 16].T).all(), ("ring K", HD, ks)
+    RV_LBO, RV_SBO = 128, 256
+    for kk in range(BC // 16):
+        start = rv + kk * HD * 32
+        B = np.array([[ring[(start + (n // 8) * RV_SBO + (k // 8) * RV_LBO + (k % 8) * 16 + (n % 8) * 2) // 2]
+                       for n in range(HD)] for k in range(16)])
+        assert (B == V[16 * kk: 16 * kk + 16, :]).all(), ("ring V", HD, kk)
+    print("HD", HD, "ok: ring design K tile (K-major) and V tile (MN-major) match the wgmma operand model")
 
 import numpy as np
 rng = np.random.default_rng(1)

@@ -113,6 +113,10 @@ def ptxas_report(ptxas, ptx, arch):
         if r.returncode != 0:
             raise RuntimeError(f"ptxas failed for {arch}:\n{r.stderr}")
         text = r.stderr + r.stdout
+    # A ptxas warning (e.g. wgmma serialised for a register dependency) fails the check.
+    warnings = [l for l in text.splitlines() if "warning" in l.lower()]
+    if warnings:
+        raise RuntimeError(f"ptxas warnings for {arch}:\n" + "\n".join(warnings))
     entries = {}
     # ptxas prints, per entry: "Compiling entry function 'X' for 'sm_..'", "Function
     # properties for X", "N bytes stack frame, S bytes spill stores, L bytes spill loads",
@@ -148,17 +152,13 @@ def main():
         sys.exit(f"nvrtc_check: no kernels in {CUDA_DIR}")
     print(f"NVRTC {nvrtc.version()}, {len(sources)} sources, archs {args.arch}", flush=True)
     report, failed = {}, False
-    # Every arch as the worker builds by default, and sm_90+ also as a PDL build
-    # (SOV_PDL=1: kernels::cuda::PDL_DEFINE compiles the griddepcontrol code in).
-    archs = args.arch.split(",")
-    builds = [(a, False) for a in archs] + [(a, True) for a in archs if int(a.split("_")[1]) >= 90]
-    for device_arch, pdl in builds:
+    for device_arch in args.arch.split(","):
         for src in sources:
             arch = build_arch(src.name, device_arch)
             if arch is None:
                 continue
-            label = f"{arch}+pdl" if pdl else arch
-            options = nvrtc_options(arch) + (["-DSOV_PDL=1"] if pdl else [])
+            label = arch
+            options = nvrtc_options(arch)
             ptx, log = nvrtc.compile_ptx(program_source(src), src.name, options)
             if ptx is None:
                 print(f"FAIL {src.name} [{label}]: NVRTC compile error\n{log}", flush=True)
@@ -168,7 +168,12 @@ def main():
                 # Warnings fail the check too (like clippy -D warnings).
                 print(f"FAIL {src.name} [{label}]: compiler warnings\n{log.strip()}")
                 failed = True
-            entries = ptxas_report(ptxas, ptx, arch)
+            try:
+                entries = ptxas_report(ptxas, ptx, arch)
+            except RuntimeError as e:
+                print(f"FAIL {src.name} [{label}]: {e}", flush=True)
+                failed = True
+                continue
             for name, e in sorted(entries.items()):
                 spills = e["spill_stores"] + e["spill_loads"]
                 status = "SPILL" if spills else "ok"

@@ -6,11 +6,9 @@
 //!
 //!   gpu-check [--quick] [--opt-in [NAME]] [--out FILE]
 //!
-//! `--opt-in`: only the designs the worker runs when asked (SOV_GEMV_KERNEL=warp,
-//! SOV_PREFILL_KERNEL=pipelined|wgmma), checked and timed in a process of their own;
-//! NAME picks one: `gemvw`, `prefill_attention_pipe`, `prefill_attention_wgmma`,
-//! `prefill_attention_wgmma_swapped`, `prefill_attention_wgmma1`,
-//! `prefill_attention_wgmma1_swapped`.
+//! `--opt-in`: only the experimental designs the worker runs when asked, checked and timed
+//! in a process of their own (so a faulting experiment cannot take the default run's
+//! CUDA context with it); NAME picks one (see `prefill_designs`).
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -201,7 +199,7 @@ fn check_decode(
     ctx: usize,
     splits: Option<usize>,
     fp8: bool,
-) -> Result<Value, CudaError> {
+) -> Result<Vec<Value>, CudaError> {
     let n_kv = 2;
     let lens: Vec<usize> = (0..batch)
         .map(|i| if i % 2 == 1 { ctx.div_ceil(2) } else { ctx })
@@ -217,6 +215,7 @@ fn check_decode(
         head_dim: hd,
         max_blocks: p.max_blocks,
         num_splits,
+        fused_merge: false,
         scale: 1.0 / (hd as f32).sqrt(),
         q_stride: n_heads * hd,
     };
@@ -266,11 +265,37 @@ fn check_decode(
     } else {
         "decode_attention"
     };
-    Ok(
+    let mut out_checks = vec![
         json!({"kernel": kernel, "head_dim": hd, "group": group, "batch": batch,
               "context": ctx, "splits": num_splits, "checked_seqs": check,
               "max_abs_err": err, "ok": first.is_none(), "mismatch": first}),
-    )
+    ];
+    if num_splits > 1 {
+        // The fused merge, launched twice with the output cleared in between: the second
+        // launch is right only if the first left every arrival counter at zero.
+        let fused = DecodeDims {
+            fused_merge: true,
+            ..d
+        };
+        let mut last = Vec::new();
+        for _ in 0..2 {
+            k.stream.memset_zeros(&mut out)?;
+            launch::decode_attention_kv(k, &fused, &qd, kv, &td, &ld, &mut out, &mut scratch)?;
+            last = down(k, &out)?;
+        }
+        let counters_zero = down(k, &scratch.counters)?.iter().all(|c| *c == 0);
+        let (err, first) = compare(&last[..want.len()], &want);
+        // Bit for bit what the merge kernel gives (the same sums in the same order).
+        let same = last == got;
+        out_checks.push(
+            json!({"kernel": format!("{kernel}_fused_merge"), "head_dim": hd,
+            "group": group, "batch": batch, "context": ctx, "splits": num_splits,
+            "checked_seqs": check, "max_abs_err": err, "same_as_merge_kernel": same,
+            "counters_reset": counters_zero,
+            "ok": first.is_none() && same && counters_zero, "mismatch": first}),
+        );
+    }
+    Ok(out_checks)
 }
 
 /// The name a prefill design's checks and timings carry in the summary.
@@ -279,41 +304,38 @@ fn prefill_name(fp8: bool, kind: PrefillKernel) -> &'static str {
         (true, _) => "prefill_attention_fp8",
         (false, PrefillKernel::Basic) => "prefill_attention",
         (false, PrefillKernel::Pipelined) => "prefill_attention_pipe",
-        (
-            false,
-            PrefillKernel::Wgmma {
-                swapped,
-                one_warpgroup,
-            },
-        ) => match (one_warpgroup, swapped) {
-            (false, false) => "prefill_attention_wgmma",
-            (false, true) => "prefill_attention_wgmma_swapped",
-            (true, false) => "prefill_attention_wgmma1",
-            (true, true) => "prefill_attention_wgmma1_swapped",
-        },
+        (false, PrefillKernel::Wgmma) => "prefill_attention_wgmma",
+        (false, PrefillKernel::Wgmma2 { swapped: false }) => "prefill_attention_wgmma2",
+        (false, PrefillKernel::Wgmma2 { swapped: true }) => "prefill_attention_wgmma2_swapped",
     }
 }
 
-/// The prefill designs of a run ((fp8 cache, kind)): the default one on both caches, or
-/// (`--opt-in`) the opt-in ones this device runs.
+/// The prefill designs of a run ((fp8 cache, kind)): every design the worker has that
+/// this device runs (the wgmma ones on sm_90 only); with `--opt-in` the experimental
+/// ones (`prefill_attention_wgmma2`, `prefill_attention_wgmma2_swapped`), or with
+/// `--opt-in NAME` the one design of that name, experimental or not (to profile one
+/// kernel alone).
 fn prefill_designs(k: &Kernels, opt_in: Option<&str>) -> Vec<(bool, PrefillKernel)> {
-    let Some(only) = opt_in else {
-        return vec![(false, PrefillKernel::Basic), (true, PrefillKernel::Basic)];
-    };
-    let mut v = vec![(false, PrefillKernel::Pipelined)];
+    let mut default = vec![
+        (false, PrefillKernel::Basic),
+        (true, PrefillKernel::Basic),
+        (false, PrefillKernel::Pipelined),
+    ];
+    let mut experimental = Vec::new();
     if k.has_source("prefill_wgmma.cu") {
-        for one_warpgroup in [false, true] {
-            for swapped in [false, true] {
-                let kind = PrefillKernel::Wgmma {
-                    swapped,
-                    one_warpgroup,
-                };
-                v.push((false, kind));
-            }
-        }
+        default.push((false, PrefillKernel::Wgmma));
+        experimental.push((false, PrefillKernel::Wgmma2 { swapped: false }));
+        experimental.push((false, PrefillKernel::Wgmma2 { swapped: true }));
     }
-    v.retain(|(fp8, kind)| only == "all" || prefill_name(*fp8, *kind) == only);
-    v
+    match opt_in {
+        None => default,
+        Some("all") => experimental,
+        Some(name) => default
+            .into_iter()
+            .chain(experimental)
+            .filter(|(fp8, kind)| prefill_name(*fp8, *kind) == name)
+            .collect(),
+    }
 }
 
 /// Every prefill design in `designs` ((fp8 cache, kind)) on one random batch of `cases`
@@ -459,32 +481,14 @@ fn check_act(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
     Ok(out)
 }
 
-/// The block GEMV design (the default) at 1, 3 and 8 tokens.
-fn check_gemv_block(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
-    use launch::GemvKernel::Block;
-    check_gemv(k, rng, &[(1, Block), (3, Block), (8, Block)])
-}
-
-/// The warp GEMV design (opt-in) at the 1 and 2 tokens it serves.
-fn check_gemv_warp(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
-    use launch::GemvKernel::Warp;
-    check_gemv(k, rng, &[(1, Warp), (2, Warp)])
-}
-
-fn check_gemv(
-    k: &Kernels,
-    rng: &mut Rng,
-    designs: &[(usize, launch::GemvKernel)],
-) -> Result<Vec<Value>, CudaError> {
-    use launch::{GemvInput, GemvKernel, GemvOutput};
+/// The GEMV kernels at 1, 3 and 8 tokens.
+fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
+    use launch::{GemvInput, GemvOutput};
     let mut out = Vec::new();
     // EuroLLM-1.7B's o_proj and down_proj shapes, and a ragged last CTA.
     for (rows, cols) in [(2048usize, 2048usize), (2048, 5632), (1001, 64)] {
-        for &(tokens, kind) in designs {
-            let name = |n: &str| match kind {
-                GemvKernel::Block => n.to_string(),
-                GemvKernel::Warp => n.replacen("gemv", "gemvw", 1),
-            };
+        for tokens in [1, 3, 8] {
+            let name = |n: &str| n.to_string();
             let t = launch::gemv_rows(tokens);
             let w = to_bf16_vec(&rng.f32s(rows * cols));
             let wd = up(k, &w)?;
@@ -494,7 +498,6 @@ fn check_gemv(
             let mut y = zeros::<u16>(k, t * rows)?;
             launch::gemv(
                 k,
-                kind,
                 &wd,
                 GemvInput::Plain(&xd),
                 GemvOutput::Bf16(&mut y),
@@ -517,16 +520,7 @@ fn check_gemv(
                 weight: &nwd,
                 eps: 1e-5,
             };
-            launch::gemv(
-                k,
-                kind,
-                &wd,
-                input,
-                GemvOutput::Bf16(&mut y),
-                tokens,
-                rows,
-                cols,
-            )?;
+            launch::gemv(k, &wd, input, GemvOutput::Bf16(&mut y), tokens, rows, cols)?;
             let xn = gpu_ref::rms_norm_f32(&res[..tokens * cols], &nw, cols, 1e-5);
             let want = gpu_ref::gemv(&w, &xn, rows, cols);
             // The GPU's norm sums in another order: an input element can round to the
@@ -573,7 +567,6 @@ fn check_gemv(
                 };
                 launch::gemv(
                     k,
-                    kind,
                     &wd,
                     input,
                     GemvOutput::AddTo(&mut rd),
@@ -872,6 +865,7 @@ fn decode_bandwidth(k: &Kernels, ctx: usize) -> Result<Value, CudaError> {
         head_dim: hd,
         max_blocks: p.max_blocks,
         num_splits: launch::decode_splits(batch, n_kv, ctx, k.sms),
+        fused_merge: false,
         scale: 1.0 / (hd as f32).sqrt(),
         q_stride: n_kv * group * hd,
     };
@@ -898,18 +892,29 @@ fn decode_bandwidth(k: &Kernels, ctx: usize) -> Result<Value, CudaError> {
     let ms8 = time_ms(k, 20, || {
         launch::decode_attention_kv(k, &d, &q, kv, &td, &ld, &mut out, &mut scratch)
     })?;
-    Ok(
-        json!({"context": ctx, "batch": batch, "splits": d.num_splits, "ms": ms,
+    let mut r = json!({"context": ctx, "batch": batch, "splits": d.num_splits, "ms": ms,
               "gb_per_s": bytes / (ms / 1e3) / 1e9,
               "fp8": {"ms": ms8, "gb_per_s": bytes / 2.0 / (ms8 / 1e3) / 1e9,
-                      "speedup_vs_bf16": ms / ms8}}),
-    )
+                      "speedup_vs_bf16": ms / ms8}});
+    if d.num_splits > 1 {
+        // The same launch merging in the attention kernel (no merge kernel).
+        let fused = DecodeDims {
+            fused_merge: true,
+            ..d
+        };
+        let msf = time_ms(k, 20, || {
+            let kv = KvRef::Bf16 { k: &kd, v: &vd };
+            launch::decode_attention_kv(k, &fused, &q, kv, &td, &ld, &mut out, &mut scratch)
+        })?;
+        r["fused_merge"] = json!({"ms": msf, "gb_per_s": bytes / (msf / 1e3) / 1e9,
+                                  "speedup_vs_merge_kernel": ms / msf});
+    }
+    Ok(r)
 }
 
 /// The decode GEMV on EuroLLM-1.7B's layer shapes: GB/s of weights read.
 fn gemv_bandwidth(
     k: &Kernels,
-    kind: launch::GemvKernel,
     rows: usize,
     cols: usize,
     tokens: usize,
@@ -921,7 +926,6 @@ fn gemv_bandwidth(
     let ms = time_ms(k, 20, || {
         launch::gemv(
             k,
-            kind,
             &w,
             launch::GemvInput::Plain(&x),
             launch::GemvOutput::Bf16(&mut y),
@@ -932,7 +936,7 @@ fn gemv_bandwidth(
     })?;
     let bytes = (rows * cols * 2) as f64;
     Ok(
-        json!({"kernel": format!("{kind:?}"), "rows": rows, "cols": cols, "tokens": tokens, "us": ms * 1e3,
+        json!({"kernel": "gemv", "rows": rows, "cols": cols, "tokens": tokens, "us": ms * 1e3,
               "gb_per_s": bytes / (ms / 1e3) / 1e9}),
     )
 }
@@ -990,11 +994,10 @@ fn driver_version() -> String {
 }
 
 /// One run: the default designs (every kernel the worker runs unless told otherwise), or
-/// with `opt_in` only opt-in designs (`Some("all")`, or one: `gemvw` or a prefill
-/// design's name such as `prefill_attention_wgmma1`), in a process of their own so a
-/// faulting experiment cannot poison another run's CUDA context.
+/// with `opt_in` only prefill designs (`Some("all")`: the experimental ones; or the one
+/// named, e.g. `prefill_attention_wgmma2`), in a process of their own so a faulting
+/// experiment cannot poison another run's CUDA context.
 fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
-    let gemvw = matches!(opt_in, Some("all" | "gemvw"));
     let t0 = Instant::now();
     let cache = std::env::var_os("SOV_KERNEL_CACHE")
         .map(std::path::PathBuf::from)
@@ -1033,14 +1036,16 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
                     // The fp8 cache with the automatic split count only (its loop is the
                     // bf16 one's, with other loads and conversions).
                     for (splits, fp8) in [(None, false), (Some(1), false), (None, true)] {
-                        let c = check_decode(&k, &mut rng, hd, group, batch, ctx, splits, fp8)
+                        let cs = check_decode(&k, &mut rng, hd, group, batch, ctx, splits, fp8)
                             .unwrap_or_else(|e| {
                                 let shape = json!({"head_dim": hd, "group": group, "batch": batch,
                                 "context": ctx, "splits": splits, "fp8": fp8});
-                                failed("decode_attention", shape, &e)
+                                vec![failed("decode_attention", shape, &e)]
                             });
-                        eprintln!("  {c}");
-                        checks.push(c);
+                        for c in cs {
+                            eprintln!("  {c}");
+                            checks.push(c);
+                        }
                     }
                 }
             }
@@ -1069,12 +1074,11 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
         }
     }
     type Check = fn(&Kernels, &mut Rng) -> Result<Vec<Value>, CudaError>;
-    let small: &[(&str, Check)] = match (opt_in, gemvw) {
-        (Some(_), true) => &[("gemvw", check_gemv_warp)],
-        (Some(_), false) => &[],
-        (None, _) => &[
+    let small: &[(&str, Check)] = match opt_in {
+        Some(_) => &[],
+        None => &[
             ("rms_norm", check_norms),
-            ("gemv", check_gemv_block),
+            ("gemv", check_gemv),
             ("silu_and_mul+embed_rows", check_act),
             ("rope_write_kv", check_rope),
             ("argmax_rows+softmax_rows", check_sampling),
@@ -1124,16 +1128,9 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
     }
     let mut gemv = Vec::new();
     for (rows, cols) in [(4096, 2048), (2048, 2048), (11264, 2048), (2048, 5632)] {
-        let kinds: &[(usize, launch::GemvKernel)] = match (opt_in, gemvw) {
-            (Some(_), true) => &[(1, launch::GemvKernel::Warp), (2, launch::GemvKernel::Warp)],
-            (Some(_), false) => &[],
-            (None, _) => &[
-                (1, launch::GemvKernel::Block),
-                (8, launch::GemvKernel::Block),
-            ],
-        };
-        for &(tokens, kind) in kinds {
-            let r = match gemv_bandwidth(&k, kind, rows, cols, tokens) {
+        let tokens: &[usize] = if opt_in.is_some() { &[] } else { &[1, 8] };
+        for &tokens in tokens {
+            let r = match gemv_bandwidth(&k, rows, cols, tokens) {
                 Ok(mut r) => {
                     let gbs = r["gb_per_s"].as_f64().unwrap_or(0.0);
                     r["fraction_of_copy"] = json!(copy.map(|c| gbs / c));

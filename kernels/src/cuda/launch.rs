@@ -2,79 +2,26 @@
 //! in one place, so the CUDA backend and the GPU check launch them the same way.
 //! bf16 tensors are `CudaSlice<u16>` (bit patterns, as in `gpu_ref`).
 
-use cudarc::driver::{
-    CudaFunction, CudaSlice, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg, sys,
-};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg, sys};
 
 use super::{CudaError, Kernels};
 
-/// One argument as `cuLaunchKernelEx` takes it: an 8-byte slot holding a device pointer
-/// or a 32-bit scalar (the driver copies as many bytes as the parameter has, from the
-/// slot's start: little-endian).
-pub trait ExArg {
-    fn slot(&self, k: &Kernels) -> u64;
-}
-impl<T> ExArg for &CudaSlice<T> {
-    fn slot(&self, k: &Kernels) -> u64 {
-        self.device_ptr(&k.stream).0
-    }
-}
-impl<T> ExArg for &mut CudaSlice<T> {
-    fn slot(&self, k: &Kernels) -> u64 {
-        (**self).device_ptr(&k.stream).0
-    }
-}
-impl ExArg for &i32 {
-    fn slot(&self, _: &Kernels) -> u64 {
-        u64::from(**self as u32)
-    }
-}
-impl ExArg for &f32 {
-    fn slot(&self, _: &Kernels) -> u64 {
-        u64::from(self.to_bits())
-    }
-}
-
-/// A launch's arguments. Without PDL it is cudarc's launch builder; with PDL
-/// ([`Kernels::pdl`], for the PDL-aware kernels built by [`Args::pdl`]) the same
-/// arguments also fill `slots` and go to `cuLaunchKernelEx` with the
-/// programmatic-stream-serialization attribute, which cudarc's builder cannot set.
+/// A launch's arguments: cudarc's launch builder, with the error type of this crate.
 pub struct Args<'a> {
-    k: &'a Kernels,
-    f: &'a CudaFunction,
     b: LaunchArgs<'a>,
-    slots: Vec<u64>,
-    pdl: bool,
 }
 
 impl<'a> Args<'a> {
     pub fn new(k: &'a Kernels, f: &'a CudaFunction) -> Self {
-        Self::with(k, f, false)
-    }
-
-    /// A launch with PDL when the device's kernels were built for it. Only for kernels
-    /// that call `pdl_wait` before touching anything an earlier kernel writes.
-    pub fn pdl(k: &'a Kernels, f: &'a CudaFunction) -> Self {
-        Self::with(k, f, k.pdl)
-    }
-
-    fn with(k: &'a Kernels, f: &'a CudaFunction, pdl: bool) -> Self {
         Self {
-            k,
-            f,
             b: k.stream.launch_builder(f),
-            slots: Vec::new(),
-            pdl,
         }
     }
 
-    pub fn arg<T: ExArg>(&mut self, a: T) -> &mut Self
+    pub fn arg<T>(&mut self, a: T) -> &mut Self
     where
         LaunchArgs<'a>: PushKernelArg<T>,
     {
-        if self.pdl {
-            self.slots.push(a.slot(self.k));
-        }
         self.b.arg(a);
         self
     }
@@ -83,49 +30,8 @@ impl<'a> Args<'a> {
     /// As cudarc's `LaunchArgs::launch`: the arguments must match the kernel's signature
     /// and every buffer must be large enough for what the kernel touches.
     pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), CudaError> {
-        if !self.pdl {
-            // SAFETY: the caller's contract.
-            unsafe { self.b.launch(cfg) }?;
-            return Ok(());
-        }
-        self.k.ctx.bind_to_thread()?;
-        let mut params: Vec<*mut std::ffi::c_void> = self
-            .slots
-            .iter_mut()
-            .map(|s| (s as *mut u64).cast())
-            .collect();
-        // SAFETY: a plain C union; the PDL member is an int.
-        let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
-        value.programmaticStreamSerializationAllowed = 1;
-        let mut attr = sys::CUlaunchAttribute {
-            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-            pad: [0; 4],
-            value,
-        };
-        let conf = sys::CUlaunchConfig {
-            gridDimX: cfg.grid_dim.0,
-            gridDimY: cfg.grid_dim.1,
-            gridDimZ: cfg.grid_dim.2,
-            blockDimX: cfg.block_dim.0,
-            blockDimY: cfg.block_dim.1,
-            blockDimZ: cfg.block_dim.2,
-            sharedMemBytes: cfg.shared_mem_bytes,
-            hStream: self.k.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: 1,
-        };
-        // SAFETY: `params` points at one live slot per kernel parameter (the caller's
-        // contract for their types), `conf` and `attr` outlive the call, the function
-        // belongs to this context.
-        unsafe {
-            sys::cuLaunchKernelEx(
-                &conf,
-                self.f.cu_function(),
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        }
-        .result()?;
+        // SAFETY: the caller's contract.
+        unsafe { self.b.launch(cfg) }?;
         Ok(())
     }
 }
@@ -141,16 +47,22 @@ pub struct DecodeDims {
     pub head_dim: usize,
     pub max_blocks: usize,
     pub num_splits: usize,
+    /// Split launches merge in the attention kernel itself (the last CTA of each
+    /// sequence and KV head to finish), not in `decode_attention_merge`: one kernel less
+    /// a layer (see decode_attention.cu).
+    pub fused_merge: bool,
     pub scale: f32,
     /// Elements between consecutive sequences' query rows (`n_heads * head_dim` when q is
     /// contiguous; the fused q|k|v row width when q is read out of the projection).
     pub q_stride: usize,
 }
 
-/// Scratch for split-KV partial results (reused across launches).
+/// Scratch for split-KV partial results (reused across launches), and the fused merge's
+/// arrival counters (`[num_seqs][n_kv_heads]`, zero between launches).
 pub struct SplitScratch {
     pub part_out: CudaSlice<f32>,
     pub part_ml: CudaSlice<f32>,
+    pub counters: CudaSlice<i32>,
 }
 
 impl SplitScratch {
@@ -162,6 +74,9 @@ impl SplitScratch {
                 .stream
                 .alloc_zeros::<f32>((heads * splits * d.head_dim).max(1))?,
             part_ml: k.stream.alloc_zeros::<f32>((heads * splits * 2).max(1))?,
+            counters: k
+                .stream
+                .alloc_zeros::<i32>((d.num_seqs * d.n_kv_heads).max(1))?,
         })
     }
 }
@@ -292,8 +207,17 @@ pub fn decode_attention_kv(
     let f = k.function("decode_attention.cu", &entry)?;
     let (n_kv, max_blocks, splits) = (dim(d.n_kv_heads)?, dim(d.max_blocks)?, dim(d.num_splits)?);
     let q_stride = dim(d.q_stride)?;
+    let fused = i32::from(d.fused_merge);
+    if d.fused_merge && scratch.counters.len() < d.num_seqs * d.n_kv_heads {
+        return Err(CudaError::Shape(format!(
+            "{} merge counters for {} sequences x {} KV heads",
+            scratch.counters.len(),
+            d.num_seqs,
+            d.n_kv_heads
+        )));
+    }
     let cfg = config(d.num_seqs, d.n_kv_heads, d.num_splits, 128)?;
-    let mut b = Args::pdl(k, &f);
+    let mut b = Args::new(k, &f);
     b.arg(q);
     kv.push(&mut b);
     b.arg(block_tables)
@@ -301,6 +225,8 @@ pub fn decode_attention_kv(
         .arg(&mut *out)
         .arg(&mut scratch.part_out)
         .arg(&mut scratch.part_ml)
+        .arg(&mut scratch.counters)
+        .arg(&fused)
         .arg(&n_kv)
         .arg(&max_blocks)
         .arg(&splits)
@@ -311,6 +237,9 @@ pub fn decode_attention_kv(
     // every buffer is sized by the caller for `d` (checked by the GPU check against the
     // CPU reference).
     unsafe { b.launch(cfg) }?;
+    if d.fused_merge {
+        return Ok(());
+    }
     merge_splits(k, d, out, scratch)
 }
 
@@ -331,7 +260,7 @@ fn merge_splits(
             1,
             d.head_dim.min(128) as u32,
         )?;
-        let mut b = Args::pdl(k, &m);
+        let mut b = Args::new(k, &m);
         b.arg(&scratch.part_out)
             .arg(&scratch.part_ml)
             .arg(&mut *out)
@@ -365,46 +294,57 @@ pub struct PrefillDims {
 /// bf16 and the FP8 cache) or `Pipelined` (`prefill_attention_pipe_hd{D}`: 128 rows a
 /// CTA, `cp.async` copies overlapping the MMAs, `ldmatrix` fragments; bf16 cache only,
 /// so an FP8 cache runs `Basic`) or `Wgmma` (kernels/cuda/prefill_wgmma.cu,
-/// `prefill_attention_wgmma{,1}_hd{D}`: Hopper warpgroup MMAs; bf16 cache on sm_90 only,
-/// elsewhere `Pipelined` runs; `swapped` picks the entry points with the descriptor's
-/// two core-matrix strides exchanged, `one_warpgroup` CTAs of 64 rows instead of 128;
-/// see that file).
+/// `prefill_attention_wgmma_hd{D}`: Hopper warpgroup MMAs, 128 rows a CTA; bf16 cache on
+/// sm_90 only, elsewhere `Pipelined` runs) or `Wgmma2` (same file,
+/// `prefill_attention_wgmma2_hd{D}{,_swapped}`: V read MN-major without a transposition,
+/// a three-stage ring of K/V tiles; experimental, `swapped` exchanges the V descriptor's
+/// two strides). Measured on an H200 (run 7): Basic 0.07 of the bf16 peak, Pipelined
+/// 0.19, Wgmma 0.19 (docs/benchmarks.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefillKernel {
     Basic,
     Pipelined,
-    Wgmma { swapped: bool, one_warpgroup: bool },
+    Wgmma,
+    Wgmma2 { swapped: bool },
 }
 
 impl PrefillKernel {
-    /// `SOV_PREFILL_KERNEL=pipelined` picks `Pipelined`, `=wgmma` picks `Wgmma` (with
-    /// `SOV_WGMMA_SWAP=1` its swapped variant, with `SOV_WGMMA_WARPGROUPS=1` its 64-row
-    /// CTAs); anything else `Basic`.
+    /// `SOV_PREFILL_KERNEL=basic|pipelined|wgmma` picks a design (to compare them);
+    /// unset, the fastest measured one, [`PrefillKernel::Wgmma`] (which falls back to
+    /// `Pipelined` off Hopper, see [`PrefillKernel::resolve`]).
     pub fn from_env() -> Self {
         match std::env::var("SOV_PREFILL_KERNEL").as_deref() {
+            Ok("basic") => Self::Basic,
             Ok("pipelined") => Self::Pipelined,
-            Ok("wgmma") => Self::Wgmma {
-                swapped: std::env::var("SOV_WGMMA_SWAP").is_ok_and(|v| v == "1"),
-                one_warpgroup: std::env::var("SOV_WGMMA_WARPGROUPS").is_ok_and(|v| v == "1"),
-            },
-            _ => Self::Basic,
+            Ok("wgmma2") => Self::Wgmma2 { swapped: false },
+            Ok("wgmma2_swapped") => Self::Wgmma2 { swapped: true },
+            _ => Self::Wgmma,
         }
     }
 
-    /// The design that runs on this device for this cache (the fallbacks above).
+    /// The design that runs on this device for this cache: an FP8 cache has only the
+    /// `Basic` kernels; `Wgmma` needs sm_90a (H100, H200), elsewhere `Pipelined` runs.
     pub fn resolve(self, k: &Kernels, fp8: bool) -> Self {
         match self {
             _ if fp8 => Self::Basic,
-            Self::Wgmma { .. } if !k.has_source("prefill_wgmma.cu") => Self::Pipelined,
+            Self::Wgmma | Self::Wgmma2 { .. } if !k.has_source("prefill_wgmma.cu") => {
+                Self::Pipelined
+            }
             other => other,
         }
     }
 }
 
-/// Dynamic shared memory of `prefill_attention_wgmma{,1}_hd{D}` (the layout at `pw_smem` in
+/// Dynamic shared memory of `prefill_attention_wgmma_hd{D}` (the layout at `pw_smem` in
 /// prefill_wgmma.cu): K and V^T tiles of 64 x D, the padded V staging tile.
 fn wgmma_smem_bytes(head_dim: usize) -> usize {
     2 * 64 * head_dim * 2 + 64 * (head_dim + 8) * 2
+}
+
+/// Dynamic shared memory of `prefill_attention_wgmma2_hd{D}` (`RING_STAGES` in
+/// prefill_wgmma.cu): three stages of a K and a V tile, 64 x D bf16 each.
+fn wgmma2_smem_bytes(head_dim: usize) -> usize {
+    3 * 2 * 64 * head_dim * 2
 }
 
 /// Prefill attention of the design `kind` (see [`PrefillKernel`]) over `kv` as it is
@@ -436,26 +376,32 @@ pub fn prefill_attention_kv(
             128,
             256,
         ),
-        PrefillKernel::Wgmma {
-            swapped,
-            one_warpgroup,
-        } => (
+        PrefillKernel::Wgmma => (
+            "prefill_wgmma.cu",
+            format!("prefill_attention_wgmma_hd{hd}"),
+            128,
+            256,
+        ),
+        PrefillKernel::Wgmma2 { swapped } => (
             "prefill_wgmma.cu",
             format!(
-                "prefill_attention_wgmma{}_hd{hd}{}",
-                if one_warpgroup { "1" } else { "" },
+                "prefill_attention_wgmma2_hd{hd}{}",
                 if swapped { "_swapped" } else { "" }
             ),
-            if one_warpgroup { 64 } else { 128 },
-            if one_warpgroup { 128 } else { 256 },
+            128,
+            256,
         ),
     };
     let f = k.function(source, &entry)?;
     let (nh, nkv, mb) = (dim(d.n_heads)?, dim(d.n_kv_heads)?, dim(d.max_blocks)?);
     let q_stride = dim(d.q_stride)?;
     let mut cfg = config(d.max_new.div_ceil(rows), d.n_heads, d.num_seqs, threads)?;
-    if let PrefillKernel::Wgmma { .. } = kind {
-        let bytes = wgmma_smem_bytes(hd);
+    let smem = match kind {
+        PrefillKernel::Wgmma => Some(wgmma_smem_bytes(hd)),
+        PrefillKernel::Wgmma2 { .. } => Some(wgmma2_smem_bytes(hd)),
+        _ => None,
+    };
+    if let Some(bytes) = smem {
         f.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             dim(bytes)?,
@@ -591,7 +537,7 @@ pub fn rope_write_kv_into(
         + d.n_kv_heads * (d.head_dim - d.rot_dim)
         + d.n_kv_heads * d.head_dim / 8;
     let cfg = config(d.tokens, items.div_ceil(128), 1, 128)?;
-    let mut b = Args::pdl(k, &f);
+    let mut b = Args::new(k, &f);
     b.arg(&mut *qkv)
         .arg(&stride)
         .arg(positions)
@@ -739,19 +685,6 @@ pub enum GemvOutput<'a> {
     AddTo(&'a mut CudaSlice<f32>),
 }
 
-/// Which GEMV kernel design runs (kernels/cuda/gemv.cu): `Block` (`gemv*`: a CTA per 4
-/// rows, threads striding over the columns) or `Warp` (`gemvw*`: the input formed once per
-/// CTA in shared memory, a warp per 2 rows; for 1-2 tokens and inputs of at most 48 KB,
-/// else `Block` runs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GemvKernel {
-    Block,
-    Warp,
-}
-
-/// Most bytes of input rows the `Warp` design stages in shared memory.
-const GEMVW_MAX_SMEM: usize = 48 << 10;
-
 /// `gemv*_t{T}`: `y[t][r] = sum_c w[r][c] * x[t][c]` for `tokens` (at most
 /// [`GEMV_MAX_TOKENS`]) rows; `w` is `[rows][cols]` bf16, `cols` a multiple of 8. The input
 /// must hold [`gemv_rows`]`(tokens)` rows (the extra rows are read, their results
@@ -760,7 +693,6 @@ const GEMVW_MAX_SMEM: usize = 48 << 10;
 #[allow(clippy::too_many_arguments)]
 pub fn gemv(
     k: &Kernels,
-    kind: GemvKernel,
     w: &CudaSlice<u16>,
     input: GemvInput<'_>,
     output: GemvOutput<'_>,
@@ -769,7 +701,6 @@ pub fn gemv(
     cols: usize,
 ) -> Result<(), CudaError> {
     let t = gemv_rows(tokens);
-    let warp = kind == GemvKernel::Warp && t <= 2 && t * cols * 2 <= GEMVW_MAX_SMEM;
     let shape =
         |what: String| CudaError::Shape(format!("gemv ({rows}x{cols}, {tokens} tokens): {what}"));
     if tokens == 0 || tokens > GEMV_MAX_TOKENS || !cols.is_multiple_of(8) {
@@ -795,27 +726,12 @@ pub fn gemv(
         return Err(shape("input or output buffer too short".into()));
     }
     let (r, c, n) = (dim(rows)?, dim(cols)?, dim(tokens)?);
-    let cfg = if warp {
-        // 8 warps a CTA, 2 rows a warp; at most 2 CTAs an SM (the CTAs loop).
-        let ctas = rows.div_ceil(2).div_ceil(8).min(2 * k.sms);
-        let mut cfg = config(ctas, 1, 1, 256)?;
-        cfg.shared_mem_bytes = (t * cols * 2) as u32;
-        cfg
-    } else {
-        config(rows.div_ceil(4), 1, 1, 128)?
-    };
-    let entry = |name: &str| {
-        let name = if warp {
-            name.replacen("gemv", "gemvw", 1)
-        } else {
-            name.to_string()
-        };
-        k.function("gemv.cu", &format!("{name}_t{t}"))
-    };
+    let cfg = config(rows.div_ceil(4), 1, 1, 128)?;
+    let entry = |name: &str| k.function("gemv.cu", &format!("{name}_t{t}"));
     match (input, output) {
         (GemvInput::Plain(x), GemvOutput::Bf16(y)) => {
             let f = entry("gemv")?;
-            let mut b = Args::pdl(k, &f);
+            let mut b = Args::new(k, &f);
             b.arg(w).arg(x).arg(y).arg(&r).arg(&c).arg(&n);
             // SAFETY: as in `decode_attention_kv`; the lengths were checked above.
             unsafe { b.launch(cfg) }?;
@@ -829,7 +745,7 @@ pub fn gemv(
             GemvOutput::Bf16(y),
         ) => {
             let f = entry("gemv_norm")?;
-            let mut b = Args::pdl(k, &f);
+            let mut b = Args::new(k, &f);
             b.arg(w)
                 .arg(residual)
                 .arg(weight)
@@ -843,14 +759,14 @@ pub fn gemv(
         }
         (GemvInput::Plain(x), GemvOutput::AddTo(res)) => {
             let f = entry("gemv_add")?;
-            let mut b = Args::pdl(k, &f);
+            let mut b = Args::new(k, &f);
             b.arg(w).arg(x).arg(res).arg(&r).arg(&c).arg(&n);
             // SAFETY: as above.
             unsafe { b.launch(cfg) }?;
         }
         (GemvInput::SiluOf(gu), GemvOutput::AddTo(res)) => {
             let f = entry("gemv_silu_add")?;
-            let mut b = Args::pdl(k, &f);
+            let mut b = Args::new(k, &f);
             b.arg(w).arg(gu).arg(res).arg(&r).arg(&c).arg(&n);
             // SAFETY: as above.
             unsafe { b.launch(cfg) }?;
@@ -877,7 +793,7 @@ pub fn rms_norm_f32(
     let f = k.function("norm.cu", "rms_norm_f32")?;
     let n = dim(dim_)?;
     let cfg = config(rows, 1, 1, 256)?;
-    let mut b = Args::pdl(k, &f);
+    let mut b = Args::new(k, &f);
     b.arg(residual).arg(weight).arg(&mut *out).arg(&n).arg(&eps);
     // SAFETY: as in `decode_attention_kv`.
     unsafe { b.launch(cfg) }?;

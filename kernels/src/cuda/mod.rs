@@ -108,19 +108,6 @@ pub fn build_arch(source: &str, device_arch: &str) -> Option<String> {
     }
 }
 
-/// The define that compiles the kernels' programmatic-dependent-launch code (sm_90+; see
-/// `pdl_wait` in common.cuh and [`Kernels::pdl`]).
-pub const PDL_DEFINE: &str = "-DSOV_PDL=1";
-
-/// The options of one build: [`nvrtc_options`], plus [`PDL_DEFINE`] for a PDL build.
-fn build_options(pdl: bool) -> Vec<String> {
-    let mut o = nvrtc_options();
-    if pdl {
-        o.push(PDL_DEFINE.to_string());
-    }
-    o
-}
-
 /// The program text NVRTC compiles: the source with `common.cuh` inlined, so no include
 /// path (and no CUDA toolkit header) is needed at run time.
 pub fn program_source(name: &str) -> Result<String, CudaError> {
@@ -145,9 +132,9 @@ pub fn nvrtc_version() -> Result<(i32, i32), CudaError> {
     Ok((major, minor))
 }
 
-/// Compile one kernel source to a cubin for `arch` (e.g. "sm_90"), with the
-/// programmatic-dependent-launch code when `pdl`. Needs libnvrtc, not a GPU.
-pub fn compile_cubin(name: &str, arch: &str, pdl: bool) -> Result<Vec<u8>, CudaError> {
+/// Compile one kernel source to a cubin for `arch` (e.g. "sm_90"). Needs libnvrtc, not a
+/// GPU.
+pub fn compile_cubin(name: &str, arch: &str) -> Result<Vec<u8>, CudaError> {
     use cudarc::nvrtc::{result, sys};
     if !nvrtc_present() {
         return Err(CudaError::NoNvrtc);
@@ -161,7 +148,7 @@ pub fn compile_cubin(name: &str, arch: &str, pdl: bool) -> Result<Vec<u8>, CudaE
     let src =
         CString::new(program_source(name)?).map_err(|e| fail(e.to_string(), String::new()))?;
     let cname = CString::new(name).map_err(|e| fail(e.to_string(), String::new()))?;
-    let mut opts = build_options(pdl);
+    let mut opts = nvrtc_options();
     opts.push(format!("--gpu-architecture={arch}"));
     let prog = result::create_program(&src, Some(&cname))
         .map_err(|e| fail(e.to_string(), String::new()))?;
@@ -216,11 +203,11 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 }
 
 /// Cache file of one program for one architecture: the key covers the program text, the
-/// options (the PDL define included) and the NVRTC version, so any change compiles afresh.
-pub fn cache_path(dir: &Path, name: &str, arch: &str, pdl: bool) -> Result<PathBuf, CudaError> {
+/// options and the NVRTC version, so any change compiles afresh.
+pub fn cache_path(dir: &Path, name: &str, arch: &str) -> Result<PathBuf, CudaError> {
     let (major, minor) = nvrtc_version()?;
     let src = program_source(name)?;
-    let opts = build_options(pdl).join("\n");
+    let opts = nvrtc_options().join("\n");
     let version = format!("{major}.{minor}");
     let key = fnv1a(&[
         src.as_bytes(),
@@ -234,19 +221,14 @@ pub fn cache_path(dir: &Path, name: &str, arch: &str, pdl: bool) -> Result<PathB
 
 /// The cubin of `name` for `arch`, from the cache or freshly compiled (and then cached,
 /// written atomically). Returns whether it came from the cache.
-pub fn cached_cubin(
-    dir: &Path,
-    name: &str,
-    arch: &str,
-    pdl: bool,
-) -> Result<(Vec<u8>, bool), CudaError> {
-    let path = cache_path(dir, name, arch, pdl)?;
+pub fn cached_cubin(dir: &Path, name: &str, arch: &str) -> Result<(Vec<u8>, bool), CudaError> {
+    let path = cache_path(dir, name, arch)?;
     if let Ok(bytes) = std::fs::read(&path)
         && !bytes.is_empty()
     {
         return Ok((bytes, true));
     }
-    let cubin = compile_cubin(name, arch, pdl)?;
+    let cubin = compile_cubin(name, arch)?;
     let io = |source| CudaError::Cache {
         path: path.clone(),
         source,
@@ -265,13 +247,6 @@ pub struct Kernels {
     pub arch: String,
     /// Streaming multiprocessors of the device.
     pub sms: usize,
-    /// Programmatic dependent launch (`SOV_PDL=1` on sm_90 and later): the kernels were
-    /// built with [`PDL_DEFINE`] and the decode path's launchers (GEMV, RoPE + KV write,
-    /// decode attention and its merge, the final norm) launch with the
-    /// programmatic-stream-serialization attribute, so each starts while its predecessor
-    /// finishes: it triggers its dependents first, prefetches its weights into L2 (GEMV),
-    /// then waits for its predecessor before touching anything that one writes.
-    pub pdl: bool,
     modules: HashMap<&'static str, Arc<CudaModule>>,
     /// Entry points already looked up (a launch then costs no driver lookup).
     functions: std::sync::Mutex<HashMap<String, CudaFunction>>,
@@ -302,13 +277,12 @@ impl Kernels {
             .map(|v| v.max(1) as usize)
             .unwrap_or(1);
         let stream = ctx.new_stream()?;
-        let pdl = major >= 9 && std::env::var("SOV_PDL").is_ok_and(|v| v == "1");
         let mut modules = HashMap::new();
         for (name, _) in SOURCES {
             let Some(build) = build_arch(name, &arch) else {
                 continue;
             };
-            let (cubin, _) = cached_cubin(cache_dir, name, &build, pdl)?;
+            let (cubin, _) = cached_cubin(cache_dir, name, &build)?;
             modules.insert(*name, ctx.load_module(Ptx::from_binary(cubin))?);
         }
         Ok(Self {
@@ -316,7 +290,6 @@ impl Kernels {
             stream,
             arch,
             sms,
-            pdl,
             modules,
             functions: std::sync::Mutex::new(HashMap::new()),
         })

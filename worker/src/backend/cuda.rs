@@ -102,6 +102,10 @@ struct StepMeta {
     /// Token ids picked on the GPU for greedy rows.
     picked: CudaSlice<i32>,
     split: SplitScratch,
+    /// What was last copied into ids, positions, slots, cu_q, lens and tables: a buffer
+    /// whose contents would not change is not copied again (a decode step's cu_q, and its
+    /// block tables between new blocks).
+    uploaded: [Vec<i32>; 6],
 }
 
 /// Grows `slot` to hold at least `n` elements (contents are not kept); a new buffer
@@ -178,12 +182,12 @@ pub struct CudaBackend {
     /// (sequences, KV splits, block-table stride); `SOV_CUDA_GRAPHS=0` turns them off.
     graphs: std::collections::HashMap<(usize, usize, usize), DecodeGraph>,
     use_graphs: bool,
-    /// The GEMV design of the fused path: `SOV_GEMV_KERNEL=warp` picks the warp design
-    /// (kernels/cuda/gemv.cu), anything else the block design.
-    gemv_kind: launch::GemvKernel,
-    /// The prefill-attention design: `SOV_PREFILL_KERNEL=pipelined` picks the pipelined
-    /// one (bf16 cache only), anything else the basic one.
+    /// The prefill-attention design: the wgmma one on Hopper, else the pipelined one
+    /// (`SOV_PREFILL_KERNEL=basic|pipelined|wgmma` picks one; see `PrefillKernel`).
     prefill_kind: launch::PrefillKernel,
+    /// Split decode attention merges in its own kernel (`SOV_DECODE_MERGE=fused`), not in
+    /// a separate merge kernel (see `DecodeDims::fused_merge`).
+    fused_merge: bool,
     /// Batch sizes whose capture failed: they run without a graph.
     ungraphable: std::collections::HashSet<usize>,
     _blas_workspace: CudaSlice<u8>,
@@ -353,7 +357,9 @@ impl CudaBackend {
             split: SplitScratch {
                 part_out: s.alloc_zeros::<f32>(1).map_err(dev)?,
                 part_ml: s.alloc_zeros::<f32>(1).map_err(dev)?,
+                counters: z32()?,
             },
+            uploaded: Default::default(),
         };
         Ok(Self {
             meta,
@@ -375,11 +381,8 @@ impl CudaBackend {
             graphs: std::collections::HashMap::new(),
             use_graphs: std::env::var("SOV_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             ungraphable: std::collections::HashSet::new(),
-            gemv_kind: match std::env::var("SOV_GEMV_KERNEL").as_deref() {
-                Ok("warp") => launch::GemvKernel::Warp,
-                _ => launch::GemvKernel::Block,
-            },
             prefill_kind: launch::PrefillKernel::from_env(),
+            fused_merge: std::env::var("SOV_DECODE_MERGE").is_ok_and(|v| v == "fused"),
             _blas_workspace: blas_workspace,
             epoch: 0,
         })
@@ -507,16 +510,35 @@ impl CudaBackend {
         let s = self.k.stream.clone();
         let mut epoch = self.epoch;
         let m = &mut self.meta;
-        for (dst, src) in [
-            (&mut m.ids, &ids),
-            (&mut m.positions, &positions),
-            (&mut m.slots, &slots),
-            (&mut m.cu_q, &cu_q),
-            (&mut m.lens, &lens),
-            (&mut m.tables, &tables),
-        ] {
+        let StepMeta {
+            ids: ids_d,
+            positions: positions_d,
+            slots: slots_d,
+            cu_q: cu_q_d,
+            lens: lens_d,
+            tables: tables_d,
+            uploaded,
+            ..
+        } = m;
+        for ((dst, src), last) in [
+            (ids_d, &ids),
+            (positions_d, &positions),
+            (slots_d, &slots),
+            (cu_q_d, &cu_q),
+            (lens_d, &lens),
+            (tables_d, &tables),
+        ]
+        .into_iter()
+        .zip(uploaded.iter_mut())
+        {
+            let before = epoch;
             grow(&s, dst, src.len(), &mut epoch)?;
+            // A reallocated buffer holds zeros: it is always filled.
+            if epoch == before && last == src {
+                continue;
+            }
             s.memcpy_htod(src, dst).map_err(dev)?;
+            last.clone_from(src);
         }
         let max_len = lens.iter().copied().max().unwrap_or(1) as usize;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -535,6 +557,7 @@ impl CudaBackend {
                     max_len,
                     self.k.sms,
                 ),
+                fused_merge: self.fused_merge,
                 scale,
                 q_stride: qkv_dim,
             },
@@ -565,6 +588,12 @@ impl CudaBackend {
         let heads = shapes.decode.num_seqs * cfg.n_heads * shapes.decode.num_splits;
         grow(&s, &mut m.split.part_out, heads * hd, &mut epoch)?;
         grow(&s, &mut m.split.part_ml, heads * 2, &mut epoch)?;
+        grow(
+            &s,
+            &mut m.split.counters,
+            chunks.len() * cfg.n_kv_heads,
+            &mut epoch,
+        )?;
         let want_rows = chunks.iter().filter(|c| c.want_logits).count();
         grow(&s, &mut m.sel, want_rows * h, &mut epoch)?;
         grow(&s, &mut m.logits, want_rows * cfg.vocab_size, &mut epoch)?;
@@ -750,7 +779,6 @@ impl CudaBackend {
     fn enqueue_step_fused(&mut self, sh: &StepShapes) -> Result<(), BackendError> {
         use launch::{GemvInput, GemvOutput};
         let t = sh.t;
-        let kind = self.gemv_kind;
         let (h, inter, eps) = (self.cfg.hidden, self.cfg.intermediate, self.cfg.rms_eps);
         let k = &self.k;
         let m = &mut self.meta;
@@ -768,7 +796,6 @@ impl CudaBackend {
             let (rows, cols) = (l.wqkv.rows, l.wqkv.cols);
             launch::gemv(
                 k,
-                kind,
                 &l.wqkv.data,
                 norm,
                 GemvOutput::Bf16(&mut b.qkv),
@@ -780,17 +807,8 @@ impl CudaBackend {
             attend(k, sh, b, m, (&self.cos, &self.sin), self.kv.layer(li))?;
             let (rows, cols) = (l.wo.rows, l.wo.cols);
             let out = GemvOutput::AddTo(&mut b.residual);
-            launch::gemv(
-                k,
-                kind,
-                &l.wo.data,
-                GemvInput::Plain(&b.attn),
-                out,
-                t,
-                rows,
-                cols,
-            )
-            .map_err(dev)?;
+            launch::gemv(k, &l.wo.data, GemvInput::Plain(&b.attn), out, t, rows, cols)
+                .map_err(dev)?;
             let norm = GemvInput::Norm {
                 residual: &b.residual,
                 weight: &l.ffn_norm,
@@ -798,10 +816,10 @@ impl CudaBackend {
             };
             let (rows, cols) = (l.w_gate_up.rows, l.w_gate_up.cols);
             let out = GemvOutput::Bf16(&mut b.gate_up);
-            launch::gemv(k, kind, &l.w_gate_up.data, norm, out, t, rows, cols).map_err(dev)?;
+            launch::gemv(k, &l.w_gate_up.data, norm, out, t, rows, cols).map_err(dev)?;
             let out = GemvOutput::AddTo(&mut b.residual);
             let input = GemvInput::SiluOf(&b.gate_up);
-            launch::gemv(k, kind, &l.w_down.data, input, out, t, h, inter).map_err(dev)?;
+            launch::gemv(k, &l.w_down.data, input, out, t, h, inter).map_err(dev)?;
         }
         launch::rms_norm_f32(k, &b.residual, &self.final_norm, &mut b.xn, t, h, eps).map_err(dev)
     }
