@@ -58,8 +58,8 @@ def check(name):
     return c
 for shape in ["smollm2-135m", "eurollm-1.7b"]:
     m, b = load(f"{shape}.model.json"), load(f"{shape}.bench.json")
-    bf = load(f"{shape}.fused.json")
-    e = {"model": m, "bench": b, "bench_fused_merge": bf, "backend_check": check(f"{shape}.check.json"),
+    bf, bn = load(f"{shape}.fused.json"), load(f"{shape}.nosplit.json")
+    e = {"model": m, "bench": b, "bench_fused_merge": bf, "bench_no_split": bn, "backend_check": check(f"{shape}.check.json"),
          "backend_check_fused_merge": check(f"{shape}.check-fused.json"),
          "backend_check_prefill_pipelined": check(f"{shape}.check-pipelined.json"),
          "backend_check_prefill_wgmma2": check(f"{shape}.check-wgmma2.json"),
@@ -72,6 +72,8 @@ for shape in ["smollm2-135m", "eurollm-1.7b"]:
         e["batch1_tok_s"], e["fraction_of_limit"] = b1, b1 / limit
         f1 = bf["decode"]["1"]["aggregate_tok_s"]
         e["fused_merge_batch1_tok_s"], e["fused_merge_fraction_of_limit"] = f1, f1 / limit
+        n1 = bn["decode"]["1"]["aggregate_tok_s"]
+        e["no_split_batch1_tok_s"], e["no_split_fraction_of_limit"] = n1, n1 / limit
     except Exception as ex:
         e["note"] = f"no ratio: {ex}"
     summary["end_to_end"][shape] = e
@@ -105,7 +107,8 @@ eu = summary["end_to_end"].get("eurollm-1.7b", {})
 fused_checks = [c for c in checks_all if str(c.get("kernel", "")).endswith("_fused_merge")]
 fused_ok = bool(fused_checks) and all(c.get("ok") for c in fused_checks) \
     and eu.get("backend_check_fused_merge", {}).get("ok") is True
-e2e_candidates = [eu.get("fraction_of_limit")] + ([eu.get("fused_merge_fraction_of_limit")] if fused_ok else [])
+e2e_candidates = [eu.get("fraction_of_limit"), eu.get("no_split_fraction_of_limit")] \
+    + ([eu.get("fused_merge_fraction_of_limit")] if fused_ok else [])
 e2e = max([v for v in e2e_candidates if v is not None] or [None], key=lambda v: -1 if v is None else v)
 # A check that printed an error ran and failed; one absent was not run.
 checks = [c.get("ok", False) for c in (e.get("backend_check") for e in summary["end_to_end"].values()) if c is not None]
@@ -204,6 +207,11 @@ for shape in eurollm-1.7b smollm2-135m; do
     SOV_DECODE_MERGE=fused RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
       --kv-cache-mb 8192 --batches 1,8 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
       > "$PARTS/$shape.fused.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.fused.json"
+    # Batch 1 without split-KV (one CTA per KV head over the whole short context), to see
+    # what splitting gains or costs at these lengths.
+    SOV_DECODE_MAX_SPLITS=1 RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
+      --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
+      > "$PARTS/$shape.nosplit.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.nosplit.json"
     # The prefill designs other than the default inside the backend (its prefill steps):
     # the pipelined one (the default off Hopper) and the experimental ring design.
     for p in pipelined wgmma2 wgmma2_swapped; do

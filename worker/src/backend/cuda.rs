@@ -188,6 +188,9 @@ pub struct CudaBackend {
     /// Split decode attention merges in its own kernel (`SOV_DECODE_MERGE=fused`), not in
     /// a separate merge kernel (see `DecodeDims::fused_merge`).
     fused_merge: bool,
+    /// At most this many KV splits a decode launch (`SOV_DECODE_MAX_SPLITS`, to measure
+    /// what splitting gains; unset: as many as `launch::decode_splits` picks).
+    max_splits: usize,
     /// Batch sizes whose capture failed: they run without a graph.
     ungraphable: std::collections::HashSet<usize>,
     _blas_workspace: CudaSlice<u8>,
@@ -383,6 +386,11 @@ impl CudaBackend {
             ungraphable: std::collections::HashSet::new(),
             prefill_kind: launch::PrefillKernel::from_env(),
             fused_merge: std::env::var("SOV_DECODE_MERGE").is_ok_and(|v| v == "fused"),
+            max_splits: std::env::var("SOV_DECODE_MAX_SPLITS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|n| *n >= 1)
+                .unwrap_or(usize::MAX),
             _blas_workspace: blas_workspace,
             epoch: 0,
         })
@@ -556,7 +564,8 @@ impl CudaBackend {
                     cfg.n_kv_heads,
                     max_len,
                     self.k.sms,
-                ),
+                )
+                .min(self.max_splits),
                 fused_merge: self.fused_merge,
                 scale,
                 q_stride: qkv_dim,
