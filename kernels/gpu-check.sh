@@ -26,7 +26,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The experimental designs gpu-check runs one process each (see below).
-OPT_IN="prefill_attention_wgmma2 prefill_attention_wgmma2_swapped"
+OPT_IN="prefill_attention_wgmma2 prefill_attention_wgmma2_swapped prefill_attention_wgmma3 prefill_attention_wgmma3_swapped"
 # summarize PARTS STATUS: the JSON summary of the stage results in PARTS.
 summarize() {
 python3 - "$1" "$2" "$OPT_IN" <<'PY'
@@ -63,7 +63,7 @@ for shape in ["smollm2-135m", "eurollm-1.7b"]:
          "backend_check_fused_merge": check(f"{shape}.check-fused.json"),
          "backend_check_prefill_pipelined": check(f"{shape}.check-pipelined.json"),
          "backend_check_prefill_wgmma2": check(f"{shape}.check-wgmma2.json"),
-         "backend_check_prefill_wgmma2_swapped": check(f"{shape}.check-wgmma2_swapped.json"),
+         "backend_check_prefill_wgmma3": check(f"{shape}.check-wgmma3.json"),
          "bench_kv_fp8": load(f"{shape}.fp8.json"), "backend_check_kv_fp8": check(f"{shape}.check-fp8.json")}
     try:
         limit = copy * 1e9 / m["weight_bytes"]
@@ -214,7 +214,7 @@ for shape in eurollm-1.7b smollm2-135m; do
       > "$PARTS/$shape.nosplit.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.nosplit.json"
     # The prefill designs other than the default inside the backend (its prefill steps):
     # the pipelined one (the default off Hopper) and the experimental ring design.
-    for p in pipelined wgmma2 wgmma2_swapped; do
+    for p in pipelined wgmma2 wgmma3; do
       SOV_PREFILL_KERNEL=$p RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
         --device cuda:0 > "$PARTS/$shape.check-$p.json" 2>> "$LOG" || echo "gpu-check: check-backend with the $p prefill failed on $shape" | tee -a "$LOG" >&2
       [ -s "$PARTS/$shape.check-$p.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-$p.json"
@@ -239,7 +239,7 @@ done
 # each process runs one design, whose 4 check launches and 1 warm-up launch are skipped.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
 if [ -n "$NCU" ]; then
-  for d in prefill_attention_wgmma prefill_attention_wgmma2; do
+  for d in prefill_attention_wgmma prefill_attention_wgmma2 prefill_attention_wgmma3; do
     say "ncu: $d"
     timeout 90 "$NCU" --kernel-name regex:prefill_attention_wgmma --launch-skip 5 --launch-count 1 \
       --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \

@@ -43,6 +43,11 @@ __device__ __forceinline__ void wgmma_commit() {
 __device__ __forceinline__ void wgmma_wait_all() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 }
+// Wait until at most N committed wgmma groups are pending (they complete in order).
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 // Pins registers in program order (an empty asm that "writes" them): reads of wgmma
 // accumulators stay after wgmma.wait_group, and writes of its register operands before
 // wgmma.fence, whatever the compiler would otherwise schedule.
@@ -441,6 +446,169 @@ __device__ __forceinline__ void prefill_wgmma_ring_impl(
   attn_store<HD>(out, o, l, wr.rows, n_new, q0, n_heads, head, t);
 }
 
+
+// The overlapping design (`prefill_attention_wgmma3_hd{D}`): the ring design's layouts,
+// with tiles of 128 keys in two stages (the copies of tile j + 1 run during tile j) and
+// each tile computed as two 64-key halves a and b whose MMAs overlap the other half's
+// softmax: S_a and S_b are issued together; the softmax of a runs while S_b computes;
+// O += P_a V_a is issued, and the softmax of b runs while it computes (b's rescaling of
+// the output waits for that MMA: attn_softmax_weights, then attn_rescale).
+constexpr int OV_KEYS = 128;
+constexpr int OV_STAGES = 2;
+
+template <int HD, bool SWAP_V>
+__device__ __forceinline__ void prefill_wgmma_overlap_impl(
+    const sov::bf16* __restrict__ q, const sov::bf16* __restrict__ k_cache,
+    const sov::bf16* __restrict__ v_cache, const int* __restrict__ cu_q,
+    const int* __restrict__ seq_lens, const int* __restrict__ block_tables,
+    sov::bf16* __restrict__ out, int n_heads, int n_kv_heads, int max_blocks, float scale,
+    int q_stride) {
+  static_assert(HD == 64 || HD == 96 || HD == 128, "head_dim must be 64, 96 or 128");
+  constexpr int KS = HD / 16;
+  constexpr int TILE = OV_KEYS * HD * 2;  // bytes of one K (or V) tile
+  constexpr int STAGE = 2 * TILE;
+  constexpr int HALF = 64 * HD * 2;  // byte offset of the b half in either layout
+  constexpr int PIECES = OV_KEYS * HD / 8;
+  constexpr int THREADS = 256;
+  constexpr int BR = 128;
+  static_assert(PIECES % THREADS == 0, "tile pieces must divide among the threads");
+  constexpr unsigned K_LBO = 128, K_SBO = HD * 16;
+  constexpr unsigned V_LBO = 128, V_SBO = 256;
+  extern __shared__ __align__(1024) unsigned char ov_smem[];
+  const unsigned base = smem_u32(ov_smem);
+
+  const int seq = blockIdx.z, head = blockIdx.y;
+  const int q0 = cu_q[seq], n_new = cu_q[seq + 1] - q0;
+  const int tile_row0 = (gridDim.x - 1 - blockIdx.x) * BR;  // longest prefixes first
+  if (tile_row0 >= n_new) return;
+  const int len = seq_lens[seq];
+  const int first_pos = len - n_new;
+  const int kvh = head / (n_heads / n_kv_heads);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wg = warp / 4;
+  const int g = lane >> 2, t = lane & 3;
+  const int wg_row0 = tile_row0 + wg * 64;
+  const AttnRows wr(wg_row0 + (warp % 4) * 16, n_new, first_pos, g);
+  const bool wg_active = wg_row0 < n_new;
+  const int wg_last_pos = first_pos + min(n_new - 1, wg_row0 + 63);
+
+  unsigned qa[KS][4];
+  attn_load_q<KS>(qa, q, q0, wr.rows, n_new, q_stride, head * HD, t);
+
+  float o[HD / 2];
+#pragma unroll
+  for (int i = 0; i < HD / 2; ++i) o[i] = 0.f;
+  float m[2] = {neg_inf(), neg_inf()};
+  float l[2] = {0.f, 0.f};
+  const float scale_log2 = scale * 1.4426950408889634f;
+
+  const int last_row = min(n_new, tile_row0 + BR) - 1;
+  const int kv_end = first_pos + last_row + 1;
+  const int n_tiles = (kv_end + OV_KEYS - 1) / OV_KEYS;
+  const int* bt = block_tables + (long long)seq * max_blocks;
+  const long long row_stride = (long long)n_kv_heads * HD;
+  auto load_tile = [&](int j) {
+    if (j < n_tiles) {
+      const unsigned sk = base + (j % OV_STAGES) * STAGE, sv = sk + TILE;
+      const int k0 = j * OV_KEYS;
+#pragma unroll
+      for (int i = 0; i < PIECES / THREADS; ++i) {
+        const int c = threadIdx.x + i * THREADS;
+        const int key = c / (HD / 8), dp = c % (HD / 8);
+        const int pos = k0 + key;
+        const bool in = pos < kv_end;
+        const long long slot =
+            in ? (long long)bt[pos / KV_BLOCK] * KV_BLOCK + pos % KV_BLOCK : 0;
+        const long long off = slot * row_stride + kvh * HD + dp * 8;
+        cp_async16(sk + (key >> 3) * K_SBO + dp * 128 + (key & 7) * 16, k_cache + off,
+                   in ? 16u : 0u);
+        cp_async16(sv + (key >> 4) * (HD * 32) + ((key >> 3) & 1) * 128 + dp * 256 +
+                       (key & 7) * 16,
+                   v_cache + off, in ? 16u : 0u);
+      }
+    }
+    cp_async_commit();
+  };
+  auto v_desc = [&](unsigned a) {
+    return SWAP_V ? wgmma_desc(a, V_SBO, V_LBO) : wgmma_desc(a, V_LBO, V_SBO);
+  };
+
+  load_tile(0);
+#pragma unroll 1
+  for (int j = 0; j < n_tiles; ++j) {
+    cp_async_wait<0>();  // this thread's copies of tile j have landed
+    fence_async_shared();
+    // Everyone's copies of tile j are visible to wgmma, and every warpgroup is done with
+    // tile j - 1, whose stage the copies of tile j + 1 now refill.
+    __syncthreads();
+    load_tile(j + 1);
+    const int ka = j * OV_KEYS, kb = ka + 64;
+    const bool run_a = wg_active && ka <= wg_last_pos;
+    if (!run_a) continue;
+    const bool run_b = kb <= wg_last_pos;  // uniform over the warpgroup
+    const unsigned sk = base + (j % OV_STAGES) * STAGE, sv = sk + TILE;
+    float sa[32], sb[32];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks)
+      wgmma_m64n64k16_rs(sa, qa[ks], wgmma_desc(sk + ks * 256, K_LBO, K_SBO), ks > 0);
+    wgmma_commit();
+    if (run_b) {
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks)
+        wgmma_m64n64k16_rs(sb, qa[ks], wgmma_desc(sk + HALF + ks * 256, K_LBO, K_SBO),
+                           ks > 0);
+      wgmma_commit();
+      wgmma_wait<1>();  // S_a done; S_b may still run
+    } else {
+      wgmma_wait<0>();
+    }
+    pin(sa);
+    if (wr.needs_mask(ka)) attn_mask(sa, ka, t, wr.qpos);
+    float ra[2];
+    attn_softmax_weights(sa, m, l, ra, scale_log2);
+    attn_rescale(o, ra);  // no MMA writes o now
+    unsigned pa[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      attn_pack_p(sa, kk, pa[kk]);
+      pin(pa[kk]);
+    }
+    pin(o);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wgmma_pv<HD, 1>(o, pa[kk], v_desc(sv + kk * (HD * 32)));
+    wgmma_commit();
+    if (run_b) {
+      wgmma_wait<1>();  // S_b done (groups complete in order); P_a V_a may still run
+      pin(sb);
+      if (wr.needs_mask(kb)) attn_mask(sb, kb, t, wr.qpos);
+      float rb[2];
+      attn_softmax_weights(sb, m, l, rb, scale_log2);
+      unsigned pb[4][4];
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        attn_pack_p(sb, kk, pb[kk]);
+        pin(pb[kk]);
+      }
+      wgmma_wait<0>();  // P_a V_a done: o may be rescaled
+      pin(o);
+      attn_rescale(o, rb);
+      pin(o);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_pv<HD, 1>(o, pb[kk], v_desc(sv + HALF + kk * (HD * 32)));
+      wgmma_commit();
+    }
+    wgmma_wait<0>();
+    pin(o);
+  }
+  cp_async_wait<0>();  // no copy may outlive the CTA's shared memory
+
+  attn_store<HD>(out, o, l, wr.rows, n_new, q0, n_heads, head, t);
+}
+
 }  // namespace sov
 
 
@@ -472,3 +640,20 @@ SOV_PREFILL_WGMMA2(128, false, prefill_attention_wgmma2_hd128)
 SOV_PREFILL_WGMMA2(64, true, prefill_attention_wgmma2_hd64_swapped)
 SOV_PREFILL_WGMMA2(96, true, prefill_attention_wgmma2_hd96_swapped)
 SOV_PREFILL_WGMMA2(128, true, prefill_attention_wgmma2_hd128_swapped)
+
+#define SOV_PREFILL_WGMMA3(HD, SWAP, NAME)                                                 \
+  extern "C" __global__ void __launch_bounds__(256, 1) NAME(                               \
+      const sov::bf16* q, const sov::bf16* k_cache, const sov::bf16* v_cache,              \
+      const int* cu_q, const int* seq_lens, const int* block_tables, sov::bf16* out,       \
+      int n_heads, int n_kv_heads, int max_blocks, float scale, int q_stride) {            \
+    sov::prefill_wgmma_overlap_impl<HD, SWAP>(q, k_cache, v_cache, cu_q, seq_lens,         \
+                                              block_tables, out, n_heads, n_kv_heads,      \
+                                              max_blocks, scale, q_stride);                \
+  }
+
+SOV_PREFILL_WGMMA3(64, false, prefill_attention_wgmma3_hd64)
+SOV_PREFILL_WGMMA3(96, false, prefill_attention_wgmma3_hd96)
+SOV_PREFILL_WGMMA3(128, false, prefill_attention_wgmma3_hd128)
+SOV_PREFILL_WGMMA3(64, true, prefill_attention_wgmma3_hd64_swapped)
+SOV_PREFILL_WGMMA3(96, true, prefill_attention_wgmma3_hd96_swapped)
+SOV_PREFILL_WGMMA3(128, true, prefill_attention_wgmma3_hd128_swapped)

@@ -307,12 +307,14 @@ fn prefill_name(fp8: bool, kind: PrefillKernel) -> &'static str {
         (false, PrefillKernel::Wgmma) => "prefill_attention_wgmma",
         (false, PrefillKernel::Wgmma2 { swapped: false }) => "prefill_attention_wgmma2",
         (false, PrefillKernel::Wgmma2 { swapped: true }) => "prefill_attention_wgmma2_swapped",
+        (false, PrefillKernel::Wgmma3 { swapped: false }) => "prefill_attention_wgmma3",
+        (false, PrefillKernel::Wgmma3 { swapped: true }) => "prefill_attention_wgmma3_swapped",
     }
 }
 
 /// The prefill designs of a run ((fp8 cache, kind)): every design the worker has that
 /// this device runs (the wgmma ones on sm_90 only); with `--opt-in` the experimental
-/// ones (`prefill_attention_wgmma2`, `prefill_attention_wgmma2_swapped`), or with
+/// ones (`prefill_attention_wgmma{2,3}{,_swapped}`), or with
 /// `--opt-in NAME` the one design of that name, experimental or not (to profile one
 /// kernel alone).
 fn prefill_designs(k: &Kernels, opt_in: Option<&str>) -> Vec<(bool, PrefillKernel)> {
@@ -326,6 +328,8 @@ fn prefill_designs(k: &Kernels, opt_in: Option<&str>) -> Vec<(bool, PrefillKerne
         default.push((false, PrefillKernel::Wgmma));
         experimental.push((false, PrefillKernel::Wgmma2 { swapped: false }));
         experimental.push((false, PrefillKernel::Wgmma2 { swapped: true }));
+        experimental.push((false, PrefillKernel::Wgmma3 { swapped: false }));
+        experimental.push((false, PrefillKernel::Wgmma3 { swapped: true }));
     }
     match opt_in {
         None => default,

@@ -298,7 +298,9 @@ pub struct PrefillDims {
 /// sm_90 only, elsewhere `Pipelined` runs) or `Wgmma2` (same file,
 /// `prefill_attention_wgmma2_hd{D}{,_swapped}`: V read MN-major without a transposition,
 /// a three-stage ring of K/V tiles; experimental, `swapped` exchanges the V descriptor's
-/// two strides). Measured on an H200 (run 7): Basic 0.07 of the bf16 peak, Pipelined
+/// two strides) or `Wgmma3` (`prefill_attention_wgmma3_hd{D}{,_swapped}`: the same
+/// layouts, 128-key tiles in two stages, each tile's two halves overlapping one's MMAs
+/// with the other's softmax; experimental). Measured on an H200 (run 7): Basic 0.07 of the bf16 peak, Pipelined
 /// 0.19, Wgmma 0.19 (docs/benchmarks.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefillKernel {
@@ -306,6 +308,7 @@ pub enum PrefillKernel {
     Pipelined,
     Wgmma,
     Wgmma2 { swapped: bool },
+    Wgmma3 { swapped: bool },
 }
 
 impl PrefillKernel {
@@ -318,6 +321,8 @@ impl PrefillKernel {
             Ok("pipelined") => Self::Pipelined,
             Ok("wgmma2") => Self::Wgmma2 { swapped: false },
             Ok("wgmma2_swapped") => Self::Wgmma2 { swapped: true },
+            Ok("wgmma3") => Self::Wgmma3 { swapped: false },
+            Ok("wgmma3_swapped") => Self::Wgmma3 { swapped: true },
             _ => Self::Wgmma,
         }
     }
@@ -327,7 +332,9 @@ impl PrefillKernel {
     pub fn resolve(self, k: &Kernels, fp8: bool) -> Self {
         match self {
             _ if fp8 => Self::Basic,
-            Self::Wgmma | Self::Wgmma2 { .. } if !k.has_source("prefill_wgmma.cu") => {
+            Self::Wgmma | Self::Wgmma2 { .. } | Self::Wgmma3 { .. }
+                if !k.has_source("prefill_wgmma.cu") =>
+            {
                 Self::Pipelined
             }
             other => other,
@@ -345,6 +352,12 @@ fn wgmma_smem_bytes(head_dim: usize) -> usize {
 /// prefill_wgmma.cu): three stages of a K and a V tile, 64 x D bf16 each.
 fn wgmma2_smem_bytes(head_dim: usize) -> usize {
     3 * 2 * 64 * head_dim * 2
+}
+
+/// Dynamic shared memory of `prefill_attention_wgmma3_hd{D}` (`OV_STAGES`, `OV_KEYS` in
+/// prefill_wgmma.cu): two stages of a K and a V tile, 128 x D bf16 each.
+fn wgmma3_smem_bytes(head_dim: usize) -> usize {
+    2 * 2 * 128 * head_dim * 2
 }
 
 /// Prefill attention of the design `kind` (see [`PrefillKernel`]) over `kv` as it is
@@ -382,10 +395,15 @@ pub fn prefill_attention_kv(
             128,
             256,
         ),
-        PrefillKernel::Wgmma2 { swapped } => (
+        PrefillKernel::Wgmma2 { swapped } | PrefillKernel::Wgmma3 { swapped } => (
             "prefill_wgmma.cu",
             format!(
-                "prefill_attention_wgmma2_hd{hd}{}",
+                "prefill_attention_wgmma{}_hd{hd}{}",
+                if matches!(kind, PrefillKernel::Wgmma2 { .. }) {
+                    2
+                } else {
+                    3
+                },
                 if swapped { "_swapped" } else { "" }
             ),
             128,
@@ -399,6 +417,7 @@ pub fn prefill_attention_kv(
     let smem = match kind {
         PrefillKernel::Wgmma => Some(wgmma_smem_bytes(hd)),
         PrefillKernel::Wgmma2 { .. } => Some(wgmma2_smem_bytes(hd)),
+        PrefillKernel::Wgmma3 { .. } => Some(wgmma3_smem_bytes(hd)),
         _ => None,
     };
     if let Some(bytes) = smem {
