@@ -2,21 +2,19 @@
 # GPU proof of the CUDA kernels and backend, on a machine with an NVIDIA GPU, CUDA 13 and
 # the stripped release binaries from kernels/gpu-bundle.sh in ./gpu-bundle (no Rust
 # needed here; falls back to target/release):
-#   1. every kernel against its CPU reference over a shape grid (gpu-check), the split
-#      decode attention both with its merge kernel and with the fused merge;
+#   1. every kernel against its CPU reference over a shape grid (gpu-check);
 #   2. decode attention GB/s against the device-to-device copy bandwidth;
 #   3. prefill attention TFLOP/s of every design (basic, pipelined, wgmma);
 #   4. end-to-end `worker bench --device cuda:0` on random-weight models shaped like
-#      SmolLM2-135M and EuroLLM-1.7B, against the weight-bandwidth limit, also with
-#      SOV_DECODE_MERGE=fused;
+#      SmolLM2-135M and EuroLLM-1.7B, against the weight-bandwidth limit;
 #   5. the same attention shapes through PyTorch's scaled_dot_product_attention;
 #   6. `worker check-backend`: the CUDA backend's logits against the CPU backend's over
 #      prefill and decode steps (batch 3, 2, 1) on both model shapes, with each prefill
-#      design, the fused merge and the FP8 KV cache;
-#   7. the experimental designs (`gpu-check --opt-in NAME`, one process each), reported
-#      apart from the defaults (`kernels_opt_in`);
-#   8. where Nsight Compute is installed, one launch of each wgmma prefill design under
-#      ncu (throughput, warp stall reasons), into $OUT/parts/ncu-*.txt.
+#      design and the FP8 KV cache;
+#   7. the experimental designs listed in OPT_IN (`gpu-check --opt-in NAME`, one process
+#      each), reported apart from the defaults (`kernels_opt_in`);
+#   8. where Nsight Compute is installed, one launch of the wgmma prefill under ncu
+#      (throughput, warp stall reasons), into $OUT/parts/ncu-*.txt.
 # Prints one JSON summary (and writes it to $OUT/gpu-check.json when OUT is set).
 #
 #   bash kernels/gpu-check.sh [--quick]
@@ -26,7 +24,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The experimental designs gpu-check runs one process each (see below).
-OPT_IN="prefill_attention_wgmma2 prefill_attention_wgmma2_swapped prefill_attention_wgmma3 prefill_attention_wgmma3_swapped"
+# None at present: add a design's `prefill_designs` name in gpu-check.rs here.
+OPT_IN=""
 # summarize PARTS STATUS: the JSON summary of the stage results in PARTS.
 summarize() {
 python3 - "$1" "$2" "$OPT_IN" <<'PY'
@@ -58,22 +57,15 @@ def check(name):
     return c
 for shape in ["smollm2-135m", "eurollm-1.7b"]:
     m, b = load(f"{shape}.model.json"), load(f"{shape}.bench.json")
-    bf, bn = load(f"{shape}.fused.json"), load(f"{shape}.nosplit.json")
-    e = {"model": m, "bench": b, "bench_fused_merge": bf, "bench_no_split": bn, "backend_check": check(f"{shape}.check.json"),
-         "backend_check_fused_merge": check(f"{shape}.check-fused.json"),
+    e = {"model": m, "bench": b, "backend_check": check(f"{shape}.check.json"),
          "backend_check_prefill_pipelined": check(f"{shape}.check-pipelined.json"),
-         "backend_check_prefill_wgmma2": check(f"{shape}.check-wgmma2.json"),
-         "backend_check_prefill_wgmma3": check(f"{shape}.check-wgmma3.json"),
+         "backend_check_prefill_basic": check(f"{shape}.check-basic.json"),
          "bench_kv_fp8": load(f"{shape}.fp8.json"), "backend_check_kv_fp8": check(f"{shape}.check-fp8.json")}
     try:
         limit = copy * 1e9 / m["weight_bytes"]
         e["bandwidth_limit_tok_s"] = limit
         b1 = b["decode"]["1"]["aggregate_tok_s"]
         e["batch1_tok_s"], e["fraction_of_limit"] = b1, b1 / limit
-        f1 = bf["decode"]["1"]["aggregate_tok_s"]
-        e["fused_merge_batch1_tok_s"], e["fused_merge_fraction_of_limit"] = f1, f1 / limit
-        n1 = bn["decode"]["1"]["aggregate_tok_s"]
-        e["no_split_batch1_tok_s"], e["no_split_fraction_of_limit"] = n1, n1 / limit
     except Exception as ex:
         e["note"] = f"no ratio: {ex}"
     summary["end_to_end"][shape] = e
@@ -103,13 +95,7 @@ pre = max([x["fraction_of_bf16_dense_peak"] for x in k.get("prefill_attention", 
            if "fraction_of_bf16_dense_peak" in x and design_ok(x.get("kernel", "prefill_attention"))] or [None],
           key=lambda v: -1 if v is None else v)
 eu = summary["end_to_end"].get("eurollm-1.7b", {})
-# The fused merge counts only where its kernel checks and its backend check passed.
-fused_checks = [c for c in checks_all if str(c.get("kernel", "")).endswith("_fused_merge")]
-fused_ok = bool(fused_checks) and all(c.get("ok") for c in fused_checks) \
-    and eu.get("backend_check_fused_merge", {}).get("ok") is True
-e2e_candidates = [eu.get("fraction_of_limit"), eu.get("no_split_fraction_of_limit")] \
-    + ([eu.get("fused_merge_fraction_of_limit")] if fused_ok else [])
-e2e = max([v for v in e2e_candidates if v is not None] or [None], key=lambda v: -1 if v is None else v)
+e2e = eu.get("fraction_of_limit")
 # A check that printed an error ran and failed; one absent was not run.
 checks = [c.get("ok", False) for c in (e.get("backend_check") for e in summary["end_to_end"].values()) if c is not None]
 summary["targets"] = {
@@ -198,23 +184,10 @@ for shape in eurollm-1.7b smollm2-135m; do
     RUST_BACKTRACE=0 timeout 180 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
       > "$PARTS/$shape.check.json" 2>> "$LOG" || { echo "gpu-check: check-backend failed on $shape" | tee -a "$LOG" >&2; [ $status -eq 0 ] && status=1; }
     [ -s "$PARTS/$shape.check.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check.json"
-    say "$shape: fused split merge; the other prefill designs"
-    # Split decode attention merging in its own kernel (no merge kernel): the backend
-    # check, then decode speed.
-    SOV_DECODE_MERGE=fused RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
-      --device cuda:0 > "$PARTS/$shape.check-fused.json" 2>> "$LOG" || echo "gpu-check: check-backend with the fused merge failed on $shape" | tee -a "$LOG" >&2
-    [ -s "$PARTS/$shape.check-fused.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-fused.json"
-    SOV_DECODE_MERGE=fused RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
-      --kv-cache-mb 8192 --batches 1,8 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
-      > "$PARTS/$shape.fused.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.fused.json"
-    # Batch 1 without split-KV (one CTA per KV head over the whole short context), to see
-    # what splitting gains or costs at these lengths.
-    SOV_DECODE_MAX_SPLITS=1 RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
-      --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
-      > "$PARTS/$shape.nosplit.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.nosplit.json"
+    say "$shape: the other prefill designs"
     # The prefill designs other than the default inside the backend (its prefill steps):
-    # the pipelined one (the default off Hopper) and the experimental ring design.
-    for p in pipelined wgmma2 wgmma3; do
+    # the pipelined one (the default off Hopper) and the basic one (the FP8 cache's).
+    for p in pipelined basic; do
       SOV_PREFILL_KERNEL=$p RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
         --device cuda:0 > "$PARTS/$shape.check-$p.json" 2>> "$LOG" || echo "gpu-check: check-backend with the $p prefill failed on $shape" | tee -a "$LOG" >&2
       [ -s "$PARTS/$shape.check-$p.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-$p.json"
@@ -235,11 +208,11 @@ for shape in eurollm-1.7b smollm2-135m; do
   fi
   rm -rf "${TMP:?}/$shape"
 done
-# One timed launch (4 x 2048 tokens) of each wgmma prefill design under Nsight Compute:
-# each process runs one design, whose 4 check launches and 1 warm-up launch are skipped.
+# One timed launch (4 x 2048 tokens) of the wgmma prefill under Nsight Compute: the
+# process runs that one design, whose 4 check launches and 1 warm-up launch are skipped.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
 if [ -n "$NCU" ]; then
-  for d in prefill_attention_wgmma prefill_attention_wgmma2 prefill_attention_wgmma3; do
+  for d in prefill_attention_wgmma; do
     say "ncu: $d"
     timeout 90 "$NCU" --kernel-name regex:prefill_attention_wgmma --launch-skip 5 --launch-count 1 \
       --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \

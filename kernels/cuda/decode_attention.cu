@@ -28,13 +28,10 @@
 //
 // num_splits == 1: the CTA writes `out`. Otherwise it writes its normalised partial
 // output and its (max in log2 units, sum) to part_out [num_seqs][n_heads][num_splits][HD]
-// f32 and part_ml [num_seqs][n_heads][num_splits][2] f32, and the splits are combined
-// either by decode_attention_merge (a kernel of its own) or, with fused_merge, by the
-// last CTA of each (sequence, KV head) to finish: every split CTA publishes its parts
-// (__threadfence) and counts itself in counters[seq][kv head] (atomicAdd); the one that
-// counts last merges its group's heads exactly as decode_attention_merge does and resets
-// the counter to 0 for the next launch (so a CUDA graph can replay it). counters
-// [num_seqs][n_kv_heads] int must be zero before the first launch.
+// f32 and part_ml [num_seqs][n_heads][num_splits][2] f32, and decode_attention_merge
+// combines the splits. (Merging in this kernel instead, by the last split CTA of each
+// sequence and KV head to finish, was measured on an H200 in run 8: bit-identical and no
+// faster, batch-1 decode 849 vs 853 tok/s, so the merge kernel stayed.)
 #include "common.cuh"
 
 namespace sov {
@@ -43,27 +40,6 @@ constexpr int DA_THREADS = 128;
 constexpr int DA_WARPS = DA_THREADS / 32;
 constexpr int DA_PART = 64;  // tokens per split unit (a multiple of KV_BLOCK; gpu_ref::DECODE_CHUNK)
 constexpr float LOG2E = 1.4426950408889634f;
-
-// out[head][d] from the splits' parts: sum_s w_s * part_out_s / sum_s w_s with
-// w_s = l_s * exp2(m_s - max_s m_s) (maxima in log2 units). Loads through L2 (__ldcg):
-// the parts were written by other CTAs of the same launch in the fused merge.
-__device__ __forceinline__ void merge_split_parts(const float* part_out, const float* part_ml,
-                                                  sov::bf16* out, long long head, int d,
-                                                  int head_dim, int num_splits) {
-  const float* ml = part_ml + head * num_splits * 2;
-  float m = sov::neg_inf();
-  for (int s = 0; s < num_splits; ++s) m = fmaxf(m, __ldcg(ml + 2 * s));
-  float num = 0.f, den = 0.f;
-  for (int s = 0; s < num_splits; ++s) {
-    const float l = __ldcg(ml + 2 * s + 1);
-    if (l > 0.f) {
-      const float w = l * exp2f(__ldcg(ml + 2 * s) - m);
-      num = fmaf(w, __ldcg(part_out + (head * num_splits + s) * head_dim + d), num);
-      den += w;
-    }
-  }
-  out[head * head_dim + d] = sov::f32_to_bf16(den > 0.f ? num / den : 0.f);
-}
 
 // KV: the cache's element type, bf16 or fp8 (e4m3 with a scale per KV head: k_scale and
 // v_scale [n_kv_heads], unused for bf16). The K scale is folded into q and the V scale
@@ -74,9 +50,8 @@ __device__ __forceinline__ void decode_attention_impl(
     const KV* __restrict__ v_cache, const float* __restrict__ k_scale,
     const float* __restrict__ v_scale, const int* __restrict__ block_tables,
     const int* __restrict__ seq_lens, sov::bf16* __restrict__ out,
-    float* __restrict__ part_out, float* __restrict__ part_ml, int* __restrict__ counters,
-    int fused_merge, int n_kv_heads, int max_blocks, int num_splits, float scale,
-    int q_stride) {
+    float* __restrict__ part_out, float* __restrict__ part_ml, int n_kv_heads,
+    int max_blocks, int num_splits, float scale, int q_stride) {
   constexpr bool FP8 = sizeof(KV) == 1;
   typedef sov::Kv8<KV> Kv;
   constexpr int CHUNKS = HD / 8;              // 16-byte pieces of one row
@@ -260,24 +235,6 @@ __device__ __forceinline__ void decode_attention_impl(
       }
     }
   }
-  if (num_splits == 1 || !fused_merge) return;
-  // Fused merge: the last split CTA of this (sequence, KV head) combines them.
-  __shared__ int s_last;
-  __threadfence();  // this CTA's parts are visible device-wide before it counts itself
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int* c = counters + (long long)seq * n_kv_heads + kvh;
-    const bool last = atomicAdd(c, 1) == num_splits - 1;
-    if (last) *c = 0;  // every split has counted: ready for the next launch
-    s_last = last;
-  }
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  for (int e = threadIdx.x; e < GROUP * HD; e += DA_THREADS) {
-    const long long head = (long long)seq * n_heads + kvh * GROUP + e / HD;
-    merge_split_parts(part_out, part_ml, out, head, e % HD, HD, num_splits);
-  }
 }
 
 }  // namespace sov
@@ -289,25 +246,21 @@ __device__ __forceinline__ void decode_attention_impl(
       decode_attention_hd##HD##_g##GROUP(                                                 \
           const sov::bf16* q, const sov::bf16* k_cache,                           \
           const sov::bf16* v_cache, const int* block_tables, const int* seq_lens,     \
-          sov::bf16* out, float* part_out, float* part_ml, int* counters,             \
-          int fused_merge, int n_kv_heads, int max_blocks, int num_splits, float scale,   \
-          int q_stride) {                                                                 \
+          sov::bf16* out, float* part_out, float* part_ml, int n_kv_heads,            \
+          int max_blocks, int num_splits, float scale, int q_stride) {                    \
     sov::decode_attention_impl<HD, GROUP, sov::bf16>(                                     \
         q, k_cache, v_cache, nullptr, nullptr, block_tables, seq_lens, out, part_out,     \
-        part_ml, counters, fused_merge, n_kv_heads, max_blocks, num_splits, scale,        \
-        q_stride);                                                                        \
+        part_ml, n_kv_heads, max_blocks, num_splits, scale, q_stride);                    \
   }                                                                                       \
   extern "C" __global__ void __launch_bounds__(sov::DA_THREADS, (GROUP) <= 2 ? 3 : 2)      \
       decode_attention_hd##HD##_g##GROUP##_fp8(                                           \
           const sov::bf16* q, const sov::fp8* k_cache, const sov::fp8* v_cache,           \
           const float* k_scale, const float* v_scale, const int* block_tables,            \
           const int* seq_lens, sov::bf16* out, float* part_out, float* part_ml,           \
-          int* counters, int fused_merge, int n_kv_heads, int max_blocks, int num_splits, \
-          float scale, int q_stride) {                                                    \
+          int n_kv_heads, int max_blocks, int num_splits, float scale, int q_stride) {    \
     sov::decode_attention_impl<HD, GROUP, sov::fp8>(                                      \
         q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, out, part_out,     \
-        part_ml, counters, fused_merge, n_kv_heads, max_blocks, num_splits, scale,        \
-        q_stride);                                                                        \
+        part_ml, n_kv_heads, max_blocks, num_splits, scale, q_stride);                    \
   }
 
 SOV_DECODE_ATTENTION(64, 1)
@@ -330,6 +283,19 @@ extern "C" __global__ void __launch_bounds__(128)
     decode_attention_merge(const float* part_out, const float* part_ml, sov::bf16* out,
                            int n_heads, int head_dim, int num_splits) {
   const long long head = (long long)blockIdx.x * n_heads + blockIdx.y;
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x)
-    sov::merge_split_parts(part_out, part_ml, out, head, d, head_dim, num_splits);
+  const float* ml = part_ml + head * num_splits * 2;
+  float m = sov::neg_inf();
+  for (int s = 0; s < num_splits; ++s) m = fmaxf(m, ml[2 * s]);
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float num = 0.f, den = 0.f;
+    for (int s = 0; s < num_splits; ++s) {
+      const float l = ml[2 * s + 1];
+      if (l > 0.f) {
+        const float w = l * exp2f(ml[2 * s] - m);  // maxima are in log2 units
+        num = fmaf(w, part_out[(head * num_splits + s) * head_dim + d], num);
+        den += w;
+      }
+    }
+    out[head * head_dim + d] = sov::f32_to_bf16(den > 0.f ? num / den : 0.f);
+  }
 }

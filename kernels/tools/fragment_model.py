@@ -1,76 +1,23 @@
 #!/usr/bin/env python3
-"""Index model of the two new prefill kernels (no GPU needed): emulates their shared-memory
+"""Index model of the two newer prefill kernels (no GPU needed): emulates their shared-memory
 layouts and fragment addressing under the documented semantics of cp.async, ldmatrix(.trans),
-mma.m16n8k16 and wgmma (A from registers, B through a no-swizzle K-major descriptor: element
-(k, n) at start + (n/8)*SBO + (k/8)*LBO + (n%8)*16 + (k%8)*2) and checks that each operand
-holds the right matrix elements. It mirrors the index formulas of prefill_attention.cu
-(`prefill_attention_pipe_impl`) and prefill_wgmma.cu by hand: keep them in step.
+mma.m16n8k16 and wgmma (A from registers; B through a no-swizzle descriptor, K-major:
+element (k, n) at start + (n/8)*SBO + (k/8)*LBO + (n%8)*16 + (k%8)*2, MN-major:
+start + (n/8)*SBO + (k/8)*LBO + (k%8)*16 + (n%8)*2) and checks that each operand holds the
+right matrix elements. It mirrors the index formulas of prefill_attention.cu
+(`prefill_attention_pipe_impl`) and prefill_wgmma.cu by hand: keep them in step. (GPU runs
+7 and 8 on an H200 confirmed both descriptor readings: the kernels built on them match the
+CPU reference, their twins with LBO and SBO exchanged did not.)
 
   python3 kernels/tools/fragment_model.py
 """
 import numpy as np
 rng = np.random.default_rng(0)
 for HD in (64, 96, 128):
-    BC = 64; PAD = HD + 8; TILE = BC * HD * 2; THREADS = 256
+    BC = 64; TILE = BC * HD * 2
     K_LBO, K_SBO = 128, HD * 16
-    V_LBO, V_SBO = 128, BC * 16
-    smem = np.zeros(3 * TILE + 64, dtype=np.uint16)  # in 2-byte units
-    sk, svt, svs = 0, TILE, 2 * TILE
     K = rng.integers(0, 60000, size=(BC, HD)).astype(np.uint16)
     V = rng.integers(0, 60000, size=(BC, HD)).astype(np.uint16)
-    # load_k
-    seen = set()
-    for c in range(BC * HD // 8):
-        key = (c >> 1) & (BC - 1); dp = (c & 1) | ((c >> 7) << 1)
-        assert (key, dp) not in seen; seen.add((key, dp))
-        off = sk + (key >> 3) * K_SBO + dp * 128 + (key & 7) * 16
-        assert off % 16 == 0
-        smem[off // 2: off // 2 + 8] = K[key, dp * 8: dp * 8 + 8]
-    assert len(seen) == BC * HD // 8
-    # load_v (row-major staging)
-    for c in range(BC * HD // 8):
-        key = c // (HD // 8); d0 = (c % (HD // 8)) * 8
-        off = svs + (key * PAD + d0) * 2
-        smem[off // 2: off // 2 + 8] = V[key, d0: d0 + 8]
-    # transposition, every warp
-    NT = HD // 8
-    def ldsm(addrs, trans):
-        # addrs[lane] -> row address of matrix lane>>3, row lane&7
-        regs = np.zeros((32, 4, 2), dtype=np.uint16)
-        for i in range(4):
-            M = np.array([smem[addrs[8 * i + r] // 2: addrs[8 * i + r] // 2 + 8] for r in range(8)])
-            for lane in range(32):
-                g, t = lane >> 2, lane & 3
-                if trans:
-                    regs[lane, i] = (M[2 * t, g], M[2 * t + 1, g])
-                else:
-                    regs[lane, i] = (M[g, 2 * t], M[g, 2 * t + 1])
-        return regs
-    for warp in range(THREADS // 32):
-        for op in range(warp, 2 * NT, THREADS // 32):
-            h, db = op & 1, op >> 1
-            addrs = [svs + ((32 * h + 8 * (lane >> 3) + (lane & 7)) * PAD + 8 * db) * 2 for lane in range(32)]
-            regs = ldsm(addrs, True)
-            for lane in range(32):
-                g, t = lane >> 2, lane & 3
-                for mi in range(4):
-                    off = svt + db * V_SBO + (4 * h + mi) * 128 + g * 16 + t * 4
-                    smem[off // 2: off // 2 + 2] = regs[lane, mi]
-    # wgmma model: B[k][n] at start + (n//8)*SBO + (k//8)*LBO + (n%8)*16 + (k%8)*2
-    def read_b(start, lbo, sbo, N):
-        B = np.zeros((16, N), dtype=np.uint16)
-        for k in range(16):
-            for n in range(N):
-                B[k, n] = smem[(start + (n // 8) * sbo + (k // 8) * lbo + (n % 8) * 16 + (k % 8) * 2) // 2]
-        return B
-    # S: B = K^T slice: B[k][n] = K[n][16ks + k]
-    for ks in range(HD // 16):
-        B = read_b(sk + ks * 256, K_LBO, K_SBO, BC)
-        assert (B == K[:, 16 * ks: 16 * ks + 16].T).all(), ("K", HD, ks)
-    # PV: B[k][n] = V[16kk + k][n]
-    for kk in range(BC // 16):
-        B = read_b(svt + kk * 256, V_LBO, V_SBO, HD)
-        assert (B == V[16 * kk: 16 * kk + 16, :]).all(), ("V", HD, kk)
     # A fragments of P from the S accumulator layout: d[4j+e] -> row g (+8 if e>=2), col 8j+2t+(e&1)
     P = rng.standard_normal((64, BC)).astype(np.float32)
     for w in range(4):
@@ -89,8 +36,8 @@ for HD in (64, 96, 128):
                         (P[16 * w + g, 16 * kk + 2 * t + 8], P[16 * w + g, 16 * kk + 2 * t + 9]),
                         (P[16 * w + g + 8, 16 * kk + 2 * t + 8], P[16 * w + g + 8, 16 * kk + 2 * t + 9])]
                 assert np.allclose(pa, want), (HD, w, lane, kk)
-    print("HD", HD, "ok: K tile, V^T tile and P fragments match the wgmma operand model")
-    # The ring design (prefill_wgmma_ring_impl): thread c's piece is (key c / (HD/8),
+    print("HD", HD, "ok: P fragments match the wgmma A operand layout")
+    # prefill_wgmma_impl: thread c's piece is (key c / (HD/8),
     # dims 8 (c % (HD/8)) ..) of both tiles; K into the K-major layout above, V into the
     # MN-major one, which wgmma reads with imm-trans-b = 1 (no-swizzle MN-major: element
     # (k, n) at start + (n/8)*SBO + (k/8)*LBO + (k%8)*16 + (n%8)*2).
@@ -117,7 +64,7 @@ for HD in (64, 96, 128):
         B = np.array([[ring[(start + (n // 8) * RV_SBO + (k // 8) * RV_LBO + (k % 8) * 16 + (n % 8) * 2) // 2]
                        for n in range(HD)] for k in range(16)])
         assert (B == V[16 * kk: 16 * kk + 16, :]).all(), ("ring V", HD, kk)
-    print("HD", HD, "ok: ring design K tile (K-major) and V tile (MN-major) match the wgmma operand model")
+    print("HD", HD, "ok: K tile (K-major) and V tile (MN-major) match the wgmma operand model")
 
 import numpy as np
 rng = np.random.default_rng(1)

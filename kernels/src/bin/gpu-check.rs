@@ -215,7 +215,6 @@ fn check_decode(
         head_dim: hd,
         max_blocks: p.max_blocks,
         num_splits,
-        fused_merge: false,
         scale: 1.0 / (hd as f32).sqrt(),
         q_stride: n_heads * hd,
     };
@@ -265,37 +264,11 @@ fn check_decode(
     } else {
         "decode_attention"
     };
-    let mut out_checks = vec![
+    Ok(vec![
         json!({"kernel": kernel, "head_dim": hd, "group": group, "batch": batch,
               "context": ctx, "splits": num_splits, "checked_seqs": check,
               "max_abs_err": err, "ok": first.is_none(), "mismatch": first}),
-    ];
-    if num_splits > 1 {
-        // The fused merge, launched twice with the output cleared in between: the second
-        // launch is right only if the first left every arrival counter at zero.
-        let fused = DecodeDims {
-            fused_merge: true,
-            ..d
-        };
-        let mut last = Vec::new();
-        for _ in 0..2 {
-            k.stream.memset_zeros(&mut out)?;
-            launch::decode_attention_kv(k, &fused, &qd, kv, &td, &ld, &mut out, &mut scratch)?;
-            last = down(k, &out)?;
-        }
-        let counters_zero = down(k, &scratch.counters)?.iter().all(|c| *c == 0);
-        let (err, first) = compare(&last[..want.len()], &want);
-        // Bit for bit what the merge kernel gives (the same sums in the same order).
-        let same = last == got;
-        out_checks.push(
-            json!({"kernel": format!("{kernel}_fused_merge"), "head_dim": hd,
-            "group": group, "batch": batch, "context": ctx, "splits": num_splits,
-            "checked_seqs": check, "max_abs_err": err, "same_as_merge_kernel": same,
-            "counters_reset": counters_zero,
-            "ok": first.is_none() && same && counters_zero, "mismatch": first}),
-        );
-    }
-    Ok(out_checks)
+    ])
 }
 
 /// The name a prefill design's checks and timings carry in the summary.
@@ -305,31 +278,22 @@ fn prefill_name(fp8: bool, kind: PrefillKernel) -> &'static str {
         (false, PrefillKernel::Basic) => "prefill_attention",
         (false, PrefillKernel::Pipelined) => "prefill_attention_pipe",
         (false, PrefillKernel::Wgmma) => "prefill_attention_wgmma",
-        (false, PrefillKernel::Wgmma2 { swapped: false }) => "prefill_attention_wgmma2",
-        (false, PrefillKernel::Wgmma2 { swapped: true }) => "prefill_attention_wgmma2_swapped",
-        (false, PrefillKernel::Wgmma3 { swapped: false }) => "prefill_attention_wgmma3",
-        (false, PrefillKernel::Wgmma3 { swapped: true }) => "prefill_attention_wgmma3_swapped",
     }
 }
 
 /// The prefill designs of a run ((fp8 cache, kind)): every design the worker has that
-/// this device runs (the wgmma ones on sm_90 only); with `--opt-in` the experimental
-/// ones (`prefill_attention_wgmma{2,3}{,_swapped}`), or with
-/// `--opt-in NAME` the one design of that name, experimental or not (to profile one
-/// kernel alone).
+/// this device runs (the wgmma one on sm_90 only); with `--opt-in` the experimental
+/// ones (none at present), or with `--opt-in NAME` the one design of that name,
+/// experimental or not (to profile one kernel alone).
 fn prefill_designs(k: &Kernels, opt_in: Option<&str>) -> Vec<(bool, PrefillKernel)> {
     let mut default = vec![
         (false, PrefillKernel::Basic),
         (true, PrefillKernel::Basic),
         (false, PrefillKernel::Pipelined),
     ];
-    let mut experimental = Vec::new();
+    let experimental: Vec<(bool, PrefillKernel)> = Vec::new();
     if k.has_source("prefill_wgmma.cu") {
         default.push((false, PrefillKernel::Wgmma));
-        experimental.push((false, PrefillKernel::Wgmma2 { swapped: false }));
-        experimental.push((false, PrefillKernel::Wgmma2 { swapped: true }));
-        experimental.push((false, PrefillKernel::Wgmma3 { swapped: false }));
-        experimental.push((false, PrefillKernel::Wgmma3 { swapped: true }));
     }
     match opt_in {
         None => default,
@@ -869,7 +833,6 @@ fn decode_bandwidth(k: &Kernels, ctx: usize) -> Result<Value, CudaError> {
         head_dim: hd,
         max_blocks: p.max_blocks,
         num_splits: launch::decode_splits(batch, n_kv, ctx, k.sms),
-        fused_merge: false,
         scale: 1.0 / (hd as f32).sqrt(),
         q_stride: n_kv * group * hd,
     };
@@ -896,23 +859,10 @@ fn decode_bandwidth(k: &Kernels, ctx: usize) -> Result<Value, CudaError> {
     let ms8 = time_ms(k, 20, || {
         launch::decode_attention_kv(k, &d, &q, kv, &td, &ld, &mut out, &mut scratch)
     })?;
-    let mut r = json!({"context": ctx, "batch": batch, "splits": d.num_splits, "ms": ms,
+    let r = json!({"context": ctx, "batch": batch, "splits": d.num_splits, "ms": ms,
               "gb_per_s": bytes / (ms / 1e3) / 1e9,
               "fp8": {"ms": ms8, "gb_per_s": bytes / 2.0 / (ms8 / 1e3) / 1e9,
                       "speedup_vs_bf16": ms / ms8}});
-    if d.num_splits > 1 {
-        // The same launch merging in the attention kernel (no merge kernel).
-        let fused = DecodeDims {
-            fused_merge: true,
-            ..d
-        };
-        let msf = time_ms(k, 20, || {
-            let kv = KvRef::Bf16 { k: &kd, v: &vd };
-            launch::decode_attention_kv(k, &fused, &q, kv, &td, &ld, &mut out, &mut scratch)
-        })?;
-        r["fused_merge"] = json!({"ms": msf, "gb_per_s": bytes / (msf / 1e3) / 1e9,
-                                  "speedup_vs_merge_kernel": ms / msf});
-    }
     Ok(r)
 }
 

@@ -47,22 +47,16 @@ pub struct DecodeDims {
     pub head_dim: usize,
     pub max_blocks: usize,
     pub num_splits: usize,
-    /// Split launches merge in the attention kernel itself (the last CTA of each
-    /// sequence and KV head to finish), not in `decode_attention_merge`: one kernel less
-    /// a layer (see decode_attention.cu).
-    pub fused_merge: bool,
     pub scale: f32,
     /// Elements between consecutive sequences' query rows (`n_heads * head_dim` when q is
     /// contiguous; the fused q|k|v row width when q is read out of the projection).
     pub q_stride: usize,
 }
 
-/// Scratch for split-KV partial results (reused across launches), and the fused merge's
-/// arrival counters (`[num_seqs][n_kv_heads]`, zero between launches).
+/// Scratch for split-KV partial results (reused across launches).
 pub struct SplitScratch {
     pub part_out: CudaSlice<f32>,
     pub part_ml: CudaSlice<f32>,
-    pub counters: CudaSlice<i32>,
 }
 
 impl SplitScratch {
@@ -74,19 +68,22 @@ impl SplitScratch {
                 .stream
                 .alloc_zeros::<f32>((heads * splits * d.head_dim).max(1))?,
             part_ml: k.stream.alloc_zeros::<f32>((heads * splits * 2).max(1))?,
-            counters: k
-                .stream
-                .alloc_zeros::<i32>((d.num_seqs * d.n_kv_heads).max(1))?,
         })
     }
 }
 
+/// Contexts up to this long are never split: the merge costs more than the parallelism
+/// gains (H200, run 8: batch-1 EuroLLM-1.7B decode at 129-192 tokens 2 % faster with one
+/// split than with three, SmolLM2-135M 3 %).
+pub const SPLIT_MIN_CONTEXT: usize = 256;
+
 /// How many splits a decode launch should use: enough CTAs to give every SM about two,
-/// never more than the longest context has chunks.
+/// never more than the longest context has chunks, none for contexts up to
+/// [`SPLIT_MIN_CONTEXT`].
 pub fn decode_splits(num_seqs: usize, n_kv_heads: usize, max_len: usize, sm_count: usize) -> usize {
     let ctas = (num_seqs * n_kv_heads).max(1);
     let chunks = max_len.div_ceil(crate::gpu_ref::DECODE_CHUNK).max(1);
-    if ctas >= 2 * sm_count {
+    if ctas >= 2 * sm_count || max_len <= SPLIT_MIN_CONTEXT {
         1
     } else {
         (2 * sm_count).div_ceil(ctas).min(chunks).max(1)
@@ -207,15 +204,6 @@ pub fn decode_attention_kv(
     let f = k.function("decode_attention.cu", &entry)?;
     let (n_kv, max_blocks, splits) = (dim(d.n_kv_heads)?, dim(d.max_blocks)?, dim(d.num_splits)?);
     let q_stride = dim(d.q_stride)?;
-    let fused = i32::from(d.fused_merge);
-    if d.fused_merge && scratch.counters.len() < d.num_seqs * d.n_kv_heads {
-        return Err(CudaError::Shape(format!(
-            "{} merge counters for {} sequences x {} KV heads",
-            scratch.counters.len(),
-            d.num_seqs,
-            d.n_kv_heads
-        )));
-    }
     let cfg = config(d.num_seqs, d.n_kv_heads, d.num_splits, 128)?;
     let mut b = Args::new(k, &f);
     b.arg(q);
@@ -225,8 +213,6 @@ pub fn decode_attention_kv(
         .arg(&mut *out)
         .arg(&mut scratch.part_out)
         .arg(&mut scratch.part_ml)
-        .arg(&mut scratch.counters)
-        .arg(&fused)
         .arg(&n_kv)
         .arg(&max_blocks)
         .arg(&splits)
@@ -237,9 +223,6 @@ pub fn decode_attention_kv(
     // every buffer is sized by the caller for `d` (checked by the GPU check against the
     // CPU reference).
     unsafe { b.launch(cfg) }?;
-    if d.fused_merge {
-        return Ok(());
-    }
     merge_splits(k, d, out, scratch)
 }
 
@@ -289,26 +272,19 @@ pub struct PrefillDims {
     pub q_stride: usize,
 }
 
-/// Which prefill-attention design runs (kernels/cuda/prefill_attention.cu): `Basic`
-/// (`prefill_attention_hd{D}`: 64 query rows a CTA, tiles staged through registers, the
-/// bf16 and the FP8 cache) or `Pipelined` (`prefill_attention_pipe_hd{D}`: 128 rows a
-/// CTA, `cp.async` copies overlapping the MMAs, `ldmatrix` fragments; bf16 cache only,
-/// so an FP8 cache runs `Basic`) or `Wgmma` (kernels/cuda/prefill_wgmma.cu,
-/// `prefill_attention_wgmma_hd{D}`: Hopper warpgroup MMAs, 128 rows a CTA; bf16 cache on
-/// sm_90 only, elsewhere `Pipelined` runs) or `Wgmma2` (same file,
-/// `prefill_attention_wgmma2_hd{D}{,_swapped}`: V read MN-major without a transposition,
-/// a three-stage ring of K/V tiles; experimental, `swapped` exchanges the V descriptor's
-/// two strides) or `Wgmma3` (`prefill_attention_wgmma3_hd{D}{,_swapped}`: the same
-/// layouts, 128-key tiles in two stages, each tile's two halves overlapping one's MMAs
-/// with the other's softmax; experimental). Measured on an H200 (run 7): Basic 0.07 of the bf16 peak, Pipelined
-/// 0.19, Wgmma 0.19 (docs/benchmarks.md).
+/// Which prefill-attention design runs: `Basic` (kernels/cuda/prefill_attention.cu,
+/// `prefill_attention_hd{D}`: 64 query rows a CTA, tiles staged through registers, the
+/// bf16 and the FP8 cache), `Pipelined` (same file, `prefill_attention_pipe_hd{D}`: 128
+/// rows a CTA, `cp.async` copies overlapping the MMAs, `ldmatrix` fragments; bf16 cache
+/// only) or `Wgmma` (kernels/cuda/prefill_wgmma.cu, `prefill_attention_wgmma_hd{D}`:
+/// Hopper warpgroup MMAs, a three-stage ring of K/V tiles; bf16 cache on sm_90 only).
+/// Measured on an H200 (run 8, 2 x 8192 tokens): Basic 0.07 of the bf16 peak, Pipelined
+/// 0.19, Wgmma 0.25 (docs/benchmarks.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefillKernel {
     Basic,
     Pipelined,
     Wgmma,
-    Wgmma2 { swapped: bool },
-    Wgmma3 { swapped: bool },
 }
 
 impl PrefillKernel {
@@ -319,10 +295,6 @@ impl PrefillKernel {
         match std::env::var("SOV_PREFILL_KERNEL").as_deref() {
             Ok("basic") => Self::Basic,
             Ok("pipelined") => Self::Pipelined,
-            Ok("wgmma2") => Self::Wgmma2 { swapped: false },
-            Ok("wgmma2_swapped") => Self::Wgmma2 { swapped: true },
-            Ok("wgmma3") => Self::Wgmma3 { swapped: false },
-            Ok("wgmma3_swapped") => Self::Wgmma3 { swapped: true },
             _ => Self::Wgmma,
         }
     }
@@ -332,32 +304,16 @@ impl PrefillKernel {
     pub fn resolve(self, k: &Kernels, fp8: bool) -> Self {
         match self {
             _ if fp8 => Self::Basic,
-            Self::Wgmma | Self::Wgmma2 { .. } | Self::Wgmma3 { .. }
-                if !k.has_source("prefill_wgmma.cu") =>
-            {
-                Self::Pipelined
-            }
+            Self::Wgmma if !k.has_source("prefill_wgmma.cu") => Self::Pipelined,
             other => other,
         }
     }
 }
 
-/// Dynamic shared memory of `prefill_attention_wgmma_hd{D}` (the layout at `pw_smem` in
-/// prefill_wgmma.cu): K and V^T tiles of 64 x D, the padded V staging tile.
-fn wgmma_smem_bytes(head_dim: usize) -> usize {
-    2 * 64 * head_dim * 2 + 64 * (head_dim + 8) * 2
-}
-
-/// Dynamic shared memory of `prefill_attention_wgmma2_hd{D}` (`RING_STAGES` in
+/// Dynamic shared memory of `prefill_attention_wgmma_hd{D}` (`RING_STAGES` in
 /// prefill_wgmma.cu): three stages of a K and a V tile, 64 x D bf16 each.
-fn wgmma2_smem_bytes(head_dim: usize) -> usize {
+fn wgmma_smem_bytes(head_dim: usize) -> usize {
     3 * 2 * 64 * head_dim * 2
-}
-
-/// Dynamic shared memory of `prefill_attention_wgmma3_hd{D}` (`OV_STAGES`, `OV_KEYS` in
-/// prefill_wgmma.cu): two stages of a K and a V tile, 128 x D bf16 each.
-fn wgmma3_smem_bytes(head_dim: usize) -> usize {
-    2 * 2 * 128 * head_dim * 2
 }
 
 /// Prefill attention of the design `kind` (see [`PrefillKernel`]) over `kv` as it is
@@ -395,32 +351,13 @@ pub fn prefill_attention_kv(
             128,
             256,
         ),
-        PrefillKernel::Wgmma2 { swapped } | PrefillKernel::Wgmma3 { swapped } => (
-            "prefill_wgmma.cu",
-            format!(
-                "prefill_attention_wgmma{}_hd{hd}{}",
-                if matches!(kind, PrefillKernel::Wgmma2 { .. }) {
-                    2
-                } else {
-                    3
-                },
-                if swapped { "_swapped" } else { "" }
-            ),
-            128,
-            256,
-        ),
     };
     let f = k.function(source, &entry)?;
     let (nh, nkv, mb) = (dim(d.n_heads)?, dim(d.n_kv_heads)?, dim(d.max_blocks)?);
     let q_stride = dim(d.q_stride)?;
     let mut cfg = config(d.max_new.div_ceil(rows), d.n_heads, d.num_seqs, threads)?;
-    let smem = match kind {
-        PrefillKernel::Wgmma => Some(wgmma_smem_bytes(hd)),
-        PrefillKernel::Wgmma2 { .. } => Some(wgmma2_smem_bytes(hd)),
-        PrefillKernel::Wgmma3 { .. } => Some(wgmma3_smem_bytes(hd)),
-        _ => None,
-    };
-    if let Some(bytes) = smem {
+    if kind == PrefillKernel::Wgmma {
+        let bytes = wgmma_smem_bytes(hd);
         f.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             dim(bytes)?,

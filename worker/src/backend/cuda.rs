@@ -182,12 +182,9 @@ pub struct CudaBackend {
     /// (sequences, KV splits, block-table stride); `SOV_CUDA_GRAPHS=0` turns them off.
     graphs: std::collections::HashMap<(usize, usize, usize), DecodeGraph>,
     use_graphs: bool,
-    /// The prefill-attention design: the wgmma one on Hopper, else the pipelined one
-    /// (`SOV_PREFILL_KERNEL=basic|pipelined|wgmma` picks one; see `PrefillKernel`).
+    /// The prefill-attention design: the wgmma one on Hopper, else the pipelined one (an
+    /// FP8 cache: the basic one); `SOV_PREFILL_KERNEL=basic|pipelined|wgmma` picks one.
     prefill_kind: launch::PrefillKernel,
-    /// Split decode attention merges in its own kernel (`SOV_DECODE_MERGE=fused`), not in
-    /// a separate merge kernel (see `DecodeDims::fused_merge`).
-    fused_merge: bool,
     /// At most this many KV splits a decode launch (`SOV_DECODE_MAX_SPLITS`, to measure
     /// what splitting gains; unset: as many as `launch::decode_splits` picks).
     max_splits: usize,
@@ -360,7 +357,6 @@ impl CudaBackend {
             split: SplitScratch {
                 part_out: s.alloc_zeros::<f32>(1).map_err(dev)?,
                 part_ml: s.alloc_zeros::<f32>(1).map_err(dev)?,
-                counters: z32()?,
             },
             uploaded: Default::default(),
         };
@@ -385,7 +381,6 @@ impl CudaBackend {
             use_graphs: std::env::var("SOV_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             ungraphable: std::collections::HashSet::new(),
             prefill_kind: launch::PrefillKernel::from_env(),
-            fused_merge: std::env::var("SOV_DECODE_MERGE").is_ok_and(|v| v == "fused"),
             max_splits: std::env::var("SOV_DECODE_MAX_SPLITS")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
@@ -566,7 +561,6 @@ impl CudaBackend {
                     self.k.sms,
                 )
                 .min(self.max_splits),
-                fused_merge: self.fused_merge,
                 scale,
                 q_stride: qkv_dim,
             },
@@ -597,12 +591,6 @@ impl CudaBackend {
         let heads = shapes.decode.num_seqs * cfg.n_heads * shapes.decode.num_splits;
         grow(&s, &mut m.split.part_out, heads * hd, &mut epoch)?;
         grow(&s, &mut m.split.part_ml, heads * 2, &mut epoch)?;
-        grow(
-            &s,
-            &mut m.split.counters,
-            chunks.len() * cfg.n_kv_heads,
-            &mut epoch,
-        )?;
         let want_rows = chunks.iter().filter(|c| c.want_logits).count();
         grow(&s, &mut m.sel, want_rows * h, &mut epoch)?;
         grow(&s, &mut m.logits, want_rows * cfg.vocab_size, &mut epoch)?;
