@@ -8,6 +8,10 @@
 //
 //   gemv_norm_t{T}      x = rms_norm(residual) * norm_w (rounded to bf16, as the
 //                       unfused rms_norm kernel writes it), y bf16
+//   gemv_norm_late_t{T} the same product with the norm applied last (experimental):
+//                       y = (1 / rms) * sum_c w[r][c] * residual[c] * norm_w[c] in f32,
+//                       nothing rounded to bf16 before the sum; the sum of squares is
+//                       gathered in the main loop, so no prologue delays the weight loads
 //   gemv_t{T}           x bf16, y bf16
 //   gemv_add_t{T}       x bf16, residual += y (f32)
 //   gemv_silu_add_t{T}  x = silu(gate) * up from the fused gate|up rows (rounded to bf16,
@@ -30,7 +34,7 @@ constexpr int GV_THREADS = 128;
 constexpr int GV_WARPS = GV_THREADS / 32;
 constexpr int GV_ROWS = 4;
 
-enum GvIn { GV_PLAIN = 0, GV_NORM = 1, GV_SILU = 2 };
+enum GvIn { GV_PLAIN = 0, GV_NORM = 1, GV_SILU = 2, GV_NORM_LATE = 3 };
 enum GvOut { GV_BF16 = 0, GV_ADD = 1 };
 
 // Eight f32 values rounded to bf16 and widened back (what a bf16 store and load give).
@@ -132,6 +136,7 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
                                           int tokens) {
   __shared__ float s_part[GV_WARPS][GV_ROWS][T];
   __shared__ float s_inv[T];
+  __shared__ float s_ss[GV_WARPS][T];  // GV_NORM_LATE: the warps' sums of squares
   const int row0 = blockIdx.x * GV_ROWS;
   const int pieces = k / 8;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -145,6 +150,9 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
   for (int r = 0; r < GV_ROWS; ++r)
 #pragma unroll
     for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
+  float ss[T];  // GV_NORM_LATE: this thread's part of each row's sum of squares
+#pragma unroll
+  for (int t = 0; t < T; ++t) ss[t] = 0.f;
   const sov::bf16* wr[GV_ROWS];
 #pragma unroll
   for (int r = 0; r < GV_ROWS; ++r) {
@@ -159,11 +167,25 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
 #pragma unroll
     for (int r = 0; r < GV_ROWS; ++r) wv[r] = *reinterpret_cast<const uint4*>(wr[r] + p * 8);
     float nw[8];
-    if (IN == GV_NORM) load8(norm_w + p * 8, nw);
+    if (IN == GV_NORM || IN == GV_NORM_LATE) load8(norm_w + p * 8, nw);
 #pragma unroll
     for (int t = 0; t < T; ++t) {
       float xf[8];
-      input8<IN>(res, xb, k, t, p, IN == GV_NORM ? s_inv[t] : 0.f, nw, xf);
+      if (IN == GV_NORM_LATE) {
+        // Every piece of the row passes through the CTA exactly once: the sum of squares
+        // is complete after the loop.
+        const float* rr = res + (long long)t * k + p * 8;
+        const float4 a = *reinterpret_cast<const float4*>(rr);
+        const float4 b = *reinterpret_cast<const float4*>(rr + 4);
+        const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          ss[t] = fmaf(v[i], v[i], ss[t]);
+          xf[i] = v[i] * nw[i];
+        }
+      } else {
+        input8<IN>(res, xb, k, t, p, IN == GV_NORM ? s_inv[t] : 0.f, nw, xf);
+      }
 #pragma unroll
       for (int r = 0; r < GV_ROWS; ++r) {
         acc[r][t] = dot8(wv[r], xf, acc[r][t]);
@@ -177,12 +199,25 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
       const float v = warp_sum(acc[r][t]);
       if (lane == 0) s_part[warp][r][t] = v;
     }
+  if (IN == GV_NORM_LATE) {
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+      const float v = warp_sum(ss[t]);
+      if (lane == 0) s_ss[warp][t] = v;
+    }
+  }
   __syncthreads();
   if (threadIdx.x < GV_ROWS * T) {
     const int r = threadIdx.x / T, t = threadIdx.x % T;
     float v = 0.f;
 #pragma unroll
     for (int wi = 0; wi < GV_WARPS; ++wi) v += s_part[wi][r][t];
+    if (IN == GV_NORM_LATE) {
+      float sq = 0.f;
+#pragma unroll
+      for (int wi = 0; wi < GV_WARPS; ++wi) sq += s_ss[wi][t];
+      v *= 1.f / sqrtf(sq / k + eps);
+    }
     if (row0 + r < rows && t < tokens) {
       const long long o = (long long)t * rows + row0 + r;
       store_out<OUT>(yout, o, v);
@@ -203,6 +238,13 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
                      float eps, sov::bf16* y, int rows, int k, int tokens) {               \
     sov::gemv_impl<T, sov::GV_NORM, sov::GV_BF16>(w, residual, norm_w, eps, y, rows, k,    \
                                                   tokens);                                 \
+  }                                                                                        \
+  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
+      gemv_norm_late_t##T(const sov::bf16* w, const float* residual,                       \
+                          const sov::bf16* norm_w, float eps, sov::bf16* y, int rows,      \
+                          int k, int tokens) {                                             \
+    sov::gemv_impl<T, sov::GV_NORM_LATE, sov::GV_BF16>(w, residual, norm_w, eps, y, rows,  \
+                                                       k, tokens);                         \
   }                                                                                        \
   extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
       gemv_add_t##T(const sov::bf16* w, const sov::bf16* x, float* residual, int rows,     \

@@ -349,6 +349,34 @@ pub fn gemv_f32(w: &[u16], x: &[u16], rows: usize, k: usize) -> Vec<f32> {
     out
 }
 
+/// `gemv_norm_late_t*` (experimental): the product with the RMS norm applied last,
+/// `y[t][r] = (1 / rms(residual[t])) * sum_c w[r][c] * residual[t][c] * weight[c]` in f32,
+/// nothing rounded to bf16 before the sum (`gemv_norm` rounds the normalised input as the
+/// unfused path stores it).
+pub fn gemv_norm_late_f32(
+    w: &[u16],
+    residual: &[f32],
+    weight: &[u16],
+    rows: usize,
+    k: usize,
+    eps: f32,
+) -> Vec<f32> {
+    let wf = from_bf16_vec(w);
+    let nw = from_bf16_vec(weight);
+    let mut out = Vec::with_capacity(residual.len() / k.max(1) * rows);
+    for r in residual.chunks_exact(k) {
+        let ss: f32 = r.iter().map(|v| v * v).sum();
+        let inv = 1.0 / (ss / k as f32 + eps).sqrt();
+        let x: Vec<f32> = r.iter().zip(&nw).map(|(v, w)| v * w).collect();
+        out.extend(
+            wf.chunks_exact(k)
+                .take(rows)
+                .map(|wr| wr.iter().zip(&x).map(|(a, b)| a * b).sum::<f32>() * inv),
+        );
+    }
+    out
+}
+
 /// `rms_norm_f32`: rows of the f32 residual normalised and scaled by `weight`, as bf16
 /// (also the input the `gemv_norm` kernels form).
 pub fn rms_norm_f32(residual: &[f32], weight: &[u16], dim: usize, eps: f32) -> Vec<u16> {

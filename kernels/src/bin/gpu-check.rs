@@ -449,6 +449,44 @@ fn check_act(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
     Ok(out)
 }
 
+/// The experimental `gemv_norm_late_t*` at 1, 3 and 8 tokens against
+/// `gpu_ref::gemv_norm_late_f32` (bf16 tolerance on the bf16 output).
+fn check_gemv_norm_late(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
+    use launch::{GemvInput, GemvOutput};
+    let mut out = Vec::new();
+    for (rows, cols) in [(4096usize, 2048usize), (11264, 2048), (1001, 64)] {
+        for tokens in [1, 3, 8] {
+            let t = launch::gemv_rows(tokens);
+            let w = to_bf16_vec(&rng.f32s(rows * cols));
+            let res: Vec<f32> = rng.f32s(t * cols).iter().map(|v| v * 3.0).collect();
+            let nw = to_bf16_vec(&rng.f32s(cols));
+            let (wd, rd, nwd) = (up(k, &w)?, up(k, &res)?, up(k, &nw)?);
+            let mut y = zeros::<u16>(k, t * rows)?;
+            let input = GemvInput::Norm {
+                residual: &rd,
+                weight: &nwd,
+                eps: 1e-5,
+                late: true,
+            };
+            launch::gemv(k, &wd, input, GemvOutput::Bf16(&mut y), tokens, rows, cols)?;
+            let want = to_bf16_vec(&gpu_ref::gemv_norm_late_f32(
+                &w,
+                &res[..tokens * cols],
+                &nw,
+                rows,
+                cols,
+                1e-5,
+            ));
+            let (err, first) = compare(&down(k, &y)?[..want.len()], &want);
+            out.push(
+                json!({"kernel": "gemv_norm_late", "rows": rows, "cols": cols,
+                "tokens": tokens, "max_abs_err": err, "ok": first.is_none(), "mismatch": first}),
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// The GEMV kernels at 1, 3 and 8 tokens.
 fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
     use launch::{GemvInput, GemvOutput};
@@ -487,6 +525,7 @@ fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
                 residual: &rd,
                 weight: &nwd,
                 eps: 1e-5,
+                late: false,
             };
             launch::gemv(k, &wd, input, GemvOutput::Bf16(&mut y), tokens, rows, cols)?;
             let xn = gpu_ref::rms_norm_f32(&res[..tokens * cols], &nw, cols, 1e-5);
@@ -948,9 +987,10 @@ fn driver_version() -> String {
 }
 
 /// One run: the default designs (every kernel the worker runs unless told otherwise), or
-/// with `opt_in` only prefill designs (`Some("all")`: the experimental ones; or the one
-/// named, e.g. `prefill_attention_wgmma2`), in a process of their own so a faulting
-/// experiment cannot poison another run's CUDA context.
+/// with `opt_in` only experimental ones (`Some("all")`; or the one named:
+/// `gemv_norm_late`, or a prefill design's name, e.g. `prefill_attention_wgmma`, to
+/// profile it alone), in a process of their own so a faulting experiment cannot poison
+/// another run's CUDA context.
 fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
     let t0 = Instant::now();
     let cache = std::env::var_os("SOV_KERNEL_CACHE")
@@ -1029,6 +1069,7 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
     }
     type Check = fn(&Kernels, &mut Rng) -> Result<Vec<Value>, CudaError>;
     let small: &[(&str, Check)] = match opt_in {
+        Some("all" | "gemv_norm_late") => &[("gemv_norm_late", check_gemv_norm_late)],
         Some(_) => &[],
         None => &[
             ("rms_norm", check_norms),

@@ -625,12 +625,15 @@ pub fn gemv_rows(tokens: usize) -> usize {
 
 /// What a [`gemv`] multiplies: bf16 rows, the RMS-normalised rows of the f32 residual
 /// stream (scaled by `weight`), or SiLU(gate) * up of fused gate|up rows (`2 * cols` wide).
+/// `Norm { late: true }` runs the experimental `gemv_norm_late_t*`: the norm applied after
+/// the sum, nothing rounded before it (`gpu_ref::gemv_norm_late_f32`).
 pub enum GemvInput<'a> {
     Plain(&'a CudaSlice<u16>),
     Norm {
         residual: &'a CudaSlice<f32>,
         weight: &'a CudaSlice<u16>,
         eps: f32,
+        late: bool,
     },
     SiluOf(&'a CudaSlice<u16>),
 }
@@ -697,10 +700,11 @@ pub fn gemv(
                 residual,
                 weight,
                 eps,
+                late,
             },
             GemvOutput::Bf16(y),
         ) => {
-            let f = entry("gemv_norm")?;
+            let f = entry(if late { "gemv_norm_late" } else { "gemv_norm" })?;
             let mut b = Args::new(k, &f);
             b.arg(w)
                 .arg(residual)

@@ -258,6 +258,38 @@ fn gemv_matches_a_dense_f64_product() {
 }
 
 #[test]
+fn gemv_norm_late_is_the_normalised_product_in_f64() {
+    let (rows, k, t, eps) = (9, 64, 2, 1e-5f32);
+    let w = to_bf16_vec(&rand_vec(rows * k, 21));
+    let res: Vec<f32> = rand_vec(t * k, 22).iter().map(|v| v * 3.0).collect();
+    let nw = to_bf16_vec(&rand_vec(k, 23));
+    let got = gemv_norm_late_f32(&w, &res, &nw, rows, k, eps);
+    assert_eq!(got.len(), t * rows);
+    let (wf, nf) = (from_bf16_vec(&w), from_bf16_vec(&nw));
+    // The rounded path (`gemv_norm`: normalised input stored as bf16) agrees within bf16
+    // tolerance.
+    let rounded = gemv_f32(&w, &rms_norm_f32(&res, &nw, k, eps), rows, k);
+    for ti in 0..t {
+        let r = &res[ti * k..(ti + 1) * k];
+        let ss: f64 = r.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+        let inv = 1.0 / (ss / k as f64 + f64::from(eps)).sqrt();
+        for row in 0..rows {
+            let want: f64 = (0..k)
+                .map(|c| f64::from(wf[row * k + c]) * f64::from(r[c]) * f64::from(nf[c]))
+                .sum::<f64>()
+                * inv;
+            let g = got[ti * rows + row];
+            assert!(
+                close(g, want as f32, 1e-4, 1e-5),
+                "row {row} token {ti}: {g} vs {want}"
+            );
+            let q = rounded[ti * rows + row];
+            assert!(close(q, g, 1.0 / 64.0, 2e-2), "rounded {q} vs late {g}");
+        }
+    }
+}
+
+#[test]
 fn rope_write_kv_matches_the_f32_kernel() {
     for style in [cpu::RopeStyle::Interleaved, cpu::RopeStyle::Half] {
         let (n_heads, n_kv, hd, rot) = (4, 2, 16, 12);

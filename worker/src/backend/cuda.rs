@@ -185,6 +185,10 @@ pub struct CudaBackend {
     /// The prefill-attention design: the wgmma one on Hopper, else the pipelined one (an
     /// FP8 cache: the basic one); `SOV_PREFILL_KERNEL=basic|pipelined|wgmma` picks one.
     prefill_kind: launch::PrefillKernel,
+    /// The fused path's normalising GEMVs apply the norm after the sum
+    /// (`SOV_GEMV_NORM=late`, experimental: `gemv_norm_late_t*`, no prologue before the
+    /// weight loads).
+    gemv_norm_late: bool,
     /// At most this many KV splits a decode launch (`SOV_DECODE_MAX_SPLITS`, to measure
     /// what splitting gains; unset: as many as `launch::decode_splits` picks).
     max_splits: usize,
@@ -381,6 +385,7 @@ impl CudaBackend {
             use_graphs: std::env::var("SOV_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             ungraphable: std::collections::HashSet::new(),
             prefill_kind: launch::PrefillKernel::from_env(),
+            gemv_norm_late: std::env::var("SOV_GEMV_NORM").is_ok_and(|v| v == "late"),
             max_splits: std::env::var("SOV_DECODE_MAX_SPLITS")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
@@ -789,6 +794,7 @@ impl CudaBackend {
                 residual: &b.residual,
                 weight: &l.attn_norm,
                 eps,
+                late: self.gemv_norm_late,
             };
             let (rows, cols) = (l.wqkv.rows, l.wqkv.cols);
             launch::gemv(
@@ -810,6 +816,7 @@ impl CudaBackend {
                 residual: &b.residual,
                 weight: &l.ffn_norm,
                 eps,
+                late: self.gemv_norm_late,
             };
             let (rows, cols) = (l.w_gate_up.rows, l.w_gate_up.cols);
             let out = GemvOutput::Bf16(&mut b.gate_up);
