@@ -43,6 +43,14 @@ __device__ __forceinline__ void round8(float v[8]) {
   for (int i = 0; i < 8; ++i) v[i] = bf16_to_f32(f32_to_bf16(v[i]));
 }
 
+// Eight f32 values from a 32-byte aligned address (two 16-byte loads).
+__device__ __forceinline__ void load8_f32(const float* __restrict__ p, float v[8]) {
+  const float4 a = *reinterpret_cast<const float4*>(p);
+  const float4 b = *reinterpret_cast<const float4*>(p + 4);
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
 // acc + the dot product of 8 bf16 weights (one 16-byte load) with 8 inputs.
 __device__ __forceinline__ float dot8(const uint4 w, const float x[8], float acc) {
   const unsigned u[4] = {w.x, w.y, w.z, w.w};
@@ -112,10 +120,8 @@ __device__ __forceinline__ void input8(const float* __restrict__ res,
     return;
   }
   if (IN == GV_NORM) {
-    const float* rr = res + (long long)t * k + p * 8;
-    const float4 a = *reinterpret_cast<const float4*>(rr);
-    const float4 b = *reinterpret_cast<const float4*>(rr + 4);
-    const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    float v[8];
+    load8_f32(res + (long long)t * k + p * 8, v);
 #pragma unroll
     for (int i = 0; i < 8; ++i) xf[i] = v[i] * inv * nw[i];
   } else {
@@ -174,10 +180,8 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
       if (IN == GV_NORM_LATE) {
         // Every piece of the row passes through the CTA exactly once: the sum of squares
         // is complete after the loop.
-        const float* rr = res + (long long)t * k + p * 8;
-        const float4 a = *reinterpret_cast<const float4*>(rr);
-        const float4 b = *reinterpret_cast<const float4*>(rr + 4);
-        const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        float v[8];
+        load8_f32(res + (long long)t * k + p * 8, v);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           ss[t] = fmaf(v[i], v[i], ss[t]);

@@ -494,7 +494,6 @@ fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
     // EuroLLM-1.7B's o_proj and down_proj shapes, and a ragged last CTA.
     for (rows, cols) in [(2048usize, 2048usize), (2048, 5632), (1001, 64)] {
         for tokens in [1, 3, 8] {
-            let name = |n: &str| n.to_string();
             let t = launch::gemv_rows(tokens);
             let w = to_bf16_vec(&rng.f32s(rows * cols));
             let wd = up(k, &w)?;
@@ -514,7 +513,7 @@ fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
             let want = gpu_ref::gemv(&w, &x[..tokens * cols], rows, cols);
             let (err, first) = compare(&down(k, &y)?[..want.len()], &want);
             out.push(
-                json!({"kernel": name("gemv"), "rows": rows, "cols": cols, "tokens": tokens,
+                json!({"kernel": "gemv", "rows": rows, "cols": cols, "tokens": tokens,
                 "max_abs_err": err, "ok": first.is_none(), "mismatch": first}),
             );
             // RMS-normalised residual rows, into bf16.
@@ -554,7 +553,7 @@ fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
                 }
             }
             out.push(
-                json!({"kernel": name("gemv_norm"), "rows": rows, "cols": cols, "tokens": tokens,
+                json!({"kernel": "gemv_norm", "rows": rows, "cols": cols, "tokens": tokens,
                 "max_abs_err": err, "ok": first.is_none(), "mismatch": first}),
             );
             // Plain and SiLU inputs added to a residual of `rows` columns.
@@ -597,7 +596,7 @@ fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
                 }
                 let n = if silu { "gemv_silu_add" } else { "gemv_add" };
                 out.push(
-                    json!({"kernel": name(n), "rows": rows, "cols": cols, "tokens": tokens,
+                    json!({"kernel": n, "rows": rows, "cols": cols, "tokens": tokens,
                     "max_abs_err": max_err, "ok": first.is_none(), "mismatch": first}),
                 );
             }
