@@ -26,8 +26,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 # The experimental designs gpu-check runs one process each (see below).
 # `gemv_norm_late`: the normalising GEMVs with the norm applied after the sum (no
-# prologue before the weight loads; worker: SOV_GEMV_NORM=late).
-OPT_IN="gemv_norm_late"
+# prologue before the weight loads; worker: SOV_GEMV_NORM=late). `gemv_norm_rope`: the
+# q|k|v GEMV with RoPE and the KV write in its epilogue (worker: SOV_GEMV_ROPE=1).
+OPT_IN="gemv_norm_late gemv_norm_rope"
 # summarize PARTS STATUS: the JSON summary of the stage results in PARTS.
 summarize() {
 python3 - "$1" "$2" "$OPT_IN" <<'PY'
@@ -59,21 +60,29 @@ def check(name):
     return c
 for shape in ["smollm2-135m", "eurollm-1.7b"]:
     m, b = load(f"{shape}.model.json"), load(f"{shape}.bench.json")
-    bl = load(f"{shape}.late.json")
-    e = {"model": m, "bench": b, "bench_gemv_norm_late": bl, "backend_check": check(f"{shape}.check.json"),
+    bl, br = load(f"{shape}.late.json"), load(f"{shape}.rope.json")
+    e = {"model": m, "bench": b, "bench_gemv_norm_late": bl, "bench_gemv_norm_rope": br,
+         "backend_check": check(f"{shape}.check.json"),
          "backend_check_gemv_norm_late": check(f"{shape}.check-late.json"),
+         "backend_check_gemv_norm_rope": check(f"{shape}.check-rope.json"),
          "backend_check_prefill_pipelined": check(f"{shape}.check-pipelined.json"),
          "backend_check_prefill_basic": check(f"{shape}.check-basic.json"),
          "bench_kv_fp8": load(f"{shape}.fp8.json"), "backend_check_kv_fp8": check(f"{shape}.check-fp8.json")}
+    limit = None
     try:
         limit = copy * 1e9 / m["weight_bytes"]
         e["bandwidth_limit_tok_s"] = limit
         b1 = b["decode"]["1"]["aggregate_tok_s"]
         e["batch1_tok_s"], e["fraction_of_limit"] = b1, b1 / limit
-        l1 = bl["decode"]["1"]["aggregate_tok_s"]
-        e["gemv_norm_late_batch1_tok_s"], e["gemv_norm_late_fraction_of_limit"] = l1, l1 / limit
     except Exception as ex:
         e["note"] = f"no ratio: {ex}"
+    # Each experiment's own ratio (absent when its run failed).
+    for name, bench in [("gemv_norm_late", bl), ("gemv_norm_rope", br)]:
+        try:
+            v = bench["decode"]["1"]["aggregate_tok_s"]
+            e[f"{name}_batch1_tok_s"], e[f"{name}_fraction_of_limit"] = v, v / limit
+        except Exception as ex:
+            e[f"{name}_note"] = f"no ratio: {ex}"
     summary["end_to_end"][shape] = e
 side = []
 for ours in k.get("decode_attention", []):
@@ -101,11 +110,13 @@ pre = max([x["fraction_of_bf16_dense_peak"] for x in k.get("prefill_attention", 
            if "fraction_of_bf16_dense_peak" in x and design_ok(x.get("kernel", "prefill_attention"))] or [None],
           key=lambda v: -1 if v is None else v)
 eu = summary["end_to_end"].get("eurollm-1.7b", {})
-# The late-norm GEMV counts only where its kernel checks and its backend check passed.
-late_checks = [c for c in checks_all if c.get("kernel") == "gemv_norm_late"]
-late_ok = bool(late_checks) and all(c.get("ok") for c in late_checks) \
-    and eu.get("backend_check_gemv_norm_late", {}).get("ok") is True
-e2e_candidates = [eu.get("fraction_of_limit")] + ([eu.get("gemv_norm_late_fraction_of_limit")] if late_ok else [])
+# An experimental GEMV counts only where its kernel checks and its backend check passed.
+def experiment_ok(name):
+    mine = [c for c in checks_all if c.get("kernel") == name]
+    return bool(mine) and all(c.get("ok") for c in mine) \
+        and eu.get(f"backend_check_{name}", {}).get("ok") is True
+e2e_candidates = [eu.get("fraction_of_limit")] + [eu.get(f"{n}_fraction_of_limit")
+                                                  for n in ["gemv_norm_late", "gemv_norm_rope"] if experiment_ok(n)]
 e2e = max([v for v in e2e_candidates if v is not None] or [None], key=lambda v: -1 if v is None else v)
 # A check that printed an error ran and failed; one absent was not run.
 checks = [c.get("ok", False) for c in (e.get("backend_check") for e in summary["end_to_end"].values()) if c is not None]
@@ -195,7 +206,13 @@ for shape in eurollm-1.7b smollm2-135m; do
     RUST_BACKTRACE=0 timeout 180 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
       > "$PARTS/$shape.check.json" 2>> "$LOG" || { echo "gpu-check: check-backend failed on $shape" | tee -a "$LOG" >&2; [ $status -eq 0 ] && status=1; }
     [ -s "$PARTS/$shape.check.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check.json"
-    say "$shape: experimental late-norm GEMV; the other prefill designs"
+    say "$shape: experimental GEMVs (late norm, RoPE epilogue); the other prefill designs"
+    SOV_GEMV_ROPE=1 RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
+      --device cuda:0 > "$PARTS/$shape.check-rope.json" 2>> "$LOG" || echo "gpu-check: check-backend with the RoPE-epilogue GEMV failed on $shape" | tee -a "$LOG" >&2
+    [ -s "$PARTS/$shape.check-rope.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-rope.json"
+    SOV_GEMV_ROPE=1 RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
+      --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
+      > "$PARTS/$shape.rope.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.rope.json"
     SOV_GEMV_NORM=late RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
       --device cuda:0 > "$PARTS/$shape.check-late.json" 2>> "$LOG" || echo "gpu-check: check-backend with the late-norm GEMV failed on $shape" | tee -a "$LOG" >&2
     [ -s "$PARTS/$shape.check-late.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-late.json"

@@ -13,6 +13,11 @@
 //                       nothing rounded to bf16 before the sum; the sum of squares is
 //                       gathered in the main loop, so no prologue delays the weight loads
 //   gemv_t{T}           x bf16, y bf16
+//   gemv_norm_rope_t{T} gemv_norm's product for the fused q|k|v rows, then (experimental)
+//                       RoPE and the KV-cache write in its epilogue, as rope_write_kv
+//                       does them: q rows rotated into y, k rows rotated and v rows into
+//                       the bf16 cache slots; interleaved pairs (2i, 2i+1) only (the
+//                       worker permutes half-style q/k weight rows into that order)
 //   gemv_add_t{T}       x bf16, residual += y (f32)
 //   gemv_silu_add_t{T}  x = silu(gate) * up from the fused gate|up rows (rounded to bf16,
 //                       as silu_and_mul writes it), residual += y (f32)
@@ -35,7 +40,19 @@ constexpr int GV_WARPS = GV_THREADS / 32;
 constexpr int GV_ROWS = 4;
 
 enum GvIn { GV_PLAIN = 0, GV_NORM = 1, GV_SILU = 2, GV_NORM_LATE = 3 };
-enum GvOut { GV_BF16 = 0, GV_ADD = 1 };
+enum GvOut { GV_BF16 = 0, GV_ADD = 1, GV_ROPE = 2 };
+
+// GV_ROPE's epilogue arguments (rope_kv.cu's, interleaved pairs): y holds the rotated q
+// rows; k and v rows go to the cache slot of their token.
+struct GvRope {
+  const int* positions;
+  const int* slots;
+  const float* cos_t;
+  const float* sin_t;
+  bf16* k_cache;
+  bf16* v_cache;
+  int n_heads, n_kv_heads, hd, rot_dim;
+};
 
 // Eight f32 values rounded to bf16 and widened back (what a bf16 store and load give).
 __device__ __forceinline__ void round8(float v[8]) {
@@ -139,8 +156,9 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
                                           const void* __restrict__ xin,
                                           const sov::bf16* __restrict__ norm_w, float eps,
                                           void* __restrict__ yout, int rows, int k,
-                                          int tokens) {
+                                          int tokens, GvRope rp = GvRope{}) {
   __shared__ float s_part[GV_WARPS][GV_ROWS][T];
+  __shared__ float s_y[GV_ROWS][T];  // GV_ROPE: the CTA's outputs, rounded to bf16
   __shared__ float s_inv[T];
   __shared__ float s_ss[GV_WARPS][T];  // GV_NORM_LATE: the warps' sums of squares
   const int row0 = blockIdx.x * GV_ROWS;
@@ -222,9 +240,43 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
       for (int wi = 0; wi < GV_WARPS; ++wi) sq += s_ss[wi][t];
       v *= 1.f / sqrtf(sq / k + eps);
     }
-    if (row0 + r < rows && t < tokens) {
+    if (OUT == GV_ROPE) {
+      s_y[r][t] = bf16_to_f32(f32_to_bf16(v));  // what the q|k|v buffer would hold
+    } else if (row0 + r < rows && t < tokens) {
       const long long o = (long long)t * rows + row0 + r;
       store_out<OUT>(yout, o, v);
+    }
+  }
+  if (OUT == GV_ROPE) {
+    // rows is a multiple of 4 (whole heads of a multiple-of-8 head_dim) and row0 of
+    // GV_ROWS = 4, so a row's rotation partner (the other of 2i, 2i + 1) is in this CTA.
+    __syncthreads();
+    if (threadIdx.x < GV_ROWS * T) {
+      const int r = threadIdx.x / T, t = threadIdx.x % T;
+      const int row = row0 + r;
+      if (row >= rows || t >= tokens) return;
+      const int q_rows = rp.n_heads * rp.hd, k_end = q_rows + rp.n_kv_heads * rp.hd;
+      float val = s_y[r][t];
+      const int d = row % rp.hd;
+      if (row < k_end && d < rp.rot_dim) {
+        const int half = rp.rot_dim / 2, i = d / 2;
+        const long long pos = rp.positions[t];
+        const float c = rp.cos_t[pos * half + i], sn = rp.sin_t[pos * half + i];
+        const float x = s_y[r & ~1][t], y = s_y[r | 1][t];
+        val = (r & 1) ? x * sn + y * c : x * c - y * sn;
+      }
+      if (row < q_rows) {
+        static_cast<bf16*>(yout)[(long long)t * rows + row] = f32_to_bf16(val);
+        return;
+      }
+      const int slot = rp.slots[t];
+      if (slot < 0) return;  // a token whose K/V are not stored
+      const long long dst = (long long)slot * rp.n_kv_heads * rp.hd;
+      if (row < k_end) {
+        rp.k_cache[dst + row - q_rows] = f32_to_bf16(val);
+      } else {
+        rp.v_cache[dst + row - k_end] = f32_to_bf16(val);
+      }
     }
   }
 }
@@ -242,6 +294,18 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
                      float eps, sov::bf16* y, int rows, int k, int tokens) {               \
     sov::gemv_impl<T, sov::GV_NORM, sov::GV_BF16>(w, residual, norm_w, eps, y, rows, k,    \
                                                   tokens);                                 \
+  }                                                                                        \
+  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
+      gemv_norm_rope_t##T(const sov::bf16* w, const float* residual,                       \
+                          const sov::bf16* norm_w, float eps, sov::bf16* y, int rows,      \
+                          int k, int tokens, const int* positions, const int* slots,       \
+                          const float* cos_t, const float* sin_t, sov::bf16* k_cache,      \
+                          sov::bf16* v_cache, int n_heads, int n_kv_heads, int hd,         \
+                          int rot_dim) {                                                   \
+    sov::gemv_impl<T, sov::GV_NORM, sov::GV_ROPE>(                                         \
+        w, residual, norm_w, eps, y, rows, k, tokens,                                      \
+        sov::GvRope{positions, slots, cos_t, sin_t, k_cache, v_cache, n_heads, n_kv_heads, \
+                    hd, rot_dim});                                                         \
   }                                                                                        \
   extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
       gemv_norm_late_t##T(const sov::bf16* w, const float* residual,                       \

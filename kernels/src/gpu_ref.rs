@@ -468,6 +468,47 @@ pub fn rope_write_kv(
     }
 }
 
+/// The order of a head's dimensions that turns half-style RoPE pairs `(i, i + rot/2)`
+/// into interleaved pairs `(2i, 2i + 1)`: new dimension `j` is old dimension
+/// `order[j]` (dimensions from `rot_dim` on stay). q and k rows permuted alike give the
+/// same attention scores (a dot product does not see the order), so a model's q|k
+/// weight rows permuted this way run with interleaved RoPE (`gemv_norm_rope_t*`).
+pub fn half_to_interleaved_order(head_dim: usize, rot_dim: usize) -> Vec<usize> {
+    let half = rot_dim / 2;
+    (0..head_dim)
+        .map(|j| match j {
+            j if j >= rot_dim => j,
+            j if j % 2 == 0 => j / 2,
+            j => j / 2 + half,
+        })
+        .collect()
+}
+
+/// Fused q|k|v weight rows (`[n_heads + 2 n_kv_heads][head_dim]` rows of `cols`) with
+/// every q and k head's rows put in [`half_to_interleaved_order`]; v rows unchanged.
+pub fn interleave_qk_rows(
+    w: &[u16],
+    cols: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    rot_dim: usize,
+) -> Vec<u16> {
+    let order = half_to_interleaved_order(head_dim, rot_dim);
+    let qk_heads = n_heads + n_kv_heads;
+    let mut out = Vec::with_capacity(w.len());
+    for (h, head) in w.chunks(head_dim * cols).enumerate() {
+        if h < qk_heads {
+            for &o in &order {
+                out.extend_from_slice(&head[o * cols..(o + 1) * cols]);
+            }
+        } else {
+            out.extend_from_slice(head);
+        }
+    }
+    out
+}
+
 /// `rope_write_kv_fp8`: [`rope_write_kv`] into an e4m3 cache, K and V divided by their KV
 /// head's scale (`k_scale`, `v_scale`) before rounding; each rotated K value is rounded
 /// once, from f32.

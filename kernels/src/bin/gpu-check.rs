@@ -487,6 +487,118 @@ fn check_gemv_norm_late(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaEr
     Ok(out)
 }
 
+/// The experimental `gemv_norm_rope_t*` (q|k|v GEMV with RoPE and the KV write in its
+/// epilogue) against what it replaces: the `gemv_norm` kernel's q|k|v rows (checked in the
+/// default run) through `gpu_ref::rope_write_kv` (interleaved pairs), at 1 and 2 tokens
+/// (one without a cache slot), full and partial rotary.
+fn check_gemv_norm_rope(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
+    use launch::{GemvInput, GemvOutput};
+    let mut out = Vec::new();
+    for (nh, nkv, hd, rot, cols) in [(16, 8, 128, 128, 2048), (9, 3, 64, 32, 576)] {
+        for tokens in [1usize, 2] {
+            let max_pos = 4096;
+            let half = rot / 2;
+            let (mut cos, mut sin) = (Vec::new(), Vec::new());
+            for p in 0..max_pos {
+                for i in 0..half {
+                    let th = p as f64 * 10000f64.powf(-((2 * i) as f64) / rot as f64);
+                    cos.push(th.cos() as f32);
+                    sin.push(th.sin() as f32);
+                }
+            }
+            let rows = (nh + 2 * nkv) * hd;
+            let t = launch::gemv_rows(tokens);
+            let w = to_bf16_vec(&rng.f32s(rows * cols));
+            let res: Vec<f32> = rng.f32s(t * cols).iter().map(|v| v * 3.0).collect();
+            let nw = to_bf16_vec(&rng.f32s(cols));
+            let (wd, rd, nwd) = (up(k, &w)?, up(k, &res)?, up(k, &nw)?);
+            let positions = [4095usize, 17];
+            let slots = [5i64, -1];
+            let n_slots = 8;
+            let pd = up(k, &positions.iter().map(|p| *p as i32).collect::<Vec<_>>())?;
+            let sd = up(k, &slots.iter().map(|s| *s as i32).collect::<Vec<_>>())?;
+            let (cd, snd) = (up(k, &cos)?, up(k, &sin)?);
+            // The reference: gemv_norm's rows, rotated and stored on the CPU.
+            let mut plain = zeros::<u16>(k, t * rows)?;
+            let input = GemvInput::Norm {
+                residual: &rd,
+                weight: &nwd,
+                eps: 1e-5,
+                late: false,
+            };
+            launch::gemv(
+                k,
+                &wd,
+                input,
+                GemvOutput::Bf16(&mut plain),
+                tokens,
+                rows,
+                cols,
+            )?;
+            let mut qkv_ref = down(k, &plain)?;
+            let shape = gpu_ref::RopeShape {
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                rot_dim: rot,
+                style: RopeStyle::Interleaved,
+                cos: &cos,
+                sin: &sin,
+            };
+            let mut kc_ref = vec![0u16; n_slots * nkv * hd];
+            let mut vc_ref = vec![0u16; n_slots * nkv * hd];
+            gpu_ref::rope_write_kv(
+                &shape,
+                &mut qkv_ref,
+                rows,
+                &positions[..tokens],
+                &slots[..tokens],
+                &mut kc_ref,
+                &mut vc_ref,
+            );
+            let mut qkv = zeros::<u16>(k, t * rows)?;
+            let mut kc = zeros::<u16>(k, n_slots * nkv * hd)?;
+            let mut vc = zeros::<u16>(k, n_slots * nkv * hd)?;
+            let d = RopeDims {
+                tokens,
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                rot_dim: rot,
+                style: 0,
+                qkv_stride: rows,
+            };
+            let mut kv = KvMut::Bf16 {
+                k: &mut kc,
+                v: &mut vc,
+            };
+            launch::gemv_norm_rope(
+                k, &wd, &rd, &nwd, 1e-5, cols, &d, &mut qkv, &pd, &sd, &cd, &snd, &mut kv,
+            )?;
+            // q rows of every token; the k and v parts of qkv are not written.
+            let got = down(k, &qkv)?;
+            let (mut err, mut first) = (0f32, None);
+            for ti in 0..tokens {
+                let r = ti * rows..ti * rows + nh * hd;
+                let (e, f) = compare(&got[r.clone()], &qkv_ref[r]);
+                err = err.max(e);
+                first = first.or(f.map(|m| format!("q of token {ti}: {m}")));
+            }
+            let (e2, f2) = compare(&down(k, &kc)?, &kc_ref);
+            let (e3, f3) = compare(&down(k, &vc)?, &vc_ref);
+            let first = first
+                .or(f2.map(|m| format!("k cache: {m}")))
+                .or(f3.map(|m| format!("v cache: {m}")));
+            out.push(
+                json!({"kernel": "gemv_norm_rope", "heads": [nh, nkv], "head_dim": hd,
+                "rot_dim": rot, "cols": cols, "tokens": tokens, "max_abs_err": err.max(e2).max(e3),
+                "ok": first.is_none(), "mismatch": first}),
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// The GEMV kernels at 1, 3 and 8 tokens.
 fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
     use launch::{GemvInput, GemvOutput};
@@ -987,7 +1099,8 @@ fn driver_version() -> String {
 
 /// One run: the default designs (every kernel the worker runs unless told otherwise), or
 /// with `opt_in` only experimental ones (`Some("all")`; or the one named:
-/// `gemv_norm_late`, or a prefill design's name, e.g. `prefill_attention_wgmma`, to
+/// `gemv_norm_late`, `gemv_norm_rope`, or a prefill design's name, e.g.
+/// `prefill_attention_wgmma`, to
 /// profile it alone), in a process of their own so a faulting experiment cannot poison
 /// another run's CUDA context.
 fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
@@ -1068,7 +1181,12 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
     }
     type Check = fn(&Kernels, &mut Rng) -> Result<Vec<Value>, CudaError>;
     let small: &[(&str, Check)] = match opt_in {
-        Some("all" | "gemv_norm_late") => &[("gemv_norm_late", check_gemv_norm_late)],
+        Some("all") => &[
+            ("gemv_norm_late", check_gemv_norm_late),
+            ("gemv_norm_rope", check_gemv_norm_rope),
+        ],
+        Some("gemv_norm_late") => &[("gemv_norm_late", check_gemv_norm_late)],
+        Some("gemv_norm_rope") => &[("gemv_norm_rope", check_gemv_norm_rope)],
         Some(_) => &[],
         None => &[
             ("rms_norm", check_norms),

@@ -520,6 +520,94 @@ pub fn rope_write_kv_into(
     Ok(())
 }
 
+/// `gemv_norm_rope_t*` (experimental): the q|k|v GEMV of RMS-normalised residual rows with
+/// [`rope_write_kv_into`]'s work in its epilogue: q rows rotated into `qkv` (the k and v
+/// parts of `qkv` are not written), k rotated and v into their cache slots. Interleaved
+/// RoPE (`d.style` 0) and a bf16 cache only; `w` is `[qkv rows][cols]` with
+/// `qkv rows = (n_heads + 2 n_kv_heads) * head_dim = d.qkv_stride`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_norm_rope(
+    k: &Kernels,
+    w: &CudaSlice<u16>,
+    residual: &CudaSlice<f32>,
+    norm_w: &CudaSlice<u16>,
+    eps: f32,
+    cols: usize,
+    d: &RopeDims,
+    qkv: &mut CudaSlice<u16>,
+    positions: &CudaSlice<i32>,
+    slots: &CudaSlice<i32>,
+    cos: &CudaSlice<f32>,
+    sin: &CudaSlice<f32>,
+    kv: &mut KvMut<'_>,
+) -> Result<(), CudaError> {
+    let rows = (d.n_heads + 2 * d.n_kv_heads) * d.head_dim;
+    let tokens = d.tokens;
+    let t = gemv_rows(tokens);
+    let shape = |what: String| {
+        CudaError::Shape(format!(
+            "gemv_norm_rope ({rows}x{cols}, {tokens} tokens): {what}"
+        ))
+    };
+    if d.style != 0 {
+        return Err(shape("needs interleaved RoPE pairs (style 0)".into()));
+    }
+    if tokens == 0 || tokens > GEMV_MAX_TOKENS || !cols.is_multiple_of(8) {
+        return Err(shape(format!(
+            "needs 1..={GEMV_MAX_TOKENS} tokens and a multiple of 8 columns"
+        )));
+    }
+    if d.qkv_stride != rows || !d.head_dim.is_multiple_of(8) || d.rot_dim > d.head_dim {
+        return Err(shape(
+            "q|k|v rows must be whole heads of a multiple-of-8 head_dim".into(),
+        ));
+    }
+    if w.len() < rows * cols
+        || residual.len() < t * cols
+        || norm_w.len() < cols
+        || qkv.len() < tokens * rows
+        || positions.len() < tokens
+        || slots.len() < tokens
+    {
+        return Err(shape("a buffer is too short".into()));
+    }
+    let KvMut::Bf16 { k: kc, v: vc } = kv else {
+        return Err(shape("needs a bf16 KV cache".into()));
+    };
+    let f = k.function("gemv.cu", &format!("gemv_norm_rope_t{t}"))?;
+    let (r, c, n) = (dim(rows)?, dim(cols)?, dim(tokens)?);
+    let (nh, nkv, hd, rot) = (
+        dim(d.n_heads)?,
+        dim(d.n_kv_heads)?,
+        dim(d.head_dim)?,
+        dim(d.rot_dim)?,
+    );
+    let cfg = config(rows.div_ceil(4), 1, 1, 128)?;
+    let mut b = Args::new(k, &f);
+    b.arg(w)
+        .arg(residual)
+        .arg(norm_w)
+        .arg(&eps)
+        .arg(&mut *qkv)
+        .arg(&r)
+        .arg(&c)
+        .arg(&n)
+        .arg(positions)
+        .arg(slots)
+        .arg(cos)
+        .arg(sin)
+        .arg(&mut **kc)
+        .arg(&mut **vc)
+        .arg(&nh)
+        .arg(&nkv)
+        .arg(&hd)
+        .arg(&rot);
+    // SAFETY: argument types and order match `gemv_norm_rope_t{T}`; the buffer lengths
+    // were checked above (the cache slots are the caller's, as for rope_write_kv).
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
 /// `argmax_rows`: one index per row of `vocab` logits.
 pub fn argmax_rows(
     k: &Kernels,

@@ -290,6 +290,42 @@ fn gemv_norm_late_is_the_normalised_product_in_f64() {
 }
 
 #[test]
+fn half_rope_equals_interleaved_rope_on_permuted_dimensions() {
+    for (hd, rot) in [(16, 16), (16, 12), (64, 64)] {
+        let order = half_to_interleaved_order(hd, rot);
+        let mut seen = order.clone();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..hd).collect::<Vec<_>>(), "a permutation");
+        let inv = cpu::RopeTable::inv_freq(10000.0, rot);
+        let half = cpu::RopeTable::new(cpu::RopeStyle::Half, &inv, 32);
+        let inter = cpu::RopeTable::new(cpu::RopeStyle::Interleaved, &inv, 32);
+        let x = rand_vec(hd, 31);
+        for pos in [0, 5, 31] {
+            let mut a = x.clone();
+            half.rotate(&mut a, pos);
+            let mut b: Vec<f32> = order.iter().map(|&o| x[o]).collect();
+            inter.rotate(&mut b, pos);
+            for j in 0..hd {
+                assert!(
+                    (b[j] - a[order[j]]).abs() < 1e-6,
+                    "hd {hd} rot {rot} pos {pos} dim {j}"
+                );
+            }
+        }
+    }
+    // Rows: q and k heads permuted, v heads kept.
+    let (cols, nh, nkv, hd) = (3, 2, 1, 4);
+    let w: Vec<u16> = (0..(nh + 2 * nkv) * hd * cols).map(|i| i as u16).collect();
+    let p = interleave_qk_rows(&w, cols, nh, nkv, hd, hd);
+    let row = |m: &[u16], r: usize| m[r * cols..(r + 1) * cols].to_vec();
+    // Head 0: new rows 0, 1, 2, 3 are old rows 0, 2, 1, 3; v (head 3) unchanged.
+    assert_eq!(row(&p, 1), row(&w, 2));
+    assert_eq!(row(&p, 2), row(&w, 1));
+    assert_eq!(row(&p, 4 * 2 + 1), row(&w, 4 * 2 + 2));
+    assert_eq!(&p[3 * hd * cols..], &w[3 * hd * cols..]);
+}
+
+#[test]
 fn rope_write_kv_matches_the_f32_kernel() {
     for style in [cpu::RopeStyle::Interleaved, cpu::RopeStyle::Half] {
         let (n_heads, n_kv, hd, rot) = (4, 2, 16, 12);

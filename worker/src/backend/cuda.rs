@@ -189,6 +189,10 @@ pub struct CudaBackend {
     /// (`SOV_GEMV_NORM=late`, experimental: `gemv_norm_late_t*`, no prologue before the
     /// weight loads).
     gemv_norm_late: bool,
+    /// RoPE + KV write in the q|k|v GEMV's epilogue (`SOV_GEMV_ROPE=1`, bf16 cache,
+    /// experimental: one kernel less a layer); every RoPE launch then rotates
+    /// interleaved pairs (half-style q/k weight rows were permuted at load).
+    gemv_rope: bool,
     /// At most this many KV splits a decode launch (`SOV_DECODE_MAX_SPLITS`, to measure
     /// what splitting gains; unset: as many as `launch::decode_splits` picks).
     max_splits: usize,
@@ -305,11 +309,37 @@ impl CudaBackend {
             s.clone_htod(&v.iter().map(|x| to_bf16(*x)).collect::<Vec<u16>>())
                 .map_err(dev)
         };
+        // `SOV_GEMV_ROPE=1` (experimental, bf16 cache): RoPE and the KV write run in the
+        // q|k|v GEMV's epilogue, which rotates interleaved pairs; half-style models get
+        // their q and k weight rows permuted into that order (attention scores do not
+        // see the order: `gpu_ref::half_to_interleaved_order`), and every RoPE launch
+        // then rotates interleaved pairs.
+        let gemv_rope = std::env::var("SOV_GEMV_ROPE").is_ok_and(|v| v == "1")
+            && matches!(kv_dtype, KvDtype::Auto);
+        let permute_qk = gemv_rope && cfg.rope_style == kernels::cpu::RopeStyle::Half;
+        let up_qkv = |m: &Matrix| -> Result<DevMatrix, BackendError> {
+            if !permute_qk {
+                return upm(m);
+            }
+            let rows = kernels::gpu_ref::interleave_qk_rows(
+                &bf16_rows(m),
+                m.cols,
+                cfg.n_heads,
+                cfg.n_kv_heads,
+                cfg.head_dim,
+                cfg.rope_dim,
+            );
+            Ok(DevMatrix {
+                data: s.clone_htod(&rows).map_err(dev)?,
+                rows: m.rows,
+                cols: m.cols,
+            })
+        };
         let mut layers = Vec::with_capacity(weights.layers.len());
         for l in &weights.layers {
             layers.push(DevLayer {
                 attn_norm: upv(&l.attn_norm)?,
-                wqkv: upm(&l.wqkv)?,
+                wqkv: up_qkv(&l.wqkv)?,
                 wo: upm(&l.wo)?,
                 ffn_norm: upv(&l.ffn_norm)?,
                 w_gate_up: upm(&l.w_gate_up)?,
@@ -386,6 +416,7 @@ impl CudaBackend {
             ungraphable: std::collections::HashSet::new(),
             prefill_kind: launch::PrefillKernel::from_env(),
             gemv_norm_late: std::env::var("SOV_GEMV_NORM").is_ok_and(|v| v == "late"),
+            gemv_rope,
             max_splits: std::env::var("SOV_DECODE_MAX_SPLITS")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
@@ -587,6 +618,7 @@ impl CudaBackend {
                 head_dim: hd,
                 rot_dim: cfg.rope_dim,
                 style: match cfg.rope_style {
+                    _ if self.gemv_rope => 0,
                     kernels::cpu::RopeStyle::Interleaved => 0,
                     kernels::cpu::RopeStyle::Half => 1,
                 },
@@ -743,7 +775,7 @@ impl CudaBackend {
             )
             .map_err(dev)?;
             Self::gemm(&self.blas, &s, &l.wqkv, &b.xn, t, &mut b.qkv, bf16)?;
-            attend(k, sh, b, m, (&self.cos, &self.sin), self.kv.layer(li))?;
+            attend(k, sh, b, m, (&self.cos, &self.sin), self.kv.layer(li), true)?;
             Self::gemm(&self.blas, &s, &l.wo, &b.attn, t, &mut b.proj, bf16)?;
             launch::add_rms_norm(
                 k,
@@ -797,17 +829,38 @@ impl CudaBackend {
                 late: self.gemv_norm_late,
             };
             let (rows, cols) = (l.wqkv.rows, l.wqkv.cols);
-            launch::gemv(
-                k,
-                &l.wqkv.data,
-                norm,
-                GemvOutput::Bf16(&mut b.qkv),
-                t,
-                rows,
-                cols,
-            )
-            .map_err(dev)?;
-            attend(k, sh, b, m, (&self.cos, &self.sin), self.kv.layer(li))?;
+            let mut kv = self.kv.layer(li);
+            if self.gemv_rope {
+                launch::gemv_norm_rope(
+                    k,
+                    &l.wqkv.data,
+                    &b.residual,
+                    &l.attn_norm,
+                    eps,
+                    cols,
+                    &sh.rope,
+                    &mut b.qkv,
+                    &m.positions,
+                    &m.slots,
+                    &self.cos,
+                    &self.sin,
+                    &mut kv,
+                )
+                .map_err(dev)?;
+            } else {
+                launch::gemv(
+                    k,
+                    &l.wqkv.data,
+                    norm,
+                    GemvOutput::Bf16(&mut b.qkv),
+                    t,
+                    rows,
+                    cols,
+                )
+                .map_err(dev)?;
+            }
+            let rope = !self.gemv_rope;
+            attend(k, sh, b, m, (&self.cos, &self.sin), kv, rope)?;
             let (rows, cols) = (l.wo.rows, l.wo.cols);
             let out = GemvOutput::AddTo(&mut b.residual);
             launch::gemv(k, &l.wo.data, GemvInput::Plain(&b.attn), out, t, rows, cols)
@@ -829,9 +882,9 @@ impl CudaBackend {
     }
 }
 
-/// One layer's RoPE + KV write from the fused q|k|v rows in `b.qkv`, then its attention
-/// (the decode kernel when every chunk is one token, the prefill kernel otherwise) into
-/// `b.attn`.
+/// One layer's RoPE + KV write from the fused q|k|v rows in `b.qkv` (unless `rope` is
+/// false: the q|k|v GEMV did it), then its attention (the decode kernel when every chunk
+/// is one token, the prefill kernel otherwise) into `b.attn`.
 fn attend(
     k: &Kernels,
     sh: &StepShapes,
@@ -839,10 +892,13 @@ fn attend(
     m: &mut StepMeta,
     (cos, sin): (&CudaSlice<f32>, &CudaSlice<f32>),
     mut kv: KvMut<'_>,
+    rope: bool,
 ) -> Result<(), BackendError> {
     let (pos, slots) = (&m.positions, &m.slots);
-    launch::rope_write_kv_into(k, &sh.rope, &mut b.qkv, pos, slots, cos, sin, &mut kv)
-        .map_err(dev)?;
+    if rope {
+        launch::rope_write_kv_into(k, &sh.rope, &mut b.qkv, pos, slots, cos, sin, &mut kv)
+            .map_err(dev)?;
+    }
     let kv = kv.as_ref();
     if sh.all_decode {
         launch::decode_attention_kv(
