@@ -283,7 +283,7 @@ fn prefill_name(fp8: bool, kind: PrefillKernel) -> &'static str {
 
 /// The prefill designs of a run ((fp8 cache, kind)): every design the worker has that
 /// this device runs (the wgmma one on sm_90 only); with `--opt-in` the experimental
-/// ones (none at present), or with `--opt-in NAME` the one design of that name,
+/// prefill designs (none at present), or with `--opt-in NAME` the one design of that name,
 /// experimental or not (to profile one kernel alone).
 fn prefill_designs(k: &Kernels, opt_in: Option<&str>) -> Vec<(bool, PrefillKernel)> {
     let mut default = vec![
