@@ -28,7 +28,9 @@ cd "$(dirname "$0")/.."
 # `gemv_norm_late`: the normalising GEMVs with the norm applied after the sum (no
 # prologue before the weight loads; worker: SOV_GEMV_NORM=late). `gemv_norm_rope`: the
 # q|k|v GEMV with RoPE and the KV write in its epilogue (worker: SOV_GEMV_ROPE=1).
-OPT_IN="gemv_norm_late gemv_norm_rope"
+# `prefill_attention_wgmma_ov`: the wgmma prefill with S of the next tile computing during
+# the softmax (worker: SOV_PREFILL_KERNEL=wgmma_ov).
+OPT_IN="gemv_norm_late gemv_norm_rope prefill_attention_wgmma_ov"
 # summarize PARTS STATUS: the JSON summary of the stage results in PARTS.
 summarize() {
 python3 - "$1" "$2" "$OPT_IN" <<'PY'
@@ -67,6 +69,7 @@ for shape in ["smollm2-135m", "eurollm-1.7b"]:
          "backend_check_gemv_norm_rope": check(f"{shape}.check-rope.json"),
          "backend_check_prefill_pipelined": check(f"{shape}.check-pipelined.json"),
          "backend_check_prefill_basic": check(f"{shape}.check-basic.json"),
+         "backend_check_prefill_wgmma_ov": check(f"{shape}.check-wgmma_ov.json"),
          "bench_kv_fp8": load(f"{shape}.fp8.json"), "backend_check_kv_fp8": check(f"{shape}.check-fp8.json")}
     limit = None
     try:
@@ -220,8 +223,9 @@ for shape in eurollm-1.7b smollm2-135m; do
       --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
       > "$PARTS/$shape.late.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.late.json"
     # The prefill designs other than the default inside the backend (its prefill steps):
-    # the pipelined one (the default off Hopper) and the basic one (the FP8 cache's).
-    for p in pipelined basic; do
+    # the pipelined one (the default off Hopper), the basic one (the FP8 cache's) and the
+    # experimental overlapping wgmma one.
+    for p in pipelined basic wgmma_ov; do
       SOV_PREFILL_KERNEL=$p RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
         --device cuda:0 > "$PARTS/$shape.check-$p.json" 2>> "$LOG" || echo "gpu-check: check-backend with the $p prefill failed on $shape" | tee -a "$LOG" >&2
       [ -s "$PARTS/$shape.check-$p.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-$p.json"
@@ -242,11 +246,11 @@ for shape in eurollm-1.7b smollm2-135m; do
   fi
   rm -rf "${TMP:?}/$shape"
 done
-# One timed launch (4 x 2048 tokens) of the wgmma prefill under Nsight Compute: the
-# process runs that one design, whose 4 check launches and 1 warm-up launch are skipped.
+# One timed launch (4 x 2048 tokens) of each wgmma prefill under Nsight Compute: each
+# process runs one design, whose 4 check launches and 1 warm-up launch are skipped.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
 if [ -n "$NCU" ]; then
-  for d in prefill_attention_wgmma; do
+  for d in prefill_attention_wgmma prefill_attention_wgmma_ov; do
     say "ncu: $d"
     timeout 90 "$NCU" --kernel-name regex:prefill_attention_wgmma --launch-skip 5 --launch-count 1 \
       --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \

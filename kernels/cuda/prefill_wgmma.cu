@@ -154,8 +154,12 @@ __device__ __forceinline__ void wgmma_pv(float (&o)[HD / 2], const unsigned (&a)
 //     V_LBO = 128 (next 8 keys, the reduced dimension), V_SBO = 256 (next 8 dims); the
 //     k-step kk (keys 16kk..) starts at kk * HD * 32.
 constexpr int RING_STAGES = 3;
-
-template <int HD>
+//
+// OVERLAP (`prefill_attention_wgmma_ov_hd{D}`, experimental): S(j + 1) = Q K(j + 1)^T
+// computes while the softmax of tile j runs (FlashAttention-3's intra-warpgroup overlap;
+// 32 more registers). Tiles j and j + 1 are in use during iteration j and the copies of
+// tile j + 2 fill the third stage, one iteration ahead instead of two.
+template <int HD, bool OVERLAP>
 __device__ __forceinline__ void prefill_wgmma_impl(
     const sov::bf16* __restrict__ q, const sov::bf16* __restrict__ k_cache,
     const sov::bf16* __restrict__ v_cache, const int* __restrict__ cu_q,
@@ -230,6 +234,71 @@ __device__ __forceinline__ void prefill_wgmma_impl(
     cp_async_commit();
   };
 
+  if constexpr (OVERLAP) {
+    // Whether this warpgroup computes tile j (its rows see a key of it).
+    auto runs = [&](int j) { return wg_active && j < n_tiles && j * PW_BC <= wg_last_pos; };
+    auto issue_s = [&](int j, float(&s)[32]) {
+      const unsigned sk = base + (j % RING_STAGES) * STAGE;
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks)
+        wgmma_m64n64k16_rs(s, qa[ks], wgmma_desc(sk + ks * 256, K_LBO, K_SBO), ks > 0);
+      wgmma_commit();
+    };
+    float s_cur[32], s_next[32];
+    load_tile(0);
+    load_tile(1);
+    cp_async_wait<1>();  // tile 0
+    fence_async_shared();
+    __syncthreads();
+    if (runs(0)) {
+      issue_s(0, s_cur);
+      wgmma_wait_all();
+      pin(s_cur);
+    }
+#pragma unroll 1
+    for (int j = 0; j < n_tiles; ++j) {
+      // Tile j + 1 has landed (the one group pending), and every warpgroup is done with
+      // tile j - 1, whose stage the copies of tile j + 2 now refill.
+      cp_async_wait<0>();
+      fence_async_shared();
+      __syncthreads();
+      load_tile(j + 2);
+      const bool next = runs(j + 1);
+      if (next) issue_s(j + 1, s_next);  // runs during the softmax below
+      if (runs(j)) {
+        const int k0 = j * PW_BC;
+        if (wr.needs_mask(k0)) attn_mask(s_cur, k0, t, wr.qpos);
+        float rs[2];
+        attn_softmax_weights(s_cur, m, l, rs, scale_log2);
+        attn_rescale(o, rs);  // no wgmma writes o now: P V(j - 1) completed
+        unsigned pa[PW_BC / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < PW_BC / 16; ++kk) {
+          attn_pack_p(s_cur, kk, pa[kk]);
+          pin(pa[kk]);
+        }
+        pin(o);
+        wgmma_fence();
+        const unsigned sv = base + (j % RING_STAGES) * STAGE + TILE;
+#pragma unroll
+        for (int kk = 0; kk < PW_BC / 16; ++kk)
+          wgmma_pv<HD, 1>(o, pa[kk], wgmma_desc(sv + kk * (HD * 32), V_LBO, V_SBO));
+        wgmma_commit();
+      }
+      wgmma_wait_all();  // S(j + 1) and P V(j)
+      pin(o);
+      if (next) {
+        pin(s_next);
+#pragma unroll
+        for (int i = 0; i < 32; ++i) s_cur[i] = s_next[i];
+      }
+    }
+    cp_async_wait<0>();
+    attn_store<HD>(out, o, l, wr.rows, n_new, q0, n_heads, head, t);
+    return;
+  }
+
   load_tile(0);
   load_tile(1);
 #pragma unroll 1
@@ -279,15 +348,19 @@ __device__ __forceinline__ void prefill_wgmma_impl(
 }  // namespace sov
 
 
-#define SOV_PREFILL_WGMMA(HD)                                                              \
-  extern "C" __global__ void __launch_bounds__(256, 1) prefill_attention_wgmma_hd##HD(      \
+#define SOV_PREFILL_WGMMA(HD, OVERLAP, NAME)                                               \
+  extern "C" __global__ void __launch_bounds__(256, 1) NAME(                               \
       const sov::bf16* q, const sov::bf16* k_cache, const sov::bf16* v_cache,              \
       const int* cu_q, const int* seq_lens, const int* block_tables, sov::bf16* out,       \
       int n_heads, int n_kv_heads, int max_blocks, float scale, int q_stride) {            \
-    sov::prefill_wgmma_impl<HD>(q, k_cache, v_cache, cu_q, seq_lens, block_tables, out,    \
-                                n_heads, n_kv_heads, max_blocks, scale, q_stride);         \
+    sov::prefill_wgmma_impl<HD, OVERLAP>(q, k_cache, v_cache, cu_q, seq_lens,              \
+                                         block_tables, out, n_heads, n_kv_heads,           \
+                                         max_blocks, scale, q_stride);                     \
   }
 
-SOV_PREFILL_WGMMA(64)
-SOV_PREFILL_WGMMA(96)
-SOV_PREFILL_WGMMA(128)
+SOV_PREFILL_WGMMA(64, false, prefill_attention_wgmma_hd64)
+SOV_PREFILL_WGMMA(96, false, prefill_attention_wgmma_hd96)
+SOV_PREFILL_WGMMA(128, false, prefill_attention_wgmma_hd128)
+SOV_PREFILL_WGMMA(64, true, prefill_attention_wgmma_ov_hd64)
+SOV_PREFILL_WGMMA(96, true, prefill_attention_wgmma_ov_hd96)
+SOV_PREFILL_WGMMA(128, true, prefill_attention_wgmma_ov_hd128)

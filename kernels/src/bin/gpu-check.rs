@@ -278,12 +278,13 @@ fn prefill_name(fp8: bool, kind: PrefillKernel) -> &'static str {
         (false, PrefillKernel::Basic) => "prefill_attention",
         (false, PrefillKernel::Pipelined) => "prefill_attention_pipe",
         (false, PrefillKernel::Wgmma) => "prefill_attention_wgmma",
+        (false, PrefillKernel::WgmmaOverlap) => "prefill_attention_wgmma_ov",
     }
 }
 
 /// The prefill designs of a run ((fp8 cache, kind)): every design the worker has that
 /// this device runs (the wgmma one on sm_90 only); with `--opt-in` the experimental
-/// prefill designs (none at present), or with `--opt-in NAME` the one design of that name,
+/// prefill designs (`prefill_attention_wgmma_ov`), or with `--opt-in NAME` the one design of that name,
 /// experimental or not (to profile one kernel alone).
 fn prefill_designs(k: &Kernels, opt_in: Option<&str>) -> Vec<(bool, PrefillKernel)> {
     let mut default = vec![
@@ -291,9 +292,10 @@ fn prefill_designs(k: &Kernels, opt_in: Option<&str>) -> Vec<(bool, PrefillKerne
         (true, PrefillKernel::Basic),
         (false, PrefillKernel::Pipelined),
     ];
-    let experimental: Vec<(bool, PrefillKernel)> = Vec::new();
+    let mut experimental = Vec::new();
     if k.has_source("prefill_wgmma.cu") {
         default.push((false, PrefillKernel::Wgmma));
+        experimental.push((false, PrefillKernel::WgmmaOverlap));
     }
     match opt_in {
         None => default,

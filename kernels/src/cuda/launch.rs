@@ -277,24 +277,28 @@ pub struct PrefillDims {
 /// bf16 and the FP8 cache), `Pipelined` (same file, `prefill_attention_pipe_hd{D}`: 128
 /// rows a CTA, `cp.async` copies overlapping the MMAs, `ldmatrix` fragments; bf16 cache
 /// only) or `Wgmma` (kernels/cuda/prefill_wgmma.cu, `prefill_attention_wgmma_hd{D}`:
-/// Hopper warpgroup MMAs, a three-stage ring of K/V tiles; bf16 cache on sm_90 only).
-/// Measured on an H200 (run 8, 2 x 8192 tokens): Basic 0.07 of the bf16 peak, Pipelined
-/// 0.19, Wgmma 0.25 (docs/benchmarks.md).
+/// Hopper warpgroup MMAs, a three-stage ring of K/V tiles; bf16 cache on sm_90 only) or
+/// `WgmmaOverlap` (same file, `prefill_attention_wgmma_ov_hd{D}`: S of the next tile
+/// computing during the softmax; experimental, not yet measured). Measured on an H200
+/// (run 8, 2 x 8192 tokens): Basic 0.07 of the bf16 peak, Pipelined 0.19, Wgmma 0.25
+/// (docs/benchmarks.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefillKernel {
     Basic,
     Pipelined,
     Wgmma,
+    WgmmaOverlap,
 }
 
 impl PrefillKernel {
-    /// `SOV_PREFILL_KERNEL=basic|pipelined|wgmma` picks a design (to compare them);
+    /// `SOV_PREFILL_KERNEL=basic|pipelined|wgmma|wgmma_ov` picks a design (to compare them);
     /// unset, the fastest measured one, [`PrefillKernel::Wgmma`] (which falls back to
     /// `Pipelined` off Hopper, see [`PrefillKernel::resolve`]).
     pub fn from_env() -> Self {
         match std::env::var("SOV_PREFILL_KERNEL").as_deref() {
             Ok("basic") => Self::Basic,
             Ok("pipelined") => Self::Pipelined,
+            Ok("wgmma_ov") => Self::WgmmaOverlap,
             _ => Self::Wgmma,
         }
     }
@@ -304,7 +308,9 @@ impl PrefillKernel {
     pub fn resolve(self, k: &Kernels, fp8: bool) -> Self {
         match self {
             _ if fp8 => Self::Basic,
-            Self::Wgmma if !k.has_source("prefill_wgmma.cu") => Self::Pipelined,
+            Self::Wgmma | Self::WgmmaOverlap if !k.has_source("prefill_wgmma.cu") => {
+                Self::Pipelined
+            }
             other => other,
         }
     }
@@ -351,12 +357,18 @@ pub fn prefill_attention_kv(
             128,
             256,
         ),
+        PrefillKernel::WgmmaOverlap => (
+            "prefill_wgmma.cu",
+            format!("prefill_attention_wgmma_ov_hd{hd}"),
+            128,
+            256,
+        ),
     };
     let f = k.function(source, &entry)?;
     let (nh, nkv, mb) = (dim(d.n_heads)?, dim(d.n_kv_heads)?, dim(d.max_blocks)?);
     let q_stride = dim(d.q_stride)?;
     let mut cfg = config(d.max_new.div_ceil(rows), d.n_heads, d.num_seqs, threads)?;
-    if kind == PrefillKernel::Wgmma {
+    if matches!(kind, PrefillKernel::Wgmma | PrefillKernel::WgmmaOverlap) {
         let bytes = wgmma_smem_bytes(hd);
         f.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
