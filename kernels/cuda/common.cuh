@@ -250,13 +250,12 @@ __device__ __forceinline__ void attn_mask(float (&s)[32], int k0, int t, const i
   }
 }
 
-// One tile's online-softmax step in log2 units, without the output: the raw scores s
-// become the weights 2^(s * scale_log2 - m) against the new running max m (per row, over
-// the quad's lanes), the lane-partial sums l are rescaled to it, and rescale[r] is the
-// factor the output rows must be multiplied by (attn_softmax does it at once; the
-// overlapping wgmma prefill once no MMA writes them any more).
-__device__ __forceinline__ void attn_softmax_weights(float (&s)[32], float (&m)[2], float (&l)[2],
-                                                     float (&rescale)[2], float scale_log2) {
+// One tile's online-softmax step in log2 units: the raw scores s become the weights
+// 2^(s * scale_log2 - m) against the new running max m (per row, over the quad's lanes);
+// the lane-partial sums l and the output o are rescaled to it.
+template <int NO>
+__device__ __forceinline__ void attn_softmax(float (&s)[32], float (&m)[2], float (&l)[2],
+                                             float (&o)[NO], float scale_log2) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float mx = neg_inf();
@@ -267,7 +266,7 @@ __device__ __forceinline__ void attn_softmax_weights(float (&s)[32], float (&m)[
     const float m_new = fmaxf(m[r], mx * scale_log2);
     // Nothing visible yet: shift by 0 so exp2 gives 0 rather than NaN.
     const float shift = m_new == neg_inf() ? 0.f : m_new;
-    rescale[r] = exp2f(m[r] - shift);
+    const float rescale = exp2f(m[r] - shift);
     m[r] = m_new;
     float sum = 0.f;
 #pragma unroll
@@ -278,30 +277,13 @@ __device__ __forceinline__ void attn_softmax_weights(float (&s)[32], float (&m)[
       b = exp2f(fmaf(b, scale_log2, -shift));
       sum += a + b;
     }
-    l[r] = l[r] * rescale[r] + sum;
-  }
-}
-
-// Output rows times the rescale factors of attn_softmax_weights.
-template <int NO>
-__device__ __forceinline__ void attn_rescale(float (&o)[NO], const float (&rescale)[2]) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
+    l[r] = l[r] * rescale + sum;
 #pragma unroll
     for (int n = 0; n < NO / 4; ++n) {
-      o[4 * n + 2 * r] *= rescale[r];
-      o[4 * n + 2 * r + 1] *= rescale[r];
+      o[4 * n + 2 * r] *= rescale;
+      o[4 * n + 2 * r + 1] *= rescale;
     }
   }
-}
-
-// One tile's online-softmax step, the output rescaled with it.
-template <int NO>
-__device__ __forceinline__ void attn_softmax(float (&s)[32], float (&m)[2], float (&l)[2],
-                                             float (&o)[NO], float scale_log2) {
-  float rescale[2];
-  attn_softmax_weights(s, m, l, rescale, scale_log2);
-  attn_rescale(o, rescale);
 }
 
 // The weights of keys 16 kk .. 16 kk + 15 as an A fragment (rounded to bf16).

@@ -234,17 +234,40 @@ __device__ __forceinline__ void prefill_wgmma_impl(
     cp_async_commit();
   };
 
+  // S = Q K(j)^T into s, issued and committed (the caller waits).
+  auto issue_s = [&](int j, float(&s)[32]) {
+    const unsigned sk = base + (j % RING_STAGES) * STAGE;
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks)
+      wgmma_m64n64k16_rs(s, qa[ks], wgmma_desc(sk + ks * 256, K_LBO, K_SBO), ks > 0);
+    wgmma_commit();
+  };
+  // Tile j's scores s (raw, complete) into O += P V(j): mask, online softmax (the output
+  // rescaled: no wgmma may be writing o), P packed as A fragments, the PV wgmmas issued
+  // and committed (the caller waits).
+  auto softmax_pv = [&](float(&s)[32], int j) {
+    const int k0 = j * PW_BC;
+    if (wr.needs_mask(k0)) attn_mask(s, k0, t, wr.qpos);
+    attn_softmax(s, m, l, o, scale_log2);
+    unsigned pa[PW_BC / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < PW_BC / 16; ++kk) {
+      attn_pack_p(s, kk, pa[kk]);
+      pin(pa[kk]);
+    }
+    pin(o);
+    wgmma_fence();
+    const unsigned sv = base + (j % RING_STAGES) * STAGE + TILE;
+#pragma unroll
+    for (int kk = 0; kk < PW_BC / 16; ++kk)
+      wgmma_pv<HD, 1>(o, pa[kk], wgmma_desc(sv + kk * (HD * 32), V_LBO, V_SBO));
+    wgmma_commit();
+  };
+
   if constexpr (OVERLAP) {
     // Whether this warpgroup computes tile j (its rows see a key of it).
     auto runs = [&](int j) { return wg_active && j < n_tiles && j * PW_BC <= wg_last_pos; };
-    auto issue_s = [&](int j, float(&s)[32]) {
-      const unsigned sk = base + (j % RING_STAGES) * STAGE;
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks)
-        wgmma_m64n64k16_rs(s, qa[ks], wgmma_desc(sk + ks * 256, K_LBO, K_SBO), ks > 0);
-      wgmma_commit();
-    };
     float s_cur[32], s_next[32];
     load_tile(0);
     load_tile(1);
@@ -266,26 +289,7 @@ __device__ __forceinline__ void prefill_wgmma_impl(
       load_tile(j + 2);
       const bool next = runs(j + 1);
       if (next) issue_s(j + 1, s_next);  // runs during the softmax below
-      if (runs(j)) {
-        const int k0 = j * PW_BC;
-        if (wr.needs_mask(k0)) attn_mask(s_cur, k0, t, wr.qpos);
-        float rs[2];
-        attn_softmax_weights(s_cur, m, l, rs, scale_log2);
-        attn_rescale(o, rs);  // no wgmma writes o now: P V(j - 1) completed
-        unsigned pa[PW_BC / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < PW_BC / 16; ++kk) {
-          attn_pack_p(s_cur, kk, pa[kk]);
-          pin(pa[kk]);
-        }
-        pin(o);
-        wgmma_fence();
-        const unsigned sv = base + (j % RING_STAGES) * STAGE + TILE;
-#pragma unroll
-        for (int kk = 0; kk < PW_BC / 16; ++kk)
-          wgmma_pv<HD, 1>(o, pa[kk], wgmma_desc(sv + kk * (HD * 32), V_LBO, V_SBO));
-        wgmma_commit();
-      }
+      if (runs(j)) softmax_pv(s_cur, j);  // P V(j - 1) completed: o may be rescaled
       wgmma_wait_all();  // S(j + 1) and P V(j)
       pin(o);
       if (next) {
@@ -309,33 +313,12 @@ __device__ __forceinline__ void prefill_wgmma_impl(
     // tile j - 1, whose stage the copies of tile j + 2 now refill.
     __syncthreads();
     load_tile(j + 2);
-    const int k0 = j * PW_BC;
-    if (!wg_active || k0 > wg_last_pos) continue;
-    const unsigned sk = base + (j % RING_STAGES) * STAGE, sv = sk + TILE;
+    if (!wg_active || j * PW_BC > wg_last_pos) continue;
     float s[32];
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks)
-      wgmma_m64n64k16_rs(s, qa[ks], wgmma_desc(sk + ks * 256, K_LBO, K_SBO), ks > 0);
-    wgmma_commit();
+    issue_s(j, s);
     wgmma_wait_all();
     pin(s);
-    if (wr.needs_mask(k0)) attn_mask(s, k0, t, wr.qpos);
-    attn_softmax(s, m, l, o, scale_log2);
-    unsigned pa[PW_BC / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < PW_BC / 16; ++kk) {
-      attn_pack_p(s, kk, pa[kk]);
-      pin(pa[kk]);
-    }
-    pin(o);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < PW_BC / 16; ++kk) {
-      const unsigned a = sv + kk * (HD * 32);
-      wgmma_pv<HD, 1>(o, pa[kk], wgmma_desc(a, V_LBO, V_SBO));
-    }
-    wgmma_commit();
+    softmax_pv(s, j);
     wgmma_wait_all();
     pin(o);
   }

@@ -2,39 +2,9 @@
 //! in one place, so the CUDA backend and the GPU check launch them the same way.
 //! bf16 tensors are `CudaSlice<u16>` (bit patterns, as in `gpu_ref`).
 
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg, sys};
+use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg, sys};
 
 use super::{CudaError, Kernels};
-
-/// A launch's arguments: cudarc's launch builder, with the error type of this crate.
-pub struct Args<'a> {
-    b: LaunchArgs<'a>,
-}
-
-impl<'a> Args<'a> {
-    pub fn new(k: &'a Kernels, f: &'a CudaFunction) -> Self {
-        Self {
-            b: k.stream.launch_builder(f),
-        }
-    }
-
-    pub fn arg<T>(&mut self, a: T) -> &mut Self
-    where
-        LaunchArgs<'a>: PushKernelArg<T>,
-    {
-        self.b.arg(a);
-        self
-    }
-
-    /// # Safety
-    /// As cudarc's `LaunchArgs::launch`: the arguments must match the kernel's signature
-    /// and every buffer must be large enough for what the kernel touches.
-    pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), CudaError> {
-        // SAFETY: the caller's contract.
-        unsafe { self.b.launch(cfg) }?;
-        Ok(())
-    }
-}
 
 /// Shapes of a decode-attention launch.
 #[derive(Debug, Clone, Copy)]
@@ -165,7 +135,7 @@ impl<'a> KvRef<'a> {
     }
 
     /// The cache arguments, in the kernels' order: K and V, then (fp8) their scales.
-    fn push(&self, b: &mut Args<'a>) {
+    fn push(&self, b: &mut LaunchArgs<'a>) {
         match *self {
             KvRef::Bf16 { k, v } => {
                 b.arg(k).arg(v);
@@ -205,7 +175,7 @@ pub fn decode_attention_kv(
     let (n_kv, max_blocks, splits) = (dim(d.n_kv_heads)?, dim(d.max_blocks)?, dim(d.num_splits)?);
     let q_stride = dim(d.q_stride)?;
     let cfg = config(d.num_seqs, d.n_kv_heads, d.num_splits, 128)?;
-    let mut b = Args::new(k, &f);
+    let mut b = k.stream.launch_builder(&f);
     b.arg(q);
     kv.push(&mut b);
     b.arg(block_tables)
@@ -243,7 +213,7 @@ fn merge_splits(
             1,
             d.head_dim.min(128) as u32,
         )?;
-        let mut b = Args::new(k, &m);
+        let mut b = k.stream.launch_builder(&m);
         b.arg(&scratch.part_out)
             .arg(&scratch.part_ml)
             .arg(&mut *out)
@@ -376,7 +346,7 @@ pub fn prefill_attention_kv(
         )?;
         cfg.shared_mem_bytes = bytes as u32;
     }
-    let mut b = Args::new(k, &f);
+    let mut b = k.stream.launch_builder(&f);
     b.arg(q);
     kv.push(&mut b);
     b.arg(cu_q)
@@ -406,7 +376,7 @@ pub fn rms_norm(
     let f = k.function("norm.cu", "rms_norm")?;
     let n = dim(dim_)?;
     let cfg = config(rows, 1, 1, 256)?;
-    let mut b = Args::new(k, &f);
+    let mut b = k.stream.launch_builder(&f);
     b.arg(x).arg(weight).arg(&mut *out).arg(&n).arg(&eps);
     // SAFETY: as in `decode_attention_kv`.
     unsafe { b.launch(cfg) }?;
@@ -428,7 +398,7 @@ pub fn add_rms_norm(
     let f = k.function("norm.cu", "add_rms_norm")?;
     let n = dim(dim_)?;
     let cfg = config(rows, 1, 1, 256)?;
-    let mut b = Args::new(k, &f);
+    let mut b = k.stream.launch_builder(&f);
     b.arg(&mut *residual)
         .arg(x)
         .arg(weight)
@@ -452,7 +422,7 @@ pub fn silu_and_mul(
     let (r, i) = (dim(rows)?, dim(inter)?);
     let pieces = rows * inter / 8;
     let cfg = config(pieces.div_ceil(256).min(65_535), 1, 1, 256)?;
-    let mut b = Args::new(k, &f);
+    let mut b = k.stream.launch_builder(&f);
     b.arg(gate_up).arg(&mut *out).arg(&r).arg(&i);
     // SAFETY: as in `decode_attention_kv`.
     unsafe { b.launch(cfg) }?;
@@ -505,7 +475,7 @@ pub fn rope_write_kv_into(
         + d.n_kv_heads * (d.head_dim - d.rot_dim)
         + d.n_kv_heads * d.head_dim / 8;
     let cfg = config(d.tokens, items.div_ceil(128), 1, 128)?;
-    let mut b = Args::new(k, &f);
+    let mut b = k.stream.launch_builder(&f);
     b.arg(&mut *qkv)
         .arg(&stride)
         .arg(positions)
@@ -595,7 +565,7 @@ pub fn gemv_norm_rope(
         dim(d.rot_dim)?,
     );
     let cfg = config(rows.div_ceil(4), 1, 1, 128)?;
-    let mut b = Args::new(k, &f);
+    let mut b = k.stream.launch_builder(&f);
     b.arg(w)
         .arg(residual)
         .arg(norm_w)
@@ -631,7 +601,7 @@ pub fn argmax_rows(
     let f = k.function("sampling.cu", "argmax_rows")?;
     let v = dim(vocab)?;
     let cfg = config(rows, 1, 1, 1024)?;
-    let mut b = Args::new(k, &f);
+    let mut b = k.stream.launch_builder(&f);
     b.arg(logits).arg(&mut *out).arg(&v);
     // SAFETY: as in `decode_attention_kv`.
     unsafe { b.launch(cfg) }?;
@@ -665,7 +635,7 @@ pub fn topk_rows(
     let f = k.function("sampling.cu", "topk_rows")?;
     let (v, t) = (dim(vocab)?, dim(top)?);
     let cfg = config(rows, 1, 1, 512)?;
-    let mut b = Args::new(k, &f);
+    let mut b = k.stream.launch_builder(&f);
     b.arg(logits)
         .arg(&mut *out_logits)
         .arg(&mut *out_ids)
@@ -688,7 +658,7 @@ pub fn softmax_rows(
     let f = k.function("sampling.cu", "softmax_rows")?;
     let v = dim(vocab)?;
     let cfg = config(rows, 1, 1, 1024)?;
-    let mut b = Args::new(k, &f);
+    let mut b = k.stream.launch_builder(&f);
     b.arg(logits).arg(&mut *probs).arg(&v).arg(&temperature);
     // SAFETY: as in `decode_attention_kv`.
     unsafe { b.launch(cfg) }?;
@@ -707,7 +677,7 @@ pub fn embed_rows(
     let f = k.function("act.cu", "embed_rows")?;
     let h = dim(hidden)?;
     let cfg = config(tokens, 1, 1, 128)?;
-    let mut b = Args::new(k, &f);
+    let mut b = k.stream.launch_builder(&f);
     b.arg(table).arg(ids).arg(&mut *out).arg(&h);
     // SAFETY: as in `decode_attention_kv`.
     unsafe { b.launch(cfg) }?;
@@ -790,7 +760,7 @@ pub fn gemv(
     match (input, output) {
         (GemvInput::Plain(x), GemvOutput::Bf16(y)) => {
             let f = entry("gemv")?;
-            let mut b = Args::new(k, &f);
+            let mut b = k.stream.launch_builder(&f);
             b.arg(w).arg(x).arg(y).arg(&r).arg(&c).arg(&n);
             // SAFETY: as in `decode_attention_kv`; the lengths were checked above.
             unsafe { b.launch(cfg) }?;
@@ -805,7 +775,7 @@ pub fn gemv(
             GemvOutput::Bf16(y),
         ) => {
             let f = entry(if late { "gemv_norm_late" } else { "gemv_norm" })?;
-            let mut b = Args::new(k, &f);
+            let mut b = k.stream.launch_builder(&f);
             b.arg(w)
                 .arg(residual)
                 .arg(weight)
@@ -819,14 +789,14 @@ pub fn gemv(
         }
         (GemvInput::Plain(x), GemvOutput::AddTo(res)) => {
             let f = entry("gemv_add")?;
-            let mut b = Args::new(k, &f);
+            let mut b = k.stream.launch_builder(&f);
             b.arg(w).arg(x).arg(res).arg(&r).arg(&c).arg(&n);
             // SAFETY: as above.
             unsafe { b.launch(cfg) }?;
         }
         (GemvInput::SiluOf(gu), GemvOutput::AddTo(res)) => {
             let f = entry("gemv_silu_add")?;
-            let mut b = Args::new(k, &f);
+            let mut b = k.stream.launch_builder(&f);
             b.arg(w).arg(gu).arg(res).arg(&r).arg(&c).arg(&n);
             // SAFETY: as above.
             unsafe { b.launch(cfg) }?;
@@ -853,7 +823,7 @@ pub fn rms_norm_f32(
     let f = k.function("norm.cu", "rms_norm_f32")?;
     let n = dim(dim_)?;
     let cfg = config(rows, 1, 1, 256)?;
-    let mut b = Args::new(k, &f);
+    let mut b = k.stream.launch_builder(&f);
     b.arg(residual).arg(weight).arg(&mut *out).arg(&n).arg(&eps);
     // SAFETY: as in `decode_attention_kv`.
     unsafe { b.launch(cfg) }?;
@@ -872,7 +842,7 @@ pub fn embed_rows_f32(
     let f = k.function("act.cu", "embed_rows_f32")?;
     let h = dim(hidden)?;
     let cfg = config(tokens, 1, 1, 128)?;
-    let mut b = Args::new(k, &f);
+    let mut b = k.stream.launch_builder(&f);
     b.arg(table).arg(ids).arg(&mut *residual).arg(&h);
     // SAFETY: as in `decode_attention_kv`.
     unsafe { b.launch(cfg) }?;

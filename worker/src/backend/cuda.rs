@@ -194,9 +194,6 @@ pub struct CudaBackend {
     /// experimental: one kernel less a layer); every RoPE launch then rotates
     /// interleaved pairs (half-style q/k weight rows were permuted at load).
     gemv_rope: bool,
-    /// At most this many KV splits a decode launch (`SOV_DECODE_MAX_SPLITS`, to measure
-    /// what splitting gains; unset: as many as `launch::decode_splits` picks).
-    max_splits: usize,
     /// Batch sizes whose capture failed: they run without a graph.
     ungraphable: std::collections::HashSet<usize>,
     _blas_workspace: CudaSlice<u8>,
@@ -418,11 +415,6 @@ impl CudaBackend {
             prefill_kind: launch::PrefillKernel::from_env(),
             gemv_norm_late: std::env::var("SOV_GEMV_NORM").is_ok_and(|v| v == "late"),
             gemv_rope,
-            max_splits: std::env::var("SOV_DECODE_MAX_SPLITS")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .filter(|n| *n >= 1)
-                .unwrap_or(usize::MAX),
             _blas_workspace: blas_workspace,
             epoch: 0,
         })
@@ -596,8 +588,7 @@ impl CudaBackend {
                     cfg.n_kv_heads,
                     max_len,
                     self.k.sms,
-                )
-                .min(self.max_splits),
+                ),
                 scale,
                 q_stride: qkv_dim,
             },
