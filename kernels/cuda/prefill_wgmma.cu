@@ -26,6 +26,9 @@
 // one warpgroup a CTA, two CTAs an SM (0.13 / 0.15); 128-key tiles in two stages whose
 // halves overlap one's MMAs with the other's softmax (0.19 / 0.22); either operand's
 // LBO and SBO exchanged (wrong results, which settled the stride convention).
+// Experimental, beside it (see each one's comment): the overlapping variant
+// (`prefill_attention_wgmma_ov_hd*`) and the warp-specialised design
+// (`prefill_attention_wgmma_ws_hd*`).
 #include "common.cuh"
 
 namespace sov {
@@ -154,10 +157,50 @@ __device__ __forceinline__ void wgmma_pv(float (&o)[HD / 2], const unsigned (&a)
 //     V_LBO = 128 (next 8 keys, the reduced dimension), V_SBO = 256 (next 8 dims); the
 //     k-step kk (keys 16kk..) starts at kk * HD * 32.
 constexpr int RING_STAGES = 3;
-//
-// OVERLAP (`prefill_attention_wgmma_ov_hd{D}`, experimental): S(j + 1) = Q K(j + 1)^T
-// computes while the softmax of tile j runs (FlashAttention-3's intra-warpgroup overlap;
-// 32 more registers). Tiles j and j + 1 are in use during iteration j and the copies of
+
+// S = Q K^T of one 64-key tile whose K starts at shared address sk (layout above), issued
+// and committed (the caller waits).
+template <int KS>
+__device__ __forceinline__ void wgmma_issue_s(float (&s)[32], const unsigned (&qa)[KS][4],
+                                              unsigned sk) {
+  constexpr unsigned K_LBO = 128, K_SBO = KS * 16 * 16;
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks)
+    wgmma_m64n64k16_rs(s, qa[ks], wgmma_desc(sk + ks * 256, K_LBO, K_SBO), ks > 0);
+  wgmma_commit();
+}
+
+// Tile j's scores s (raw, complete) into O += P V(j), V at shared address sv: mask, online
+// softmax (the output rescaled: no wgmma may be writing o), P packed as A fragments, the
+// PV wgmmas issued and committed (the caller waits).
+template <int HD>
+__device__ __forceinline__ void wgmma_softmax_pv(float (&s)[32], int j, const AttnRows& wr,
+                                                 int t, float (&m)[2], float (&l)[2],
+                                                 float (&o)[HD / 2], float scale_log2,
+                                                 unsigned sv) {
+  constexpr unsigned V_LBO = 128, V_SBO = 256;
+  const int k0 = j * PW_BC;
+  if (wr.needs_mask(k0)) attn_mask(s, k0, t, wr.qpos);
+  attn_softmax(s, m, l, o, scale_log2);
+  unsigned pa[PW_BC / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < PW_BC / 16; ++kk) {
+    attn_pack_p(s, kk, pa[kk]);
+    pin(pa[kk]);
+  }
+  pin(o);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < PW_BC / 16; ++kk)
+    wgmma_pv<HD, 1>(o, pa[kk], wgmma_desc(sv + kk * (HD * 32), V_LBO, V_SBO));
+  wgmma_commit();
+}
+
+// The ring design (`prefill_attention_wgmma_hd{D}`, the default). OVERLAP
+// (`prefill_attention_wgmma_ov_hd{D}`, experimental): S(j + 1) = Q K(j + 1)^T computes
+// while the softmax of tile j runs (FlashAttention-3's intra-warpgroup overlap; 32 more
+// registers). Tiles j and j + 1 are in use during iteration j and the copies of
 // tile j + 2 fill the third stage, one iteration ahead instead of two.
 template <int HD, bool OVERLAP>
 __device__ __forceinline__ void prefill_wgmma_impl(
@@ -174,8 +217,7 @@ __device__ __forceinline__ void prefill_wgmma_impl(
   constexpr int THREADS = 256;
   constexpr int BR = 128;
   static_assert(PIECES % THREADS == 0, "tile pieces must divide among the threads");
-  constexpr unsigned K_LBO = 128, K_SBO = HD * 16;
-  constexpr unsigned V_LBO = 128, V_SBO = 256;
+  constexpr unsigned K_SBO = HD * 16;
   extern __shared__ __align__(1024) unsigned char pr_smem[];
   const unsigned base = smem_u32(pr_smem);
 
@@ -234,35 +276,12 @@ __device__ __forceinline__ void prefill_wgmma_impl(
     cp_async_commit();
   };
 
-  // S = Q K(j)^T into s, issued and committed (the caller waits).
   auto issue_s = [&](int j, float(&s)[32]) {
-    const unsigned sk = base + (j % RING_STAGES) * STAGE;
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks)
-      wgmma_m64n64k16_rs(s, qa[ks], wgmma_desc(sk + ks * 256, K_LBO, K_SBO), ks > 0);
-    wgmma_commit();
+    wgmma_issue_s<KS>(s, qa, base + (j % RING_STAGES) * STAGE);
   };
-  // Tile j's scores s (raw, complete) into O += P V(j): mask, online softmax (the output
-  // rescaled: no wgmma may be writing o), P packed as A fragments, the PV wgmmas issued
-  // and committed (the caller waits).
   auto softmax_pv = [&](float(&s)[32], int j) {
-    const int k0 = j * PW_BC;
-    if (wr.needs_mask(k0)) attn_mask(s, k0, t, wr.qpos);
-    attn_softmax(s, m, l, o, scale_log2);
-    unsigned pa[PW_BC / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < PW_BC / 16; ++kk) {
-      attn_pack_p(s, kk, pa[kk]);
-      pin(pa[kk]);
-    }
-    pin(o);
-    wgmma_fence();
-    const unsigned sv = base + (j % RING_STAGES) * STAGE + TILE;
-#pragma unroll
-    for (int kk = 0; kk < PW_BC / 16; ++kk)
-      wgmma_pv<HD, 1>(o, pa[kk], wgmma_desc(sv + kk * (HD * 32), V_LBO, V_SBO));
-    wgmma_commit();
+    wgmma_softmax_pv<HD>(s, j, wr, t, m, l, o, scale_log2,
+                         base + (j % RING_STAGES) * STAGE + TILE);
   };
 
   if constexpr (OVERLAP) {
@@ -328,6 +347,188 @@ __device__ __forceinline__ void prefill_wgmma_impl(
 }
 
 
+// ---------------------------------------------------------------------------------------
+// Warp-specialised design (`prefill_attention_wgmma_ws_hd{D}`, experimental): the same
+// tiles, layouts and per-warpgroup math, but the copies are a producer warpgroup's job
+// and the two consumer warpgroups are coupled to it (not to each other) through
+// mbarriers, so they drift out of phase and one's softmax can overlap the other's MMAs;
+// no barrier of the whole CTA inside the loop. 384 threads: warpgroups 0 and 1 consume
+// (64 query rows each), warpgroup 2 produces. The register file is split per SM
+// sub-partition, three warps each: 168 registers a thread at launch, so the producer
+// gives registers back (setmaxnreg 40) and the consumers take them (232).
+//   Producer: for each tile, prefetches the tile's block-table entries, waits until both
+//   consumer warpgroups released the stage it refills (`empty`, 8 warp arrivals), issues
+//   its cp.async copies (8 lanes write 128 contiguous bytes: no bank conflicts; each key
+//   row is read as 64-byte runs), and once the tile's copies have landed (it waits for
+//   them one tile behind, keeping two tiles in flight) fences them for the async proxy and
+//   arrives on the stage's `full` barrier (128 thread arrivals).
+//   Consumers: wait `full`, compute the tile if their rows see it (wait for and release
+//   every tile otherwise too, so that each stage's phases stay counted), arrive on `empty`.
+constexpr int WS_STAGES = 4;
+
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+  asm volatile("{ .reg .b64 st; mbarrier.arrive.shared::cta.b64 st, [%0]; }\n" ::"r"(bar)
+               : "memory");
+}
+// Registers a thread of the executing warpgroup may use from here on (every warp of the
+// warpgroup executes it).
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+// Blocks until the phase of `bar` with this parity has completed.
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+  unsigned done = 0;
+  while (!done) {
+    asm volatile(
+        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; "
+        "selp.u32 %0, 1, 0, p; }\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  }
+}
+
+template <int HD>
+__device__ __forceinline__ void prefill_wgmma_ws_impl(
+    const sov::bf16* __restrict__ q, const sov::bf16* __restrict__ k_cache,
+    const sov::bf16* __restrict__ v_cache, const int* __restrict__ cu_q,
+    const int* __restrict__ seq_lens, const int* __restrict__ block_tables,
+    sov::bf16* __restrict__ out, int n_heads, int n_kv_heads, int max_blocks, float scale,
+    int q_stride) {
+  static_assert(HD == 64 || HD == 96 || HD == 128, "head_dim must be 64, 96 or 128");
+  constexpr int KS = HD / 16;
+  constexpr int TILE = PW_BC * HD * 2;
+  constexpr int STAGE = 2 * TILE;
+  constexpr int BR = 128;
+  constexpr unsigned K_SBO = HD * 16;
+  extern __shared__ __align__(1024) unsigned char pr_smem[];
+  const unsigned base = smem_u32(pr_smem);
+  const unsigned full0 = base + WS_STAGES * STAGE;  // WS_STAGES `full`, then `empty`
+  const unsigned empty0 = full0 + WS_STAGES * 8;
+
+  const int seq = blockIdx.z, head = blockIdx.y;
+  const int q0 = cu_q[seq], n_new = cu_q[seq + 1] - q0;
+  const int tile_row0 = (gridDim.x - 1 - blockIdx.x) * BR;  // longest prefixes first
+  if (tile_row0 >= n_new) return;
+  const int len = seq_lens[seq];
+  const int first_pos = len - n_new;
+  const int kvh = head / (n_heads / n_kv_heads);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int last_row = min(n_new, tile_row0 + BR) - 1;
+  const int kv_end = first_pos + last_row + 1;
+  const int n_tiles = (kv_end + PW_BC - 1) / PW_BC;
+
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int st = 0; st < WS_STAGES; ++st) {
+      mbar_init(full0 + 8 * st, 128);
+      mbar_init(empty0 + 8 * st, 8);
+    }
+  }
+  __syncthreads();
+
+  if (warp >= 8) {
+    setmaxnreg_dec<40>();
+    const int* bt = block_tables + (long long)seq * max_blocks;
+    const int n_blocks = (kv_end + KV_BLOCK - 1) / KV_BLOCK;
+    const long long row_stride = (long long)n_kv_heads * HD;
+    // Thread p copies keys 8 (w + 4 i) + p % 8 (w = p / 32 its warp, i = 0, 1), pieces
+    // (p / 8) % 4 + 4 dq of each.
+    const int p = threadIdx.x - 256;
+    const int key_lo = p & 7, dp0 = (p >> 3) & 3, w = p >> 5;
+#pragma unroll 1
+    for (int j = 0; j < n_tiles; ++j) {
+      const int st = j % WS_STAGES;
+      const int k0 = j * PW_BC;
+      // The KV block of this thread's key i: (w + 4 i) / 2 of the tile's four.
+      int blk[PW_BC / 32];
+#pragma unroll
+      for (int i = 0; i < PW_BC / 32; ++i) {
+        const int b = k0 / KV_BLOCK + (w >> 1) + 2 * i;
+        blk[i] = b < n_blocks ? bt[b] : 0;
+      }
+      if (j >= WS_STAGES) mbar_wait(empty0 + 8 * st, (j / WS_STAGES - 1) & 1);
+      const unsigned sk = base + st * STAGE, sv = sk + TILE;
+#pragma unroll
+      for (int i = 0; i < PW_BC / 32; ++i) {
+        const int key = 8 * (w + 4 * i) + key_lo;
+        const int pos = k0 + key;
+        const bool in = pos < kv_end;
+        const long long slot = in ? (long long)blk[i] * KV_BLOCK + pos % KV_BLOCK : 0;
+        const long long off = slot * row_stride + kvh * HD;
+        const unsigned n = in ? 16u : 0u;
+#pragma unroll
+        for (int dq = 0; dq < HD / 32; ++dq) {
+          const int dp = dp0 + 4 * dq;
+          cp_async16(sk + (key >> 3) * K_SBO + dp * 128 + (key & 7) * 16,
+                     k_cache + off + dp * 8, n);
+          cp_async16(sv + (key >> 4) * (HD * 32) + ((key >> 3) & 1) * 128 + dp * 256 +
+                         (key & 7) * 16,
+                     v_cache + off + dp * 8, n);
+        }
+      }
+      cp_async_commit();
+      if (j > 0) {
+        cp_async_wait<1>();  // tile j - 1
+        fence_async_shared();
+        mbar_arrive(full0 + 8 * ((j - 1) % WS_STAGES));
+      }
+    }
+    if (n_tiles > 0) {
+      cp_async_wait<0>();
+      fence_async_shared();
+      mbar_arrive(full0 + 8 * ((n_tiles - 1) % WS_STAGES));
+    }
+    return;
+  }
+
+  setmaxnreg_inc<232>();
+  const int wg = warp / 4;
+  const int g = lane >> 2, t = lane & 3;
+  const int wg_row0 = tile_row0 + wg * 64;
+  const AttnRows wr(wg_row0 + (warp % 4) * 16, n_new, first_pos, g);
+  const bool wg_active = wg_row0 < n_new;
+  const int wg_last_pos = first_pos + min(n_new - 1, wg_row0 + 63);
+
+  unsigned qa[KS][4];
+  attn_load_q<KS>(qa, q, q0, wr.rows, n_new, q_stride, head * HD, t);
+  float o[HD / 2];
+#pragma unroll
+  for (int i = 0; i < HD / 2; ++i) o[i] = 0.f;
+  float m[2] = {neg_inf(), neg_inf()};
+  float l[2] = {0.f, 0.f};
+  const float scale_log2 = scale * 1.4426950408889634f;
+
+#pragma unroll 1
+  for (int j = 0; j < n_tiles; ++j) {
+    const int st = j % WS_STAGES;
+    mbar_wait(full0 + 8 * st, (j / WS_STAGES) & 1);
+    if (wg_active && j * PW_BC <= wg_last_pos) {
+      const unsigned sk = base + st * STAGE;
+      float s[32];
+      wgmma_issue_s<KS>(s, qa, sk);
+      wgmma_wait_all();
+      pin(s);
+      wgmma_softmax_pv<HD>(s, j, wr, t, m, l, o, scale_log2, sk + TILE);
+      wgmma_wait_all();
+      pin(o);
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty0 + 8 * st);
+  }
+
+  attn_store<HD>(out, o, l, wr.rows, n_new, q0, n_heads, head, t);
+}
+
+
 }  // namespace sov
 
 
@@ -347,3 +548,16 @@ SOV_PREFILL_WGMMA(128, false, prefill_attention_wgmma_hd128)
 SOV_PREFILL_WGMMA(64, true, prefill_attention_wgmma_ov_hd64)
 SOV_PREFILL_WGMMA(96, true, prefill_attention_wgmma_ov_hd96)
 SOV_PREFILL_WGMMA(128, true, prefill_attention_wgmma_ov_hd128)
+
+#define SOV_PREFILL_WGMMA_WS(HD)                                                           \
+  extern "C" __global__ void __launch_bounds__(384, 1) prefill_attention_wgmma_ws_hd##HD(  \
+      const sov::bf16* q, const sov::bf16* k_cache, const sov::bf16* v_cache,              \
+      const int* cu_q, const int* seq_lens, const int* block_tables, sov::bf16* out,       \
+      int n_heads, int n_kv_heads, int max_blocks, float scale, int q_stride) {            \
+    sov::prefill_wgmma_ws_impl<HD>(q, k_cache, v_cache, cu_q, seq_lens, block_tables, out, \
+                                   n_heads, n_kv_heads, max_blocks, scale, q_stride);      \
+  }
+
+SOV_PREFILL_WGMMA_WS(64)
+SOV_PREFILL_WGMMA_WS(96)
+SOV_PREFILL_WGMMA_WS(128)

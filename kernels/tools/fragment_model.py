@@ -5,7 +5,8 @@ mma.m16n8k16 and wgmma (A from registers; B through a no-swizzle descriptor, K-m
 element (k, n) at start + (n/8)*SBO + (k/8)*LBO + (n%8)*16 + (k%8)*2, MN-major:
 start + (n/8)*SBO + (k/8)*LBO + (k%8)*16 + (n%8)*2) and checks that each operand holds the
 right matrix elements. It mirrors the index formulas of prefill_attention.cu
-(`prefill_attention_pipe_impl`) and prefill_wgmma.cu by hand: keep them in step. (GPU runs
+(`prefill_attention_pipe_impl`) and prefill_wgmma.cu (`prefill_wgmma_impl`,
+`prefill_wgmma_ws_impl`) by hand: keep them in step. (GPU runs
 7 and 8 on an H200 confirmed both descriptor readings: the kernels built on them match the
 CPU reference, their twins with LBO and SBO exchanged did not.)
 
@@ -65,6 +66,30 @@ for HD in (64, 96, 128):
                        for n in range(HD)] for k in range(16)])
         assert (B == V[16 * kk: 16 * kk + 16, :]).all(), ("ring V", HD, kk)
     print("HD", HD, "ok: K tile (K-major) and V tile (MN-major) match the wgmma operand model")
+    # prefill_wgmma_ws_impl's producer warpgroup: thread p (warp w = p / 32) copies keys
+    # 8 (w + 4 i) + p % 8, pieces (p / 8) % 4 + 4 dq, into the same layouts as the ring;
+    # every piece exactly once, each KV block index as the kernel computes it, and each
+    # quarter-warp (8 lanes, one shared-memory wavefront of 16-byte stores) writing 128
+    # contiguous bytes.
+    pieces = set()
+    for i in range(BC // 32):
+        for dq in range(HD // 32):
+            for w in range(4):
+                ks_, vs_ = [], []
+                for lane in range(32):
+                    p = 32 * w + lane
+                    key_lo, dp0 = p & 7, (p >> 3) & 3
+                    key, dp = 8 * (w + 4 * i) + key_lo, dp0 + 4 * dq
+                    assert key // 16 == (w >> 1) + 2 * i
+                    assert (key, dp) not in pieces
+                    pieces.add((key, dp))
+                    ks_.append(rk + (key >> 3) * K_SBO + dp * 128 + (key & 7) * 16)
+                    vs_.append(rv + (key >> 4) * (HD * 32) + ((key >> 3) & 1) * 128 + dp * 256 + (key & 7) * 16)
+                for q in range(4):
+                    for a in (ks_[8 * q: 8 * q + 8], vs_[8 * q: 8 * q + 8]):
+                        assert sorted(a) == list(range(min(a), min(a) + 128, 16)), ("ws banks", HD, i, dq, w, q)
+    assert pieces == {(key, dp) for key in range(BC) for dp in range(HD // 8)}, ("ws pieces", HD)
+    print("HD", HD, "ok: the warp-specialised producer copies every piece once, conflict-free")
 
 import numpy as np
 rng = np.random.default_rng(1)

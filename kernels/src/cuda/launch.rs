@@ -249,7 +249,9 @@ pub struct PrefillDims {
 /// only) or `Wgmma` (kernels/cuda/prefill_wgmma.cu, `prefill_attention_wgmma_hd{D}`:
 /// Hopper warpgroup MMAs, a three-stage ring of K/V tiles; bf16 cache on sm_90 only) or
 /// `WgmmaOverlap` (same file, `prefill_attention_wgmma_ov_hd{D}`: S of the next tile
-/// computing during the softmax; experimental, not yet measured). Measured on an H200
+/// computing during the softmax; experimental, not yet measured) or `WgmmaWs` (same file,
+/// `prefill_attention_wgmma_ws_hd{D}`: a producer warpgroup feeding two consumer
+/// warpgroups through mbarriers; experimental, not yet measured). Measured on an H200
 /// (run 8, 2 x 8192 tokens): Basic 0.07 of the bf16 peak, Pipelined 0.19, Wgmma 0.25
 /// (docs/benchmarks.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,10 +260,11 @@ pub enum PrefillKernel {
     Pipelined,
     Wgmma,
     WgmmaOverlap,
+    WgmmaWs,
 }
 
 impl PrefillKernel {
-    /// `SOV_PREFILL_KERNEL=basic|pipelined|wgmma|wgmma_ov` picks a design (to compare them);
+    /// `SOV_PREFILL_KERNEL=basic|pipelined|wgmma|wgmma_ov|wgmma_ws` picks a design (to compare them);
     /// unset, the fastest measured one, [`PrefillKernel::Wgmma`] (which falls back to
     /// `Pipelined` off Hopper, see [`PrefillKernel::resolve`]).
     pub fn from_env() -> Self {
@@ -269,6 +272,7 @@ impl PrefillKernel {
             Ok("basic") => Self::Basic,
             Ok("pipelined") => Self::Pipelined,
             Ok("wgmma_ov") => Self::WgmmaOverlap,
+            Ok("wgmma_ws") => Self::WgmmaWs,
             _ => Self::Wgmma,
         }
     }
@@ -278,7 +282,9 @@ impl PrefillKernel {
     pub fn resolve(self, k: &Kernels, fp8: bool) -> Self {
         match self {
             _ if fp8 => Self::Basic,
-            Self::Wgmma | Self::WgmmaOverlap if !k.has_source("prefill_wgmma.cu") => {
+            Self::Wgmma | Self::WgmmaOverlap | Self::WgmmaWs
+                if !k.has_source("prefill_wgmma.cu") =>
+            {
                 Self::Pipelined
             }
             other => other,
@@ -286,10 +292,15 @@ impl PrefillKernel {
     }
 }
 
-/// Dynamic shared memory of `prefill_attention_wgmma_hd{D}` (`RING_STAGES` in
-/// prefill_wgmma.cu): three stages of a K and a V tile, 64 x D bf16 each.
-fn wgmma_smem_bytes(head_dim: usize) -> usize {
-    3 * 2 * 64 * head_dim * 2
+/// Dynamic shared memory of the wgmma designs (prefill_wgmma.cu): `RING_STAGES` (three)
+/// stages of a K and a V tile, 64 x D bf16 each; the warp-specialised design has
+/// `WS_STAGES` (four) and after them a `full` and an `empty` mbarrier (8 bytes) a stage.
+fn wgmma_smem_bytes(kind: PrefillKernel, head_dim: usize) -> usize {
+    let stage = 2 * 64 * head_dim * 2;
+    match kind {
+        PrefillKernel::WgmmaWs => 4 * stage + 4 * 2 * 8,
+        _ => 3 * stage,
+    }
 }
 
 /// Prefill attention of the design `kind` (see [`PrefillKernel`]) over `kv` as it is
@@ -333,13 +344,22 @@ pub fn prefill_attention_kv(
             128,
             256,
         ),
+        PrefillKernel::WgmmaWs => (
+            "prefill_wgmma.cu",
+            format!("prefill_attention_wgmma_ws_hd{hd}"),
+            128,
+            384,
+        ),
     };
     let f = k.function(source, &entry)?;
     let (nh, nkv, mb) = (dim(d.n_heads)?, dim(d.n_kv_heads)?, dim(d.max_blocks)?);
     let q_stride = dim(d.q_stride)?;
     let mut cfg = config(d.max_new.div_ceil(rows), d.n_heads, d.num_seqs, threads)?;
-    if matches!(kind, PrefillKernel::Wgmma | PrefillKernel::WgmmaOverlap) {
-        let bytes = wgmma_smem_bytes(hd);
+    if matches!(
+        kind,
+        PrefillKernel::Wgmma | PrefillKernel::WgmmaOverlap | PrefillKernel::WgmmaWs
+    ) {
+        let bytes = wgmma_smem_bytes(kind, hd);
         f.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             dim(bytes)?,
