@@ -250,12 +250,13 @@ __device__ __forceinline__ void attn_mask(float (&s)[32], int k0, int t, const i
   }
 }
 
-// One tile's online-softmax step in log2 units: the raw scores s become the weights
-// 2^(s * scale_log2 - m) against the new running max m (per row, over the quad's lanes);
-// the lane-partial sums l and the output o are rescaled to it.
-template <int NO>
-__device__ __forceinline__ void attn_softmax(float (&s)[32], float (&m)[2], float (&l)[2],
-                                             float (&o)[NO], float scale_log2) {
+// One tile's online-softmax step in log2 units, without the output: the raw scores s
+// become the weights 2^(s * scale_log2 - m) against the new running max m (per row, over
+// the quad's lanes), the lane-partial sums l are rescaled to it and `rescale` gets the
+// factor by which the output must be (attn_softmax applies it).
+__device__ __forceinline__ void attn_softmax_weights(float (&s)[32], float (&m)[2],
+                                                     float (&l)[2], float scale_log2,
+                                                     float (&rescale)[2]) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float mx = neg_inf();
@@ -266,7 +267,7 @@ __device__ __forceinline__ void attn_softmax(float (&s)[32], float (&m)[2], floa
     const float m_new = fmaxf(m[r], mx * scale_log2);
     // Nothing visible yet: shift by 0 so exp2 gives 0 rather than NaN.
     const float shift = m_new == neg_inf() ? 0.f : m_new;
-    const float rescale = exp2f(m[r] - shift);
+    rescale[r] = exp2f(m[r] - shift);
     m[r] = m_new;
     float sum = 0.f;
 #pragma unroll
@@ -277,13 +278,27 @@ __device__ __forceinline__ void attn_softmax(float (&s)[32], float (&m)[2], floa
       b = exp2f(fmaf(b, scale_log2, -shift));
       sum += a + b;
     }
-    l[r] = l[r] * rescale + sum;
-#pragma unroll
-    for (int n = 0; n < NO / 4; ++n) {
-      o[4 * n + 2 * r] *= rescale;
-      o[4 * n + 2 * r + 1] *= rescale;
-    }
+    l[r] = l[r] * rescale[r] + sum;
   }
+}
+
+// The output's rows rescaled by attn_softmax_weights' factors.
+template <int NO>
+__device__ __forceinline__ void attn_rescale(float (&o)[NO], const float (&rescale)[2]) {
+#pragma unroll
+  for (int n = 0; n < NO / 4; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[4 * n + e] *= rescale[e >> 1];
+  }
+}
+
+// One tile's whole online-softmax step: the weights, and the output o rescaled.
+template <int NO>
+__device__ __forceinline__ void attn_softmax(float (&s)[32], float (&m)[2], float (&l)[2],
+                                             float (&o)[NO], float scale_log2) {
+  float rescale[2];
+  attn_softmax_weights(s, m, l, scale_log2, rescale);
+  attn_rescale(o, rescale);
 }
 
 // The weights of keys 16 kk .. 16 kk + 15 as an A fragment (rounded to bf16).

@@ -44,6 +44,11 @@ __device__ __forceinline__ void wgmma_commit() {
 __device__ __forceinline__ void wgmma_wait_all() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 }
+// Wait until at most N of the warpgroup's committed wgmma groups are pending.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 // Pins registers in program order (an empty asm that "writes" them): reads of wgmma
 // accumulators stay after wgmma.wait_group, and writes of its register operands before
 // wgmma.fence, whatever the compiler would otherwise schedule.
@@ -171,6 +176,19 @@ __device__ __forceinline__ void wgmma_issue_s(float (&s)[32], const unsigned (&q
   wgmma_commit();
 }
 
+// O += P V for one 64-key tile whose V starts at shared address sv (layout above), P as
+// A fragments (keys 16 kk ..: pa[kk]); issued and committed (the caller fenced and waits).
+template <int HD>
+__device__ __forceinline__ void wgmma_issue_pv(float (&o)[HD / 2],
+                                               const unsigned (&pa)[PW_BC / 16][4],
+                                               unsigned sv) {
+  constexpr unsigned V_LBO = 128, V_SBO = 256;
+#pragma unroll
+  for (int kk = 0; kk < PW_BC / 16; ++kk)
+    wgmma_pv<HD, 1>(o, pa[kk], wgmma_desc(sv + kk * (HD * 32), V_LBO, V_SBO));
+  wgmma_commit();
+}
+
 // Tile j's scores s (raw, complete) into O += P V(j), V at shared address sv: mask, online
 // softmax (the output rescaled: no wgmma may be writing o), P packed as A fragments, the
 // PV wgmmas issued and committed (the caller waits).
@@ -179,7 +197,6 @@ __device__ __forceinline__ void wgmma_softmax_pv(float (&s)[32], int j, const At
                                                  int t, float (&m)[2], float (&l)[2],
                                                  float (&o)[HD / 2], float scale_log2,
                                                  unsigned sv) {
-  constexpr unsigned V_LBO = 128, V_SBO = 256;
   const int k0 = j * PW_BC;
   if (wr.needs_mask(k0)) attn_mask(s, k0, t, wr.qpos);
   attn_softmax(s, m, l, o, scale_log2);
@@ -191,10 +208,7 @@ __device__ __forceinline__ void wgmma_softmax_pv(float (&s)[32], int j, const At
   }
   pin(o);
   wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < PW_BC / 16; ++kk)
-    wgmma_pv<HD, 1>(o, pa[kk], wgmma_desc(sv + kk * (HD * 32), V_LBO, V_SBO));
-  wgmma_commit();
+  wgmma_issue_pv<HD>(o, pa, sv);
 }
 
 // The ring design (`prefill_attention_wgmma_hd{D}`, the default). OVERLAP
@@ -383,6 +397,14 @@ template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 }
+// Named barrier `id` (1-15; 0 is __syncthreads) of `n` threads: wait for all n, or
+// count this warp's threads in without waiting.
+__device__ __forceinline__ void named_bar_sync(int id, int n) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
 // Blocks until the phase of `bar` with this parity has completed.
 __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
   unsigned done = 0;
@@ -396,7 +418,7 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
   }
 }
 
-template <int HD>
+template <int HD, bool PINGPONG>
 __device__ __forceinline__ void prefill_wgmma_ws_impl(
     const sov::bf16* __restrict__ q, const sov::bf16* __restrict__ k_cache,
     const sov::bf16* __restrict__ v_cache, const int* __restrict__ cu_q,
@@ -507,22 +529,113 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
   float l[2] = {0.f, 0.f};
   const float scale_log2 = scale * 1.4426950408889634f;
 
-#pragma unroll 1
-  for (int j = 0; j < n_tiles; ++j) {
-    const int st = j % WS_STAGES;
-    mbar_wait(full0 + 8 * st, (j / WS_STAGES) & 1);
-    if (wg_active && j * PW_BC <= wg_last_pos) {
-      const unsigned sk = base + st * STAGE;
+  if constexpr (PINGPONG) {
+    // Tiles 0 .. tiles(w) - 1 are the ones warpgroup w computes (none when inactive;
+    // the two differ by at most one).
+    auto tiles = [&](int w) {
+      const int r0 = tile_row0 + w * 64;
+      return r0 < n_new ? (first_pos + min(n_new - 1, r0 + 63)) / PW_BC + 1 : 0;
+    };
+    const int t0 = tiles(0), t1 = tiles(1), mine = wg ? t1 : t0;
+    // Bursts of MMA issue alternate between the warpgroups (named barriers 1 and 2):
+    // warpgroup w waits on barrier 1 + w for the other's pass. Both issue the same number
+    // of bursts (padding with empty ones), warpgroup 0 first; with one warpgroup idle
+    // there is nothing to alternate.
+    const bool pp = t0 > 0 && t1 > 0;
+    const int slots = max(t0, t1) + 1;
+    int slot = 0;
+    auto sched_wait = [&] {
+      if (pp) named_bar_sync(1 + wg, 256);
+    };
+    auto sched_pass = [&] {
+      if (pp) named_bar_arrive(2 - wg, 256);
+      ++slot;
+    };
+    if (pp && wg == 1) named_bar_arrive(1, 256);
+    auto release = [&](int j) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty0 + 8 * (j % WS_STAGES));
+    };
+    auto wait_tile = [&](int j) { mbar_wait(full0 + 8 * (j % WS_STAGES), (j / WS_STAGES) & 1); };
+    if (mine > 0) {
+      // Burst 0: S(0). Burst k: S(k) and P V(k - 1), whose P waits in registers; the
+      // softmax of tile k runs while the other warpgroup's burst computes. Last burst:
+      // P V(mine - 1).
       float s[32];
-      wgmma_issue_s<KS>(s, qa, sk);
+      unsigned pa[PW_BC / 16][4];
+      float rescale[2];
+      wait_tile(0);
+      sched_wait();
+      wgmma_issue_s<KS>(s, qa, base);
+      sched_pass();
       wgmma_wait_all();
       pin(s);
-      wgmma_softmax_pv<HD>(s, j, wr, t, m, l, o, scale_log2, sk + TILE);
+      if (wr.needs_mask(0)) attn_mask(s, 0, t, wr.qpos);
+      attn_softmax_weights(s, m, l, scale_log2, rescale);  // o is still zero
+#pragma unroll
+      for (int kk = 0; kk < PW_BC / 16; ++kk) attn_pack_p(s, kk, pa[kk]);
+#pragma unroll 1
+      for (int j = 1; j < mine; ++j) {
+        wait_tile(j);
+#pragma unroll
+        for (int kk = 0; kk < PW_BC / 16; ++kk) pin(pa[kk]);
+        pin(o);
+        sched_wait();
+        wgmma_issue_s<KS>(s, qa, base + (j % WS_STAGES) * STAGE);  // fences first
+        wgmma_issue_pv<HD>(o, pa, base + ((j - 1) % WS_STAGES) * STAGE + TILE);
+        sched_pass();
+        wgmma_wait<1>();  // S(j)
+        pin(s);
+        if (wr.needs_mask(j * PW_BC)) attn_mask(s, j * PW_BC, t, wr.qpos);
+        attn_softmax_weights(s, m, l, scale_log2, rescale);
+        wgmma_wait_all();  // P V(j - 1)
+        pin(o);
+        release(j - 1);
+        attn_rescale(o, rescale);
+#pragma unroll
+        for (int kk = 0; kk < PW_BC / 16; ++kk) attn_pack_p(s, kk, pa[kk]);
+      }
+#pragma unroll
+      for (int kk = 0; kk < PW_BC / 16; ++kk) pin(pa[kk]);
+      pin(o);
+      sched_wait();
+      wgmma_fence();
+      wgmma_issue_pv<HD>(o, pa, base + ((mine - 1) % WS_STAGES) * STAGE + TILE);
+      sched_pass();
       wgmma_wait_all();
       pin(o);
+      release(mine - 1);
     }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(empty0 + 8 * st);
+    // The tiles only the other warpgroup computes, then the padding bursts.
+#pragma unroll 1
+    for (int j = mine; j < n_tiles; ++j) {
+      wait_tile(j);
+      release(j);
+    }
+#pragma unroll 1
+    while (slot < slots) {
+      sched_wait();
+      sched_pass();
+    }
+    if (pp && wg == 0) named_bar_sync(1, 256);  // warpgroup 1's last pass
+  } else {
+#pragma unroll 1
+    for (int j = 0; j < n_tiles; ++j) {
+      const int st = j % WS_STAGES;
+      mbar_wait(full0 + 8 * st, (j / WS_STAGES) & 1);
+      if (wg_active && j * PW_BC <= wg_last_pos) {
+        const unsigned sk = base + st * STAGE;
+        float s[32];
+        wgmma_issue_s<KS>(s, qa, sk);
+        wgmma_wait_all();
+        pin(s);
+        wgmma_softmax_pv<HD>(s, j, wr, t, m, l, o, scale_log2, sk + TILE);
+        wgmma_wait_all();
+        pin(o);
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty0 + 8 * st);
+    }
   }
 
   attn_store<HD>(out, o, l, wr.rows, n_new, q0, n_heads, head, t);
@@ -549,15 +662,19 @@ SOV_PREFILL_WGMMA(64, true, prefill_attention_wgmma_ov_hd64)
 SOV_PREFILL_WGMMA(96, true, prefill_attention_wgmma_ov_hd96)
 SOV_PREFILL_WGMMA(128, true, prefill_attention_wgmma_ov_hd128)
 
-#define SOV_PREFILL_WGMMA_WS(HD)                                                           \
-  extern "C" __global__ void __launch_bounds__(384, 1) prefill_attention_wgmma_ws_hd##HD(  \
+#define SOV_PREFILL_WGMMA_WS(HD, PINGPONG, NAME)                                           \
+  extern "C" __global__ void __launch_bounds__(384, 1) NAME(                               \
       const sov::bf16* q, const sov::bf16* k_cache, const sov::bf16* v_cache,              \
       const int* cu_q, const int* seq_lens, const int* block_tables, sov::bf16* out,       \
       int n_heads, int n_kv_heads, int max_blocks, float scale, int q_stride) {            \
-    sov::prefill_wgmma_ws_impl<HD>(q, k_cache, v_cache, cu_q, seq_lens, block_tables, out, \
-                                   n_heads, n_kv_heads, max_blocks, scale, q_stride);      \
+    sov::prefill_wgmma_ws_impl<HD, PINGPONG>(q, k_cache, v_cache, cu_q, seq_lens,          \
+                                             block_tables, out, n_heads, n_kv_heads,       \
+                                             max_blocks, scale, q_stride);                 \
   }
 
-SOV_PREFILL_WGMMA_WS(64)
-SOV_PREFILL_WGMMA_WS(96)
-SOV_PREFILL_WGMMA_WS(128)
+SOV_PREFILL_WGMMA_WS(64, false, prefill_attention_wgmma_ws_hd64)
+SOV_PREFILL_WGMMA_WS(96, false, prefill_attention_wgmma_ws_hd96)
+SOV_PREFILL_WGMMA_WS(128, false, prefill_attention_wgmma_ws_hd128)
+SOV_PREFILL_WGMMA_WS(64, true, prefill_attention_wgmma_pp_hd64)
+SOV_PREFILL_WGMMA_WS(96, true, prefill_attention_wgmma_pp_hd96)
+SOV_PREFILL_WGMMA_WS(128, true, prefill_attention_wgmma_pp_hd128)

@@ -251,7 +251,10 @@ pub struct PrefillDims {
 /// `WgmmaOverlap` (same file, `prefill_attention_wgmma_ov_hd{D}`: S of the next tile
 /// computing during the softmax; experimental, not yet measured) or `WgmmaWs` (same file,
 /// `prefill_attention_wgmma_ws_hd{D}`: a producer warpgroup feeding two consumer
-/// warpgroups through mbarriers; experimental, not yet measured). Measured on an H200
+/// warpgroups through mbarriers; experimental, not yet measured) or `WgmmaPingPong` (same
+/// file, `prefill_attention_wgmma_pp_hd{D}`: that design with the two consumers' MMA
+/// issue alternating and each softmax under the other's MMAs; experimental, not yet
+/// measured). Measured on an H200
 /// (run 8, 2 x 8192 tokens): Basic 0.07 of the bf16 peak, Pipelined 0.19, Wgmma 0.25
 /// (docs/benchmarks.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,10 +264,11 @@ pub enum PrefillKernel {
     Wgmma,
     WgmmaOverlap,
     WgmmaWs,
+    WgmmaPingPong,
 }
 
 impl PrefillKernel {
-    /// `SOV_PREFILL_KERNEL=basic|pipelined|wgmma|wgmma_ov|wgmma_ws` picks a design (to compare them);
+    /// `SOV_PREFILL_KERNEL=basic|pipelined|wgmma|wgmma_ov|wgmma_ws|wgmma_pp` picks a design (to compare them);
     /// unset, the fastest measured one, [`PrefillKernel::Wgmma`] (which falls back to
     /// `Pipelined` off Hopper, see [`PrefillKernel::resolve`]).
     pub fn from_env() -> Self {
@@ -273,6 +277,7 @@ impl PrefillKernel {
             Ok("pipelined") => Self::Pipelined,
             Ok("wgmma_ov") => Self::WgmmaOverlap,
             Ok("wgmma_ws") => Self::WgmmaWs,
+            Ok("wgmma_pp") => Self::WgmmaPingPong,
             _ => Self::Wgmma,
         }
     }
@@ -282,7 +287,7 @@ impl PrefillKernel {
     pub fn resolve(self, k: &Kernels, fp8: bool) -> Self {
         match self {
             _ if fp8 => Self::Basic,
-            Self::Wgmma | Self::WgmmaOverlap | Self::WgmmaWs
+            Self::Wgmma | Self::WgmmaOverlap | Self::WgmmaWs | Self::WgmmaPingPong
                 if !k.has_source("prefill_wgmma.cu") =>
             {
                 Self::Pipelined
@@ -293,12 +298,12 @@ impl PrefillKernel {
 }
 
 /// Dynamic shared memory of the wgmma designs (prefill_wgmma.cu): `RING_STAGES` (three)
-/// stages of a K and a V tile, 64 x D bf16 each; the warp-specialised design has
+/// stages of a K and a V tile, 64 x D bf16 each; the warp-specialised designs have
 /// `WS_STAGES` (four) and after them a `full` and an `empty` mbarrier (8 bytes) a stage.
 fn wgmma_smem_bytes(kind: PrefillKernel, head_dim: usize) -> usize {
     let stage = 2 * 64 * head_dim * 2;
     match kind {
-        PrefillKernel::WgmmaWs => 4 * stage + 4 * 2 * 8,
+        PrefillKernel::WgmmaWs | PrefillKernel::WgmmaPingPong => 4 * stage + 4 * 2 * 8,
         _ => 3 * stage,
     }
 }
@@ -350,6 +355,12 @@ pub fn prefill_attention_kv(
             128,
             384,
         ),
+        PrefillKernel::WgmmaPingPong => (
+            "prefill_wgmma.cu",
+            format!("prefill_attention_wgmma_pp_hd{hd}"),
+            128,
+            384,
+        ),
     };
     let f = k.function(source, &entry)?;
     let (nh, nkv, mb) = (dim(d.n_heads)?, dim(d.n_kv_heads)?, dim(d.max_blocks)?);
@@ -357,7 +368,10 @@ pub fn prefill_attention_kv(
     let mut cfg = config(d.max_new.div_ceil(rows), d.n_heads, d.num_seqs, threads)?;
     if matches!(
         kind,
-        PrefillKernel::Wgmma | PrefillKernel::WgmmaOverlap | PrefillKernel::WgmmaWs
+        PrefillKernel::Wgmma
+            | PrefillKernel::WgmmaOverlap
+            | PrefillKernel::WgmmaWs
+            | PrefillKernel::WgmmaPingPong
     ) {
         let bytes = wgmma_smem_bytes(kind, hd);
         f.set_attribute(
