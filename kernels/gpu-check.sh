@@ -231,7 +231,7 @@ for shape in eurollm-1.7b smollm2-135m; do
     # the pipelined one (the default off Hopper), the basic one (the FP8 cache's) and the
     # experimental wgmma ones (overlapping, warp-specialised, ping-pong).
     for p in pipelined basic wgmma_ov wgmma_ws wgmma_pp; do
-      SOV_PREFILL_KERNEL=$p RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
+      SOV_PREFILL_KERNEL=$p RUST_BACKTRACE=0 timeout 60 "$BIN/worker" check-backend --model "$TMP/$shape" \
         --device cuda:0 > "$PARTS/$shape.check-$p.json" 2>> "$LOG" || echo "gpu-check: check-backend with the $p prefill failed on $shape" | tee -a "$LOG" >&2
       [ -s "$PARTS/$shape.check-$p.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-$p.json"
     done

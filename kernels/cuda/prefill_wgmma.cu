@@ -96,6 +96,24 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const unsigne
       : "memory");
 }
 
+// D (+)= A B, M = 64, N = 64, K = 16, both operands from shared memory, K-major.
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], unsigned long long desc_a,
+                                                   unsigned long long desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+      "%32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+        "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+        "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+        "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate)
+      : "memory");
+}
+
 template <int TNSP = 0>
 __device__ __forceinline__ void wgmma_m64n96k16_rs(float (&d)[48], const unsigned (&a)[4],
                                                    unsigned long long desc_b, int accumulate) {
@@ -173,6 +191,19 @@ __device__ __forceinline__ void wgmma_issue_s(float (&s)[32], const unsigned (&q
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks)
     wgmma_m64n64k16_rs(s, qa[ks], wgmma_desc(sk + ks * 256, K_LBO, K_SBO), ks > 0);
+  wgmma_commit();
+}
+
+// wgmma_issue_s with Q from shared memory too, at sq in the K tile's layout (64 query
+// rows in place of the 64 keys): A and B are both K-major.
+template <int KS>
+__device__ __forceinline__ void wgmma_issue_s_ss(float (&s)[32], unsigned sq, unsigned sk) {
+  constexpr unsigned LBO = 128, SBO = KS * 16 * 16;
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks)
+    wgmma_m64n64k16_ss(s, wgmma_desc(sq + ks * 256, LBO, SBO),
+                       wgmma_desc(sk + ks * 256, LBO, SBO), ks > 0);
   wgmma_commit();
 }
 
@@ -367,9 +398,13 @@ __device__ __forceinline__ void prefill_wgmma_impl(
 // and the two consumer warpgroups are coupled to it (not to each other) through
 // mbarriers, so they drift out of phase and one's softmax can overlap the other's MMAs;
 // no barrier of the whole CTA inside the loop. 384 threads: warpgroups 0 and 1 consume
-// (64 query rows each), warpgroup 2 produces. The register file is split per SM
-// sub-partition, three warps each: 168 registers a thread at launch, so the producer
-// gives registers back (setmaxnreg 40) and the consumers take them (232).
+// (64 query rows each), warpgroup 2 produces. With 12 warps a thread gets 168 registers
+// (the register file is split per SM sub-partition, three warps each), and ptxas 13.0
+// compiles the whole kernel to that count: `setmaxnreg` (moving the producer's registers
+// to the consumers at run time) did not let it allocate more in the consumers' code,
+// which then spilled and had its wgmmas serialised. So the consumers read Q from shared
+// memory (both S operands K-major there) instead of holding it in 32 registers: 137
+// registers at head_dim 128, nothing serialised.
 //   Producer: for each tile, prefetches the tile's block-table entries, waits until both
 //   consumer warpgroups released the stage it refills (`empty`, 8 warp arrivals), issues
 //   its cp.async copies (8 lanes write 128 contiguous bytes: no bank conflicts; each key
@@ -380,22 +415,17 @@ __device__ __forceinline__ void prefill_wgmma_impl(
 //   every tile otherwise too, so that each stage's phases stay counted), arrive on `empty`.
 constexpr int WS_STAGES = 4;
 
+__device__ __forceinline__ void st_shared16(unsigned addr, uint4 v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w)
+               : "memory");
+}
 __device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
 __device__ __forceinline__ void mbar_arrive(unsigned bar) {
   asm volatile("{ .reg .b64 st; mbarrier.arrive.shared::cta.b64 st, [%0]; }\n" ::"r"(bar)
                : "memory");
-}
-// Registers a thread of the executing warpgroup may use from here on (every warp of the
-// warpgroup executes it).
-template <int N>
-__device__ __forceinline__ void setmaxnreg_dec() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
-}
-template <int N>
-__device__ __forceinline__ void setmaxnreg_inc() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 // Named barrier `id` (1-15; 0 is __syncthreads) of `n` threads: wait for all n, or
 // count this warp's threads in without waiting.
@@ -405,10 +435,14 @@ __device__ __forceinline__ void named_bar_sync(int id, int n) {
 __device__ __forceinline__ void named_bar_arrive(int id, int n) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
-// Blocks until the phase of `bar` with this parity has completed.
+// Blocks until the phase of `bar` with this parity has completed. A wait that never ends
+// (a protocol bug: these designs are experimental) traps instead of hanging the GPU: the
+// launch fails with an error within seconds. A legitimate wait lasts microseconds;
+// 2^22 polls of try_wait (each suspends the thread for a while) take well over 0.1 s.
 __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
   unsigned done = 0;
-  while (!done) {
+  for (unsigned polls = 0; !done; ++polls) {
+    if (polls == (1u << 22)) asm volatile("trap;");
     asm volatile(
         "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; "
         "selp.u32 %0, 1, 0, p; }\n"
@@ -433,7 +467,10 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
   constexpr unsigned K_SBO = HD * 16;
   extern __shared__ __align__(1024) unsigned char pr_smem[];
   const unsigned base = smem_u32(pr_smem);
-  const unsigned full0 = base + WS_STAGES * STAGE;  // WS_STAGES `full`, then `empty`
+  // After the stages: each consumer warpgroup's 64 query rows (K-tile layout), then
+  // WS_STAGES `full` and WS_STAGES `empty` barriers.
+  const unsigned q_base = base + WS_STAGES * STAGE;
+  const unsigned full0 = q_base + 2 * TILE;
   const unsigned empty0 = full0 + WS_STAGES * 8;
 
   const int seq = blockIdx.z, head = blockIdx.y;
@@ -458,7 +495,6 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
   __syncthreads();
 
   if (warp >= 8) {
-    setmaxnreg_dec<40>();
     const int* bt = block_tables + (long long)seq * max_blocks;
     const int n_blocks = (kv_end + KV_BLOCK - 1) / KV_BLOCK;
     const long long row_stride = (long long)n_kv_heads * HD;
@@ -512,7 +548,6 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
     return;
   }
 
-  setmaxnreg_inc<232>();
   const int wg = warp / 4;
   const int g = lane >> 2, t = lane & 3;
   const int wg_row0 = tile_row0 + wg * 64;
@@ -520,8 +555,26 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
   const bool wg_active = wg_row0 < n_new;
   const int wg_last_pos = first_pos + min(n_new - 1, wg_row0 + 63);
 
-  unsigned qa[KS][4];
-  attn_load_q<KS>(qa, q, q0, wr.rows, n_new, q_stride, head * HD, t);
+  // The warpgroup's query rows into shared memory (zeros past n_new), read by the S
+  // wgmmas from there: Q in registers would take 32 more a thread than the 168 that 12
+  // warps get (ptxas compiles the whole kernel to the launch count, setmaxnreg or not,
+  // and serialises the wgmmas when short of registers).
+  const unsigned sq = q_base + wg * TILE;
+  {
+    const int i = threadIdx.x % 128;
+#pragma unroll
+    for (int u = 0; u < HD / 16; ++u) {
+      const int c = i + 128 * u;
+      const int row = ((c >> 3) / (HD / 8)) * 8 + (c & 7), dp = (c >> 3) % (HD / 8);
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (wg_row0 + row < n_new)
+        v = *reinterpret_cast<const uint4*>(q + (long long)(q0 + wg_row0 + row) * q_stride +
+                                            head * HD + dp * 8);
+      st_shared16(sq + (row >> 3) * K_SBO + dp * 128 + (row & 7) * 16, v);
+    }
+    fence_async_shared();
+    named_bar_sync(3 + wg, 128);
+  }
   float o[HD / 2];
 #pragma unroll
   for (int i = 0; i < HD / 2; ++i) o[i] = 0.f;
@@ -566,7 +619,7 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
       float rescale[2];
       wait_tile(0);
       sched_wait();
-      wgmma_issue_s<KS>(s, qa, base);
+      wgmma_issue_s_ss<KS>(s, sq, base);
       sched_pass();
       wgmma_wait_all();
       pin(s);
@@ -581,7 +634,7 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
         for (int kk = 0; kk < PW_BC / 16; ++kk) pin(pa[kk]);
         pin(o);
         sched_wait();
-        wgmma_issue_s<KS>(s, qa, base + (j % WS_STAGES) * STAGE);  // fences first
+        wgmma_issue_s_ss<KS>(s, sq, base + (j % WS_STAGES) * STAGE);  // fences first
         wgmma_issue_pv<HD>(o, pa, base + ((j - 1) % WS_STAGES) * STAGE + TILE);
         sched_pass();
         wgmma_wait<1>();  // S(j)
@@ -626,7 +679,7 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
       if (wg_active && j * PW_BC <= wg_last_pos) {
         const unsigned sk = base + st * STAGE;
         float s[32];
-        wgmma_issue_s<KS>(s, qa, sk);
+        wgmma_issue_s_ss<KS>(s, sq, sk);
         wgmma_wait_all();
         pin(s);
         wgmma_softmax_pv<HD>(s, j, wr, t, m, l, o, scale_log2, sk + TILE);

@@ -90,6 +90,30 @@ for HD in (64, 96, 128):
                         assert sorted(a) == list(range(min(a), min(a) + 128, 16)), ("ws banks", HD, i, dq, w, q)
     assert pieces == {(key, dp) for key in range(BC) for dp in range(HD // 8)}, ("ws pieces", HD)
     print("HD", HD, "ok: the warp-specialised producer copies every piece once, conflict-free")
+    # Its consumers' Q (64 rows a warpgroup) in the K tile's layout, read as wgmma's A
+    # operand from shared memory (K-major: element (m, k) at start + (m/8)*SBO +
+    # (k/8)*LBO + (m%8)*16 + (k%8)*2): thread i stores pieces c = i + 128 u.
+    Q = rng.integers(0, 60000, size=(64, HD)).astype(np.uint16)
+    sq = np.zeros(TILE // 2, dtype=np.uint16)
+    seen = set()
+    for u in range(HD // 16):
+        addrs = []
+        for i in range(128):
+            c = i + 128 * u
+            row, dp = ((c >> 3) // (HD // 8)) * 8 + (c & 7), (c >> 3) % (HD // 8)
+            a = (row >> 3) * K_SBO + dp * 128 + (row & 7) * 16
+            assert (row, dp) not in seen
+            seen.add((row, dp)); addrs.append(a)
+            sq[a // 2: a // 2 + 8] = Q[row, dp * 8: dp * 8 + 8]
+        for q8 in range(16):
+            a = addrs[8 * q8: 8 * q8 + 8]
+            assert sorted(a) == list(range(min(a), min(a) + 128, 16)), ("ws q banks", HD, u, q8)
+    assert len(seen) == 64 * HD // 8
+    for ks in range(HD // 16):
+        A = np.array([[sq[(ks * 256 + (m // 8) * K_SBO + (k // 8) * K_LBO + (m % 8) * 16 + (k % 8) * 2) // 2]
+                       for k in range(16)] for m in range(64)])
+        assert (A == Q[:, 16 * ks: 16 * ks + 16]).all(), ("ws Q", HD, ks)
+    print("HD", HD, "ok: the warp-specialised consumers' Q in shared memory matches the wgmma A operand model")
 
 import numpy as np
 rng = np.random.default_rng(1)

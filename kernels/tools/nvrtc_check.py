@@ -113,8 +113,11 @@ def ptxas_report(ptxas, ptx, arch):
         if r.returncode != 0:
             raise RuntimeError(f"ptxas failed for {arch}:\n{r.stderr}")
         text = r.stderr + r.stdout
-    # A ptxas warning (e.g. wgmma serialised for a register dependency) fails the check.
-    warnings = [l for l in text.splitlines() if "warning" in l.lower()]
+    # A ptxas warning (e.g. wgmma serialised for a register dependency) fails the check,
+    # and so does a "Potential Performance Loss" note, which ptxas prints as info (e.g.
+    # C7512: wgmma serialised for lack of registers, C7508: setmaxnreg ignored).
+    warnings = [l for l in text.splitlines()
+                if "warning" in l.lower() or "potential performance loss" in l.lower()]
     if warnings:
         raise RuntimeError(f"ptxas warnings for {arch}:\n" + "\n".join(warnings))
     entries = {}

@@ -299,12 +299,15 @@ impl PrefillKernel {
 
 /// Dynamic shared memory of the wgmma designs (prefill_wgmma.cu): `RING_STAGES` (three)
 /// stages of a K and a V tile, 64 x D bf16 each; the warp-specialised designs have
-/// `WS_STAGES` (four) and after them a `full` and an `empty` mbarrier (8 bytes) a stage.
+/// `WS_STAGES` (four), then the two consumer warpgroups' 64 query rows (a tile's size
+/// each), then a `full` and an `empty` mbarrier (8 bytes) a stage.
 fn wgmma_smem_bytes(kind: PrefillKernel, head_dim: usize) -> usize {
-    let stage = 2 * 64 * head_dim * 2;
+    let tile = 64 * head_dim * 2;
     match kind {
-        PrefillKernel::WgmmaWs | PrefillKernel::WgmmaPingPong => 4 * stage + 4 * 2 * 8,
-        _ => 3 * stage,
+        PrefillKernel::WgmmaWs | PrefillKernel::WgmmaPingPong => {
+            4 * 2 * tile + 2 * tile + 4 * 2 * 8
+        }
+        _ => 3 * 2 * tile,
     }
 }
 
