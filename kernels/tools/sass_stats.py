@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Static SASS statistics of kernels, no GPU needed: compiles a source the way the worker
+does (NVRTC 13.0 with kernels/cuda/nvrtc_options.txt, then ptxas for the arch), disassembles
+the cubin with nvdisasm and prints per entry point the instruction count, the tensor-core
+instructions (HGMMA / HMMA), the wgmma waits (WARPGROUP.DEPBAR: more than one per wgmma
+group means ptxas serialised them), exponentials, multiplies, local-memory traffic and the
+highest register used. A proxy for issue cost when no GPU is at hand, not a measurement.
+
+Needs the wheels nvrtc_check.py needs, plus nvdisasm (PyPI nvidia-cuda-nvdisasm; any 13.x
+disassembles these cubins), e.g. `pip install --target /tmp/nvd 'nvidia-cuda-nvdisasm==13.2.*'`
+and `--nvdisasm /tmp/nvd/nvidia/cu13/bin/nvdisasm`.
+
+  python3 kernels/tools/sass_stats.py prefill_wgmma.cu [--arch sm_90] [--match hd128]
+"""
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import nvrtc_check as nc  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("source", help="a file in kernels/cuda, e.g. prefill_wgmma.cu")
+    ap.add_argument("--arch", default="sm_90", help="device arch (sm_90 builds sm_90a where the worker does)")
+    ap.add_argument("--match", default="", help="only entry points containing this")
+    ap.add_argument("--nvdisasm", default=shutil.which("nvdisasm") or "nvdisasm")
+    a = ap.parse_args()
+    cu13 = nc.cu13_root()
+    arch = nc.build_arch(a.source, a.arch)
+    if arch is None:
+        sys.exit(f"sass_stats: {a.source} is not built for {a.arch}")
+    nvrtc = nc.Nvrtc(cu13 / "lib" / "libnvrtc.so.13")
+    ptx, _log = nvrtc.compile_ptx(nc.program_source(nc.CUDA_DIR / a.source), a.source, nc.nvrtc_options(arch))
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "k.ptx").write_text(ptx)
+        subprocess.run([str(cu13 / "bin" / "ptxas"), f"-arch={arch}", str(Path(d) / "k.ptx"), "-o",
+                        str(Path(d) / "k.cubin")], check=True)
+        try:
+            sass = subprocess.run([a.nvdisasm, "-c", str(Path(d) / "k.cubin")], capture_output=True,
+                                  text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError) as e:
+            sys.exit(f"sass_stats: nvdisasm failed ({e}); see --nvdisasm")
+    print(f"{a.source} for {arch}")
+    for part in re.split(r"\n(?=\.text\.)", sass):
+        m = re.match(r"\.text\.(\S+):", part)
+        if not m or a.match not in m.group(1):
+            continue
+        ops = [re.sub(r"^\s*/\*[0-9a-f]+\*/\s*", "", line).split(";")[0].strip()
+               for line in part.split("\n") if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
+
+        def count(pattern):
+            return sum(bool(re.search(pattern, o)) for o in ops)
+        regs = [int(r) for o in ops for r in re.findall(r"\bR(\d+)\b", o)]
+        stats = {
+            "instr": len(ops),
+            "HGMMA": count(r"HGMMA"),
+            "HMMA": count(r"\bHMMA"),
+            "wgmma waits": count(r"WARPGROUP\.DEPBAR"),
+            "EX2": count(r"MUFU\.EX2"),
+            "FMUL": count(r"\bFMUL\b"),
+            "local": count(r"\b(LDL|STL)\b"),
+            "max R": max(regs or [0]),
+        }
+        print(f"  {m.group(1):40s} " + "  ".join(f"{k} {v}" for k, v in stats.items()))
+
+
+if __name__ == "__main__":
+    main()
