@@ -350,9 +350,9 @@ __device__ __forceinline__ void prefill_wgmma_impl(
       cp_async_wait<0>();
       fence_async_shared();
       __syncthreads();
-      load_tile(j + 2);
       const bool next = runs(j + 1);
       if (next) issue_s(j + 1, s_next);  // runs during the softmax below
+      load_tile(j + 2);
       if (runs(j)) softmax_pv(s_cur, j);  // P V(j - 1) completed: o may be rescaled
       wgmma_wait_all();  // S(j + 1) and P V(j)
       pin(o);
