@@ -399,12 +399,13 @@ __device__ __forceinline__ void prefill_wgmma_impl(
 // mbarriers, so they drift out of phase and one's softmax can overlap the other's MMAs;
 // no barrier of the whole CTA inside the loop. 384 threads: warpgroups 0 and 1 consume
 // (64 query rows each), warpgroup 2 produces. With 12 warps a thread gets 168 registers
-// (the register file is split per SM sub-partition, three warps each), and ptxas 13.0
-// compiles the whole kernel to that count: `setmaxnreg` (moving the producer's registers
-// to the consumers at run time) did not let it allocate more in the consumers' code,
-// which then spilled and had its wgmmas serialised. So the consumers read Q from shared
-// memory (both S operands K-major there) instead of holding it in 32 registers: 137
-// registers at head_dim 128, nothing serialised.
+// (the register file is split per SM sub-partition, three warps each). The consumers
+// read Q from shared memory (both S operands K-major there, as FlashAttention-3 does)
+// rather than holding it in 32 registers, so they fit in those 168 (146 at head_dim 128)
+// without `setmaxnreg`. (ptxas does give a warpgroup more registers after
+// `setmaxnreg.inc`, measured on a small wgmma kernel, but not to code containing a
+// `trap`: an earlier version of the waits below trapped, and ptxas spilled and
+// serialised the consumers' wgmmas, C7512.)
 //   Producer: for each tile, prefetches the tile's block-table entries, waits until both
 //   consumer warpgroups released the stage it refills (`empty`, 8 warp arrivals), issues
 //   its cp.async copies (8 lanes write 128 contiguous bytes: no bank conflicts; each key
@@ -435,14 +436,15 @@ __device__ __forceinline__ void named_bar_sync(int id, int n) {
 __device__ __forceinline__ void named_bar_arrive(int id, int n) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
-// Blocks until the phase of `bar` with this parity has completed. A wait that never ends
-// (a protocol bug: these designs are experimental) traps instead of hanging the GPU: the
-// launch fails with an error within seconds. A legitimate wait lasts microseconds;
-// 2^22 polls of try_wait (each suspends the thread for a while) take well over 0.1 s.
+// Blocks until the phase of `bar` with this parity has completed, or gives up after 2^22
+// polls of try_wait (each suspends the thread for a while: well over 0.1 s in all, where
+// a legitimate wait lasts microseconds). Giving up lets a protocol bug (these designs are
+// experimental) finish the launch with wrong results, which the checks report, instead
+// of hanging the GPU run. (Not `trap`: a trap in the consumers' code made ptxas spill
+// and serialise their wgmmas, C7512.)
 __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
   unsigned done = 0;
-  for (unsigned polls = 0; !done; ++polls) {
-    if (polls == (1u << 22)) asm volatile("trap;");
+  for (unsigned polls = 0; !done && polls < (1u << 22); ++polls) {
     asm volatile(
         "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; "
         "selp.u32 %0, 1, 0, p; }\n"
@@ -556,9 +558,7 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
   const int wg_last_pos = first_pos + min(n_new - 1, wg_row0 + 63);
 
   // The warpgroup's query rows into shared memory (zeros past n_new), read by the S
-  // wgmmas from there: Q in registers would take 32 more a thread than the 168 that 12
-  // warps get (ptxas compiles the whole kernel to the launch count, setmaxnreg or not,
-  // and serialises the wgmmas when short of registers).
+  // wgmmas from there (see above).
   const unsigned sq = q_base + wg * TILE;
   {
     const int i = threadIdx.x % 128;
