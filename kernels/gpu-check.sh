@@ -33,7 +33,8 @@ cd "$(dirname "$0")/.."
 # warp-specialised wgmma prefill, a producer warpgroup feeding two consumer warpgroups
 # through mbarriers (worker: SOV_PREFILL_KERNEL=wgmma_ws). `prefill_attention_wgmma_pp`:
 # that design with the consumers' MMA issue alternating (ping-pong; wgmma_pp).
-OPT_IN="gemv_norm_late gemv_norm_rope prefill_attention_wgmma_ov prefill_attention_wgmma_ws prefill_attention_wgmma_pp"
+# `prefill_attention_wgmma_pp128`: ping-pong with 128-key tiles (wgmma_pp128).
+OPT_IN="gemv_norm_late gemv_norm_rope prefill_attention_wgmma_ov prefill_attention_wgmma_ws prefill_attention_wgmma_pp prefill_attention_wgmma_pp128"
 # summarize PARTS STATUS: the JSON summary of the stage results in PARTS.
 summarize() {
 python3 - "$1" "$2" "$OPT_IN" <<'PY'
@@ -75,6 +76,7 @@ for shape in ["smollm2-135m", "eurollm-1.7b"]:
          "backend_check_prefill_wgmma_ov": check(f"{shape}.check-wgmma_ov.json"),
          "backend_check_prefill_wgmma_ws": check(f"{shape}.check-wgmma_ws.json"),
          "backend_check_prefill_wgmma_pp": check(f"{shape}.check-wgmma_pp.json"),
+         "backend_check_prefill_wgmma_pp128": check(f"{shape}.check-wgmma_pp128.json"),
          "bench_kv_fp8": load(f"{shape}.fp8.json"), "backend_check_kv_fp8": check(f"{shape}.check-fp8.json")}
     limit = None
     try:
@@ -229,8 +231,8 @@ for shape in eurollm-1.7b smollm2-135m; do
       > "$PARTS/$shape.late.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.late.json"
     # The prefill designs other than the default inside the backend (its prefill steps):
     # the pipelined one (the default off Hopper), the basic one (the FP8 cache's) and the
-    # experimental wgmma ones (overlapping, warp-specialised, ping-pong).
-    for p in pipelined basic wgmma_ov wgmma_ws wgmma_pp; do
+    # experimental wgmma ones (overlapping, warp-specialised, ping-pong, 128-key tiles).
+    for p in pipelined basic wgmma_ov wgmma_ws wgmma_pp wgmma_pp128; do
       SOV_PREFILL_KERNEL=$p RUST_BACKTRACE=0 timeout 60 "$BIN/worker" check-backend --model "$TMP/$shape" \
         --device cuda:0 > "$PARTS/$shape.check-$p.json" 2>> "$LOG" || echo "gpu-check: check-backend with the $p prefill failed on $shape" | tee -a "$LOG" >&2
       [ -s "$PARTS/$shape.check-$p.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-$p.json"
@@ -255,7 +257,7 @@ done
 # process runs one design, whose 4 check launches and 1 warm-up launch are skipped.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
 if [ -n "$NCU" ]; then
-  for d in prefill_attention_wgmma prefill_attention_wgmma_ov prefill_attention_wgmma_ws prefill_attention_wgmma_pp; do
+  for d in prefill_attention_wgmma prefill_attention_wgmma_ov prefill_attention_wgmma_ws prefill_attention_wgmma_pp prefill_attention_wgmma_pp128; do
     say "ncu: $d"
     timeout 90 "$NCU" --kernel-name regex:prefill_attention_wgmma --launch-skip 5 --launch-count 1 \
       --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \

@@ -191,7 +191,8 @@ __device__ __forceinline__ void ldsm_x4_trans(unsigned r[4], unsigned addr) {
 
 // Online-softmax pieces shared by the pipelined and the wgmma prefill kernels. One warp
 // holds 16 query rows, lane (g, t) rows g and g + 8 (g = lane / 4, t = lane % 4); a
-// 64-key score tile is 8 column tiles in s[4 jn + e] and the output HD / 8 column tiles
+// 64-key score tile is 8 column tiles in s[4 jn + e] (a tile of NS / 2 keys NS / 4 of
+// them; the helpers below take either) and the output HD / 8 column tiles
 // in o[4 n + e] (e = 0, 1: row g, columns 2t, 2t + 1; e = 2, 3: row g + 8): the
 // m16n8k16 accumulator layout, which wgmma's accumulators share.
 
@@ -215,9 +216,11 @@ struct AttnRows {
     active = row0 < n_new;
     full = row0 + 15 < n_new;
   }
-  // Whether the 64-key tile at k0 crosses the warp's diagonal (or the warp has padding
-  // rows), so that attn_mask must run.
-  __device__ __forceinline__ bool needs_mask(int k0) const { return !full || k0 + 63 > first_pos; }
+  // Whether the tile of `keys` keys at k0 crosses the warp's diagonal (or the warp has
+  // padding rows), so that attn_mask must run.
+  __device__ __forceinline__ bool needs_mask(int k0, int keys = 64) const {
+    return !full || k0 + keys - 1 > first_pos;
+  }
 };
 
 // Q as A fragments (k-step ks: columns col0 + 16 ks ..), rows past n_new zero.
@@ -238,11 +241,12 @@ __device__ __forceinline__ void attn_load_q(unsigned (&qa)[KS][4], const bf16* _
   }
 }
 
-// Causal mask of the tile of keys k0..k0+63: keys after a row's position become -inf
+// Causal mask of the tile of keys k0..k0+NS/2-1: keys after a row's position become -inf
 // (a padding row has position -1 and sees nothing).
-__device__ __forceinline__ void attn_mask(float (&s)[32], int k0, int t, const int qpos[2]) {
+template <int NS>
+__device__ __forceinline__ void attn_mask(float (&s)[NS], int k0, int t, const int qpos[2]) {
 #pragma unroll
-  for (int jn = 0; jn < 8; ++jn) {
+  for (int jn = 0; jn < NS / 4; ++jn) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       if (k0 + 8 * jn + 2 * t + (e & 1) > qpos[e >> 1]) s[4 * jn + e] = neg_inf();
@@ -264,14 +268,15 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // become the weights 2^(s * scale_log2 - m) against the new running max m (per row, over
 // the quad's lanes), the lane-partial sums l are rescaled to it and `rescale` gets the
 // factor by which the output must be (attn_softmax applies it).
-__device__ __forceinline__ void attn_softmax_weights(float (&s)[32], float (&m)[2],
+template <int NS>
+__device__ __forceinline__ void attn_softmax_weights(float (&s)[NS], float (&m)[2],
                                                      float (&l)[2], float scale_log2,
                                                      float (&rescale)[2]) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float mx = neg_inf();
 #pragma unroll
-    for (int jn = 0; jn < 8; ++jn) mx = fmaxf(mx, fmaxf(s[4 * jn + 2 * r], s[4 * jn + 2 * r + 1]));
+    for (int jn = 0; jn < NS / 4; ++jn) mx = fmaxf(mx, fmaxf(s[4 * jn + 2 * r], s[4 * jn + 2 * r + 1]));
     mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
     const float m_new = fmaxf(m[r], mx * scale_log2);
@@ -281,7 +286,7 @@ __device__ __forceinline__ void attn_softmax_weights(float (&s)[32], float (&m)[
     m[r] = m_new;
     float sum = 0.f;
 #pragma unroll
-    for (int jn = 0; jn < 8; ++jn) {
+    for (int jn = 0; jn < NS / 4; ++jn) {
       float& a = s[4 * jn + 2 * r];
       float& b = s[4 * jn + 2 * r + 1];
       a = fast_exp2(fmaf(a, scale_log2, -shift));
@@ -306,8 +311,8 @@ __device__ __forceinline__ void attn_rescale(float (&o)[NO], const float (&resca
 }
 
 // One tile's whole online-softmax step: the weights, and the output o rescaled.
-template <int NO>
-__device__ __forceinline__ void attn_softmax(float (&s)[32], float (&m)[2], float (&l)[2],
+template <int NS, int NO>
+__device__ __forceinline__ void attn_softmax(float (&s)[NS], float (&m)[2], float (&l)[2],
                                              float (&o)[NO], float scale_log2) {
   float rescale[2];
   attn_softmax_weights(s, m, l, scale_log2, rescale);
@@ -315,7 +320,8 @@ __device__ __forceinline__ void attn_softmax(float (&s)[32], float (&m)[2], floa
 }
 
 // The weights of keys 16 kk .. 16 kk + 15 as an A fragment (rounded to bf16).
-__device__ __forceinline__ void attn_pack_p(const float (&s)[32], int kk, unsigned (&pa)[4]) {
+template <int NS>
+__device__ __forceinline__ void attn_pack_p(const float (&s)[NS], int kk, unsigned (&pa)[4]) {
   pa[0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
   pa[1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
   pa[2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);

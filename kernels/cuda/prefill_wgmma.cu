@@ -114,6 +114,29 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], unsigned long
       : "memory");
 }
 
+// The same with N = 128.
+__device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], unsigned long long desc_a,
+                                                    unsigned long long desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+      "%64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+        "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+        "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+        "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+        "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+        "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate)
+      : "memory");
+}
+
 template <int TNSP = 0>
 __device__ __forceinline__ void wgmma_m64n96k16_rs(float (&d)[48], const unsigned (&a)[4],
                                                    unsigned long long desc_b, int accumulate) {
@@ -194,52 +217,75 @@ __device__ __forceinline__ void wgmma_issue_s(float (&s)[32], const unsigned (&q
   wgmma_commit();
 }
 
+// wgmma_issue_s for a tile of BC (64 or 128) keys.
+template <int KS, int BC>
+__device__ __forceinline__ void wgmma_issue_s_rs(float (&s)[BC / 2], const unsigned (&qa)[KS][4],
+                                                 unsigned sk) {
+  if constexpr (BC == 64) {
+    wgmma_issue_s<KS>(s, qa, sk);
+  } else {
+    constexpr unsigned K_LBO = 128, K_SBO = KS * 16 * 16;
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks)
+      wgmma_m64n128k16_rs(s, qa[ks], wgmma_desc(sk + ks * 256, K_LBO, K_SBO), ks > 0);
+    wgmma_commit();
+  }
+}
+
 // wgmma_issue_s with Q from shared memory too, at sq in the K tile's layout (64 query
-// rows in place of the 64 keys): A and B are both K-major.
-template <int KS>
-__device__ __forceinline__ void wgmma_issue_s_ss(float (&s)[32], unsigned sq, unsigned sk) {
+// rows in place of the keys): A and B are both K-major; a tile of BC (64 or 128) keys.
+template <int KS, int BC>
+__device__ __forceinline__ void wgmma_issue_s_ss(float (&s)[BC / 2], unsigned sq, unsigned sk) {
   constexpr unsigned LBO = 128, SBO = KS * 16 * 16;
   wgmma_fence();
 #pragma unroll
-  for (int ks = 0; ks < KS; ++ks)
-    wgmma_m64n64k16_ss(s, wgmma_desc(sq + ks * 256, LBO, SBO),
-                       wgmma_desc(sk + ks * 256, LBO, SBO), ks > 0);
+  for (int ks = 0; ks < KS; ++ks) {
+    const unsigned long long da = wgmma_desc(sq + ks * 256, LBO, SBO);
+    const unsigned long long db = wgmma_desc(sk + ks * 256, LBO, SBO);
+    if constexpr (BC == 64) {
+      wgmma_m64n64k16_ss(s, da, db, ks > 0);
+    } else {
+      wgmma_m64n128k16_ss(s, da, db, ks > 0);
+    }
+  }
   wgmma_commit();
 }
 
-// O += P V for one 64-key tile whose V starts at shared address sv (layout above), P as
-// A fragments (keys 16 kk ..: pa[kk]); issued and committed (the caller fenced and waits).
-template <int HD>
+// O += P V for one tile of BC keys whose V starts at shared address sv (layout above), P
+// as A fragments (keys 16 kk ..: pa[kk]); issued and committed (the caller fenced and
+// waits).
+template <int HD, int BC = PW_BC>
 __device__ __forceinline__ void wgmma_issue_pv(float (&o)[HD / 2],
-                                               const unsigned (&pa)[PW_BC / 16][4],
+                                               const unsigned (&pa)[BC / 16][4],
                                                unsigned sv) {
   constexpr unsigned V_LBO = 128, V_SBO = 256;
 #pragma unroll
-  for (int kk = 0; kk < PW_BC / 16; ++kk)
+  for (int kk = 0; kk < BC / 16; ++kk)
     wgmma_pv<HD, 1>(o, pa[kk], wgmma_desc(sv + kk * (HD * 32), V_LBO, V_SBO));
   wgmma_commit();
 }
 
-// Tile j's scores s (raw, complete) into O += P V(j), V at shared address sv: mask, online
-// softmax (the output rescaled: no wgmma may be writing o), P packed as A fragments, the
-// PV wgmmas issued and committed (the caller waits).
-template <int HD>
-__device__ __forceinline__ void wgmma_softmax_pv(float (&s)[32], int j, const AttnRows& wr,
+// Tile j's scores s (raw, complete; BC keys) into O += P V(j), V at shared address sv:
+// mask, online softmax (the output rescaled: no wgmma may be writing o), P packed as A
+// fragments, the PV wgmmas issued and committed (the caller waits).
+template <int HD, int BC = PW_BC>
+__device__ __forceinline__ void wgmma_softmax_pv(float (&s)[BC / 2], int j, const AttnRows& wr,
                                                  int t, float (&m)[2], float (&l)[2],
                                                  float (&o)[HD / 2], float scale_log2,
                                                  unsigned sv) {
-  const int k0 = j * PW_BC;
-  if (wr.needs_mask(k0)) attn_mask(s, k0, t, wr.qpos);
+  const int k0 = j * BC;
+  if (wr.needs_mask(k0, BC)) attn_mask(s, k0, t, wr.qpos);
   attn_softmax(s, m, l, o, scale_log2);
-  unsigned pa[PW_BC / 16][4];
+  unsigned pa[BC / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < PW_BC / 16; ++kk) {
+  for (int kk = 0; kk < BC / 16; ++kk) {
     attn_pack_p(s, kk, pa[kk]);
     pin(pa[kk]);
   }
   pin(o);
   wgmma_fence();
-  wgmma_issue_pv<HD>(o, pa, sv);
+  wgmma_issue_pv<HD, BC>(o, pa, sv);
 }
 
 // The ring design (`prefill_attention_wgmma_hd{D}`, the default). OVERLAP
@@ -414,7 +460,25 @@ __device__ __forceinline__ void prefill_wgmma_impl(
 //   arrives on the stage's `full` barrier (128 thread arrivals).
 //   Consumers: wait `full`, compute the tile if their rows see it (wait for and release
 //   every tile otherwise too, so that each stage's phases stay counted), arrive on `empty`.
-constexpr int WS_STAGES = 4;
+// Ring stages: four of 64-key tiles, three of 128-key ones (a stage's shared memory
+// doubles; three stages and Q in shared memory would not fit at head_dim 128, so with
+// 128-key tiles Q stays in registers). Not two: a stage is released only once the P V
+// that reads it has completed, in the consumers' next iteration, after they waited for
+// that iteration's tile, whose `full` the producer signals only after issuing the tile
+// after it, into the stage being released: with two stages each waits for the other.
+constexpr int ws_stages(int bc) { return bc == 64 ? 4 : 3; }
+
+// Registers a thread of the executing warpgroup may use from here on (every warp of the
+// warpgroup executes it; the CTA's total must stay what the launch gave: 40 + 2 x 232 =
+// 3 x 168).
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
 
 __device__ __forceinline__ void st_shared16(unsigned addr, uint4 v) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y),
@@ -454,7 +518,7 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
   }
 }
 
-template <int HD, bool PINGPONG>
+template <int HD, bool PINGPONG, int BC>
 __device__ __forceinline__ void prefill_wgmma_ws_impl(
     const sov::bf16* __restrict__ q, const sov::bf16* __restrict__ k_cache,
     const sov::bf16* __restrict__ v_cache, const int* __restrict__ cu_q,
@@ -462,18 +526,22 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
     sov::bf16* __restrict__ out, int n_heads, int n_kv_heads, int max_blocks, float scale,
     int q_stride) {
   static_assert(HD == 64 || HD == 96 || HD == 128, "head_dim must be 64, 96 or 128");
+  static_assert(BC == 64 || BC == 128, "tiles of 64 or 128 keys");
   constexpr int KS = HD / 16;
-  constexpr int TILE = PW_BC * HD * 2;
+  constexpr int TILE = BC * HD * 2;  // a K or a V tile
+  constexpr int QTILE = 64 * HD * 2;  // a consumer warpgroup's query rows
   constexpr int STAGE = 2 * TILE;
+  constexpr int ST = ws_stages(BC);
+  constexpr bool Q_SMEM = BC == 64;  // else Q in registers (see ws_stages)
   constexpr int BR = 128;
   constexpr unsigned K_SBO = HD * 16;
   extern __shared__ __align__(1024) unsigned char pr_smem[];
   const unsigned base = smem_u32(pr_smem);
-  // After the stages: each consumer warpgroup's 64 query rows (K-tile layout), then
-  // WS_STAGES `full` and WS_STAGES `empty` barriers.
-  const unsigned q_base = base + WS_STAGES * STAGE;
-  const unsigned full0 = q_base + 2 * TILE;
-  const unsigned empty0 = full0 + WS_STAGES * 8;
+  // After the ST stages: each consumer warpgroup's 64 query rows (K-tile layout; with
+  // 64-key tiles only), then ST `full` and ST `empty` barriers.
+  const unsigned q_base = base + ST * STAGE;
+  const unsigned full0 = q_base + (Q_SMEM ? 2 * QTILE : 0);
+  const unsigned empty0 = full0 + ST * 8;
 
   const int seq = blockIdx.z, head = blockIdx.y;
   const int q0 = cu_q[seq], n_new = cu_q[seq + 1] - q0;
@@ -485,11 +553,11 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int last_row = min(n_new, tile_row0 + BR) - 1;
   const int kv_end = first_pos + last_row + 1;
-  const int n_tiles = (kv_end + PW_BC - 1) / PW_BC;
+  const int n_tiles = (kv_end + BC - 1) / BC;
 
   if (threadIdx.x == 0) {
 #pragma unroll
-    for (int st = 0; st < WS_STAGES; ++st) {
+    for (int st = 0; st < ST; ++st) {
       mbar_init(full0 + 8 * st, 128);
       mbar_init(empty0 + 8 * st, 8);
     }
@@ -497,28 +565,30 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
   __syncthreads();
 
   if (warp >= 8) {
+    // 128-key tiles: the consumers need more than the 168 registers 12 warps get.
+    if constexpr (BC == 128) setmaxnreg_dec<40>();
     const int* bt = block_tables + (long long)seq * max_blocks;
     const int n_blocks = (kv_end + KV_BLOCK - 1) / KV_BLOCK;
     const long long row_stride = (long long)n_kv_heads * HD;
-    // Thread p copies keys 8 (w + 4 i) + p % 8 (w = p / 32 its warp, i = 0, 1), pieces
-    // (p / 8) % 4 + 4 dq of each.
+    // Thread p copies keys 8 (w + 4 i) + p % 8 (w = p / 32 its warp, i < BC / 32),
+    // pieces (p / 8) % 4 + 4 dq of each.
     const int p = threadIdx.x - 256;
     const int key_lo = p & 7, dp0 = (p >> 3) & 3, w = p >> 5;
 #pragma unroll 1
     for (int j = 0; j < n_tiles; ++j) {
-      const int st = j % WS_STAGES;
-      const int k0 = j * PW_BC;
-      // The KV block of this thread's key i: (w + 4 i) / 2 of the tile's four.
-      int blk[PW_BC / 32];
+      const int st = j % ST;
+      const int k0 = j * BC;
+      // The KV block of this thread's key i: (w + 4 i) / 2 of the tile's BC / 16.
+      int blk[BC / 32];
 #pragma unroll
-      for (int i = 0; i < PW_BC / 32; ++i) {
+      for (int i = 0; i < BC / 32; ++i) {
         const int b = k0 / KV_BLOCK + (w >> 1) + 2 * i;
         blk[i] = b < n_blocks ? bt[b] : 0;
       }
-      if (j >= WS_STAGES) mbar_wait(empty0 + 8 * st, (j / WS_STAGES - 1) & 1);
+      if (j >= ST) mbar_wait(empty0 + 8 * st, (j / ST - 1) & 1);
       const unsigned sk = base + st * STAGE, sv = sk + TILE;
 #pragma unroll
-      for (int i = 0; i < PW_BC / 32; ++i) {
+      for (int i = 0; i < BC / 32; ++i) {
         const int key = 8 * (w + 4 * i) + key_lo;
         const int pos = k0 + key;
         const bool in = pos < kv_end;
@@ -539,17 +609,18 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
       if (j > 0) {
         cp_async_wait<1>();  // tile j - 1
         fence_async_shared();
-        mbar_arrive(full0 + 8 * ((j - 1) % WS_STAGES));
+        mbar_arrive(full0 + 8 * ((j - 1) % ST));
       }
     }
     if (n_tiles > 0) {
       cp_async_wait<0>();
       fence_async_shared();
-      mbar_arrive(full0 + 8 * ((n_tiles - 1) % WS_STAGES));
+      mbar_arrive(full0 + 8 * ((n_tiles - 1) % ST));
     }
     return;
   }
 
+  if constexpr (BC == 128) setmaxnreg_inc<232>();
   const int wg = warp / 4;
   const int g = lane >> 2, t = lane & 3;
   const int wg_row0 = tile_row0 + wg * 64;
@@ -559,8 +630,11 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
 
   // The warpgroup's query rows into shared memory (zeros past n_new), read by the S
   // wgmmas from there (see above).
-  const unsigned sq = q_base + wg * TILE;
-  {
+  const unsigned sq = q_base + wg * QTILE;
+  unsigned qa[KS][4];  // with 128-key tiles
+  if constexpr (!Q_SMEM) {
+    attn_load_q<KS>(qa, q, q0, wr.rows, n_new, q_stride, head * HD, t);
+  } else {
     const int i = threadIdx.x % 128;
 #pragma unroll
     for (int u = 0; u < HD / 16; ++u) {
@@ -575,6 +649,14 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
     fence_async_shared();
     named_bar_sync(3 + wg, 128);
   }
+  // S = Q K^T of the tile whose K is at sk, issued and committed.
+  auto issue_s = [&](float(&s)[BC / 2], unsigned sk) {
+    if constexpr (Q_SMEM) {
+      wgmma_issue_s_ss<KS, BC>(s, sq, sk);
+    } else {
+      wgmma_issue_s_rs<KS, BC>(s, qa, sk);
+    }
+  };
   float o[HD / 2];
 #pragma unroll
   for (int i = 0; i < HD / 2; ++i) o[i] = 0.f;
@@ -587,7 +669,7 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
     // the two differ by at most one).
     auto tiles = [&](int w) {
       const int r0 = tile_row0 + w * 64;
-      return r0 < n_new ? (first_pos + min(n_new - 1, r0 + 63)) / PW_BC + 1 : 0;
+      return r0 < n_new ? (first_pos + min(n_new - 1, r0 + 63)) / BC + 1 : 0;
     };
     const int t0 = tiles(0), t1 = tiles(1), mine = wg ? t1 : t0;
     // Bursts of MMA issue alternate between the warpgroups (named barriers 1 and 2):
@@ -607,53 +689,53 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
     if (pp && wg == 1) named_bar_arrive(1, 256);
     auto release = [&](int j) {
       __syncwarp();
-      if (lane == 0) mbar_arrive(empty0 + 8 * (j % WS_STAGES));
+      if (lane == 0) mbar_arrive(empty0 + 8 * (j % ST));
     };
-    auto wait_tile = [&](int j) { mbar_wait(full0 + 8 * (j % WS_STAGES), (j / WS_STAGES) & 1); };
+    auto wait_tile = [&](int j) { mbar_wait(full0 + 8 * (j % ST), (j / ST) & 1); };
     if (mine > 0) {
       // Burst 0: S(0). Burst k: S(k) and P V(k - 1), whose P waits in registers; the
       // softmax of tile k runs while the other warpgroup's burst computes. Last burst:
       // P V(mine - 1).
-      float s[32];
-      unsigned pa[PW_BC / 16][4];
+      float s[BC / 2];
+      unsigned pa[BC / 16][4];
       float rescale[2];
       wait_tile(0);
       sched_wait();
-      wgmma_issue_s_ss<KS>(s, sq, base);
+      issue_s(s, base);
       sched_pass();
       wgmma_wait_all();
       pin(s);
-      if (wr.needs_mask(0)) attn_mask(s, 0, t, wr.qpos);
+      if (wr.needs_mask(0, BC)) attn_mask(s, 0, t, wr.qpos);
       attn_softmax_weights(s, m, l, scale_log2, rescale);  // o is still zero
 #pragma unroll
-      for (int kk = 0; kk < PW_BC / 16; ++kk) attn_pack_p(s, kk, pa[kk]);
+      for (int kk = 0; kk < BC / 16; ++kk) attn_pack_p(s, kk, pa[kk]);
 #pragma unroll 1
       for (int j = 1; j < mine; ++j) {
         wait_tile(j);
 #pragma unroll
-        for (int kk = 0; kk < PW_BC / 16; ++kk) pin(pa[kk]);
+        for (int kk = 0; kk < BC / 16; ++kk) pin(pa[kk]);
         pin(o);
         sched_wait();
-        wgmma_issue_s_ss<KS>(s, sq, base + (j % WS_STAGES) * STAGE);  // fences first
-        wgmma_issue_pv<HD>(o, pa, base + ((j - 1) % WS_STAGES) * STAGE + TILE);
+        issue_s(s, base + (j % ST) * STAGE);  // fences first
+        wgmma_issue_pv<HD, BC>(o, pa, base + ((j - 1) % ST) * STAGE + TILE);
         sched_pass();
         wgmma_wait<1>();  // S(j)
         pin(s);
-        if (wr.needs_mask(j * PW_BC)) attn_mask(s, j * PW_BC, t, wr.qpos);
+        if (wr.needs_mask(j * BC, BC)) attn_mask(s, j * BC, t, wr.qpos);
         attn_softmax_weights(s, m, l, scale_log2, rescale);
         wgmma_wait_all();  // P V(j - 1)
         pin(o);
         release(j - 1);
         attn_rescale(o, rescale);
 #pragma unroll
-        for (int kk = 0; kk < PW_BC / 16; ++kk) attn_pack_p(s, kk, pa[kk]);
+        for (int kk = 0; kk < BC / 16; ++kk) attn_pack_p(s, kk, pa[kk]);
       }
 #pragma unroll
-      for (int kk = 0; kk < PW_BC / 16; ++kk) pin(pa[kk]);
+      for (int kk = 0; kk < BC / 16; ++kk) pin(pa[kk]);
       pin(o);
       sched_wait();
       wgmma_fence();
-      wgmma_issue_pv<HD>(o, pa, base + ((mine - 1) % WS_STAGES) * STAGE + TILE);
+      wgmma_issue_pv<HD, BC>(o, pa, base + ((mine - 1) % ST) * STAGE + TILE);
       sched_pass();
       wgmma_wait_all();
       pin(o);
@@ -674,15 +756,15 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
   } else {
 #pragma unroll 1
     for (int j = 0; j < n_tiles; ++j) {
-      const int st = j % WS_STAGES;
-      mbar_wait(full0 + 8 * st, (j / WS_STAGES) & 1);
-      if (wg_active && j * PW_BC <= wg_last_pos) {
+      const int st = j % ST;
+      mbar_wait(full0 + 8 * st, (j / ST) & 1);
+      if (wg_active && j * BC <= wg_last_pos) {
         const unsigned sk = base + st * STAGE;
-        float s[32];
-        wgmma_issue_s_ss<KS>(s, sq, sk);
+        float s[BC / 2];
+        issue_s(s, sk);
         wgmma_wait_all();
         pin(s);
-        wgmma_softmax_pv<HD>(s, j, wr, t, m, l, o, scale_log2, sk + TILE);
+        wgmma_softmax_pv<HD, BC>(s, j, wr, t, m, l, o, scale_log2, sk + TILE);
         wgmma_wait_all();
         pin(o);
       }
@@ -715,19 +797,22 @@ SOV_PREFILL_WGMMA(64, true, prefill_attention_wgmma_ov_hd64)
 SOV_PREFILL_WGMMA(96, true, prefill_attention_wgmma_ov_hd96)
 SOV_PREFILL_WGMMA(128, true, prefill_attention_wgmma_ov_hd128)
 
-#define SOV_PREFILL_WGMMA_WS(HD, PINGPONG, NAME)                                           \
+#define SOV_PREFILL_WGMMA_WS(HD, PINGPONG, BC, NAME)                                       \
   extern "C" __global__ void __launch_bounds__(384, 1) NAME(                               \
       const sov::bf16* q, const sov::bf16* k_cache, const sov::bf16* v_cache,              \
       const int* cu_q, const int* seq_lens, const int* block_tables, sov::bf16* out,       \
       int n_heads, int n_kv_heads, int max_blocks, float scale, int q_stride) {            \
-    sov::prefill_wgmma_ws_impl<HD, PINGPONG>(q, k_cache, v_cache, cu_q, seq_lens,          \
-                                             block_tables, out, n_heads, n_kv_heads,       \
-                                             max_blocks, scale, q_stride);                 \
+    sov::prefill_wgmma_ws_impl<HD, PINGPONG, BC>(q, k_cache, v_cache, cu_q, seq_lens,      \
+                                                 block_tables, out, n_heads, n_kv_heads,   \
+                                                 max_blocks, scale, q_stride);             \
   }
 
-SOV_PREFILL_WGMMA_WS(64, false, prefill_attention_wgmma_ws_hd64)
-SOV_PREFILL_WGMMA_WS(96, false, prefill_attention_wgmma_ws_hd96)
-SOV_PREFILL_WGMMA_WS(128, false, prefill_attention_wgmma_ws_hd128)
-SOV_PREFILL_WGMMA_WS(64, true, prefill_attention_wgmma_pp_hd64)
-SOV_PREFILL_WGMMA_WS(96, true, prefill_attention_wgmma_pp_hd96)
-SOV_PREFILL_WGMMA_WS(128, true, prefill_attention_wgmma_pp_hd128)
+SOV_PREFILL_WGMMA_WS(64, false, 64, prefill_attention_wgmma_ws_hd64)
+SOV_PREFILL_WGMMA_WS(96, false, 64, prefill_attention_wgmma_ws_hd96)
+SOV_PREFILL_WGMMA_WS(128, false, 64, prefill_attention_wgmma_ws_hd128)
+SOV_PREFILL_WGMMA_WS(64, true, 64, prefill_attention_wgmma_pp_hd64)
+SOV_PREFILL_WGMMA_WS(96, true, 64, prefill_attention_wgmma_pp_hd96)
+SOV_PREFILL_WGMMA_WS(128, true, 64, prefill_attention_wgmma_pp_hd128)
+SOV_PREFILL_WGMMA_WS(64, true, 128, prefill_attention_wgmma_pp128_hd64)
+SOV_PREFILL_WGMMA_WS(96, true, 128, prefill_attention_wgmma_pp128_hd96)
+SOV_PREFILL_WGMMA_WS(128, true, 128, prefill_attention_wgmma_pp128_hd128)

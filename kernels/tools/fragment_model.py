@@ -67,29 +67,32 @@ for HD in (64, 96, 128):
         assert (B == V[16 * kk: 16 * kk + 16, :]).all(), ("ring V", HD, kk)
     print("HD", HD, "ok: K tile (K-major) and V tile (MN-major) match the wgmma operand model")
     # prefill_wgmma_ws_impl's producer warpgroup: thread p (warp w = p / 32) copies keys
-    # 8 (w + 4 i) + p % 8, pieces (p / 8) % 4 + 4 dq, into the same layouts as the ring;
-    # every piece exactly once, each KV block index as the kernel computes it, and each
-    # quarter-warp (8 lanes, one shared-memory wavefront of 16-byte stores) writing 128
-    # contiguous bytes.
-    pieces = set()
-    for i in range(BC // 32):
-        for dq in range(HD // 32):
-            for w in range(4):
-                ks_, vs_ = [], []
-                for lane in range(32):
-                    p = 32 * w + lane
-                    key_lo, dp0 = p & 7, (p >> 3) & 3
-                    key, dp = 8 * (w + 4 * i) + key_lo, dp0 + 4 * dq
-                    assert key // 16 == (w >> 1) + 2 * i
-                    assert (key, dp) not in pieces
-                    pieces.add((key, dp))
-                    ks_.append(rk + (key >> 3) * K_SBO + dp * 128 + (key & 7) * 16)
-                    vs_.append(rv + (key >> 4) * (HD * 32) + ((key >> 3) & 1) * 128 + dp * 256 + (key & 7) * 16)
-                for q in range(4):
-                    for a in (ks_[8 * q: 8 * q + 8], vs_[8 * q: 8 * q + 8]):
-                        assert sorted(a) == list(range(min(a), min(a) + 128, 16)), ("ws banks", HD, i, dq, w, q)
-    assert pieces == {(key, dp) for key in range(BC) for dp in range(HD // 8)}, ("ws pieces", HD)
-    print("HD", HD, "ok: the warp-specialised producer copies every piece once, conflict-free")
+    # 8 (w + 4 i) + p % 8 (i < BC / 32, tiles of 64 or 128 keys), pieces (p / 8) % 4 + 4 dq,
+    # into the same layouts as the ring; every piece exactly once, each KV block index as
+    # the kernel computes it, and each quarter-warp (8 lanes, one shared-memory wavefront
+    # of 16-byte stores) writing 128 contiguous bytes.
+    for BCW in (64, 128):
+        rvw = BCW * HD * 2
+        pieces = set()
+        for i in range(BCW // 32):
+            for dq in range(HD // 32):
+                for w in range(4):
+                    ks_, vs_ = [], []
+                    for lane in range(32):
+                        p = 32 * w + lane
+                        key_lo, dp0 = p & 7, (p >> 3) & 3
+                        key, dp = 8 * (w + 4 * i) + key_lo, dp0 + 4 * dq
+                        assert key // 16 == (w >> 1) + 2 * i
+                        assert (key, dp) not in pieces
+                        pieces.add((key, dp))
+                        ks_.append((key >> 3) * K_SBO + dp * 128 + (key & 7) * 16)
+                        vs_.append(rvw + (key >> 4) * (HD * 32) + ((key >> 3) & 1) * 128 + dp * 256 + (key & 7) * 16)
+                    assert max(ks_) < rvw and max(vs_) < 2 * rvw
+                    for q in range(4):
+                        for a in (ks_[8 * q: 8 * q + 8], vs_[8 * q: 8 * q + 8]):
+                            assert sorted(a) == list(range(min(a), min(a) + 128, 16)), ("ws banks", HD, BCW, i, dq, w, q)
+        assert pieces == {(key, dp) for key in range(BCW) for dp in range(HD // 8)}, ("ws pieces", HD, BCW)
+    print("HD", HD, "ok: the warp-specialised producer copies every piece once, conflict-free (64- and 128-key tiles)")
     # Its consumers' Q (64 rows a warpgroup) in the K tile's layout, read as wgmma's A
     # operand from shared memory (K-major: element (m, k) at start + (m/8)*SBO +
     # (k/8)*LBO + (m%8)*16 + (k%8)*2): thread i stores pieces c = i + 128 u.

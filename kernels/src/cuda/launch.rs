@@ -254,7 +254,8 @@ pub struct PrefillDims {
 /// warpgroups through mbarriers; experimental, not yet measured) or `WgmmaPingPong` (same
 /// file, `prefill_attention_wgmma_pp_hd{D}`: that design with the two consumers' MMA
 /// issue alternating and each softmax under the other's MMAs; experimental, not yet
-/// measured). Measured on an H200
+/// measured) or `WgmmaPingPong128` (same file, `prefill_attention_wgmma_pp128_hd{D}`: that
+/// with 128-key tiles, Q in registers; experimental, not yet measured). Measured on an H200
 /// (run 8, 2 x 8192 tokens): Basic 0.07 of the bf16 peak, Pipelined 0.19, Wgmma 0.25
 /// (docs/benchmarks.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,10 +266,12 @@ pub enum PrefillKernel {
     WgmmaOverlap,
     WgmmaWs,
     WgmmaPingPong,
+    WgmmaPingPong128,
 }
 
 impl PrefillKernel {
-    /// `SOV_PREFILL_KERNEL=basic|pipelined|wgmma|wgmma_ov|wgmma_ws|wgmma_pp` picks a design (to compare them);
+    /// `SOV_PREFILL_KERNEL=basic|pipelined|wgmma|wgmma_ov|wgmma_ws|wgmma_pp|wgmma_pp128`
+    /// picks a design (to compare them);
     /// unset, the fastest measured one, [`PrefillKernel::Wgmma`] (which falls back to
     /// `Pipelined` off Hopper, see [`PrefillKernel::resolve`]).
     pub fn from_env() -> Self {
@@ -278,6 +281,7 @@ impl PrefillKernel {
             Ok("wgmma_ov") => Self::WgmmaOverlap,
             Ok("wgmma_ws") => Self::WgmmaWs,
             Ok("wgmma_pp") => Self::WgmmaPingPong,
+            Ok("wgmma_pp128") => Self::WgmmaPingPong128,
             _ => Self::Wgmma,
         }
     }
@@ -287,7 +291,11 @@ impl PrefillKernel {
     pub fn resolve(self, k: &Kernels, fp8: bool) -> Self {
         match self {
             _ if fp8 => Self::Basic,
-            Self::Wgmma | Self::WgmmaOverlap | Self::WgmmaWs | Self::WgmmaPingPong
+            Self::Wgmma
+            | Self::WgmmaOverlap
+            | Self::WgmmaWs
+            | Self::WgmmaPingPong
+            | Self::WgmmaPingPong128
                 if !k.has_source("prefill_wgmma.cu") =>
             {
                 Self::Pipelined
@@ -299,14 +307,16 @@ impl PrefillKernel {
 
 /// Dynamic shared memory of the wgmma designs (prefill_wgmma.cu): `RING_STAGES` (three)
 /// stages of a K and a V tile, 64 x D bf16 each; the warp-specialised designs have
-/// `WS_STAGES` (four), then the two consumer warpgroups' 64 query rows (a tile's size
-/// each), then a `full` and an `empty` mbarrier (8 bytes) a stage.
+/// four, then the two consumer warpgroups' 64 query rows (a tile's size each), then a
+/// `full` and an `empty` mbarrier (8 bytes) a stage; with 128-key tiles three stages of
+/// twice the size, Q in registers (`ws_stages` in prefill_wgmma.cu).
 fn wgmma_smem_bytes(kind: PrefillKernel, head_dim: usize) -> usize {
     let tile = 64 * head_dim * 2;
     match kind {
         PrefillKernel::WgmmaWs | PrefillKernel::WgmmaPingPong => {
             4 * 2 * tile + 2 * tile + 4 * 2 * 8
         }
+        PrefillKernel::WgmmaPingPong128 => 3 * 2 * (2 * tile) + 3 * 2 * 8,
         _ => 3 * 2 * tile,
     }
 }
@@ -364,6 +374,12 @@ pub fn prefill_attention_kv(
             128,
             384,
         ),
+        PrefillKernel::WgmmaPingPong128 => (
+            "prefill_wgmma.cu",
+            format!("prefill_attention_wgmma_pp128_hd{hd}"),
+            128,
+            384,
+        ),
     };
     let f = k.function(source, &entry)?;
     let (nh, nkv, mb) = (dim(d.n_heads)?, dim(d.n_kv_heads)?, dim(d.max_blocks)?);
@@ -375,6 +391,7 @@ pub fn prefill_attention_kv(
             | PrefillKernel::WgmmaOverlap
             | PrefillKernel::WgmmaWs
             | PrefillKernel::WgmmaPingPong
+            | PrefillKernel::WgmmaPingPong128
     ) {
         let bytes = wgmma_smem_bytes(kind, hd);
         f.set_attribute(
