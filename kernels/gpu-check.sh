@@ -253,11 +253,12 @@ for shape in eurollm-1.7b smollm2-135m; do
   fi
   rm -rf "${TMP:?}/$shape"
 done
-# One timed launch (4 x 2048 tokens) of each wgmma prefill under Nsight Compute: each
-# process runs one design, whose 4 check launches and 1 warm-up launch are skipped.
+# One timed launch (4 x 2048 tokens) of the default wgmma prefill and of the
+# warp-specialised ones under Nsight Compute: each process runs one design, whose 4 check
+# launches and 1 warm-up launch are skipped.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
 if [ -n "$NCU" ]; then
-  for d in prefill_attention_wgmma prefill_attention_wgmma_ov prefill_attention_wgmma_ws prefill_attention_wgmma_pp prefill_attention_wgmma_pp128; do
+  for d in prefill_attention_wgmma prefill_attention_wgmma_ws prefill_attention_wgmma_pp prefill_attention_wgmma_pp128; do
     say "ncu: $d"
     timeout 90 "$NCU" --kernel-name regex:prefill_attention_wgmma --launch-skip 5 --launch-count 1 \
       --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
