@@ -28,13 +28,14 @@ cd "$(dirname "$0")/.."
 # `gemv_norm_late`: the normalising GEMVs with the norm applied after the sum (no
 # prologue before the weight loads; worker: SOV_GEMV_NORM=late). `gemv_norm_rope`: the
 # q|k|v GEMV with RoPE and the KV write in its epilogue (worker: SOV_GEMV_ROPE=1).
+# `gemv_norm_late_rope`: both (worker: SOV_GEMV_ROPE=1 SOV_GEMV_NORM=late).
 # `prefill_attention_wgmma_ov`: the wgmma prefill with S of the next tile computing during
 # the softmax (worker: SOV_PREFILL_KERNEL=wgmma_ov). `prefill_attention_wgmma_ws`: the
 # warp-specialised wgmma prefill, a producer warpgroup feeding two consumer warpgroups
 # through mbarriers (worker: SOV_PREFILL_KERNEL=wgmma_ws). `prefill_attention_wgmma_pp`:
 # that design with the consumers' MMA issue alternating (ping-pong; wgmma_pp).
 # `prefill_attention_wgmma_pp128`: ping-pong with 128-key tiles (wgmma_pp128).
-OPT_IN="gemv_norm_late gemv_norm_rope prefill_attention_wgmma_ov prefill_attention_wgmma_ws prefill_attention_wgmma_pp prefill_attention_wgmma_pp128"
+OPT_IN="gemv_norm_late gemv_norm_rope gemv_norm_late_rope prefill_attention_wgmma_ov prefill_attention_wgmma_ws prefill_attention_wgmma_pp prefill_attention_wgmma_pp128"
 # summarize PARTS STATUS: the JSON summary of the stage results in PARTS.
 summarize() {
 python3 - "$1" "$2" "$OPT_IN" <<'PY'
@@ -66,11 +67,13 @@ def check(name):
     return c
 for shape in ["smollm2-135m", "eurollm-1.7b"]:
     m, b = load(f"{shape}.model.json"), load(f"{shape}.bench.json")
-    bl, br = load(f"{shape}.late.json"), load(f"{shape}.rope.json")
+    bl, br, blr = load(f"{shape}.late.json"), load(f"{shape}.rope.json"), load(f"{shape}.laterope.json")
     e = {"model": m, "bench": b, "bench_gemv_norm_late": bl, "bench_gemv_norm_rope": br,
+         "bench_gemv_norm_late_rope": blr,
          "backend_check": check(f"{shape}.check.json"),
          "backend_check_gemv_norm_late": check(f"{shape}.check-late.json"),
          "backend_check_gemv_norm_rope": check(f"{shape}.check-rope.json"),
+         "backend_check_gemv_norm_late_rope": check(f"{shape}.check-laterope.json"),
          "backend_check_prefill_pipelined": check(f"{shape}.check-pipelined.json"),
          "backend_check_prefill_basic": check(f"{shape}.check-basic.json"),
          "backend_check_prefill_wgmma_ov": check(f"{shape}.check-wgmma_ov.json"),
@@ -87,7 +90,7 @@ for shape in ["smollm2-135m", "eurollm-1.7b"]:
     except Exception as ex:
         e["note"] = f"no ratio: {ex}"
     # Each experiment's own ratio (absent when its run failed).
-    for name, bench in [("gemv_norm_late", bl), ("gemv_norm_rope", br)]:
+    for name, bench in [("gemv_norm_late", bl), ("gemv_norm_rope", br), ("gemv_norm_late_rope", blr)]:
         try:
             v = bench["decode"]["1"]["aggregate_tok_s"]
             e[f"{name}_batch1_tok_s"], e[f"{name}_fraction_of_limit"] = v, v / limit
@@ -126,7 +129,7 @@ def experiment_ok(name):
     return bool(mine) and all(c.get("ok") for c in mine) \
         and eu.get(f"backend_check_{name}", {}).get("ok") is True
 e2e_candidates = [eu.get("fraction_of_limit")] + [eu.get(f"{n}_fraction_of_limit")
-                                                  for n in ["gemv_norm_late", "gemv_norm_rope"] if experiment_ok(n)]
+                                                  for n in ["gemv_norm_late", "gemv_norm_rope", "gemv_norm_late_rope"] if experiment_ok(n)]
 e2e = max([v for v in e2e_candidates if v is not None] or [None], key=lambda v: -1 if v is None else v)
 # A check that printed an error ran and failed; one absent was not run.
 checks = [c.get("ok", False) for c in (e.get("backend_check") for e in summary["end_to_end"].values()) if c is not None]
@@ -216,7 +219,7 @@ for shape in eurollm-1.7b smollm2-135m; do
     RUST_BACKTRACE=0 timeout 180 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
       > "$PARTS/$shape.check.json" 2>> "$LOG" || { echo "gpu-check: check-backend failed on $shape" | tee -a "$LOG" >&2; [ $status -eq 0 ] && status=1; }
     [ -s "$PARTS/$shape.check.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check.json"
-    say "$shape: experimental GEMVs (late norm, RoPE epilogue); the other prefill designs"
+    say "$shape: experimental GEMVs (late norm, RoPE epilogue, both); the other prefill designs"
     SOV_GEMV_ROPE=1 RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
       --device cuda:0 > "$PARTS/$shape.check-rope.json" 2>> "$LOG" || echo "gpu-check: check-backend with the RoPE-epilogue GEMV failed on $shape" | tee -a "$LOG" >&2
     [ -s "$PARTS/$shape.check-rope.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-rope.json"
@@ -229,6 +232,12 @@ for shape in eurollm-1.7b smollm2-135m; do
     SOV_GEMV_NORM=late RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
       --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
       > "$PARTS/$shape.late.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.late.json"
+    SOV_GEMV_ROPE=1 SOV_GEMV_NORM=late RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
+      --device cuda:0 > "$PARTS/$shape.check-laterope.json" 2>> "$LOG" || echo "gpu-check: check-backend with both GEMV experiments failed on $shape" | tee -a "$LOG" >&2
+    [ -s "$PARTS/$shape.check-laterope.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-laterope.json"
+    SOV_GEMV_ROPE=1 SOV_GEMV_NORM=late RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
+      --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
+      > "$PARTS/$shape.laterope.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.laterope.json"
     # The prefill designs other than the default inside the backend (its prefill steps):
     # the pipelined one (the default off Hopper), the basic one (the FP8 cache's) and the
     # experimental wgmma ones (overlapping, warp-specialised, ping-pong, 128-key tiles).

@@ -18,6 +18,8 @@
 //                       does them: q rows rotated into y, k rows rotated and v rows into
 //                       the bf16 cache slots; interleaved pairs (2i, 2i+1) only (the
 //                       worker permutes half-style q/k weight rows into that order)
+//   gemv_norm_late_rope_t{T}  the two experiments together: gemv_norm_late's product,
+//                       gemv_norm_rope's epilogue
 //   gemv_add_t{T}       x bf16, residual += y (f32)
 //   gemv_silu_add_t{T}  x = silu(gate) * up from the fused gate|up rows (rounded to bf16,
 //                       as silu_and_mul writes it), residual += y (f32)
@@ -303,6 +305,18 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
                           sov::bf16* v_cache, int n_heads, int n_kv_heads, int hd,         \
                           int rot_dim) {                                                   \
     sov::gemv_impl<T, sov::GV_NORM, sov::GV_ROPE>(                                         \
+        w, residual, norm_w, eps, y, rows, k, tokens,                                      \
+        sov::GvRope{positions, slots, cos_t, sin_t, k_cache, v_cache, n_heads, n_kv_heads, \
+                    hd, rot_dim});                                                         \
+  }                                                                                        \
+  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
+      gemv_norm_late_rope_t##T(const sov::bf16* w, const float* residual,                  \
+                               const sov::bf16* norm_w, float eps, sov::bf16* y, int rows, \
+                               int k, int tokens, const int* positions, const int* slots,  \
+                               const float* cos_t, const float* sin_t, sov::bf16* k_cache, \
+                               sov::bf16* v_cache, int n_heads, int n_kv_heads, int hd,    \
+                               int rot_dim) {                                              \
+    sov::gemv_impl<T, sov::GV_NORM_LATE, sov::GV_ROPE>(                                    \
         w, residual, norm_w, eps, y, rows, k, tokens,                                      \
         sov::GvRope{positions, slots, cos_t, sin_t, k_cache, v_cache, n_heads, n_kv_heads, \
                     hd, rot_dim});                                                         \

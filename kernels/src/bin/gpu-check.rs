@@ -498,8 +498,14 @@ fn check_gemv_norm_late(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaEr
 /// The experimental `gemv_norm_rope_t*` (q|k|v GEMV with RoPE and the KV write in its
 /// epilogue) against what it replaces: the `gemv_norm` kernel's q|k|v rows (checked in the
 /// default run) through `gpu_ref::rope_write_kv` (interleaved pairs), at 1 and 2 tokens
-/// (one without a cache slot), full and partial rotary.
-fn check_gemv_norm_rope(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
+/// (one without a cache slot), full and partial rotary. `late`: `gemv_norm_late_rope_t*`
+/// against `gemv_norm_late`'s rows (checked against `gpu_ref::gemv_norm_late_f32` in its
+/// own opt-in run) through the same reference.
+fn check_gemv_norm_rope_of(
+    k: &Kernels,
+    rng: &mut Rng,
+    late: bool,
+) -> Result<Vec<Value>, CudaError> {
     use launch::{GemvInput, GemvOutput};
     let mut out = Vec::new();
     for (nh, nkv, hd, rot, cols) in [(16, 8, 128, 128, 2048), (9, 3, 64, 32, 576)] {
@@ -523,7 +529,7 @@ fn check_gemv_norm_rope(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaEr
                 residual: &rd,
                 weight: &nwd,
                 eps: 1e-5,
-                late: false,
+                late,
             };
             launch::gemv(
                 k,
@@ -569,7 +575,7 @@ fn check_gemv_norm_rope(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaEr
                 v: &mut vc,
             };
             launch::gemv_norm_rope(
-                k, &wd, &rd, &nwd, 1e-5, cols, &d, &mut qkv, &pd, &sd, &cd, &snd, &mut kv,
+                k, &wd, &rd, &nwd, 1e-5, cols, &d, &mut qkv, &pd, &sd, &cd, &snd, &mut kv, late,
             )?;
             // q rows of every token; the k and v parts of qkv are not written.
             let got = down(k, &qkv)?;
@@ -586,13 +592,22 @@ fn check_gemv_norm_rope(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaEr
                 .or(f2.map(|m| format!("k cache: {m}")))
                 .or(f3.map(|m| format!("v cache: {m}")));
             out.push(
-                json!({"kernel": "gemv_norm_rope", "heads": [nh, nkv], "head_dim": hd,
+                json!({"kernel": if late { "gemv_norm_late_rope" } else { "gemv_norm_rope" },
+                "heads": [nh, nkv], "head_dim": hd,
                 "rot_dim": rot, "cols": cols, "tokens": tokens, "max_abs_err": err.max(e2).max(e3),
                 "ok": first.is_none(), "mismatch": first}),
             );
         }
     }
     Ok(out)
+}
+
+fn check_gemv_norm_rope(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
+    check_gemv_norm_rope_of(k, rng, false)
+}
+
+fn check_gemv_norm_late_rope(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
+    check_gemv_norm_rope_of(k, rng, true)
 }
 
 /// The GEMV kernels at 1, 3 and 8 tokens.
@@ -1107,7 +1122,7 @@ fn driver_version() -> String {
 
 /// One run: the default designs (every kernel the worker runs unless told otherwise), or
 /// with `opt_in` only experimental ones (`Some("all")`; or the one named:
-/// `gemv_norm_late`, `gemv_norm_rope`, or a prefill design's name, e.g.
+/// `gemv_norm_late`, `gemv_norm_rope`, `gemv_norm_late_rope`, or a prefill design's name, e.g.
 /// `prefill_attention_wgmma`, to
 /// profile it alone), in a process of their own so a faulting experiment cannot poison
 /// another run's CUDA context.
@@ -1190,9 +1205,11 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
         Some("all") => &[
             ("gemv_norm_late", check_gemv_norm_late),
             ("gemv_norm_rope", check_gemv_norm_rope),
+            ("gemv_norm_late_rope", check_gemv_norm_late_rope),
         ],
         Some("gemv_norm_late") => &[("gemv_norm_late", check_gemv_norm_late)],
         Some("gemv_norm_rope") => &[("gemv_norm_rope", check_gemv_norm_rope)],
+        Some("gemv_norm_late_rope") => &[("gemv_norm_late_rope", check_gemv_norm_late_rope)],
         Some(_) => &[],
         None => &[
             ("rms_norm", check_norms),

@@ -560,7 +560,9 @@ pub fn rope_write_kv_into(
 /// [`rope_write_kv_into`]'s work in its epilogue: q rows rotated into `qkv` (the k and v
 /// parts of `qkv` are not written), k rotated and v into their cache slots. Interleaved
 /// RoPE (`d.style` 0) and a bf16 cache only; `w` is `[qkv rows][cols]` with
-/// `qkv rows = (n_heads + 2 n_kv_heads) * head_dim = d.qkv_stride`.
+/// `qkv rows = (n_heads + 2 n_kv_heads) * head_dim = d.qkv_stride`. `late` runs
+/// `gemv_norm_late_rope_t*`: the product of `gemv_norm_late` (the norm applied after the
+/// sum) with the same epilogue.
 #[allow(clippy::too_many_arguments)]
 pub fn gemv_norm_rope(
     k: &Kernels,
@@ -576,6 +578,7 @@ pub fn gemv_norm_rope(
     cos: &CudaSlice<f32>,
     sin: &CudaSlice<f32>,
     kv: &mut KvMut<'_>,
+    late: bool,
 ) -> Result<(), CudaError> {
     let rows = (d.n_heads + 2 * d.n_kv_heads) * d.head_dim;
     let tokens = d.tokens;
@@ -610,7 +613,12 @@ pub fn gemv_norm_rope(
     let KvMut::Bf16 { k: kc, v: vc } = kv else {
         return Err(shape("needs a bf16 KV cache".into()));
     };
-    let f = k.function("gemv.cu", &format!("gemv_norm_rope_t{t}"))?;
+    let name = if late {
+        "gemv_norm_late_rope"
+    } else {
+        "gemv_norm_rope"
+    };
+    let f = k.function("gemv.cu", &format!("{name}_t{t}"))?;
     let (r, c, n) = (dim(rows)?, dim(cols)?, dim(tokens)?);
     let (nh, nkv, hd, rot) = (
         dim(d.n_heads)?,
@@ -638,7 +646,8 @@ pub fn gemv_norm_rope(
         .arg(&nkv)
         .arg(&hd)
         .arg(&rot);
-    // SAFETY: argument types and order match `gemv_norm_rope_t{T}`; the buffer lengths
+    // SAFETY: argument types and order match `gemv_norm_rope_t{T}` (and
+    // `gemv_norm_late_rope_t{T}`, which takes the same); the buffer lengths
     // were checked above (the cache slots are the caller's, as for rope_write_kv).
     unsafe { b.launch(cfg) }?;
     Ok(())

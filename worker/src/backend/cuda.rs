@@ -192,7 +192,8 @@ pub struct CudaBackend {
     gemv_norm_late: bool,
     /// RoPE + KV write in the q|k|v GEMV's epilogue (`SOV_GEMV_ROPE=1`, bf16 cache,
     /// experimental: one kernel less a layer); every RoPE launch then rotates
-    /// interleaved pairs (half-style q/k weight rows were permuted at load).
+    /// interleaved pairs (half-style q/k weight rows were permuted at load). With
+    /// `SOV_GEMV_NORM=late` too, that GEMV applies the norm late as well.
     gemv_rope: bool,
     /// Batch sizes whose capture failed: they run without a graph.
     ungraphable: std::collections::HashSet<usize>,
@@ -837,6 +838,7 @@ impl CudaBackend {
                     &self.cos,
                     &self.sin,
                     &mut kv,
+                    self.gemv_norm_late,
                 )
                 .map_err(dev)?;
             } else {
