@@ -201,33 +201,23 @@ __device__ __forceinline__ void wgmma_pv(float (&o)[HD / 2], const unsigned (&a)
 //     k-step kk (keys 16kk..) starts at kk * HD * 32.
 constexpr int RING_STAGES = 3;
 
-// S = Q K^T of one 64-key tile whose K starts at shared address sk (layout above), issued
-// and committed (the caller waits).
-template <int KS>
-__device__ __forceinline__ void wgmma_issue_s(float (&s)[32], const unsigned (&qa)[KS][4],
+// S = Q K^T of one tile of BC (64 or 128) keys whose K starts at shared address sk
+// (layout above), Q from registers; issued and committed (the caller waits).
+template <int KS, int BC = PW_BC>
+__device__ __forceinline__ void wgmma_issue_s(float (&s)[BC / 2], const unsigned (&qa)[KS][4],
                                               unsigned sk) {
   constexpr unsigned K_LBO = 128, K_SBO = KS * 16 * 16;
   wgmma_fence();
 #pragma unroll
-  for (int ks = 0; ks < KS; ++ks)
-    wgmma_m64n64k16_rs(s, qa[ks], wgmma_desc(sk + ks * 256, K_LBO, K_SBO), ks > 0);
-  wgmma_commit();
-}
-
-// wgmma_issue_s for a tile of BC (64 or 128) keys.
-template <int KS, int BC>
-__device__ __forceinline__ void wgmma_issue_s_rs(float (&s)[BC / 2], const unsigned (&qa)[KS][4],
-                                                 unsigned sk) {
-  if constexpr (BC == 64) {
-    wgmma_issue_s<KS>(s, qa, sk);
-  } else {
-    constexpr unsigned K_LBO = 128, K_SBO = KS * 16 * 16;
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks)
-      wgmma_m64n128k16_rs(s, qa[ks], wgmma_desc(sk + ks * 256, K_LBO, K_SBO), ks > 0);
-    wgmma_commit();
+  for (int ks = 0; ks < KS; ++ks) {
+    const unsigned long long db = wgmma_desc(sk + ks * 256, K_LBO, K_SBO);
+    if constexpr (BC == 64) {
+      wgmma_m64n64k16_rs(s, qa[ks], db, ks > 0);
+    } else {
+      wgmma_m64n128k16_rs(s, qa[ks], db, ks > 0);
+    }
   }
+  wgmma_commit();
 }
 
 // wgmma_issue_s with Q from shared memory too, at sq in the K tile's layout (64 query
@@ -651,7 +641,7 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
     if constexpr (Q_SMEM) {
       wgmma_issue_s_ss<KS, BC>(s, sq, sk);
     } else {
-      wgmma_issue_s_rs<KS, BC>(s, qa, sk);
+      wgmma_issue_s<KS, BC>(s, qa, sk);
     }
   };
   float o[HD / 2];
