@@ -35,7 +35,8 @@ cd "$(dirname "$0")/.."
 # through mbarriers (worker: SOV_PREFILL_KERNEL=wgmma_ws). `prefill_attention_wgmma_pp`:
 # that design with the consumers' MMA issue alternating (ping-pong; wgmma_pp).
 # `prefill_attention_wgmma_pp128`: ping-pong with 128-key tiles (wgmma_pp128).
-OPT_IN="gemv_norm_late gemv_norm_rope gemv_norm_late_rope prefill_attention_wgmma_ov prefill_attention_wgmma_ws prefill_attention_wgmma_pp prefill_attention_wgmma_pp128"
+# `prefill_attention_wgmma_tma`: that with TMA copies into swizzled tiles (wgmma_tma).
+OPT_IN="gemv_norm_late gemv_norm_rope gemv_norm_late_rope prefill_attention_wgmma_ov prefill_attention_wgmma_ws prefill_attention_wgmma_pp prefill_attention_wgmma_pp128 prefill_attention_wgmma_tma"
 # summarize PARTS STATUS: the JSON summary of the stage results in PARTS.
 summarize() {
 python3 - "$1" "$2" "$OPT_IN" <<'PY'
@@ -80,6 +81,7 @@ for shape in ["smollm2-135m", "eurollm-1.7b"]:
          "backend_check_prefill_wgmma_ws": check(f"{shape}.check-wgmma_ws.json"),
          "backend_check_prefill_wgmma_pp": check(f"{shape}.check-wgmma_pp.json"),
          "backend_check_prefill_wgmma_pp128": check(f"{shape}.check-wgmma_pp128.json"),
+         "backend_check_prefill_wgmma_tma": check(f"{shape}.check-wgmma_tma.json"),
          "bench_kv_fp8": load(f"{shape}.fp8.json"), "backend_check_kv_fp8": check(f"{shape}.check-fp8.json")}
     limit = None
     try:
@@ -240,8 +242,8 @@ for shape in eurollm-1.7b smollm2-135m; do
       > "$PARTS/$shape.laterope.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.laterope.json"
     # The prefill designs other than the default inside the backend (its prefill steps):
     # the pipelined one (the default off Hopper), the basic one (the FP8 cache's) and the
-    # experimental wgmma ones (overlapping, warp-specialised, ping-pong, 128-key tiles).
-    for p in pipelined basic wgmma_ov wgmma_ws wgmma_pp wgmma_pp128; do
+    # experimental wgmma ones (overlapping, warp-specialised, ping-pong, 128-key tiles, TMA).
+    for p in pipelined basic wgmma_ov wgmma_ws wgmma_pp wgmma_pp128 wgmma_tma; do
       SOV_PREFILL_KERNEL=$p RUST_BACKTRACE=0 timeout 60 "$BIN/worker" check-backend --model "$TMP/$shape" \
         --device cuda:0 > "$PARTS/$shape.check-$p.json" 2>> "$LOG" || echo "gpu-check: check-backend with the $p prefill failed on $shape" | tee -a "$LOG" >&2
       [ -s "$PARTS/$shape.check-$p.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-$p.json"
@@ -267,7 +269,7 @@ done
 # launches and 1 warm-up launch are skipped.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
 if [ -n "$NCU" ]; then
-  for d in prefill_attention_wgmma prefill_attention_wgmma_ws prefill_attention_wgmma_pp prefill_attention_wgmma_pp128; do
+  for d in prefill_attention_wgmma prefill_attention_wgmma_ws prefill_attention_wgmma_pp prefill_attention_wgmma_pp128 prefill_attention_wgmma_tma; do
     say "ncu: $d"
     timeout 90 "$NCU" --kernel-name regex:prefill_attention_wgmma --launch-skip 5 --launch-count 1 \
       --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \

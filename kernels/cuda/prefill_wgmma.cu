@@ -505,13 +505,93 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
   }
 }
 
-template <int HD, bool PINGPONG, int BC>
+// ---------------------------------------------------------------------------------------
+// TMA (`prefill_attention_wgmma_tma_hd{64,128}`, experimental): the ping-pong design with
+// 128-key tiles whose K and V tiles the tensor-memory accelerator copies: one producer
+// thread issues a 2D bulk copy per 16-key KV block and 64 dims (a 16-row box of 128-byte
+// rows) into 128-byte-swizzled shared memory, and each copy's bytes count down the
+// stage's `full` barrier (expect_tx), instead of 128 threads issuing 16-byte cp.async
+// pieces (ncu of run 8: L2 at 56% of its throughput for 0.18 of the peak, the block-table
+// reads on the consumers' path). The layouts are the canonical 128B-swizzle ones (PTX ISA,
+// CUTLASS's GmmaDescriptor): a half-tile region per 64 dims, a key a 128-byte row, rows in
+// 8-row atoms of 1024 bytes whose 16-byte chunks are XORed with the row (bits 4-6 of the
+// address with bits 7-9), which TMA writes and wgmma reads alike.
+//   K, K-major (S = Q K^T, B operand, N = keys): SBO = 1024 (next 8 keys), the k-step of
+//     dims 16 ks at region ks / 4, +32 bytes (ks % 4) into the row.
+//   V, MN-major (O += P V, B operand, N = dims): LBO = the region's size (next 64 dims),
+//     SBO = 1024 (next 8 keys), the k-step of keys 16 kk at +2048 kk.
+// Blocks past the sequence's last are copied from row `num_slots` (outside the tensor):
+// TMA fills them with zeros, so no stale shared memory meets a zero softmax weight.
+struct __align__(64) SovTensorMap {
+  unsigned long long opaque[16];
+};
+
+// Descriptor of a 128B-swizzled operand (layout type 1, bits 62-63).
+__device__ __forceinline__ unsigned long long wgmma_desc_sw128(unsigned addr, unsigned lbo,
+                                                              unsigned sbo) {
+  return wgmma_desc(addr, lbo, sbo) | (1ull << 62);
+}
+
+// The 16-row x 64-element box at (x, y) of `map` into shared memory at dst (1024-byte
+// aligned), counted on the mbarrier `bar`.
+__device__ __forceinline__ void tma_load_2d(unsigned dst, const SovTensorMap* map, int x, int y,
+                                            unsigned bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+      "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<unsigned long long>(map)), "r"(x), "r"(y), "r"(bar)
+      : "memory");
+}
+
+// Arrive on `bar` expecting `bytes` more of asynchronous copies in this phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+  asm volatile("{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1; }\n" ::"r"(
+                   bar),
+               "r"(bytes)
+               : "memory");
+}
+
+// S = Q K^T for one 128B-swizzled K tile of BC keys (regions of BC x 128 bytes), Q from
+// registers; issued and committed.
+template <int KS, int BC>
+__device__ __forceinline__ void wgmma_issue_s_sw128(float (&s)[BC / 2],
+                                                    const unsigned (&qa)[KS][4], unsigned sk) {
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    const unsigned long long db =
+        wgmma_desc_sw128(sk + (ks / 4) * (BC * 128) + (ks % 4) * 32, 16, 1024);
+    if constexpr (BC == 64) {
+      wgmma_m64n64k16_rs(s, qa[ks], db, ks > 0);
+    } else {
+      wgmma_m64n128k16_rs(s, qa[ks], db, ks > 0);
+    }
+  }
+  wgmma_commit();
+}
+
+// O += P V for one 128B-swizzled V tile of BC keys; issued and committed (the caller
+// fenced).
+template <int HD, int BC>
+__device__ __forceinline__ void wgmma_issue_pv_sw128(float (&o)[HD / 2],
+                                                     const unsigned (&pa)[BC / 16][4],
+                                                     unsigned sv) {
+#pragma unroll
+  for (int kk = 0; kk < BC / 16; ++kk)
+    wgmma_pv<HD, 1>(o, pa[kk], wgmma_desc_sw128(sv + kk * 2048, BC * 128, 1024));
+  wgmma_commit();
+}
+
+template <int HD, bool PINGPONG, int BC, bool TMA = false>
 __device__ __forceinline__ void prefill_wgmma_ws_impl(
     const sov::bf16* __restrict__ q, const sov::bf16* __restrict__ k_cache,
     const sov::bf16* __restrict__ v_cache, const int* __restrict__ cu_q,
     const int* __restrict__ seq_lens, const int* __restrict__ block_tables,
     sov::bf16* __restrict__ out, int n_heads, int n_kv_heads, int max_blocks, float scale,
-    int q_stride) {
+    int q_stride, const SovTensorMap* tmap_k = nullptr, const SovTensorMap* tmap_v = nullptr,
+    int num_slots = 0) {
+  static_assert(!TMA || (PINGPONG && BC == 128 && HD % 64 == 0),
+                "TMA: the ping-pong design with 128-key tiles, head_dim 64 or 128");
   static_assert(HD == 64 || HD == 96 || HD == 128, "head_dim must be 64, 96 or 128");
   static_assert(BC == 64 || BC == 128, "tiles of 64 or 128 keys");
   constexpr int KS = HD / 16;
@@ -523,7 +603,9 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
   constexpr int BR = 128;
   constexpr unsigned K_SBO = HD * 16;
   extern __shared__ __align__(1024) unsigned char pr_smem[];
-  const unsigned base = smem_u32(pr_smem);
+  // The swizzled layouts need 1024-byte alignment: the launcher gives TMA kernels 1 KB
+  // more to round up into.
+  const unsigned base = TMA ? (smem_u32(pr_smem) + 1023u) & ~1023u : smem_u32(pr_smem);
   // After the ST stages: each consumer warpgroup's 64 query rows (K-tile layout; with
   // 64-key tiles only), then ST `full` and ST `empty` barriers.
   const unsigned q_base = base + ST * STAGE;
@@ -545,7 +627,7 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int st = 0; st < ST; ++st) {
-      mbar_init(full0 + 8 * st, 128);
+      mbar_init(full0 + 8 * st, TMA ? 1 : 128);
       mbar_init(empty0 + 8 * st, 8);
     }
   }
@@ -556,6 +638,32 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
     if constexpr (BC == 128) setmaxnreg_dec<40>();
     const int* bt = block_tables + (long long)seq * max_blocks;
     const int n_blocks = (kv_end + KV_BLOCK - 1) / KV_BLOCK;
+    if constexpr (TMA) {
+      if (threadIdx.x != 256) return;  // one thread issues every copy
+#pragma unroll 1
+      for (int j = 0; j < n_tiles; ++j) {
+        const int st = j % ST;
+        const int b0 = j * (BC / KV_BLOCK);
+        int row[BC / KV_BLOCK];  // each block's first cache row (num_slots: zeros)
+#pragma unroll
+        for (int b = 0; b < BC / KV_BLOCK; ++b)
+          row[b] = b0 + b < n_blocks ? bt[b0 + b] * KV_BLOCK : num_slots;
+        if (j >= ST) mbar_wait(empty0 + 8 * st, (j / ST - 1) & 1);
+        const unsigned bar = full0 + 8 * st;
+        mbar_arrive_expect_tx(bar, 2 * TILE);
+        const unsigned sk = base + st * STAGE, sv = sk + TILE;
+#pragma unroll
+        for (int b = 0; b < BC / KV_BLOCK; ++b) {
+#pragma unroll
+          for (int h = 0; h < HD / 64; ++h) {
+            const unsigned off = h * (BC * 128) + b * (KV_BLOCK * 128);
+            tma_load_2d(sk + off, tmap_k, kvh * HD + h * 64, row[b], bar);
+            tma_load_2d(sv + off, tmap_v, kvh * HD + h * 64, row[b], bar);
+          }
+        }
+      }
+      return;
+    }
     const long long row_stride = (long long)n_kv_heads * HD;
     // Thread p copies keys 8 (w + 4 i) + p % 8 (w = p / 32 its warp, i < BC / 32),
     // pieces (p / 8) % 4 + 4 dq of each.
@@ -638,10 +746,20 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
   }
   // S = Q K^T of the tile whose K is at sk, issued and committed.
   auto issue_s = [&](float(&s)[BC / 2], unsigned sk) {
-    if constexpr (Q_SMEM) {
+    if constexpr (TMA) {
+      wgmma_issue_s_sw128<KS, BC>(s, qa, sk);
+    } else if constexpr (Q_SMEM) {
       wgmma_issue_s_ss<KS, BC>(s, sq, sk);
     } else {
       wgmma_issue_s<KS, BC>(s, qa, sk);
+    }
+  };
+  // O += P V of the tile whose V is at sv, issued and committed.
+  auto issue_pv = [&](float(&o)[HD / 2], const unsigned(&pa)[BC / 16][4], unsigned sv) {
+    if constexpr (TMA) {
+      wgmma_issue_pv_sw128<HD, BC>(o, pa, sv);
+    } else {
+      wgmma_issue_pv<HD, BC>(o, pa, sv);
     }
   };
   float o[HD / 2];
@@ -704,7 +822,7 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
         pin(o);
         sched_wait();
         issue_s(s, base + (j % ST) * STAGE);  // fences first
-        wgmma_issue_pv<HD, BC>(o, pa, base + ((j - 1) % ST) * STAGE + TILE);
+        issue_pv(o, pa, base + ((j - 1) % ST) * STAGE + TILE);
         sched_pass();
         wgmma_wait<1>();  // S(j)
         pin(s);
@@ -722,7 +840,7 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
       pin(o);
       sched_wait();
       wgmma_fence();
-      wgmma_issue_pv<HD, BC>(o, pa, base + ((mine - 1) % ST) * STAGE + TILE);
+      issue_pv(o, pa, base + ((mine - 1) % ST) * STAGE + TILE);
       sched_pass();
       wgmma_wait_all();
       pin(o);
@@ -803,3 +921,17 @@ SOV_PREFILL_WGMMA_WS(128, true, 64, prefill_attention_wgmma_pp_hd128)
 SOV_PREFILL_WGMMA_WS(64, true, 128, prefill_attention_wgmma_pp128_hd64)
 SOV_PREFILL_WGMMA_WS(96, true, 128, prefill_attention_wgmma_pp128_hd96)
 SOV_PREFILL_WGMMA_WS(128, true, 128, prefill_attention_wgmma_pp128_hd128)
+
+#define SOV_PREFILL_WGMMA_TMA(HD)                                                          \
+  extern "C" __global__ void __launch_bounds__(384, 1) prefill_attention_wgmma_tma_hd##HD( \
+      const sov::bf16* q, const __grid_constant__ sov::SovTensorMap tmap_k,                \
+      const __grid_constant__ sov::SovTensorMap tmap_v, const int* cu_q,                   \
+      const int* seq_lens, const int* block_tables, sov::bf16* out, int n_heads,           \
+      int n_kv_heads, int max_blocks, float scale, int q_stride, int num_slots) {          \
+    sov::prefill_wgmma_ws_impl<HD, true, 128, true>(                                       \
+        q, nullptr, nullptr, cu_q, seq_lens, block_tables, out, n_heads, n_kv_heads,       \
+        max_blocks, scale, q_stride, &tmap_k, &tmap_v, num_slots);                         \
+  }
+
+SOV_PREFILL_WGMMA_TMA(64)
+SOV_PREFILL_WGMMA_TMA(128)

@@ -6,7 +6,7 @@ element (k, n) at start + (n/8)*SBO + (k/8)*LBO + (n%8)*16 + (k%8)*2, MN-major:
 start + (n/8)*SBO + (k/8)*LBO + (k%8)*16 + (n%8)*2) and checks that each operand holds the
 right matrix elements. It mirrors the index formulas of prefill_attention.cu
 (`prefill_attention_pipe_impl`) and prefill_wgmma.cu (`prefill_wgmma_impl`,
-`prefill_wgmma_ws_impl`) by hand: keep them in step. (GPU runs
+`prefill_wgmma_ws_impl`, its TMA variant) by hand: keep them in step. (GPU runs
 7 and 8 on an H200 confirmed both descriptor readings: the kernels built on them match the
 CPU reference, their twins with LBO and SBO exchanged did not.)
 
@@ -117,6 +117,31 @@ for HD in (64, 96, 128):
                        for k in range(16)] for m in range(64)])
         assert (A == Q[:, 16 * ks: 16 * ks + 16]).all(), ("ws Q", HD, ks)
     print("HD", HD, "ok: the warp-specialised consumers' Q in shared memory matches the wgmma A operand model")
+    # The TMA design (head_dim 64 and 128, 128-key tiles): TMA writes box (KV block b,
+    # 64-dim half h) into region h (BC x 128 bytes) at + 2048 b with the 128-byte swizzle
+    # (16-byte chunk index XOR row, bits 4-6 ^= bits 7-9 of the offset from a 1024-byte
+    # aligned base); wgmma reads the canonical 128B-swizzle layouts (PTX ISA / CUTLASS):
+    # K-major K ((8,m),(T,2k)):((8T,SBO),(1,T)), MN-major V ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)),
+    # the swizzle applied to the canonical address.
+    if HD % 64 == 0:
+        BCT = 128
+        swz = lambda a: a ^ (((a >> 7) & 7) << 4)
+        tma_addr = lambda key, dim: swz((dim // 64) * BCT * 128 + (key // 16) * 2048 + (key % 16) * 128 + (dim % 64) * 2)
+        addrs = {tma_addr(key, dim) for key in range(BCT) for dim in range(HD)}
+        assert len(addrs) == BCT * HD and max(addrs) < BCT * HD * 2, ("tma K tile", HD)
+        for ks in range(HD // 16):
+            start = (ks // 4) * BCT * 128 + (ks % 4) * 32
+            for n in range(BCT):
+                for k in range(16):
+                    a = swz(start + (n % 8) * 128 + (n // 8) * 1024 + k * 2)
+                    assert a == tma_addr(n, 16 * ks + k), ("tma K read", HD, ks, n, k)
+        for kk in range(BCT // 16):
+            start = kk * 2048
+            for n in range(HD):
+                for k in range(16):
+                    a = swz(start + (n % 64) * 2 + (n // 64) * (BCT * 128) + (k % 8) * 128 + (k // 8) * 1024)
+                    assert a == tma_addr(16 * kk + k, n), ("tma V read", HD, kk, n, k)
+        print("HD", HD, "ok: TMA's swizzled K and V tiles match the wgmma 128B-swizzle operand model")
 
 import numpy as np
 rng = np.random.default_rng(1)

@@ -282,12 +282,13 @@ fn prefill_name(fp8: bool, kind: PrefillKernel) -> &'static str {
         (false, PrefillKernel::WgmmaWs) => "prefill_attention_wgmma_ws",
         (false, PrefillKernel::WgmmaPingPong) => "prefill_attention_wgmma_pp",
         (false, PrefillKernel::WgmmaPingPong128) => "prefill_attention_wgmma_pp128",
+        (false, PrefillKernel::WgmmaTma) => "prefill_attention_wgmma_tma",
     }
 }
 
 /// The prefill designs of a run ((fp8 cache, kind)): every design the worker has that
 /// this device runs (the wgmma one on sm_90 only); with `--opt-in` the experimental
-/// prefill designs (`prefill_attention_wgmma_ov`, `_ws`, `_pp`, `_pp128`), or with `--opt-in NAME` the one design of that name,
+/// prefill designs (`prefill_attention_wgmma_ov`, `_ws`, `_pp`, `_pp128`, `_tma`), or with `--opt-in NAME` the one design of that name,
 /// experimental or not (to profile one kernel alone).
 fn prefill_designs(k: &Kernels, opt_in: Option<&str>) -> Vec<(bool, PrefillKernel)> {
     let mut default = vec![
@@ -302,6 +303,7 @@ fn prefill_designs(k: &Kernels, opt_in: Option<&str>) -> Vec<(bool, PrefillKerne
         experimental.push((false, PrefillKernel::WgmmaWs));
         experimental.push((false, PrefillKernel::WgmmaPingPong));
         experimental.push((false, PrefillKernel::WgmmaPingPong128));
+        experimental.push((false, PrefillKernel::WgmmaTma));
     }
     match opt_in {
         None => default,

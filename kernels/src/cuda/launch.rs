@@ -2,7 +2,9 @@
 //! in one place, so the CUDA backend and the GPU check launch them the same way.
 //! bf16 tensors are `CudaSlice<u16>` (bit patterns, as in `gpu_ref`).
 
-use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg, sys};
+use cudarc::driver::{
+    CudaSlice, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, sys,
+};
 
 use super::{CudaError, Kernels};
 
@@ -255,7 +257,10 @@ pub struct PrefillDims {
 /// file, `prefill_attention_wgmma_pp_hd{D}`: that design with the two consumers' MMA
 /// issue alternating and each softmax under the other's MMAs; experimental, not yet
 /// measured) or `WgmmaPingPong128` (same file, `prefill_attention_wgmma_pp128_hd{D}`: that
-/// with 128-key tiles, Q in registers; experimental, not yet measured). Measured on an H200
+/// with 128-key tiles, Q in registers; experimental, not yet measured) or `WgmmaTma` (same
+/// file, `prefill_attention_wgmma_tma_hd{64,128}`: that with its K/V tiles copied by TMA
+/// into 128-byte-swizzled shared memory; head_dim 96 runs `WgmmaPingPong128`;
+/// experimental, not yet measured). Measured on an H200
 /// (run 8, 2 x 8192 tokens): Basic 0.07 of the bf16 peak, Pipelined 0.19, Wgmma 0.25
 /// (docs/benchmarks.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,11 +272,12 @@ pub enum PrefillKernel {
     WgmmaWs,
     WgmmaPingPong,
     WgmmaPingPong128,
+    WgmmaTma,
 }
 
 impl PrefillKernel {
-    /// `SOV_PREFILL_KERNEL=basic|pipelined|wgmma|wgmma_ov|wgmma_ws|wgmma_pp|wgmma_pp128`
-    /// picks a design (to compare them);
+    /// `SOV_PREFILL_KERNEL=basic|pipelined|wgmma|wgmma_ov|wgmma_ws|wgmma_pp|wgmma_pp128|
+    /// wgmma_tma` picks a design (to compare them);
     /// unset, the fastest measured one, [`PrefillKernel::Wgmma`] (which falls back to
     /// `Pipelined` off Hopper, see [`PrefillKernel::resolve`]).
     pub fn from_env() -> Self {
@@ -282,6 +288,7 @@ impl PrefillKernel {
             Ok("wgmma_ws") => Self::WgmmaWs,
             Ok("wgmma_pp") => Self::WgmmaPingPong,
             Ok("wgmma_pp128") => Self::WgmmaPingPong128,
+            Ok("wgmma_tma") => Self::WgmmaTma,
             _ => Self::Wgmma,
         }
     }
@@ -296,6 +303,7 @@ impl PrefillKernel {
             | Self::WgmmaWs
             | Self::WgmmaPingPong
             | Self::WgmmaPingPong128
+            | Self::WgmmaTma
                 if !k.has_source("prefill_wgmma.cu") =>
             {
                 Self::Pipelined
@@ -317,8 +325,55 @@ fn wgmma_smem_bytes(kind: PrefillKernel, head_dim: usize) -> usize {
             4 * 2 * tile + 2 * tile + 4 * 2 * 8
         }
         PrefillKernel::WgmmaPingPong128 => 3 * 2 * (2 * tile) + 3 * 2 * 8,
+        // and 1 KB to align the swizzled layouts to 1024 bytes in
+        PrefillKernel::WgmmaTma => 3 * 2 * (2 * tile) + 3 * 2 * 8 + 1024,
         _ => 3 * 2 * tile,
     }
+}
+
+/// A TMA descriptor (`CUtensorMap`) passed by value as a kernel argument.
+#[repr(transparent)]
+struct TensorMap(sys::CUtensorMap);
+
+// SAFETY: a plain-data 128-byte struct, copied into the kernel's parameter space as the
+// `SovTensorMap` (`__grid_constant__`) parameter of the TMA kernels.
+unsafe impl DeviceRepr for TensorMap {}
+
+/// The TMA descriptor of one bf16 KV-cache buffer for the TMA prefill: `rows` cache
+/// slots of `row_elems` elements (every KV head of a token), read in boxes of 16 rows x
+/// 64 elements (one KV block, 64 dims of one head) into 128-byte-swizzled shared memory;
+/// rows past `rows` read as zeros.
+fn kv_tensor_map(
+    ptr: sys::CUdeviceptr,
+    rows: usize,
+    row_elems: usize,
+) -> Result<TensorMap, CudaError> {
+    let dims = [row_elems as u64, rows as u64];
+    let strides = [(row_elems * 2) as u64];
+    let boxes = [64u32, 16];
+    let steps = [1u32, 1];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: every pointer refers to a live local array of the rank the call is given
+    // (2 dims, 1 stride); the driver only reads them and writes `map`.
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()?;
+    }
+    // SAFETY: the call succeeded, so it initialised the map.
+    Ok(TensorMap(unsafe { map.assume_init() }))
 }
 
 /// Prefill attention of the design `kind` (see [`PrefillKernel`]) over `kv` as it is
@@ -336,7 +391,11 @@ pub fn prefill_attention_kv(
     out: &mut CudaSlice<u16>,
 ) -> Result<(), CudaError> {
     let hd = d.head_dim;
-    let kind = kind.resolve(k, matches!(kv, KvRef::Fp8 { .. }));
+    let kind = match kind.resolve(k, matches!(kv, KvRef::Fp8 { .. })) {
+        // 64-dim TMA boxes: head_dim 96 runs the same design with cp.async copies.
+        PrefillKernel::WgmmaTma if !hd.is_multiple_of(64) => PrefillKernel::WgmmaPingPong128,
+        other => other,
+    };
     let (source, entry, rows, threads) = match kind {
         PrefillKernel::Basic => (
             "prefill_attention.cu",
@@ -380,6 +439,12 @@ pub fn prefill_attention_kv(
             128,
             384,
         ),
+        PrefillKernel::WgmmaTma => (
+            "prefill_wgmma.cu",
+            format!("prefill_attention_wgmma_tma_hd{hd}"),
+            128,
+            384,
+        ),
     };
     let f = k.function(source, &entry)?;
     let (nh, nkv, mb) = (dim(d.n_heads)?, dim(d.n_kv_heads)?, dim(d.max_blocks)?);
@@ -392,6 +457,7 @@ pub fn prefill_attention_kv(
             | PrefillKernel::WgmmaWs
             | PrefillKernel::WgmmaPingPong
             | PrefillKernel::WgmmaPingPong128
+            | PrefillKernel::WgmmaTma
     ) {
         let bytes = wgmma_smem_bytes(kind, hd);
         f.set_attribute(
@@ -399,6 +465,38 @@ pub fn prefill_attention_kv(
             dim(bytes)?,
         )?;
         cfg.shared_mem_bytes = bytes as u32;
+    }
+    if kind == PrefillKernel::WgmmaTma {
+        let KvRef::Bf16 { k: kc, v: vc } = kv else {
+            return Err(CudaError::Shape(
+                "the TMA prefill needs a bf16 KV cache".into(),
+            ));
+        };
+        let row = d.n_kv_heads * hd;
+        let (kp, _kg) = kc.device_ptr(&k.stream);
+        let (vp, _vg) = vc.device_ptr(&k.stream);
+        let tk = kv_tensor_map(kp, kc.len() / row, row)?;
+        let tv = kv_tensor_map(vp, vc.len() / row, row)?;
+        let slots = dim(kc.len() / row)?;
+        let mut b = k.stream.launch_builder(&f);
+        b.arg(q)
+            .arg(&tk)
+            .arg(&tv)
+            .arg(cu_q)
+            .arg(seq_lens)
+            .arg(block_tables)
+            .arg(&mut *out)
+            .arg(&nh)
+            .arg(&nkv)
+            .arg(&mb)
+            .arg(&d.scale)
+            .arg(&q_stride)
+            .arg(&slots);
+        // SAFETY: argument types and order match `prefill_attention_wgmma_tma_hd{D}`; the
+        // tensor maps describe the two cache buffers, which outlive the launch (their
+        // guards are held until it is queued).
+        unsafe { b.launch(cfg) }?;
+        return Ok(());
     }
     let mut b = k.stream.launch_builder(&f);
     b.arg(q);

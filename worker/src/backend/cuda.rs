@@ -184,7 +184,7 @@ pub struct CudaBackend {
     use_graphs: bool,
     /// The prefill-attention design: the wgmma one on Hopper, else the pipelined one (an
     /// FP8 cache: the basic one); `SOV_PREFILL_KERNEL=basic|pipelined|wgmma|wgmma_ov|wgmma_ws|
-    /// wgmma_pp|wgmma_pp128` picks one.
+    /// wgmma_pp|wgmma_pp128|wgmma_tma` picks one.
     prefill_kind: launch::PrefillKernel,
     /// The fused path's normalising GEMVs apply the norm after the sum
     /// (`SOV_GEMV_NORM=late`, experimental: `gemv_norm_late_t*`, no prologue before the
