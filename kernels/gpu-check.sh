@@ -241,9 +241,12 @@ for shape in eurollm-1.7b smollm2-135m; do
       --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
       > "$PARTS/$shape.laterope.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.laterope.json"
     # The prefill designs other than the default inside the backend (its prefill steps):
-    # the pipelined one (the default off Hopper), the basic one (the FP8 cache's) and the
-    # experimental wgmma ones (overlapping, warp-specialised, ping-pong, 128-key tiles, TMA).
-    for p in pipelined basic wgmma_ov wgmma_ws wgmma_pp wgmma_pp128 wgmma_tma; do
+    # the pipelined one (the default off Hopper), the basic one (the FP8 cache's) and, on
+    # the EuroLLM shape (head_dim 128; their kernel checks cover 64 too), the experimental
+    # wgmma ones (overlapping, warp-specialised, ping-pong, 128-key tiles, TMA).
+    designs="pipelined basic"
+    [ "$shape" = eurollm-1.7b ] && designs="$designs wgmma_ov wgmma_ws wgmma_pp wgmma_pp128 wgmma_tma"
+    for p in $designs; do
       SOV_PREFILL_KERNEL=$p RUST_BACKTRACE=0 timeout 60 "$BIN/worker" check-backend --model "$TMP/$shape" \
         --device cuda:0 > "$PARTS/$shape.check-$p.json" 2>> "$LOG" || echo "gpu-check: check-backend with the $p prefill failed on $shape" | tee -a "$LOG" >&2
       [ -s "$PARTS/$shape.check-$p.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-$p.json"
@@ -264,12 +267,13 @@ for shape in eurollm-1.7b smollm2-135m; do
   fi
   rm -rf "${TMP:?}/$shape"
 done
-# One timed launch (4 x 2048 tokens) of the default wgmma prefill and of the
-# warp-specialised ones under Nsight Compute: each process runs one design, whose 4 check
-# launches and 1 warm-up launch are skipped.
+# One timed launch (4 x 2048 tokens) of the default wgmma prefill and of the two
+# FlashAttention-3-like ones (128-key ping-pong, with and without TMA) under Nsight
+# Compute: each process runs one design, whose 4 check launches and 1 warm-up launch are
+# skipped.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
 if [ -n "$NCU" ]; then
-  for d in prefill_attention_wgmma prefill_attention_wgmma_ws prefill_attention_wgmma_pp prefill_attention_wgmma_pp128 prefill_attention_wgmma_tma; do
+  for d in prefill_attention_wgmma prefill_attention_wgmma_pp128 prefill_attention_wgmma_tma; do
     say "ncu: $d"
     timeout 90 "$NCU" --kernel-name regex:prefill_attention_wgmma --launch-skip 5 --launch-count 1 \
       --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
