@@ -311,6 +311,82 @@ impl PrefillKernel {
             other => other,
         }
     }
+
+    /// Every design, in the order above.
+    pub const ALL: [PrefillKernel; 8] = [
+        Self::Basic,
+        Self::Pipelined,
+        Self::Wgmma,
+        Self::WgmmaOverlap,
+        Self::WgmmaWs,
+        Self::WgmmaPingPong,
+        Self::WgmmaPingPong128,
+        Self::WgmmaTma,
+    ];
+
+    /// The design that runs at this head_dim: `WgmmaTma` copies 64-dim boxes, so at 96 the
+    /// same design runs with `cp.async` copies (`WgmmaPingPong128`).
+    pub fn for_head_dim(self, hd: usize) -> Self {
+        match self {
+            Self::WgmmaTma if !hd.is_multiple_of(64) => Self::WgmmaPingPong128,
+            other => other,
+        }
+    }
+
+    /// A resolved design's kernel: its source, entry point, query rows a CTA and threads
+    /// a CTA (the FP8 cache has only `Basic`'s `_fp8` twins).
+    pub fn entry(self, hd: usize, fp8: bool) -> (&'static str, String, usize, u32) {
+        match self {
+            PrefillKernel::Basic => (
+                "prefill_attention.cu",
+                format!("prefill_attention_hd{hd}{}", if fp8 { "_fp8" } else { "" }),
+                64,
+                128,
+            ),
+            PrefillKernel::Pipelined => (
+                "prefill_attention.cu",
+                format!("prefill_attention_pipe_hd{hd}"),
+                128,
+                256,
+            ),
+            PrefillKernel::Wgmma => (
+                "prefill_wgmma.cu",
+                format!("prefill_attention_wgmma_hd{hd}"),
+                128,
+                256,
+            ),
+            PrefillKernel::WgmmaOverlap => (
+                "prefill_wgmma.cu",
+                format!("prefill_attention_wgmma_ov_hd{hd}"),
+                128,
+                256,
+            ),
+            PrefillKernel::WgmmaWs => (
+                "prefill_wgmma.cu",
+                format!("prefill_attention_wgmma_ws_hd{hd}"),
+                128,
+                384,
+            ),
+            PrefillKernel::WgmmaPingPong => (
+                "prefill_wgmma.cu",
+                format!("prefill_attention_wgmma_pp_hd{hd}"),
+                128,
+                384,
+            ),
+            PrefillKernel::WgmmaPingPong128 => (
+                "prefill_wgmma.cu",
+                format!("prefill_attention_wgmma_pp128_hd{hd}"),
+                128,
+                384,
+            ),
+            PrefillKernel::WgmmaTma => (
+                "prefill_wgmma.cu",
+                format!("prefill_attention_wgmma_tma_hd{hd}"),
+                128,
+                384,
+            ),
+        }
+    }
 }
 
 /// Dynamic shared memory of the wgmma designs (prefill_wgmma.cu): `RING_STAGES` (three)
@@ -391,61 +467,10 @@ pub fn prefill_attention_kv(
     out: &mut CudaSlice<u16>,
 ) -> Result<(), CudaError> {
     let hd = d.head_dim;
-    let kind = match kind.resolve(k, matches!(kv, KvRef::Fp8 { .. })) {
-        // 64-dim TMA boxes: head_dim 96 runs the same design with cp.async copies.
-        PrefillKernel::WgmmaTma if !hd.is_multiple_of(64) => PrefillKernel::WgmmaPingPong128,
-        other => other,
-    };
-    let (source, entry, rows, threads) = match kind {
-        PrefillKernel::Basic => (
-            "prefill_attention.cu",
-            format!("prefill_attention_hd{hd}{}", kv.suffix()),
-            64,
-            128,
-        ),
-        PrefillKernel::Pipelined => (
-            "prefill_attention.cu",
-            format!("prefill_attention_pipe_hd{hd}"),
-            128,
-            256,
-        ),
-        PrefillKernel::Wgmma => (
-            "prefill_wgmma.cu",
-            format!("prefill_attention_wgmma_hd{hd}"),
-            128,
-            256,
-        ),
-        PrefillKernel::WgmmaOverlap => (
-            "prefill_wgmma.cu",
-            format!("prefill_attention_wgmma_ov_hd{hd}"),
-            128,
-            256,
-        ),
-        PrefillKernel::WgmmaWs => (
-            "prefill_wgmma.cu",
-            format!("prefill_attention_wgmma_ws_hd{hd}"),
-            128,
-            384,
-        ),
-        PrefillKernel::WgmmaPingPong => (
-            "prefill_wgmma.cu",
-            format!("prefill_attention_wgmma_pp_hd{hd}"),
-            128,
-            384,
-        ),
-        PrefillKernel::WgmmaPingPong128 => (
-            "prefill_wgmma.cu",
-            format!("prefill_attention_wgmma_pp128_hd{hd}"),
-            128,
-            384,
-        ),
-        PrefillKernel::WgmmaTma => (
-            "prefill_wgmma.cu",
-            format!("prefill_attention_wgmma_tma_hd{hd}"),
-            128,
-            384,
-        ),
-    };
+    let kind = kind
+        .resolve(k, matches!(kv, KvRef::Fp8 { .. }))
+        .for_head_dim(hd);
+    let (source, entry, rows, threads) = kind.entry(hd, matches!(kv, KvRef::Fp8 { .. }));
     let f = k.function(source, &entry)?;
     let (nh, nkv, mb) = (dim(d.n_heads)?, dim(d.n_kv_heads)?, dim(d.max_blocks)?);
     let q_stride = dim(d.q_stride)?;

@@ -50,6 +50,7 @@ fn no_driver_is_a_clear_error_not_a_panic() {
     assert!(err.to_string().contains("libcuda"));
 }
 
+/// Also: every prefill design resolves to an entry point its source has.
 #[test]
 fn kernels_compile_to_cubins_and_are_cached() {
     if !nvrtc_or_skip("kernels_compile_to_cubins_and_are_cached") {
@@ -58,6 +59,7 @@ fn kernels_compile_to_cubins_and_are_cached() {
     let dir = std::env::temp_dir().join(format!("sov-kernels-cache-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut files = 0;
+    let mut cubins = std::collections::HashMap::new();
     for device in ["sm_80", "sm_90"] {
         for (name, _) in SOURCES {
             let Some(arch) = build_arch(name, device) else {
@@ -76,11 +78,60 @@ fn kernels_compile_to_cubins_and_are_cached() {
             let (again, cached) = cached_cubin(&dir, name, arch).unwrap();
             assert!(cached, "{name}: second build must come from the cache");
             assert_eq!(again, cubin);
+            cubins.insert((*name, device), cubin);
         }
     }
     // One cache file per (source, arch).
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), files);
     std::fs::remove_dir_all(&dir).unwrap();
+    // Every prefill design the launcher can pick, at every head_dim and cache type, names
+    // an entry point its source has (in the cubin's symbol strings, NUL-terminated).
+    use launch::PrefillKernel;
+    for device in ["sm_80", "sm_90"] {
+        for kind in PrefillKernel::ALL {
+            for hd in [64, 96, 128] {
+                for fp8 in [false, true] {
+                    // What `PrefillKernel::resolve` does without a device at hand.
+                    let run = if fp8 {
+                        PrefillKernel::Basic
+                    } else {
+                        let k = kind.for_head_dim(hd);
+                        match build_arch(k.entry(hd, false).0, device) {
+                            Some(_) => k,
+                            None => PrefillKernel::Pipelined,
+                        }
+                    };
+                    let (source, entry, rows, threads) = run.entry(hd, fp8);
+                    assert!(rows > 0 && threads % 128 == 0, "{entry}");
+                    let cubin = &cubins[&(source, device)];
+                    let want = [entry.as_bytes(), b"\0"].concat();
+                    assert!(
+                        cubin.windows(want.len()).any(|w| w == want.as_slice()),
+                        "{kind:?} at head_dim {hd} (fp8 {fp8}) on {device}: no {entry} in {source}"
+                    );
+                }
+            }
+        }
+        // The GEMV entry points the launchers name (`{name}_t{T}`, T = gemv_rows).
+        for name in [
+            "gemv",
+            "gemv_norm",
+            "gemv_norm_late",
+            "gemv_norm_rope",
+            "gemv_norm_late_rope",
+            "gemv_add",
+            "gemv_silu_add",
+        ] {
+            for t in [1, 2, 4, 8] {
+                let want = format!("{name}_t{t}\0");
+                let cubin = &cubins[&("gemv.cu", device)];
+                assert!(
+                    cubin.windows(want.len()).any(|w| w == want.as_bytes()),
+                    "no {name}_t{t} in gemv.cu for {device}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
