@@ -30,6 +30,12 @@ if [ $# -eq 0 ]; then
   else
     echo "CUDA kernel check SKIPPED: pip install the wheels listed in .ci/run to run it"
   fi
+  # Index and protocol models of the prefill kernels (kernels/tools, no GPU): fragment
+  # and shared-memory layouts against the documented operand layouts; the
+  # warp-specialised pipelines' barriers free of deadlock and stale reads.
+  echo "== CUDA kernels: layout and pipeline models =="
+  python3 kernels/tools/fragment_model.py | tail -3 || status=$?
+  python3 kernels/tools/pipeline_model.py || status=$?
 fi
 # One closing line over every test binary (cargo prints one result line per binary).
 passed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ - | bc)
