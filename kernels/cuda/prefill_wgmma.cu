@@ -109,6 +109,12 @@ __device__ __forceinline__ unsigned long long wgmma_desc(unsigned addr, unsigned
          ((unsigned long long)((sbo >> 4) & 0x3fffu) << 32);
 }
 
+// Descriptor of a 128B-swizzled operand (layout type 1, bits 62-63).
+__device__ __forceinline__ unsigned long long wgmma_desc_sw128(unsigned addr, unsigned lbo,
+                                                              unsigned sbo) {
+  return wgmma_desc(addr, lbo, sbo) | (1ull << 62);
+}
+
 // D (+)= A B, M = 64 (warp w of the warpgroup holds rows 16w..16w+15 of A and D in the
 // m16n8k16 fragment layouts, D as N/8 consecutive 8-column tiles), K = 16, A from
 // registers, B from shared memory; `accumulate` 0 overwrites D.
@@ -202,15 +208,18 @@ __device__ __forceinline__ void wgmma_pv(float (&o)[HD / 2], const unsigned (&a)
 constexpr int RING_STAGES = 3;
 
 // S = Q K^T of one tile of BC (64 or 128) keys whose K starts at shared address sk
-// (layout above), Q from registers; issued and committed (the caller waits).
-template <int KS, int BC = PW_BC>
+// (layout above; SW128: the TMA design's 128B-swizzled layout, regions of BC x 128 bytes
+// per 64 dims), Q from registers; issued and committed (the caller waits).
+template <int KS, int BC = PW_BC, bool SW128 = false>
 __device__ __forceinline__ void wgmma_issue_s(float (&s)[BC / 2], const unsigned (&qa)[KS][4],
                                               unsigned sk) {
   constexpr unsigned K_LBO = 128, K_SBO = KS * 16 * 16;
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks) {
-    const unsigned long long db = wgmma_desc(sk + ks * 256, K_LBO, K_SBO);
+    const unsigned long long db =
+        SW128 ? wgmma_desc_sw128(sk + (ks / 4) * (BC * 128) + (ks % 4) * 32, 16, 1024)
+              : wgmma_desc(sk + ks * 256, K_LBO, K_SBO);
     if constexpr (BC == 64) {
       wgmma_m64n64k16_rs(s, qa[ks], db, ks > 0);
     } else {
@@ -239,17 +248,19 @@ __device__ __forceinline__ void wgmma_issue_s_ss(float (&s)[BC / 2], unsigned sq
   wgmma_commit();
 }
 
-// O += P V for one tile of BC keys whose V starts at shared address sv (layout above), P
-// as A fragments (keys 16 kk ..: pa[kk]); issued and committed (the caller fenced and
-// waits).
-template <int HD, int BC = PW_BC>
+// O += P V for one tile of BC keys whose V starts at shared address sv (layout above;
+// SW128: the TMA design's swizzled layout), P as A fragments (keys 16 kk ..: pa[kk]);
+// issued and committed (the caller fenced and waits).
+template <int HD, int BC = PW_BC, bool SW128 = false>
 __device__ __forceinline__ void wgmma_issue_pv(float (&o)[HD / 2],
                                                const unsigned (&pa)[BC / 16][4],
                                                unsigned sv) {
   constexpr unsigned V_LBO = 128, V_SBO = 256;
 #pragma unroll
   for (int kk = 0; kk < BC / 16; ++kk)
-    wgmma_pv<HD, 1>(o, pa[kk], wgmma_desc(sv + kk * (HD * 32), V_LBO, V_SBO));
+    wgmma_pv<HD, 1>(o, pa[kk],
+                    SW128 ? wgmma_desc_sw128(sv + kk * 2048, BC * 128, 1024)
+                          : wgmma_desc(sv + kk * (HD * 32), V_LBO, V_SBO));
   wgmma_commit();
 }
 
@@ -526,12 +537,6 @@ struct __align__(64) SovTensorMap {
   unsigned long long opaque[16];
 };
 
-// Descriptor of a 128B-swizzled operand (layout type 1, bits 62-63).
-__device__ __forceinline__ unsigned long long wgmma_desc_sw128(unsigned addr, unsigned lbo,
-                                                              unsigned sbo) {
-  return wgmma_desc(addr, lbo, sbo) | (1ull << 62);
-}
-
 // The 16-row x 64-element box at (x, y) of `map` into shared memory at dst (1024-byte
 // aligned), counted on the mbarrier `bar`.
 __device__ __forceinline__ void tma_load_2d(unsigned dst, const SovTensorMap* map, int x, int y,
@@ -549,37 +554,6 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned byt
                    bar),
                "r"(bytes)
                : "memory");
-}
-
-// S = Q K^T for one 128B-swizzled K tile of BC keys (regions of BC x 128 bytes), Q from
-// registers; issued and committed.
-template <int KS, int BC>
-__device__ __forceinline__ void wgmma_issue_s_sw128(float (&s)[BC / 2],
-                                                    const unsigned (&qa)[KS][4], unsigned sk) {
-  wgmma_fence();
-#pragma unroll
-  for (int ks = 0; ks < KS; ++ks) {
-    const unsigned long long db =
-        wgmma_desc_sw128(sk + (ks / 4) * (BC * 128) + (ks % 4) * 32, 16, 1024);
-    if constexpr (BC == 64) {
-      wgmma_m64n64k16_rs(s, qa[ks], db, ks > 0);
-    } else {
-      wgmma_m64n128k16_rs(s, qa[ks], db, ks > 0);
-    }
-  }
-  wgmma_commit();
-}
-
-// O += P V for one 128B-swizzled V tile of BC keys; issued and committed (the caller
-// fenced).
-template <int HD, int BC>
-__device__ __forceinline__ void wgmma_issue_pv_sw128(float (&o)[HD / 2],
-                                                     const unsigned (&pa)[BC / 16][4],
-                                                     unsigned sv) {
-#pragma unroll
-  for (int kk = 0; kk < BC / 16; ++kk)
-    wgmma_pv<HD, 1>(o, pa[kk], wgmma_desc_sw128(sv + kk * 2048, BC * 128, 1024));
-  wgmma_commit();
 }
 
 template <int HD, bool PINGPONG, int BC, bool TMA = false>
@@ -746,20 +720,10 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
   }
   // S = Q K^T of the tile whose K is at sk, issued and committed.
   auto issue_s = [&](float(&s)[BC / 2], unsigned sk) {
-    if constexpr (TMA) {
-      wgmma_issue_s_sw128<KS, BC>(s, qa, sk);
-    } else if constexpr (Q_SMEM) {
+    if constexpr (Q_SMEM) {
       wgmma_issue_s_ss<KS, BC>(s, sq, sk);
     } else {
-      wgmma_issue_s<KS, BC>(s, qa, sk);
-    }
-  };
-  // O += P V of the tile whose V is at sv, issued and committed.
-  auto issue_pv = [&](float(&o)[HD / 2], const unsigned(&pa)[BC / 16][4], unsigned sv) {
-    if constexpr (TMA) {
-      wgmma_issue_pv_sw128<HD, BC>(o, pa, sv);
-    } else {
-      wgmma_issue_pv<HD, BC>(o, pa, sv);
+      wgmma_issue_s<KS, BC, TMA>(s, qa, sk);
     }
   };
   float o[HD / 2];
@@ -822,7 +786,7 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
         pin(o);
         sched_wait();
         issue_s(s, base + (j % ST) * STAGE);  // fences first
-        issue_pv(o, pa, base + ((j - 1) % ST) * STAGE + TILE);
+        wgmma_issue_pv<HD, BC, TMA>(o, pa, base + ((j - 1) % ST) * STAGE + TILE);
         sched_pass();
         wgmma_wait<1>();  // S(j)
         pin(s);
@@ -840,7 +804,7 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
       pin(o);
       sched_wait();
       wgmma_fence();
-      issue_pv(o, pa, base + ((mine - 1) % ST) * STAGE + TILE);
+      wgmma_issue_pv<HD, BC, TMA>(o, pa, base + ((mine - 1) % ST) * STAGE + TILE);
       sched_pass();
       wgmma_wait_all();
       pin(o);

@@ -491,41 +491,33 @@ pub fn prefill_attention_kv(
         )?;
         cfg.shared_mem_bytes = bytes as u32;
     }
-    if kind == PrefillKernel::WgmmaTma {
+    // The TMA design takes the caches as tensor maps (and their row count) instead of
+    // pointers; the pointers' guards are held until the launch is queued.
+    let ptrs;
+    let tma = if kind == PrefillKernel::WgmmaTma {
         let KvRef::Bf16 { k: kc, v: vc } = kv else {
             return Err(CudaError::Shape(
                 "the TMA prefill needs a bf16 KV cache".into(),
             ));
         };
         let row = d.n_kv_heads * hd;
-        let (kp, _kg) = kc.device_ptr(&k.stream);
-        let (vp, _vg) = vc.device_ptr(&k.stream);
-        let tk = kv_tensor_map(kp, kc.len() / row, row)?;
-        let tv = kv_tensor_map(vp, vc.len() / row, row)?;
-        let slots = dim(kc.len() / row)?;
-        let mut b = k.stream.launch_builder(&f);
-        b.arg(q)
-            .arg(&tk)
-            .arg(&tv)
-            .arg(cu_q)
-            .arg(seq_lens)
-            .arg(block_tables)
-            .arg(&mut *out)
-            .arg(&nh)
-            .arg(&nkv)
-            .arg(&mb)
-            .arg(&d.scale)
-            .arg(&q_stride)
-            .arg(&slots);
-        // SAFETY: argument types and order match `prefill_attention_wgmma_tma_hd{D}`; the
-        // tensor maps describe the two cache buffers, which outlive the launch (their
-        // guards are held until it is queued).
-        unsafe { b.launch(cfg) }?;
-        return Ok(());
-    }
+        ptrs = (kc.device_ptr(&k.stream), vc.device_ptr(&k.stream));
+        let (tk, tv) = (
+            kv_tensor_map(ptrs.0.0, kc.len() / row, row)?,
+            kv_tensor_map(ptrs.1.0, vc.len() / row, row)?,
+        );
+        Some((tk, tv, dim(kc.len() / row)?))
+    } else {
+        None
+    };
     let mut b = k.stream.launch_builder(&f);
     b.arg(q);
-    kv.push(&mut b);
+    match &tma {
+        Some((tk, tv, _)) => {
+            b.arg(tk).arg(tv);
+        }
+        None => kv.push(&mut b),
+    }
     b.arg(cu_q)
         .arg(seq_lens)
         .arg(block_tables)
@@ -535,7 +527,11 @@ pub fn prefill_attention_kv(
         .arg(&mb)
         .arg(&d.scale)
         .arg(&q_stride);
-    // SAFETY: as in `decode_attention_kv`.
+    if let Some((_, _, slots)) = &tma {
+        b.arg(slots);
+    }
+    // SAFETY: as in `decode_attention_kv`; the TMA kernels take `(q, tensor map of K, of
+    // V, ..., q_stride, num_slots)`, their tensor maps describing the two cache buffers.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
