@@ -12,14 +12,17 @@
 #      prefill and decode steps (batch 3, 2, 1) on both model shapes, with each prefill
 #      design and the FP8 KV cache;
 #   7. the experimental designs listed in OPT_IN (`gpu-check --opt-in NAME`, one process
-#      each), reported apart from the defaults (`kernels_opt_in`);
+#      each), reported apart from the defaults (`kernels_opt_in`), and the decode-path
+#      experiments in VARIANTS through the backend (check-backend on both shapes, batch-1
+#      bench on the EuroLLM one);
 #   8. where Nsight Compute is installed, one launch of the wgmma prefill under ncu
 #      (throughput, warp stall reasons, the top stall locations), into
 #      $OUT/parts/ncu-*.txt.
 # Prints one JSON summary (and writes it to $OUT/gpu-check.json when OUT is set).
 #
-#   bash kernels/gpu-check.sh [--quick]
+#   bash kernels/gpu-check.sh [--quick] [--no-experiments]
 #   bash kernels/gpu-check.sh --summarize DIR   (the summary of a cut-off run's $OUT/parts)
+# `--no-experiments`: steps 1-6 only (the defaults: what the issue's targets are about).
 # Exit status: gpu-check's (1 = a correctness check failed, 2 = no usable GPU), or 1 when
 # a backend check failed.
 set -uo pipefail
@@ -36,12 +39,29 @@ cd "$(dirname "$0")/.."
 # that design with the consumers' MMA issue alternating (ping-pong; wgmma_pp).
 # `prefill_attention_wgmma_pp128`: ping-pong with 128-key tiles (wgmma_pp128).
 # `prefill_attention_wgmma_tma`: that with TMA copies into swizzled tiles (wgmma_tma).
-OPT_IN="gemv_norm_late gemv_norm_rope gemv_norm_late_rope prefill_attention_wgmma_ov prefill_attention_wgmma_ws prefill_attention_wgmma_pp prefill_attention_wgmma_pp128 prefill_attention_wgmma_tma"
+# `pdl`: the decode path's kernels as their programmatic-dependent-launch builds, launched
+# with the attribute (worker: SOV_PDL=1), and the GEMV chain of a decode step timed with
+# them (`gemv_chain`, beside the default run's).
+OPT_IN="pdl gemv_norm_late gemv_norm_rope gemv_norm_late_rope prefill_attention_wgmma_ov prefill_attention_wgmma_ws prefill_attention_wgmma_pp prefill_attention_wgmma_pp128 prefill_attention_wgmma_tma"
+# The decode-path experiments through the backend, NAME:ENV (comma-separated variables).
+VARIANTS="late:SOV_GEMV_NORM=late rope:SOV_GEMV_ROPE=1 laterope:SOV_GEMV_ROPE=1,SOV_GEMV_NORM=late pdl:SOV_PDL=1 pdlrope:SOV_PDL=1,SOV_GEMV_ROPE=1 pdllaterope:SOV_PDL=1,SOV_GEMV_ROPE=1,SOV_GEMV_NORM=late"
+EXPERIMENTS=1
+args=()
+for a in "$@"; do
+  if [ "$a" = --no-experiments ]; then EXPERIMENTS=0; else args+=("$a"); fi
+done
+set -- "${args[@]+"${args[@]}"}"
 # summarize PARTS STATUS: the JSON summary of the stage results in PARTS.
 summarize() {
-python3 - "$1" "$2" "$OPT_IN" <<'PY'
+python3 - "$1" "$2" "$OPT_IN" "$VARIANTS" <<'PY'
 import json, os, sys
 tmp, status, opt_names = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
+variants = [v.split(":")[0] for v in sys.argv[4].split()]
+# Each backend experiment's summary label and the opt-in kernel runs it relies on.
+LABEL = {"late": "gemv_norm_late", "rope": "gemv_norm_rope", "laterope": "gemv_norm_late_rope",
+         "pdl": "pdl", "pdlrope": "pdl_gemv_norm_rope", "pdllaterope": "pdl_gemv_norm_late_rope"}
+PARTS_OF = {"late": ["gemv_norm_late"], "rope": ["gemv_norm_rope"], "laterope": ["gemv_norm_late_rope"],
+            "pdl": ["pdl"], "pdlrope": ["pdl", "gemv_norm_rope"], "pdllaterope": ["pdl", "gemv_norm_late_rope"]}
 def load(name):
     try:
         with open(os.path.join(tmp, name)) as f:
@@ -50,17 +70,29 @@ def load(name):
         return {"error": f"{name}: {e}"}
 k, t = load("kernels.json"), load("torch.json")
 # The opt-in runs, merged: their checks, prefill and GEMV timings, and each run's errors.
-opt = {"checks": [], "prefill_attention": [], "gemv": [], "errors": {}}
+opt = {"checks": [], "prefill_attention": [], "gemv": [], "errors": {}, "runs": {}}
 for name in opt_names:
     r = load(f"opt-{name}.json")
     if "error" in r:
         opt["errors"][name] = r["error"]
-    opt["checks"] += r.get("correctness", {}).get("checks", [])
+    mine = r.get("correctness", {}).get("checks", [])
+    # A run is ok when it ran checks and every one passed.
+    opt["runs"][name] = {"ok": "error" not in r and bool(mine) and all(c.get("ok") for c in mine),
+                         "checks": len(mine), "failed": sorted({c.get("kernel", "?") for c in mine if not c.get("ok")})}
+    opt["checks"] += [dict(c, run=name) for c in mine]
     opt["prefill_attention"] += r.get("prefill_attention", [])
-    opt["gemv"] += r.get("gemv", [])
+    opt["gemv"] += [dict(g, run=name) for g in r.get("gemv", [])]
+    if r.get("gemv_chain"):
+        opt[f"gemv_chain_{name}"] = r["gemv_chain"]
 failing = sorted({c.get("kernel", "?") for c in opt["checks"] if not c.get("ok")} | set(opt["errors"]))
 opt["failing"] = failing
 summary = {"gpu_check_exit": status, "kernels": k, "kernels_opt_in": opt, "torch_sdpa": t, "end_to_end": {}}
+# The decode step's GEMV chain, default vs PDL (two processes, same shapes).
+try:
+    d_gbs, p_gbs = k["gemv_chain"]["gb_per_s"], opt["gemv_chain_pdl"]["gb_per_s"]
+    summary["gemv_chain_pdl_vs_default"] = p_gbs / d_gbs
+except Exception:
+    summary["gemv_chain_pdl_vs_default"] = None
 copy = k.get("copy_bandwidth_gb_per_s")
 def check(name):
     c = load(name)
@@ -68,13 +100,8 @@ def check(name):
     return c
 for shape in ["smollm2-135m", "eurollm-1.7b"]:
     m, b = load(f"{shape}.model.json"), load(f"{shape}.bench.json")
-    bl, br, blr = load(f"{shape}.late.json"), load(f"{shape}.rope.json"), load(f"{shape}.laterope.json")
-    e = {"model": m, "bench": b, "bench_gemv_norm_late": bl, "bench_gemv_norm_rope": br,
-         "bench_gemv_norm_late_rope": blr,
+    e = {"model": m, "bench": b,
          "backend_check": check(f"{shape}.check.json"),
-         "backend_check_gemv_norm_late": check(f"{shape}.check-late.json"),
-         "backend_check_gemv_norm_rope": check(f"{shape}.check-rope.json"),
-         "backend_check_gemv_norm_late_rope": check(f"{shape}.check-laterope.json"),
          "backend_check_prefill_pipelined": check(f"{shape}.check-pipelined.json"),
          "backend_check_prefill_basic": check(f"{shape}.check-basic.json"),
          "backend_check_prefill_wgmma_ov": check(f"{shape}.check-wgmma_ov.json"),
@@ -91,11 +118,17 @@ for shape in ["smollm2-135m", "eurollm-1.7b"]:
         e["batch1_tok_s"], e["fraction_of_limit"] = b1, b1 / limit
     except Exception as ex:
         e["note"] = f"no ratio: {ex}"
-    # Each experiment's own ratio (absent when its run failed).
-    for name, bench in [("gemv_norm_late", bl), ("gemv_norm_rope", br), ("gemv_norm_late_rope", blr)]:
+    # Each experiment's backend check and own ratio (absent when it did not run).
+    for v in variants:
+        name = LABEL.get(v, v)
+        if os.path.exists(os.path.join(tmp, f"{shape}.check-{v}.json")):
+            e[f"backend_check_{name}"] = check(f"{shape}.check-{v}.json")
+        if not os.path.exists(os.path.join(tmp, f"{shape}.{v}.json")):
+            continue
+        bench = e[f"bench_{name}"] = load(f"{shape}.{v}.json")
         try:
-            v = bench["decode"]["1"]["aggregate_tok_s"]
-            e[f"{name}_batch1_tok_s"], e[f"{name}_fraction_of_limit"] = v, v / limit
+            x = bench["decode"]["1"]["aggregate_tok_s"]
+            e[f"{name}_batch1_tok_s"], e[f"{name}_fraction_of_limit"] = x, x / limit
         except Exception as ex:
             e[f"{name}_note"] = f"no ratio: {ex}"
     summary["end_to_end"][shape] = e
@@ -121,26 +154,36 @@ checks_all = k.get("correctness", {}).get("checks", []) + opt["checks"]
 def design_ok(name):
     mine = [c for c in checks_all if c.get("kernel") == name]
     return bool(mine) and all(c.get("ok") for c in mine)
-pre = max([x["fraction_of_bf16_dense_peak"] for x in k.get("prefill_attention", []) + opt["prefill_attention"]
-           if "fraction_of_bf16_dense_peak" in x and design_ok(x.get("kernel", "prefill_attention"))] or [None],
-          key=lambda v: -1 if v is None else v)
+# The best correct design at its lower figure over the two shapes.
+by_design = {}
+for x in k.get("prefill_attention", []) + opt["prefill_attention"]:
+    if "fraction_of_bf16_dense_peak" in x and design_ok(x.get("kernel", "prefill_attention")):
+        d = x.get("kernel", "prefill_attention")
+        by_design[d] = min(by_design.get(d, 1e9), x["fraction_of_bf16_dense_peak"])
+pre_best = max(by_design.items(), key=lambda kv: kv[1]) if by_design else (None, None)
+pre = pre_best[1]
 eu = summary["end_to_end"].get("eurollm-1.7b", {})
-# An experimental GEMV counts only where its kernel checks and its backend check passed.
-def experiment_ok(name):
-    mine = [c for c in checks_all if c.get("kernel") == name]
-    return bool(mine) and all(c.get("ok") for c in mine) \
-        and eu.get(f"backend_check_{name}", {}).get("ok") is True
-e2e_candidates = [eu.get("fraction_of_limit")] + [eu.get(f"{n}_fraction_of_limit")
-                                                  for n in ["gemv_norm_late", "gemv_norm_rope", "gemv_norm_late_rope"] if experiment_ok(n)]
-e2e = max([v for v in e2e_candidates if v is not None] or [None], key=lambda v: -1 if v is None else v)
+# A decode-path experiment counts only where the opt-in kernel runs it relies on passed
+# and its backend check passed on both shapes.
+def experiment_ok(v):
+    name = LABEL.get(v, v)
+    return all(opt["runs"].get(p, {}).get("ok") for p in PARTS_OF.get(v, [v])) \
+        and all(e.get(f"backend_check_{name}", {}).get("ok") is True for e in summary["end_to_end"].values())
+e2e_candidates = [("default", eu.get("fraction_of_limit"))] + [
+    (LABEL.get(v, v), eu.get(f"{LABEL.get(v, v)}_fraction_of_limit")) for v in variants if experiment_ok(v)]
+e2e_best = max([c for c in e2e_candidates if c[1] is not None] or [(None, None)], key=lambda c: -1 if c[1] is None else c[1])
+e2e = e2e_best[1]
 # A check that printed an error ran and failed; one absent was not run.
 checks = [c.get("ok", False) for c in (e.get("backend_check") for e in summary["end_to_end"].values()) if c is not None]
 summary["targets"] = {
     "kernels_match_references": k.get("correctness", {}).get("ok"),
     "backend_matches_cpu": all(c is True for c in checks) if checks else None,
     "decode_attention_min_fraction_of_copy_4k_plus": dec, "decode_attention_target_met": None if dec is None else dec >= 0.8,
-    "prefill_best_fraction_of_peak": pre, "prefill_target_met": None if pre is None else pre >= 0.4,
-    "eurollm_batch1_best_fraction_of_limit": e2e, "eurollm_batch1_target_met": None if e2e is None else e2e >= 0.7,
+    "prefill_best_fraction_of_peak": pre, "prefill_best_design": pre_best[0],
+    "prefill_target_met": None if pre is None else pre >= 0.4,
+    "eurollm_batch1_best_fraction_of_limit": e2e, "eurollm_batch1_best_design": e2e_best[0],
+    "eurollm_batch1_default_fraction_of_limit": eu.get("fraction_of_limit"),
+    "eurollm_batch1_target_met": None if e2e is None else e2e >= 0.7,
 }
 text = json.dumps(summary, indent=1)
 print(text)
@@ -200,9 +243,14 @@ status=$?
 [ $status -eq 124 ] && say "gpu-check timed out"
 # The opt-in designs, each in a process of its own: one that faults cannot take the
 # others' (or the default run's) CUDA context with it.
+# `pdl` runs with SOV_PDL=1 (the kernels' PDL builds, launched with the attribute).
 for d in $OPT_IN; do
+  [ "$EXPERIMENTS" = 1 ] || break
   say "opt-in design $d"
-  timeout 120 "$BIN/gpu-check" "$@" --opt-in "$d" --out "$PARTS/opt-$d.json" > /dev/null 2> >(tee -a "$LOG" >&2)
+  pdl_env=""
+  [ "$d" = pdl ] && pdl_env="SOV_PDL=1"
+  # shellcheck disable=SC2086
+  env $pdl_env timeout 120 "$BIN/gpu-check" "$@" --opt-in "$d" --out "$PARTS/opt-$d.json" > /dev/null 2> >(tee -a "$LOG" >&2)
   [ -s "$PARTS/opt-$d.json" ] || echo "{\"error\": \"gpu-check --opt-in $d printed nothing (exit or timeout; see the log)\"}" > "$PARTS/opt-$d.json"
 done
 say "PyTorch SDPA"
@@ -221,31 +269,29 @@ for shape in eurollm-1.7b smollm2-135m; do
     RUST_BACKTRACE=0 timeout 180 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
       > "$PARTS/$shape.check.json" 2>> "$LOG" || { echo "gpu-check: check-backend failed on $shape" | tee -a "$LOG" >&2; [ $status -eq 0 ] && status=1; }
     [ -s "$PARTS/$shape.check.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check.json"
-    say "$shape: experimental GEMVs (late norm, RoPE epilogue, both); the other prefill designs"
-    SOV_GEMV_ROPE=1 RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
-      --device cuda:0 > "$PARTS/$shape.check-rope.json" 2>> "$LOG" || echo "gpu-check: check-backend with the RoPE-epilogue GEMV failed on $shape" | tee -a "$LOG" >&2
-    [ -s "$PARTS/$shape.check-rope.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-rope.json"
-    SOV_GEMV_ROPE=1 RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
-      --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
-      > "$PARTS/$shape.rope.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.rope.json"
-    SOV_GEMV_NORM=late RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
-      --device cuda:0 > "$PARTS/$shape.check-late.json" 2>> "$LOG" || echo "gpu-check: check-backend with the late-norm GEMV failed on $shape" | tee -a "$LOG" >&2
-    [ -s "$PARTS/$shape.check-late.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-late.json"
-    SOV_GEMV_NORM=late RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
-      --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
-      > "$PARTS/$shape.late.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.late.json"
-    SOV_GEMV_ROPE=1 SOV_GEMV_NORM=late RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
-      --device cuda:0 > "$PARTS/$shape.check-laterope.json" 2>> "$LOG" || echo "gpu-check: check-backend with both GEMV experiments failed on $shape" | tee -a "$LOG" >&2
-    [ -s "$PARTS/$shape.check-laterope.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-laterope.json"
-    SOV_GEMV_ROPE=1 SOV_GEMV_NORM=late RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
-      --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
-      > "$PARTS/$shape.laterope.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.laterope.json"
+    # The decode-path experiments (VARIANTS): each checked against the CPU backend on
+    # both shapes, timed at batch 1 on the EuroLLM one (the target's shape).
+    for v in $VARIANTS; do
+      [ "$EXPERIMENTS" = 1 ] || break
+      name=${v%%:*}
+      envs=$(echo "${v#*:}" | tr , ' ')
+      say "$shape: experiment $name ($envs)"
+      # shellcheck disable=SC2086  # envs is a list of NAME=VALUE words
+      env $envs RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" \
+        --device cuda:0 > "$PARTS/$shape.check-$name.json" 2>> "$LOG" || echo "gpu-check: check-backend with $envs failed on $shape" | tee -a "$LOG" >&2
+      [ -s "$PARTS/$shape.check-$name.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-$name.json"
+      [ "$shape" = eurollm-1.7b ] || continue
+      # shellcheck disable=SC2086
+      env $envs RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
+        --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
+        > "$PARTS/$shape.$name.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.$name.json"
+    done
     # The prefill designs other than the default inside the backend (its prefill steps):
     # the pipelined one (the default off Hopper), the basic one (the FP8 cache's) and, on
     # the EuroLLM shape (head_dim 128; their kernel checks cover 64 too), the experimental
     # wgmma ones (overlapping, warp-specialised, ping-pong, 128-key tiles, TMA).
     designs="pipelined basic"
-    [ "$shape" = eurollm-1.7b ] && designs="$designs wgmma_ov wgmma_ws wgmma_pp wgmma_pp128 wgmma_tma"
+    [ "$shape" = eurollm-1.7b ] && [ "$EXPERIMENTS" = 1 ] && designs="$designs wgmma_ov wgmma_ws wgmma_pp wgmma_pp128 wgmma_tma"
     for p in $designs; do
       SOV_PREFILL_KERNEL=$p RUST_BACKTRACE=0 timeout 60 "$BIN/worker" check-backend --model "$TMP/$shape" \
         --device cuda:0 > "$PARTS/$shape.check-$p.json" 2>> "$LOG" || echo "gpu-check: check-backend with the $p prefill failed on $shape" | tee -a "$LOG" >&2
@@ -272,7 +318,9 @@ done
 # Compute: each process runs one design, whose 4 check launches and 1 warm-up launch are
 # skipped.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
-if [ -n "$NCU" ]; then
+if [ "$EXPERIMENTS" != 1 ]; then
+  say "--no-experiments: no profiles"
+elif [ -n "$NCU" ]; then
   for d in prefill_attention_wgmma prefill_attention_wgmma_pp128 prefill_attention_wgmma_tma; do
     say "ncu: $d"
     timeout 90 "$NCU" --kernel-name regex:prefill_attention_wgmma --launch-skip 5 --launch-count 1 \

@@ -11,6 +11,50 @@ typedef unsigned short bf16;
 [[maybe_unused]] constexpr unsigned FULL_MASK = 0xffffffffu;
 [[maybe_unused]] constexpr int KV_BLOCK = 16;  // tokens per KV-cache block (the block manager's size)
 
+// Programmatic dependent launch (PDL; experimental, worker `SOV_PDL=1` on sm_90 and
+// later). The calls compile to nothing unless the source is built with -DSOV_PDL=1
+// (kernels::cuda::PDL_DEFINE; a build of its own, cached apart). A kernel launched with
+// the programmatic-stream-serialization attribute may start while its predecessor in the
+// stream still runs, so a PDL-aware kernel:
+//   - before pdl_wait, reads only what no kernel writes (the GEMVs' weights: they load
+//     their first pieces into registers there, so a layer's weight stream starts while
+//     the previous kernel finishes);
+//   - pdl_wait(): returns once the predecessor grid has completed and its writes are
+//     visible; it comes before anything a kernel reads or writes. Every PDL-aware kernel
+//     calls it, so when one returns every earlier kernel of the stream has completed;
+//   - pdl_trigger(): lets the successor grid launch (its CTAs then wait in their
+//     pdl_wait). The successor launches only once every CTA of this grid has triggered
+//     or exited, so its waiting CTAs never hold back unscheduled CTAs of this one. Short
+//     kernels trigger first thing, the GEMVs after their main loop (the successor's
+//     weight loads then overlap their tail, not their whole weight stream).
+// griddepcontrol.wait returns at once in a kernel launched without the attribute.
+#if defined(SOV_PDL) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+[[maybe_unused]] constexpr bool PDL = true;
+#else
+[[maybe_unused]] constexpr bool PDL = false;
+#endif
+__device__ __forceinline__ void pdl_wait() {
+#if defined(SOV_PDL) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+// 16 bytes of weights loaded before pdl_wait: a plain (coherent) global load, not
+// allocated in L1. ptxas schedules griddepcontrol.wait ahead of the read-only-path loads
+// (`ld.global.nc`, what const __restrict__ pointers get) that precede it in the PTX, but
+// not ahead of these (seen in the sm_90 SASS: ACQBULK after the LDG.E.NA).
+__device__ __forceinline__ uint4 ld_before_wait16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(SOV_PDL) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // -inf without <math.h> (NVRTC has no standard headers).
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 

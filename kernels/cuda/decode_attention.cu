@@ -68,6 +68,8 @@ __device__ __forceinline__ void decode_attention_impl(
   __shared__ float s_m[DA_WARPS][GROUP], s_l[DA_WARPS][GROUP];
   __shared__ float s_acc[DA_WARPS][GROUP][HD];
 
+  sov::pdl_trigger();  // PDL builds (common.cuh): q and the cache were just written
+  sov::pdl_wait();
   const int seq = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
   const int n_heads = n_kv_heads * GROUP;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -282,6 +284,8 @@ SOV_DECODE_ATTENTION(128, 8)
 extern "C" __global__ void __launch_bounds__(128)
     decode_attention_merge(const float* part_out, const float* part_ml, sov::bf16* out,
                            int n_heads, int head_dim, int num_splits) {
+  sov::pdl_trigger();  // PDL builds (common.cuh)
+  sov::pdl_wait();
   const long long head = (long long)blockIdx.x * n_heads + blockIdx.y;
   const float* ml = part_ml + head * num_splits * 2;
   float m = sov::neg_inf();

@@ -169,8 +169,7 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
   const float* res = static_cast<const float*>(xin);
   const sov::bf16* xb = static_cast<const sov::bf16*>(xin);
 
-  if (IN == GV_NORM) row_inv_rms<T, GV_THREADS>(res, k, eps, s_inv);
-
+  if (!PDL && IN == GV_NORM) row_inv_rms<T, GV_THREADS>(res, k, eps, s_inv);
   float acc[GV_ROWS][T];
 #pragma unroll
   for (int r = 0; r < GV_ROWS; ++r)
@@ -185,13 +184,17 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
     // Rows past the end read row 0 (always valid) and are never written.
     wr[r] = w + (long long)(row0 + r < rows ? row0 + r : 0) * k;
   }
-  // Two pieces in flight per thread; one for the SiLU input, whose extra registers
-  // would otherwise spill.
-#pragma unroll(IN == GV_SILU ? 1 : 2)
-  for (int p = threadIdx.x; p < pieces; p += GV_THREADS) {
-    uint4 wv[GV_ROWS];
+  // The weights of piece p of the CTA's rows (16 bytes a row).
+  auto load_w = [&](int p, uint4 (&wv)[GV_ROWS]) {
 #pragma unroll
     for (int r = 0; r < GV_ROWS; ++r) wv[r] = *reinterpret_cast<const uint4*>(wr[r] + p * 8);
+  };
+  auto load_w_before_wait = [&](int p, uint4 (&wv)[GV_ROWS]) {
+#pragma unroll
+    for (int r = 0; r < GV_ROWS; ++r) wv[r] = ld_before_wait16(wr[r] + p * 8);
+  };
+  // Piece p's products for every token row, given its weights.
+  auto piece = [&](int p, const uint4 (&wv)[GV_ROWS]) {
     float nw[8];
     if (IN == GV_NORM || IN == GV_NORM_LATE) load8(norm_w + p * 8, nw);
 #pragma unroll
@@ -215,7 +218,34 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
         acc[r][t] = dot8(wv[r], xf, acc[r][t]);
       }
     }
+  };
+  // Two pieces in flight per thread; one for the SiLU input, whose extra registers
+  // would otherwise spill.
+  constexpr int U = IN == GV_SILU ? 1 : 2;
+  // PDL builds (common.cuh): the thread's first U pieces of weights are loaded before
+  // waiting for the previous kernel (at k = 2048 that is all of them), then the loop
+  // goes on after them; the successor is let in after the loop.
+  uint4 first[U][GV_ROWS];
+  if (PDL) {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (threadIdx.x + u * GV_THREADS < pieces)
+        load_w_before_wait(threadIdx.x + u * GV_THREADS, first[u]);
   }
+  pdl_wait();
+  if (PDL && IN == GV_NORM) row_inv_rms<T, GV_THREADS>(res, k, eps, s_inv);
+  if (PDL) {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (threadIdx.x + u * GV_THREADS < pieces) piece(threadIdx.x + u * GV_THREADS, first[u]);
+  }
+#pragma unroll(U)
+  for (int p = threadIdx.x + (PDL ? U * GV_THREADS : 0); p < pieces; p += GV_THREADS) {
+    uint4 wv[GV_ROWS];
+    load_w(p, wv);
+    piece(p, wv);
+  }
+  pdl_trigger();
 #pragma unroll
   for (int r = 0; r < GV_ROWS; ++r)
 #pragma unroll

@@ -45,6 +45,8 @@ extern "C" __global__ void __launch_bounds__(sov::NORM_THREADS)
     rms_norm(const sov::bf16* __restrict__ x, const sov::bf16* __restrict__ weight,
              sov::bf16* __restrict__ out, int dim, float eps) {
   __shared__ float scratch[sov::NORM_THREADS / 32];
+  sov::pdl_trigger();  // PDL builds (common.cuh); every entry of a PDL source waits
+  sov::pdl_wait();
   const long long row = blockIdx.x;
   const sov::bf16* xr = x + row * dim;
   float ss = 0.f;
@@ -72,6 +74,8 @@ extern "C" __global__ void __launch_bounds__(sov::NORM_THREADS)
                  const sov::bf16* __restrict__ weight, sov::bf16* __restrict__ out,
                  int dim, float eps) {
   __shared__ float scratch[sov::NORM_THREADS / 32];
+  sov::pdl_trigger();  // PDL builds (common.cuh)
+  sov::pdl_wait();
   const long long row = blockIdx.x;
   float* rr = residual + row * dim;
   float ss = 0.f;
@@ -97,6 +101,8 @@ extern "C" __global__ void __launch_bounds__(sov::NORM_THREADS)
     rms_norm_f32(const float* __restrict__ residual, const sov::bf16* __restrict__ weight,
                  sov::bf16* __restrict__ out, int dim, float eps) {
   __shared__ float scratch[sov::NORM_THREADS / 32];
+  sov::pdl_trigger();  // PDL builds (common.cuh): the residual comes from the last GEMV
+  sov::pdl_wait();
   const long long row = blockIdx.x;
   const float* rr = residual + row * dim;
   float ss = 0.f;

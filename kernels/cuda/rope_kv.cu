@@ -42,6 +42,8 @@ __device__ __forceinline__ void rope_write_kv_impl(
     const float* __restrict__ k_scale, const float* __restrict__ v_scale, int n_heads,
     int n_kv_heads, int hd, int rot_dim, int style) {
   constexpr bool FP8 = sizeof(KV) == 1;
+  pdl_trigger();  // PDL builds (common.cuh): q|k|v come from the previous kernel
+  pdl_wait();
   const long long tok = blockIdx.x;
   bf16* q = qkv + tok * qkv_stride;
   const bf16* k = q + n_heads * hd;

@@ -14,6 +14,7 @@ import ctypes
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,7 +105,10 @@ FUNC = re.compile(r"Function properties for (\S+)\n\s*(\d+) bytes stack frame, (
 USED = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'.*?Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?", re.S)
 
 
-def ptxas_report(ptxas, ptx, arch):
+def ptxas_report(ptxas, ptx, arch, nvdisasm=None):
+    """ptxas's per-entry report (registers, spills); with `nvdisasm`, also the cubin's
+    SASS split by entry point ({} without)."""
+    sass = {}
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "k.ptx"
         src.write_text(ptx)
@@ -113,6 +117,13 @@ def ptxas_report(ptxas, ptx, arch):
         if r.returncode != 0:
             raise RuntimeError(f"ptxas failed for {arch}:\n{r.stderr}")
         text = r.stderr + r.stdout
+        if nvdisasm:
+            out = subprocess.run([str(nvdisasm), "-c", str(Path(d) / "k.cubin")], capture_output=True,
+                                 text=True, check=True).stdout
+            for part in re.split(r"\n(?=\.text\.)", out):
+                m = re.match(r"\.text\.(\S+):", part)
+                if m:
+                    sass[m.group(1)] = part
     # A ptxas warning (e.g. wgmma serialised for a register dependency) fails the check,
     # and so does a "Potential Performance Loss" note, which ptxas prints as info (e.g.
     # C7512: wgmma serialised for lack of registers, C7508: setmaxnreg ignored).
@@ -137,7 +148,22 @@ def ptxas_report(ptxas, ptx, arch):
             "spill_stores": int(spill.group(2)) if spill else 0,
             "spill_loads": int(spill.group(3)) if spill else 0,
         }
-    return entries
+    return entries, sass
+
+
+def pdl_order_errors(sass):
+    """Where a PDL build's SASS breaks the order its code needs: every entry waits
+    (griddepcontrol.wait: ACQBULK), and a GEMV issues weight loads before it (ptxas moves
+    the wait ahead of `ld.global.nc` loads, so the pre-wait loads must be plain ones)."""
+    errors = []
+    for name, text in sass.items():
+        ops = [l for l in text.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", l)]
+        wait = next((i for i, o in enumerate(ops) if "ACQBULK" in o), None)
+        if wait is None:
+            errors.append(f"{name}: no griddepcontrol.wait (ACQBULK) in the PDL build")
+        elif name.startswith("gemv") and not any("LDG" in o for o in ops[:wait]):
+            errors.append(f"{name}: no weight load issued before griddepcontrol.wait")
+    return errors
 
 
 def main():
@@ -155,36 +181,51 @@ def main():
         sys.exit(f"nvrtc_check: no kernels in {CUDA_DIR}")
     print(f"NVRTC {nvrtc.version()}, {len(sources)} sources, archs {args.arch}", flush=True)
     report, failed = {}, False
+    # Every source as the worker builds it by default, and on sm_90+ also the PDL build of
+    # those with PDL code (worker SOV_PDL=1: kernels::cuda::PDL_DEFINE), whose SASS is
+    # checked for the order of its loads and waits where nvdisasm is installed.
+    nvdisasm = cu13 / "bin" / "nvdisasm"
+    nvdisasm = nvdisasm if nvdisasm.exists() else shutil.which("nvdisasm")
+    if not nvdisasm:
+        print("nvrtc_check: no nvdisasm (pip install 'nvidia-cuda-nvdisasm==13.2.*'): "
+              "the PDL builds' SASS order is NOT checked", flush=True)
+    builds = []
     for device_arch in args.arch.split(","):
-        for src in sources:
-            arch = build_arch(src.name, device_arch)
-            if arch is None:
-                continue
-            label = arch
-            options = nvrtc_options(arch)
-            ptx, log = nvrtc.compile_ptx(program_source(src), src.name, options)
-            if ptx is None:
-                print(f"FAIL {src.name} [{label}]: NVRTC compile error\n{log}", flush=True)
+        builds += [(device_arch, src, False) for src in sources]
+        if int(device_arch.split("_")[1]) >= 90:
+            builds += [(device_arch, src, True) for src in sources if "pdl_wait();" in src.read_text()]
+    for device_arch, src, pdl in builds:
+        arch = build_arch(src.name, device_arch)
+        if arch is None:
+            continue
+        label = f"{arch}+pdl" if pdl else arch
+        options = nvrtc_options(arch) + (["-DSOV_PDL=1"] if pdl else [])
+        ptx, log = nvrtc.compile_ptx(program_source(src), src.name, options)
+        if ptx is None:
+            print(f"FAIL {src.name} [{label}]: NVRTC compile error\n{log}", flush=True)
+            failed = True
+            continue
+        if log.strip():
+            # Warnings fail the check too (like clippy -D warnings).
+            print(f"FAIL {src.name} [{label}]: compiler warnings\n{log.strip()}")
+            failed = True
+        try:
+            entries, sass = ptxas_report(ptxas, ptx, arch, nvdisasm if pdl else None)
+        except RuntimeError as e:
+            print(f"FAIL {src.name} [{label}]: {e}", flush=True)
+            failed = True
+            continue
+        for err in pdl_order_errors(sass):
+            print(f"FAIL {src.name} [{label}]: {err}", flush=True)
+            failed = True
+        for name, e in sorted(entries.items()):
+            spills = e["spill_stores"] + e["spill_loads"]
+            status = "SPILL" if spills else "ok"
+            if spills:
                 failed = True
-                continue
-            if log.strip():
-                # Warnings fail the check too (like clippy -D warnings).
-                print(f"FAIL {src.name} [{label}]: compiler warnings\n{log.strip()}")
-                failed = True
-            try:
-                entries = ptxas_report(ptxas, ptx, arch)
-            except RuntimeError as e:
-                print(f"FAIL {src.name} [{label}]: {e}", flush=True)
-                failed = True
-                continue
-            for name, e in sorted(entries.items()):
-                spills = e["spill_stores"] + e["spill_loads"]
-                status = "SPILL" if spills else "ok"
-                if spills:
-                    failed = True
-                print(f"{status:5} {label} {src.name}:{name} regs={e['registers']} smem={e['smem_bytes']} "
-                      f"stack={e['stack_bytes']} spill_st={e['spill_stores']} spill_ld={e['spill_loads']}")
-                report[f"{label}/{src.name}/{name}"] = e
+            print(f"{status:5} {label} {src.name}:{name} regs={e['registers']} smem={e['smem_bytes']} "
+                  f"stack={e['stack_bytes']} spill_st={e['spill_stores']} spill_ld={e['spill_loads']}")
+            report[f"{label}/{src.name}/{name}"] = e
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, sort_keys=True))
     print("nvrtc_check:", "FAILED" if failed else f"{len(report)} kernel builds, no spills")

@@ -10,7 +10,7 @@ Needs the wheels nvrtc_check.py needs, plus nvdisasm (PyPI nvidia-cuda-nvdisasm;
 disassembles these cubins), e.g. `pip install --target /tmp/nvd 'nvidia-cuda-nvdisasm==13.2.*'`
 and `--nvdisasm /tmp/nvd/nvidia/cu13/bin/nvdisasm`.
 
-  python3 kernels/tools/sass_stats.py prefill_wgmma.cu [--arch sm_90] [--match hd128]
+  python3 kernels/tools/sass_stats.py prefill_wgmma.cu [--arch sm_90] [--match hd128] [--pdl]
 """
 import argparse
 import re
@@ -29,6 +29,7 @@ def main():
     ap.add_argument("source", help="a file in kernels/cuda, e.g. prefill_wgmma.cu")
     ap.add_argument("--arch", default="sm_90", help="device arch (sm_90 builds sm_90a where the worker does)")
     ap.add_argument("--match", default="", help="only entry points containing this")
+    ap.add_argument("--pdl", action="store_true", help="the PDL build (-DSOV_PDL=1, worker SOV_PDL=1)")
     ap.add_argument("--nvdisasm", default=shutil.which("nvdisasm") or "nvdisasm")
     a = ap.parse_args()
     cu13 = nc.cu13_root()
@@ -36,7 +37,7 @@ def main():
     if arch is None:
         sys.exit(f"sass_stats: {a.source} is not built for {a.arch}")
     nvrtc = nc.Nvrtc(cu13 / "lib" / "libnvrtc.so.13")
-    ptx, _log = nvrtc.compile_ptx(nc.program_source(nc.CUDA_DIR / a.source), a.source, nc.nvrtc_options(arch))
+    ptx, _log = nvrtc.compile_ptx(nc.program_source(nc.CUDA_DIR / a.source), a.source, nc.nvrtc_options(arch) + (["-DSOV_PDL=1"] if a.pdl else []))
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "k.ptx").write_text(ptx)
         subprocess.run([str(cu13 / "bin" / "ptxas"), f"-arch={arch}", str(Path(d) / "k.ptx"), "-o",

@@ -8,7 +8,10 @@
 //!
 //! `--opt-in`: only the experimental designs the worker runs when asked, checked and timed
 //! in a process of their own (so a faulting experiment cannot take the default run's
-//! CUDA context with it); NAME picks one (see `prefill_designs`).
+//! CUDA context with it); NAME picks one (see `prefill_designs`). `--opt-in pdl` (with
+//! `SOV_PDL=1` in the environment, sm_90+) checks the decode path's kernels as their
+//! programmatic-dependent-launch builds, launched with the attribute, and times the GEMV
+//! chain of a decode step with them.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -1070,6 +1073,69 @@ fn gemv_bandwidth(
     )
 }
 
+/// The four GEMVs of a batch-1 decode step's layers (EuroLLM-1.7B's shapes: normalised
+/// q|k|v 4096 x 2048, o 2048 x 2048 added to the residual, normalised gate|up 11264 x
+/// 2048, SiLU'd down 2048 x 5632 added) for 24 layers, launched back to back and timed
+/// as one: what programmatic dependent launch can overlap shows here. Four sets of
+/// weights (376 MB, beyond L2) are cycled through.
+fn gemv_chain(k: &Kernels) -> Result<Value, CudaError> {
+    use launch::{GemvInput, GemvOutput};
+    let (h, inter, qkv) = (2048, 5632, 4096);
+    let layers = 24;
+    let sets: Vec<[CudaSlice<u16>; 4]> = (0..4)
+        .map(|_| {
+            Ok([
+                zeros::<u16>(k, qkv * h)?,
+                zeros::<u16>(k, h * h)?,
+                zeros::<u16>(k, 2 * inter * h)?,
+                zeros::<u16>(k, h * inter)?,
+            ])
+        })
+        .collect::<Result<_, CudaError>>()?;
+    let mut residual = zeros::<f32>(k, h)?;
+    let norm_w = zeros::<u16>(k, h)?;
+    let mut y_qkv = zeros::<u16>(k, qkv)?;
+    let attn = zeros::<u16>(k, h)?;
+    let mut gate_up = zeros::<u16>(k, 2 * inter)?;
+    let ms = time_ms(k, 5, || {
+        for l in 0..layers {
+            let w = &sets[l % sets.len()];
+            let norm = GemvInput::Norm {
+                residual: &residual,
+                weight: &norm_w,
+                eps: 1e-5,
+                late: false,
+            };
+            launch::gemv(k, &w[0], norm, GemvOutput::Bf16(&mut y_qkv), 1, qkv, h)?;
+            let out = GemvOutput::AddTo(&mut residual);
+            launch::gemv(k, &w[1], GemvInput::Plain(&attn), out, 1, h, h)?;
+            let norm = GemvInput::Norm {
+                residual: &residual,
+                weight: &norm_w,
+                eps: 1e-5,
+                late: false,
+            };
+            launch::gemv(
+                k,
+                &w[2],
+                norm,
+                GemvOutput::Bf16(&mut gate_up),
+                1,
+                2 * inter,
+                h,
+            )?;
+            let out = GemvOutput::AddTo(&mut residual);
+            launch::gemv(k, &w[3], GemvInput::SiluOf(&gate_up), out, 1, h, inter)?;
+        }
+        Ok(())
+    })?;
+    let bytes = (layers * (qkv * h + h * h + 2 * inter * h + h * inter) * 2) as f64;
+    Ok(
+        json!({"layers": layers, "launches": 4 * layers, "pdl": k.pdl,
+              "us_per_layer": ms * 1e3 / layers as f64, "gb_per_s": bytes / (ms / 1e3) / 1e9}),
+    )
+}
+
 /// Causal prefill of `seqs` fresh prompts of `n` tokens, 32 query / 8 KV heads, hd 128.
 fn prefill_tflops(
     k: &Kernels,
@@ -1134,6 +1200,13 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("sov-kernel-cache"));
     let k = Kernels::new(0, &cache)?;
+    let pdl_mode = opt_in == Some("pdl");
+    if pdl_mode && !k.pdl {
+        return Err(CudaError::Shape(format!(
+            "--opt-in pdl needs SOV_PDL=1 in the environment and an sm_90+ GPU ({})",
+            k.arch
+        )));
+    }
     let name = k.ctx.name().unwrap_or_default();
     let nvrtc = kernels::cuda::nvrtc_version()
         .map(|(a, b)| format!("{a}.{b}"))
@@ -1147,8 +1220,8 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
     );
     let mut rng = Rng(0x5eed);
     let mut checks = Vec::new();
-    if opt_in.is_none() {
-        let contexts: &[(usize, usize)] = if quick {
+    if opt_in.is_none() || pdl_mode {
+        let contexts: &[(usize, usize)] = if quick || pdl_mode {
             &[(1, 1), (3, 300), (1, 4096)]
         } else {
             &[
@@ -1212,6 +1285,15 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
         Some("gemv_norm_late") => &[("gemv_norm_late", check_gemv_norm_late)],
         Some("gemv_norm_rope") => &[("gemv_norm_rope", check_gemv_norm_rope)],
         Some("gemv_norm_late_rope") => &[("gemv_norm_late_rope", check_gemv_norm_late_rope)],
+        // The PDL builds of everything a decode step launches with PDL.
+        Some("pdl") => &[
+            ("rms_norm", check_norms),
+            ("gemv", check_gemv),
+            ("rope_write_kv", check_rope),
+            ("gemv_norm_late", check_gemv_norm_late),
+            ("gemv_norm_rope", check_gemv_norm_rope),
+            ("gemv_norm_late_rope", check_gemv_norm_late_rope),
+        ],
         Some(_) => &[],
         None => &[
             ("rms_norm", check_norms),
@@ -1265,7 +1347,11 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
     }
     let mut gemv = Vec::new();
     for (rows, cols) in [(4096, 2048), (2048, 2048), (11264, 2048), (2048, 5632)] {
-        let tokens: &[usize] = if opt_in.is_some() { &[] } else { &[1, 8] };
+        let tokens: &[usize] = match opt_in {
+            None => &[1, 8],
+            Some("pdl") => &[1],
+            Some(_) => &[],
+        };
         for &tokens in tokens {
             let r = match gemv_bandwidth(&k, rows, cols, tokens) {
                 Ok(mut r) => {
@@ -1281,6 +1367,22 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
             gemv.push(r);
         }
     }
+    // A decode step's GEMVs back to back (the default run and the PDL one: side by side
+    // across the two processes).
+    let chain = if opt_in.is_none() || pdl_mode {
+        let r = gemv_chain(&k).unwrap_or_else(|e| json!({"error": e.to_string()}));
+        let r = match (r, copy) {
+            (mut r, Some(c)) if r["gb_per_s"].is_f64() => {
+                r["fraction_of_copy"] = json!(r["gb_per_s"].as_f64().unwrap_or(0.0) / c);
+                r
+            }
+            (r, _) => r,
+        };
+        eprintln!("  gemv chain {r}");
+        r
+    } else {
+        Value::Null
+    };
     let peak = if name.contains("H100") || name.contains("H200") {
         Some(989.4)
     } else {
@@ -1320,6 +1422,8 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
         "copy_bandwidth_gb_per_s": copy,
         "decode_attention": decode,
         "gemv": gemv,
+        "gemv_chain": chain,
+        "pdl": k.pdl,
         "bf16_dense_peak_tflops": peak,
         "prefill_attention": prefill,
         "seconds": t0.elapsed().as_secs_f64(),

@@ -3,10 +3,137 @@
 //! bf16 tensors are `CudaSlice<u16>` (bit patterns, as in `gpu_ref`).
 
 use cudarc::driver::{
-    CudaSlice, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, sys,
+    CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, sys,
 };
 
 use super::{CudaError, Kernels};
+
+/// A kernel argument as `cuLaunchKernelEx` takes it: an 8-byte slot holding a device
+/// pointer or a 32-bit scalar (the driver copies as many bytes as the parameter has from
+/// the slot's start: little-endian).
+pub trait ExArg {
+    fn slot(&self, k: &Kernels) -> u64;
+}
+impl<T> ExArg for &CudaSlice<T> {
+    fn slot(&self, k: &Kernels) -> u64 {
+        self.device_ptr(&k.stream).0
+    }
+}
+impl<T> ExArg for &mut CudaSlice<T> {
+    fn slot(&self, k: &Kernels) -> u64 {
+        (**self).device_ptr(&k.stream).0
+    }
+}
+impl ExArg for &i32 {
+    fn slot(&self, _: &Kernels) -> u64 {
+        u64::from(**self as u32)
+    }
+}
+impl ExArg for &f32 {
+    fn slot(&self, _: &Kernels) -> u64 {
+        u64::from(self.to_bits())
+    }
+}
+
+/// The launch of a decode-path kernel whose code is PDL-aware (it calls `pdl_wait`
+/// before touching anything a kernel writes; common.cuh). Without [`Kernels::pdl`] it is
+/// cudarc's launch builder; with it the same arguments go to `cuLaunchKernelEx` with the
+/// programmatic-stream-serialization attribute, which cudarc's builder cannot set.
+pub struct PdlLaunch<'a> {
+    k: &'a Kernels,
+    f: &'a CudaFunction,
+    b: LaunchArgs<'a>,
+    /// The arguments' slots (PDL launches only).
+    slots: Vec<u64>,
+}
+
+impl<'a> PdlLaunch<'a> {
+    pub fn new(k: &'a Kernels, f: &'a CudaFunction) -> Self {
+        Self {
+            k,
+            f,
+            b: k.stream.launch_builder(f),
+            slots: Vec::new(),
+        }
+    }
+
+    pub fn arg<T: ExArg>(&mut self, a: T) -> &mut Self
+    where
+        LaunchArgs<'a>: PushKernelArg<T>,
+    {
+        if self.k.pdl {
+            self.slots.push(a.slot(self.k));
+        }
+        self.b.arg(a);
+        self
+    }
+
+    /// # Safety
+    /// As cudarc's `LaunchArgs::launch`: the arguments must match the kernel's signature
+    /// and every buffer must be large enough for what the kernel touches; and the kernel
+    /// must be PDL-aware (see the type's documentation).
+    pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), CudaError> {
+        if !self.k.pdl {
+            // SAFETY: the caller's contract.
+            unsafe { self.b.launch(cfg) }?;
+            return Ok(());
+        }
+        self.k.ctx.bind_to_thread()?;
+        let mut params: Vec<*mut std::ffi::c_void> = self
+            .slots
+            .iter_mut()
+            .map(|s| (s as *mut u64).cast())
+            .collect();
+        // SAFETY: a plain C union; the member set here is an int.
+        let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
+        };
+        let conf = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.k.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: `params` points at one live slot per kernel parameter (the caller's
+        // contract for their types), `conf` and `attr` outlive the call, the function
+        // belongs to this context.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &conf,
+                self.f.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()?;
+        Ok(())
+    }
+}
+
+/// Where [`KvRef::push`] puts the cache arguments: cudarc's builder or a [`PdlLaunch`].
+trait PushSlice<'a> {
+    fn push<T>(&mut self, s: &'a CudaSlice<T>);
+}
+impl<'a> PushSlice<'a> for LaunchArgs<'a> {
+    fn push<T>(&mut self, s: &'a CudaSlice<T>) {
+        self.arg(s);
+    }
+}
+impl<'a> PushSlice<'a> for PdlLaunch<'a> {
+    fn push<T>(&mut self, s: &'a CudaSlice<T>) {
+        self.arg(s);
+    }
+}
 
 /// Shapes of a decode-attention launch.
 #[derive(Debug, Clone, Copy)]
@@ -137,10 +264,11 @@ impl<'a> KvRef<'a> {
     }
 
     /// The cache arguments, in the kernels' order: K and V, then (fp8) their scales.
-    fn push(&self, b: &mut LaunchArgs<'a>) {
+    fn push<B: PushSlice<'a>>(&self, b: &mut B) {
         match *self {
             KvRef::Bf16 { k, v } => {
-                b.arg(k).arg(v);
+                b.push(k);
+                b.push(v);
             }
             KvRef::Fp8 {
                 k,
@@ -148,7 +276,10 @@ impl<'a> KvRef<'a> {
                 k_scale,
                 v_scale,
             } => {
-                b.arg(k).arg(v).arg(k_scale).arg(v_scale);
+                b.push(k);
+                b.push(v);
+                b.push(k_scale);
+                b.push(v_scale);
             }
         }
     }
@@ -177,7 +308,7 @@ pub fn decode_attention_kv(
     let (n_kv, max_blocks, splits) = (dim(d.n_kv_heads)?, dim(d.max_blocks)?, dim(d.num_splits)?);
     let q_stride = dim(d.q_stride)?;
     let cfg = config(d.num_seqs, d.n_kv_heads, d.num_splits, 128)?;
-    let mut b = k.stream.launch_builder(&f);
+    let mut b = PdlLaunch::new(k, &f);
     b.arg(q);
     kv.push(&mut b);
     b.arg(block_tables)
@@ -215,7 +346,7 @@ fn merge_splits(
             1,
             d.head_dim.min(128) as u32,
         )?;
-        let mut b = k.stream.launch_builder(&m);
+        let mut b = PdlLaunch::new(k, &m);
         b.arg(&scratch.part_out)
             .arg(&scratch.part_ml)
             .arg(&mut *out)
@@ -648,7 +779,7 @@ pub fn rope_write_kv_into(
         + d.n_kv_heads * (d.head_dim - d.rot_dim)
         + d.n_kv_heads * d.head_dim / 8;
     let cfg = config(d.tokens, items.div_ceil(128), 1, 128)?;
-    let mut b = k.stream.launch_builder(&f);
+    let mut b = PdlLaunch::new(k, &f);
     b.arg(&mut *qkv)
         .arg(&stride)
         .arg(positions)
@@ -746,7 +877,7 @@ pub fn gemv_norm_rope(
         dim(d.rot_dim)?,
     );
     let cfg = config(rows.div_ceil(4), 1, 1, 128)?;
-    let mut b = k.stream.launch_builder(&f);
+    let mut b = PdlLaunch::new(k, &f);
     b.arg(w)
         .arg(residual)
         .arg(norm_w)
@@ -942,7 +1073,7 @@ pub fn gemv(
     match (input, output) {
         (GemvInput::Plain(x), GemvOutput::Bf16(y)) => {
             let f = entry("gemv")?;
-            let mut b = k.stream.launch_builder(&f);
+            let mut b = PdlLaunch::new(k, &f);
             b.arg(w).arg(x).arg(y).arg(&r).arg(&c).arg(&n);
             // SAFETY: as in `decode_attention_kv`; the lengths were checked above.
             unsafe { b.launch(cfg) }?;
@@ -957,7 +1088,7 @@ pub fn gemv(
             GemvOutput::Bf16(y),
         ) => {
             let f = entry(if late { "gemv_norm_late" } else { "gemv_norm" })?;
-            let mut b = k.stream.launch_builder(&f);
+            let mut b = PdlLaunch::new(k, &f);
             b.arg(w)
                 .arg(residual)
                 .arg(weight)
@@ -971,14 +1102,14 @@ pub fn gemv(
         }
         (GemvInput::Plain(x), GemvOutput::AddTo(res)) => {
             let f = entry("gemv_add")?;
-            let mut b = k.stream.launch_builder(&f);
+            let mut b = PdlLaunch::new(k, &f);
             b.arg(w).arg(x).arg(res).arg(&r).arg(&c).arg(&n);
             // SAFETY: as above.
             unsafe { b.launch(cfg) }?;
         }
         (GemvInput::SiluOf(gu), GemvOutput::AddTo(res)) => {
             let f = entry("gemv_silu_add")?;
-            let mut b = k.stream.launch_builder(&f);
+            let mut b = PdlLaunch::new(k, &f);
             b.arg(w).arg(gu).arg(res).arg(&r).arg(&c).arg(&n);
             // SAFETY: as above.
             unsafe { b.launch(cfg) }?;
@@ -1005,7 +1136,7 @@ pub fn rms_norm_f32(
     let f = k.function("norm.cu", "rms_norm_f32")?;
     let n = dim(dim_)?;
     let cfg = config(rows, 1, 1, 256)?;
-    let mut b = k.stream.launch_builder(&f);
+    let mut b = PdlLaunch::new(k, &f);
     b.arg(residual).arg(weight).arg(&mut *out).arg(&n).arg(&eps);
     // SAFETY: as in `decode_attention_kv`.
     unsafe { b.launch(cfg) }?;

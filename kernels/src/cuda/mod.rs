@@ -108,6 +108,27 @@ pub fn build_arch(source: &str, device_arch: &str) -> Option<String> {
     }
 }
 
+/// The define that compiles the programmatic-dependent-launch code in (sm_90+; see
+/// `pdl_wait` in common.cuh and [`Kernels::pdl`]).
+pub const PDL_DEFINE: &str = "-DSOV_PDL=1";
+
+/// Whether a source has programmatic-dependent-launch code (calls `pdl_wait`): only these
+/// get a PDL build of their own; the others are built as usual in a PDL worker.
+pub fn has_pdl_code(name: &str) -> bool {
+    SOURCES
+        .iter()
+        .any(|(n, text)| *n == name && text.contains("pdl_wait();"))
+}
+
+/// The options of one build: [`nvrtc_options`], plus [`PDL_DEFINE`] for a PDL build.
+fn build_options(pdl: bool) -> Vec<String> {
+    let mut o = nvrtc_options();
+    if pdl {
+        o.push(PDL_DEFINE.to_string());
+    }
+    o
+}
+
 /// The program text NVRTC compiles: the source with `common.cuh` inlined, so no include
 /// path (and no CUDA toolkit header) is needed at run time.
 pub fn program_source(name: &str) -> Result<String, CudaError> {
@@ -132,9 +153,9 @@ pub fn nvrtc_version() -> Result<(i32, i32), CudaError> {
     Ok((major, minor))
 }
 
-/// Compile one kernel source to a cubin for `arch` (e.g. "sm_90"). Needs libnvrtc, not a
-/// GPU.
-pub fn compile_cubin(name: &str, arch: &str) -> Result<Vec<u8>, CudaError> {
+/// Compile one kernel source to a cubin for `arch` (e.g. "sm_90"), with the
+/// programmatic-dependent-launch code when `pdl`. Needs libnvrtc, not a GPU.
+pub fn compile_cubin(name: &str, arch: &str, pdl: bool) -> Result<Vec<u8>, CudaError> {
     use cudarc::nvrtc::{result, sys};
     if !nvrtc_present() {
         return Err(CudaError::NoNvrtc);
@@ -148,7 +169,7 @@ pub fn compile_cubin(name: &str, arch: &str) -> Result<Vec<u8>, CudaError> {
     let src =
         CString::new(program_source(name)?).map_err(|e| fail(e.to_string(), String::new()))?;
     let cname = CString::new(name).map_err(|e| fail(e.to_string(), String::new()))?;
-    let mut opts = nvrtc_options();
+    let mut opts = build_options(pdl);
     opts.push(format!("--gpu-architecture={arch}"));
     let prog = result::create_program(&src, Some(&cname))
         .map_err(|e| fail(e.to_string(), String::new()))?;
@@ -203,11 +224,11 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 }
 
 /// Cache file of one program for one architecture: the key covers the program text, the
-/// options and the NVRTC version, so any change compiles afresh.
-pub fn cache_path(dir: &Path, name: &str, arch: &str) -> Result<PathBuf, CudaError> {
+/// options (the PDL define included) and the NVRTC version, so any change compiles afresh.
+pub fn cache_path(dir: &Path, name: &str, arch: &str, pdl: bool) -> Result<PathBuf, CudaError> {
     let (major, minor) = nvrtc_version()?;
     let src = program_source(name)?;
-    let opts = nvrtc_options().join("\n");
+    let opts = build_options(pdl).join("\n");
     let version = format!("{major}.{minor}");
     let key = fnv1a(&[
         src.as_bytes(),
@@ -221,14 +242,19 @@ pub fn cache_path(dir: &Path, name: &str, arch: &str) -> Result<PathBuf, CudaErr
 
 /// The cubin of `name` for `arch`, from the cache or freshly compiled (and then cached,
 /// written atomically). Returns whether it came from the cache.
-pub fn cached_cubin(dir: &Path, name: &str, arch: &str) -> Result<(Vec<u8>, bool), CudaError> {
-    let path = cache_path(dir, name, arch)?;
+pub fn cached_cubin(
+    dir: &Path,
+    name: &str,
+    arch: &str,
+    pdl: bool,
+) -> Result<(Vec<u8>, bool), CudaError> {
+    let path = cache_path(dir, name, arch, pdl)?;
     if let Ok(bytes) = std::fs::read(&path)
         && !bytes.is_empty()
     {
         return Ok((bytes, true));
     }
-    let cubin = compile_cubin(name, arch)?;
+    let cubin = compile_cubin(name, arch, pdl)?;
     let io = |source| CudaError::Cache {
         path: path.clone(),
         source,
@@ -247,6 +273,13 @@ pub struct Kernels {
     pub arch: String,
     /// Streaming multiprocessors of the device.
     pub sms: usize,
+    /// Programmatic dependent launch (experimental: `SOV_PDL=1` on sm_90 and later): the
+    /// sources with PDL code were built with [`PDL_DEFINE`] and the decode path's
+    /// launchers (GEMVs, RoPE + KV write, decode attention and its merge, the final norm)
+    /// launch with the programmatic-stream-serialization attribute, so each starts while
+    /// its predecessor finishes: a GEMV loads its first weights into registers, then
+    /// waits for its predecessor before touching anything a kernel writes.
+    pub pdl: bool,
     modules: HashMap<&'static str, Arc<CudaModule>>,
     /// Entry points already looked up (a launch then costs no driver lookup).
     functions: std::sync::Mutex<HashMap<String, CudaFunction>>,
@@ -277,12 +310,13 @@ impl Kernels {
             .map(|v| v.max(1) as usize)
             .unwrap_or(1);
         let stream = ctx.new_stream()?;
+        let pdl = major >= 9 && std::env::var("SOV_PDL").is_ok_and(|v| v == "1");
         let mut modules = HashMap::new();
         for (name, _) in SOURCES {
             let Some(build) = build_arch(name, &arch) else {
                 continue;
             };
-            let (cubin, _) = cached_cubin(cache_dir, name, &build)?;
+            let (cubin, _) = cached_cubin(cache_dir, name, &build, pdl && has_pdl_code(name))?;
             modules.insert(*name, ctx.load_module(Ptx::from_binary(cubin))?);
         }
         Ok(Self {
@@ -290,6 +324,7 @@ impl Kernels {
             stream,
             arch,
             sms,
+            pdl,
             modules,
             functions: std::sync::Mutex::new(HashMap::new()),
         })

@@ -60,8 +60,17 @@ fn kernels_compile_to_cubins_and_are_cached() {
     let _ = std::fs::remove_dir_all(&dir);
     let mut files = 0;
     let mut cubins = std::collections::HashMap::new();
-    for device in ["sm_80", "sm_90"] {
+    // The decode path's sources have PDL code (SOV_PDL=1 builds them apart, sm_90+); the
+    // prefill ones do not.
+    for name in ["gemv.cu", "decode_attention.cu", "rope_kv.cu", "norm.cu"] {
+        assert!(has_pdl_code(name), "{name}");
+    }
+    assert!(!has_pdl_code("prefill_wgmma.cu") && !has_pdl_code("no_such.cu"));
+    for (device, pdl) in [("sm_80", false), ("sm_90", false), ("sm_90", true)] {
         for (name, _) in SOURCES {
+            if pdl && !has_pdl_code(name) {
+                continue;
+            }
             let Some(arch) = build_arch(name, device) else {
                 assert_eq!(
                     *name, "prefill_wgmma.cu",
@@ -71,17 +80,26 @@ fn kernels_compile_to_cubins_and_are_cached() {
             };
             let arch = arch.as_str();
             files += 1;
-            let (cubin, cached) = cached_cubin(&dir, name, arch).unwrap();
+            let (cubin, cached) = cached_cubin(&dir, name, arch, pdl).unwrap();
             assert!(!cached, "{name}: first build must compile");
             // An ELF image (cubin), not PTX text.
             assert_eq!(&cubin[..4], b"\x7fELF", "{name} for {arch}");
-            let (again, cached) = cached_cubin(&dir, name, arch).unwrap();
+            let (again, cached) = cached_cubin(&dir, name, arch, pdl).unwrap();
             assert!(cached, "{name}: second build must come from the cache");
             assert_eq!(again, cubin);
-            cubins.insert((*name, device), cubin);
+            if pdl {
+                // The PDL build compiles the griddepcontrol code in.
+                assert_ne!(
+                    cubins.get(&(*name, device)),
+                    Some(&cubin),
+                    "{name}: PDL build"
+                );
+            } else {
+                cubins.insert((*name, device), cubin);
+            }
         }
     }
-    // One cache file per (source, arch).
+    // One cache file per (source, arch, PDL or not).
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), files);
     std::fs::remove_dir_all(&dir).unwrap();
     // Every prefill design the launcher can pick, at every head_dim and cache type, names
@@ -139,7 +157,7 @@ fn a_bad_architecture_is_a_compile_error_with_the_reason() {
     if !nvrtc_or_skip("a_bad_architecture_is_a_compile_error_with_the_reason") {
         return;
     }
-    let err = compile_cubin("act.cu", "sm_1").unwrap_err();
+    let err = compile_cubin("act.cu", "sm_1", false).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("act.cu") && text.contains("sm_1"), "{text}");
 }
