@@ -394,10 +394,65 @@ fn check_prefill(
         let slot = if fp8 { &mut want_fp8 } else { &mut want_bf16 };
         let want = slot.get_or_insert_with(|| reference(fp8));
         let (err, first) = compare(&got, want);
-        out.push(json!({"kernel": name, "head_dim": hd, "group": group,
-              "cases_new_cached": cases, "max_abs_err": err, "ok": first.is_none(), "mismatch": first}));
+        let mut c = json!({"kernel": name, "head_dim": hd, "group": group,
+              "cases_new_cached": cases, "max_abs_err": err, "ok": first.is_none(), "mismatch": first});
+        if first.is_some() {
+            c["diagnosis"] = prefill_diagnosis(&got, want, &cu, n_heads, hd);
+        }
+        out.push(c);
     }
     Ok(out)
+}
+
+/// Where a prefill output (`[token][head][hd]`, sequences at `cu`) differs from the
+/// reference, in the terms a broken stage of a tiled kernel shows up in: bad elements by
+/// 16-row band of a 128-row query tile, by 64-row query tile of the sequence, by head, by
+/// 16-dim band and by sequence (with its first bad row); how many are NaN or zero; and
+/// the median |gpu| / |reference| of the bad ones (a scale or normalisation error shows
+/// as a ratio away from 1, a missed tile as a spread).
+// The element index is computed from (sequence, row, head, dim): plain ranges read best.
+#[allow(clippy::needless_range_loop)]
+fn prefill_diagnosis(got: &[u16], want: &[u16], cu: &[usize], n_heads: usize, hd: usize) -> Value {
+    let (mut band, mut tile64) = (vec![0usize; 8], Vec::<usize>::new());
+    let (mut heads, mut dims) = (vec![0usize; n_heads], vec![0usize; hd.div_ceil(16)]);
+    let mut seqs: Vec<(usize, Option<usize>)> = vec![(0, None); cu.len().saturating_sub(1)];
+    let (mut bad, mut nan, mut zero, mut ratios) = (0usize, 0usize, 0usize, Vec::new());
+    for s in 0..seqs.len() {
+        for row in 0..cu[s + 1] - cu[s] {
+            for h in 0..n_heads {
+                for d in 0..hd {
+                    let i = ((cu[s] + row) * n_heads + h) * hd + d;
+                    let (g, w) = (from_bf16(got[i]), from_bf16(want[i]));
+                    if !(g - w).abs().is_nan() && close(g, w) {
+                        continue;
+                    }
+                    bad += 1;
+                    nan += usize::from(g.is_nan());
+                    zero += usize::from(g == 0.0);
+                    if w != 0.0 && g.is_finite() {
+                        ratios.push((g / w).abs());
+                    }
+                    band[(row % 128) / 16] += 1;
+                    if tile64.len() <= row / 64 {
+                        tile64.resize(row / 64 + 1, 0);
+                    }
+                    tile64[row / 64] += 1;
+                    heads[h] += 1;
+                    dims[d / 16] += 1;
+                    seqs[s].0 += 1;
+                    seqs[s].1 = Some(seqs[s].1.map_or(row, |r: usize| r.min(row)));
+                }
+            }
+        }
+    }
+    ratios.sort_by(f32::total_cmp);
+    json!({
+        "bad": bad, "of": got.len(), "nan": nan, "zero": zero,
+        "median_abs_ratio": ratios.get(ratios.len() / 2),
+        "by_row_band16_of_tile128": band, "by_query_tile64": tile64,
+        "by_head": heads, "by_dim_band16": dims,
+        "by_seq_bad_first_row": seqs.iter().map(|(n, r)| json!([n, r])).collect::<Vec<_>>(),
+    })
 }
 
 /// A check that could not run (a launch or copy failed): recorded as failed, and the
@@ -1467,4 +1522,46 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefill_diagnosis_locates_the_bad_rows_heads_and_dims() {
+        // Two sequences of 150 and 40 rows, 2 heads of 32 dims; sequence 0's rows 64..80
+        // of head 1, dims 16..32 doubled, and one NaN in sequence 1.
+        let (cu, n_heads, hd) = ([0usize, 150, 190], 2, 32);
+        let want: Vec<f32> = Rng(7).f32s(190 * n_heads * hd);
+        let mut got = want.clone();
+        for row in 64..80 {
+            for d in 16..32 {
+                got[(row * n_heads + 1) * hd + d] *= 2.0;
+            }
+        }
+        got[(160 * n_heads) * hd + 3] = f32::NAN;
+        let (g, w) = (to_bf16_vec(&got), to_bf16_vec(&want));
+        let v = prefill_diagnosis(&g, &w, &cu, n_heads, hd);
+        // Doubling a value below the tolerance's floor can stay "close": count them.
+        let doubled = (64..80)
+            .flat_map(|row| (16..32).map(move |d| (row * n_heads + 1) * hd + d))
+            .filter(|&i| !close(from_bf16(g[i]), from_bf16(w[i])))
+            .count();
+        assert!(doubled > 200, "{doubled}");
+        assert_eq!(v["bad"], json!(doubled + 1), "{v}");
+        assert_eq!(v["nan"], json!(1));
+        assert_eq!(v["by_row_band16_of_tile128"][4], json!(doubled));
+        assert_eq!(
+            v["by_row_band16_of_tile128"][0],
+            json!(1),
+            "row 10 of sequence 1"
+        );
+        assert_eq!(v["by_query_tile64"][1], json!(doubled));
+        assert_eq!(v["by_head"], json!([1, doubled]));
+        assert_eq!(v["by_dim_band16"], json!([1, doubled]));
+        assert_eq!(v["by_seq_bad_first_row"], json!([[doubled, 64], [1, 10]]));
+        let ratio = v["median_abs_ratio"].as_f64().unwrap();
+        assert!((ratio - 2.0).abs() < 0.05, "{ratio}");
+    }
 }
