@@ -532,7 +532,10 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
 //   V, MN-major (O += P V, B operand, N = dims): LBO = the region's size (next 64 dims),
 //     SBO = 1024 (next 8 keys), the k-step of keys 16 kk at +2048 kk.
 // Blocks past the sequence's last are copied from row `num_slots` (outside the tensor):
-// TMA fills them with zeros, so no stale shared memory meets a zero softmax weight.
+// TMA fills them with zeros, so no stale shared memory meets a zero softmax weight. (The
+// keys past the end inside the sequence's last block are copied as the cache holds them,
+// as for any cache row: finite, since the caches are allocated zeroed and only ever hold
+// written K/V; the mask gives their scores -inf and their V a weight of 0.)
 struct __align__(64) SovTensorMap {
   unsigned long long opaque[16];
 };
@@ -604,6 +607,9 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
       mbar_init(full0 + 8 * st, TMA ? 1 : 128);
       mbar_init(empty0 + 8 * st, 8);
     }
+    // The initialised barriers visible to the async proxy (TMA's complete_tx) as well,
+    // as CUTLASS's pipelines do after their init.
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
 
@@ -636,6 +642,10 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
           }
         }
       }
+      // Stay until the last tiles' copies have landed: should a consumer give up a wait
+      // (a protocol bug), the CTA must not retire while TMA still writes its shared memory.
+      for (int j = max(0, n_tiles - ST); j < n_tiles; ++j)
+        mbar_wait(full0 + 8 * (j % ST), (j / ST) & 1);
       return;
     }
     const long long row_stride = (long long)n_kv_heads * HD;

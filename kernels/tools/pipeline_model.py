@@ -8,6 +8,12 @@ tile) it checks that the pipeline finishes (no deadlock), that every tile a warp
 computes was full and not yet refilled while it read it, and that the phases balance.
 It mirrors the loops of the source by hand: keep them in step.
 
+The TMA design (`tma`) has its own producer: one thread arrives on a stage's `full` with
+the tile's byte count (expect_tx) and issues the copies, which land later, in order, in
+an asynchronous copy engine (modelled as a fourth coroutine that completes the phase);
+the stage is being overwritten from the issue on; at the end the thread waits for the
+last tiles' phases, so the CTA never retires with copies in flight.
+
 It also runs the two-stage ring with 128-key tiles that `ws_stages` rules out, and must
 find that one deadlocks (so the model can fail).
 
@@ -56,7 +62,7 @@ class NamedBar:
             self.generation += 1
 
 
-def run_cta(n_new, cached, tile_row0, bc, st, pingpong, rng):
+def run_cta(n_new, cached, tile_row0, bc, st, pingpong, rng, tma=False):
     """Simulates one CTA; returns the number of steps. Raises Deadlock or AssertionError."""
     first_pos = cached
     last_row = min(n_new, tile_row0 + 128) - 1
@@ -91,6 +97,36 @@ def run_cta(n_new, cached, tile_row0, bc, st, pingpong, rng):
             t = landed.pop(0)
             filled[t % st] = t
             full[t % st].arrive()
+
+    in_flight = []  # TMA: tiles issued, in order, whose bytes have not all landed
+    producer_done = [False]
+
+    def tma_producer():
+        for j in range(n_tiles):
+            s = j % st
+            if j >= st:
+                yield from wait(lambda s=s, j=j: empty[s].done((j // st - 1) & 1))
+                assert (0, j - st) in released and (1, j - st) in released, ("refill", j)
+            filled[s] = None  # arrive.expect_tx, then the copies start writing the stage
+            in_flight.append(j)
+            yield
+        # Stay until the last tiles' copies have landed.
+        for j in range(max(0, n_tiles - st), n_tiles):
+            yield from wait(lambda j=j: full[j % st].done((j // st) & 1))
+        assert not in_flight, "CTA retiring with copies in flight"
+        producer_done[0] = True
+
+    def copy_engine():
+        while not producer_done[0] or in_flight:
+            if in_flight and rng.random() < 0.5:
+                t = in_flight.pop(0)  # the tile's last byte lands: the phase completes
+                filled[t % st] = t
+                full[t % st].arrive()
+                yield
+            elif producer_done[0] and not in_flight:
+                return
+            else:
+                yield BLOCKED if not in_flight else None
 
     def tiles(w):
         r0 = tile_row0 + w * 64
@@ -170,7 +206,8 @@ def run_cta(n_new, cached, tile_row0, bc, st, pingpong, rng):
         if pp and wg == 0:
             yield from sched_wait()
 
-    agents = [producer(), consumer(0), consumer(1)]
+    agents = [tma_producer(), copy_engine()] if tma else [producer()]
+    agents += [consumer(0), consumer(1)]
     live = list(agents)
     steps = 0
     stuck = 0  # consecutive steps in which every agent picked was waiting
@@ -196,15 +233,15 @@ def main():
     cases = [(1, 0), (77, 0), (130, 500), (1024, 0), (300, 2000), (64, 0), (65, 0), (128, 0),
              (129, 63), (200, 1), (2048, 0), (17, 4095)]
     cases += [(rng.randint(1, 700), rng.randint(0, 3000)) for _ in range(40)]
-    designs = [(64, 4, False), (64, 4, True), (128, 3, True)]
+    designs = [(64, 4, False, False), (64, 4, True, False), (128, 3, True, False), (128, 3, True, True)]
     ctas = 0
-    for bc, st, pp in designs:
+    for bc, st, pp, tma in designs:
         for n_new, cached in cases:
             for tile in range((n_new + 127) // 128):
                 for _ in range(3):  # three schedules each
-                    run_cta(n_new, cached, tile * 128, bc, st, pp, rng)
+                    run_cta(n_new, cached, tile * 128, bc, st, pp, rng, tma)
                     ctas += 1
-    print(f"pipeline_model: {ctas} CTA runs of the ws, pp and pp128 protocols finished, "
+    print(f"pipeline_model: {ctas} CTA runs of the ws, pp, pp128 and tma protocols finished, "
           "no stale or refilled tile read")
     # The ring ws_stages rules out must deadlock somewhere.
     found = False

@@ -632,6 +632,14 @@ pub fn prefill_attention_kv(
             ));
         };
         let row = d.n_kv_heads * hd;
+        // One row count for both maps: row `num_slots` must be outside both tensors.
+        if kc.len() != vc.len() {
+            return Err(CudaError::Shape(format!(
+                "the TMA prefill needs K and V caches of one size ({} vs {} elements)",
+                kc.len(),
+                vc.len()
+            )));
+        }
         ptrs = (kc.device_ptr(&k.stream), vc.device_ptr(&k.stream));
         let (tk, tv) = (
             kv_tensor_map(ptrs.0.0, kc.len() / row, row)?,
