@@ -126,6 +126,14 @@ for shape in ["smollm2-135m", "eurollm-1.7b"]:
         if not os.path.exists(os.path.join(tmp, f"{shape}.{v}.json")):
             continue
         bench = e[f"bench_{name}"] = load(f"{shape}.{v}.json")
+        # The decode graph's programmatic (PDL) edges, from the worker's capture log line.
+        try:
+            import re
+            with open(os.path.join(tmp, f"{shape}.{v}.err")) as f:
+                found = re.findall(r"programmatic=(\d+)", re.sub(r"\x1b\[[0-9;]*m", "", f.read()))
+            e[f"{name}_graph_programmatic_edges"] = int(found[-1]) if found else None
+        except OSError:
+            pass
         try:
             x = bench["decode"]["1"]["aggregate_tok_s"]
             e[f"{name}_batch1_tok_s"], e[f"{name}_fraction_of_limit"] = x, x / limit
@@ -284,7 +292,8 @@ for shape in eurollm-1.7b smollm2-135m; do
       # shellcheck disable=SC2086
       env $envs RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
         --kv-cache-mb 8192 --batches 1 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
-        > "$PARTS/$shape.$name.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.$name.json"
+        > "$PARTS/$shape.$name.json" 2> "$PARTS/$shape.$name.err" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.$name.json"
+      cat "$PARTS/$shape.$name.err" >> "$LOG"
     done
     # The prefill designs other than the default inside the backend (its prefill steps):
     # the pipelined one (the default off Hopper), the basic one (the FP8 cache's) and, on

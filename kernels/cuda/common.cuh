@@ -28,6 +28,17 @@ typedef unsigned short bf16;
 //     kernels trigger first thing, the GEMVs after their main loop (the successor's
 //     weight loads then overlap their tail, not their whole weight stream).
 // griddepcontrol.wait returns at once in a kernel launched without the attribute.
+// Pointers to activations (what an earlier kernel of the stream writes) are declared
+// `const T* SOV_RESTRICT_ACT`: `__restrict__` on a const pointer lets the compiler read
+// through the non-coherent path (`ld.global.nc`), which the PTX memory model excludes, so
+// griddepcontrol.wait neither orders nor makes visible such reads (and ptxas does move
+// the wait across them); PDL builds therefore drop it there. Weights, norm weights,
+// RoPE tables and host-uploaded step metadata keep `__restrict__`: no kernel writes them.
+#if defined(SOV_PDL)
+#define SOV_RESTRICT_ACT
+#else
+#define SOV_RESTRICT_ACT __restrict__
+#endif
 #if defined(SOV_PDL) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 [[maybe_unused]] constexpr bool PDL = true;
 #else

@@ -46,8 +46,8 @@ constexpr float LOG2E = 1.4426950408889634f;
 // into the output, so the loop is the same for both; an fp8 lane loads 8 bytes a row.
 template <int HD, int GROUP, typename KV>
 __device__ __forceinline__ void decode_attention_impl(
-    const sov::bf16* __restrict__ q, const KV* __restrict__ k_cache,
-    const KV* __restrict__ v_cache, const float* __restrict__ k_scale,
+    const sov::bf16* SOV_RESTRICT_ACT q, const KV* SOV_RESTRICT_ACT k_cache,
+    const KV* SOV_RESTRICT_ACT v_cache, const float* __restrict__ k_scale,
     const float* __restrict__ v_scale, const int* __restrict__ block_tables,
     const int* __restrict__ seq_lens, sov::bf16* __restrict__ out,
     float* __restrict__ part_out, float* __restrict__ part_ml, int n_kv_heads,

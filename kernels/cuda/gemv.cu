@@ -63,7 +63,7 @@ __device__ __forceinline__ void round8(float v[8]) {
 }
 
 // Eight f32 values from a 32-byte aligned address (two 16-byte loads).
-__device__ __forceinline__ void load8_f32(const float* __restrict__ p, float v[8]) {
+__device__ __forceinline__ void load8_f32(const float* SOV_RESTRICT_ACT p, float v[8]) {
   const float4 a = *reinterpret_cast<const float4*>(p);
   const float4 b = *reinterpret_cast<const float4*>(p + 4);
   v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
@@ -95,7 +95,7 @@ __device__ __forceinline__ void store_out(void* __restrict__ yout, long long o, 
 // CTA calls it; it synchronises). The rows were written by the previous kernel and sit in
 // L2. Correctly rounded sqrt and division, as the CPU reference computes it.
 template <int T, int THREADS>
-__device__ __forceinline__ void row_inv_rms(const float* __restrict__ res, int k, float eps,
+__device__ __forceinline__ void row_inv_rms(const float* SOV_RESTRICT_ACT res, int k, float eps,
                                             float* s_inv) {
   __shared__ float s_red[THREADS / 32][T];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -131,8 +131,8 @@ __device__ __forceinline__ void row_inv_rms(const float* __restrict__ res, int k
 // SiLU(gate) * up of a gate|up row; the latter two rounded to bf16 where the unfused
 // kernels store them.
 template <int IN>
-__device__ __forceinline__ void input8(const float* __restrict__ res,
-                                       const sov::bf16* __restrict__ xb, int k, int t, int p,
+__device__ __forceinline__ void input8(const float* SOV_RESTRICT_ACT res,
+                                       const sov::bf16* SOV_RESTRICT_ACT xb, int k, int t, int p,
                                        float inv, const float nw[8], float xf[8]) {
   if (IN == GV_PLAIN) {
     load8(xb + (long long)t * k + p * 8, xf);
@@ -155,7 +155,7 @@ __device__ __forceinline__ void input8(const float* __restrict__ res,
 
 template <int T, int IN, int OUT>
 __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
-                                          const void* __restrict__ xin,
+                                          const void* SOV_RESTRICT_ACT xin,
                                           const sov::bf16* __restrict__ norm_w, float eps,
                                           void* __restrict__ yout, int rows, int k,
                                           int tokens, GvRope rp = GvRope{}) {

@@ -22,7 +22,7 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 }
 
 // out = residual * inv * weight for one f32 row, rounded to bf16 (16-byte stores).
-__device__ __forceinline__ void store_normed(const float* __restrict__ rr,
+__device__ __forceinline__ void store_normed(const float* SOV_RESTRICT_ACT rr,
                                              const sov::bf16* __restrict__ weight,
                                              sov::bf16* __restrict__ out, int dim,
                                              float inv) {
@@ -42,7 +42,7 @@ __device__ __forceinline__ void store_normed(const float* __restrict__ rr,
 
 // out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight
 extern "C" __global__ void __launch_bounds__(sov::NORM_THREADS)
-    rms_norm(const sov::bf16* __restrict__ x, const sov::bf16* __restrict__ weight,
+    rms_norm(const sov::bf16* SOV_RESTRICT_ACT x, const sov::bf16* __restrict__ weight,
              sov::bf16* __restrict__ out, int dim, float eps) {
   __shared__ float scratch[sov::NORM_THREADS / 32];
   sov::pdl_trigger();  // PDL builds (common.cuh); every entry of a PDL source waits
@@ -70,7 +70,7 @@ extern "C" __global__ void __launch_bounds__(sov::NORM_THREADS)
 
 // residual[r] += x[r]; out[r] = rms_norm(residual[r]) (residual f32, x and out bf16).
 extern "C" __global__ void __launch_bounds__(sov::NORM_THREADS)
-    add_rms_norm(float* __restrict__ residual, const sov::bf16* __restrict__ x,
+    add_rms_norm(float* __restrict__ residual, const sov::bf16* SOV_RESTRICT_ACT x,
                  const sov::bf16* __restrict__ weight, sov::bf16* __restrict__ out,
                  int dim, float eps) {
   __shared__ float scratch[sov::NORM_THREADS / 32];
@@ -98,7 +98,7 @@ extern "C" __global__ void __launch_bounds__(sov::NORM_THREADS)
 // out[r] = rms_norm(residual[r]) (residual f32, out bf16): the final norm of the fused
 // decode path, whose matrix kernels add into the residual themselves.
 extern "C" __global__ void __launch_bounds__(sov::NORM_THREADS)
-    rms_norm_f32(const float* __restrict__ residual, const sov::bf16* __restrict__ weight,
+    rms_norm_f32(const float* SOV_RESTRICT_ACT residual, const sov::bf16* __restrict__ weight,
                  sov::bf16* __restrict__ out, int dim, float eps) {
   __shared__ float scratch[sov::NORM_THREADS / 32];
   sov::pdl_trigger();  // PDL builds (common.cuh): the residual comes from the last GEMV

@@ -131,6 +131,50 @@ struct DecodeGraph {
     epoch: u64,
 }
 
+/// A captured graph's dependency edges: (all, programmatic). Programmatic edges are what
+/// PDL launches become under stream capture (CUDA 12.3+); with `SOV_PDL=1` their count
+/// says whether the decode graph overlaps its kernels at all.
+fn graph_edges(g: &cudarc::driver::CudaGraph) -> Result<(usize, usize), BackendError> {
+    use cudarc::driver::sys;
+    let mut n = 0usize;
+    // SAFETY: a live graph; null arrays ask for the count only.
+    unsafe {
+        sys::cuGraphGetEdges_v2(
+            g.cu_graph(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            &mut n,
+        )
+    }
+    .result()
+    .map_err(dev)?;
+    let mut from = vec![std::ptr::null_mut(); n];
+    let mut to = vec![std::ptr::null_mut(); n];
+    // SAFETY: plain C data; zero is a valid (default) edge.
+    let mut data: Vec<sys::CUgraphEdgeData> = vec![unsafe { std::mem::zeroed() }; n];
+    let mut got = n;
+    // SAFETY: each array holds `n` entries, as `got` says.
+    unsafe {
+        sys::cuGraphGetEdges_v2(
+            g.cu_graph(),
+            from.as_mut_ptr(),
+            to.as_mut_ptr(),
+            data.as_mut_ptr(),
+            &mut got,
+        )
+    }
+    .result()
+    .map_err(dev)?;
+    let programmatic = data[..got.min(n)]
+        .iter()
+        .filter(|e| {
+            e.type_ == sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u8
+        })
+        .count();
+    Ok((got.min(n), programmatic))
+}
+
 // SAFETY: a CudaGraph is only used through `&mut CudaBackend`, so never from two threads
 // at once (CUDA requires graph calls to be serialised, not to stay on one thread).
 unsafe impl Send for DecodeGraph {}
@@ -721,6 +765,16 @@ impl CudaBackend {
             let graph = captured
                 .map_err(dev)?
                 .ok_or_else(|| dev("CUDA graph capture of a decode step produced no graph"))?;
+            match graph_edges(&graph) {
+                Ok((edges, programmatic)) => tracing::info!(
+                    batch = d.num_seqs,
+                    edges,
+                    programmatic,
+                    pdl = self.k.pdl,
+                    "decode step captured as a CUDA graph"
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot count the decode graph's edges"),
+            }
             self.graphs.insert(
                 key,
                 DecodeGraph {
