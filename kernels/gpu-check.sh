@@ -245,6 +245,12 @@ for lib in libcuda.so.1 libnvrtc.so.13 libcublas.so.13; do
 done
 command -v nvidia-smi > /dev/null && say "$(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1)"
 export SOV_KERNEL_CACHE="$TMP/kernel-cache"
+# Kernels compiled where the bundle was built (kernels/gpu-bundle.sh): loaded, not
+# compiled again, where this machine's NVRTC has the same version (the cache key has it).
+if [ -d "$BIN/kernel-cache" ]; then
+  cp -r "$BIN/kernel-cache" "$SOV_KERNEL_CACHE"
+  say "kernel cache: $(ls "$SOV_KERNEL_CACHE" | wc -l) cubins from the bundle"
+fi
 say "kernels (correctness, bandwidth, TFLOP/s)"
 timeout 240 "$BIN/gpu-check" "$@" --out "$PARTS/kernels.json" > /dev/null 2> >(tee -a "$LOG" >&2)
 status=$?

@@ -5,6 +5,7 @@
 //! there is no usable GPU. Used by kernels/gpu-check.sh; needs no Rust on the GPU machine.
 //!
 //!   gpu-check [--quick] [--opt-in [NAME]] [--out FILE]
+//!   gpu-check --precompile DIR [--arch sm_90]   (no GPU needed: fills a kernel cache)
 //!
 //! `--opt-in`: only the experimental designs the worker runs when asked, checked and timed
 //! in a process of their own (so a faulting experiment cannot take the default run's
@@ -1301,7 +1302,7 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
                                 "context": ctx, "splits": splits, "fp8": fp8});
                                 failed("decode_attention", shape, &e)
                             });
-                        eprintln!("  {c}");
+                        eprintln!("  [{:.1}s] {c}", t0.elapsed().as_secs_f64());
                         checks.push(c);
                     }
                 }
@@ -1326,7 +1327,7 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
                 .collect()
         });
         for c in cs {
-            eprintln!("  {c}");
+            eprintln!("  [{:.1}s] {c}", t0.elapsed().as_secs_f64());
             checks.push(c);
         }
     }
@@ -1362,7 +1363,7 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
     for &(kernel, f) in small {
         let cs = f(&k, &mut rng).unwrap_or_else(|e| vec![failed(kernel, Value::Null, &e)]);
         for c in cs {
-            eprintln!("  {c}");
+            eprintln!("  [{:.1}s] {c}", t0.elapsed().as_secs_f64());
             checks.push(c);
         }
     }
@@ -1378,7 +1379,7 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
     let copy = match copy_bandwidth(&k) {
         Ok(c) => Some(c),
         Err(e) => {
-            eprintln!("  copy bandwidth: {e}");
+            eprintln!("  [{:.1}s] copy bandwidth: {e}", t0.elapsed().as_secs_f64());
             None
         }
     };
@@ -1397,7 +1398,7 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
             }
             Err(e) => json!({"context": ctx, "error": e.to_string()}),
         };
-        eprintln!("  decode {r}");
+        eprintln!("  [{:.1}s] decode {r}", t0.elapsed().as_secs_f64());
         decode.push(r);
     }
     let mut gemv = Vec::new();
@@ -1418,7 +1419,7 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
                     json!({"rows": rows, "cols": cols, "tokens": tokens, "error": e.to_string()})
                 }
             };
-            eprintln!("  gemv {r}");
+            eprintln!("  [{:.1}s] gemv {r}", t0.elapsed().as_secs_f64());
             gemv.push(r);
         }
     }
@@ -1433,7 +1434,7 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
             }
             (r, _) => r,
         };
-        eprintln!("  gemv chain {r}");
+        eprintln!("  [{:.1}s] gemv chain {r}", t0.elapsed().as_secs_f64());
         r
     } else {
         Value::Null
@@ -1466,7 +1467,7 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
                        "error": e.to_string()})
             }
         };
-        eprintln!("  prefill {r}");
+        eprintln!("  [{:.1}s] prefill {r}", t0.elapsed().as_secs_f64());
         prefill.push(r);
     }
     let summary = json!({
@@ -1486,8 +1487,65 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
     Ok((summary, all_ok))
 }
 
+/// `--precompile DIR [--arch sm_90]`: every kernel source as a worker on that device
+/// builds it (and the PDL builds of those with PDL code, sm_90+), compiled with NVRTC
+/// into the kernel cache DIR, no GPU needed; kernels/gpu-bundle.sh ships the cache, so a
+/// GPU run loads its kernels instead of compiling them in every process.
+fn precompile(dir: &std::path::Path, device_arch: &str) -> Result<Value, CudaError> {
+    use kernels::cuda::{SOURCES, build_arch, cached_cubin, has_pdl_code};
+    let t0 = Instant::now();
+    let pdl_too = device_arch
+        .strip_prefix("sm_")
+        .and_then(|v| v.parse::<u32>().ok())
+        .is_some_and(|v| v >= 90);
+    let mut built = Vec::new();
+    for (name, _) in SOURCES {
+        let Some(arch) = build_arch(name, device_arch) else {
+            continue;
+        };
+        for pdl in [false, true] {
+            if pdl && !(pdl_too && has_pdl_code(name)) {
+                continue;
+            }
+            let (_, cached) = cached_cubin(dir, name, &arch, pdl)?;
+            eprintln!(
+                "  [{:.1}s] {name} for {arch}{}{}",
+                t0.elapsed().as_secs_f64(),
+                if pdl { " (PDL build)" } else { "" },
+                if cached { ": already cached" } else { "" }
+            );
+            built.push(json!({"source": name, "arch": arch, "pdl": pdl}));
+        }
+    }
+    Ok(
+        json!({"precompiled": built, "dir": dir.display().to_string(),
+              "seconds": t0.elapsed().as_secs_f64()}),
+    )
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--precompile") {
+        let Some(dir) = args.get(i + 1) else {
+            eprintln!("gpu-check: --precompile needs a directory");
+            return ExitCode::from(2);
+        };
+        let arch = args
+            .iter()
+            .position(|a| a == "--arch")
+            .and_then(|j| args.get(j + 1))
+            .map_or("sm_90", String::as_str);
+        return match precompile(std::path::Path::new(dir), arch) {
+            Ok(v) => {
+                println!("{v}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                println!("{}", json!({"error": e.to_string()}));
+                ExitCode::from(2)
+            }
+        };
+    }
     let quick = args.iter().any(|a| a == "--quick");
     // `--opt-in [NAME]`: every opt-in design, or the one named.
     let opt_in = args.iter().position(|a| a == "--opt-in").map(|i| {
