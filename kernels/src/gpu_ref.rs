@@ -274,21 +274,36 @@ pub fn prefill_attention_kv(
         num_splits: 1,
         ..*s
     };
+    let row_len = s.n_heads * hd;
+    let total = cu_q.get(seq_lens.len()).copied().unwrap_or(0);
     let mut out = vec![0u16; q.len()];
-    for (seq, &len) in seq_lens.iter().enumerate() {
-        let table = &block_tables[seq * s.max_blocks..(seq + 1) * s.max_blocks];
-        let n_new = cu_q[seq + 1] - cu_q[seq];
-        for i in 0..n_new {
-            let row = cu_q[seq] + i;
-            let visible = len - n_new + i + 1;
-            for h in 0..s.n_heads {
-                let kvh = h / (s.n_heads / s.layout.n_kv_heads);
-                let qv = from_bf16_vec(&q[(row * s.n_heads + h) * hd..][..hd]);
-                let p = decode_split(&one, &qv, kvh, k_cache, v_cache, table, visible, 0);
-                out[(row * s.n_heads + h) * hd..][..hd].copy_from_slice(&to_bf16_vec(&p.out));
-            }
+    // Every query row is independent: runs of rows go to every core (the GPU check's
+    // references for thousands of rows took minutes on one), each computed exactly as a
+    // single thread would.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, total.max(1));
+    let per = total.div_ceil(threads).max(1);
+    std::thread::scope(|sc| {
+        for (ci, run) in out[..total * row_len].chunks_mut(per * row_len).enumerate() {
+            sc.spawn(move || {
+                for (r, dst) in run.chunks_exact_mut(row_len).enumerate() {
+                    let row = ci * per + r;
+                    // The sequence whose new tokens include `row`.
+                    let seq = cu_q[1..=seq_lens.len()].partition_point(|&end| end <= row);
+                    let table = &block_tables[seq * s.max_blocks..(seq + 1) * s.max_blocks];
+                    let n_new = cu_q[seq + 1] - cu_q[seq];
+                    let visible = seq_lens[seq] - n_new + (row - cu_q[seq]) + 1;
+                    for h in 0..s.n_heads {
+                        let kvh = h / (s.n_heads / s.layout.n_kv_heads);
+                        let qv = from_bf16_vec(&q[(row * s.n_heads + h) * hd..][..hd]);
+                        let p = decode_split(&one, &qv, kvh, k_cache, v_cache, table, visible, 0);
+                        dst[h * hd..][..hd].copy_from_slice(&to_bf16_vec(&p.out));
+                    }
+                }
+            });
         }
-    }
+    });
     out
 }
 

@@ -455,6 +455,32 @@ fn prefill_attention_matches_the_f32_paged_kernel() {
     }
 }
 
+/// The reference runs its rows on every core: a batch with a sequence that has no new
+/// tokens between two that have gives, row for row, what each sequence gives alone.
+#[test]
+fn prefill_attention_rows_are_independent_of_the_batch() {
+    let c = decode_case(&[40, 17, 70], 2, 4, 64, 31);
+    let (hd, nh, mb) = (64, c.shape.n_heads, c.shape.max_blocks);
+    let n_new = [9usize, 0, 70];
+    let cu_q = [0, 9, 9, 79];
+    let q = to_bf16_vec(&rand_vec(cu_q[3] * nh * hd, 32));
+    let kv = (KvCache::Bf16(&c.kc), KvCache::Bf16(&c.vc));
+    let all = prefill_attention_kv(&c.shape, &q, kv.0, kv.1, &c.tables, &cu_q, &c.lens);
+    for seq in [0, 2] {
+        let rows = cu_q[seq] * nh * hd..cu_q[seq + 1] * nh * hd;
+        let alone = prefill_attention_kv(
+            &c.shape,
+            &q[rows.clone()],
+            kv.0,
+            kv.1,
+            &c.tables[seq * mb..(seq + 1) * mb],
+            &[0, n_new[seq]],
+            &c.lens[seq..=seq],
+        );
+        assert_eq!(all[rows], alone[..], "sequence {seq}");
+    }
+}
+
 #[test]
 fn embed_rows_gathers_table_rows() {
     let table: Vec<u16> = (0..5 * 8).map(|i| i as u16).collect();
