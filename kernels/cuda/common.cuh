@@ -60,6 +60,13 @@ __device__ __forceinline__ uint4 ld_before_wait16(const void* p) {
                : "l"(p));
   return v;
 }
+__device__ __forceinline__ uint2 ld_before_wait8(const void* p) {
+  uint2 v;
+  asm volatile("ld.global.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n"
+               : "=r"(v.x), "=r"(v.y)
+               : "l"(p));
+  return v;
+}
 __device__ __forceinline__ void pdl_trigger() {
 #if defined(SOV_PDL) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
@@ -177,6 +184,10 @@ struct Kv8<bf16> {
   static __device__ __forceinline__ Raw load(const bf16* p) {
     return *reinterpret_cast<const uint4*>(p);
   }
+  // A load that stays ahead of griddepcontrol.wait (see ld_before_wait16).
+  static __device__ __forceinline__ Raw load_before_wait(const bf16* p) {
+    return ld_before_wait16(p);
+  }
   static __device__ __forceinline__ Raw zero() { return make_uint4(0, 0, 0, 0); }
   static __device__ __forceinline__ void widen(Raw r, float out[8]) { widen8_bf16(r, out); }
 };
@@ -185,6 +196,9 @@ struct Kv8<fp8> {
   typedef uint2 Raw;
   static __device__ __forceinline__ Raw load(const fp8* p) {
     return *reinterpret_cast<const uint2*>(p);
+  }
+  static __device__ __forceinline__ Raw load_before_wait(const fp8* p) {
+    return ld_before_wait8(p);
   }
   static __device__ __forceinline__ Raw zero() { return make_uint2(0, 0); }
   static __device__ __forceinline__ void widen(Raw r, float out[8]) { widen8_e4m3(r, out); }

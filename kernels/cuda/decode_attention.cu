@@ -68,8 +68,12 @@ __device__ __forceinline__ void decode_attention_impl(
   __shared__ float s_m[DA_WARPS][GROUP], s_l[DA_WARPS][GROUP];
   __shared__ float s_acc[DA_WARPS][GROUP][HD];
 
-  sov::pdl_trigger();  // PDL builds (common.cuh): q and the cache were just written
-  sov::pdl_wait();
+  // PDL builds (common.cuh): the successor may launch at once. Before the wait only what
+  // no running kernel writes is read: the step's metadata (host-written) and the K/V rows
+  // of earlier steps (the warp's first block); the current token's row, which the
+  // predecessor (RoPE + KV write) stores, and q are read after it.
+  sov::pdl_trigger();
+  if (!PDL) sov::pdl_wait();
   const int seq = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
   const int n_heads = n_kv_heads * GROUP;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -82,6 +86,33 @@ __device__ __forceinline__ void decode_attention_impl(
   const int begin = split * units_per_split * DA_PART;
   const int end = min(len, begin + units_per_split * DA_PART);
   const int blk_end = (end + KV_BLOCK - 1) / KV_BLOCK;
+  const long long row_stride = (long long)n_kv_heads * HD;
+  const int* bt = block_tables + (long long)seq * max_blocks;
+  const KV* kbase = k_cache + kvh * HD + lsub * 8;
+  const KV* vbase = v_cache + kvh * HD + lsub * 8;
+  int b = begin / KV_BLOCK + warp;
+  int phys = 0;
+  // PDL builds: the first NU rows a lane covers in the warp's first block, loaded before
+  // the wait; then the current token's row (len - 1) is loaded again, after it.
+  typename Kv::Raw kpre[NU], vpre[NU];
+  if (PDL) {
+    phys = b < blk_end ? bt[b] : 0;
+#pragma unroll
+    for (int u = 0; u < NU; ++u) {
+      const long long off = ((long long)phys * KV_BLOCK + u * RPW + sub) * row_stride;
+      kpre[u] = has && b < blk_end ? Kv::load_before_wait(kbase + off) : Kv::zero();
+      vpre[u] = has && b < blk_end ? Kv::load_before_wait(vbase + off) : Kv::zero();
+    }
+    sov::pdl_wait();
+#pragma unroll
+    for (int u = 0; u < NU; ++u) {
+      if (has && b < blk_end && b * KV_BLOCK + u * RPW + sub == len - 1) {
+        const long long off = ((long long)phys * KV_BLOCK + u * RPW + sub) * row_stride;
+        kpre[u] = Kv::load(kbase + off);
+        vpre[u] = Kv::load(vbase + off);
+      }
+    }
+  }
 
   // This lane's slice of each query head of the group, in log2 units.
   const float qscale = scale * LOG2E * (FP8 ? k_scale[kvh] : 1.f);
@@ -105,20 +136,60 @@ __device__ __forceinline__ void decode_attention_impl(
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
   }
-  const long long row_stride = (long long)n_kv_heads * HD;
-  const int* bt = block_tables + (long long)seq * max_blocks;
-  const KV* kbase = k_cache + kvh * HD + lsub * 8;
-  const KV* vbase = v_cache + kvh * HD + lsub * 8;
-
-  int b = begin / KV_BLOCK + warp;
-  int phys = b < blk_end ? bt[b] : 0;
-#pragma unroll 1
-  for (; b < blk_end; b += DA_WARPS) {
-    const int nb = b + DA_WARPS;
-    const int phys_next = nb < blk_end ? bt[nb] : 0;
-    const long long block_row = (long long)phys * KV_BLOCK;
+  // One step of a block: rows u0 .. u0 + NU - 1 a lane covers, their K and V in kr, vr.
+  auto step = [&](int b, int u0, const typename Kv::Raw (&kr)[NU],
+                  const typename Kv::Raw (&vr)[NU]) {
+    float sc[NU][GROUP];
+#pragma unroll
+    for (int u = 0; u < NU; ++u) {
+      float kf[8];
+      Kv::widen(kr[u], kf);
+      const bool valid = b * KV_BLOCK + (u0 + u) * RPW + sub < end;
+#pragma unroll
+      for (int g = 0; g < GROUP; ++g) {
+        float d = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) d = fmaf(qr[g][i], kf[i], d);
+#pragma unroll
+        for (int off = SUB / 2; off > 0; off >>= 1) d += __shfl_xor_sync(FULL_MASK, d, off);
+        sc[u][g] = valid ? d : sov::neg_inf();
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+      float mx = sc[0][g];
+#pragma unroll
+      for (int u = 1; u < NU; ++u) mx = fmaxf(mx, sc[u][g]);
+      const float m_new = fmaxf(m[g], mx);
+      if (m_new == sov::neg_inf()) continue;  // no valid row of this group yet
+      const float r = exp2f(m[g] - m_new);     // 0 when m[g] is still -inf
+      m[g] = m_new;
+      l[g] *= r;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[g][i] *= r;
+#pragma unroll
+      for (int u = 0; u < NU; ++u) sc[u][g] = exp2f(sc[u][g] - m_new);
+    }
+#pragma unroll
+    for (int u = 0; u < NU; ++u) {
+      float vf[8];
+      Kv::widen(vr[u], vf);
+#pragma unroll
+      for (int g = 0; g < GROUP; ++g) {
+        // A group with no valid row yet skipped its update: its scores are still -inf
+        // or raw; weigh them 0.
+        const float p = m[g] == sov::neg_inf() ? 0.f : sc[u][g];
+        l[g] += p;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(p, vf[i], acc[g][i]);
+      }
+    }
+  };
+  // The rest of a block from step u0 on: each step's K and V loads issued together.
+  auto block_from = [&](int b, long long block_row, int u0_start) {
 #pragma unroll
     for (int u0 = 0; u0 < U; u0 += NU) {
+      if (u0 < u0_start) continue;
       typename Kv::Raw kr[NU], vr[NU];
 #pragma unroll
       for (int u = 0; u < NU; ++u) {
@@ -131,52 +202,24 @@ __device__ __forceinline__ void decode_attention_impl(
           vr[u] = Kv::zero();
         }
       }
-      float sc[NU][GROUP];
-#pragma unroll
-      for (int u = 0; u < NU; ++u) {
-        float kf[8];
-        Kv::widen(kr[u], kf);
-        const bool valid = b * KV_BLOCK + (u0 + u) * RPW + sub < end;
-#pragma unroll
-        for (int g = 0; g < GROUP; ++g) {
-          float d = 0.f;
-#pragma unroll
-          for (int i = 0; i < 8; ++i) d = fmaf(qr[g][i], kf[i], d);
-#pragma unroll
-          for (int off = SUB / 2; off > 0; off >>= 1) d += __shfl_xor_sync(FULL_MASK, d, off);
-          sc[u][g] = valid ? d : sov::neg_inf();
-        }
-      }
-#pragma unroll
-      for (int g = 0; g < GROUP; ++g) {
-        float mx = sc[0][g];
-#pragma unroll
-        for (int u = 1; u < NU; ++u) mx = fmaxf(mx, sc[u][g]);
-        const float m_new = fmaxf(m[g], mx);
-        if (m_new == sov::neg_inf()) continue;  // no valid row of this group yet
-        const float r = exp2f(m[g] - m_new);     // 0 when m[g] is still -inf
-        m[g] = m_new;
-        l[g] *= r;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[g][i] *= r;
-#pragma unroll
-        for (int u = 0; u < NU; ++u) sc[u][g] = exp2f(sc[u][g] - m_new);
-      }
-#pragma unroll
-      for (int u = 0; u < NU; ++u) {
-        float vf[8];
-        Kv::widen(vr[u], vf);
-#pragma unroll
-        for (int g = 0; g < GROUP; ++g) {
-          // A group with no valid row yet skipped its update: its scores are still -inf
-          // or raw; weigh them 0.
-          const float p = m[g] == sov::neg_inf() ? 0.f : sc[u][g];
-          l[g] += p;
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(p, vf[i], acc[g][i]);
-        }
-      }
+      step(b, u0, kr, vr);
     }
+  };
+  if (PDL && b < blk_end) {
+    // The warp's first block: its first step from the rows loaded before the wait.
+    const int nb = b + DA_WARPS;
+    const int phys_next = nb < blk_end ? bt[nb] : 0;
+    step(b, 0, kpre, vpre);
+    block_from(b, (long long)phys * KV_BLOCK, NU);
+    phys = phys_next;
+    b = nb;
+  }
+  if (!PDL) phys = b < blk_end ? bt[b] : 0;
+#pragma unroll 1
+  for (; b < blk_end; b += DA_WARPS) {
+    const int nb = b + DA_WARPS;
+    const int phys_next = nb < blk_end ? bt[nb] : 0;
+    block_from(b, (long long)phys * KV_BLOCK, 0);
     phys = phys_next;
   }
 

@@ -153,16 +153,18 @@ def ptxas_report(ptxas, ptx, arch, nvdisasm=None):
 
 def pdl_order_errors(sass):
     """Where a PDL build's SASS breaks the order its code needs: every entry waits
-    (griddepcontrol.wait: ACQBULK), and a GEMV issues weight loads before it (ptxas moves
-    the wait ahead of `ld.global.nc` loads, so the pre-wait loads must be plain ones)."""
+    (griddepcontrol.wait: ACQBULK), and a GEMV (its weights) and decode attention (the
+    K/V rows of earlier steps) issue loads before it (ptxas moves the wait ahead of
+    `ld.global.nc` loads, so the pre-wait loads must be plain ones)."""
     errors = []
     for name, text in sass.items():
         ops = [l for l in text.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", l)]
         wait = next((i for i, o in enumerate(ops) if "ACQBULK" in o), None)
         if wait is None:
             errors.append(f"{name}: no griddepcontrol.wait (ACQBULK) in the PDL build")
-        elif name.startswith("gemv") and not any("LDG" in o for o in ops[:wait]):
-            errors.append(f"{name}: no weight load issued before griddepcontrol.wait")
+        elif (name.startswith("gemv") or name.startswith("decode_attention_hd")) \
+                and not any("LDG" in o for o in ops[:wait]):
+            errors.append(f"{name}: no load issued before griddepcontrol.wait")
     return errors
 
 
