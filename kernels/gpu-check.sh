@@ -87,6 +87,10 @@ for name in opt_names:
 failing = sorted({c.get("kernel", "?") for c in opt["checks"] if not c.get("ok")} | set(opt["errors"]))
 opt["failing"] = failing
 summary = {"gpu_check_exit": status, "kernels": k, "kernels_opt_in": opt, "torch_sdpa": t, "end_to_end": {}}
+# Whether a PDL successor overlapped its predecessor at all (the probe of --opt-in pdl):
+# without it the PDL late-write checks prove nothing and PDL cannot gain.
+probe = next((c for c in opt["checks"] if c.get("kernel") == "pdl_probe"), None)
+summary["pdl_overlap_observed"] = None if probe is None else probe.get("overlap")
 # The decode step's GEMV chain, default vs PDL (two processes, same shapes).
 try:
     d_gbs, p_gbs = k["gemv_chain"]["gb_per_s"], opt["gemv_chain_pdl"]["gb_per_s"]

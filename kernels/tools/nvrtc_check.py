@@ -162,7 +162,7 @@ def pdl_order_errors(sass):
         wait = next((i for i, o in enumerate(ops) if "ACQBULK" in o), None)
         if wait is None:
             errors.append(f"{name}: no griddepcontrol.wait (ACQBULK) in the PDL build")
-        elif (name.startswith("gemv") or name.startswith("decode_attention_hd")) \
+        elif (name.startswith("gemv") or name.startswith("decode_attention_hd") or name == "pdl_probe") \
                 and not any("LDG" in o for o in ops[:wait]):
             errors.append(f"{name}: no load issued before griddepcontrol.wait")
     return errors

@@ -671,6 +671,217 @@ fn check_gemv_norm_late_rope(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, C
     check_gemv_norm_rope_of(k, rng, true)
 }
 
+/// How late `pdl_late_copy` writes: far beyond a launch's latency, so a successor that
+/// read before its wait would see the old bytes.
+const PDL_LATE_NS: i64 = 200_000;
+/// The word `pdl_probe` looks for.
+const PDL_MARK: u32 = 0x00C0_FFEE;
+
+/// PDL builds (`--opt-in pdl`): first whether a successor overlaps its predecessor at all
+/// (`pdl_probe` reads a word before and after its wait while `pdl_late_copy` writes it
+/// late); then the GEMV (plain, normalised, SiLU added to the residual) and decode
+/// attention with what their predecessor writes (inputs, residual, the current token's K
+/// and V rows) written late by `pdl_late_copy`: each output must equal, bit for bit, the
+/// same kernel's with those inputs in place beforehand. A kernel that read before its
+/// wait would see zeros there. Without an observed overlap the checks still run but say
+/// that they proved nothing (`overlap: false`).
+fn check_pdl_late_writes(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
+    use launch::{GemvInput, GemvOutput};
+    let mut out = Vec::new();
+    let mut buf = up(k, &[0u32; 4])?;
+    let word = up(k, &[PDL_MARK])?;
+    let mut seen = zeros::<u32>(k, 2)?;
+    launch::pdl_late_copy(k, &word, &mut buf, 0, PDL_LATE_NS)?;
+    launch::pdl_probe(k, &buf, &mut seen)?;
+    let s = down(k, &seen)?;
+    let overlap = s[0] == 0;
+    out.push(json!({"kernel": "pdl_probe", "before_wait": s[0], "after_wait": s[1],
+                    "overlap": overlap, "ok": s[1] == PDL_MARK,
+                    "mismatch": (s[1] != PDL_MARK).then(|| format!("after the wait: {:#x}", s[1]))}));
+    // Outputs as bit patterns (bf16 or f32), compared exactly.
+    let same = |name: &str, direct: &[u32], late: &[u32], shape: Value| {
+        let first = direct.iter().zip(late).position(|(a, b)| a != b).map(|i| {
+            format!(
+                "element {i}: {:#x} with the input late, {:#x} in place",
+                late[i], direct[i]
+            )
+        });
+        json!({"kernel": name, "shape": shape, "overlap": overlap,
+               "ok": first.is_none() && direct.len() == late.len(), "mismatch": first})
+    };
+    let bits16 = |v: Vec<u16>| v.into_iter().map(u32::from).collect::<Vec<u32>>();
+    let bits32 = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<u32>>();
+    // GEMVs, EuroLLM's o_proj shape, one token.
+    let (rows, cols) = (2048usize, 2048usize);
+    let w = up(k, &to_bf16_vec(&rng.f32s(rows * cols)))?;
+    let x = up(k, &to_bf16_vec(&rng.f32s(cols)))?;
+    let res_host: Vec<f32> = rng.f32s(cols).iter().map(|v| v * 3.0).collect();
+    let res = up(k, &res_host)?;
+    let nw = up(k, &to_bf16_vec(&rng.f32s(cols)))?;
+    let shape = json!({"rows": rows, "cols": cols, "tokens": 1});
+    for norm in [false, true] {
+        let mut y = zeros::<u16>(k, rows)?;
+        // In place.
+        if norm {
+            let inp = GemvInput::Norm {
+                residual: &res,
+                weight: &nw,
+                eps: 1e-5,
+                late: false,
+            };
+            launch::gemv(k, &w, inp, GemvOutput::Bf16(&mut y), 1, rows, cols)?;
+        } else {
+            launch::gemv(
+                k,
+                &w,
+                GemvInput::Plain(&x),
+                GemvOutput::Bf16(&mut y),
+                1,
+                rows,
+                cols,
+            )?;
+        }
+        let direct = down(k, &y)?;
+        // Late.
+        let mut y2 = zeros::<u16>(k, rows)?;
+        if norm {
+            let mut r2 = zeros::<f32>(k, cols)?;
+            launch::pdl_late_copy(k, &res, &mut r2, 0, PDL_LATE_NS)?;
+            let inp = GemvInput::Norm {
+                residual: &r2,
+                weight: &nw,
+                eps: 1e-5,
+                late: false,
+            };
+            launch::gemv(k, &w, inp, GemvOutput::Bf16(&mut y2), 1, rows, cols)?;
+        } else {
+            let mut x2 = zeros::<u16>(k, cols)?;
+            launch::pdl_late_copy(k, &x, &mut x2, 0, PDL_LATE_NS)?;
+            launch::gemv(
+                k,
+                &w,
+                GemvInput::Plain(&x2),
+                GemvOutput::Bf16(&mut y2),
+                1,
+                rows,
+                cols,
+            )?;
+        }
+        let late = down(k, &y2)?;
+        let name = if norm {
+            "pdl_late_gemv_norm"
+        } else {
+            "pdl_late_gemv"
+        };
+        out.push(same(name, &bits16(direct), &bits16(late), shape.clone()));
+    }
+    // SiLU(gate) * up added to the residual: both written late (two copies in a row).
+    let gu = up(k, &to_bf16_vec(&rng.f32s(2 * cols)))?;
+    let (inter, hid) = (cols, 1024usize);
+    let wd = up(k, &to_bf16_vec(&rng.f32s(hid * inter)))?;
+    let base = up(k, &rng.f32s(hid))?;
+    let mut r1 = zeros::<f32>(k, hid)?;
+    k.stream.memcpy_dtod(&base, &mut r1)?;
+    launch::gemv(
+        k,
+        &wd,
+        GemvInput::SiluOf(&gu),
+        GemvOutput::AddTo(&mut r1),
+        1,
+        hid,
+        inter,
+    )?;
+    let direct = down(k, &r1)?;
+    let (mut gu2, mut r2) = (zeros::<u16>(k, 2 * cols)?, zeros::<f32>(k, hid)?);
+    launch::pdl_late_copy(k, &gu, &mut gu2, 0, PDL_LATE_NS)?;
+    launch::pdl_late_copy(k, &base, &mut r2, 0, PDL_LATE_NS)?;
+    launch::gemv(
+        k,
+        &wd,
+        GemvInput::SiluOf(&gu2),
+        GemvOutput::AddTo(&mut r2),
+        1,
+        hid,
+        inter,
+    )?;
+    let late = down(k, &r2)?;
+    let shape = json!({"rows": hid, "cols": inter, "tokens": 1});
+    out.push(same(
+        "pdl_late_gemv_silu_add",
+        &bits32(direct),
+        &bits32(late),
+        shape,
+    ));
+    // Decode attention: the current token's K and V rows written late. EuroLLM's head
+    // layout and SmolLM2's; a context inside one block and one of three.
+    for (hd, group) in [(128usize, 2usize), (64, 3)] {
+        for ctx in [5usize, 40] {
+            let n_kv = 2;
+            let p = paged(rng, &[ctx], n_kv, hd, true);
+            let n_heads = n_kv * group;
+            let q = up(k, &to_bf16_vec(&rng.f32s(n_heads * hd)))?;
+            let d = DecodeDims {
+                num_seqs: 1,
+                n_kv_heads: n_kv,
+                group,
+                head_dim: hd,
+                max_blocks: p.max_blocks,
+                num_splits: 1,
+                scale: 1.0 / (hd as f32).sqrt(),
+                q_stride: n_heads * hd,
+            };
+            let td = up(k, &p.tables.iter().map(|t| *t as i32).collect::<Vec<_>>())?;
+            let ld = up(k, &[ctx as i32])?;
+            let mut scratch = SplitScratch::new(k, &d)?;
+            let (kd, vd) = (up(k, &p.kc)?, up(k, &p.vc)?);
+            let mut o1 = zeros::<u16>(k, n_heads * hd)?;
+            launch::decode_attention_kv(
+                k,
+                &d,
+                &q,
+                KvRef::Bf16 { k: &kd, v: &vd },
+                &td,
+                &ld,
+                &mut o1,
+                &mut scratch,
+            )?;
+            let direct = down(k, &o1)?;
+            // The current token's row (position ctx - 1) zeroed, then written late.
+            let pos = ctx - 1;
+            let slot = p.tables[pos / 16] as usize * 16 + pos % 16;
+            let row = n_kv * hd;
+            let (mut kc, mut vc) = (p.kc.clone(), p.vc.clone());
+            kc[slot * row..(slot + 1) * row].fill(0);
+            vc[slot * row..(slot + 1) * row].fill(0);
+            let (mut kd2, mut vd2) = (up(k, &kc)?, up(k, &vc)?);
+            let krow = up(k, &p.kc[slot * row..(slot + 1) * row])?;
+            let vrow = up(k, &p.vc[slot * row..(slot + 1) * row])?;
+            launch::pdl_late_copy(k, &krow, &mut kd2, slot * row * 2, PDL_LATE_NS)?;
+            launch::pdl_late_copy(k, &vrow, &mut vd2, slot * row * 2, PDL_LATE_NS)?;
+            let mut o2 = zeros::<u16>(k, n_heads * hd)?;
+            launch::decode_attention_kv(
+                k,
+                &d,
+                &q,
+                KvRef::Bf16 { k: &kd2, v: &vd2 },
+                &td,
+                &ld,
+                &mut o2,
+                &mut scratch,
+            )?;
+            let late = down(k, &o2)?;
+            let shape = json!({"head_dim": hd, "group": group, "context": ctx});
+            out.push(same(
+                "pdl_late_decode_attention",
+                &bits16(direct),
+                &bits16(late),
+                shape,
+            ));
+        }
+    }
+    Ok(out)
+}
+
 /// The GEMV kernels at 1, 3 and 8 tokens.
 fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
     use launch::{GemvInput, GemvOutput};
@@ -1341,8 +1552,10 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
         Some("gemv_norm_late") => &[("gemv_norm_late", check_gemv_norm_late)],
         Some("gemv_norm_rope") => &[("gemv_norm_rope", check_gemv_norm_rope)],
         Some("gemv_norm_late_rope") => &[("gemv_norm_late_rope", check_gemv_norm_late_rope)],
-        // The PDL builds of everything a decode step launches with PDL.
+        // The PDL builds of everything a decode step launches with PDL, and their reads
+        // of a predecessor's late writes.
         Some("pdl") => &[
+            ("pdl_late_writes", check_pdl_late_writes),
             ("rms_norm", check_norms),
             ("gemv", check_gemv),
             ("rope_write_kv", check_rope),

@@ -29,6 +29,11 @@ impl ExArg for &i32 {
         u64::from(**self as u32)
     }
 }
+impl ExArg for &i64 {
+    fn slot(&self, _: &Kernels) -> u64 {
+        **self as u64
+    }
+}
 impl ExArg for &f32 {
     fn slot(&self, _: &Kernels) -> u64 {
         u64::from(self.to_bits())
@@ -1167,5 +1172,53 @@ pub fn embed_rows_f32(
     b.arg(table).arg(ids).arg(&mut *residual).arg(&h);
     // SAFETY: as in `decode_attention_kv`.
     unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// `pdl_late_copy` (the GPU check's PDL tests, pdl_check.cu): copies `src` into `dst` at
+/// byte `dst_offset`, `delay_ns` after it starts, having let its successor launch first
+/// thing (PDL builds): a successor that reads before its `griddepcontrol.wait` sees
+/// `dst`'s old bytes.
+pub fn pdl_late_copy<S, D>(
+    k: &Kernels,
+    src: &CudaSlice<S>,
+    dst: &mut CudaSlice<D>,
+    dst_offset: usize,
+    delay_ns: i64,
+) -> Result<(), CudaError> {
+    let n = src.len() * std::mem::size_of::<S>();
+    let dst_bytes = dst.len() * std::mem::size_of::<D>();
+    if dst_offset + n > dst_bytes {
+        return Err(CudaError::Shape(format!(
+            "pdl_late_copy: {n} bytes at {dst_offset} do not fit {dst_bytes} bytes"
+        )));
+    }
+    let f = k.function("pdl_check.cu", "pdl_late_copy")?;
+    let (off, len) = (dst_offset as i64, n as i64);
+    let cfg = config(n.div_ceil(128).clamp(1, 64), 1, 1, 128)?;
+    let mut b = PdlLaunch::new(k, &f);
+    b.arg(src).arg(dst).arg(&off).arg(&len).arg(&delay_ns);
+    // SAFETY: (src, dst, dst_offset, n, delay_ns) as the kernel takes them; the copy stays
+    // inside both buffers (checked above); the kernel waits on its predecessor first.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// `pdl_probe` (pdl_check.cu): `seen = [buf[0] before griddepcontrol.wait, after it]`.
+pub fn pdl_probe(
+    k: &Kernels,
+    buf: &CudaSlice<u32>,
+    seen: &mut CudaSlice<u32>,
+) -> Result<(), CudaError> {
+    if buf.len() < 4 || seen.len() < 2 {
+        return Err(CudaError::Shape(
+            "pdl_probe: buf needs 4 words, seen 2".into(),
+        ));
+    }
+    let f = k.function("pdl_check.cu", "pdl_probe")?;
+    let mut b = PdlLaunch::new(k, &f);
+    b.arg(buf).arg(seen);
+    // SAFETY: (buf, seen) as the kernel takes them, both long enough (checked above).
+    unsafe { b.launch(config(1, 1, 1, 32)?) }?;
     Ok(())
 }

@@ -31,6 +31,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ),
     ("gemv.cu", include_str!("../../cuda/gemv.cu")),
     ("norm.cu", include_str!("../../cuda/norm.cu")),
+    ("pdl_check.cu", include_str!("../../cuda/pdl_check.cu")),
     (
         "prefill_attention.cu",
         include_str!("../../cuda/prefill_attention.cu"),
