@@ -315,6 +315,20 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
 
 }  // namespace sov
 
+// The q|k|v GEMVs with RoPE and the KV write in their epilogue (input stage IN).
+#define SOV_GEMV_ROPE(T, NAME, IN)                                                         \
+  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
+      NAME##T(const sov::bf16* w, const float* residual, const sov::bf16* norm_w,          \
+              float eps, sov::bf16* y, int rows, int k, int tokens, const int* positions,  \
+              const int* slots, const float* cos_t, const float* sin_t,                    \
+              sov::bf16* k_cache, sov::bf16* v_cache, int n_heads, int n_kv_heads, int hd, \
+              int rot_dim) {                                                               \
+    sov::gemv_impl<T, IN, sov::GV_ROPE>(                                                   \
+        w, residual, norm_w, eps, y, rows, k, tokens,                                      \
+        sov::GvRope{positions, slots, cos_t, sin_t, k_cache, v_cache, n_heads, n_kv_heads, \
+                    hd, rot_dim});                                                         \
+  }
+
 #define SOV_GEMV(T)                                                                        \
   extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
       gemv_t##T(const sov::bf16* w, const sov::bf16* x, sov::bf16* y, int rows, int k,     \
@@ -327,30 +341,8 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
     sov::gemv_impl<T, sov::GV_NORM, sov::GV_BF16>(w, residual, norm_w, eps, y, rows, k,    \
                                                   tokens);                                 \
   }                                                                                        \
-  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
-      gemv_norm_rope_t##T(const sov::bf16* w, const float* residual,                       \
-                          const sov::bf16* norm_w, float eps, sov::bf16* y, int rows,      \
-                          int k, int tokens, const int* positions, const int* slots,       \
-                          const float* cos_t, const float* sin_t, sov::bf16* k_cache,      \
-                          sov::bf16* v_cache, int n_heads, int n_kv_heads, int hd,         \
-                          int rot_dim) {                                                   \
-    sov::gemv_impl<T, sov::GV_NORM, sov::GV_ROPE>(                                         \
-        w, residual, norm_w, eps, y, rows, k, tokens,                                      \
-        sov::GvRope{positions, slots, cos_t, sin_t, k_cache, v_cache, n_heads, n_kv_heads, \
-                    hd, rot_dim});                                                         \
-  }                                                                                        \
-  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
-      gemv_norm_late_rope_t##T(const sov::bf16* w, const float* residual,                  \
-                               const sov::bf16* norm_w, float eps, sov::bf16* y, int rows, \
-                               int k, int tokens, const int* positions, const int* slots,  \
-                               const float* cos_t, const float* sin_t, sov::bf16* k_cache, \
-                               sov::bf16* v_cache, int n_heads, int n_kv_heads, int hd,    \
-                               int rot_dim) {                                              \
-    sov::gemv_impl<T, sov::GV_NORM_LATE, sov::GV_ROPE>(                                    \
-        w, residual, norm_w, eps, y, rows, k, tokens,                                      \
-        sov::GvRope{positions, slots, cos_t, sin_t, k_cache, v_cache, n_heads, n_kv_heads, \
-                    hd, rot_dim});                                                         \
-  }                                                                                        \
+  SOV_GEMV_ROPE(T, gemv_norm_rope_t, sov::GV_NORM)                                         \
+  SOV_GEMV_ROPE(T, gemv_norm_late_rope_t, sov::GV_NORM_LATE)                               \
   extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
       gemv_norm_late_t##T(const sov::bf16* w, const float* residual,                       \
                           const sov::bf16* norm_w, float eps, sov::bf16* y, int rows,      \

@@ -151,6 +151,18 @@ def ptxas_report(ptxas, ptx, arch, nvdisasm=None):
     return entries, sass
 
 
+def find_nvdisasm(cu13):
+    """nvdisasm from NVIDIA's wheel (nvidia-cuda-nvdisasm) or the PATH, or None."""
+    p = cu13 / "bin" / "nvdisasm"
+    return p if p.exists() else shutil.which("nvdisasm")
+
+
+def sass_ops(text):
+    """An entry's SASS instructions (as `ptxas_report` splits them), addresses stripped."""
+    return [re.sub(r"^\s*/\*[0-9a-f]+\*/\s*", "", line).split(";")[0].strip()
+            for line in text.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
+
+
 def pdl_order_errors(sass):
     """Where a PDL build's SASS breaks the order its code needs: every entry waits
     (griddepcontrol.wait: ACQBULK), and a GEMV (its weights) and decode attention (the
@@ -158,7 +170,7 @@ def pdl_order_errors(sass):
     `ld.global.nc` loads, so the pre-wait loads must be plain ones)."""
     errors = []
     for name, text in sass.items():
-        ops = [l for l in text.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", l)]
+        ops = sass_ops(text)
         wait = next((i for i, o in enumerate(ops) if "ACQBULK" in o), None)
         if wait is None:
             errors.append(f"{name}: no griddepcontrol.wait (ACQBULK) in the PDL build")
@@ -186,8 +198,7 @@ def main():
     # Every source as the worker builds it by default, and on sm_90+ also the PDL build of
     # those with PDL code (worker SOV_PDL=1: kernels::cuda::PDL_DEFINE), whose SASS is
     # checked for the order of its loads and waits where nvdisasm is installed.
-    nvdisasm = cu13 / "bin" / "nvdisasm"
-    nvdisasm = nvdisasm if nvdisasm.exists() else shutil.which("nvdisasm")
+    nvdisasm = find_nvdisasm(cu13)
     if not nvdisasm:
         print("nvrtc_check: no nvdisasm (pip install 'nvidia-cuda-nvdisasm==13.2.*'): "
               "the PDL builds' SASS order is NOT checked", flush=True)

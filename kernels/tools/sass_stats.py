@@ -14,10 +14,8 @@ and `--nvdisasm /tmp/nvd/nvidia/cu13/bin/nvdisasm`.
 """
 import argparse
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,30 +28,27 @@ def main():
     ap.add_argument("--arch", default="sm_90", help="device arch (sm_90 builds sm_90a where the worker does)")
     ap.add_argument("--match", default="", help="only entry points containing this")
     ap.add_argument("--pdl", action="store_true", help="the PDL build (-DSOV_PDL=1, worker SOV_PDL=1)")
-    ap.add_argument("--nvdisasm", default=shutil.which("nvdisasm") or "nvdisasm")
+    ap.add_argument("--nvdisasm", help="nvdisasm to use (default: the wheel's, else the PATH's)")
     a = ap.parse_args()
     cu13 = nc.cu13_root()
     arch = nc.build_arch(a.source, a.arch)
     if arch is None:
         sys.exit(f"sass_stats: {a.source} is not built for {a.arch}")
+    nvdisasm = a.nvdisasm or nc.find_nvdisasm(cu13)
+    if not nvdisasm:
+        sys.exit("sass_stats: no nvdisasm (pip install 'nvidia-cuda-nvdisasm==13.2.*', or --nvdisasm)")
     nvrtc = nc.Nvrtc(cu13 / "lib" / "libnvrtc.so.13")
-    ptx, _log = nvrtc.compile_ptx(nc.program_source(nc.CUDA_DIR / a.source), a.source, nc.nvrtc_options(arch) + (["-DSOV_PDL=1"] if a.pdl else []))
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "k.ptx").write_text(ptx)
-        subprocess.run([str(cu13 / "bin" / "ptxas"), f"-arch={arch}", str(Path(d) / "k.ptx"), "-o",
-                        str(Path(d) / "k.cubin")], check=True)
-        try:
-            sass = subprocess.run([a.nvdisasm, "-c", str(Path(d) / "k.cubin")], capture_output=True,
-                                  text=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError) as e:
-            sys.exit(f"sass_stats: nvdisasm failed ({e}); see --nvdisasm")
+    options = nc.nvrtc_options(arch) + (["-DSOV_PDL=1"] if a.pdl else [])
+    ptx, _log = nvrtc.compile_ptx(nc.program_source(nc.CUDA_DIR / a.source), a.source, options)
+    try:
+        _entries, sass = nc.ptxas_report(cu13 / "bin" / "ptxas", ptx, arch, nvdisasm)
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        sys.exit(f"sass_stats: ptxas or nvdisasm failed ({e})")
     print(f"{a.source} for {arch}")
-    for part in re.split(r"\n(?=\.text\.)", sass):
-        m = re.match(r"\.text\.(\S+):", part)
-        if not m or a.match not in m.group(1):
+    for name, text in sass.items():
+        if a.match not in name:
             continue
-        ops = [re.sub(r"^\s*/\*[0-9a-f]+\*/\s*", "", line).split(";")[0].strip()
-               for line in part.split("\n") if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
+        ops = nc.sass_ops(text)
 
         def count(pattern):
             return sum(bool(re.search(pattern, o)) for o in ops)
@@ -68,7 +63,7 @@ def main():
             "local": count(r"\b(LDL|STL)\b"),
             "max R": max(regs or [0]),
         }
-        print(f"  {m.group(1):40s} " + "  ".join(f"{k} {v}" for k, v in stats.items()))
+        print(f"  {name:40s} " + "  ".join(f"{k} {v}" for k, v in stats.items()))
 
 
 if __name__ == "__main__":
