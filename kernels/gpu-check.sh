@@ -6,7 +6,8 @@
 #   2. decode attention GB/s against the device-to-device copy bandwidth;
 #   3. prefill attention TFLOP/s of every design (basic, pipelined, wgmma);
 #   4. end-to-end `worker bench --device cuda:0` on random-weight models shaped like
-#      SmolLM2-135M and EuroLLM-1.7B, against the weight-bandwidth limit;
+#      SmolLM2-135M and EuroLLM-1.7B, against the bandwidth limit (copy bandwidth over
+#      the bytes a decode step reads: weights, less an untied embedding table, and K/V);
 #   5. the same attention shapes through PyTorch's scaled_dot_product_attention;
 #   6. `worker check-backend`: the CUDA backend's logits against the CPU backend's over
 #      prefill and decode steps (batch 3, 2, 1) on both model shapes, with each prefill
@@ -116,7 +117,14 @@ for shape in ["smollm2-135m", "eurollm-1.7b"]:
          "bench_kv_fp8": load(f"{shape}.fp8.json"), "backend_check_kv_fp8": check(f"{shape}.check-fp8.json")}
     limit = None
     try:
-        limit = copy * 1e9 / m["weight_bytes"]
+        # The bandwidth limit of batch-1 decode: the copy bandwidth over the bytes a step
+        # must read, which are the weights less an untied embedding table (one row of it a
+        # token) and the K/V rows of the mean context of the timed steps (the bench's
+        # sequences start from decode_prompt_tokens and attend to one token more a step).
+        ctx = b.get("decode_prompt_tokens", 32) + (b["decode_tokens"] + 1) / 2
+        step_bytes = m["decode_weight_bytes"] + m["kv_bytes_per_context_token"] * ctx
+        e["bytes_per_decode_step"], e["mean_decode_context"] = step_bytes, ctx
+        limit = copy * 1e9 / step_bytes
         e["bandwidth_limit_tok_s"] = limit
         b1 = b["decode"]["1"]["aggregate_tok_s"]
         e["batch1_tok_s"], e["fraction_of_limit"] = b1, b1 / limit

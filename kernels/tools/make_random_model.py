@@ -6,6 +6,9 @@ check: model files do not travel there). Outputs are meaningless; speed is not.
 
   python3 kernels/tools/make_random_model.py --shape eurollm-1.7b --out DIR
 Shapes: smollm2-135m, eurollm-1.7b, tiny (for tests). Needs numpy.
+Prints one JSON line: `weight_bytes` (the whole file's tensors), `decode_weight_bytes`
+(what one decode step reads of them: an untied embedding table only a row a token) and
+`kv_bytes_per_context_token` (K and V of every layer, bf16), for the bandwidth limit.
 """
 import argparse
 import json
@@ -135,7 +138,13 @@ def write(out, shape, seed):
                 start = int(rng.integers(0, pool_n)) * 2
                 f.write(pool[start:start + take * 2])
                 n -= take
-    return offset
+    # What one decode step reads: every tensor except an untied embedding table, of which
+    # it reads one row a token (a tied table is the output projection too, read whole);
+    # and, per token of context, each layer's K and V rows.
+    embed = vocab * hidden * 2
+    decode_bytes = offset - embed + hidden * 2 if not tied else offset
+    kv_bytes_per_context_token = layers * 2 * kv * hd * 2
+    return offset, decode_bytes, kv_bytes_per_context_token
 
 
 def main():
@@ -144,8 +153,9 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    n = write(a.out, a.shape, a.seed)
-    print(json.dumps({"shape": a.shape, "dir": a.out, "weight_bytes": n}))
+    n, decode_bytes, kv_bytes = write(a.out, a.shape, a.seed)
+    print(json.dumps({"shape": a.shape, "dir": a.out, "weight_bytes": n,
+                      "decode_weight_bytes": decode_bytes, "kv_bytes_per_context_token": kv_bytes}))
 
 
 main()

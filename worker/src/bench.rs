@@ -62,6 +62,10 @@ async fn drain(mut rx: UnboundedReceiver<Event>) -> anyhow::Result<usize> {
     anyhow::bail!("stream ended early")
 }
 
+/// The prompt length of the decode measurements' sequences: the timed steps attend to
+/// contexts of `DECODE_PROMPT_TOKENS + 1` to `DECODE_PROMPT_TOKENS + decode_tokens` tokens.
+pub const DECODE_PROMPT_TOKENS: usize = 32;
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -97,7 +101,10 @@ pub async fn run(h: &EngineHandle, cfg: &BenchConfig) -> anyhow::Result<serde_js
             let mut rxs = Vec::new();
             for _ in 0..b {
                 salt += 1;
-                rxs.push(h.submit(prompt(vocab, 32, salt), params(cfg.decode_tokens + 1))?);
+                rxs.push(h.submit(
+                    prompt(vocab, DECODE_PROMPT_TOKENS, salt),
+                    params(cfg.decode_tokens + 1),
+                )?);
             }
             // Start the clock once every sequence has its first token (prefill done).
             for rx in rxs.iter_mut() {
@@ -123,6 +130,7 @@ pub async fn run(h: &EngineHandle, cfg: &BenchConfig) -> anyhow::Result<serde_js
         "engine": "sovereign worker",
         "prompt_tokens": cfg.prompt_tokens,
         "decode_tokens": cfg.decode_tokens,
+        "decode_prompt_tokens": DECODE_PROMPT_TOKENS,
         "reps": cfg.reps,
         "prefill_tok_s": median(prefill.clone()),
         "prefill_tok_s_all": prefill,

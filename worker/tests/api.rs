@@ -549,6 +549,34 @@ fn random_weight_models_for_the_gpu_check_load_and_run() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The bytes the GPU check's bandwidth limit counts, against the file itself: the
+    // tensors a decode step reads (all but the untied embedding table, of which one row)
+    // and the K/V bytes per context token from the config.
+    let sizes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let file = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&file[8..8 + n]).unwrap();
+    let bytes = |v: &serde_json::Value| {
+        v["data_offsets"][1].as_u64().unwrap() - v["data_offsets"][0].as_u64().unwrap()
+    };
+    let total: u64 = header.values().map(bytes).sum();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let c = |k: &str| config[k].as_u64().unwrap();
+    assert_eq!(config["tie_word_embeddings"], serde_json::json!(false));
+    assert!(header.contains_key("lm_head.weight"));
+    let embed = bytes(&header["model.embed_tokens.weight"]);
+    assert_eq!(embed, c("vocab_size") * c("hidden_size") * 2);
+    assert_eq!(sizes["weight_bytes"].as_u64(), Some(total));
+    assert_eq!(
+        sizes["decode_weight_bytes"].as_u64(),
+        Some(total - embed + c("hidden_size") * 2)
+    );
+    assert_eq!(
+        sizes["kv_bytes_per_context_token"].as_u64(),
+        Some(c("num_hidden_layers") * 2 * c("num_key_value_heads") * c("head_dim") * 2)
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_worker"))
         .args(["bench", "--model"])
         .arg(&dir)

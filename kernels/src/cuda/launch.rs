@@ -177,8 +177,8 @@ impl SplitScratch {
 }
 
 /// Contexts up to this long are never split: the merge costs more than the parallelism
-/// gains (H200, run 8: batch-1 EuroLLM-1.7B decode at 129-192 tokens 2 % faster with one
-/// split than with three, SmolLM2-135M 3 %).
+/// gains (H200, run 8: batch-1 EuroLLM-1.7B decode at 33-96 tokens 2 % faster with one
+/// split than with two from the 65th token on, SmolLM2-135M 3 %).
 pub const SPLIT_MIN_CONTEXT: usize = 256;
 
 /// How many splits a decode launch should use: enough CTAs to give every SM about two,
