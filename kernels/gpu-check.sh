@@ -23,6 +23,8 @@
 #
 #   bash kernels/gpu-check.sh [--quick] [--no-experiments]
 #   bash kernels/gpu-check.sh --summarize DIR   (the summary of a cut-off run's $OUT/parts)
+#   GPU_CHECK_OPT_IN="pdl prefill_attention_wgmma_tma" GPU_CHECK_VARIANTS="pdl:SOV_PDL=1" \
+#     bash kernels/gpu-check.sh   (only these experiments; empty strings: none)
 # `--no-experiments`: steps 1-6 only (the defaults: what the issue's targets are about).
 # Exit status: gpu-check's (1 = a correctness check failed, 2 = no usable GPU), or 1 when
 # a backend check failed.
@@ -43,9 +45,16 @@ cd "$(dirname "$0")/.."
 # `pdl`: the decode path's kernels as their programmatic-dependent-launch builds, launched
 # with the attribute (worker: SOV_PDL=1), and the GEMV chain of a decode step timed with
 # them (`gemv_chain`, beside the default run's).
-OPT_IN="pdl gemv_norm_late gemv_norm_rope gemv_norm_late_rope prefill_attention_wgmma_ov prefill_attention_wgmma_ws prefill_attention_wgmma_pp prefill_attention_wgmma_pp128 prefill_attention_wgmma_tma"
+# GPU_CHECK_OPT_IN (and GPU_CHECK_VARIANTS below), when set, replace the lists: a second
+# run in the same GPU session can measure only the designs the first one left open.
+OPT_IN=${GPU_CHECK_OPT_IN-"pdl gemv_norm_late gemv_norm_rope gemv_norm_late_rope prefill_attention_wgmma_ov prefill_attention_wgmma_ws prefill_attention_wgmma_pp prefill_attention_wgmma_pp128 prefill_attention_wgmma_tma"}
 # The decode-path experiments through the backend, NAME:ENV (comma-separated variables).
-VARIANTS="late:SOV_GEMV_NORM=late rope:SOV_GEMV_ROPE=1 laterope:SOV_GEMV_ROPE=1,SOV_GEMV_NORM=late pdl:SOV_PDL=1 pdlrope:SOV_PDL=1,SOV_GEMV_ROPE=1 pdllaterope:SOV_PDL=1,SOV_GEMV_ROPE=1,SOV_GEMV_NORM=late"
+VARIANTS=${GPU_CHECK_VARIANTS-"late:SOV_GEMV_NORM=late rope:SOV_GEMV_ROPE=1 laterope:SOV_GEMV_ROPE=1,SOV_GEMV_NORM=late pdl:SOV_PDL=1 pdlrope:SOV_PDL=1,SOV_GEMV_ROPE=1 pdllaterope:SOV_PDL=1,SOV_GEMV_ROPE=1,SOV_GEMV_NORM=late"}
+# The experimental prefill designs among OPT_IN, by the worker's SOV_PREFILL_KERNEL names.
+PREFILL_EXPERIMENTS=""
+for d in $OPT_IN; do
+  case $d in prefill_attention_*) PREFILL_EXPERIMENTS="$PREFILL_EXPERIMENTS ${d#prefill_attention_}" ;; esac
+done
 EXPERIMENTS=1
 args=()
 for a in "$@"; do
@@ -318,7 +327,7 @@ for shape in eurollm-1.7b smollm2-135m; do
     # the EuroLLM shape (head_dim 128; their kernel checks cover 64 too), the experimental
     # wgmma ones (overlapping, warp-specialised, ping-pong, 128-key tiles, TMA).
     designs="pipelined basic"
-    [ "$shape" = eurollm-1.7b ] && [ "$EXPERIMENTS" = 1 ] && designs="$designs wgmma_ov wgmma_ws wgmma_pp wgmma_pp128 wgmma_tma"
+    [ "$shape" = eurollm-1.7b ] && [ "$EXPERIMENTS" = 1 ] && designs="$designs$PREFILL_EXPERIMENTS"
     for p in $designs; do
       SOV_PREFILL_KERNEL=$p RUST_BACKTRACE=0 timeout 60 "$BIN/worker" check-backend --model "$TMP/$shape" \
         --device cuda:0 > "$PARTS/$shape.check-$p.json" 2>> "$LOG" || echo "gpu-check: check-backend with the $p prefill failed on $shape" | tee -a "$LOG" >&2
@@ -349,6 +358,7 @@ if [ "$EXPERIMENTS" != 1 ]; then
   say "--no-experiments: no profiles"
 elif [ -n "$NCU" ]; then
   for d in prefill_attention_wgmma prefill_attention_wgmma_pp128 prefill_attention_wgmma_tma; do
+    case " prefill_attention_wgmma $OPT_IN " in *" $d "*) ;; *) continue ;; esac
     say "ncu: $d"
     timeout 90 "$NCU" --kernel-name regex:prefill_attention_wgmma --launch-skip 5 --launch-count 1 \
       --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
