@@ -17,12 +17,14 @@
 // group. The context is cut into `num_splits` contiguous ranges of whole 64-token units
 // (split-KV, for when sequences x KV heads are too few CTAs to fill the GPU).
 //
-// Inside a CTA there is no barrier until the end: warp w takes KV blocks w, w + 4, ... of
-// the CTA's range, and within a warp each group of SUB lanes (one row: 16-byte loads,
-// 8 bf16 per lane) streams its own rows of each block with its own online softmax
-// (running max, sum and accumulators per query head). A warp issues every K and V load
-// of NU rows before it computes on them, and reads the next block's table entry while it
-// computes, so many loads are in flight per SM. Scores are kept in log2 units (q is
+// The CTA first prefetches the block table of its range into shared memory, a window of
+// DA_TABLE entries (4096 tokens) at a time, the next window's entries loaded into
+// registers while the current one is processed; the only barriers are one a window and
+// one at the end. Warp w takes KV blocks w, w + 4, ... of the window, and within a warp
+// each group of SUB lanes (one row: 16-byte loads, 8 bf16 per lane) streams its own rows
+// of each block with its own online softmax (running max, sum and accumulators per query
+// head). A warp issues every K and V load of NU rows before it computes on them, so many
+// loads are in flight per SM. Scores are kept in log2 units (q is
 // pre-scaled by scale * log2(e)) so the softmax uses exp2. At the end the row groups are
 // merged with shuffles, the warps through shared memory (log-sum-exp weights).
 //
@@ -39,6 +41,11 @@ namespace sov {
 constexpr int DA_THREADS = 128;
 constexpr int DA_WARPS = DA_THREADS / 32;
 constexpr int DA_PART = 64;  // tokens per split unit (a multiple of KV_BLOCK; gpu_ref::DECODE_CHUNK)
+// Block-table entries a CTA stages in shared memory at a time (4096 tokens), twice: the
+// window being read and the next, filled from registers loaded while the current one is
+// processed.
+constexpr int DA_TABLE = 256;
+static_assert(DA_TABLE % DA_THREADS == 0, "each thread stages whole entries of a window");
 constexpr float LOG2E = 1.4426950408889634f;
 
 // KV: the cache's element type, bf16 or fp8 (e4m3 with a scale per KV head: k_scale and
@@ -67,6 +74,7 @@ __device__ __forceinline__ void decode_attention_impl(
 
   __shared__ float s_m[DA_WARPS][GROUP], s_l[DA_WARPS][GROUP];
   __shared__ float s_acc[DA_WARPS][GROUP][HD];
+  __shared__ int s_bt[2][DA_TABLE];
 
   // PDL builds (common.cuh): the successor may launch at once. Before the wait only what
   // no running kernel writes is read: the step's metadata (host-written) and the K/V rows
@@ -85,18 +93,28 @@ __device__ __forceinline__ void decode_attention_impl(
   const int units_per_split = (units_total + num_splits - 1) / num_splits;
   const int begin = split * units_per_split * DA_PART;
   const int end = min(len, begin + units_per_split * DA_PART);
+  const int blk_begin = begin / KV_BLOCK;
   const int blk_end = (end + KV_BLOCK - 1) / KV_BLOCK;
   const long long row_stride = (long long)n_kv_heads * HD;
   const int* bt = block_tables + (long long)seq * max_blocks;
   const KV* kbase = k_cache + kvh * HD + lsub * 8;
   const KV* vbase = v_cache + kvh * HD + lsub * 8;
-  int b = begin / KV_BLOCK + warp;
+  // The block table of this CTA's range, prefetched into shared memory a window of
+  // DA_TABLE entries at a time; the first window here (before a PDL build's wait: the
+  // host writes the tables).
+#pragma unroll
+  for (int j = 0; j < DA_TABLE / DA_THREADS; ++j) {
+    const int i = j * DA_THREADS + threadIdx.x;
+    s_bt[0][i] = blk_begin + i < blk_end ? bt[blk_begin + i] : 0;
+  }
+  __syncthreads();
+  int b = blk_begin + warp;
   int phys = 0;
   // PDL builds: the first NU rows a lane covers in the warp's first block, loaded before
   // the wait; then the current token's row (len - 1) is loaded again, after it.
   typename Kv::Raw kpre[NU], vpre[NU];
   if (PDL) {
-    phys = b < blk_end ? bt[b] : 0;
+    phys = b < blk_end ? s_bt[0][warp] : 0;
 #pragma unroll
     for (int u = 0; u < NU; ++u) {
       const long long off = ((long long)phys * KV_BLOCK + u * RPW + sub) * row_stride;
@@ -207,20 +225,35 @@ __device__ __forceinline__ void decode_attention_impl(
   };
   if (PDL && b < blk_end) {
     // The warp's first block: its first step from the rows loaded before the wait.
-    const int nb = b + DA_WARPS;
-    const int phys_next = nb < blk_end ? bt[nb] : 0;
     step(b, 0, kpre, vpre);
     block_from(b, (long long)phys * KV_BLOCK, NU);
-    phys = phys_next;
-    b = nb;
+    b += DA_WARPS;
   }
-  if (!PDL) phys = b < blk_end ? bt[b] : 0;
+  // Window by window (the same count for every warp: the barriers below are uniform):
+  // warp w takes the window's blocks w, w + 4, ..., their physical numbers from shared
+  // memory, while each thread holds its entries of the next window in registers, stored
+  // into the other buffer (last read in the previous window, before the barrier that
+  // ended it) and published by the window's closing barrier.
+  int win = 0;
 #pragma unroll 1
-  for (; b < blk_end; b += DA_WARPS) {
-    const int nb = b + DA_WARPS;
-    const int phys_next = nb < blk_end ? bt[nb] : 0;
-    block_from(b, (long long)phys * KV_BLOCK, 0);
-    phys = phys_next;
+  for (int w0 = blk_begin; w0 < blk_end; w0 += DA_TABLE, ++win) {
+    const int* cur = s_bt[win & 1];
+    const int w_end = min(blk_end, w0 + DA_TABLE);
+    const bool more = w0 + DA_TABLE < blk_end;
+    int next[DA_TABLE / DA_THREADS];
+#pragma unroll
+    for (int j = 0; j < DA_TABLE / DA_THREADS; ++j) {
+      const int i = w0 + DA_TABLE + j * DA_THREADS + threadIdx.x;
+      next[j] = more && i < blk_end ? bt[i] : 0;
+    }
+#pragma unroll 1
+    for (; b < w_end; b += DA_WARPS) block_from(b, (long long)cur[b - w0] * KV_BLOCK, 0);
+    if (more) {
+#pragma unroll
+      for (int j = 0; j < DA_TABLE / DA_THREADS; ++j)
+        s_bt[(win + 1) & 1][j * DA_THREADS + threadIdx.x] = next[j];
+      __syncthreads();
+    }
   }
 
   // Merge the row groups of each warp (lanes SUB apart) ...
