@@ -11,7 +11,8 @@
 #   5. the same attention shapes through PyTorch's scaled_dot_product_attention;
 #   6. `worker check-backend`: the CUDA backend's logits against the CPU backend's over
 #      prefill and decode steps (batch 3, 2, 1) on both model shapes, with each prefill
-#      design and the FP8 KV cache;
+#      design and the FP8 KV cache (on the SmolLM2 shape also with per-head scales from
+#      `worker calibrate-kv`);
 #   7. the experimental designs listed in OPT_IN (`gpu-check --opt-in NAME`, one process
 #      each), reported apart from the defaults (`kernels_opt_in`), and the decode-path
 #      experiments in VARIANTS through the backend (check-backend on both shapes, batch-1
@@ -124,6 +125,8 @@ for shape in ["smollm2-135m", "eurollm-1.7b"]:
          "backend_check_prefill_wgmma_pp128": check(f"{shape}.check-wgmma_pp128.json"),
          "backend_check_prefill_wgmma_tma": check(f"{shape}.check-wgmma_tma.json"),
          "bench_kv_fp8": load(f"{shape}.fp8.json"), "backend_check_kv_fp8": check(f"{shape}.check-fp8.json")}
+    if os.path.exists(os.path.join(tmp, f"{shape}.check-fp8-scales.json")):
+        e["backend_check_kv_fp8_calibrated_scales"] = check(f"{shape}.check-fp8-scales.json")
     limit = None
     try:
         # The bandwidth limit of batch-1 decode: the copy bandwidth over the bytes a step
@@ -340,6 +343,17 @@ for shape in eurollm-1.7b smollm2-135m; do
     RUST_BACKTRACE=0 timeout 180 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
       --kv-cache-dtype fp8 > "$PARTS/$shape.check-fp8.json" 2>> "$LOG" || echo "gpu-check: fp8 check-backend differs on $shape" | tee -a "$LOG" >&2
     [ -s "$PARTS/$shape.check-fp8.json" ] || echo '{"error": "check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-fp8.json"
+    # Calibrated per-(layer, KV head) scales (`worker calibrate-kv`, on the CPU): the same
+    # check with them, so the CUDA backend's per-layer scale buffers are exercised with
+    # scales that differ by layer and head. The small shape only (a CPU forward pass).
+    if [ "$shape" = smollm2-135m ]; then
+      RUST_BACKTRACE=0 timeout 60 "$BIN/worker" calibrate-kv --model "$TMP/$shape" --max-tokens 512 \
+        --out "$PARTS/$shape.kv-scales.json" 2>> "$LOG" \
+        && RUST_BACKTRACE=0 timeout 120 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
+          --kv-cache-dtype fp8 --kv-cache-scales "$PARTS/$shape.kv-scales.json" \
+          > "$PARTS/$shape.check-fp8-scales.json" 2>> "$LOG" || echo "gpu-check: fp8 check-backend with calibrated scales differs on $shape" | tee -a "$LOG" >&2
+      [ -s "$PARTS/$shape.check-fp8-scales.json" ] || echo '{"error": "calibrate-kv or check-backend printed nothing (see the log)"}' > "$PARTS/$shape.check-fp8-scales.json"
+    fi
     RUST_BACKTRACE=0 timeout 90 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 --kv-cache-mb 8192 \
       --kv-cache-dtype fp8 --batches 1,32 --reps 3 --prompt-tokens 128 --decode-tokens 64 \
       > "$PARTS/$shape.fp8.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.fp8.json"

@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use worker::api::{self, Service, WorkerInfo};
 use worker::backend::cuda::{CudaBackend, kv_block_bytes_bf16, kv_block_bytes_fp8};
+use worker::backend::kv_scales::{self, KvScales};
 use worker::backend::{Backend, KvDtype, cpu::CpuBackend, kv_block_bytes};
 use worker::chat::ChatTemplate;
 use worker::engine::{self, EngineConfig};
@@ -44,6 +45,30 @@ enum Cmd {
     /// decode at batch 3, 2, 1, device-picked greedy tokens); prints JSON, exit 1 when
     /// they differ beyond bf16 tolerance.
     CheckBackend(CheckArgs),
+    /// Measure per-(layer, KV head) scales for an FP8 KV cache: runs a calibration text
+    /// through the CPU backend and writes, for each head, its largest |K| and |V| over 448
+    /// (e4m3's largest value) as JSON for `--kv-cache-scales`.
+    CalibrateKv(CalibrateArgs),
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    /// A GGUF file, a Hugging Face model directory, or a known alias.
+    #[arg(long)]
+    model: String,
+    /// Where to write the scales (JSON).
+    #[arg(long)]
+    out: PathBuf,
+    /// Calibration text (UTF-8); default: administrative passages in thirteen EU
+    /// languages built into the worker. Use text like what the worker will serve.
+    #[arg(long)]
+    text_file: Option<PathBuf>,
+    /// At most this many tokens of the text (and of the model's context).
+    #[arg(long, default_value_t = 2048)]
+    max_tokens: usize,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -60,6 +85,9 @@ struct CheckArgs {
     /// KV cache storage of both backends (`auto` or `fp8`; see `serve --help`).
     #[arg(long, default_value = "auto", value_parser = parse_kv_dtype)]
     kv_cache_dtype: KvDtype,
+    /// Per-head FP8 scales of both backends (from `worker calibrate-kv`).
+    #[arg(long)]
+    kv_cache_scales: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -118,11 +146,16 @@ struct ModelArgs {
     /// Memory for the KV cache, in MiB.
     #[arg(long, default_value_t = 512)]
     kv_cache_mb: usize,
-    /// KV cache storage: `auto` (f32 on the CPU, bf16 on CUDA) or `fp8` (e4m3, scale 1.0
-    /// per KV head: on CUDA half of bf16's memory, so twice the blocks; the CPU rounds its
-    /// K/V values the same way, for the same results, without saving memory).
+    /// KV cache storage: `auto` (f32 on the CPU, bf16 on CUDA) or `fp8` (e4m3 with a scale
+    /// per layer and KV head, 1.0 unless `--kv-cache-scales`: on CUDA half of bf16's
+    /// memory, so twice the blocks; the CPU rounds its K/V values the same way, for the
+    /// same results, without saving memory).
     #[arg(long, default_value = "auto", value_parser = parse_kv_dtype)]
     kv_cache_dtype: KvDtype,
+    /// The FP8 cache's scales per (layer, KV head), a JSON file written by `worker
+    /// calibrate-kv` (needs `--kv-cache-dtype fp8`).
+    #[arg(long)]
+    kv_cache_scales: Option<PathBuf>,
     /// Longest sequence (prompt + completion); default: the model's context, bounded by
     /// the KV cache.
     #[arg(long)]
@@ -182,6 +215,7 @@ fn main() -> Result<()> {
         Cmd::Serve(a) => serve(a),
         Cmd::Fake(a) => fake(a),
         Cmd::CheckBackend(a) => check_backend(a),
+        Cmd::CalibrateKv(a) => calibrate_kv(a),
         Cmd::Bench(a) => {
             let svc = start_engine(&a.model, None, "bench", "EU")?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -243,16 +277,29 @@ fn kernel_cache_dir() -> PathBuf {
         })
 }
 
-/// The backend for `device`.
+/// The FP8 scales `--kv-cache-scales` names, checked against the model and the cache.
+fn load_kv_scales(
+    path: Option<&PathBuf>,
+    kv: KvDtype,
+    cfg: &model::ModelConfig,
+) -> Result<Option<KvScales>> {
+    let Some(path) = path else { return Ok(None) };
+    if kv != KvDtype::Fp8 {
+        bail!("--kv-cache-scales needs --kv-cache-dtype fp8");
+    }
+    Ok(Some(KvScales::load(path, cfg.n_layers, cfg.n_kv_heads)?))
+}
+
+/// The backend for `device`, with the FP8 cache's `scales` when given.
 fn make_backend(
     device: Device,
     cfg: &model::ModelConfig,
     weights: Arc<model::Weights>,
     (num_blocks, block_size): (usize, usize),
-    kv: KvDtype,
+    (kv, scales): (KvDtype, Option<&KvScales>),
     threads: usize,
 ) -> Result<Box<dyn Backend>> {
-    Ok(match device {
+    let mut backend: Box<dyn Backend> = match device {
         Device::Cpu => Box::new(
             CpuBackend::new(cfg.clone(), weights, num_blocks, block_size, threads)?
                 .with_kv_dtype(kv),
@@ -269,7 +316,60 @@ fn make_backend(
             )
             .with_context(|| format!("--device cuda:{n}"))?,
         ),
-    })
+    };
+    if let Some(s) = scales {
+        backend.set_kv_scales(s)?;
+    }
+    Ok(backend)
+}
+
+fn calibrate_kv(a: CalibrateArgs) -> Result<()> {
+    let path: PathBuf = fetch::resolve_model(&a.model)?;
+    let loaded = model::load(&path).with_context(|| format!("loading model {}", path.display()))?;
+    let cfg = loaded.config.clone();
+    let text = match &a.text_file {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading --text-file {}", f.display()))?,
+        None => kv_scales::DEFAULT_CALIBRATION_TEXT.to_string(),
+    };
+    let mut tokens = loaded.tokenizer.encode(&text, true, false);
+    tokens.truncate(a.max_tokens.min(cfg.max_context));
+    if tokens.is_empty() {
+        bail!("the calibration text has no tokens");
+    }
+    let t0 = std::time::Instant::now();
+    let scales = kv_scales::calibrate(
+        &cfg,
+        Arc::new(loaded.weights),
+        &tokens,
+        256,
+        default_threads(a.threads),
+        |done, total| {
+            eprintln!(
+                "calibrate-kv: {done}/{total} tokens ({:.1} s)",
+                t0.elapsed().as_secs_f64()
+            )
+        },
+    )?;
+    let source = serde_json::json!({"model": path.display().to_string(), "tokens": tokens.len(),
+        "text": a.text_file.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| "built-in".into())});
+    let out = serde_json::to_string_pretty(&scales.to_json(source))?;
+    std::fs::write(&a.out, out + "\n").with_context(|| format!("writing {}", a.out.display()))?;
+    let all = |t: &[Vec<f32>]| {
+        t.iter()
+            .flatten()
+            .copied()
+            .fold((f32::MAX, 0f32), |(lo, hi), x| (lo.min(x), hi.max(x)))
+    };
+    let ((klo, khi), (vlo, vhi)) = (all(&scales.k), all(&scales.v));
+    eprintln!(
+        "calibrate-kv: {} layers x {} KV heads over {} tokens; K scales {klo:.3e}..{khi:.3e}, V scales {vlo:.3e}..{vhi:.3e}; wrote {}",
+        cfg.n_layers,
+        cfg.n_kv_heads,
+        tokens.len(),
+        a.out.display()
+    );
+    Ok(())
 }
 
 /// `--threads`, else every core.
@@ -290,6 +390,7 @@ fn check_backend(a: CheckArgs) -> Result<()> {
     cfg.max_context = cfg.max_context.min(num_blocks * block_size);
     let vocab = cfg.vocab_size;
     let threads = default_threads(a.threads);
+    let scales = load_kv_scales(a.kv_cache_scales.as_ref(), a.kv_cache_dtype, &cfg)?;
     let weights = Arc::new(loaded.weights);
     let mut reference = CpuBackend::new(
         cfg.clone(),
@@ -299,12 +400,15 @@ fn check_backend(a: CheckArgs) -> Result<()> {
         threads,
     )?
     .with_kv_dtype(a.kv_cache_dtype);
+    if let Some(s) = &scales {
+        reference.set_kv_scales(s)?;
+    }
     let mut candidate = make_backend(
         a.device,
         &cfg,
         Arc::clone(&weights),
         (num_blocks, block_size),
-        a.kv_cache_dtype,
+        (a.kv_cache_dtype, scales.as_ref()),
         threads,
     )?;
     let mut report = worker::backend::compare::compare(&mut reference, candidate.as_mut(), vocab)?;
@@ -363,12 +467,13 @@ fn start_engine(
         None => ChatTemplate::chatml(),
     };
     let vocab = cfg.vocab_size;
+    let scales = load_kv_scales(a.kv_cache_scales.as_ref(), a.kv_cache_dtype, &cfg)?;
     let backend = make_backend(
         a.device,
         &cfg,
         Arc::new(loaded.weights),
         (num_blocks, block_size),
-        a.kv_cache_dtype,
+        (a.kv_cache_dtype, scales.as_ref()),
         threads,
     )?;
     let backend_name = backend.name();

@@ -531,17 +531,15 @@ fn cuda_device_without_a_gpu_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("use cpu, cuda or cuda:N"));
 }
 
-/// The random-weight models kernels/gpu-check.sh benchmarks on a GPU machine load and run
-/// here (on the CPU backend), so a GPU session does not find a broken generator.
-#[test]
-fn random_weight_models_for_the_gpu_check_load_and_run() {
-    let dir = std::env::temp_dir().join(format!("sov-random-model-{}", std::process::id()));
+/// Writes a random-weight model of the `tiny` shape into `dir` with the GPU check's
+/// generator (kernels/tools/make_random_model.py); returns the generator's output.
+fn tiny_random_model(dir: &Path) -> std::process::Output {
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels/tools/make_random_model.py");
     let out = Command::new("python3")
         .arg(&script)
         .args(["--shape", "tiny", "--out"])
-        .arg(&dir)
+        .arg(dir)
         .output()
         .unwrap();
     assert!(
@@ -549,6 +547,15 @@ fn random_weight_models_for_the_gpu_check_load_and_run() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
+}
+
+/// The random-weight models kernels/gpu-check.sh benchmarks on a GPU machine load and run
+/// here (on the CPU backend), so a GPU session does not find a broken generator.
+#[test]
+fn random_weight_models_for_the_gpu_check_load_and_run() {
+    let dir = std::env::temp_dir().join(format!("sov-random-model-{}", std::process::id()));
+    let out = tiny_random_model(&dir);
     // The bytes the GPU check's bandwidth limit counts, against the file itself: the
     // tensors a decode step reads (all but the untied embedding table, of which one row)
     // and the K/V bytes per context token from the config.
@@ -619,4 +626,110 @@ fn random_weight_models_for_the_gpu_check_load_and_run() {
     assert_eq!(c["ok"], serde_json::json!(true), "{c}");
     assert_eq!(c["rows"], serde_json::json!(39), "{c}");
     assert_eq!(c["max_rel_diff"], serde_json::json!(0.0), "{c}");
+}
+
+/// `worker calibrate-kv` writes per-head FP8 scales that `--kv-cache-scales` loads (the
+/// backend check runs with them, CPU against CPU, identical), and bad uses are refused
+/// with clear errors.
+#[test]
+fn calibrate_kv_writes_scales_the_fp8_cache_loads() {
+    let dir = std::env::temp_dir().join(format!("sov-calibrate-{}", std::process::id()));
+    let model = dir.join("model");
+    tiny_random_model(&model);
+    let worker = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_worker"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let m = model.to_str().unwrap();
+    let scales = dir.join("scales.json");
+    let s = scales.to_str().unwrap();
+    let out = worker(&["calibrate-kv", "--model", m, "--out", s, "--threads", "2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("2 layers x 2 KV heads"), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&scales).unwrap()).unwrap();
+    assert_eq!(v["format"], "sovereign-kv-scales/1");
+    assert_eq!(v["k"].as_array().unwrap().len(), 2);
+    assert!(v["source"]["tokens"].as_u64().unwrap() > 100, "{v}");
+    for x in v["k"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(v["v"].as_array().unwrap())
+    {
+        for s in x.as_array().unwrap() {
+            let s = s.as_f64().unwrap();
+            assert!(s > 0.0 && s.is_finite() && s != 1.0, "{v}");
+        }
+    }
+    let out = worker(&[
+        "check-backend",
+        "--device",
+        "cpu",
+        "--model",
+        m,
+        "--kv-cache-dtype",
+        "fp8",
+        "--kv-cache-scales",
+        s,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(c["max_rel_diff"], serde_json::json!(0.0), "{c}");
+    // Scales without an FP8 cache; scales of another shape; no such file.
+    let out = worker(&[
+        "bench",
+        "--model",
+        m,
+        "--kv-cache-scales",
+        s,
+        "--batches",
+        "1",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--kv-cache-scales needs --kv-cache-dtype fp8"),
+        "{err}"
+    );
+    let wrong = dir.join("wrong.json");
+    std::fs::write(&wrong, r#"{"k": [[1.0, 1.0]], "v": [[1.0, 1.0]]}"#).unwrap();
+    let out = worker(&[
+        "check-backend",
+        "--device",
+        "cpu",
+        "--model",
+        m,
+        "--kv-cache-dtype",
+        "fp8",
+        "--kv-cache-scales",
+        wrong.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("`k` has 1 layers, the model 2"),
+        "{err}"
+    );
+    let missing = dir.join("missing.json");
+    let out = worker(&[
+        "bench",
+        "--model",
+        m,
+        "--kv-cache-dtype",
+        "fp8",
+        "--kv-cache-scales",
+        missing.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cannot read KV scales file"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

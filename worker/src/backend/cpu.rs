@@ -13,7 +13,8 @@ use kernels::cpu::{
 };
 use rayon::prelude::*;
 
-use super::{Backend, BackendError, KvDtype, SeqChunk, check_chunks, fp8_round};
+use super::kv_scales::{KvAbsMax, KvScales};
+use super::{Backend, BackendError, KvDtype, SeqChunk, check_chunks, fp8_round_scaled};
 use crate::model::{ModelConfig, Weights};
 
 pub struct CpuBackend {
@@ -26,8 +27,12 @@ pub struct CpuBackend {
     v_cache: Vec<Vec<f32>>,
     pool: Arc<rayon::ThreadPool>,
     scratch: Scratch,
-    /// K/V values are rounded to e4m3 as they are written ([`KvDtype::Fp8`]).
-    kv_fp8: bool,
+    /// K/V values are rounded to e4m3 at these per-(layer, KV head) scales as they are
+    /// written ([`KvDtype::Fp8`]).
+    kv_fp8: Option<KvScales>,
+    /// The largest |K| and |V| written per (layer, KV head), when recording
+    /// ([`CpuBackend::with_kv_absmax`]: calibration of FP8 scales).
+    kv_absmax: Option<KvAbsMax>,
 }
 
 /// Activation buffers reused across steps.
@@ -81,15 +86,31 @@ impl CpuBackend {
             rope,
             pool,
             scratch: Scratch::default(),
-            kv_fp8: false,
+            kv_fp8: None,
+            kv_absmax: None,
         })
     }
 
     /// The KV cache's storage: [`KvDtype::Fp8`] rounds every K/V value to e4m3 (scale
-    /// [`super::KV_FP8_SCALE`]) as it is written, as the CUDA backend's FP8 cache does.
+    /// [`super::KV_FP8_SCALE`] until [`Backend::set_kv_scales`]) as it is written, as the
+    /// CUDA backend's FP8 cache does.
     pub fn with_kv_dtype(mut self, kv: KvDtype) -> Self {
-        self.kv_fp8 = kv == KvDtype::Fp8;
+        self.kv_fp8 = (kv == KvDtype::Fp8).then(|| {
+            KvScales::uniform(self.cfg.n_layers, self.cfg.n_kv_heads, super::KV_FP8_SCALE)
+        });
         self
+    }
+
+    /// Records the largest |K| (after RoPE) and |V| written per (layer, KV head), for
+    /// [`CpuBackend::kv_absmax`].
+    pub fn with_kv_absmax(mut self) -> Self {
+        self.kv_absmax = Some(KvAbsMax::new(self.cfg.n_layers, self.cfg.n_kv_heads));
+        self
+    }
+
+    /// What [`CpuBackend::with_kv_absmax`] recorded (before any FP8 rounding).
+    pub fn kv_absmax(&self) -> Option<&KvAbsMax> {
+        self.kv_absmax.as_ref()
     }
 
     fn check(&self, chunks: &[SeqChunk<'_>]) -> Result<Vec<TokenSlot>, BackendError> {
@@ -170,13 +191,17 @@ impl CpuBackend {
                 let (k, v) = rest.split_at_mut(kv_dim);
                 let phys = self.layout.slot(chunks[slot.chunk].block_table, slot.pos);
                 rope_and_write_kv(&self.rope, &self.layout, slot.pos, phys, q, k, v, kc, vc);
-                if self.kv_fp8 {
-                    let at = self.layout.offset(phys, 0);
-                    for x in kc[at..at + kv_dim]
-                        .iter_mut()
-                        .chain(&mut vc[at..at + kv_dim])
-                    {
-                        *x = fp8_round(*x);
+                let at = self.layout.offset(phys, 0);
+                let (kr, vr) = (&mut kc[at..at + kv_dim], &mut vc[at..at + kv_dim]);
+                if let Some(m) = &mut self.kv_absmax {
+                    m.observe(li, hd, kr, vr);
+                }
+                if let Some(sc) = &self.kv_fp8 {
+                    for (row, scales) in [(kr, &sc.k[li]), (vr, &sc.v[li])] {
+                        for (head, &scale) in row.chunks_exact_mut(hd).zip(scales) {
+                            head.iter_mut()
+                                .for_each(|x| *x = fp8_round_scaled(*x, scale));
+                        }
                     }
                 }
             }
@@ -253,6 +278,19 @@ impl Backend for CpuBackend {
 
     fn num_kv_blocks(&self) -> usize {
         self.layout.num_blocks
+    }
+
+    fn set_kv_scales(&mut self, scales: &KvScales) -> Result<(), BackendError> {
+        let Some(current) = &mut self.kv_fp8 else {
+            return Err(BackendError::KvScales(
+                "the KV cache is not FP8 (--kv-cache-dtype fp8)".into(),
+            ));
+        };
+        scales
+            .check(self.cfg.n_layers, self.cfg.n_kv_heads)
+            .map_err(BackendError::KvScales)?;
+        current.clone_from(scales);
+        Ok(())
     }
 
     fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, BackendError> {

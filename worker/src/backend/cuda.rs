@@ -22,6 +22,7 @@ use kernels::cuda::{CudaError, Kernels};
 use kernels::gpu_ref::to_bf16;
 use rayon::prelude::*;
 
+use super::kv_scales::KvScales;
 use super::{Backend, BackendError, KvDtype, SeqChunk, StepOutput, check_chunks, pick_greedy_rows};
 use crate::model::{Matrix, ModelConfig, Weights};
 
@@ -41,12 +42,13 @@ enum KvCaches {
         k: Vec<CudaSlice<u16>>,
         v: Vec<CudaSlice<u16>>,
     },
-    /// e4m3 codes; `scales` holds the one scale of every KV head (all layers, K and V:
-    /// [`super::KV_FP8_SCALE`]).
+    /// e4m3 codes; `k_scales[layer]` and `v_scales[layer]` hold the scale of every KV
+    /// head ([`super::KV_FP8_SCALE`] until [`Backend::set_kv_scales`]).
     Fp8 {
         k: Vec<CudaSlice<u8>>,
         v: Vec<CudaSlice<u8>>,
-        scales: CudaSlice<f32>,
+        k_scales: Vec<CudaSlice<f32>>,
+        v_scales: Vec<CudaSlice<f32>>,
     },
 }
 
@@ -57,11 +59,16 @@ impl KvCaches {
                 k: &mut k[li],
                 v: &mut v[li],
             },
-            KvCaches::Fp8 { k, v, scales } => KvMut::Fp8 {
+            KvCaches::Fp8 {
+                k,
+                v,
+                k_scales,
+                v_scales,
+            } => KvMut::Fp8 {
                 k: &mut k[li],
                 v: &mut v[li],
-                k_scale: scales,
-                v_scale: scales,
+                k_scale: &k_scales[li],
+                v_scale: &v_scales[li],
             },
         }
     }
@@ -398,13 +405,20 @@ impl CudaBackend {
                 k: zeroed_layers(s, cfg.n_layers, elems)?,
                 v: zeroed_layers(s, cfg.n_layers, elems)?,
             },
-            KvDtype::Fp8 => KvCaches::Fp8 {
-                k: zeroed_layers(s, cfg.n_layers, elems)?,
-                v: zeroed_layers(s, cfg.n_layers, elems)?,
-                scales: s
-                    .clone_htod(&vec![super::KV_FP8_SCALE; cfg.n_kv_heads])
-                    .map_err(dev)?,
-            },
+            KvDtype::Fp8 => {
+                let ones = vec![super::KV_FP8_SCALE; cfg.n_kv_heads];
+                let scales = || -> Result<Vec<CudaSlice<f32>>, BackendError> {
+                    (0..cfg.n_layers)
+                        .map(|_| s.clone_htod(&ones).map_err(dev))
+                        .collect()
+                };
+                KvCaches::Fp8 {
+                    k: zeroed_layers(s, cfg.n_layers, elems)?,
+                    v: zeroed_layers(s, cfg.n_layers, elems)?,
+                    k_scales: scales()?,
+                    v_scales: scales()?,
+                }
+            }
         };
         // cos/sin for every position: [max_pos][rope_dim / 2], as the CPU RopeTable.
         let inv = cfg.rope_inv_freq();
@@ -988,6 +1002,31 @@ struct StepShapes {
 impl Backend for CudaBackend {
     fn vocab_size(&self) -> usize {
         self.cfg.vocab_size
+    }
+
+    fn set_kv_scales(&mut self, scales: &KvScales) -> Result<(), BackendError> {
+        let KvCaches::Fp8 {
+            k_scales, v_scales, ..
+        } = &mut self.kv
+        else {
+            return Err(BackendError::KvScales(
+                "the KV cache is not FP8 (--kv-cache-dtype fp8)".into(),
+            ));
+        };
+        scales
+            .check(self.cfg.n_layers, self.cfg.n_kv_heads)
+            .map_err(BackendError::KvScales)?;
+        // In place: captured graphs keep the buffers' addresses.
+        let s = &self.k.stream;
+        for (dst, src) in k_scales
+            .iter_mut()
+            .zip(&scales.k)
+            .chain(v_scales.iter_mut().zip(&scales.v))
+        {
+            s.memcpy_htod(src, dst).map_err(dev)?;
+        }
+        s.synchronize().map_err(dev)?;
+        Ok(())
     }
 
     fn forward_step(

@@ -8,6 +8,7 @@
 pub mod compare;
 pub mod cpu;
 pub mod cuda;
+pub mod kv_scales;
 
 /// One sequence's share of a step.
 #[derive(Debug, Clone)]
@@ -37,6 +38,8 @@ pub enum BackendError {
     PositionTooLarge(usize),
     #[error("{0}")]
     Device(String),
+    #[error("KV cache scales: {0}")]
+    KvScales(String),
 }
 
 /// Checks a step against a backend's limits (positions, block tables, block ids, token
@@ -98,6 +101,16 @@ pub trait Backend: Send {
 
     /// Logits per row.
     fn vocab_size(&self) -> usize;
+
+    /// Sets the FP8 cache's per-(layer, KV head) scales (before the first step: values
+    /// already cached keep the scales they were written with). Refused when the cache is
+    /// not FP8 or the scales do not fit the model.
+    fn set_kv_scales(&mut self, _scales: &kv_scales::KvScales) -> Result<(), BackendError> {
+        Err(BackendError::KvScales(format!(
+            "the {} backend has no FP8 KV cache",
+            self.name()
+        )))
+    }
 }
 
 /// What [`Backend::forward_step`] returns.
@@ -145,16 +158,23 @@ pub enum KvDtype {
     Fp8,
 }
 
-/// The scale of every (layer, KV head) of an FP8 cache: values are stored as
+/// The default scale of every (layer, KV head) of an FP8 cache: values are stored as
 /// e4m3(value / scale). 1.0 keeps e4m3's 1/16 relative precision for magnitudes from
-/// 2^-6 to 448, which covers the K/V activations of the Llama-family models we serve;
-/// per-head calibrated scales are not implemented yet.
+/// 2^-6 to 448; `worker calibrate-kv` measures scales per head that map each head's
+/// largest value near 448 instead ([`kv_scales`], `--kv-cache-scales`).
 pub const KV_FP8_SCALE: f32 = 1.0;
 
-/// `x` as the FP8 cache stores it (see [`KvDtype::Fp8`]).
+/// `x` as the FP8 cache stores it at the default scale (see [`KvDtype::Fp8`]).
 #[inline]
 pub fn fp8_round(x: f32) -> f32 {
-    kernels::gpu_ref::from_e4m3(kernels::gpu_ref::to_e4m3(x / KV_FP8_SCALE)) * KV_FP8_SCALE
+    fp8_round_scaled(x, KV_FP8_SCALE)
+}
+
+/// `x` as the FP8 cache stores it in a head of scale `scale`: e4m3(x / scale) * scale,
+/// as the CUDA kernels encode and decode it.
+#[inline]
+pub fn fp8_round_scaled(x: f32, scale: f32) -> f32 {
+    kernels::gpu_ref::from_e4m3(kernels::gpu_ref::to_e4m3(x / scale)) * scale
 }
 
 /// Bytes one KV block takes across all layers (f32 K and V).
