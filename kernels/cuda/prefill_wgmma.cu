@@ -492,7 +492,9 @@ __device__ __forceinline__ void named_bar_arrive(int id, int n) {
 // experimental) finish the launch with wrong results, which the checks report, instead
 // of hanging the GPU run. (Not `trap`: a trap in the consumers' code made ptxas spill
 // and serialise their wgmmas, C7512.)
-__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+// Returns false when it gave up: the consumers then store NaN in their rows, so a
+// protocol failure shows in the checks as NaN rows rather than as plausible numbers.
+__device__ __forceinline__ bool mbar_wait(unsigned bar, unsigned parity) {
   unsigned done = 0;
   for (unsigned polls = 0; !done && polls < (1u << 22); ++polls) {
     asm volatile(
@@ -502,6 +504,7 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
         : "r"(bar), "r"(parity)
         : "memory");
   }
+  return done != 0;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -730,6 +733,7 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
   float m[2] = {neg_inf(), neg_inf()};
   float l[2] = {0.f, 0.f};
   const float scale_log2 = scale * 1.4426950408889634f;
+  bool lost = false;  // a `full` wait gave up (see mbar_wait)
 
   if constexpr (PINGPONG) {
     // Tiles 0 .. tiles(w) - 1 are the ones warpgroup w computes (none when inactive;
@@ -758,7 +762,7 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
       __syncwarp();
       if (lane == 0) mbar_arrive(empty0 + 8 * (j % ST));
     };
-    auto wait_tile = [&](int j) { mbar_wait(full0 + 8 * (j % ST), (j / ST) & 1); };
+    auto wait_tile = [&](int j) { lost |= !mbar_wait(full0 + 8 * (j % ST), (j / ST) & 1); };
     if (mine > 0) {
       // Burst 0: S(0). Burst k: S(k) and P V(k - 1), whose P waits in registers; the
       // softmax of tile k runs while the other warpgroup's burst computes. Last burst:
@@ -824,7 +828,7 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
 #pragma unroll 1
     for (int j = 0; j < n_tiles; ++j) {
       const int st = j % ST;
-      mbar_wait(full0 + 8 * st, (j / ST) & 1);
+      lost |= !mbar_wait(full0 + 8 * st, (j / ST) & 1);
       if (wg_active && j * BC <= wg_last_pos) {
         const unsigned sk = base + st * STAGE;
         float s[BC / 2];
@@ -840,6 +844,11 @@ __device__ __forceinline__ void prefill_wgmma_ws_impl(
     }
   }
 
+  if (lost) {
+#pragma unroll
+    for (int i = 0; i < HD / 2; ++i) o[i] = __int_as_float(0x7fc00000);
+    l[0] = l[1] = 1.f;
+  }
   attn_store<HD>(out, o, l, wr.rows, n_new, q0, n_heads, head, t);
 }
 

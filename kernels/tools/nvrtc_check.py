@@ -180,6 +180,33 @@ def pdl_order_errors(sass):
     return errors
 
 
+def setmaxnreg_errors(ptx, entries):
+    """Entries whose `setmaxnreg` cannot be satisfied: the register pool is the CTA's
+    (threads x launch registers); a kernel of W warpgroups whose one producer warpgroup
+    drops to `dec` registers and whose W - 1 consumer warpgroups rise to `inc` needs
+    ((W - 1) inc + dec) / W registers a thread at launch, or the consumers'
+    `setmaxnreg.inc` waits for registers forever (a hang no bounded wait catches)."""
+    errors = []
+    for part in re.split(r"(?=\.entry\s)", ptx)[1:]:
+        name = re.match(r"\.entry\s+(\S+?)\s*\(", part).group(1)
+        inc = re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+(\d+)", part)
+        if not inc:
+            continue
+        dec = re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+(\d+)", part)
+        ntid = re.search(r"\.maxntid\s+(\d+)", part)
+        if not dec or not ntid or int(ntid.group(1)) % 128:
+            errors.append(f"{name}: setmaxnreg.inc without a decreasing producer warpgroup "
+                          "or whole warpgroups in __launch_bounds__")
+            continue
+        w = int(ntid.group(1)) // 128
+        need = -(-((w - 1) * int(inc.group(1)) + int(dec.group(1))) // w)
+        have = (entries.get(name) or {}).get("registers") or 0
+        if have < need:
+            errors.append(f"{name}: launched with {have} registers a thread, but setmaxnreg "
+                          f"{dec.group(1)}/{inc.group(1)} over {w} warpgroups needs {need}")
+    return errors
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="sm_80,sm_90")
@@ -228,7 +255,7 @@ def main():
             print(f"FAIL {src.name} [{label}]: {e}", flush=True)
             failed = True
             continue
-        for err in pdl_order_errors(sass):
+        for err in pdl_order_errors(sass) + setmaxnreg_errors(ptx, entries):
             print(f"FAIL {src.name} [{label}]: {err}", flush=True)
             failed = True
         for name, e in sorted(entries.items()):

@@ -610,6 +610,15 @@ pub fn prefill_attention_kv(
     let f = k.function(source, &entry)?;
     let (nh, nkv, mb) = (dim(d.n_heads)?, dim(d.n_kv_heads)?, dim(d.max_blocks)?);
     let q_stride = dim(d.q_stride)?;
+    // The designs that stage Q in shared memory read it 16 bytes at a time.
+    if matches!(kind, PrefillKernel::WgmmaWs | PrefillKernel::WgmmaPingPong)
+        && !d.q_stride.is_multiple_of(8)
+    {
+        return Err(CudaError::Shape(format!(
+            "q_stride {} is not a multiple of 8 elements ({kind:?} loads Q in 16-byte pieces)",
+            d.q_stride
+        )));
+    }
     let mut cfg = config(d.max_new.div_ceil(rows), d.n_heads, d.num_seqs, threads)?;
     if matches!(
         kind,
