@@ -311,6 +311,13 @@ pub fn decode_attention_kv(
     );
     let f = k.function("decode_attention.cu", &entry)?;
     let (n_kv, max_blocks, splits) = (dim(d.n_kv_heads)?, dim(d.max_blocks)?, dim(d.num_splits)?);
+    // Each lane reads its 8 query elements as one 16-byte load.
+    if !d.q_stride.is_multiple_of(8) {
+        return Err(CudaError::Shape(format!(
+            "q_stride {} is not a multiple of 8 elements (decode attention loads q in 16-byte pieces)",
+            d.q_stride
+        )));
+    }
     let q_stride = dim(d.q_stride)?;
     let cfg = config(d.num_seqs, d.n_kv_heads, d.num_splits, 128)?;
     let mut b = PdlLaunch::new(k, &f);
