@@ -62,21 +62,21 @@ fn base_run(dir: &Path) {
         }),
     );
     // An experimental design, faster but with a failed check; another correct one.
+    let design = |name: &str, ok: bool, peak: [f64; 2]| {
+        json!({"correctness": {"checks": [check(name, ok)]},
+               "prefill_attention": [
+                   {"kernel": name, "tokens": 8192, "fraction_of_bf16_dense_peak": peak[0]},
+                   {"kernel": name, "tokens": 16384, "fraction_of_bf16_dense_peak": peak[1]}]})
+    };
     write(
         dir,
         "opt-prefill_attention_wgmma_tma.json",
-        &json!({"correctness": {"checks": [check("prefill_attention_wgmma_tma", false)]},
-                "prefill_attention": [
-                    {"kernel": "prefill_attention_wgmma_tma", "tokens": 8192, "fraction_of_bf16_dense_peak": 0.6},
-                    {"kernel": "prefill_attention_wgmma_tma", "tokens": 16384, "fraction_of_bf16_dense_peak": 0.6}]}),
+        &design("prefill_attention_wgmma_tma", false, [0.6, 0.6]),
     );
     write(
         dir,
         "opt-prefill_attention_wgmma_pp.json",
-        &json!({"correctness": {"checks": [check("prefill_attention_wgmma_pp", true)]},
-                "prefill_attention": [
-                    {"kernel": "prefill_attention_wgmma_pp", "tokens": 8192, "fraction_of_bf16_dense_peak": 0.42},
-                    {"kernel": "prefill_attention_wgmma_pp", "tokens": 16384, "fraction_of_bf16_dense_peak": 0.38}]}),
+        &design("prefill_attention_wgmma_pp", true, [0.42, 0.38]),
     );
     for (shape, weights, decode_weights, kv) in [
         (

@@ -664,17 +664,26 @@ fn calibrate_kv_writes_scales_the_fp8_cache_loads() {
             assert!(s > 0.0 && s.is_finite() && s != 1.0, "{v}");
         }
     }
-    let out = worker(&[
-        "check-backend",
-        "--device",
-        "cpu",
-        "--model",
-        m,
-        "--kv-cache-dtype",
-        "fp8",
-        "--kv-cache-scales",
-        s,
-    ]);
+    let check_fp8 = |scales: &str| {
+        worker(&[
+            "check-backend",
+            "--device",
+            "cpu",
+            "--model",
+            m,
+            "--kv-cache-dtype",
+            "fp8",
+            "--kv-cache-scales",
+            scales,
+        ])
+    };
+    // A refused run: its error message, which must not be a panic.
+    let refused = |out: std::process::Output| {
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success() && !err.contains("panicked"), "{err}");
+        err
+    };
+    let out = check_fp8(s);
     assert!(
         out.status.success(),
         "{}",
@@ -683,7 +692,7 @@ fn calibrate_kv_writes_scales_the_fp8_cache_loads() {
     let c: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(c["max_rel_diff"], serde_json::json!(0.0), "{c}");
     // Scales without an FP8 cache; scales of another shape; no such file.
-    let out = worker(&[
+    let err = refused(worker(&[
         "bench",
         "--model",
         m,
@@ -691,45 +700,17 @@ fn calibrate_kv_writes_scales_the_fp8_cache_loads() {
         s,
         "--batches",
         "1",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
+    ]));
     assert!(
-        !out.status.success() && err.contains("--kv-cache-scales needs --kv-cache-dtype fp8"),
+        err.contains("--kv-cache-scales needs --kv-cache-dtype fp8"),
         "{err}"
     );
     let wrong = dir.join("wrong.json");
     std::fs::write(&wrong, r#"{"k": [[1.0, 1.0]], "v": [[1.0, 1.0]]}"#).unwrap();
-    let out = worker(&[
-        "check-backend",
-        "--device",
-        "cpu",
-        "--model",
-        m,
-        "--kv-cache-dtype",
-        "fp8",
-        "--kv-cache-scales",
-        wrong.to_str().unwrap(),
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("`k` has 1 layers, the model 2"),
-        "{err}"
-    );
+    let err = refused(check_fp8(wrong.to_str().unwrap()));
+    assert!(err.contains("`k` has 1 layers, the model 2"), "{err}");
     let missing = dir.join("missing.json");
-    let out = worker(&[
-        "bench",
-        "--model",
-        m,
-        "--kv-cache-dtype",
-        "fp8",
-        "--kv-cache-scales",
-        missing.to_str().unwrap(),
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("cannot read KV scales file"),
-        "{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
+    let err = refused(check_fp8(missing.to_str().unwrap()));
+    assert!(err.contains("cannot read KV scales file"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -194,6 +194,17 @@ pub fn decode_splits(num_seqs: usize, n_kv_heads: usize, max_len: usize, sm_coun
     }
 }
 
+/// `q_stride` as a kernel argument, for a kernel (`who`) that reads query rows in 16-byte
+/// pieces: a multiple of 8 bf16 elements.
+fn q_stride_16b(q_stride: usize, who: &str) -> Result<i32, CudaError> {
+    if !q_stride.is_multiple_of(8) {
+        return Err(CudaError::Shape(format!(
+            "q_stride {q_stride} is not a multiple of 8 elements ({who} loads q in 16-byte pieces)"
+        )));
+    }
+    dim(q_stride)
+}
+
 fn dim(v: usize) -> Result<i32, CudaError> {
     i32::try_from(v).map_err(|_| CudaError::Shape(format!("{v} does not fit a kernel argument")))
 }
@@ -312,13 +323,7 @@ pub fn decode_attention_kv(
     let f = k.function("decode_attention.cu", &entry)?;
     let (n_kv, max_blocks, splits) = (dim(d.n_kv_heads)?, dim(d.max_blocks)?, dim(d.num_splits)?);
     // Each lane reads its 8 query elements as one 16-byte load.
-    if !d.q_stride.is_multiple_of(8) {
-        return Err(CudaError::Shape(format!(
-            "q_stride {} is not a multiple of 8 elements (decode attention loads q in 16-byte pieces)",
-            d.q_stride
-        )));
-    }
-    let q_stride = dim(d.q_stride)?;
+    let q_stride = q_stride_16b(d.q_stride, "decode attention")?;
     let cfg = config(d.num_seqs, d.n_kv_heads, d.num_splits, 128)?;
     let mut b = PdlLaunch::new(k, &f);
     b.arg(q);
@@ -618,13 +623,8 @@ pub fn prefill_attention_kv(
     let (nh, nkv, mb) = (dim(d.n_heads)?, dim(d.n_kv_heads)?, dim(d.max_blocks)?);
     let q_stride = dim(d.q_stride)?;
     // The designs that stage Q in shared memory read it 16 bytes at a time.
-    if matches!(kind, PrefillKernel::WgmmaWs | PrefillKernel::WgmmaPingPong)
-        && !d.q_stride.is_multiple_of(8)
-    {
-        return Err(CudaError::Shape(format!(
-            "q_stride {} is not a multiple of 8 elements ({kind:?} loads Q in 16-byte pieces)",
-            d.q_stride
-        )));
+    if matches!(kind, PrefillKernel::WgmmaWs | PrefillKernel::WgmmaPingPong) {
+        q_stride_16b(d.q_stride, &format!("{kind:?}"))?;
     }
     let mut cfg = config(d.max_new.div_ceil(rows), d.n_heads, d.num_seqs, threads)?;
     if matches!(

@@ -18,7 +18,7 @@
 
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 /// The largest finite e4m3 ("e4m3fn") magnitude.
 pub const E4M3_MAX: f32 = 448.0;
@@ -43,7 +43,7 @@ pub enum KvScalesError {
 }
 
 /// One scale per (layer, KV head) for K and for V.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KvScales {
     /// `k[layer][kv_head]`.
     pub k: Vec<Vec<f32>>,
