@@ -3,8 +3,8 @@
 // kernels::gpu_ref::gemv_f32 (with the input and output stages below).
 // cuBLAS picks tensor-core tiles for these shapes that reach 30-65% of the memory
 // bandwidth on a 2048-wide layer (measured on an H200); these kernels stream the weights
-// once with 16-byte loads, every load of a CTA in flight together, and fuse the steps
-// around a decode step's matrix products, so a layer is six kernels:
+// once with 16-byte loads, a thread's loads of a round issued before its first product,
+// and fuse the steps around a decode step's matrix products, so a layer is six kernels:
 //
 //   gemv_norm_t{T}      x = rms_norm(residual) * norm_w (rounded to bf16, as the
 //                       unfused rms_norm kernel writes it), y bf16
@@ -40,6 +40,10 @@ namespace sov {
 constexpr int GV_THREADS = 128;
 constexpr int GV_WARPS = GV_THREADS / 32;
 constexpr int GV_ROWS = 4;
+// gemv_silu_add keeps up to 4 x 4 x 16 bytes of weights in flight a thread (below): at
+// most 128 registers, so that 4 CTAs fit an SM (the down projection of EuroLLM-1.7B's
+// shape is 512 CTAs, 3.9 an SM on 132 SMs).
+constexpr int GV_SILU_MIN_CTAS = 4;
 
 enum GvIn { GV_PLAIN = 0, GV_NORM = 1, GV_SILU = 2, GV_NORM_LATE = 3 };
 enum GvOut { GV_BF16 = 0, GV_ADD = 1, GV_ROPE = 2 };
@@ -60,14 +64,6 @@ struct GvRope {
 __device__ __forceinline__ void round8(float v[8]) {
 #pragma unroll
   for (int i = 0; i < 8; ++i) v[i] = bf16_to_f32(f32_to_bf16(v[i]));
-}
-
-// Eight f32 values from a 32-byte aligned address (two 16-byte loads).
-__device__ __forceinline__ void load8_f32(const float* SOV_RESTRICT_ACT p, float v[8]) {
-  const float4 a = *reinterpret_cast<const float4*>(p);
-  const float4 b = *reinterpret_cast<const float4*>(p + 4);
-  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
 }
 
 // acc + the dot product of 8 bf16 weights (one 16-byte load) with 8 inputs.
@@ -126,31 +122,69 @@ __device__ __forceinline__ void row_inv_rms(const float* SOV_RESTRICT_ACT res, i
   __syncthreads();
 }
 
-// The 8 input values of token row t at 16-byte piece p: the bf16 row (GV_PLAIN), the
-// RMS-normalised residual (inv: 1 / rms of the row, nw: that piece of the norm weight) or
-// SiLU(gate) * up of a gate|up row; the latter two rounded to bf16 where the unfused
-// kernels store them.
+// One token row's raw input at a 16-byte piece of the weights: 16 bytes of the bf16 row
+// (GV_PLAIN, in `a`), 32 bytes of the f32 residual (GV_NORM, GV_NORM_LATE: `a` then `b`)
+// or 16 bytes each of gate and up from a gate|up row (GV_SILU). Loading it apart from
+// forming the input lets a thread issue a whole round's loads before its first product.
+struct GvRaw {
+  uint4 a, b;
+};
+
 template <int IN>
-__device__ __forceinline__ void input8(const float* SOV_RESTRICT_ACT res,
-                                       const sov::bf16* SOV_RESTRICT_ACT xb, int k, int t, int p,
-                                       float inv, const float nw[8], float xf[8]) {
+__device__ __forceinline__ GvRaw load_raw(const float* SOV_RESTRICT_ACT res,
+                                          const sov::bf16* SOV_RESTRICT_ACT xb, int k, int t,
+                                          int p) {
+  GvRaw x;
   if (IN == GV_PLAIN) {
-    load8(xb + (long long)t * k + p * 8, xf);
+    x.a = *reinterpret_cast<const uint4*>(xb + (long long)t * k + p * 8);
+    x.b = x.a;  // unused
+  } else if (IN == GV_SILU) {
+    x.a = *reinterpret_cast<const uint4*>(xb + (long long)t * 2 * k + p * 8);
+    x.b = *reinterpret_cast<const uint4*>(xb + (long long)t * 2 * k + k + p * 8);
+  } else {
+    x.a = *reinterpret_cast<const uint4*>(res + (long long)t * k + p * 8);
+    x.b = *reinterpret_cast<const uint4*>(res + (long long)t * k + p * 8 + 4);
+  }
+  return x;
+}
+
+// The 8 input values of a token row formed from its raw piece: the bf16 row (GV_PLAIN),
+// the RMS-normalised residual (inv: 1 / rms of the row, nw: that piece of the norm
+// weight) or SiLU(gate) * up, the latter two rounded to bf16 where the unfused kernels
+// store them; GV_NORM_LATE: the residual times the norm weight, unrounded, its squares
+// added to ss.
+template <int IN>
+__device__ __forceinline__ void form8(const GvRaw x, float inv, const float nw[8], float xf[8],
+                                      float& ss) {
+  if (IN == GV_PLAIN) {
+    widen8_bf16(x.a, xf);
     return;
   }
-  if (IN == GV_NORM) {
-    float v[8];
-    load8_f32(res + (long long)t * k + p * 8, v);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) xf[i] = v[i] * inv * nw[i];
-  } else {
+  if (IN == GV_SILU) {
     float g[8], u[8];
-    load8(xb + (long long)t * 2 * k + p * 8, g);
-    load8(xb + (long long)t * 2 * k + k + p * 8, u);
+    widen8_bf16(x.a, g);
+    widen8_bf16(x.b, u);
 #pragma unroll
     for (int i = 0; i < 8; ++i) xf[i] = g[i] / (1.f + __expf(-g[i])) * u[i];
+    round8(xf);
+    return;
   }
-  round8(xf);
+  const float v[8] = {__uint_as_float(x.a.x), __uint_as_float(x.a.y), __uint_as_float(x.a.z),
+                      __uint_as_float(x.a.w), __uint_as_float(x.b.x), __uint_as_float(x.b.y),
+                      __uint_as_float(x.b.z), __uint_as_float(x.b.w)};
+  if (IN == GV_NORM_LATE) {
+    // Every piece of the row passes through the CTA exactly once: the sum of squares is
+    // complete after the loop.
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      ss = fmaf(v[i], v[i], ss);
+      xf[i] = v[i] * nw[i];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) xf[i] = v[i] * inv * nw[i];
+    round8(xf);
+  }
 }
 
 template <int T, int IN, int OUT>
@@ -193,57 +227,72 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
 #pragma unroll
     for (int r = 0; r < GV_ROWS; ++r) wv[r] = ld_before_wait16(wr[r] + p * 8);
   };
-  // Piece p's products for every token row, given its weights.
-  auto piece = [&](int p, const uint4 (&wv)[GV_ROWS]) {
+  // How many pieces a thread has in flight: two (at k = 2048 all of a thread's pieces);
+  // for the SiLU input, whose k is the MLP's width (5632 at EuroLLM-1.7B's shape: five or
+  // six pieces a thread), four at one token row and two at two. Each round issues the
+  // loads of all its pieces, weights and (T <= 2: `PRE`) inputs, before its first
+  // product: ptxas left to itself issued a round's second piece only after the first
+  // piece's weights had arrived (sm_90 SASS), two DRAM round trips where one will do.
+  // At T > 2 the inputs would take too many registers and are loaded piece by piece.
+  constexpr int U = IN == GV_SILU ? (T == 1 ? 4 : T == 2 ? 2 : 1) : 2;
+  constexpr bool PRE = T <= 2;
+  constexpr bool NW = IN == GV_NORM || IN == GV_NORM_LATE;
+  // The inputs of piece p for every token row, and its 16 bytes of the norm weight.
+  auto load_in = [&](int p, GvRaw (&x)[T], uint4& nwr) {
+    if (NW) nwr = *reinterpret_cast<const uint4*>(norm_w + p * 8);
+#pragma unroll
+    for (int t = 0; t < T; ++t) x[t] = load_raw<IN>(res, xb, k, t, p);
+  };
+  // Piece p's products for every token row, given its weights (and inputs if PRE).
+  auto piece = [&](int p, const uint4 (&wv)[GV_ROWS], const GvRaw (&x)[T], const uint4& nwr) {
     float nw[8];
-    if (IN == GV_NORM || IN == GV_NORM_LATE) load8(norm_w + p * 8, nw);
+    if (NW) widen8_bf16(PRE ? nwr : *reinterpret_cast<const uint4*>(norm_w + p * 8), nw);
 #pragma unroll
     for (int t = 0; t < T; ++t) {
       float xf[8];
-      if (IN == GV_NORM_LATE) {
-        // Every piece of the row passes through the CTA exactly once: the sum of squares
-        // is complete after the loop.
-        float v[8];
-        load8_f32(res + (long long)t * k + p * 8, v);
+      form8<IN>(PRE ? x[t] : load_raw<IN>(res, xb, k, t, p), IN == GV_NORM ? s_inv[t] : 0.f,
+                nw, xf, ss[t]);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          ss[t] = fmaf(v[i], v[i], ss[t]);
-          xf[i] = v[i] * nw[i];
-        }
-      } else {
-        input8<IN>(res, xb, k, t, p, IN == GV_NORM ? s_inv[t] : 0.f, nw, xf);
-      }
-#pragma unroll
-      for (int r = 0; r < GV_ROWS; ++r) {
-        acc[r][t] = dot8(wv[r], xf, acc[r][t]);
-      }
+      for (int r = 0; r < GV_ROWS; ++r) acc[r][t] = dot8(wv[r], xf, acc[r][t]);
     }
   };
-  // Two pieces in flight per thread; one for the SiLU input, whose extra registers
-  // would otherwise spill.
-  constexpr int U = IN == GV_SILU ? 1 : 2;
   // PDL builds (common.cuh): the thread's first U pieces of weights are loaded before
-  // waiting for the previous kernel (at k = 2048 that is all of them), then the loop
-  // goes on after them; the successor is let in after the loop.
+  // waiting for the previous kernel (at k = 2048 that is all of them), their inputs after
+  // it, then the loop goes on after them; the successor is let in after the loop.
+  int p0 = threadIdx.x;
   uint4 first[U][GV_ROWS];
   if (PDL) {
 #pragma unroll
     for (int u = 0; u < U; ++u)
-      if (threadIdx.x + u * GV_THREADS < pieces)
-        load_w_before_wait(threadIdx.x + u * GV_THREADS, first[u]);
+      if (p0 + u * GV_THREADS < pieces) load_w_before_wait(p0 + u * GV_THREADS, first[u]);
   }
   pdl_wait();
   if (PDL && IN == GV_NORM) row_inv_rms<T, GV_THREADS>(res, k, eps, s_inv);
   if (PDL) {
+    GvRaw x[U][T];
+    uint4 nwr[U];
 #pragma unroll
     for (int u = 0; u < U; ++u)
-      if (threadIdx.x + u * GV_THREADS < pieces) piece(threadIdx.x + u * GV_THREADS, first[u]);
+      if (PRE && p0 + u * GV_THREADS < pieces) load_in(p0 + u * GV_THREADS, x[u], nwr[u]);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (p0 + u * GV_THREADS < pieces) piece(p0 + u * GV_THREADS, first[u], x[u], nwr[u]);
+    p0 += U * GV_THREADS;
   }
-#pragma unroll(U)
-  for (int p = threadIdx.x + (PDL ? U * GV_THREADS : 0); p < pieces; p += GV_THREADS) {
-    uint4 wv[GV_ROWS];
-    load_w(p, wv);
-    piece(p, wv);
+  for (; p0 < pieces; p0 += U * GV_THREADS) {
+    uint4 wv[U][GV_ROWS];
+    GvRaw x[U][T];
+    uint4 nwr[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (p0 + u * GV_THREADS < pieces) {
+        load_w(p0 + u * GV_THREADS, wv[u]);
+        if (PRE) load_in(p0 + u * GV_THREADS, x[u], nwr[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (p0 + u * GV_THREADS < pieces) piece(p0 + u * GV_THREADS, wv[u], x[u], nwr[u]);
   }
   pdl_trigger();
 #pragma unroll
@@ -356,7 +405,7 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
     sov::gemv_impl<T, sov::GV_PLAIN, sov::GV_ADD>(w, x, nullptr, 0.f, residual, rows, k,   \
                                                   tokens);                                 \
   }                                                                                        \
-  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
+  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS, sov::GV_SILU_MIN_CTAS)     \
       gemv_silu_add_t##T(const sov::bf16* w, const sov::bf16* gate_up, float* residual,    \
                          int rows, int k, int tokens) {                                    \
     sov::gemv_impl<T, sov::GV_SILU, sov::GV_ADD>(w, gate_up, nullptr, 0.f, residual, rows, \
