@@ -203,7 +203,6 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
   const float* res = static_cast<const float*>(xin);
   const sov::bf16* xb = static_cast<const sov::bf16*>(xin);
 
-  if (!PDL && IN == GV_NORM) row_inv_rms<T, GV_THREADS>(res, k, eps, s_inv);
   float acc[GV_ROWS][T];
 #pragma unroll
   for (int r = 0; r < GV_ROWS; ++r)
@@ -256,19 +255,26 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
       for (int r = 0; r < GV_ROWS; ++r) acc[r][t] = dot8(wv[r], xf, acc[r][t]);
     }
   };
-  // PDL builds (common.cuh): the thread's first U pieces of weights are loaded before
-  // waiting for the previous kernel (at k = 2048 that is all of them), their inputs after
-  // it, then the loop goes on after them; the successor is let in after the loop.
+  // The thread's first round of weights is loaded before anything else (at k = 2048 that
+  // is all of them): before the norm prologue, whose L2 reads and barriers then run
+  // under their DRAM latency, and in PDL builds (common.cuh) before waiting for the
+  // previous kernel. Their inputs are loaded after both, then the loop goes on after
+  // them; PDL builds let the successor in after the loop.
   int p0 = threadIdx.x;
-  uint4 first[U][GV_ROWS];
-  if (PDL) {
+  {
+    uint4 first[U][GV_ROWS];
 #pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (p0 + u * GV_THREADS < pieces) load_w_before_wait(p0 + u * GV_THREADS, first[u]);
-  }
-  pdl_wait();
-  if (PDL && IN == GV_NORM) row_inv_rms<T, GV_THREADS>(res, k, eps, s_inv);
-  if (PDL) {
+    for (int u = 0; u < U; ++u) {
+      if (p0 + u * GV_THREADS < pieces) {
+        if (PDL) {
+          load_w_before_wait(p0 + u * GV_THREADS, first[u]);
+        } else {
+          load_w(p0 + u * GV_THREADS, first[u]);
+        }
+      }
+    }
+    pdl_wait();
+    if (IN == GV_NORM) row_inv_rms<T, GV_THREADS>(res, k, eps, s_inv);
     GvRaw x[U][T];
     uint4 nwr[U];
 #pragma unroll
