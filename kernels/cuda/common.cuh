@@ -60,6 +60,17 @@ __device__ __forceinline__ uint4 ld_before_wait16(const void* p) {
                : "l"(p));
   return v;
 }
+// 16 bytes of an activation (written by an earlier kernel) loaded where the code puts
+// it: a plain coherent global load as a volatile asm, which the compiler keeps in order
+// with the other volatile asms (a cp.async wait after it stays after it, where an
+// ordinary load could be sunk below the wait and its latency exposed).
+__device__ __forceinline__ uint4 ld_in_order16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
 __device__ __forceinline__ uint2 ld_before_wait8(const void* p) {
   uint2 v;
   asm volatile("ld.global.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n"

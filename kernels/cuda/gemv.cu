@@ -3,8 +3,9 @@
 // kernels::gpu_ref::gemv_f32 (with the input and output stages below).
 // cuBLAS picks tensor-core tiles for these shapes that reach 30-65% of the memory
 // bandwidth on a 2048-wide layer (measured on an H200); these kernels stream the weights
-// once with 16-byte loads, a thread's loads of a round issued before its first product,
-// and fuse the steps around a decode step's matrix products, so a layer is six kernels:
+// once, copied with 16-byte cp.async straight into shared memory a round at a time (all
+// of a round in flight together, no registers held by them), and fuse the steps around a
+// decode step's matrix products, so a layer is six kernels:
 //
 //   gemv_norm_t{T}      x = rms_norm(residual) * norm_w (rounded to bf16, as the
 //                       unfused rms_norm kernel writes it), y bf16
@@ -29,7 +30,10 @@
 //
 // Grid: ceil(rows / GV_ROWS) CTAs of 128 threads. A CTA computes GV_ROWS rows; its
 // threads stride over the 16-byte column pieces, so each weight row is read in coalesced
-// 2 KB runs and each x piece is formed once for GV_ROWS rows. The sums are reduced with
+// 2 KB runs and each x piece is formed once for GV_ROWS rows. A thread takes U pieces a
+// round (2; the SiLU input 4 at one token row, 2 at two, 1 above): their weights go to
+// the thread's own shared-memory slots (16 KB a CTA, 32 KB for gemv_silu_add_t1) while
+// their inputs are loaded into registers, then it waits for its copies and multiplies. The sums are reduced with
 // shuffles, then across the 4 warps in shared memory. The host rounds the token count up
 // to T = 1, 2, 4 or 8: the extra input rows are read (the buffers must hold T rows) and
 // their results dropped; only `tokens` rows are written.
@@ -40,10 +44,13 @@ namespace sov {
 constexpr int GV_THREADS = 128;
 constexpr int GV_WARPS = GV_THREADS / 32;
 constexpr int GV_ROWS = 4;
-// gemv_silu_add keeps up to 4 x 4 x 16 bytes of weights in flight a thread (below): at
-// most 128 registers, so that 4 CTAs fit an SM (the down projection of EuroLLM-1.7B's
-// shape is 512 CTAs, 3.9 an SM on 132 SMs).
+// gemv_silu_add at one token row holds 4 pieces of inputs a round: at most 128 registers,
+// so that 4 CTAs fit an SM (the down projection of EuroLLM-1.7B's shape is 512 CTAs, 3.9
+// an SM on 132 SMs).
 constexpr int GV_SILU_MIN_CTAS = 4;
+// The normalised-input GEMVs at one token row: at most 64 registers, 8 CTAs an SM, so
+// that EuroLLM-1.7B's q|k|v projection (1024 CTAs) runs in one wave on 132 SMs.
+constexpr int gv_norm_min_ctas(int t) { return t == 1 ? 8 : 1; }
 
 enum GvIn { GV_PLAIN = 0, GV_NORM = 1, GV_SILU = 2, GV_NORM_LATE = 3 };
 enum GvOut { GV_BF16 = 0, GV_ADD = 1, GV_ROPE = 2 };
@@ -87,26 +94,26 @@ __device__ __forceinline__ void store_out(void* __restrict__ yout, long long o, 
   }
 }
 
-// 1 / rms of each of the T residual rows of k columns, into s_inv (every thread of the
-// CTA calls it; it synchronises). The rows were written by the previous kernel and sit in
-// L2. Correctly rounded sqrt and division, as the CPU reference computes it.
+// 16 loaded bytes as the four f32 values they hold.
+__device__ __forceinline__ float4 as_float4(const uint4 v) {
+  return make_float4(__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z),
+                     __uint_as_float(v.w));
+}
+
+// The sum of squares of 8 f32 values (one 32-byte piece of a residual row).
+__device__ __forceinline__ float sq_sum8(const float4 a, const float4 b) {
+  return a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y + b.z * b.z +
+         b.w * b.w;
+}
+
+// 1 / rms of each of the T residual rows of k columns into s_inv, given each thread's
+// part of the rows' sums of squares (every thread of the CTA calls it; it synchronises).
+// Correctly rounded sqrt and division, as the CPU reference computes it.
 template <int T, int THREADS>
-__device__ __forceinline__ void row_inv_rms(const float* SOV_RESTRICT_ACT res, int k, float eps,
-                                            float* s_inv) {
+__device__ __forceinline__ void finish_inv_rms(const float (&ss)[T], int k, float eps,
+                                               float* s_inv) {
   __shared__ float s_red[THREADS / 32][T];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float ss[T];
-#pragma unroll
-  for (int t = 0; t < T; ++t) ss[t] = 0.f;
-  for (int p = threadIdx.x; p < k / 8; p += THREADS) {
-#pragma unroll
-    for (int t = 0; t < T; ++t) {
-      const float4 a = *reinterpret_cast<const float4*>(res + (long long)t * k + p * 8);
-      const float4 b = *reinterpret_cast<const float4*>(res + (long long)t * k + p * 8 + 4);
-      ss[t] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y +
-               b.z * b.z + b.w * b.w;
-    }
-  }
 #pragma unroll
   for (int t = 0; t < T; ++t) {
     const float v = warp_sum(ss[t]);
@@ -122,10 +129,32 @@ __device__ __forceinline__ void row_inv_rms(const float* SOV_RESTRICT_ACT res, i
   __syncthreads();
 }
 
+// The same from the residual rows in memory (written by the previous kernel, in L2):
+// each thread sums pieces threadIdx.x, + THREADS, ... in that order.
+template <int T, int THREADS>
+__device__ __forceinline__ void row_inv_rms(const float* SOV_RESTRICT_ACT res, int k, float eps,
+                                            float* s_inv) {
+  float ss[T];
+#pragma unroll
+  for (int t = 0; t < T; ++t) ss[t] = 0.f;
+#pragma unroll 2
+  for (int p = threadIdx.x; p < k / 8; p += THREADS) {
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+      const float4 a = *reinterpret_cast<const float4*>(res + (long long)t * k + p * 8);
+      const float4 b = *reinterpret_cast<const float4*>(res + (long long)t * k + p * 8 + 4);
+      ss[t] += sq_sum8(a, b);
+    }
+  }
+  finish_inv_rms<T, THREADS>(ss, k, eps, s_inv);
+}
+
 // One token row's raw input at a 16-byte piece of the weights: 16 bytes of the bf16 row
 // (GV_PLAIN, in `a`), 32 bytes of the f32 residual (GV_NORM, GV_NORM_LATE: `a` then `b`)
-// or 16 bytes each of gate and up from a gate|up row (GV_SILU). Loading it apart from
-// forming the input lets a thread issue a whole round's loads before its first product.
+// or 16 bytes each of gate and up from a gate|up row (GV_SILU). Loaded apart from forming
+// the input, so that a thread issues a round's input loads while the round's weights are
+// in flight, and with `ld_in_order16`, so that they stay ahead of the wait for the
+// weights (ordinary loads were sunk below it in the SASS, their latency exposed after it).
 struct GvRaw {
   uint4 a, b;
 };
@@ -136,14 +165,14 @@ __device__ __forceinline__ GvRaw load_raw(const float* SOV_RESTRICT_ACT res,
                                           int p) {
   GvRaw x;
   if (IN == GV_PLAIN) {
-    x.a = *reinterpret_cast<const uint4*>(xb + (long long)t * k + p * 8);
+    x.a = ld_in_order16(xb + (long long)t * k + p * 8);
     x.b = x.a;  // unused
   } else if (IN == GV_SILU) {
-    x.a = *reinterpret_cast<const uint4*>(xb + (long long)t * 2 * k + p * 8);
-    x.b = *reinterpret_cast<const uint4*>(xb + (long long)t * 2 * k + k + p * 8);
+    x.a = ld_in_order16(xb + (long long)t * 2 * k + p * 8);
+    x.b = ld_in_order16(xb + (long long)t * 2 * k + k + p * 8);
   } else {
-    x.a = *reinterpret_cast<const uint4*>(res + (long long)t * k + p * 8);
-    x.b = *reinterpret_cast<const uint4*>(res + (long long)t * k + p * 8 + 4);
+    x.a = ld_in_order16(res + (long long)t * k + p * 8);
+    x.b = ld_in_order16(res + (long long)t * k + p * 8 + 4);
   }
   return x;
 }
@@ -217,33 +246,44 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
     // Rows past the end read row 0 (always valid) and are never written.
     wr[r] = w + (long long)(row0 + r < rows ? row0 + r : 0) * k;
   }
-  // The weights of piece p of the CTA's rows (16 bytes a row).
-  auto load_w = [&](int p, uint4 (&wv)[GV_ROWS]) {
-#pragma unroll
-    for (int r = 0; r < GV_ROWS; ++r) wv[r] = *reinterpret_cast<const uint4*>(wr[r] + p * 8);
-  };
-  auto load_w_before_wait = [&](int p, uint4 (&wv)[GV_ROWS]) {
-#pragma unroll
-    for (int r = 0; r < GV_ROWS; ++r) wv[r] = ld_before_wait16(wr[r] + p * 8);
-  };
   // How many pieces a thread has in flight: two (at k = 2048 all of a thread's pieces);
   // for the SiLU input, whose k is the MLP's width (5632 at EuroLLM-1.7B's shape: five or
-  // six pieces a thread), four at one token row and two at two. Each round issues the
-  // loads of all its pieces, weights and (T <= 2: `PRE`) inputs, before its first
-  // product: ptxas left to itself issued a round's second piece only after the first
-  // piece's weights had arrived (sm_90 SASS), two DRAM round trips where one will do.
-  // At T > 2 the inputs would take too many registers and are loaded piece by piece.
+  // six pieces a thread), four at one token row and two at two.
   constexpr int U = IN == GV_SILU ? (T == 1 ? 4 : T == 2 ? 2 : 1) : 2;
+  // A round's weights are copied straight into shared memory (cp.async: nothing held in
+  // registers while they are in flight, so the depth costs no occupancy), each thread
+  // its own 16-byte slots, which it reads back after its own copies have landed (no
+  // barrier). The round's inputs (T <= 2: `PRE`) are loaded into registers meanwhile.
+  // Up to run 8 the weights went to registers and ptxas issued a round's second piece
+  // only after the first piece's weights had arrived (two DRAM round trips where one
+  // will do); loading whole rounds into registers instead cost 72 registers a thread at
+  // one token row (7 CTAs an SM: EuroLLM-1.7B's q|k|v projection, 1024 CTAs, would no
+  // longer fit one wave on 132 SMs). At T > 2 the inputs are loaded piece by piece.
+  __shared__ __align__(16) uint4 s_w[U][GV_ROWS][GV_THREADS];
   constexpr bool PRE = T <= 2;
   constexpr bool NW = IN == GV_NORM || IN == GV_NORM_LATE;
+  // Copies piece p0 + u * GV_THREADS of the CTA's rows (16 bytes a row) for every u of a
+  // round into the thread's slots, as one cp.async group.
+  auto stage_w = [&](int p0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (p0 + u * GV_THREADS < pieces)
+#pragma unroll
+        for (int r = 0; r < GV_ROWS; ++r)
+          cp_async16(smem_u32(&s_w[u][r][threadIdx.x]), wr[r] + (p0 + u * GV_THREADS) * 8, 16);
+    cp_async_commit();
+  };
   // The inputs of piece p for every token row, and its 16 bytes of the norm weight.
   auto load_in = [&](int p, GvRaw (&x)[T], uint4& nwr) {
-    if (NW) nwr = *reinterpret_cast<const uint4*>(norm_w + p * 8);
+    if (NW) nwr = ld_in_order16(norm_w + p * 8);
 #pragma unroll
     for (int t = 0; t < T; ++t) x[t] = load_raw<IN>(res, xb, k, t, p);
   };
-  // Piece p's products for every token row, given its weights (and inputs if PRE).
-  auto piece = [&](int p, const uint4 (&wv)[GV_ROWS], const GvRaw (&x)[T], const uint4& nwr) {
+  // Piece p (slot u of the round)'s products for every token row (its inputs in x if PRE).
+  auto piece = [&](int p, int u, const GvRaw (&x)[T], const uint4& nwr) {
+    uint4 wv[GV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GV_ROWS; ++r) wv[r] = s_w[u][r][threadIdx.x];
     float nw[8];
     if (NW) widen8_bf16(PRE ? nwr : *reinterpret_cast<const uint4*>(norm_w + p * 8), nw);
 #pragma unroll
@@ -255,50 +295,49 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
       for (int r = 0; r < GV_ROWS; ++r) acc[r][t] = dot8(wv[r], xf, acc[r][t]);
     }
   };
-  // The thread's first round of weights is loaded before anything else (at k = 2048 that
-  // is all of them): before the norm prologue, whose L2 reads and barriers then run
-  // under their DRAM latency, and in PDL builds (common.cuh) before waiting for the
-  // previous kernel. Their inputs are loaded after both, then the loop goes on after
-  // them; PDL builds let the successor in after the loop.
-  int p0 = threadIdx.x;
-  {
-    uint4 first[U][GV_ROWS];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (p0 + u * GV_THREADS < pieces) {
-        if (PDL) {
-          load_w_before_wait(p0 + u * GV_THREADS, first[u]);
-        } else {
-          load_w(p0 + u * GV_THREADS, first[u]);
-        }
-      }
-    }
-    pdl_wait();
-    if (IN == GV_NORM) row_inv_rms<T, GV_THREADS>(res, k, eps, s_inv);
+  // A round: its inputs loaded while its weights are in flight, then its products. The
+  // first round runs the norm prologue (gemv_norm) between the two; its inputs are loaded
+  // before the prologue, whose barriers keep the wait for the weights behind them (ptxas
+  // otherwise moved the wait above the input loads).
+  auto run_round = [&](int p0, bool first) {
     GvRaw x[U][T];
     uint4 nwr[U];
 #pragma unroll
     for (int u = 0; u < U; ++u)
       if (PRE && p0 + u * GV_THREADS < pieces) load_in(p0 + u * GV_THREADS, x[u], nwr[u]);
+    if (IN == GV_NORM && first) {
+      if (PRE && pieces <= U * GV_THREADS) {
+        // The round holds every piece of the thread's rows (k <= 2048): the sums of
+        // squares come from its inputs, in row_inv_rms's order, with no second read.
+        float ss_in[T];
 #pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (p0 + u * GV_THREADS < pieces) piece(p0 + u * GV_THREADS, first[u], x[u], nwr[u]);
-    p0 += U * GV_THREADS;
-  }
-  for (; p0 < pieces; p0 += U * GV_THREADS) {
-    uint4 wv[U][GV_ROWS];
-    GvRaw x[U][T];
-    uint4 nwr[U];
+        for (int t = 0; t < T; ++t) ss_in[t] = 0.f;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (p0 + u * GV_THREADS < pieces) {
-        load_w(p0 + u * GV_THREADS, wv[u]);
-        if (PRE) load_in(p0 + u * GV_THREADS, x[u], nwr[u]);
+        for (int u = 0; u < U; ++u)
+          if (p0 + u * GV_THREADS < pieces)
+#pragma unroll
+            for (int t = 0; t < T; ++t)
+              ss_in[t] += sq_sum8(as_float4(x[u][t].a), as_float4(x[u][t].b));
+        finish_inv_rms<T, GV_THREADS>(ss_in, k, eps, s_inv);
+      } else {
+        row_inv_rms<T, GV_THREADS>(res, k, eps, s_inv);
       }
     }
+    cp_async_wait<0>();
 #pragma unroll
     for (int u = 0; u < U; ++u)
-      if (p0 + u * GV_THREADS < pieces) piece(p0 + u * GV_THREADS, wv[u], x[u], nwr[u]);
+      if (p0 + u * GV_THREADS < pieces) piece(p0 + u * GV_THREADS, u, x[u], nwr[u]);
+  };
+  // The first round's weights are copied before anything else (at k = 2048 that is all
+  // of them): before the norm prologue, which then runs under their DRAM latency, and
+  // in PDL builds (common.cuh) before waiting for the previous kernel (the weights are
+  // not written by it). PDL builds let the successor in after the loop.
+  stage_w(threadIdx.x);
+  pdl_wait();
+  run_round(threadIdx.x, true);
+  for (int p0 = threadIdx.x + U * GV_THREADS; p0 < pieces; p0 += U * GV_THREADS) {
+    stage_w(p0);
+    run_round(p0, false);
   }
   pdl_trigger();
 #pragma unroll
@@ -372,7 +411,7 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
 
 // The q|k|v GEMVs with RoPE and the KV write in their epilogue (input stage IN).
 #define SOV_GEMV_ROPE(T, NAME, IN)                                                         \
-  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
+  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS, sov::gv_norm_min_ctas(T))  \
       NAME##T(const sov::bf16* w, const float* residual, const sov::bf16* norm_w,          \
               float eps, sov::bf16* y, int rows, int k, int tokens, const int* positions,  \
               const int* slots, const float* cos_t, const float* sin_t,                    \
@@ -390,7 +429,7 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
                 int tokens) {                                                              \
     sov::gemv_impl<T, sov::GV_PLAIN, sov::GV_BF16>(w, x, nullptr, 0.f, y, rows, k, tokens); \
   }                                                                                        \
-  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
+  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS, sov::gv_norm_min_ctas(T))  \
       gemv_norm_t##T(const sov::bf16* w, const float* residual, const sov::bf16* norm_w,   \
                      float eps, sov::bf16* y, int rows, int k, int tokens) {               \
     sov::gemv_impl<T, sov::GV_NORM, sov::GV_BF16>(w, residual, norm_w, eps, y, rows, k,    \
@@ -398,7 +437,7 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
   }                                                                                        \
   SOV_GEMV_ROPE(T, gemv_norm_rope_t, sov::GV_NORM)                                         \
   SOV_GEMV_ROPE(T, gemv_norm_late_rope_t, sov::GV_NORM_LATE)                               \
-  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
+  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS, sov::gv_norm_min_ctas(T))  \
       gemv_norm_late_t##T(const sov::bf16* w, const float* residual,                       \
                           const sov::bf16* norm_w, float eps, sov::bf16* y, int rows,      \
                           int k, int tokens) {                                             \
