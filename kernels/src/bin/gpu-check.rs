@@ -518,13 +518,13 @@ fn check_act(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
     Ok(out)
 }
 
-/// The experimental `gemv_norm_late_t*` at 1, 3 and 8 tokens against
+/// The experimental `gemv_norm_late_t*` at 1, 2, 3 and 8 tokens against
 /// `gpu_ref::gemv_norm_late_f32` (bf16 tolerance on the bf16 output).
 fn check_gemv_norm_late(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
     use launch::{GemvInput, GemvOutput};
     let mut out = Vec::new();
     for (rows, cols) in [(4096usize, 2048usize), (11264, 2048), (1001, 64)] {
-        for tokens in [1, 3, 8] {
+        for tokens in [1, 2, 3, 8] {
             let t = launch::gemv_rows(tokens);
             let w = to_bf16_vec(&rng.f32s(rows * cols));
             let res: Vec<f32> = rng.f32s(t * cols).iter().map(|v| v * 3.0).collect();
@@ -856,13 +856,13 @@ fn check_pdl_late_writes(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaE
     Ok(out)
 }
 
-/// The GEMV kernels at 1, 3 and 8 tokens.
+/// The GEMV kernels at 1, 2, 3 and 8 tokens (T = 1, 2, 4, 8: every round and input path).
 fn check_gemv(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
     use launch::{GemvInput, GemvOutput};
     let mut out = Vec::new();
     // EuroLLM-1.7B's o_proj and down_proj shapes, and a ragged last CTA.
     for (rows, cols) in [(2048usize, 2048usize), (2048, 5632), (1001, 64)] {
-        for tokens in [1, 3, 8] {
+        for tokens in [1, 2, 3, 8] {
             let t = launch::gemv_rows(tokens);
             let w = to_bf16_vec(&rng.f32s(rows * cols));
             let wd = up(k, &w)?;
