@@ -16,9 +16,9 @@ typedef unsigned short bf16;
 // (kernels::cuda::PDL_DEFINE; a build of its own, cached apart). A kernel launched with
 // the programmatic-stream-serialization attribute may start while its predecessor in the
 // stream still runs, so a PDL-aware kernel:
-//   - before pdl_wait, reads only what no kernel writes (the GEMVs' weights: they load
-//     their first pieces into registers there, so a layer's weight stream starts while
-//     the previous kernel finishes);
+//   - before pdl_wait, reads only what no kernel writes (the GEMVs' weights: they copy
+//     their first round into shared memory there, so a layer's weight stream starts
+//     while the previous kernel finishes);
 //   - pdl_wait(): returns once the predecessor grid has completed and its writes are
 //     visible; it comes before anything a kernel reads or writes. Every PDL-aware kernel
 //     calls it, so when one returns every earlier kernel of the stream has completed;
@@ -62,8 +62,9 @@ __device__ __forceinline__ uint4 ld_before_wait16(const void* p) {
 }
 // 16 bytes of an activation (written by an earlier kernel) loaded where the code puts
 // it: a plain coherent global load as a volatile asm, which the compiler keeps in order
-// with the other volatile asms (a cp.async wait after it stays after it, where an
-// ordinary load could be sunk below the wait and its latency exposed).
+// with the other volatile asms, so the PTX has it before a cp.async wait that follows
+// it (ordinary loads were sunk below the wait). ptxas may still schedule some below the
+// wait (SASS: 2 of 8 in gemv_silu_add_t1's PDL build, a few at T = 2).
 __device__ __forceinline__ uint4 ld_in_order16(const void* p) {
   uint4 v;
   asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n"

@@ -32,11 +32,12 @@
 // threads stride over the 16-byte column pieces, so each weight row is read in coalesced
 // 2 KB runs and each x piece is formed once for GV_ROWS rows. A thread takes U pieces a
 // round (2; the SiLU input 4 at one token row, 2 at two, 1 above): their weights go to
-// the thread's own shared-memory slots (16 KB a CTA, 32 KB for gemv_silu_add_t1) while
-// their inputs are loaded into registers, then it waits for its copies and multiplies. The sums are reduced with
-// shuffles, then across the 4 warps in shared memory. The host rounds the token count up
-// to T = 1, 2, 4 or 8: the extra input rows are read (the buffers must hold T rows) and
-// their results dropped; only `tokens` rows are written.
+// the thread's own shared-memory slots (U x 8 KB a CTA: 16 KB, 32 KB for
+// gemv_silu_add_t1) while their inputs are loaded into registers, then it waits for its
+// copies and multiplies. The sums are reduced with shuffles, then across the 4 warps in
+// shared memory. The host rounds the token count up to T = 1, 2, 4 or 8: the extra input
+// rows are read (the buffers must hold T rows) and their results dropped; only `tokens`
+// rows are written.
 #include "common.cuh"
 
 namespace sov {
