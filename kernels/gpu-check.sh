@@ -45,12 +45,14 @@ cd "$(dirname "$0")/.."
 # `prefill_attention_wgmma_tma`: that with TMA copies into swizzled tiles (wgmma_tma).
 # `pdl`: the decode path's kernels as their programmatic-dependent-launch builds, launched
 # with the attribute (worker: SOV_PDL=1), and the GEMV chain of a decode step timed with
-# them (`gemv_chain`, beside the default run's).
+# them (`gemv_chain`, beside the default run's). PDL asks for the most shared memory for
+# the decode path's kernels (SOV_SMEM_CARVEOUT); the `pdldrv` variant leaves the carveout
+# to the driver, to measure what that setting does.
 # GPU_CHECK_OPT_IN (and GPU_CHECK_VARIANTS below), when set, replace the lists: a second
 # run in the same GPU session can measure only the designs the first one left open.
 OPT_IN=${GPU_CHECK_OPT_IN-"pdl gemv_norm_late gemv_norm_rope gemv_norm_late_rope prefill_attention_wgmma_ov prefill_attention_wgmma_ws prefill_attention_wgmma_pp prefill_attention_wgmma_pp128 prefill_attention_wgmma_tma"}
 # The decode-path experiments through the backend, NAME:ENV (comma-separated variables).
-VARIANTS=${GPU_CHECK_VARIANTS-"late:SOV_GEMV_NORM=late rope:SOV_GEMV_ROPE=1 laterope:SOV_GEMV_ROPE=1,SOV_GEMV_NORM=late pdl:SOV_PDL=1 pdlrope:SOV_PDL=1,SOV_GEMV_ROPE=1 pdllaterope:SOV_PDL=1,SOV_GEMV_ROPE=1,SOV_GEMV_NORM=late"}
+VARIANTS=${GPU_CHECK_VARIANTS-"late:SOV_GEMV_NORM=late rope:SOV_GEMV_ROPE=1 laterope:SOV_GEMV_ROPE=1,SOV_GEMV_NORM=late pdl:SOV_PDL=1 pdlrope:SOV_PDL=1,SOV_GEMV_ROPE=1 pdllaterope:SOV_PDL=1,SOV_GEMV_ROPE=1,SOV_GEMV_NORM=late pdldrv:SOV_PDL=1,SOV_SMEM_CARVEOUT=-1"}
 # The experimental prefill designs among OPT_IN, by the worker's SOV_PREFILL_KERNEL names.
 PREFILL_EXPERIMENTS=""
 for d in $OPT_IN; do
@@ -70,9 +72,11 @@ tmp, status, opt_names = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
 variants = [v.split(":")[0] for v in sys.argv[4].split()]
 # Each backend experiment's summary label and the opt-in kernel runs it relies on.
 LABEL = {"late": "gemv_norm_late", "rope": "gemv_norm_rope", "laterope": "gemv_norm_late_rope",
-         "pdl": "pdl", "pdlrope": "pdl_gemv_norm_rope", "pdllaterope": "pdl_gemv_norm_late_rope"}
+         "pdl": "pdl", "pdlrope": "pdl_gemv_norm_rope", "pdllaterope": "pdl_gemv_norm_late_rope",
+         "pdldrv": "pdl_carveout_driver"}
 PARTS_OF = {"late": ["gemv_norm_late"], "rope": ["gemv_norm_rope"], "laterope": ["gemv_norm_late_rope"],
-            "pdl": ["pdl"], "pdlrope": ["pdl", "gemv_norm_rope"], "pdllaterope": ["pdl", "gemv_norm_late_rope"]}
+            "pdl": ["pdl"], "pdlrope": ["pdl", "gemv_norm_rope"], "pdllaterope": ["pdl", "gemv_norm_late_rope"],
+            "pdldrv": ["pdl"]}
 def load(name):
     try:
         with open(os.path.join(tmp, name)) as f:

@@ -67,6 +67,8 @@ pub enum CudaError {
     },
     #[error("CUDA driver: {0}")]
     Driver(#[from] cudarc::driver::DriverError),
+    #[error("{0}")]
+    Setting(String),
     #[error("kernel cache {path}: {source}")]
     Cache {
         path: PathBuf,
@@ -119,6 +121,28 @@ pub fn has_pdl_code(name: &str) -> bool {
     SOURCES
         .iter()
         .any(|(n, text)| *n == name && text.contains("pdl_wait();"))
+}
+
+/// The shared-memory carveout (percent of the SM's unified L1 / shared memory) the
+/// decode path's kernels (the sources with PDL code: GEMVs, RoPE + KV write, decode
+/// attention, norms) ask the driver for, from `SOV_SMEM_CARVEOUT` (`-1`: the driver's
+/// choice; `0..=100`) or by default: the most shared memory with PDL, the driver's choice
+/// without. With PDL a kernel runs beside its predecessor's last CTAs, which it can only
+/// do on an SM whose carveout suits both; the GEMVs want 16-32 KB a CTA (up to 140 KB an
+/// SM) and the kernels between them almost none, so one setting for all of them keeps
+/// the driver from having to choose between the two.
+pub fn carveout_setting(env: Option<&str>, pdl: bool) -> Result<Option<i32>, CudaError> {
+    match env.map(str::trim) {
+        None | Some("") => Ok(pdl.then_some(100)),
+        Some(v) => match v.parse::<i32>() {
+            Ok(-1) => Ok(None),
+            Ok(c @ 0..=100) => Ok(Some(c)),
+            _ => Err(CudaError::Setting(format!(
+                "SOV_SMEM_CARVEOUT={v}: expected -1 (the driver's choice) or a percentage 0..=100 \
+                 of the unified L1 / shared memory"
+            ))),
+        },
+    }
 }
 
 /// The options of one build: [`nvrtc_options`], plus [`PDL_DEFINE`] for a PDL build.
@@ -278,9 +302,11 @@ pub struct Kernels {
     /// sources with PDL code were built with [`PDL_DEFINE`] and the decode path's
     /// launchers (GEMVs, RoPE + KV write, decode attention and its merge, the final norm)
     /// launch with the programmatic-stream-serialization attribute, so each starts while
-    /// its predecessor finishes: a GEMV loads its first weights into registers, then
+    /// its predecessor finishes: a GEMV copies its first weights into shared memory, then
     /// waits for its predecessor before touching anything a kernel writes.
     pub pdl: bool,
+    /// The shared-memory carveout the decode path's kernels ask for ([`carveout_setting`]).
+    pub carveout: Option<i32>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
     /// Entry points already looked up (a launch then costs no driver lookup).
     functions: std::sync::Mutex<HashMap<String, CudaFunction>>,
@@ -312,6 +338,7 @@ impl Kernels {
             .unwrap_or(1);
         let stream = ctx.new_stream()?;
         let pdl = major >= 9 && std::env::var("SOV_PDL").is_ok_and(|v| v == "1");
+        let carveout = carveout_setting(std::env::var("SOV_SMEM_CARVEOUT").ok().as_deref(), pdl)?;
         let mut modules = HashMap::new();
         for (name, _) in SOURCES {
             let Some(build) = build_arch(name, &arch) else {
@@ -326,6 +353,7 @@ impl Kernels {
             arch,
             sms,
             pdl,
+            carveout,
             modules,
             functions: std::sync::Mutex::new(HashMap::new()),
         })
@@ -350,6 +378,12 @@ impl Kernels {
             .get(source)
             .ok_or_else(|| CudaError::UnknownSource(source.to_string()))?;
         let f = m.load_function(entry)?;
+        if let Some(c) = self.carveout.filter(|_| has_pdl_code(source)) {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                c,
+            )?;
+        }
         cache.insert(entry.to_string(), f.clone());
         Ok(f)
     }

@@ -161,3 +161,23 @@ fn a_bad_architecture_is_a_compile_error_with_the_reason() {
     let text = err.to_string();
     assert!(text.contains("act.cu") && text.contains("sm_1"), "{text}");
 }
+
+#[test]
+fn the_carveout_setting_defaults_with_pdl_and_refuses_bad_values() {
+    // Unset: the most shared memory with PDL, the driver's choice without.
+    assert_eq!(carveout_setting(None, true).unwrap(), Some(100));
+    assert_eq!(carveout_setting(None, false).unwrap(), None);
+    assert_eq!(carveout_setting(Some(" "), true).unwrap(), Some(100));
+    // -1 asks for the driver's choice even with PDL; 0..=100 is taken as given.
+    assert_eq!(carveout_setting(Some("-1"), true).unwrap(), None);
+    assert_eq!(carveout_setting(Some("0"), false).unwrap(), Some(0));
+    assert_eq!(carveout_setting(Some("100"), false).unwrap(), Some(100));
+    assert_eq!(carveout_setting(Some(" 50 "), true).unwrap(), Some(50));
+    for bad in ["101", "-2", "max", "12.5"] {
+        let err = carveout_setting(Some(bad), true).unwrap_err().to_string();
+        assert!(
+            err.contains("SOV_SMEM_CARVEOUT") && err.contains(bad) && err.contains("0..=100"),
+            "{err}"
+        );
+    }
+}

@@ -785,6 +785,7 @@ impl CudaBackend {
                     edges,
                     programmatic,
                     pdl = self.k.pdl,
+                    smem_carveout = ?self.k.carveout,
                     "decode step captured as a CUDA graph"
                 ),
                 Err(e) => tracing::warn!(error = %e, "cannot count the decode graph's edges"),
