@@ -47,12 +47,15 @@ cd "$(dirname "$0")/.."
 # with the attribute (worker: SOV_PDL=1), and the GEMV chain of a decode step timed with
 # them (`gemv_chain`, beside the default run's). PDL asks for the most shared memory for
 # the decode path's kernels (SOV_SMEM_CARVEOUT); the `pdldrv` variant leaves the carveout
-# to the driver, to measure what that setting does.
+# to the driver, to measure what that setting does. `gemv_regs`: the decode GEMVs'
+# register design of run 8 and before (worker: SOV_GEMV_STAGE=regs), its checks, GEMV
+# timings and chain beside the default shared-memory design's (and the `regs` variant:
+# batch-1 decode with it).
 # GPU_CHECK_OPT_IN (and GPU_CHECK_VARIANTS below), when set, replace the lists: a second
 # run in the same GPU session can measure only the designs the first one left open.
-OPT_IN=${GPU_CHECK_OPT_IN-"pdl gemv_norm_late gemv_norm_rope gemv_norm_late_rope prefill_attention_wgmma_ov prefill_attention_wgmma_ws prefill_attention_wgmma_pp prefill_attention_wgmma_pp128 prefill_attention_wgmma_tma"}
+OPT_IN=${GPU_CHECK_OPT_IN-"pdl gemv_regs gemv_norm_late gemv_norm_rope gemv_norm_late_rope prefill_attention_wgmma_ov prefill_attention_wgmma_ws prefill_attention_wgmma_pp prefill_attention_wgmma_pp128 prefill_attention_wgmma_tma"}
 # The decode-path experiments through the backend, NAME:ENV (comma-separated variables).
-VARIANTS=${GPU_CHECK_VARIANTS-"late:SOV_GEMV_NORM=late rope:SOV_GEMV_ROPE=1 laterope:SOV_GEMV_ROPE=1,SOV_GEMV_NORM=late pdl:SOV_PDL=1 pdlrope:SOV_PDL=1,SOV_GEMV_ROPE=1 pdllaterope:SOV_PDL=1,SOV_GEMV_ROPE=1,SOV_GEMV_NORM=late pdldrv:SOV_PDL=1,SOV_SMEM_CARVEOUT=-1"}
+VARIANTS=${GPU_CHECK_VARIANTS-"late:SOV_GEMV_NORM=late rope:SOV_GEMV_ROPE=1 laterope:SOV_GEMV_ROPE=1,SOV_GEMV_NORM=late pdl:SOV_PDL=1 pdlrope:SOV_PDL=1,SOV_GEMV_ROPE=1 pdllaterope:SOV_PDL=1,SOV_GEMV_ROPE=1,SOV_GEMV_NORM=late pdldrv:SOV_PDL=1,SOV_SMEM_CARVEOUT=-1 regs:SOV_GEMV_STAGE=regs"}
 # The experimental prefill designs among OPT_IN, by the worker's SOV_PREFILL_KERNEL names.
 PREFILL_EXPERIMENTS=""
 for d in $OPT_IN; do
@@ -73,10 +76,10 @@ variants = [v.split(":")[0] for v in sys.argv[4].split()]
 # Each backend experiment's summary label and the opt-in kernel runs it relies on.
 LABEL = {"late": "gemv_norm_late", "rope": "gemv_norm_rope", "laterope": "gemv_norm_late_rope",
          "pdl": "pdl", "pdlrope": "pdl_gemv_norm_rope", "pdllaterope": "pdl_gemv_norm_late_rope",
-         "pdldrv": "pdl_carveout_driver"}
+         "pdldrv": "pdl_carveout_driver", "regs": "gemv_regs"}
 PARTS_OF = {"late": ["gemv_norm_late"], "rope": ["gemv_norm_rope"], "laterope": ["gemv_norm_late_rope"],
             "pdl": ["pdl"], "pdlrope": ["pdl", "gemv_norm_rope"], "pdllaterope": ["pdl", "gemv_norm_late_rope"],
-            "pdldrv": ["pdl"]}
+            "pdldrv": ["pdl"], "regs": ["gemv_regs"]}
 def load(name):
     try:
         with open(os.path.join(tmp, name)) as f:
@@ -112,6 +115,12 @@ try:
     summary["gemv_chain_pdl_vs_default"] = p_gbs / d_gbs
 except Exception:
     summary["gemv_chain_pdl_vs_default"] = None
+# The same for the shared-memory GEMVs (the default) over the register design.
+try:
+    d_gbs, r_gbs = k["gemv_chain"]["gb_per_s"], opt["gemv_chain_gemv_regs"]["gb_per_s"]
+    summary["gemv_chain_default_vs_regs"] = d_gbs / r_gbs
+except Exception:
+    summary["gemv_chain_default_vs_regs"] = None
 copy = k.get("copy_bandwidth_gb_per_s")
 def check(name):
     c = load(name)
@@ -291,6 +300,7 @@ for d in $OPT_IN; do
   say "opt-in design $d"
   pdl_env=""
   [ "$d" = pdl ] && pdl_env="SOV_PDL=1"
+  [ "$d" = gemv_regs ] && pdl_env="SOV_GEMV_STAGE=regs"
   # shellcheck disable=SC2086
   env $pdl_env timeout 120 "$BIN/gpu-check" "$@" --opt-in "$d" --out "$PARTS/opt-$d.json" > /dev/null 2> >(tee -a "$LOG" >&2)
   [ -s "$PARTS/opt-$d.json" ] || echo "{\"error\": \"gpu-check --opt-in $d printed nothing (exit or timeout; see the log)\"}" > "$PARTS/opt-$d.json"

@@ -160,20 +160,24 @@ struct GvRaw {
   uint4 a, b;
 };
 
-template <int IN>
+template <int IN, bool ORDERED = true>
 __device__ __forceinline__ GvRaw load_raw(const float* SOV_RESTRICT_ACT res,
                                           const sov::bf16* SOV_RESTRICT_ACT xb, int k, int t,
                                           int p) {
+  // ORDERED: ld_in_order16; otherwise ordinary loads (the register design's, below).
+  auto ld = [](const void* a) {
+    return ORDERED ? ld_in_order16(a) : *reinterpret_cast<const uint4*>(a);
+  };
   GvRaw x;
   if (IN == GV_PLAIN) {
-    x.a = ld_in_order16(xb + (long long)t * k + p * 8);
+    x.a = ld(xb + (long long)t * k + p * 8);
     x.b = x.a;  // unused
   } else if (IN == GV_SILU) {
-    x.a = ld_in_order16(xb + (long long)t * 2 * k + p * 8);
-    x.b = ld_in_order16(xb + (long long)t * 2 * k + k + p * 8);
+    x.a = ld(xb + (long long)t * 2 * k + p * 8);
+    x.b = ld(xb + (long long)t * 2 * k + k + p * 8);
   } else {
-    x.a = ld_in_order16(res + (long long)t * k + p * 8);
-    x.b = ld_in_order16(res + (long long)t * k + p * 8 + 4);
+    x.a = ld(res + (long long)t * k + p * 8);
+    x.b = ld(res + (long long)t * k + p * 8 + 4);
   }
   return x;
 }
@@ -217,7 +221,7 @@ __device__ __forceinline__ void form8(const GvRaw x, float inv, const float nw[8
   }
 }
 
-template <int T, int IN, int OUT>
+template <int T, int IN, int OUT, bool STAGE = true>
 __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
                                           const void* SOV_RESTRICT_ACT xin,
                                           const sov::bf16* __restrict__ norm_w, float eps,
@@ -247,98 +251,149 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
     // Rows past the end read row 0 (always valid) and are never written.
     wr[r] = w + (long long)(row0 + r < rows ? row0 + r : 0) * k;
   }
-  // How many pieces a thread has in flight: two (at k = 2048 all of a thread's pieces);
-  // for the SiLU input, whose k is the MLP's width (5632 at EuroLLM-1.7B's shape: five or
-  // six pieces a thread), four at one token row and two at two.
-  constexpr int U = IN == GV_SILU ? (T == 1 ? 4 : T == 2 ? 2 : 1) : 2;
-  // A round's weights are copied straight into shared memory (cp.async: nothing held in
-  // registers while they are in flight, so the depth costs no occupancy), each thread
-  // its own 16-byte slots, which it reads back after its own copies have landed (no
-  // barrier). The round's inputs (T <= 2: `PRE`) are loaded into registers meanwhile.
-  // Up to run 8 the weights went to registers and ptxas issued a round's second piece
-  // only after the first piece's weights had arrived (two DRAM round trips where one
-  // will do); loading whole rounds into registers instead cost 72 registers a thread at
-  // one token row (7 CTAs an SM: EuroLLM-1.7B's q|k|v projection, 1024 CTAs, would no
-  // longer fit one wave on 132 SMs). At T > 2 the inputs are loaded piece by piece.
-  __shared__ __align__(16) uint4 s_w[U][GV_ROWS][GV_THREADS];
-  constexpr bool PRE = T <= 2;
   constexpr bool NW = IN == GV_NORM || IN == GV_NORM_LATE;
-  // Copies piece p0 + u * GV_THREADS of the CTA's rows (16 bytes a row) for every u of a
-  // round into the thread's slots, as one cp.async group.
-  auto stage_w = [&](int p0) {
+  if constexpr (!STAGE) {
+    // The register design of run 8 and before (`gemv_*_regs_t1/t2`, worker
+    // SOV_GEMV_STAGE=regs), kept to measure the shared-memory one against it side by
+    // side: a piece's weights are loaded into registers and multiplied, two pieces a
+    // loop iteration (one for the SiLU input), the inputs with ordinary loads in the
+    // products, the norm prologue before the first weight load (PDL builds: after the
+    // first U pieces' weights, which are loaded before the wait).
+    auto load_w = [&](int p, uint4 (&wv)[GV_ROWS]) {
 #pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (p0 + u * GV_THREADS < pieces)
+      for (int r = 0; r < GV_ROWS; ++r) wv[r] = *reinterpret_cast<const uint4*>(wr[r] + p * 8);
+    };
+    auto load_w_before_wait = [&](int p, uint4 (&wv)[GV_ROWS]) {
 #pragma unroll
-        for (int r = 0; r < GV_ROWS; ++r)
-          cp_async16(smem_u32(&s_w[u][r][threadIdx.x]), wr[r] + (p0 + u * GV_THREADS) * 8, 16);
-    cp_async_commit();
-  };
-  // The inputs of piece p for every token row, and its 16 bytes of the norm weight.
-  auto load_in = [&](int p, GvRaw (&x)[T], uint4& nwr) {
-    if (NW) nwr = ld_in_order16(norm_w + p * 8);
+      for (int r = 0; r < GV_ROWS; ++r) wv[r] = ld_before_wait16(wr[r] + p * 8);
+    };
+    auto piece = [&](int p, const uint4 (&wv)[GV_ROWS]) {
+      float nw[8];
+      if (NW) load8(norm_w + p * 8, nw);
 #pragma unroll
-    for (int t = 0; t < T; ++t) x[t] = load_raw<IN>(res, xb, k, t, p);
-  };
-  // Piece p (slot u of the round)'s products for every token row (its inputs in x if PRE).
-  auto piece = [&](int p, int u, const GvRaw (&x)[T], const uint4& nwr) {
-    uint4 wv[GV_ROWS];
+      for (int t = 0; t < T; ++t) {
+        float xf[8];
+        form8<IN>(load_raw<IN, false>(res, xb, k, t, p), IN == GV_NORM ? s_inv[t] : 0.f, nw,
+                  xf, ss[t]);
 #pragma unroll
-    for (int r = 0; r < GV_ROWS; ++r) wv[r] = s_w[u][r][threadIdx.x];
-    float nw[8];
-    if (NW) widen8_bf16(PRE ? nwr : *reinterpret_cast<const uint4*>(norm_w + p * 8), nw);
-#pragma unroll
-    for (int t = 0; t < T; ++t) {
-      float xf[8];
-      form8<IN>(PRE ? x[t] : load_raw<IN>(res, xb, k, t, p), IN == GV_NORM ? s_inv[t] : 0.f,
-                nw, xf, ss[t]);
-#pragma unroll
-      for (int r = 0; r < GV_ROWS; ++r) acc[r][t] = dot8(wv[r], xf, acc[r][t]);
-    }
-  };
-  // A round: its inputs loaded while its weights are in flight, then its products. The
-  // first round runs the norm prologue (gemv_norm) between the two; its inputs are loaded
-  // before the prologue, whose barriers keep the wait for the weights behind them (ptxas
-  // otherwise moved the wait above the input loads).
-  auto run_round = [&](int p0, bool first) {
-    GvRaw x[U][T];
-    uint4 nwr[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (PRE && p0 + u * GV_THREADS < pieces) load_in(p0 + u * GV_THREADS, x[u], nwr[u]);
-    if (IN == GV_NORM && first) {
-      if (PRE && pieces <= U * GV_THREADS) {
-        // The round holds every piece of the thread's rows (k <= 2048): the sums of
-        // squares come from its inputs, in row_inv_rms's order, with no second read.
-        float ss_in[T];
-#pragma unroll
-        for (int t = 0; t < T; ++t) ss_in[t] = 0.f;
-#pragma unroll
-        for (int u = 0; u < U; ++u)
-          if (p0 + u * GV_THREADS < pieces)
-#pragma unroll
-            for (int t = 0; t < T; ++t)
-              ss_in[t] += sq_sum8(as_float4(x[u][t].a), as_float4(x[u][t].b));
-        finish_inv_rms<T, GV_THREADS>(ss_in, k, eps, s_inv);
-      } else {
-        row_inv_rms<T, GV_THREADS>(res, k, eps, s_inv);
+        for (int r = 0; r < GV_ROWS; ++r) acc[r][t] = dot8(wv[r], xf, acc[r][t]);
       }
-    }
-    cp_async_wait<0>();
+    };
+    constexpr int U = IN == GV_SILU ? 1 : 2;
+    if (!PDL && IN == GV_NORM) row_inv_rms<T, GV_THREADS>(res, k, eps, s_inv);
+    uint4 first[U][GV_ROWS];
+    if (PDL) {
 #pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (p0 + u * GV_THREADS < pieces) piece(p0 + u * GV_THREADS, u, x[u], nwr[u]);
-  };
-  // The first round's weights are copied before anything else (at k = 2048 that is all
-  // of them): before the norm prologue, which then runs under their DRAM latency, and
-  // in PDL builds (common.cuh) before waiting for the previous kernel (the weights are
-  // not written by it). PDL builds let the successor in after the loop.
-  stage_w(threadIdx.x);
-  pdl_wait();
-  run_round(threadIdx.x, true);
-  for (int p0 = threadIdx.x + U * GV_THREADS; p0 < pieces; p0 += U * GV_THREADS) {
-    stage_w(p0);
-    run_round(p0, false);
+      for (int u = 0; u < U; ++u)
+        if (threadIdx.x + u * GV_THREADS < pieces)
+          load_w_before_wait(threadIdx.x + u * GV_THREADS, first[u]);
+    }
+    pdl_wait();
+    if (PDL && IN == GV_NORM) row_inv_rms<T, GV_THREADS>(res, k, eps, s_inv);
+    if (PDL) {
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (threadIdx.x + u * GV_THREADS < pieces) piece(threadIdx.x + u * GV_THREADS, first[u]);
+    }
+#pragma unroll(U)
+    for (int p = threadIdx.x + (PDL ? U * GV_THREADS : 0); p < pieces; p += GV_THREADS) {
+      uint4 wv[GV_ROWS];
+      load_w(p, wv);
+      piece(p, wv);
+    }
+  } else {
+    // How many pieces a thread has in flight: two (at k = 2048 all of a thread's pieces);
+    // for the SiLU input, whose k is the MLP's width (5632 at EuroLLM-1.7B's shape: five or
+    // six pieces a thread), four at one token row and two at two.
+    constexpr int U = IN == GV_SILU ? (T == 1 ? 4 : T == 2 ? 2 : 1) : 2;
+    // A round's weights are copied straight into shared memory (cp.async: nothing held in
+    // registers while they are in flight, so the depth costs no occupancy), each thread
+    // its own 16-byte slots, which it reads back after its own copies have landed (no
+    // barrier). The round's inputs (T <= 2: `PRE`) are loaded into registers meanwhile.
+    // Up to run 8 the weights went to registers and ptxas issued a round's second piece
+    // only after the first piece's weights had arrived (two DRAM round trips where one
+    // will do); loading whole rounds into registers instead cost 72 registers a thread at
+    // one token row (7 CTAs an SM: EuroLLM-1.7B's q|k|v projection, 1024 CTAs, would no
+    // longer fit one wave on 132 SMs). At T > 2 the inputs are loaded piece by piece.
+    __shared__ __align__(16) uint4 s_w[U][GV_ROWS][GV_THREADS];
+    constexpr bool PRE = T <= 2;
+    // Copies piece p0 + u * GV_THREADS of the CTA's rows (16 bytes a row) for every u of a
+    // round into the thread's slots, as one cp.async group.
+    auto stage_w = [&](int p0) {
+  #pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (p0 + u * GV_THREADS < pieces)
+  #pragma unroll
+          for (int r = 0; r < GV_ROWS; ++r)
+            cp_async16(smem_u32(&s_w[u][r][threadIdx.x]), wr[r] + (p0 + u * GV_THREADS) * 8, 16);
+      cp_async_commit();
+    };
+    // The inputs of piece p for every token row, and its 16 bytes of the norm weight.
+    auto load_in = [&](int p, GvRaw (&x)[T], uint4& nwr) {
+      if (NW) nwr = ld_in_order16(norm_w + p * 8);
+  #pragma unroll
+      for (int t = 0; t < T; ++t) x[t] = load_raw<IN>(res, xb, k, t, p);
+    };
+    // Piece p (slot u of the round)'s products for every token row (its inputs in x if PRE).
+    auto piece = [&](int p, int u, const GvRaw (&x)[T], const uint4& nwr) {
+      uint4 wv[GV_ROWS];
+  #pragma unroll
+      for (int r = 0; r < GV_ROWS; ++r) wv[r] = s_w[u][r][threadIdx.x];
+      float nw[8];
+      if (NW) widen8_bf16(PRE ? nwr : *reinterpret_cast<const uint4*>(norm_w + p * 8), nw);
+  #pragma unroll
+      for (int t = 0; t < T; ++t) {
+        float xf[8];
+        form8<IN>(PRE ? x[t] : load_raw<IN>(res, xb, k, t, p), IN == GV_NORM ? s_inv[t] : 0.f,
+                  nw, xf, ss[t]);
+  #pragma unroll
+        for (int r = 0; r < GV_ROWS; ++r) acc[r][t] = dot8(wv[r], xf, acc[r][t]);
+      }
+    };
+    // A round: its inputs loaded while its weights are in flight, then its products. The
+    // first round runs the norm prologue (gemv_norm) between the two; its inputs are loaded
+    // before the prologue, whose barriers keep the wait for the weights behind them (ptxas
+    // otherwise moved the wait above the input loads).
+    auto run_round = [&](int p0, bool first) {
+      GvRaw x[U][T];
+      uint4 nwr[U];
+  #pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (PRE && p0 + u * GV_THREADS < pieces) load_in(p0 + u * GV_THREADS, x[u], nwr[u]);
+      if (IN == GV_NORM && first) {
+        if (PRE && pieces <= U * GV_THREADS) {
+          // The round holds every piece of the thread's rows (k <= 2048): the sums of
+          // squares come from its inputs, in row_inv_rms's order, with no second read.
+          float ss_in[T];
+  #pragma unroll
+          for (int t = 0; t < T; ++t) ss_in[t] = 0.f;
+  #pragma unroll
+          for (int u = 0; u < U; ++u)
+            if (p0 + u * GV_THREADS < pieces)
+  #pragma unroll
+              for (int t = 0; t < T; ++t)
+                ss_in[t] += sq_sum8(as_float4(x[u][t].a), as_float4(x[u][t].b));
+          finish_inv_rms<T, GV_THREADS>(ss_in, k, eps, s_inv);
+        } else {
+          row_inv_rms<T, GV_THREADS>(res, k, eps, s_inv);
+        }
+      }
+      cp_async_wait<0>();
+  #pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (p0 + u * GV_THREADS < pieces) piece(p0 + u * GV_THREADS, u, x[u], nwr[u]);
+    };
+    // The first round's weights are copied before anything else (at k = 2048 that is all
+    // of them): before the norm prologue, which then runs under their DRAM latency, and
+    // in PDL builds (common.cuh) before waiting for the previous kernel (the weights are
+    // not written by it). PDL builds let the successor in after the loop.
+    stage_w(threadIdx.x);
+    pdl_wait();
+    run_round(threadIdx.x, true);
+    for (int p0 = threadIdx.x + U * GV_THREADS; p0 < pieces; p0 += U * GV_THREADS) {
+      stage_w(p0);
+      run_round(p0, false);
+    }
   }
   pdl_trigger();
 #pragma unroll
@@ -458,7 +513,37 @@ __device__ __forceinline__ void gemv_impl(const sov::bf16* __restrict__ w,
                                                  k, tokens);                               \
   }
 
+// The register design (above), at the token counts the worker's fused decode path runs.
+#define SOV_GEMV_REGS(T)                                                                   \
+  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
+      gemv_regs_t##T(const sov::bf16* w, const sov::bf16* x, sov::bf16* y, int rows,       \
+                     int k, int tokens) {                                                  \
+    sov::gemv_impl<T, sov::GV_PLAIN, sov::GV_BF16, false>(w, x, nullptr, 0.f, y, rows, k,  \
+                                                          tokens);                         \
+  }                                                                                        \
+  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
+      gemv_norm_regs_t##T(const sov::bf16* w, const float* residual,                       \
+                          const sov::bf16* norm_w, float eps, sov::bf16* y, int rows,      \
+                          int k, int tokens) {                                             \
+    sov::gemv_impl<T, sov::GV_NORM, sov::GV_BF16, false>(w, residual, norm_w, eps, y,      \
+                                                         rows, k, tokens);                 \
+  }                                                                                        \
+  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
+      gemv_add_regs_t##T(const sov::bf16* w, const sov::bf16* x, float* residual,          \
+                         int rows, int k, int tokens) {                                    \
+    sov::gemv_impl<T, sov::GV_PLAIN, sov::GV_ADD, false>(w, x, nullptr, 0.f, residual,     \
+                                                         rows, k, tokens);                 \
+  }                                                                                        \
+  extern "C" __global__ void __launch_bounds__(sov::GV_THREADS)                            \
+      gemv_silu_add_regs_t##T(const sov::bf16* w, const sov::bf16* gate_up,                \
+                              float* residual, int rows, int k, int tokens) {              \
+    sov::gemv_impl<T, sov::GV_SILU, sov::GV_ADD, false>(w, gate_up, nullptr, 0.f,          \
+                                                        residual, rows, k, tokens);        \
+  }
+
 SOV_GEMV(1)
 SOV_GEMV(2)
 SOV_GEMV(4)
 SOV_GEMV(8)
+SOV_GEMV_REGS(1)
+SOV_GEMV_REGS(2)

@@ -1429,7 +1429,8 @@ fn driver_version() -> String {
 
 /// One run: the default designs (every kernel the worker runs unless told otherwise), or
 /// with `opt_in` only experimental ones (`Some("all")`; or the one named:
-/// `gemv_norm_late`, `gemv_norm_rope`, `gemv_norm_late_rope`, or a prefill design's name, e.g.
+/// `gemv_norm_late`, `gemv_norm_rope`, `gemv_norm_late_rope`, `pdl`, `gemv_regs` (the decode
+/// GEMVs' register design, with SOV_GEMV_STAGE=regs), or a prefill design's name, e.g.
 /// `prefill_attention_wgmma`, to
 /// profile it alone), in a process of their own so a faulting experiment cannot poison
 /// another run's CUDA context.
@@ -1445,6 +1446,13 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
             "--opt-in pdl needs SOV_PDL=1 in the environment and an sm_90+ GPU ({})",
             k.arch
         )));
+    }
+    // The decode GEMVs' register design (run 8's), measured beside the default one.
+    let regs_mode = opt_in == Some("gemv_regs");
+    if regs_mode && !k.gemv_regs {
+        return Err(CudaError::Shape(
+            "--opt-in gemv_regs needs SOV_GEMV_STAGE=regs in the environment".into(),
+        ));
     }
     let name = k.ctx.name().unwrap_or_default();
     let nvrtc = kernels::cuda::nvrtc_version()
@@ -1524,6 +1532,7 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
         Some("gemv_norm_late") => &[("gemv_norm_late", check_gemv_norm_late)],
         Some("gemv_norm_rope") => &[("gemv_norm_rope", check_gemv_norm_rope)],
         Some("gemv_norm_late_rope") => &[("gemv_norm_late_rope", check_gemv_norm_late_rope)],
+        Some("gemv_regs") => &[("gemv", check_gemv)],
         // The PDL builds of everything a decode step launches with PDL, and their reads
         // of a predecessor's late writes.
         Some("pdl") => &[
@@ -1590,7 +1599,7 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
     for (rows, cols) in [(4096, 2048), (2048, 2048), (11264, 2048), (2048, 5632)] {
         let tokens: &[usize] = match opt_in {
             None => &[1, 8],
-            Some("pdl") => &[1],
+            Some("pdl") | Some("gemv_regs") => &[1],
             Some(_) => &[],
         };
         for &tokens in tokens {
@@ -1608,9 +1617,9 @@ fn run(quick: bool, opt_in: Option<&str>) -> Result<(Value, bool), CudaError> {
             gemv.push(r);
         }
     }
-    // A decode step's GEMVs back to back (the default run and the PDL one: side by side
-    // across the two processes).
-    let chain = if opt_in.is_none() || pdl_mode {
+    // A decode step's GEMVs back to back (the default run, the PDL one and the register
+    // design's: side by side across the processes).
+    let chain = if opt_in.is_none() || pdl_mode || regs_mode {
         let r = gemv_chain(&k).unwrap_or_else(|e| json!({"error": e.to_string()}));
         let r = match (r, copy) {
             (mut r, Some(c)) if r["gb_per_s"].is_f64() => {

@@ -1098,7 +1098,13 @@ pub fn gemv(
     }
     let (r, c, n) = (dim(rows)?, dim(cols)?, dim(tokens)?);
     let cfg = config(rows.div_ceil(4), 1, 1, 128)?;
-    let entry = |name: &str| k.function("gemv.cu", &format!("{name}_t{t}"));
+    // `SOV_GEMV_STAGE=regs`: the register design where it exists (1-2 tokens, not the
+    // late norm).
+    let entry = |name: &str| {
+        let regs = k.gemv_regs && t <= 2 && name != "gemv_norm_late";
+        let suffix = if regs { "_regs" } else { "" };
+        k.function("gemv.cu", &format!("{name}{suffix}_t{t}"))
+    };
     match (input, output) {
         (GemvInput::Plain(x), GemvOutput::Bf16(y)) => {
             let f = entry("gemv")?;

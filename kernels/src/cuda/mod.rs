@@ -145,6 +145,21 @@ pub fn carveout_setting(env: Option<&str>, pdl: bool) -> Result<Option<i32>, Cud
     }
 }
 
+/// Whether the decode GEMVs run the register design of run 8 and before
+/// (`SOV_GEMV_STAGE=regs`: `gemv*_regs_t1/t2` for plain, normalised, added and SiLU inputs
+/// at 1-2 tokens, kept to measure against) instead of the default shared-memory one
+/// (unset or `smem`).
+pub fn gemv_regs_setting(env: Option<&str>) -> Result<bool, CudaError> {
+    match env.map(str::trim) {
+        None | Some("") | Some("smem") => Ok(false),
+        Some("regs") => Ok(true),
+        Some(v) => Err(CudaError::Setting(format!(
+            "SOV_GEMV_STAGE={v}: expected smem (the default: weights through shared memory) \
+             or regs (run 8's register design)"
+        ))),
+    }
+}
+
 /// The options of one build: [`nvrtc_options`], plus [`PDL_DEFINE`] for a PDL build.
 fn build_options(pdl: bool) -> Vec<String> {
     let mut o = nvrtc_options();
@@ -307,6 +322,9 @@ pub struct Kernels {
     pub pdl: bool,
     /// The shared-memory carveout the decode path's kernels ask for ([`carveout_setting`]).
     pub carveout: Option<i32>,
+    /// The decode GEMVs' register design instead of the shared-memory one
+    /// ([`gemv_regs_setting`]).
+    pub gemv_regs: bool,
     modules: HashMap<&'static str, Arc<CudaModule>>,
     /// Entry points already looked up (a launch then costs no driver lookup).
     functions: std::sync::Mutex<HashMap<String, CudaFunction>>,
@@ -339,6 +357,7 @@ impl Kernels {
         let stream = ctx.new_stream()?;
         let pdl = major >= 9 && std::env::var("SOV_PDL").is_ok_and(|v| v == "1");
         let carveout = carveout_setting(std::env::var("SOV_SMEM_CARVEOUT").ok().as_deref(), pdl)?;
+        let gemv_regs = gemv_regs_setting(std::env::var("SOV_GEMV_STAGE").ok().as_deref())?;
         let mut modules = HashMap::new();
         for (name, _) in SOURCES {
             let Some(build) = build_arch(name, &arch) else {
@@ -354,6 +373,7 @@ impl Kernels {
             sms,
             pdl,
             carveout,
+            gemv_regs,
             modules,
             functions: std::sync::Mutex::new(HashMap::new()),
         })

@@ -130,17 +130,22 @@ fn kernels_compile_to_cubins_and_are_cached() {
                 }
             }
         }
-        // The GEMV entry points the launchers name (`{name}_t{T}`, T = gemv_rows).
-        for name in [
-            "gemv",
-            "gemv_norm",
-            "gemv_norm_late",
-            "gemv_norm_rope",
-            "gemv_norm_late_rope",
-            "gemv_add",
-            "gemv_silu_add",
+        // The GEMV entry points the launchers name (`{name}_t{T}`, T = gemv_rows; the
+        // register design's `{name}_regs_t{T}` at T = 1 and 2).
+        for (name, ts) in [
+            ("gemv", &[1, 2, 4, 8][..]),
+            ("gemv_norm", &[1, 2, 4, 8]),
+            ("gemv_norm_late", &[1, 2, 4, 8]),
+            ("gemv_norm_rope", &[1, 2, 4, 8]),
+            ("gemv_norm_late_rope", &[1, 2, 4, 8]),
+            ("gemv_add", &[1, 2, 4, 8]),
+            ("gemv_silu_add", &[1, 2, 4, 8]),
+            ("gemv_regs", &[1, 2]),
+            ("gemv_norm_regs", &[1, 2]),
+            ("gemv_add_regs", &[1, 2]),
+            ("gemv_silu_add_regs", &[1, 2]),
         ] {
-            for t in [1, 2, 4, 8] {
+            for &t in ts {
                 let want = format!("{name}_t{t}\0");
                 let cubin = &cubins[&("gemv.cu", device)];
                 assert!(
@@ -179,5 +184,18 @@ fn the_carveout_setting_defaults_with_pdl_and_refuses_bad_values() {
             err.contains("SOV_SMEM_CARVEOUT") && err.contains(bad) && err.contains("0..=100"),
             "{err}"
         );
+    }
+}
+
+#[test]
+fn the_gemv_stage_setting_takes_smem_or_regs_and_refuses_the_rest() {
+    assert!(!gemv_regs_setting(None).unwrap());
+    assert!(!gemv_regs_setting(Some("")).unwrap());
+    assert!(!gemv_regs_setting(Some("smem")).unwrap());
+    assert!(gemv_regs_setting(Some("regs")).unwrap());
+    assert!(gemv_regs_setting(Some(" regs ")).unwrap());
+    for bad in ["registers", "1", "REGS"] {
+        let err = gemv_regs_setting(Some(bad)).unwrap_err().to_string();
+        assert!(err.contains("SOV_GEMV_STAGE") && err.contains(bad), "{err}");
     }
 }
