@@ -296,15 +296,16 @@ status=$?
 [ $status -eq 124 ] && say "gpu-check timed out"
 # The opt-in designs, each in a process of its own: one that faults cannot take the
 # others' (or the default run's) CUDA context with it.
-# `pdl` runs with SOV_PDL=1 (the kernels' PDL builds, launched with the attribute).
+# `pdl` runs with SOV_PDL=1 (the kernels' PDL builds, launched with the attribute),
+# `gemv_regs` with SOV_GEMV_STAGE=regs.
 for d in $OPT_IN; do
   [ "$EXPERIMENTS" = 1 ] || break
   say "opt-in design $d"
-  pdl_env=""
-  [ "$d" = pdl ] && pdl_env="SOV_PDL=1"
-  [ "$d" = gemv_regs ] && pdl_env="SOV_GEMV_STAGE=regs"
+  opt_env=""
+  [ "$d" = pdl ] && opt_env="SOV_PDL=1"
+  [ "$d" = gemv_regs ] && opt_env="SOV_GEMV_STAGE=regs"
   # shellcheck disable=SC2086
-  env $pdl_env timeout 120 "$BIN/gpu-check" "$@" --opt-in "$d" --out "$PARTS/opt-$d.json" > /dev/null 2> >(tee -a "$LOG" >&2)
+  env $opt_env timeout 120 "$BIN/gpu-check" "$@" --opt-in "$d" --out "$PARTS/opt-$d.json" > /dev/null 2> >(tee -a "$LOG" >&2)
   [ -s "$PARTS/opt-$d.json" ] || echo "{\"error\": \"gpu-check --opt-in $d printed nothing (exit or timeout; see the log)\"}" > "$PARTS/opt-$d.json"
 done
 say "PyTorch SDPA"

@@ -203,9 +203,8 @@ __device__ __forceinline__ void form8(const GvRaw x, float inv, const float nw[8
     round8(xf);
     return;
   }
-  const float v[8] = {__uint_as_float(x.a.x), __uint_as_float(x.a.y), __uint_as_float(x.a.z),
-                      __uint_as_float(x.a.w), __uint_as_float(x.b.x), __uint_as_float(x.b.y),
-                      __uint_as_float(x.b.z), __uint_as_float(x.b.w)};
+  const float4 lo = as_float4(x.a), hi = as_float4(x.b);
+  const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
   if (IN == GV_NORM_LATE) {
     // Every piece of the row passes through the CTA exactly once: the sum of squares is
     // complete after the loop.
