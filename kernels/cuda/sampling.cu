@@ -16,6 +16,17 @@
 // a 4-pass 8-bit radix select finds the k-th key, an index-ordered compaction takes every
 // key above it and the lowest ids equal to it, a bitonic sort in shared memory orders them.
 // CPU reference: kernels::gpu_ref::topk_rows.
+//
+// sample_rows: one token a row drawn from the softmax of logits * inv_t, as the worker
+// sampler's dense draw does it: weights exp((logit - max) * inv_t) (0 below e^-87), those
+// under min_w dropped (min-p: the best token has weight 1), target u * (sum of the kept
+// weights), the first token in id order whose running sum exceeds the target. inv_t == 0:
+// the greedy pick instead. Also writes each row's (sanitized maximum, sum of all its
+// weights, min_w not applied), which the host's top-p finishing over topk_rows'
+// candidates needs. One CTA of 1024 threads a row: a pass for the maximum, a pass that
+// sums tiles of 32 x PER tokens (a warp a tile, each lane PER tokens 32 apart: coalesced),
+// a scan of the tile sums that finds the tile holding the target, and one warp that walks
+// that tile in id order. CPU reference: kernels::gpu_ref::sample_rows.
 #include "common.cuh"
 
 namespace sov {
@@ -27,6 +38,18 @@ __device__ __forceinline__ bool better(float v, int i, float bv, int bi) {
   if (v != v) return false;
   if (bv != bv) return true;
   return v > bv || (v == bv && i < bi);
+}
+
+// A logit as the worker sampler sees it: NaN -> -inf, +inf -> FLT_MAX.
+__device__ __forceinline__ float sanitize_logit(float x) {
+  return x != x ? neg_inf() : fminf(x, __int_as_float(0x7f7fffff));
+}
+
+// The sampler's weight of a sanitized logit: exp((l - mx) * inv_t), 0 below e^-87 (-inf
+// logits included).
+__device__ __forceinline__ float sample_weight(float l, float mx, float inv_t) {
+  const float x = (l - mx) * inv_t;
+  return x >= -87.f ? expf(x) : 0.f;
 }
 
 constexpr int TOPK_MAX = 1024;
@@ -167,10 +190,10 @@ extern "C" __global__ void __launch_bounds__(sov::SAMPLE_THREADS)
   float bv = sov::neg_inf();
   int bi = 0x7fffffff;
   for (int i = threadIdx.x; i < vocab; i += sov::SAMPLE_THREADS) {
-    // +inf counts as FLT_MAX, as the sampler sanitizes it. NaN never wins: it must stay
-    // NaN here, because fminf(NaN, FLT_MAX) is FLT_MAX (IEEE minNum returns the number).
-    const float x = row[i];
-    const float v = x != x ? x : fminf(x, __int_as_float(0x7f7fffff));
+    // Sanitized as the sampler does: +inf counts as FLT_MAX, NaN as -inf (so a row
+    // without a finite logit picks index 0, as on the CPU; a NaN kept as NaN would lose
+    // every comparison and let a later -inf win).
+    const float v = sov::sanitize_logit(row[i]);
     if (sov::better(v, i, bv, bi)) { bv = v; bi = i; }
   }
 #pragma unroll
@@ -222,4 +245,143 @@ extern "C" __global__ void __launch_bounds__(sov::SAMPLE_THREADS)
   sum = sov::warp_sum(s_red[lane]);
   const float inv = 1.f / sum;
   for (int i = threadIdx.x; i < vocab; i += sov::SAMPLE_THREADS) probs[base + i] *= inv;
+}
+
+// Per row: params[row] = (inv_t, min_w, u, unused); out_id[row]; out_stats[row] =
+// (sanitized maximum, sum of every weight).
+extern "C" __global__ void __launch_bounds__(sov::SAMPLE_THREADS)
+    sample_rows(const float* __restrict__ logits, const float4* __restrict__ params,
+                int* __restrict__ out_id, float2* __restrict__ out_stats, int vocab) {
+  constexpr int T = sov::SAMPLE_THREADS, WARPS = T / 32;
+  __shared__ float s_v[WARPS];
+  __shared__ int s_i[WARPS];
+  __shared__ float s_tile[T];
+  __shared__ float s_scan[WARPS];
+  __shared__ float s_all[WARPS];
+  __shared__ int s_pick, s_last;
+  __shared__ float s_base;
+  const float* row = logits + (long long)blockIdx.x * vocab;
+  const float4 p = params[blockIdx.x];
+  const float inv_t = p.x, min_w = p.y, u = p.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  // The sanitized maximum and its lowest index (the greedy pick).
+  float bv = sov::neg_inf();
+  int bi = 0x7fffffff;
+  for (int i = tid; i < vocab; i += T) {
+    const float v = sov::sanitize_logit(row[i]);
+    if (sov::better(v, i, bv, bi)) { bv = v; bi = i; }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float ov = __shfl_xor_sync(sov::FULL_MASK, bv, off);
+    const int oi = __shfl_xor_sync(sov::FULL_MASK, bi, off);
+    if (sov::better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+  }
+  if (lane == 0) { s_v[warp] = bv; s_i[warp] = bi; }
+  if (tid == 0) { s_pick = -1; s_last = -1; }
+  __syncthreads();
+  bv = s_v[lane];
+  bi = s_i[lane];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float ov = __shfl_xor_sync(sov::FULL_MASK, bv, off);
+    const int oi = __shfl_xor_sync(sov::FULL_MASK, bi, off);
+    if (sov::better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+  }
+  const float mx = bv;
+  if (inv_t == 0.f || mx == sov::neg_inf()) {
+    // Greedy, or no token with a finite logit: the lowest index of the maximum.
+    if (tid == 0) {
+      out_id[blockIdx.x] = bi == 0x7fffffff ? 0 : bi;
+      out_stats[blockIdx.x] = make_float2(mx, 0.f);
+    }
+    return;
+  }
+  // Tile sums: a warp a tile of 32 x per tokens, token (e, lane) = base + 32 e + lane.
+  const int per = max(1, (vocab + 32 * T - 1) / (32 * T));
+  const int tile = 32 * per;
+  const int ntiles = (vocab + tile - 1) / tile;  // <= T
+  float all = 0.f;
+  for (int j = warp; j < ntiles; j += WARPS) {
+    float kept = 0.f, any = 0.f;
+    for (int e = 0; e < per; ++e) {
+      const int i = j * tile + 32 * e + lane;
+      if (i < vocab) {
+        const float w = sov::sample_weight(sov::sanitize_logit(row[i]), mx, inv_t);
+        any += w;
+        kept += w >= min_w ? w : 0.f;
+      }
+    }
+    kept = sov::warp_sum(kept);
+    all += sov::warp_sum(any);
+    if (lane == 0) s_tile[j] = kept;
+  }
+  if (lane == 0) s_all[warp] = all;
+  __syncthreads();
+  // Inclusive scan of the tile sums in tile order, one a thread.
+  const float own = tid < ntiles ? s_tile[tid] : 0.f;
+  float incl = own;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float n = __shfl_up_sync(sov::FULL_MASK, incl, off);
+    if (lane >= off) incl += n;
+  }
+  if (lane == 31) s_scan[warp] = incl;
+  __syncthreads();
+  float before = 0.f, total = 0.f;
+  for (int w = 0; w < WARPS; ++w) {
+    const float x = s_scan[w];
+    if (w < warp) before += x;
+    total += x;
+  }
+  incl += before;
+  const float excl = incl - own;
+  // u < 1, but u * total may round up to total: then the last tile with weight.
+  const float target = u * total;
+  if (tid < ntiles && own > 0.f) {
+    if (excl <= target && target < incl) { s_pick = tid; s_base = excl; }
+    atomicMax(&s_last, tid);
+  }
+  __syncthreads();
+  int j = s_pick;
+  float acc = s_base;
+  if (j < 0) {
+    // No tile holds the target (rounding put it at the total): the last tile with weight
+    // (there is one: the maximum's weight is 1 and min_w <= 1).
+    j = s_last;
+    acc = j >= 0 ? total - s_tile[j] : 0.f;
+  }
+  if (warp == 0 && j < 0) {
+    if (lane == 0) {
+      out_id[blockIdx.x] = bi;
+      out_stats[blockIdx.x] = make_float2(mx, 0.f);
+    }
+  } else if (warp == 0) {
+    // Walk tile j in id order.
+    int found = -1, last = -1;
+    for (int e = 0; e < per && found < 0; ++e) {
+      const int i = j * tile + 32 * e + lane;
+      float w = 0.f;
+      if (i < vocab) w = sov::sample_weight(sov::sanitize_logit(row[i]), mx, inv_t);
+      if (w < min_w) w = 0.f;
+      float c = w;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const float n = __shfl_up_sync(sov::FULL_MASK, c, off);
+        if (lane >= off) c += n;
+      }
+      const unsigned cross = __ballot_sync(sov::FULL_MASK, w > 0.f && acc + c > target);
+      const unsigned nz = __ballot_sync(sov::FULL_MASK, w > 0.f);
+      if (cross) found = j * tile + 32 * e + __ffs(cross) - 1;
+      if (nz) last = j * tile + 32 * e + 31 - __clz(nz);
+      acc += __shfl_sync(sov::FULL_MASK, c, 31);
+    }
+    if (lane == 0) {
+      // Rounding left the target past the tile's own sum: its last token with weight.
+      out_id[blockIdx.x] = found >= 0 ? found : (last >= 0 ? last : bi);
+      float sum_all = 0.f;
+      for (int w = 0; w < WARPS; ++w) sum_all += s_all[w];
+      out_stats[blockIdx.x] = make_float2(mx, sum_all);
+    }
+  }
 }

@@ -623,6 +623,157 @@ pub fn softmax_rows(logits: &[f32], vocab: usize, temperature: f32) -> Vec<f32> 
         .collect()
 }
 
+/// `sample_rows`' parameters of one row: `inv_t` (1 / temperature; 0 = the greedy pick),
+/// `min_w` (weights below it are dropped: min-p), `u` (the draw, in `[0, 1)`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleParams {
+    pub inv_t: f32,
+    pub min_w: f32,
+    pub u: f32,
+}
+
+impl SampleParams {
+    /// As the kernel reads them: four f32 a row (the fourth unused).
+    pub fn to_device(rows: &[SampleParams]) -> Vec<f32> {
+        rows.iter()
+            .flat_map(|p| [p.inv_t, p.min_w, p.u, 0.0])
+            .collect()
+    }
+}
+
+/// The sampler's weight of a sanitized logit: `exp((l - max) * inv_t)`, 0 below `e^-87`.
+pub fn sample_weight(l: f32, max: f32, inv_t: f32) -> f32 {
+    let x = (l - max) * inv_t;
+    if x >= -87.0 { x.exp() } else { 0.0 }
+}
+
+/// `sample_rows`: per row, the token drawn as the worker sampler's dense draw does (see
+/// `sampling.cu`), with the kernel's tiling and summation order, and the row's
+/// (sanitized maximum, sum of all weights). The kernel's `expf` and this `exp` may differ
+/// in the last bit, so a draw whose target lies within rounding of a boundary between
+/// two tokens may go either way ([`sample_interval`] tells how close it was).
+pub fn sample_rows(
+    logits: &[f32],
+    vocab: usize,
+    params: &[SampleParams],
+) -> (Vec<u32>, Vec<(f32, f32)>) {
+    const T: usize = 1024;
+    let mut ids = Vec::with_capacity(params.len());
+    let mut stats = Vec::with_capacity(params.len());
+    for (row, p) in logits.chunks_exact(vocab).zip(params) {
+        let clean: Vec<f32> = row.iter().map(|&v| sanitize_logit(v)).collect();
+        let mut best = 0usize;
+        let mut mx = f32::NEG_INFINITY;
+        for (i, &v) in clean.iter().enumerate() {
+            if v > mx {
+                best = i;
+                mx = v;
+            }
+        }
+        if p.inv_t == 0.0 || mx == f32::NEG_INFINITY {
+            ids.push(best as u32);
+            stats.push((mx, 0.0));
+            continue;
+        }
+        let w = |i: usize| sample_weight(clean[i], mx, p.inv_t);
+        let kept = |x: f32| if x >= p.min_w { x } else { 0.0 };
+        let per = vocab.div_ceil(32 * T).max(1);
+        let tile = 32 * per;
+        let ntiles = vocab.div_ceil(tile);
+        let mut tiles = vec![0f32; ntiles];
+        let mut all = 0f32;
+        for (j, t) in tiles.iter_mut().enumerate() {
+            let (mut k, mut a) = ([0f32; 32], [0f32; 32]);
+            for e in 0..per {
+                for lane in 0..32 {
+                    let i = j * tile + 32 * e + lane;
+                    if i < vocab {
+                        a[lane] += w(i);
+                        k[lane] += kept(w(i));
+                    }
+                }
+            }
+            *t = warp_sum(k);
+            all += warp_sum(a);
+        }
+        let total: f32 = tiles.iter().sum();
+        let target = p.u * total;
+        let mut base = 0f32;
+        let mut pick = None;
+        for (j, &t) in tiles.iter().enumerate() {
+            if t > 0.0 && base <= target && target < base + t {
+                pick = Some((j, base));
+                break;
+            }
+            base += t;
+        }
+        let (j, mut acc) = match pick {
+            Some(x) => x,
+            None => match tiles.iter().rposition(|&t| t > 0.0) {
+                Some(j) => (j, total - tiles[j]),
+                None => {
+                    ids.push(best as u32);
+                    stats.push((mx, 0.0));
+                    continue;
+                }
+            },
+        };
+        let (mut found, mut last) = (None, None);
+        'walk: for e in 0..per {
+            for lane in 0..32 {
+                let i = j * tile + 32 * e + lane;
+                let x = if i < vocab { kept(w(i)) } else { 0.0 };
+                if x > 0.0 {
+                    acc += x;
+                    last = Some(i);
+                    if acc > target {
+                        found = Some(i);
+                        break 'walk;
+                    }
+                }
+            }
+        }
+        ids.push(found.or(last).unwrap_or(best) as u32);
+        stats.push((mx, all));
+    }
+    (ids, stats)
+}
+
+/// The kernel's butterfly sum of 32 lanes (`warp_sum`).
+fn warp_sum(mut v: [f32; 32]) -> f32 {
+    let mut off = 16;
+    while off > 0 {
+        let prev = v;
+        for (l, x) in v.iter_mut().enumerate() {
+            *x += prev[l ^ off];
+        }
+        off >>= 1;
+    }
+    v[0]
+}
+
+/// For a dense draw of `row` with `p`: the f64 target `u * total` and the f64 running-sum
+/// interval `[lo, hi)` of token `id` (in id order, over the kept weights), all divided by
+/// the total; `None` if `id` has no kept weight. A pick is right when the target lies in
+/// its interval, up to rounding.
+pub fn sample_interval(row: &[f32], p: &SampleParams, id: usize) -> Option<(f64, f64, f64)> {
+    let clean: Vec<f32> = row.iter().map(|&v| sanitize_logit(v)).collect();
+    let mx = clean.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let w: Vec<f64> = clean
+        .iter()
+        .map(|&l| {
+            let x = f64::from(sample_weight(l, mx, p.inv_t));
+            if x >= f64::from(p.min_w) { x } else { 0.0 }
+        })
+        .collect();
+    let total: f64 = w.iter().sum();
+    if w.get(id).is_none_or(|&x| x == 0.0) {
+        return None;
+    }
+    let lo: f64 = w[..id].iter().sum();
+    Some((f64::from(p.u), lo / total, (lo + w[id]) / total))
+}
+
 /// Largest `k` of `topk_rows`.
 pub const TOPK_MAX: usize = 1024;
 

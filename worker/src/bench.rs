@@ -11,16 +11,23 @@ use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::engine::{EngineHandle, Event, GenerateParams};
+use crate::sampler::SamplingParams;
 
 pub struct BenchConfig {
     pub prompt_tokens: usize,
     pub decode_tokens: usize,
     pub batches: Vec<usize>,
     pub reps: usize,
+    /// How every request samples (greedy by default; seeded, so runs repeat).
+    pub sampling: SamplingParams,
 }
 
-fn params(max_tokens: usize) -> GenerateParams {
-    GenerateParams::greedy_fixed_length(max_tokens)
+/// Exactly `max_tokens` tokens (end-of-sequence ignored) sampled with `sampling`.
+fn params(sampling: &SamplingParams, max_tokens: usize) -> GenerateParams {
+    GenerateParams {
+        sampling: *sampling,
+        ..GenerateParams::greedy_fixed_length(max_tokens)
+    }
 }
 
 /// Deterministic pseudo-random prompt tokens (distinct per `salt`, so the prefix cache
@@ -75,13 +82,16 @@ pub async fn run(h: &EngineHandle, cfg: &BenchConfig) -> anyhow::Result<serde_js
     let vocab = h.vocab_size();
     let mut salt = 1;
     // Warm-up (page in weights, size the scratch buffers).
-    drain(h.submit(prompt(vocab, 64, 0), params(4))?).await?;
+    drain(h.submit(prompt(vocab, 64, 0), params(&cfg.sampling, 4))?).await?;
 
     let (mut prefill, mut ttft) = (Vec::new(), Vec::new());
     for _ in 0..cfg.reps {
         salt += 1;
         let t0 = Instant::now();
-        let mut rx = h.submit(prompt(vocab, cfg.prompt_tokens, salt), params(1))?;
+        let mut rx = h.submit(
+            prompt(vocab, cfg.prompt_tokens, salt),
+            params(&cfg.sampling, 1),
+        )?;
         let t1 = first_token(&mut rx).await?;
         drain(rx).await?;
         let dt = t1.duration_since(t0).as_secs_f64();
@@ -103,7 +113,7 @@ pub async fn run(h: &EngineHandle, cfg: &BenchConfig) -> anyhow::Result<serde_js
                 salt += 1;
                 rxs.push(h.submit(
                     prompt(vocab, DECODE_PROMPT_TOKENS, salt),
-                    params(cfg.decode_tokens + 1),
+                    params(&cfg.sampling, cfg.decode_tokens + 1),
                 )?);
             }
             // Start the clock once every sequence has its first token (prefill done).
@@ -132,6 +142,8 @@ pub async fn run(h: &EngineHandle, cfg: &BenchConfig) -> anyhow::Result<serde_js
         "decode_tokens": cfg.decode_tokens,
         "decode_prompt_tokens": DECODE_PROMPT_TOKENS,
         "reps": cfg.reps,
+        "sampling": {"temperature": cfg.sampling.temperature, "top_k": cfg.sampling.top_k,
+                     "top_p": cfg.sampling.top_p, "min_p": cfg.sampling.min_p},
         "prefill_tok_s": median(prefill.clone()),
         "prefill_tok_s_all": prefill,
         "ttft_ms": median(ttft.clone()),

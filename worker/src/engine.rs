@@ -17,7 +17,7 @@ use crate::backend::{Backend, SeqChunk};
 use crate::kv_cache::BlockManager;
 use crate::kv_cache::SeqId;
 use crate::metrics::Metrics;
-use crate::sampler::{Sampler, SamplingParams};
+use crate::sampler::{RowPick, Sampler, SamplingParams};
 use crate::scheduler::{NewSequence, Scheduler, SchedulerConfig, StepPlan};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -493,18 +493,20 @@ impl Engine {
                 want_logits: s.sample,
             })
             .collect();
-        // Rows whose request is plain greedy: the backend may pick their token itself.
-        let greedy: Vec<bool> = plan
+        // How each sampled row is to be picked (its draw taken now): the backend picks the
+        // greedy rows and may draw the sampled ones where the logits are.
+        let vocab = self.vocab_size;
+        let picks: Vec<RowPick> = plan
             .seqs
             .iter()
             .filter(|s| s.sample)
             .map(|s| {
                 self.active
-                    .get(&s.id)
-                    .is_some_and(|a| a.sampler.is_plain_greedy())
+                    .get_mut(&s.id)
+                    .map_or(RowPick::Host { u: 0.0 }, |a| a.sampler.plan(vocab))
             })
             .collect();
-        let mut out = match self.backend.forward_step(&chunks, &greedy) {
+        let mut out = match self.backend.forward_step(&chunks, &picks) {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(error = %e, "backend step failed; failing the step's requests");
@@ -527,7 +529,8 @@ impl Engine {
                 (Some(t), _) => t,
                 (None, Some(row)) => {
                     let history = self.sched.seq_tokens(s.id).unwrap_or(&[]);
-                    a.sampler.sample(row, history, &a.generated)
+                    let pick = picks.get(i).unwrap_or(&RowPick::Host { u: 0.0 });
+                    a.sampler.sample_planned(row, history, &a.generated, pick)
                 }
                 (None, None) => break,
             };

@@ -127,6 +127,19 @@ struct BenchArgs {
     /// Repetitions of each measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Sampling temperature of every request (0: greedy, the default; OpenAI clients
+    /// default to 1). Seeded, so runs repeat.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Top-k of every request (0: off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Top-p of every request (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Min-p of every request (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
 }
 
 #[derive(Args, Clone)]
@@ -217,6 +230,17 @@ fn main() -> Result<()> {
         Cmd::CheckBackend(a) => check_backend(a),
         Cmd::CalibrateKv(a) => calibrate_kv(a),
         Cmd::Bench(a) => {
+            let sampling = worker::sampler::SamplingParams {
+                temperature: a.temperature,
+                top_k: a.top_k,
+                top_p: a.top_p,
+                min_p: a.min_p,
+                seed: Some(1),
+                ..Default::default()
+            };
+            sampling
+                .validate()
+                .context("bench: invalid sampling options")?;
             let svc = start_engine(&a.model, None, "bench", "EU")?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -227,6 +251,7 @@ fn main() -> Result<()> {
                 decode_tokens: a.decode_tokens,
                 batches: a.batches,
                 reps: a.reps.max(1),
+                sampling,
             };
             let mut report = rt.block_on(worker::bench::run(&svc.engine, &cfg))?;
             report["model"] = svc.info.model_id.clone().into();

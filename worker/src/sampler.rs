@@ -279,6 +279,53 @@ impl Sampler {
     }
 
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32], generated: &[u32]) -> u32 {
+        let u = self.rng.next_f64();
+        self.sample_u(logits, history, generated, u)
+    }
+
+    /// Decides, before a step, how this sequence's next token is to be picked, drawing
+    /// the uniform `u` the pick will use (one draw a token, whichever way it is picked):
+    /// [`RowPick::Greedy`] for plain greedy requests, [`RowPick::Sample`] when a device
+    /// backend can draw it where the logits are (no penalty: they need the token history),
+    /// [`RowPick::Host`] otherwise. `vocab` is the logits' length.
+    pub fn plan(&mut self, vocab: usize) -> RowPick {
+        if self.is_plain_greedy() {
+            return RowPick::Greedy;
+        }
+        let u = self.rng.next_f64();
+        let p = self.params;
+        let t = p.temperature;
+        if p.has_penalties() || t == 0.0 || !(1.0 / t).is_finite() {
+            return RowPick::Host { u };
+        }
+        RowPick::Sample(DeviceDraw {
+            temperature: t,
+            top_k: if p.top_k < vocab { p.top_k } else { 0 },
+            top_p: p.top_p,
+            min_p: p.min_p,
+            u,
+        })
+    }
+
+    /// [`Sampler::sample`] for a row planned with [`Sampler::plan`] whose logits came back
+    /// (the backend did not pick it): the same pick, with the planned draw.
+    pub fn sample_planned(
+        &mut self,
+        logits: &mut [f32],
+        history: &[u32],
+        generated: &[u32],
+        pick: &RowPick,
+    ) -> u32 {
+        let u = match *pick {
+            RowPick::Greedy => 0.0,
+            RowPick::Sample(d) => d.u,
+            RowPick::Host { u } => u,
+        };
+        self.sample_u(logits, history, generated, u)
+    }
+
+    /// [`Sampler::sample`] with the draw `u` (uniform in `[0, 1)`) given.
+    fn sample_u(&mut self, logits: &mut [f32], history: &[u32], generated: &[u32], u: f64) -> u32 {
         if self.params.has_penalties() {
             self.apply_penalties(logits, history, generated);
         }
@@ -289,7 +336,7 @@ impl Sampler {
         if t == 0.0 || !(1.0 / t).is_finite() || max == f32::NEG_INFINITY {
             return first_index_of(logits, max);
         }
-        self.sample_tempered(logits, max)
+        self.sample_tempered(logits, max, u)
     }
 
     fn apply_penalties(&mut self, logits: &mut [f32], history: &[u32], generated: &[u32]) {
@@ -333,7 +380,7 @@ impl Sampler {
 
     /// Temperature, top-k, top-p, min-p, then a draw from what is left. `max` is the largest
     /// logit and is finite; `logits` holds no NaN or +inf.
-    fn sample_tempered(&mut self, logits: &[f32], max: f32) -> u32 {
+    fn sample_tempered(&mut self, logits: &[f32], max: f32, u: f64) -> u32 {
         let p = self.params;
         let n = logits.len();
         if self.weights.len() < n {
@@ -352,7 +399,6 @@ impl Sampler {
             0
         };
         if top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
-            let u = self.rng.next_f64();
             return draw_dense(w, u).unwrap_or_else(|| argmax(logits));
         }
 
@@ -412,7 +458,7 @@ impl Sampler {
             cand.retain(|c| c.weight >= threshold);
             total = cand.iter().map(|c| f64::from(c.weight)).sum();
         }
-        let target = self.rng.next_f64() * total;
+        let target = u * total;
         let mut acc = 0f64;
         for c in cand.iter() {
             acc += f64::from(c.weight);
@@ -426,6 +472,160 @@ impl Sampler {
             .rev()
             .find(|c| c.weight > 0.0)
             .map_or_else(|| argmax(logits), |c| c.id)
+    }
+}
+
+/// How one row of a step becomes a token ([`Sampler::plan`]), so that a device backend
+/// can pick where the logits are instead of sending them back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RowPick {
+    /// [`greedy_pick`] of the raw logits.
+    Greedy,
+    /// Temperature sampling with top-k / top-p / min-p and no penalty: a backend may draw
+    /// it ([`DeviceDraw`]).
+    Sample(DeviceDraw),
+    /// Only the sampler can pick (penalties need the token history); `u` is its draw.
+    Host { u: f64 },
+}
+
+/// A draw a backend may make for the sampler: [`Sampler::sample`]'s semantics with these
+/// parameters and the uniform `u`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceDraw {
+    /// Positive, with a finite reciprocal.
+    pub temperature: f32,
+    /// `0` = off; otherwise below the vocabulary size.
+    pub top_k: usize,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub u: f64,
+}
+
+impl DeviceDraw {
+    /// Whether the draw needs the best tokens in rank order (top-k or top-p: see
+    /// [`pick_from_ranked`]); otherwise it is the dense draw over the vocabulary in id
+    /// order (with min-p: the tokens whose weight reaches `min_p`).
+    pub fn ranked(&self) -> bool {
+        self.top_k > 0 || self.top_p < 1.0
+    }
+}
+
+/// Finishes a ranked [`DeviceDraw`] from the row's best tokens: `top` holds (sanitized
+/// logit, id) pairs in rank order (larger logit first, equal logits by lower id), at least
+/// `min(top_k, vocab)` of them for top-k; `weight_sum` is the sum of every token's weight
+/// `exp((logit - max) / temperature)` (needed for top-p without top-k). Returns the token
+/// [`Sampler::sample`] would draw from the whole row with the same parameters and `u`
+/// (its candidates walked in rank order), or `None` when `top` cannot decide it: a top-p
+/// nucleus larger than `top`, or too few candidates.
+pub fn pick_from_ranked(
+    d: &DeviceDraw,
+    top: &[(f32, u32)],
+    weight_sum: f64,
+    vocab: usize,
+) -> Option<u32> {
+    let &(max, first) = top.first()?;
+    if !d.ranked() {
+        return None;
+    }
+    if max == f32::NEG_INFINITY {
+        // No finite logit: the lowest id, which ranks first among equals.
+        return Some(first);
+    }
+    let inv_t = 1.0 / d.temperature;
+    let mut cand: Vec<Candidate> = Vec::with_capacity(top.len());
+    // Weights fall with rank: once one is 0, every token after it (in `top` or not) has
+    // weight 0 too, so the candidates then hold every token with weight.
+    let mut complete = top.len() >= vocab;
+    for &(logit, id) in top {
+        let weight = weight((logit - max) * inv_t);
+        if weight >= f32::MIN_POSITIVE {
+            cand.push(Candidate { logit, weight, id });
+        } else {
+            complete = true;
+            break;
+        }
+    }
+    if d.top_k > 0 {
+        if cand.len() > d.top_k {
+            cand.truncate(d.top_k);
+        } else if cand.len() < d.top_k && !complete {
+            return None;
+        }
+    }
+    if d.top_p < 1.0 {
+        let goal = if d.top_k > 0 {
+            f64::from(d.top_p) * cand.iter().map(|c| f64::from(c.weight)).sum::<f64>()
+        } else {
+            f64::from(d.top_p) * weight_sum
+        };
+        let mut acc = 0f64;
+        let cut = cand.iter().position(|c| {
+            acc += f64::from(c.weight);
+            acc >= goal
+        });
+        match cut {
+            Some(i) => cand.truncate(i + 1),
+            // The sum stayed under the goal: by rounding if every token with weight is
+            // here (keep them all, as the sampler does), else the nucleus is larger.
+            None if complete || d.top_k > 0 => {}
+            None => return None,
+        }
+    }
+    if d.min_p > 0.0 {
+        let best = cand.iter().map(|c| c.weight).fold(0.0, f32::max);
+        let threshold = d.min_p * best;
+        cand.retain(|c| c.weight >= threshold);
+    }
+    let total: f64 = cand.iter().map(|c| f64::from(c.weight)).sum();
+    let target = d.u * total;
+    let mut acc = 0f64;
+    for c in &cand {
+        acc += f64::from(c.weight);
+        if acc > target {
+            return Some(c.id);
+        }
+    }
+    cand.iter()
+        .rev()
+        .find(|c| c.weight > 0.0)
+        .map(|c| c.id)
+        .or(Some(first))
+}
+
+/// The token a backend must pick for the draw `d` on `logits`, walking the candidates
+/// in the order the GPU does: id order for a dense draw ([`Sampler::sample`]'s own), rank
+/// order for a ranked one ([`pick_from_ranked`] over every token). For checking device
+/// picks (`worker check-backend`).
+pub fn reference_pick(d: &DeviceDraw, logits: &[f32]) -> u32 {
+    let mut clean = logits.to_vec();
+    let max = sanitize(&mut clean);
+    if d.ranked() && max > f32::NEG_INFINITY {
+        let mut top: Vec<(f32, u32)> = clean
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (l, i as u32))
+            .collect();
+        top.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let inv_t = 1.0 / d.temperature;
+        let total: f64 = clean
+            .iter()
+            .map(|&l| f64::from(weight((l - max) * inv_t)))
+            .sum();
+        if let Some(id) = pick_from_ranked(d, &top, total, clean.len()) {
+            return id;
+        }
+    }
+    let params = SamplingParams {
+        temperature: d.temperature,
+        top_k: d.top_k,
+        top_p: d.top_p,
+        min_p: d.min_p,
+        seed: Some(0),
+        ..SamplingParams::default()
+    };
+    match Sampler::new(params, clean.len()) {
+        Ok(mut s) => s.sample_u(&mut clean, &[], &[], d.u),
+        Err(_) => greedy_pick(&mut clean),
     }
 }
 
@@ -1065,5 +1265,211 @@ mod tests {
             }
             println!("{line}");
         }
+    }
+
+    /// The best `k` (sanitized logit, id) pairs of `logits` in rank order (what the GPU's
+    /// `topk_rows` returns).
+    fn ranked(logits: &[f32], k: usize) -> Vec<(f32, u32)> {
+        let mut r: Vec<(f32, u32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                (
+                    if v.is_nan() {
+                        f32::NEG_INFINITY
+                    } else {
+                        v.min(f32::MAX)
+                    },
+                    i as u32,
+                )
+            })
+            .collect();
+        r.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        r.truncate(k);
+        r
+    }
+
+    fn weight_sum(logits: &[f32], t: f32) -> f64 {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        logits
+            .iter()
+            .map(|&l| f64::from(weight((l - max) / t)))
+            .sum()
+    }
+
+    #[test]
+    fn plan_routes_each_request_to_where_it_can_be_picked() {
+        let vocab = 1000;
+        assert_eq!(
+            sampler(params(|p| p.temperature = 0.0), vocab).plan(vocab),
+            RowPick::Greedy
+        );
+        let greedy_penalized = sampler(
+            params(|p| {
+                p.temperature = 0.0;
+                p.presence_penalty = 0.5;
+            }),
+            vocab,
+        )
+        .plan(vocab);
+        assert!(matches!(greedy_penalized, RowPick::Host { .. }));
+        let RowPick::Sample(d) = sampler(params(|_| {}), vocab).plan(vocab) else {
+            panic!("default sampling is a device draw");
+        };
+        assert_eq!(
+            (d.temperature, d.top_k, d.top_p, d.min_p),
+            (1.0, 0, 1.0, 0.0)
+        );
+        assert!(!d.ranked() && (0.0..1.0).contains(&d.u));
+        // top_k at or above the vocabulary keeps everything: off.
+        let RowPick::Sample(d) = sampler(params(|p| p.top_k = vocab), vocab).plan(vocab) else {
+            panic!("a device draw");
+        };
+        assert!(d.top_k == 0 && !d.ranked());
+        let RowPick::Sample(d) = sampler(params(|p| p.top_k = 40), vocab).plan(vocab) else {
+            panic!("a device draw");
+        };
+        assert!(d.top_k == 40 && d.ranked());
+        assert!(matches!(
+            sampler(params(|p| p.repetition_penalty = 1.2), vocab).plan(vocab),
+            RowPick::Host { .. }
+        ));
+    }
+
+    /// A planned pick whose logits come back is the pick `sample` makes: the same seed
+    /// gives the same tokens either way (one draw a token).
+    #[test]
+    fn sample_planned_is_sample() {
+        let vocab = 500;
+        for p in [
+            params(|_| {}),
+            params(|p| {
+                p.top_p = 0.8;
+                p.temperature = 0.7;
+            }),
+            params(|p| p.frequency_penalty = 1.0),
+        ] {
+            let (mut a, mut b) = (sampler(p, vocab), sampler(p, vocab));
+            let mut gen_a = Vec::new();
+            let mut gen_b = Vec::new();
+            for step in 0..50 {
+                let logits = random_logits(vocab, step, 4.0);
+                let ta = a.sample(&mut logits.clone(), &gen_a, &gen_a);
+                let pick = b.plan(vocab);
+                let tb = b.sample_planned(&mut logits.clone(), &gen_b, &gen_b, &pick);
+                assert_eq!(ta, tb, "step {step}");
+                gen_a.push(ta);
+                gen_b.push(tb);
+            }
+        }
+    }
+
+    /// [`pick_from_ranked`] draws from the distribution `sample` draws from: over a
+    /// stratified grid of draws each token is picked as often by both, up to the grid's
+    /// rounding (they walk their candidates in different orders).
+    #[test]
+    fn ranked_picks_have_the_samplers_distribution() {
+        let vocab = 3000;
+        let mut logits = random_logits(vocab, 9, 1.0);
+        for (i, l) in logits.iter_mut().enumerate().take(40) {
+            *l += 8.0 - i as f32 * 0.05; // a peaked head
+        }
+        logits[77] = f32::NAN;
+        let n = 4000;
+        for p in [
+            params(|p| p.top_k = 20),
+            params(|p| {
+                p.top_k = 50;
+                p.top_p = 0.7;
+                p.temperature = 0.6;
+            }),
+            params(|p| p.top_p = 0.9),
+            params(|p| {
+                p.top_p = 0.5;
+                p.min_p = 0.2;
+                p.temperature = 1.3;
+            }),
+            params(|p| {
+                p.top_k = 2000;
+                p.temperature = 0.2;
+            }),
+        ] {
+            let RowPick::Sample(d) = sampler(p, vocab).plan(vocab) else {
+                panic!("a device draw");
+            };
+            let top = ranked(&logits, if d.top_k > 0 { d.top_k } else { 1024 });
+            let mut clean = logits.clone();
+            sanitize(&mut clean);
+            let total = weight_sum(&clean, d.temperature);
+            let mut s = sampler(p, vocab);
+            let (mut a, mut b) = (vec![0i64; vocab], vec![0i64; vocab]);
+            for i in 0..n {
+                let u = (f64::from(i) + 0.5) / f64::from(n);
+                let got = pick_from_ranked(&DeviceDraw { u, ..d }, &top, total, vocab)
+                    .unwrap_or_else(|| panic!("{p:?}: the nucleus fits in 1024 candidates"));
+                a[got as usize] += 1;
+                b[s.sample_u(&mut logits.clone(), &[], &[], u) as usize] += 1;
+            }
+            for t in 0..vocab {
+                assert!(
+                    (a[t] - b[t]).abs() <= 2,
+                    "{p:?}: token {t}: {} vs {}",
+                    a[t],
+                    b[t]
+                );
+            }
+            // Not a degenerate case: several tokens drawn.
+            assert!(a.iter().filter(|&&c| c > 0).count() >= 3, "{p:?}");
+        }
+        // +inf ranks as f32::MAX and takes every draw.
+        logits[78] = f32::INFINITY;
+        let d = DeviceDraw {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.9,
+            min_p: 0.0,
+            u: 0.99,
+        };
+        let mut clean = logits.clone();
+        sanitize(&mut clean);
+        let total = weight_sum(&clean, 1.0);
+        assert_eq!(
+            pick_from_ranked(&d, &ranked(&logits, 1024), total, vocab),
+            Some(78)
+        );
+    }
+
+    /// A top-p nucleus beyond the candidates cannot be decided from them: `None`, unless
+    /// the candidates are every token there is.
+    #[test]
+    fn flat_nucleus_needs_the_whole_row() {
+        let d = DeviceDraw {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.9,
+            min_p: 0.0,
+            u: 0.3,
+        };
+        let flat = random_logits(5000, 4, 0.1);
+        let total = weight_sum(&flat, 1.0);
+        assert_eq!(
+            pick_from_ranked(&d, &ranked(&flat, 1024), total, 5000),
+            None
+        );
+        let small = random_logits(800, 4, 0.1);
+        let total = weight_sum(&small, 1.0);
+        assert!(pick_from_ranked(&d, &ranked(&small, 1024), total, 800).is_some());
+        // Tokens far below the best have weight 0: the candidates hold all that count.
+        let mut cliff = vec![-1000.0f32; 5000];
+        cliff[..10].fill(1.0);
+        let total = weight_sum(&cliff, 1.0);
+        let id = pick_from_ranked(&d, &ranked(&cliff, 1024), total, 5000).unwrap();
+        assert!(id < 10);
+        // A dense draw is not a ranked one.
+        let dense = DeviceDraw { top_p: 1.0, ..d };
+        assert_eq!(
+            pick_from_ranked(&dense, &ranked(&small, 10), 1.0, 800),
+            None
+        );
     }
 }

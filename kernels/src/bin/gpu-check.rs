@@ -1148,6 +1148,15 @@ fn check_sampling(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
         .map(|t| *t as i32)
         .collect();
     out.push(json!({"kernel": "argmax_rows", "vocab": vocab, "gpu": got, "reference": want, "ok": got == want}));
+    // A row without a finite logit whose first entry is NaN: index 0, as on the CPU (a
+    // NaN that stayed NaN used to lose to the -inf after it).
+    let mut dead = vec![f32::NEG_INFINITY; vocab];
+    dead[0] = f32::NAN;
+    let dd = up(k, &dead)?;
+    launch::argmax_rows(k, &dd, &mut idx, 1, vocab)?;
+    let got = down(k, &idx)?[0];
+    out.push(json!({"kernel": "argmax_rows", "case": "NaN then -inf", "gpu": got, "ok": got == 0}));
+    out.extend(check_sample_rows(k, rng)?);
     let finite: Vec<f32> = logits
         .iter()
         .map(|v| {
@@ -1171,6 +1180,78 @@ fn check_sampling(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
     out.push(
         json!({"kernel": "softmax_rows", "vocab": vocab, "max_abs_err": err, "ok": err < 1e-5}),
     );
+    Ok(out)
+}
+
+/// `sample_rows` (the dense draw of non-greedy decoding) against its reference: each
+/// row's pick must hold the row's `u` in its f64 running-sum interval (id order, kept
+/// weights) up to 1e-5 of the total (expf and the reference's exp may differ in the last
+/// bit), the maximum must be the same and the sum within 1e-4; rows of 49152 and 128000
+/// tokens, temperatures 1, 0.7 and 0.3, min-p 0 and 0.1, greedy and dead rows mixed in.
+fn check_sample_rows(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
+    let mut out = Vec::new();
+    for vocab in [49_152usize, 128_000] {
+        let base: Vec<f32> = rng.f32s(vocab).iter().map(|v| v * 12.0).collect();
+        let settings = [
+            (1.0f32, 0.0f32),
+            (1.0 / 0.7, 0.0),
+            (1.0 / 0.3, 0.0),
+            (1.0, 0.1),
+            (0.0, 0.0),
+        ];
+        let mut params = Vec::new();
+        let mut logits = Vec::new();
+        for (r, &(inv_t, min_w)) in settings.iter().cycle().take(40).enumerate() {
+            let mut row = base.clone();
+            row[(r * 7919) % vocab] = 14.0; // a different favourite a row
+            if r == 38 {
+                row.fill(f32::NEG_INFINITY);
+                row[3] = f32::NAN;
+            }
+            logits.extend(row);
+            params.push(gpu_ref::SampleParams {
+                inv_t,
+                min_w,
+                u: rng.f32s(1)[0].abs().min(0.999_999),
+            });
+        }
+        let rows = params.len();
+        let ld = up(k, &logits)?;
+        let pd = up(k, &gpu_ref::SampleParams::to_device(&params))?;
+        let mut ids = zeros::<i32>(k, rows)?;
+        let mut stats = zeros::<f32>(k, 2 * rows)?;
+        launch::sample_rows(k, &ld, &pd, &mut ids, &mut stats, rows, vocab)?;
+        let (got, got_stats) = (down(k, &ids)?, down(k, &stats)?);
+        let (want, want_stats) = gpu_ref::sample_rows(&logits, vocab, &params);
+        let mut bad = Vec::new();
+        let mut same = 0;
+        for r in 0..rows {
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            let id = got[r];
+            same += usize::from(id >= 0 && id as u32 == want[r]);
+            let p = &params[r];
+            let pick_ok = if p.inv_t == 0.0 || r == 38 {
+                id >= 0 && id as u32 == want[r]
+            } else {
+                usize::try_from(id)
+                    .ok()
+                    .and_then(|i| gpu_ref::sample_interval(row, p, i))
+                    .is_some_and(|(u, lo, hi)| lo - 1e-5 <= u && u < hi + 1e-5)
+            };
+            let (gm, gs) = (got_stats[2 * r], got_stats[2 * r + 1]);
+            let (wm, ws) = want_stats[r];
+            let stats_ok =
+                gm.to_bits() == wm.to_bits() && (gs - ws).abs() <= 1e-4 * ws.abs().max(1.0);
+            if !(pick_ok && stats_ok) {
+                bad.push(json!({"row": r, "gpu": id, "reference": want[r], "gpu_stats": [gm, gs], "reference_stats": [wm, ws]}));
+            }
+        }
+        out.push(
+            json!({"kernel": "sample_rows", "vocab": vocab, "rows": rows,
+            "same_pick_as_reference": same, "failures": bad.iter().take(5).collect::<Vec<_>>(),
+            "ok": bad.is_empty()}),
+        );
+    }
     Ok(out)
 }
 

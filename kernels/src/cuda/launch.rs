@@ -988,6 +988,46 @@ pub fn topk_rows(
     Ok(())
 }
 
+/// `sample_rows`: one token a row drawn from `logits` with `params` (four f32 a row, see
+/// `gpu_ref::SampleParams::to_device`), into `out_ids`; `out_stats` gets each row's
+/// sanitized maximum and sum of weights (two f32 a row).
+pub fn sample_rows(
+    k: &Kernels,
+    logits: &CudaSlice<f32>,
+    params: &CudaSlice<f32>,
+    out_ids: &mut CudaSlice<i32>,
+    out_stats: &mut CudaSlice<f32>,
+    rows: usize,
+    vocab: usize,
+) -> Result<(), CudaError> {
+    if vocab == 0
+        || logits.len() < rows * vocab
+        || params.len() < rows * 4
+        || out_ids.len() < rows
+        || out_stats.len() < rows * 2
+    {
+        return Err(CudaError::Shape(format!(
+            "sample_rows: {rows} rows of {vocab} logits need {} logits, {} parameters, {rows} ids and {} stats",
+            rows * vocab,
+            rows * 4,
+            rows * 2
+        )));
+    }
+    let f = k.function("sampling.cu", "sample_rows")?;
+    let v = dim(vocab)?;
+    let cfg = config(rows, 1, 1, 1024)?;
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(logits)
+        .arg(params)
+        .arg(&mut *out_ids)
+        .arg(&mut *out_stats)
+        .arg(&v);
+    // SAFETY: as in `decode_attention_kv`; the slice lengths were checked above, and
+    // device allocations are aligned for the kernel's float4 / float2 accesses.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
 /// `softmax_rows`: probabilities of `logits / temperature`.
 pub fn softmax_rows(
     k: &Kernels,

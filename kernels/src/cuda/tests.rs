@@ -154,6 +154,15 @@ fn kernels_compile_to_cubins_and_are_cached() {
                 );
             }
         }
+        // The sampling entry points the worker's step launches.
+        for entry in ["argmax_rows", "sample_rows", "topk_rows"] {
+            let want = format!("{entry}\0");
+            let cubin = &cubins[&("sampling.cu", device)];
+            assert!(
+                cubin.windows(want.len()).any(|w| w == want.as_bytes()),
+                "no {entry} in sampling.cu for {device}"
+            );
+        }
     }
 }
 

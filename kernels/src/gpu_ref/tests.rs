@@ -540,6 +540,80 @@ fn topk_rows_matches_naive_selection() {
     assert_eq!((vals[0], vals[1]), (f32::MAX, f32::MAX));
 }
 
+/// The dense draw's reference: for every u the pick's running-sum interval (f64, id
+/// order, kept weights) holds u, over vocabularies smaller than a tile, not a multiple of
+/// 32, and larger than 32 x 1024 (several tokens a lane); min-p drops tokens; inv_t = 0
+/// is the greedy pick; a row without a finite logit gives token 0.
+#[test]
+fn sample_rows_draws_by_running_sum_in_id_order() {
+    for (vocab, seed) in [(5usize, 1u64), (1000, 2), (49_153, 3), (70_001, 4)] {
+        let mut row: Vec<f32> = crate::test_util::rand_vec(vocab, seed)
+            .iter()
+            .map(|v| v * 6.0)
+            .collect();
+        row[vocab / 2] = f32::NAN;
+        row[vocab - 1] = f32::NEG_INFINITY;
+        for (inv_t, min_w) in [(1.0f32, 0.0f32), (1.0 / 0.7, 0.0), (1.0, 0.05), (3.0, 0.5)] {
+            let n = 64;
+            let params: Vec<SampleParams> = (0..n)
+                .map(|i| SampleParams {
+                    inv_t,
+                    min_w,
+                    u: (i as f32 + 0.5) / n as f32,
+                })
+                .collect();
+            let rows: Vec<f32> = (0..n).flat_map(|_| row.iter().copied()).collect();
+            let (ids, stats) = sample_rows(&rows, vocab, &params);
+            let mx = row
+                .iter()
+                .map(|&v| sanitize_logit(v))
+                .fold(f32::NEG_INFINITY, f32::max);
+            let all: f64 = row
+                .iter()
+                .map(|&l| f64::from(sample_weight(sanitize_logit(l), mx, inv_t)))
+                .sum();
+            for (p, (&id, &(m, sum))) in params.iter().zip(ids.iter().zip(&stats)) {
+                assert_eq!(m, mx);
+                assert!((f64::from(sum) - all).abs() <= 1e-5 * all, "{sum} vs {all}");
+                let (u, lo, hi) = sample_interval(&row, p, id as usize)
+                    .unwrap_or_else(|| panic!("vocab {vocab}: token {id} has no kept weight"));
+                assert!(
+                    lo - 1e-6 <= u && u < hi + 1e-6,
+                    "vocab {vocab} u {u}: [{lo}, {hi})"
+                );
+                let w = sample_weight(sanitize_logit(row[id as usize]), mx, inv_t);
+                assert!(w >= min_w, "min-p kept {w} < {min_w}");
+            }
+        }
+        let greedy = SampleParams {
+            inv_t: 0.0,
+            min_w: 0.0,
+            u: 0.5,
+        };
+        let (ids, _) = sample_rows(&row, vocab, &[greedy]);
+        assert_eq!(ids, argmax_rows(&row, vocab));
+    }
+    let dead = [f32::NAN, f32::NEG_INFINITY, f32::NAN];
+    let p = SampleParams {
+        inv_t: 1.0,
+        min_w: 0.0,
+        u: 0.9,
+    };
+    assert_eq!(sample_rows(&dead, 3, &[p]).0, vec![0]);
+    // One token far above the rest takes every draw; u just below 1 still lands on a
+    // token with weight.
+    let mut peaked = vec![0.0f32; 4096];
+    peaked[4000] = 200.0;
+    for u in [0.0, 0.5, 0.999_999_9] {
+        let p = SampleParams {
+            inv_t: 1.0,
+            min_w: 0.0,
+            u,
+        };
+        assert_eq!(sample_rows(&peaked, 4096, &[p]).0, vec![4000]);
+    }
+}
+
 #[test]
 fn argmax_rows_is_the_sampler_greedy_rule() {
     let m = f32::MAX;
@@ -549,10 +623,11 @@ fn argmax_rows_is_the_sampler_greedy_rule() {
         vec![m, 1.0, f32::INFINITY, 0.0],
         vec![f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY, f32::NAN],
         vec![f32::NAN, f32::NAN, f32::NAN, -1.0],
+        vec![f32::NAN, f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NAN],
     ];
     let flat: Vec<f32> = rows.iter().flatten().copied().collect();
     // +inf counts as f32::MAX, so the earlier MAX wins the tie.
-    assert_eq!(argmax_rows(&flat, 4), vec![1, 1, 0, 0, 3]);
+    assert_eq!(argmax_rows(&flat, 4), vec![1, 1, 0, 0, 3, 0]);
 }
 
 /// Every finite e4m3 value, by code, from the format's definition (no bit tricks).

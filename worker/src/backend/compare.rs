@@ -12,8 +12,8 @@
 
 use serde_json::{Value, json};
 
-use super::{Backend, BackendError, SeqChunk};
-use crate::sampler::greedy_pick;
+use super::{Backend, BackendError, RowPick, SeqChunk};
+use crate::sampler::{DeviceDraw, greedy_pick, reference_pick};
 
 /// Pass thresholds. bf16 weights and activations against f32 over a whole model move
 /// the logits by about 1% (cosine above 0.99). The argmax may then differ where two
@@ -23,6 +23,41 @@ use crate::sampler::greedy_pick;
 const MIN_COSINE: f64 = 0.98;
 const NEAR_TIE: f64 = 0.02;
 const MIN_ARGMAX_AGREEMENT: f64 = 0.95;
+/// A sampled pick passes when it is the host's pick for the same draw `u`, or for a draw
+/// within `DRAW_SLACK` of it (the device sums in f32 and rounds `u` to f32, so a target
+/// within rounding of a boundary between two tokens may fall on either).
+const DRAW_SLACK: f64 = 1e-4;
+
+/// The sampled draws of the check, cycled over rows and steps: dense at temperature 1,
+/// dense with min-p, top-k, top-p alone, and all filters together.
+fn draw(n: usize) -> DeviceDraw {
+    let (temperature, top_k, top_p, min_p) = [
+        (1.0, 0, 1.0, 0.0),
+        (0.7, 0, 1.0, 0.05),
+        (0.8, 40, 1.0, 0.0),
+        (1.0, 0, 0.9, 0.0),
+        (1.2, 50, 0.95, 0.02),
+    ][n % 5];
+    let u = ((n * 7919) % 1000) as f64 / 1000.0 + 0.0005;
+    DeviceDraw {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        u,
+    }
+}
+
+/// Whether `picked` is the host's pick for `d` on `logits` up to [`DRAW_SLACK`].
+fn sampled_pick_ok(d: &DeviceDraw, logits: &[f32], picked: u32) -> bool {
+    [
+        d.u,
+        (d.u - DRAW_SLACK).max(0.0),
+        (d.u + DRAW_SLACK).min(1.0 - f64::EPSILON),
+    ]
+    .iter()
+    .any(|&u| reference_pick(&DeviceDraw { u, ..*d }, logits) == picked)
+}
 
 struct Seq {
     toks: Vec<u32>,
@@ -116,7 +151,13 @@ pub fn compare(
         // The same step again, with every row greedy: a backend that picks on its own
         // device must pick the argmax of its logits. (Writing the same K/V again is
         // idempotent.)
-        let picked = candidate.forward_step(&chunks, &vec![true; ids.len()])?;
+        let picked = candidate.forward_step(&chunks, &vec![RowPick::Greedy; ids.len()])?;
+        // And with sampled rows: a backend that draws on its own device must draw what
+        // the host sampler draws from its logits with the same `u`.
+        let draws: Vec<DeviceDraw> = (0..ids.len()).map(|r| draw(step * 3 + r)).collect();
+        let sample_picks: Vec<RowPick> = draws.iter().map(|d| RowPick::Sample(*d)).collect();
+        let sampled = candidate.forward_step(&chunks, &sample_picks)?;
+        let mut returned = sampled.logits.chunks_exact(vocab);
         for (r, &i) in ids.iter().enumerate() {
             let (w, g) = (
                 &want[r * vocab..(r + 1) * vocab],
@@ -125,6 +166,17 @@ pub fn compare(
             let (cos, rel, ag) = compare_row(w, g);
             let own = greedy_pick(&mut g.to_vec());
             let pick = picked.picked.get(r).copied().flatten();
+            // A sampled row the backend did not pick comes back as logits (the sampler
+            // then draws it): those must be the step's logits.
+            let (drawn, drawn_ok) = match sampled.picked.get(r).copied().flatten() {
+                Some(t) => (Some(t), sampled_pick_ok(&draws[r], g, t)),
+                None => (
+                    None,
+                    returned
+                        .next()
+                        .is_some_and(|l| compare_row(g, l).0 > 0.9999),
+                ),
+            };
             min_cos = min_cos.min(cos);
             max_rel = max_rel.max(rel);
             agree += usize::from(ag);
@@ -132,7 +184,8 @@ pub fn compare(
             rows.push(
                 json!({"step": step, "phase": phase, "seq": i, "cosine": cos,
                 "max_rel_diff": rel, "argmax_agrees": ag, "picked": pick,
-                "picked_is_own_argmax": pick == Some(own)}),
+                "picked_is_own_argmax": pick == Some(own), "draw": format!("{:?}", draws[r]),
+                "drawn": drawn, "drawn_ok": drawn_ok}),
             );
         }
         drop(chunks);
@@ -144,7 +197,9 @@ pub fn compare(
     let picks_ok = rows
         .iter()
         .all(|r| r["picked_is_own_argmax"] == json!(true));
-    let ok = min_cos >= MIN_COSINE && agreement >= MIN_ARGMAX_AGREEMENT && picks_ok;
+    let drawn_ok = rows.iter().all(|r| r["drawn_ok"] == json!(true));
+    let drawn_on_device = rows.iter().filter(|r| !r["drawn"].is_null()).count();
+    let ok = min_cos >= MIN_COSINE && agreement >= MIN_ARGMAX_AGREEMENT && picks_ok && drawn_ok;
     Ok(json!({
         "ok": ok,
         "rows": total,
@@ -152,6 +207,8 @@ pub fn compare(
         "max_rel_diff": max_rel,
         "argmax_agreement": agreement,
         "picks_are_own_argmax": picks_ok,
+        "draws_are_own_samples": drawn_ok,
+        "rows_drawn_on_device": drawn_on_device,
         "thresholds": {"min_cosine": MIN_COSINE, "near_tie": NEAR_TIE,
             "min_argmax_agreement": MIN_ARGMAX_AGREEMENT},
         "per_row": rows,
@@ -195,10 +252,24 @@ mod tests {
         fn forward_step(
             &mut self,
             chunks: &[SeqChunk<'_>],
-            greedy: &[bool],
+            picks: &[RowPick],
         ) -> Result<super::super::StepOutput, BackendError> {
+            // Greedy rows as the host picks them, sampled rows drawn as a device would
+            // (every other one left to the sampler).
             let logits = self.forward(chunks)?;
-            let mut out = super::super::pick_greedy_rows(logits, greedy, self.vocab);
+            let mut out = super::super::StepOutput::default();
+            for (i, row) in logits.chunks_exact(self.vocab).enumerate() {
+                match picks.get(i) {
+                    Some(RowPick::Greedy) => out.picked.push(Some(greedy_pick(&mut row.to_vec()))),
+                    Some(RowPick::Sample(d)) if i % 2 == 0 => {
+                        out.picked.push(Some(reference_pick(d, row)))
+                    }
+                    _ => {
+                        out.picked.push(None);
+                        out.logits.extend_from_slice(row);
+                    }
+                }
+            }
             if self.wrong_picks {
                 for p in out.picked.iter_mut().flatten() {
                     *p = (*p + 1) % self.vocab as u32;
@@ -243,5 +314,8 @@ mod tests {
             "picks that are not the argmax fail"
         );
         assert_eq!(picks["picks_are_own_argmax"], json!(false));
+        assert_eq!(picks["draws_are_own_samples"], json!(false));
+        assert_eq!(same["draws_are_own_samples"], json!(true));
+        assert!(same["rows_drawn_on_device"].as_u64().unwrap() > 5, "{same}");
     }
 }

@@ -23,8 +23,28 @@ use kernels::gpu_ref::to_bf16;
 use rayon::prelude::*;
 
 use super::kv_scales::KvScales;
-use super::{Backend, BackendError, KvDtype, SeqChunk, StepOutput, check_chunks, pick_greedy_rows};
+use super::{Backend, BackendError, KvDtype, RowPick, SeqChunk, StepOutput, check_chunks};
 use crate::model::{Matrix, ModelConfig, Weights};
+
+/// Whether the GPU can pick a row planned as `p`: greedy, and sampled rows whose top-k
+/// (if any) fits `topk_rows` (at most `TOPK_MAX` candidates).
+fn device_pickable(p: &RowPick, vocab: usize) -> bool {
+    match p {
+        RowPick::Greedy => true,
+        RowPick::Sample(d) => {
+            !d.ranked() || candidates_wanted(d, vocab) <= kernels::gpu_ref::TOPK_MAX
+        }
+        RowPick::Host { .. } => false,
+    }
+}
+
+/// How many ranked candidates a draw needs from `topk_rows`: its top-k, or for top-p
+/// alone as many as `topk_rows` gives (the nucleus of a real model's distribution is
+/// usually far smaller; a larger one sends the row's logits back).
+fn candidates_wanted(d: &crate::sampler::DeviceDraw, vocab: usize) -> usize {
+    let all = vocab.min(kernels::gpu_ref::TOPK_MAX);
+    if d.top_k > 0 { d.top_k.min(vocab) } else { all }
+}
 
 /// Bytes one KV block takes across all layers with a bf16 cache.
 pub fn kv_block_bytes_bf16(cfg: &ModelConfig, block_size: usize) -> usize {
@@ -106,8 +126,14 @@ struct StepMeta {
     /// Rows that need logits, packed, and their logits.
     sel: CudaSlice<u16>,
     logits: CudaSlice<f32>,
-    /// Token ids picked on the GPU for greedy rows.
+    /// Token ids picked on the GPU for greedy and sampled rows.
     picked: CudaSlice<i32>,
+    /// Sampled rows' draws: `sample_rows`' parameters (4 a row) and per-row statistics
+    /// (maximum, weight sum), `topk_rows`' candidates (logits and ids, `top` a row).
+    sample_params: CudaSlice<f32>,
+    sample_stats: CudaSlice<f32>,
+    top_logits: CudaSlice<f32>,
+    top_ids: CudaSlice<i32>,
     split: SplitScratch,
     /// What was last copied into ids, positions, slots, cu_q, lens and tables: a buffer
     /// whose contents would not change is not copied again (a decode step's cu_q, and its
@@ -445,6 +471,10 @@ impl CudaBackend {
             sel: s.alloc_zeros::<u16>(1).map_err(dev)?,
             logits: s.alloc_zeros::<f32>(1).map_err(dev)?,
             picked: z32()?,
+            sample_params: s.alloc_zeros::<f32>(1).map_err(dev)?,
+            sample_stats: s.alloc_zeros::<f32>(1).map_err(dev)?,
+            top_logits: s.alloc_zeros::<f32>(1).map_err(dev)?,
+            top_ids: z32()?,
             split: SplitScratch {
                 part_out: s.alloc_zeros::<f32>(1).map_err(dev)?,
                 part_ml: s.alloc_zeros::<f32>(1).map_err(dev)?,
@@ -548,12 +578,12 @@ impl CudaBackend {
         .map_err(dev)
     }
 
-    /// One step; `greedy` as in [`Backend::forward_step`] (empty: every row's logits).
+    /// One step; `picks` as in [`Backend::forward_step`] (empty: every row's logits).
     fn forward_inner(
         &mut self,
         chunks: &[SeqChunk<'_>],
         t: usize,
-        greedy: &[bool],
+        picks: &[RowPick],
     ) -> Result<StepOutput, BackendError> {
         self.buffers(t)?;
         let cfg = self.cfg.clone();
@@ -730,7 +760,7 @@ impl CudaBackend {
             blas_sys::cudaDataType::CUDA_R_32F,
         )?;
         let vocab = cfg.vocab_size;
-        if greedy.len() == rows.len() && greedy.iter().all(|g| *g) {
+        if picks.len() == rows.len() && picks.iter().all(|p| *p == RowPick::Greedy) {
             // Every row is greedy: pick on the GPU and copy back one id a row instead of
             // the logits (512 KB a row for a 128k vocabulary).
             launch::argmax_rows(&self.k, &m.logits, &mut m.picked, rows.len(), vocab)
@@ -744,18 +774,136 @@ impl CudaBackend {
                 logits: Vec::new(),
             });
         }
-        let mut host = vec![0f32; rows.len() * vocab];
-        s.memcpy_dtoh(&m.logits.slice(0..host.len()), &mut host)
-            .map_err(dev)?;
-        s.synchronize().map_err(dev)?;
-        Ok(if greedy.is_empty() {
-            StepOutput {
-                picked: vec![None; rows.len()],
-                logits: host,
-            }
+        let picked = if picks.iter().any(|p| device_pickable(p, vocab)) {
+            Self::pick_on_device(&self.k, m, picks, rows.len(), vocab)?
         } else {
-            pick_greedy_rows(host, greedy, vocab)
+            vec![None; rows.len()]
+        };
+        // The logits of the rows not picked, one copy a row.
+        let keep: Vec<usize> = (0..rows.len()).filter(|&i| picked[i].is_none()).collect();
+        let mut host = vec![0f32; keep.len() * vocab];
+        for (j, &i) in keep.iter().enumerate() {
+            s.memcpy_dtoh(
+                &m.logits.slice(i * vocab..(i + 1) * vocab),
+                &mut host[j * vocab..(j + 1) * vocab],
+            )
+            .map_err(dev)?;
+        }
+        s.synchronize().map_err(dev)?;
+        Ok(StepOutput {
+            picked,
+            logits: host,
         })
+    }
+
+    /// Picks the greedy and device-drawable sampled rows of `m.logits` on the GPU: one
+    /// `sample_rows` launch for all rows (greedy rows and rows left to the host get the
+    /// greedy pick, the latter ignored), and for top-k / top-p rows `topk_rows`'
+    /// candidates, which `pick_from_ranked` finishes on the host (a nucleus beyond them:
+    /// `None`, the row's logits go back to the sampler). Copies back one id and two
+    /// statistics a row, and the candidates when there are ranked rows.
+    fn pick_on_device(
+        k: &Kernels,
+        m: &mut StepMeta,
+        picks: &[RowPick],
+        rows: usize,
+        vocab: usize,
+    ) -> Result<Vec<Option<u32>>, BackendError> {
+        let s = &k.stream;
+        let pick = |i: usize| picks.get(i).copied().unwrap_or(RowPick::Host { u: 0.0 });
+        // Below 1 in f32 too (the kernel's target must stay under the row's total).
+        const BELOW_ONE: f32 = 1.0 - f32::EPSILON / 2.0;
+        let params: Vec<kernels::gpu_ref::SampleParams> = (0..rows)
+            .map(|i| match pick(i) {
+                RowPick::Sample(d) if device_pickable(&pick(i), vocab) => {
+                    kernels::gpu_ref::SampleParams {
+                        inv_t: 1.0 / d.temperature,
+                        // Min-p over ranked candidates is applied on the host.
+                        min_w: if d.ranked() { 0.0 } else { d.min_p },
+                        u: (d.u as f32).min(BELOW_ONE),
+                    }
+                }
+                _ => kernels::gpu_ref::SampleParams {
+                    inv_t: 0.0,
+                    min_w: 0.0,
+                    u: 0.0,
+                },
+            })
+            .collect();
+        // Scratch outside the graphs: growing it need not invalidate them.
+        let mut unused_epoch = 0;
+        grow(s, &mut m.sample_params, rows * 4, &mut unused_epoch)?;
+        grow(s, &mut m.sample_stats, rows * 2, &mut unused_epoch)?;
+        s.memcpy_htod(
+            &kernels::gpu_ref::SampleParams::to_device(&params),
+            &mut m.sample_params,
+        )
+        .map_err(dev)?;
+        launch::sample_rows(
+            k,
+            &m.logits,
+            &m.sample_params,
+            &mut m.picked,
+            &mut m.sample_stats,
+            rows,
+            vocab,
+        )
+        .map_err(dev)?;
+        let top = (0..rows)
+            .filter_map(|i| match pick(i) {
+                RowPick::Sample(d) if d.ranked() && device_pickable(&pick(i), vocab) => {
+                    Some(candidates_wanted(&d, vocab))
+                }
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        if top > 0 {
+            grow(s, &mut m.top_logits, rows * top, &mut unused_epoch)?;
+            grow(s, &mut m.top_ids, rows * top, &mut unused_epoch)?;
+            launch::topk_rows(
+                k,
+                &m.logits,
+                &mut m.top_logits,
+                &mut m.top_ids,
+                rows,
+                vocab,
+                top,
+            )
+            .map_err(dev)?;
+        }
+        let mut ids = vec![0i32; rows];
+        let mut stats = vec![0f32; rows * 2];
+        s.memcpy_dtoh(&m.picked.slice(0..rows), &mut ids)
+            .map_err(dev)?;
+        s.memcpy_dtoh(&m.sample_stats.slice(0..rows * 2), &mut stats)
+            .map_err(dev)?;
+        let (mut top_logits, mut top_ids) = (vec![0f32; rows * top], vec![0i32; rows * top]);
+        if top > 0 {
+            s.memcpy_dtoh(&m.top_logits.slice(0..rows * top), &mut top_logits)
+                .map_err(dev)?;
+            s.memcpy_dtoh(&m.top_ids.slice(0..rows * top), &mut top_ids)
+                .map_err(dev)?;
+        }
+        s.synchronize().map_err(dev)?;
+        Ok((0..rows)
+            .map(|i| match pick(i) {
+                RowPick::Greedy => Some(ids[i] as u32),
+                RowPick::Sample(d) if device_pickable(&pick(i), vocab) => {
+                    if !d.ranked() {
+                        return Some(ids[i] as u32);
+                    }
+                    let cands: Vec<(f32, u32)> = top_logits[i * top..(i + 1) * top]
+                        .iter()
+                        .zip(&top_ids[i * top..(i + 1) * top])
+                        .map(|(&l, &id)| (l, id as u32))
+                        .collect();
+                    let weight_sum = f64::from(stats[2 * i + 1]);
+                    crate::sampler::pick_from_ranked(&d, &cands, weight_sum, vocab)
+                }
+                _ => None,
+            })
+            .collect())
     }
 
     /// Launches a graphed decode step, capturing it first when no graph of this shape is
@@ -1033,7 +1181,7 @@ impl Backend for CudaBackend {
     fn forward_step(
         &mut self,
         chunks: &[SeqChunk<'_>],
-        greedy: &[bool],
+        picks: &[RowPick],
     ) -> Result<StepOutput, BackendError> {
         let t = check_chunks(
             chunks,
@@ -1045,7 +1193,7 @@ impl Backend for CudaBackend {
         if t == 0 {
             return Ok(StepOutput::default());
         }
-        self.forward_inner(chunks, t, greedy)
+        self.forward_inner(chunks, t, picks)
     }
 
     fn name(&self) -> String {
@@ -1057,7 +1205,7 @@ impl Backend for CudaBackend {
     }
 
     fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, BackendError> {
-        // No greedy rows: every wanted row's logits.
+        // No picks: every wanted row's logits.
         Ok(self.forward_step(chunks, &[])?.logits)
     }
 }

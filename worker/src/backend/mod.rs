@@ -10,6 +10,8 @@ pub mod cpu;
 pub mod cuda;
 pub mod kv_scales;
 
+pub use crate::sampler::RowPick;
+
 /// One sequence's share of a step.
 #[derive(Debug, Clone)]
 pub struct SeqChunk<'a> {
@@ -85,18 +87,21 @@ pub trait Backend: Send {
     /// chunk order, concatenated.
     fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, BackendError>;
 
-    /// Run one step for the engine: like [`Backend::forward`], but for the chunks with
-    /// `want_logits` whose `greedy` flag is set (one flag per such chunk, in order) the
-    /// backend picks the token itself ([`crate::sampler::greedy_pick`]'s rule), and only
-    /// the other rows' logits come back. A GPU backend thereby copies one id per greedy
-    /// row instead of a vocabulary of logits.
+    /// Run one step for the engine: like [`Backend::forward`], but each chunk with
+    /// `want_logits` has a [`RowPick`] (one per such chunk, in order; missing ones count
+    /// as [`RowPick::Host`]): the backend picks the [`RowPick::Greedy`] rows itself
+    /// ([`crate::sampler::greedy_pick`]'s rule), may draw the [`RowPick::Sample`] ones
+    /// (with the sampler's semantics and the planned draw), and returns the logits of the
+    /// rows it did not pick. A GPU backend thereby copies one id per row instead of a
+    /// vocabulary of logits. This default picks the greedy rows on the host.
     fn forward_step(
         &mut self,
         chunks: &[SeqChunk<'_>],
-        greedy: &[bool],
+        picks: &[RowPick],
     ) -> Result<StepOutput, BackendError> {
         let logits = self.forward(chunks)?;
-        Ok(pick_greedy_rows(logits, greedy, self.vocab_size()))
+        let greedy: Vec<bool> = picks.iter().map(|p| *p == RowPick::Greedy).collect();
+        Ok(pick_greedy_rows(logits, &greedy, self.vocab_size()))
     }
 
     /// Logits per row.
