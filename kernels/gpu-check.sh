@@ -140,6 +140,16 @@ for shape in ["smollm2-135m", "eurollm-1.7b"]:
          "backend_check_prefill_wgmma_pp128": check(f"{shape}.check-wgmma_pp128.json"),
          "backend_check_prefill_wgmma_tma": check(f"{shape}.check-wgmma_tma.json"),
          "bench_kv_fp8": load(f"{shape}.fp8.json"), "backend_check_kv_fp8": check(f"{shape}.check-fp8.json")}
+    # Sampled decoding against greedy, per batch size (same run, same model).
+    for smp in ["t1", "topp"]:
+        if not os.path.exists(os.path.join(tmp, f"{shape}.sampled-{smp}.json")):
+            continue
+        sb = e[f"bench_sampled_{smp}"] = load(f"{shape}.sampled-{smp}.json")
+        try:
+            e[f"sampled_{smp}_vs_greedy"] = {n: sb["decode"][n]["aggregate_tok_s"] / b["decode"][n]["aggregate_tok_s"]
+                                             for n in sb["decode"] if n in b.get("decode", {})}
+        except Exception as ex:
+            e[f"sampled_{smp}_note"] = f"no ratio: {ex}"
     if os.path.exists(os.path.join(tmp, f"{shape}.check-fp8-scales.json")):
         e["backend_check_kv_fp8_calibrated_scales"] = check(f"{shape}.check-fp8-scales.json")
     limit = None
@@ -320,6 +330,18 @@ for shape in eurollm-1.7b smollm2-135m; do
       --batches 1,8,32 --reps 3 --prompt-tokens 128 --decode-tokens 64 > "$PARTS/$shape.bench.json" 2> "$PARTS/$shape.err"
     rc=$?
     tail -40 "$PARTS/$shape.err" >> "$LOG"
+    # Sampled decoding (tokens drawn on the GPU: sample_rows, and topk_rows' candidates
+    # for top-p) beside the greedy figures above: OpenAI's default (temperature 1) and a
+    # nucleus (top-p 0.95).
+    if [ "$shape" = eurollm-1.7b ]; then
+      for smp in "t1:--temperature 1" "topp:--temperature 1 --top-p 0.95"; do
+        say "$shape: sampled decoding ${smp#*:}"
+        # shellcheck disable=SC2086  # the options are words
+        RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 --kv-cache-mb 8192 \
+          --batches 1,32 --reps 2 --prompt-tokens 128 --decode-tokens 64 ${smp#*:} \
+          > "$PARTS/$shape.sampled-${smp%%:*}.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.sampled-${smp%%:*}.json"
+      done
+    fi
     # The CUDA backend's forward pass against the CPU backend's, step by step.
     RUST_BACKTRACE=0 timeout 180 "$BIN/worker" check-backend --model "$TMP/$shape" --device cuda:0 \
       > "$PARTS/$shape.check.json" 2>> "$LOG" || { echo "gpu-check: check-backend failed on $shape" | tee -a "$LOG" >&2; [ $status -eq 0 ] && status=1; }
