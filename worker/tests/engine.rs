@@ -166,3 +166,92 @@ async fn stop_strings_end_the_text_before_the_stop() {
     assert_eq!(text, full[..full.find('9').unwrap()]);
     assert!(usage.completion_tokens < 12);
 }
+
+/// A backend that picks instantly (greedy and sampled rows alike, a token derived from
+/// the position): what is left of a step is the engine's own host time.
+struct Instant(usize);
+
+impl worker::backend::Backend for Instant {
+    fn name(&self) -> String {
+        "instant".into()
+    }
+    fn num_kv_blocks(&self) -> usize {
+        1024
+    }
+    fn vocab_size(&self) -> usize {
+        self.0
+    }
+    fn forward(
+        &mut self,
+        chunks: &[worker::backend::SeqChunk<'_>],
+    ) -> Result<Vec<f32>, worker::backend::BackendError> {
+        Ok(vec![
+            0.0;
+            chunks.iter().filter(|c| c.want_logits).count() * self.0
+        ])
+    }
+    fn forward_step(
+        &mut self,
+        chunks: &[worker::backend::SeqChunk<'_>],
+        _picks: &[worker::backend::RowPick],
+    ) -> Result<worker::backend::StepOutput, worker::backend::BackendError> {
+        let picked = chunks
+            .iter()
+            .filter(|c| c.want_logits)
+            .map(|c| Some(300 + (c.start as u32 * 7919) % 40_000))
+            .collect();
+        Ok(worker::backend::StepOutput {
+            picked,
+            logits: Vec::new(),
+        })
+    }
+}
+
+/// The engine's host time a token at batch 1 (scheduling, sampler planning, detokenizing,
+/// the event to the client) with SmolLM2's tokenizer and a backend that takes no time:
+/// the floor under every backend's time a token. A measurement, not a check:
+/// `cargo test --release -p worker --test engine -- --ignored --nocapture host_time`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement"]
+async fn host_time_per_token_at_batch_1() {
+    let m = load_smollm2();
+    let vocab = m.config.vocab_size;
+    let h = worker::engine::start(
+        Box::new(Instant(vocab)),
+        std::sync::Arc::clone(&m.tokenizer),
+        vocab,
+        worker::engine::EngineConfig {
+            block_size: 16,
+            num_blocks: 1024,
+            max_num_seqs: 8,
+            max_batched_tokens: 256,
+            max_prefill_chunk: 64,
+            max_queue: 8,
+            max_model_len: 8192,
+        },
+    )
+    .unwrap();
+    for (name, sampling) in [
+        ("greedy", SamplingParams::greedy()),
+        (
+            "temperature 1",
+            SamplingParams {
+                seed: Some(1),
+                ..SamplingParams::default()
+            },
+        ),
+    ] {
+        for _ in 0..3 {
+            let n = 4000;
+            let params = worker::engine::GenerateParams {
+                sampling,
+                ..worker::engine::GenerateParams::greedy_fixed_length(n)
+            };
+            let rx = h.submit(tokens(&m, PROMPTS[0]), params).unwrap();
+            let t0 = std::time::Instant::now();
+            let (ids, ..) = collect(rx).await;
+            let us = t0.elapsed().as_secs_f64() * 1e6 / ids.len() as f64;
+            println!("{name}: {} tokens, {us:.2} us a token", ids.len());
+        }
+    }
+}
