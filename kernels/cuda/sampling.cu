@@ -335,7 +335,10 @@ extern "C" __global__ void __launch_bounds__(sov::SAMPLE_THREADS)
     total += x;
   }
   incl += before;
-  const float excl = incl - own;
+  // The previous tile's inclusive sum (the same float): the tiles' intervals
+  // [excl, incl) then cover [0, total) without gaps or overlaps.
+  float excl = __shfl_up_sync(sov::FULL_MASK, incl, 1);
+  if (lane == 0) excl = before;
   // u < 1, but u * total may round up to total: then the last tile with weight.
   const float target = u * total;
   if (tid < ntiles && own > 0.f) {
