@@ -26,7 +26,11 @@
 // candidates needs. One CTA of 1024 threads a row: a pass for the maximum, a pass that
 // sums tiles of 32 x PER tokens (a warp a tile, each lane PER tokens 32 apart: coalesced),
 // a scan of the tile sums that finds the tile holding the target, and one warp that walks
-// that tile in id order. CPU reference: kernels::gpu_ref::sample_rows.
+// that tile in id order. The sums are of the weights in 64-bit fixed point (2^-42 units),
+// exact and associative: f32 sums at the scale of the row's total lost every token
+// lighter than an ulp of it (tens of thousands at a 128k vocabulary), and sums in
+// different orders disagreed about which tile held the target. The draw u arrives as
+// two f32 (u and the rest) and is used in f64. CPU reference: kernels::gpu_ref::sample_rows.
 #include "common.cuh"
 
 namespace sov {
@@ -50,6 +54,11 @@ __device__ __forceinline__ float sanitize_logit(float x) {
 __device__ __forceinline__ float sample_weight(float l, float mx, float inv_t) {
   const float x = (l - mx) * inv_t;
   return x >= -87.f ? expf(x) : 0.f;
+}
+
+// A kept weight in fixed point, 2^-42 units (0 when under min_w).
+__device__ __forceinline__ unsigned long long fixed_weight(float w, float min_w) {
+  return w >= min_w ? __float2ull_rn(w * 4398046511104.f) : 0ull;
 }
 
 constexpr int TOPK_MAX = 1024;
@@ -247,22 +256,25 @@ extern "C" __global__ void __launch_bounds__(sov::SAMPLE_THREADS)
   for (int i = threadIdx.x; i < vocab; i += sov::SAMPLE_THREADS) probs[base + i] *= inv;
 }
 
-// Per row: params[row] = (inv_t, min_w, u, unused); out_id[row]; out_stats[row] =
-// (sanitized maximum, sum of every weight).
-extern "C" __global__ void __launch_bounds__(sov::SAMPLE_THREADS)
+// Per row: params[row] = (inv_t, min_w, u rounded to f32, the rest of u); out_id[row];
+// out_stats[row] = (sanitized maximum, sum of every weight). One CTA an SM is what the
+// launch bounds ask for: without the 1, ptxas for sm_80 kept 32 registers a thread (two
+// CTAs of 1024) and spilled the 64-bit sums.
+extern "C" __global__ void __launch_bounds__(sov::SAMPLE_THREADS, 1)
     sample_rows(const float* __restrict__ logits, const float4* __restrict__ params,
                 int* __restrict__ out_id, float2* __restrict__ out_stats, int vocab) {
   constexpr int T = sov::SAMPLE_THREADS, WARPS = T / 32;
   __shared__ float s_v[WARPS];
   __shared__ int s_i[WARPS];
-  __shared__ float s_tile[T];
-  __shared__ float s_scan[WARPS];
+  __shared__ unsigned long long s_tile[T];
+  __shared__ unsigned long long s_scan[WARPS];
   __shared__ float s_all[WARPS];
-  __shared__ int s_pick, s_last;
-  __shared__ float s_base;
+  __shared__ int s_pick;
   const float* row = logits + (long long)blockIdx.x * vocab;
   const float4 p = params[blockIdx.x];
-  const float inv_t = p.x, min_w = p.y, u = p.z;
+  // u in two parts (its f32 rounding and the rest), so the draw keeps f64 resolution.
+  const float inv_t = p.x, min_w = p.y;
+  const double u = (double)p.z + (double)p.w;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   // The sanitized maximum and its lowest index (the greedy pick).
   float bv = sov::neg_inf();
@@ -278,7 +290,7 @@ extern "C" __global__ void __launch_bounds__(sov::SAMPLE_THREADS)
     if (sov::better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
   }
   if (lane == 0) { s_v[warp] = bv; s_i[warp] = bi; }
-  if (tid == 0) { s_pick = -1; s_last = -1; }
+  if (tid == 0) s_pick = -1;
   __syncthreads();
   bv = s_v[lane];
   bi = s_i[lane];
@@ -297,90 +309,90 @@ extern "C" __global__ void __launch_bounds__(sov::SAMPLE_THREADS)
     }
     return;
   }
+  // Each kept weight in fixed point (2^-42 units; a weight is at most 1, so the sum of a
+  // vocabulary of up to 2^22 tokens fits 64 bits): integer sums are exact, so the scan,
+  // the target's tile and the walk inside it all agree to the unit, and no token is lost
+  // to rounding at the scale of the row's total (weights under 2^-43 round to 0).
   // Tile sums: a warp a tile of 32 x per tokens, token (e, lane) = base + 32 e + lane.
   const int per = max(1, (vocab + 32 * T - 1) / (32 * T));
   const int tile = 32 * per;
   const int ntiles = (vocab + tile - 1) / tile;  // <= T
   float all = 0.f;
   for (int j = warp; j < ntiles; j += WARPS) {
-    float kept = 0.f, any = 0.f;
+    unsigned long long kept = 0;
+    float any = 0.f;
     for (int e = 0; e < per; ++e) {
       const int i = j * tile + 32 * e + lane;
       if (i < vocab) {
         const float w = sov::sample_weight(sov::sanitize_logit(row[i]), mx, inv_t);
         any += w;
-        kept += w >= min_w ? w : 0.f;
+        kept += sov::fixed_weight(w, min_w);
       }
     }
-    kept = sov::warp_sum(kept);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) kept += __shfl_xor_sync(sov::FULL_MASK, kept, off);
     all += sov::warp_sum(any);
     if (lane == 0) s_tile[j] = kept;
   }
   if (lane == 0) s_all[warp] = all;
   __syncthreads();
   // Inclusive scan of the tile sums in tile order, one a thread.
-  const float own = tid < ntiles ? s_tile[tid] : 0.f;
-  float incl = own;
+  const unsigned long long own = tid < ntiles ? s_tile[tid] : 0ull;
+  unsigned long long incl = own;
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
-    const float n = __shfl_up_sync(sov::FULL_MASK, incl, off);
+    const unsigned long long n = __shfl_up_sync(sov::FULL_MASK, incl, off);
     if (lane >= off) incl += n;
   }
   if (lane == 31) s_scan[warp] = incl;
   __syncthreads();
-  float before = 0.f, total = 0.f;
+  unsigned long long before = 0, total = 0;
   for (int w = 0; w < WARPS; ++w) {
-    const float x = s_scan[w];
+    const unsigned long long x = s_scan[w];
     if (w < warp) before += x;
     total += x;
   }
   incl += before;
-  // The previous tile's inclusive sum (the same float): the tiles' intervals
-  // [excl, incl) then cover [0, total) without gaps or overlaps.
-  float excl = __shfl_up_sync(sov::FULL_MASK, incl, 1);
-  if (lane == 0) excl = before;
-  // u < 1, but u * total may round up to total: then the last tile with weight.
-  const float target = u * total;
-  if (tid < ntiles && own > 0.f) {
-    if (excl <= target && target < incl) { s_pick = tid; s_base = excl; }
-    atomicMax(&s_last, tid);
-  }
+  const unsigned long long excl = incl - own;
+  // target = u * total, below the total (u < 1; the product is rounded); total >= 1: the
+  // maximum's weight is 1 (2^42 units) and min_w <= 1.
+  unsigned long long target = (unsigned long long)(u * (double)total);
+  if (target >= total) target = total - 1;
+  // Exactly one tile's [excl, incl) holds the target.
+  if (tid < ntiles && own > 0 && excl <= target && target < incl) s_pick = tid;
   __syncthreads();
-  int j = s_pick;
-  float acc = s_base;
-  if (j < 0) {
-    // No tile holds the target (rounding put it at the total): the last tile with weight
-    // (there is one: the maximum's weight is 1 and min_w <= 1).
-    j = s_last;
-    acc = j >= 0 ? total - s_tile[j] : 0.f;
-  }
-  if (warp == 0 && j < 0) {
-    if (lane == 0) {
-      out_id[blockIdx.x] = bi;
-      out_stats[blockIdx.x] = make_float2(mx, 0.f);
-    }
-  } else if (warp == 0) {
-    // Walk tile j in id order.
+  const int j = s_pick;
+  if (warp == 0) {
+    // Walk tile j in id order from the sum before it.
+    unsigned long long acc = 0;
     int found = -1, last = -1;
-    for (int e = 0; e < per && found < 0; ++e) {
-      const int i = j * tile + 32 * e + lane;
-      float w = 0.f;
-      if (i < vocab) w = sov::sample_weight(sov::sanitize_logit(row[i]), mx, inv_t);
-      if (w < min_w) w = 0.f;
-      float c = w;
+    if (j >= 0) {
+      // The tile's exclusive sum: the scan value of its thread, rebuilt here from the
+      // tile sums (the same integers, so the same value).
+      unsigned long long base = 0;
+      for (int t = lane; t < j; t += 32) base += s_tile[t];
 #pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const float n = __shfl_up_sync(sov::FULL_MASK, c, off);
-        if (lane >= off) c += n;
+      for (int off = 16; off > 0; off >>= 1) base += __shfl_xor_sync(sov::FULL_MASK, base, off);
+      acc = base;
+      for (int e = 0; e < per && found < 0; ++e) {
+        const int i = j * tile + 32 * e + lane;
+        unsigned long long q = 0;
+        if (i < vocab) q = sov::fixed_weight(sov::sample_weight(sov::sanitize_logit(row[i]), mx, inv_t), min_w);
+        unsigned long long c = q;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const unsigned long long n = __shfl_up_sync(sov::FULL_MASK, c, off);
+          if (lane >= off) c += n;
+        }
+        const unsigned cross = __ballot_sync(sov::FULL_MASK, q > 0 && acc + c > target);
+        const unsigned nz = __ballot_sync(sov::FULL_MASK, q > 0);
+        if (cross) found = j * tile + 32 * e + __ffs(cross) - 1;
+        if (nz) last = j * tile + 32 * e + 31 - __clz(nz);
+        acc += __shfl_sync(sov::FULL_MASK, c, 31);
       }
-      const unsigned cross = __ballot_sync(sov::FULL_MASK, w > 0.f && acc + c > target);
-      const unsigned nz = __ballot_sync(sov::FULL_MASK, w > 0.f);
-      if (cross) found = j * tile + 32 * e + __ffs(cross) - 1;
-      if (nz) last = j * tile + 32 * e + 31 - __clz(nz);
-      acc += __shfl_sync(sov::FULL_MASK, c, 31);
     }
     if (lane == 0) {
-      // Rounding left the target past the tile's own sum: its last token with weight.
+      // Integer sums: the target's tile always holds its token; the fallbacks are guards.
       out_id[blockIdx.x] = found >= 0 ? found : (last >= 0 ? last : bi);
       float sum_all = 0.f;
       for (int w = 0; w < WARPS; ++w) sum_all += s_all[w];

@@ -629,15 +629,38 @@ pub fn softmax_rows(logits: &[f32], vocab: usize, temperature: f32) -> Vec<f32> 
 pub struct SampleParams {
     pub inv_t: f32,
     pub min_w: f32,
-    pub u: f32,
+    pub u: f64,
 }
 
 impl SampleParams {
-    /// As the kernel reads them: four f32 a row (the fourth unused).
+    /// As the kernel reads them: four f32 a row, `u` as its f32 rounding and the rest
+    /// (their f64 sum is `u` to 48 bits, and below 1).
     pub fn to_device(rows: &[SampleParams]) -> Vec<f32> {
         rows.iter()
-            .flat_map(|p| [p.inv_t, p.min_w, p.u, 0.0])
+            .flat_map(|p| {
+                let hi = p.u as f32;
+                [p.inv_t, p.min_w, hi, (p.u - f64::from(hi)) as f32]
+            })
             .collect()
+    }
+
+    /// `u` as the kernel rebuilds it.
+    pub fn device_u(&self) -> f64 {
+        let hi = self.u as f32;
+        f64::from(hi) + f64::from((self.u - f64::from(hi)) as f32)
+    }
+}
+
+/// `sample_rows`' fixed point: weights in units of 2^-42 (a vocabulary of up to 2^22
+/// tokens of weight at most 1 sums within 64 bits).
+const FIXED_ONE: f32 = 4_398_046_511_104.0;
+
+/// A kept weight in fixed point, rounded to nearest even (0 when under `min_w`).
+pub fn fixed_weight(w: f32, min_w: f32) -> u64 {
+    if w >= min_w {
+        (w * FIXED_ONE).round_ties_even() as u64
+    } else {
+        0
     }
 }
 
@@ -648,10 +671,12 @@ pub fn sample_weight(l: f32, max: f32, inv_t: f32) -> f32 {
 }
 
 /// `sample_rows`: per row, the token drawn as the worker sampler's dense draw does (see
-/// `sampling.cu`), with the kernel's tiling and summation order, and the row's
-/// (sanitized maximum, sum of all weights). The kernel's `expf` and this `exp` may differ
-/// in the last bit, so a draw whose target lies within rounding of a boundary between
-/// two tokens may go either way ([`sample_interval`] tells how close it was).
+/// `sampling.cu`): the kept weights in fixed point ([`fixed_weight`], exact integer
+/// sums), target `u x total`, the first token in id order whose running sum exceeds it;
+/// and the row's (sanitized maximum, f32 sum of all weights, in the kernel's order). The
+/// kernel's `expf` and this `exp` may differ in the last bit, so a draw whose target lies
+/// within rounding of a boundary between two tokens may go either way
+/// ([`sample_interval`] tells how close it was).
 pub fn sample_rows(
     logits: &[f32],
     vocab: usize,
@@ -676,60 +701,36 @@ pub fn sample_rows(
             continue;
         }
         let w = |i: usize| sample_weight(clean[i], mx, p.inv_t);
-        let kept = |x: f32| if x >= p.min_w { x } else { 0.0 };
         let per = vocab.div_ceil(32 * T).max(1);
         let tile = 32 * per;
         let ntiles = vocab.div_ceil(tile);
-        let mut tiles = vec![0f32; ntiles];
+        let mut tiles = vec![0u64; ntiles];
         let mut all = 0f32;
         for (j, t) in tiles.iter_mut().enumerate() {
-            let (mut k, mut a) = ([0f32; 32], [0f32; 32]);
+            let mut a = [0f32; 32];
             for e in 0..per {
-                for lane in 0..32 {
+                for (lane, a) in a.iter_mut().enumerate() {
                     let i = j * tile + 32 * e + lane;
                     if i < vocab {
-                        a[lane] += w(i);
-                        k[lane] += kept(w(i));
+                        *a += w(i);
+                        *t += fixed_weight(w(i), p.min_w);
                     }
                 }
             }
-            *t = warp_sum(k);
             all += warp_sum(a);
         }
-        let total: f32 = tiles.iter().sum();
-        let target = p.u * total;
-        let mut base = 0f32;
-        let mut pick = None;
-        for (j, &t) in tiles.iter().enumerate() {
-            if t > 0.0 && base <= target && target < base + t {
-                pick = Some((j, base));
-                break;
-            }
-            base += t;
-        }
-        let (j, mut acc) = match pick {
-            Some(x) => x,
-            None => match tiles.iter().rposition(|&t| t > 0.0) {
-                Some(j) => (j, total - tiles[j]),
-                None => {
-                    ids.push(best as u32);
-                    stats.push((mx, 0.0));
-                    continue;
-                }
-            },
-        };
+        let total: u64 = tiles.iter().sum();
+        let target = ((p.device_u() * total as f64) as u64).min(total.saturating_sub(1));
         let (mut found, mut last) = (None, None);
-        'walk: for e in 0..per {
-            for lane in 0..32 {
-                let i = j * tile + 32 * e + lane;
-                let x = if i < vocab { kept(w(i)) } else { 0.0 };
-                if x > 0.0 {
-                    acc += x;
-                    last = Some(i);
-                    if acc > target {
-                        found = Some(i);
-                        break 'walk;
-                    }
+        let mut acc = 0u64;
+        'walk: for i in 0..vocab {
+            let q = fixed_weight(w(i), p.min_w);
+            if q > 0 {
+                acc += q;
+                last = Some(i);
+                if acc > target {
+                    found = Some(i);
+                    break 'walk;
                 }
             }
         }
@@ -771,7 +772,7 @@ pub fn sample_interval(row: &[f32], p: &SampleParams, id: usize) -> Option<(f64,
         return None;
     }
     let lo: f64 = w[..id].iter().sum();
-    Some((f64::from(p.u), lo / total, (lo + w[id]) / total))
+    Some((p.u, lo / total, (lo + w[id]) / total))
 }
 
 /// Largest `k` of `topk_rows`.

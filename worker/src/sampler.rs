@@ -531,6 +531,33 @@ pub fn pick_from_ranked(
         // No finite logit: the lowest id, which ranks first among equals.
         return Some(first);
     }
+    let cand = ranked_survivors(d, top, weight_sum, vocab)?;
+    let total: f64 = cand.iter().map(|c| f64::from(c.weight)).sum();
+    let target = d.u * total;
+    let mut acc = 0f64;
+    for c in &cand {
+        acc += f64::from(c.weight);
+        if acc > target {
+            return Some(c.id);
+        }
+    }
+    cand.iter()
+        .rev()
+        .find(|c| c.weight > 0.0)
+        .map(|c| c.id)
+        .or(Some(first))
+}
+
+/// The candidates a ranked draw keeps from `top` (see [`pick_from_ranked`]; `top[0]`
+/// finite): top-k, the top-p nucleus, min-p, in rank order with their weights; `None`
+/// when `top` cannot decide them.
+fn ranked_survivors(
+    d: &DeviceDraw,
+    top: &[(f32, u32)],
+    weight_sum: f64,
+    vocab: usize,
+) -> Option<Vec<Candidate>> {
+    let &(max, _) = top.first()?;
     let inv_t = 1.0 / d.temperature;
     let mut cand: Vec<Candidate> = Vec::with_capacity(top.len());
     // Weights fall with rank: once one is 0, every token after it (in `top` or not) has
@@ -576,57 +603,55 @@ pub fn pick_from_ranked(
         let threshold = d.min_p * best;
         cand.retain(|c| c.weight >= threshold);
     }
-    let total: f64 = cand.iter().map(|c| f64::from(c.weight)).sum();
-    let target = d.u * total;
-    let mut acc = 0f64;
-    for c in &cand {
-        acc += f64::from(c.weight);
-        if acc > target {
-            return Some(c.id);
-        }
-    }
-    cand.iter()
-        .rev()
-        .find(|c| c.weight > 0.0)
-        .map(|c| c.id)
-        .or(Some(first))
+    Some(cand)
 }
 
-/// The token a backend must pick for the draw `d` on `logits`, walking the candidates
-/// in the order the GPU does: id order for a dense draw ([`Sampler::sample`]'s own), rank
-/// order for a ranked one ([`pick_from_ranked`] over every token). For checking device
-/// picks (`worker check-backend`).
-pub fn reference_pick(d: &DeviceDraw, logits: &[f32]) -> u32 {
+/// For checking a device's draws: the interval `[lo, hi)` of `u` (fractions of the kept
+/// weight, f64 sums) for which the draw `d` on `logits` picks `id`, walking the
+/// candidates in the order the GPU does (id order for a dense draw, rank order for a
+/// ranked one); `None` when `id` cannot be drawn at all. A correct device pick holds the
+/// draw's `u` in its interval up to rounding.
+pub fn draw_interval(d: &DeviceDraw, logits: &[f32], id: u32) -> Option<(f64, f64)> {
     let mut clean = logits.to_vec();
     let max = sanitize(&mut clean);
-    if d.ranked() && max > f32::NEG_INFINITY {
+    if max == f32::NEG_INFINITY {
+        return (id == 0).then_some((0.0, 1.0));
+    }
+    let inv_t = 1.0 / d.temperature;
+    let kept: Vec<(u32, f64)> = if d.ranked() {
         let mut top: Vec<(f32, u32)> = clean
             .iter()
             .enumerate()
             .map(|(i, &l)| (l, i as u32))
             .collect();
         top.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        let inv_t = 1.0 / d.temperature;
         let total: f64 = clean
             .iter()
             .map(|&l| f64::from(weight((l - max) * inv_t)))
             .sum();
-        if let Some(id) = pick_from_ranked(d, &top, total, clean.len()) {
-            return id;
-        }
-    }
-    let params = SamplingParams {
-        temperature: d.temperature,
-        top_k: d.top_k,
-        top_p: d.top_p,
-        min_p: d.min_p,
-        seed: Some(0),
-        ..SamplingParams::default()
+        ranked_survivors(d, &top, total, clean.len())?
+            .iter()
+            .map(|c| (c.id, f64::from(c.weight)))
+            .collect()
+    } else {
+        let floor = d.min_p.max(f32::MIN_POSITIVE);
+        clean
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, weight((l - max) * inv_t)))
+            .filter(|&(_, w)| w >= floor)
+            .map(|(i, w)| (i, f64::from(w)))
+            .collect()
     };
-    match Sampler::new(params, clean.len()) {
-        Ok(mut s) => s.sample_u(&mut clean, &[], &[], d.u),
-        Err(_) => greedy_pick(&mut clean),
+    let total: f64 = kept.iter().map(|k| k.1).sum();
+    let mut acc = 0f64;
+    for (i, w) in kept {
+        if i == id {
+            return Some((acc / total, (acc + w) / total));
+        }
+        acc += w;
     }
+    None
 }
 
 impl SamplingParams {
@@ -1471,5 +1496,48 @@ mod tests {
             pick_from_ranked(&dense, &ranked(&small, 10), 1.0, 800),
             None
         );
+    }
+
+    /// `draw_interval` describes the draws: the sampler's dense draw and a ranked draw
+    /// over every token pick, for each `u`, the token whose interval holds `u`.
+    #[test]
+    fn draw_intervals_hold_the_draws() {
+        let vocab = 700;
+        let mut logits = random_logits(vocab, 21, 3.0);
+        logits[3] = f32::NAN;
+        for p in [
+            params(|_| {}),
+            params(|p| p.min_p = 0.05),
+            params(|p| {
+                p.top_k = 30;
+                p.top_p = 0.8;
+                p.temperature = 0.7;
+            }),
+        ] {
+            let RowPick::Sample(d) = sampler(p, vocab).plan(vocab) else {
+                panic!("a device draw");
+            };
+            let mut clean = logits.clone();
+            sanitize(&mut clean);
+            let total = weight_sum(&clean, d.temperature);
+            let mut s = sampler(p, vocab);
+            for i in 0..200 {
+                let u = (f64::from(i) + 0.5) / 200.0;
+                let d = DeviceDraw { u, ..d };
+                let t = if d.ranked() {
+                    pick_from_ranked(&d, &ranked(&logits, vocab), total, vocab).unwrap()
+                } else {
+                    s.sample_u(&mut logits.clone(), &[], &[], u)
+                };
+                let (lo, hi) = draw_interval(&d, &logits, t).expect("a drawable token");
+                assert!(lo <= u && u < hi, "{p:?} u {u}: token {t} at [{lo}, {hi})");
+            }
+            // Tokens no draw can pick have no interval: the NaN one (weight 0), and the
+            // least likely finite one (weight ~e^-6) under top-k or min-p 0.05.
+            assert_eq!(draw_interval(&d, &logits, 3), None);
+            let least = ranked(&logits, vocab)[vocab - 2].1;
+            let excluded = d.top_k > 0 || d.min_p > 0.0;
+            assert_eq!(draw_interval(&d, &logits, least).is_none(), excluded);
+        }
     }
 }

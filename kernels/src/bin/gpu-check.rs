@@ -1185,12 +1185,15 @@ fn check_sampling(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
 
 /// `sample_rows` (the dense draw of non-greedy decoding) against its reference: each
 /// row's pick must hold the row's `u` in its f64 running-sum interval (id order, kept
-/// weights) up to 1e-5 of the total (expf and the reference's exp may differ in the last
-/// bit), the maximum must be the same and the sum within 1e-4; rows of 49152 and 128000
-/// tokens, temperatures 1, 0.7 and 0.3, min-p 0 and 0.1, greedy and dead rows mixed in.
+/// weights) up to 1e-6 (the kernel sums fixed-point weights exactly; its `expf` and the
+/// reference's `exp` may differ in the last bit), the maximum must be the same and the
+/// sum within 1e-4. Vocabularies of 1000 (one tile a warp, a partial tile), 32000, 32768
+/// (1024 full tiles of 32), 49152 and 128000 (4 tokens a lane); temperatures 1, 0.7 and
+/// 0.3, min-p 0, 0.1 and 1 (ties of the maximum only); greedy rows, a row with +inf and
+/// one without a finite logit mixed in.
 fn check_sample_rows(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
     let mut out = Vec::new();
-    for vocab in [49_152usize, 128_000] {
+    for vocab in [1000usize, 32_000, 32_768, 49_152, 128_000] {
         let base: Vec<f32> = rng.f32s(vocab).iter().map(|v| v * 12.0).collect();
         let settings = [
             (1.0f32, 0.0f32),
@@ -1198,24 +1201,28 @@ fn check_sample_rows(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError
             (1.0 / 0.3, 0.0),
             (1.0, 0.1),
             (0.0, 0.0),
+            (1.0, 1.0),
         ];
         let mut params = Vec::new();
         let mut logits = Vec::new();
-        for (r, &(inv_t, min_w)) in settings.iter().cycle().take(40).enumerate() {
+        let rows = 42;
+        for (r, &(inv_t, min_w)) in settings.iter().cycle().take(rows).enumerate() {
             let mut row = base.clone();
             row[(r * 7919) % vocab] = 14.0; // a different favourite a row
+            if r % 6 == 5 {
+                row[(r * 31) % vocab] = 14.0; // a tie for min-p 1
+            }
             if r == 38 {
                 row.fill(f32::NEG_INFINITY);
                 row[3] = f32::NAN;
             }
+            if r == 39 {
+                row[vocab - 1] = f32::INFINITY;
+            }
             logits.extend(row);
-            params.push(gpu_ref::SampleParams {
-                inv_t,
-                min_w,
-                u: rng.f32s(1)[0].abs().min(0.999_999),
-            });
+            let u = f64::from(rng.f32s(1)[0].abs()).min(0.999_999_999);
+            params.push(gpu_ref::SampleParams { inv_t, min_w, u });
         }
-        let rows = params.len();
         let ld = up(k, &logits)?;
         let pd = up(k, &gpu_ref::SampleParams::to_device(&params))?;
         let mut ids = zeros::<i32>(k, rows)?;
@@ -1230,13 +1237,14 @@ fn check_sample_rows(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError
             let id = got[r];
             same += usize::from(id >= 0 && id as u32 == want[r]);
             let p = &params[r];
-            let pick_ok = if p.inv_t == 0.0 || r == 38 {
+            let pick_ok = if p.inv_t == 0.0 || r == 38 || r == 39 {
+                // Greedy, no finite logit (index 0), +inf (every other weight is 0).
                 id >= 0 && id as u32 == want[r]
             } else {
                 usize::try_from(id)
                     .ok()
                     .and_then(|i| gpu_ref::sample_interval(row, p, i))
-                    .is_some_and(|(u, lo, hi)| lo - 1e-5 <= u && u < hi + 1e-5)
+                    .is_some_and(|(u, lo, hi)| lo - 1e-6 <= u && u < hi + 1e-6)
             };
             let (gm, gs) = (got_stats[2 * r], got_stats[2 * r + 1]);
             let (wm, ws) = want_stats[r];

@@ -811,8 +811,6 @@ impl CudaBackend {
     ) -> Result<Vec<Option<u32>>, BackendError> {
         let s = &k.stream;
         let pick = |i: usize| picks.get(i).copied().unwrap_or(RowPick::Host { u: 0.0 });
-        // Below 1 in f32 too (the kernel's target must stay under the row's total).
-        const BELOW_ONE: f32 = 1.0 - f32::EPSILON / 2.0;
         let params: Vec<kernels::gpu_ref::SampleParams> = (0..rows)
             .map(|i| match pick(i) {
                 RowPick::Sample(d) if device_pickable(&pick(i), vocab) => {
@@ -820,7 +818,7 @@ impl CudaBackend {
                         inv_t: 1.0 / d.temperature,
                         // Min-p over ranked candidates is applied on the host.
                         min_w: if d.ranked() { 0.0 } else { d.min_p },
-                        u: (d.u as f32).min(BELOW_ONE),
+                        u: d.u,
                     }
                 }
                 _ => kernels::gpu_ref::SampleParams {

@@ -100,8 +100,11 @@ pub trait Backend: Send {
         picks: &[RowPick],
     ) -> Result<StepOutput, BackendError> {
         let logits = self.forward(chunks)?;
-        let greedy: Vec<bool> = picks.iter().map(|p| *p == RowPick::Greedy).collect();
-        Ok(pick_greedy_rows(logits, &greedy, self.vocab_size()))
+        let vocab = self.vocab_size().max(1);
+        let greedy: Vec<bool> = (0..logits.len() / vocab)
+            .map(|i| picks.get(i) == Some(&RowPick::Greedy))
+            .collect();
+        Ok(pick_greedy_rows(logits, &greedy, vocab))
     }
 
     /// Logits per row.
