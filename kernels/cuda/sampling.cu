@@ -310,7 +310,7 @@ extern "C" __global__ void __launch_bounds__(sov::SAMPLE_THREADS, 1)
     return;
   }
   // Each kept weight in fixed point (2^-42 units; a weight is at most 1, so the sum of a
-  // vocabulary of up to 2^22 tokens fits 64 bits): integer sums are exact, so the scan,
+  // vocabulary below 2^22 tokens fits 64 bits; the launcher refuses larger ones): integer sums are exact, so the scan,
   // the target's tile and the walk inside it all agree to the unit, and no token is lost
   // to rounding at the scale of the row's total (weights under 2^-43 round to 0).
   // Tile sums: a warp a tile of 32 x per tokens, token (e, lane) = base + 32 e + lane.

@@ -651,8 +651,8 @@ impl SampleParams {
     }
 }
 
-/// `sample_rows`' fixed point: weights in units of 2^-42 (a vocabulary of up to 2^22
-/// tokens of weight at most 1 sums within 64 bits).
+/// `sample_rows`' fixed point: weights in units of 2^-42 (a vocabulary below 2^22 tokens
+/// of weight at most 1 sums within 64 bits; the launcher refuses larger ones).
 const FIXED_ONE: f32 = 4_398_046_511_104.0;
 
 /// A kept weight in fixed point, rounded to nearest even (0 when under `min_w`).
@@ -705,7 +705,7 @@ pub fn sample_rows(
         let tile = 32 * per;
         let ntiles = vocab.div_ceil(tile);
         let mut tiles = vec![0u64; ntiles];
-        let mut all = 0f32;
+        let mut per_warp = [0f32; 32];
         for (j, t) in tiles.iter_mut().enumerate() {
             let mut a = [0f32; 32];
             for e in 0..per {
@@ -717,8 +717,10 @@ pub fn sample_rows(
                     }
                 }
             }
-            all += warp_sum(a);
+            // Warp j % 32 adds tile j to its own sum; lane 0 adds the warps' sums in order.
+            per_warp[j % 32] += warp_sum(a);
         }
+        let all = per_warp.iter().fold(0f32, |s, &x| s + x);
         let total: u64 = tiles.iter().sum();
         let target = ((p.device_u() * total as f64) as u64).min(total.saturating_sub(1));
         let (mut found, mut last) = (None, None);

@@ -1193,74 +1193,165 @@ fn check_sampling(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
 /// one without a finite logit mixed in.
 fn check_sample_rows(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
     let mut out = Vec::new();
-    for vocab in [1000usize, 32_000, 32_768, 49_152, 128_000] {
-        let base: Vec<f32> = rng.f32s(vocab).iter().map(|v| v * 12.0).collect();
-        let settings = [
-            (1.0f32, 0.0f32),
-            (1.0 / 0.7, 0.0),
-            (1.0 / 0.3, 0.0),
-            (1.0, 0.1),
-            (0.0, 0.0),
-            (1.0, 1.0),
-        ];
-        let mut params = Vec::new();
-        let mut logits = Vec::new();
-        let rows = 42;
-        for (r, &(inv_t, min_w)) in settings.iter().cycle().take(rows).enumerate() {
-            let mut row = base.clone();
-            row[(r * 7919) % vocab] = 14.0; // a different favourite a row
-            if r % 6 == 5 {
-                row[(r * 31) % vocab] = 14.0; // a tie for min-p 1
-            }
-            if r == 38 {
-                row.fill(f32::NEG_INFINITY);
-                row[3] = f32::NAN;
-            }
-            if r == 39 {
-                row[vocab - 1] = f32::INFINITY;
-            }
-            logits.extend(row);
-            let u = f64::from(rng.f32s(1)[0].abs()).min(0.999_999_999);
-            params.push(gpu_ref::SampleParams { inv_t, min_w, u });
-        }
+    for vocab in [20usize, 1000, 32_000, 32_768, 49_152, 128_000, 151_936] {
+        let (logits, params) = sample_rows_case(vocab, rng);
+        let rows = params.len();
         let ld = up(k, &logits)?;
         let pd = up(k, &gpu_ref::SampleParams::to_device(&params))?;
         let mut ids = zeros::<i32>(k, rows)?;
         let mut stats = zeros::<f32>(k, 2 * rows)?;
         launch::sample_rows(k, &ld, &pd, &mut ids, &mut stats, rows, vocab)?;
         let (got, got_stats) = (down(k, &ids)?, down(k, &stats)?);
-        let (want, want_stats) = gpu_ref::sample_rows(&logits, vocab, &params);
-        let mut bad = Vec::new();
-        let mut same = 0;
-        for r in 0..rows {
-            let row = &logits[r * vocab..(r + 1) * vocab];
-            let id = got[r];
-            same += usize::from(id >= 0 && id as u32 == want[r]);
-            let p = &params[r];
-            let pick_ok = if p.inv_t == 0.0 || r == 38 || r == 39 {
-                // Greedy, no finite logit (index 0), +inf (every other weight is 0).
-                id >= 0 && id as u32 == want[r]
-            } else {
-                usize::try_from(id)
-                    .ok()
-                    .and_then(|i| gpu_ref::sample_interval(row, p, i))
-                    .is_some_and(|(u, lo, hi)| lo - 1e-6 <= u && u < hi + 1e-6)
-            };
-            let (gm, gs) = (got_stats[2 * r], got_stats[2 * r + 1]);
-            let (wm, ws) = want_stats[r];
-            let stats_ok =
-                gm.to_bits() == wm.to_bits() && (gs - ws).abs() <= 1e-4 * ws.abs().max(1.0);
-            if !(pick_ok && stats_ok) {
-                bad.push(json!({"row": r, "gpu": id, "reference": want[r], "gpu_stats": [gm, gs], "reference_stats": [wm, ws]}));
-            }
-        }
-        out.push(
-            json!({"kernel": "sample_rows", "vocab": vocab, "rows": rows,
-            "same_pick_as_reference": same, "failures": bad.iter().take(5).collect::<Vec<_>>(),
-            "ok": bad.is_empty()}),
-        );
+        out.push(judge_sample_rows(&logits, vocab, &params, &got, &got_stats));
     }
     Ok(out)
+}
+
+/// Rows that differ only in their favourite token and parameters (see
+/// [`check_sample_rows`]); row 36 aimed at an unlikely token, row 38 without a finite
+/// logit, row 39 with +inf.
+fn sample_rows_case(vocab: usize, rng: &mut Rng) -> (Vec<f32>, Vec<gpu_ref::SampleParams>) {
+    let base: Vec<f32> = rng.f32s(vocab).iter().map(|v| v * 12.0).collect();
+    let settings = [
+        (1.0f32, 0.0f32),
+        (1.0 / 0.7, 0.0),
+        (1.0 / 0.3, 0.0),
+        (1.0, 0.1),
+        (0.0, 0.0),
+        (1.0, 1.0),
+    ];
+    let mut params = Vec::new();
+    let mut logits = Vec::new();
+    for (r, &(inv_t, min_w)) in settings.iter().cycle().take(42).enumerate() {
+        let mut row = base.clone();
+        row[(r * 7919) % vocab] = 14.0; // a different favourite a row
+        if r % 6 == 5 {
+            row[(r * 31) % vocab] = 14.0; // a tie for min-p 1
+        }
+        if r == 38 {
+            row.fill(f32::NEG_INFINITY);
+            row[3] = f32::NAN;
+        }
+        if r == 39 {
+            row[vocab - 1] = f32::INFINITY;
+        }
+        // A u with bits below f32's (the kernel gets it in two parts).
+        let [a, b] = rng.f32s(2)[..] else {
+            unreachable!()
+        };
+        let mut u = (f64::from(a.abs()) + f64::from(b.abs()) * 2f64.powi(-30)).min(0.999_999_999);
+        let mut min_w = min_w;
+        if min_w > 0.0 && min_w < 1.0 {
+            // A min-p threshold in a gap between two weights, so that expf and the
+            // reference's exp cannot disagree about which tokens it keeps.
+            min_w = gap_threshold(&row, inv_t, min_w);
+        }
+        if r == 36 {
+            // Aimed at the middle of an unlikely token deep in the row (about the 1000th
+            // most likely, of probability at least 1e-5): the kernel's fixed-point sums
+            // must land on exactly that token.
+            u = aimed_u(&row, inv_t, min_w);
+        }
+        logits.extend(row);
+        params.push(gpu_ref::SampleParams { inv_t, min_w, u });
+    }
+    (logits, params)
+}
+
+/// The verdict on `sample_rows`' output for a case of [`sample_rows_case`].
+fn judge_sample_rows(
+    logits: &[f32],
+    vocab: usize,
+    params: &[gpu_ref::SampleParams],
+    got: &[i32],
+    got_stats: &[f32],
+) -> Value {
+    let rows = params.len();
+    let (want, want_stats) = gpu_ref::sample_rows(logits, vocab, params);
+    let mut bad = Vec::new();
+    let mut same = 0;
+    for r in 0..rows {
+        let row = &logits[r * vocab..(r + 1) * vocab];
+        let id = got[r];
+        same += usize::from(id >= 0 && id as u32 == want[r]);
+        let p = &params[r];
+        let pick_ok = if p.inv_t == 0.0 || r == 36 || r == 38 || r == 39 {
+            // Greedy, the aimed draw (the middle of a 1e-5-wide interval is far from where
+            // expf and exp could disagree), no finite logit (index 0), +inf (every other
+            // weight is 0): the reference's pick.
+            id >= 0 && id as u32 == want[r]
+        } else {
+            usize::try_from(id)
+                .ok()
+                .and_then(|i| gpu_ref::sample_interval(row, p, i))
+                .is_some_and(|(u, lo, hi)| lo - 1e-6 <= u && u < hi + 1e-6)
+        };
+        let (gm, gs) = (got_stats[2 * r], got_stats[2 * r + 1]);
+        let (wm, ws) = want_stats[r];
+        let stats_ok = gm.to_bits() == wm.to_bits() && (gs - ws).abs() <= 1e-4 * ws.abs().max(1.0);
+        if !(pick_ok && stats_ok) {
+            bad.push(json!({"row": r, "gpu": id, "reference": want[r], "gpu_stats": [gm, gs], "reference_stats": [wm, ws]}));
+        }
+    }
+    json!({"kernel": "sample_rows", "vocab": vocab, "rows": rows,
+        "same_pick_as_reference": same, "failures": bad.iter().take(5).collect::<Vec<_>>(),
+        "ok": bad.is_empty()})
+}
+
+/// A draw aimed at the middle of the f64 interval of about the 1000th most likely token,
+/// the first from there towards the likelier ones whose probability reaches 1e-5.
+fn aimed_u(row: &[f32], inv_t: f32, min_w: f32) -> f64 {
+    let mx = row
+        .iter()
+        .map(|&v| gpu_ref::sanitize_logit(v))
+        .fold(f32::NEG_INFINITY, f32::max);
+    let w: Vec<f64> = row
+        .iter()
+        .map(|&l| {
+            let x = gpu_ref::sample_weight(gpu_ref::sanitize_logit(l), mx, inv_t);
+            if x >= min_w { f64::from(x) } else { 0.0 }
+        })
+        .collect();
+    let mut before = vec![0f64; w.len() + 1];
+    for (i, &x) in w.iter().enumerate() {
+        before[i + 1] = before[i] + x;
+    }
+    let total = before[w.len()];
+    let mut order: Vec<usize> = (0..w.len()).collect();
+    order.sort_by(|&a, &b| w[b].total_cmp(&w[a]));
+    let start = order.len().min(1000) - 1;
+    order[..=start]
+        .iter()
+        .rev()
+        .find(|&&id| w[id] / total >= 1e-5)
+        .map_or(0.5, |&id| (before[id] + w[id] / 2.0) / total)
+}
+
+/// A min-p threshold near `min_w` that no token's weight is within 1e-4 (relative) of:
+/// the geometric middle of the first wide enough gap between sorted weights below it.
+fn gap_threshold(row: &[f32], inv_t: f32, min_w: f32) -> f32 {
+    let mx = row
+        .iter()
+        .map(|&v| gpu_ref::sanitize_logit(v))
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut w: Vec<f64> = row
+        .iter()
+        .map(|&l| {
+            f64::from(gpu_ref::sample_weight(
+                gpu_ref::sanitize_logit(l),
+                mx,
+                inv_t,
+            ))
+        })
+        .filter(|&x| x > 0.0 && x < f64::from(min_w))
+        .collect();
+    w.sort_by(|a, b| b.total_cmp(a));
+    let above = f64::from(min_w);
+    std::iter::once(above)
+        .chain(w.iter().copied())
+        .zip(w.iter().copied())
+        .find(|&(hi, lo)| hi > lo * (1.0 + 1e-4))
+        .map_or(min_w, |(hi, lo)| (hi * lo).sqrt() as f32)
 }
 
 fn check_topk(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
@@ -1868,6 +1959,33 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sampling check passes the reference's own output and fails picks one token
+    /// off, on every vocabulary it runs.
+    #[test]
+    fn sample_rows_judge_passes_the_reference_and_fails_a_shifted_pick() {
+        let mut rng = Rng(3);
+        for vocab in [20usize, 1000, 32_768, 151_936] {
+            let (logits, params) = sample_rows_case(vocab, &mut rng);
+            let (ids, stats) = gpu_ref::sample_rows(&logits, vocab, &params);
+            let got: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+            let flat: Vec<f32> = stats.iter().flat_map(|&(m, s)| [m, s]).collect();
+            let v = judge_sample_rows(&logits, vocab, &params, &got, &flat);
+            assert_eq!(v["ok"], json!(true), "{v}");
+            assert_eq!(v["same_pick_as_reference"], json!(params.len()));
+            // The aimed row lands deep in the row: many tokens are likelier.
+            let row = &logits[36 * vocab..37 * vocab];
+            let pick = row[ids[36] as usize];
+            let likelier = row.iter().filter(|&&l| l > pick).count();
+            assert!(
+                likelier >= if vocab >= 1000 { 200 } else { 1 },
+                "vocab {vocab}: rank {likelier}"
+            );
+            let shifted: Vec<i32> = got.iter().map(|&i| (i + 1) % vocab as i32).collect();
+            let v = judge_sample_rows(&logits, vocab, &params, &shifted, &flat);
+            assert_eq!(v["ok"], json!(false), "{v}");
+        }
+    }
 
     #[test]
     fn prefill_diagnosis_locates_the_bad_rows_heads_and_dims() {

@@ -1013,6 +1013,13 @@ pub fn sample_rows(
             rows * 2
         )));
     }
+    // Its fixed-point weight sums (2^42 units a weight of 1) fit 64 bits below 2^22 tokens.
+    if vocab >= 1 << 22 {
+        return Err(CudaError::Shape(format!(
+            "sample_rows: a vocabulary of {vocab} tokens is beyond its 64-bit sums (at most {})",
+            (1 << 22) - 1
+        )));
+    }
     let f = k.function("sampling.cu", "sample_rows")?;
     let v = dim(vocab)?;
     let cfg = config(rows, 1, 1, 1024)?;

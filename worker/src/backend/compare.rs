@@ -49,10 +49,25 @@ fn draw(n: usize) -> DeviceDraw {
     }
 }
 
-/// Whether `picked` is a right pick for `d` on `logits` (see [`DRAW_SLACK`]).
+/// Whether `picked` is a right pick for `d` on `logits` (see [`DRAW_SLACK`]). A weight
+/// within rounding of the min-p threshold, or a running sum within rounding of the top-p
+/// goal, may be judged either way by the device (its `expf`, its f32 weight sum): the
+/// intervals are also taken with those two parameters 1e-5 (relative) to either side.
 fn sampled_pick_ok(d: &DeviceDraw, logits: &[f32], picked: u32) -> bool {
-    draw_interval(d, logits, picked)
-        .is_some_and(|(lo, hi)| lo - DRAW_SLACK <= d.u && d.u < hi + DRAW_SLACK)
+    let nudged = |x: f32, f: f32| if x > 0.0 && x < 1.0 { x * f } else { x };
+    [1.0f32, 1.0 - 1e-5, 1.0 + 1e-5].iter().any(|&f| {
+        let d = DeviceDraw {
+            min_p: nudged(d.min_p, f),
+            top_p: if d.top_p < 1.0 {
+                nudged(d.top_p, f).min(1.0 - f32::EPSILON)
+            } else {
+                1.0
+            },
+            ..*d
+        };
+        draw_interval(&d, logits, picked)
+            .is_some_and(|(lo, hi)| lo - DRAW_SLACK <= d.u && d.u < hi + DRAW_SLACK)
+    })
 }
 
 struct Seq {
