@@ -61,6 +61,38 @@ __device__ __forceinline__ unsigned long long fixed_weight(float w, float min_w)
   return w >= min_w ? __float2ull_rn(w * 4398046511104.f) : 0ull;
 }
 
+__device__ __forceinline__ void warp_best(float& bv, int& bi) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float ov = __shfl_xor_sync(FULL_MASK, bv, off);
+    const int oi = __shfl_xor_sync(FULL_MASK, bi, off);
+    if (better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+  }
+}
+
+// The sanitized maximum of `row` and its lowest index, for every thread of a CTA of
+// SAMPLE_THREADS (all must call; uses s_v and s_i[32]). bi stays 0x7fffffff only for an
+// empty row.
+__device__ __forceinline__ void row_best(const float* row, int vocab, float* s_v, int* s_i,
+                                         float& bv, int& bi) {
+  bv = neg_inf();
+  bi = 0x7fffffff;
+  // Sanitized as the sampler does: +inf counts as FLT_MAX, NaN as -inf (so a row without
+  // a finite logit picks index 0, as on the CPU; a NaN kept as NaN would lose every
+  // comparison and let a later -inf win).
+  for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
+    const float v = sanitize_logit(row[i]);
+    if (better(v, i, bv, bi)) { bv = v; bi = i; }
+  }
+  warp_best(bv, bi);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) { s_v[warp] = bv; s_i[warp] = bi; }
+  __syncthreads();
+  bv = s_v[lane];
+  bi = s_i[lane];
+  warp_best(bv, bi);
+}
+
 constexpr int TOPK_MAX = 1024;
 constexpr int TOPK_THREADS = 512;
 
@@ -195,37 +227,11 @@ extern "C" __global__ void __launch_bounds__(sov::SAMPLE_THREADS)
     argmax_rows(const float* __restrict__ logits, int* __restrict__ out, int vocab) {
   __shared__ float s_v[32];
   __shared__ int s_i[32];
-  const float* row = logits + (long long)blockIdx.x * vocab;
-  float bv = sov::neg_inf();
-  int bi = 0x7fffffff;
-  for (int i = threadIdx.x; i < vocab; i += sov::SAMPLE_THREADS) {
-    // Sanitized as the sampler does: +inf counts as FLT_MAX, NaN as -inf (so a row
-    // without a finite logit picks index 0, as on the CPU; a NaN kept as NaN would lose
-    // every comparison and let a later -inf win).
-    const float v = sov::sanitize_logit(row[i]);
-    if (sov::better(v, i, bv, bi)) { bv = v; bi = i; }
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float ov = __shfl_xor_sync(sov::FULL_MASK, bv, off);
-    const int oi = __shfl_xor_sync(sov::FULL_MASK, bi, off);
-    if (sov::better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) { s_v[warp] = bv; s_i[warp] = bi; }
-  __syncthreads();
-  if (warp == 0) {
-    bv = s_v[lane];
-    bi = s_i[lane];
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const float ov = __shfl_xor_sync(sov::FULL_MASK, bv, off);
-      const int oi = __shfl_xor_sync(sov::FULL_MASK, bi, off);
-      if (sov::better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
-    }
-    // All -inf or NaN: index 0, as on the CPU.
-    if (lane == 0) out[blockIdx.x] = bi == 0x7fffffff ? 0 : bi;
-  }
+  float bv;
+  int bi;
+  sov::row_best(logits + (long long)blockIdx.x * vocab, vocab, s_v, s_i, bv, bi);
+  // All -inf or NaN: index 0, as on the CPU.
+  if (threadIdx.x == 0) out[blockIdx.x] = bi == 0x7fffffff ? 0 : bi;
 }
 
 extern "C" __global__ void __launch_bounds__(sov::SAMPLE_THREADS)
@@ -276,30 +282,11 @@ extern "C" __global__ void __launch_bounds__(sov::SAMPLE_THREADS, 1)
   const float inv_t = p.x, min_w = p.y;
   const double u = (double)p.z + (double)p.w;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  // The sanitized maximum and its lowest index (the greedy pick).
-  float bv = sov::neg_inf();
-  int bi = 0x7fffffff;
-  for (int i = tid; i < vocab; i += T) {
-    const float v = sov::sanitize_logit(row[i]);
-    if (sov::better(v, i, bv, bi)) { bv = v; bi = i; }
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float ov = __shfl_xor_sync(sov::FULL_MASK, bv, off);
-    const int oi = __shfl_xor_sync(sov::FULL_MASK, bi, off);
-    if (sov::better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
-  }
-  if (lane == 0) { s_v[warp] = bv; s_i[warp] = bi; }
   if (tid == 0) s_pick = -1;
-  __syncthreads();
-  bv = s_v[lane];
-  bi = s_i[lane];
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float ov = __shfl_xor_sync(sov::FULL_MASK, bv, off);
-    const int oi = __shfl_xor_sync(sov::FULL_MASK, bi, off);
-    if (sov::better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
-  }
+  // The sanitized maximum and its lowest index (the greedy pick).
+  float bv;
+  int bi;
+  sov::row_best(row, vocab, s_v, s_i, bv, bi);
   const float mx = bv;
   if (inv_t == 0.f || mx == sov::neg_inf()) {
     // Greedy, or no token with a finite logit: the lowest index of the maximum.
