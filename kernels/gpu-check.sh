@@ -331,10 +331,12 @@ for shape in eurollm-1.7b smollm2-135m; do
     rc=$?
     tail -40 "$PARTS/$shape.err" >> "$LOG"
     # Sampled decoding (tokens drawn on the GPU: sample_rows, and topk_rows' candidates
-    # for top-p) beside the greedy figures above: OpenAI's default (temperature 1) and a
-    # nucleus (top-p 0.95).
+    # for top-k / top-p) beside the greedy figures above: OpenAI's default (temperature
+    # 1) and top-k 50 with a nucleus (top-p 0.95; with top-k the nucleus is always among
+    # the candidates, whereas top-p alone over a random model's flat logits would send
+    # most rows back to the host).
     if [ "$shape" = eurollm-1.7b ]; then
-      for smp in "t1:--temperature 1" "topp:--temperature 1 --top-p 0.95"; do
+      for smp in "t1:--temperature 1" "topp:--temperature 1 --top-k 50 --top-p 0.95"; do
         say "$shape: sampled decoding ${smp#*:}"
         # shellcheck disable=SC2086  # the options are words
         RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 --kv-cache-mb 8192 \
