@@ -149,6 +149,10 @@ pub async fn run(h: &EngineHandle, cfg: &BenchConfig) -> anyhow::Result<serde_js
         "ttft_ms": median(ttft.clone()),
         "ttft_ms_all": ttft,
         "decode": decode,
+        // Over the whole run: how the tokens were picked (a device backend picks greedy
+        // tokens and draws sampled ones itself; the host sampler gets the rest's logits).
+        "tokens_picked_by_backend": h.metrics.tokens_picked_by_backend.load(std::sync::atomic::Ordering::Relaxed),
+        "tokens_sampled_on_host": h.metrics.tokens_sampled_on_host.load(std::sync::atomic::Ordering::Relaxed),
         "peak_rss_mib": peak_rss_mib(),
     }))
 }

@@ -525,6 +525,12 @@ impl Engine {
             let Some(a) = self.active.get_mut(&s.id) else {
                 continue;
             };
+            let counter = if picked.is_some() {
+                &self.metrics.tokens_picked_by_backend
+            } else {
+                &self.metrics.tokens_sampled_on_host
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
             let tok = match (picked, row) {
                 (Some(t), _) => t,
                 (None, Some(row)) => {

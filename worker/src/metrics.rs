@@ -74,6 +74,10 @@ pub struct Metrics {
     pub requests_rejected: AtomicU64,
     pub preemptions: AtomicU64,
     pub steps: AtomicU64,
+    /// Tokens the backend picked itself (greedy rows, draws made on the device).
+    pub tokens_picked_by_backend: AtomicU64,
+    /// Tokens the host sampler drew from logits the backend sent back.
+    pub tokens_sampled_on_host: AtomicU64,
     pub ttft: Histogram,
     pub itl: Histogram,
 }
@@ -94,6 +98,8 @@ impl Default for Metrics {
             requests_rejected: AtomicU64::new(0),
             preemptions: AtomicU64::new(0),
             steps: AtomicU64::new(0),
+            tokens_picked_by_backend: AtomicU64::new(0),
+            tokens_sampled_on_host: AtomicU64::new(0),
             ttft: Histogram::new(TTFT_BOUNDS),
             itl: Histogram::new(ITL_BOUNDS),
         }
@@ -202,6 +208,20 @@ impl Metrics {
             "counter",
             "Engine steps executed.",
             l(&self.steps),
+        );
+        g(
+            &mut out,
+            "worker_tokens_picked_by_backend_total",
+            "counter",
+            "Tokens the backend picked itself (greedy, or drawn where the logits are).",
+            l(&self.tokens_picked_by_backend),
+        );
+        g(
+            &mut out,
+            "worker_tokens_sampled_on_host_total",
+            "counter",
+            "Tokens the host sampler drew from logits the backend sent back.",
+            l(&self.tokens_sampled_on_host),
         );
         self.ttft.render(
             &mut out,
