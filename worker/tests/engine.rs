@@ -147,6 +147,13 @@ async fn seeds_make_sampling_reproducible() {
     assert_eq!(a, b);
     assert_eq!(a, c);
     assert_ne!(a, d, "different seeds gave the same 24 sampled tokens");
+    // The CPU backend sends sampled rows' logits back: the host sampler drew every token.
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(load(&h.metrics.tokens_sampled_on_host), 4 * 24);
+    assert_eq!(load(&h.metrics.tokens_picked_by_backend), 0);
+    // Greedy tokens it picks itself.
+    collect(h.submit(prompt, greedy(5)).unwrap()).await;
+    assert_eq!(load(&h.metrics.tokens_picked_by_backend), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
