@@ -387,3 +387,23 @@ extern "C" __global__ void __launch_bounds__(sov::SAMPLE_THREADS, 1)
     }
   }
 }
+
+// apply_penalties: the worker sampler's repetition, presence and frequency penalties, in
+// place, as lists the host builds from each sequence's tokens (one entry per touched
+// token of a row: its row, id and the amount to subtract; rep[row] the row's repetition
+// penalty): logit / rep if positive, else logit * rep, then minus the amount, each
+// operation rounded on its own (the _rn intrinsics: no fused multiply-add), which is
+// what the CPU sampler computes. A thread an entry; the host lists a token once a row.
+// CPU reference: kernels::gpu_ref::apply_penalties.
+extern "C" __global__ void __launch_bounds__(256)
+    apply_penalties(float* __restrict__ logits, int vocab, const int2* __restrict__ entries,
+                    const float* __restrict__ subtract, const float* __restrict__ rep, int n) {
+  const int e = blockIdx.x * 256 + threadIdx.x;
+  if (e >= n) return;
+  const int2 rt = entries[e];
+  float* p = logits + (long long)rt.x * vocab + rt.y;
+  float l = *p;
+  const float r = rep[rt.x];
+  if (r != 1.f) l = l > 0.f ? __fdiv_rn(l, r) : __fmul_rn(l, r);
+  *p = __fsub_rn(l, subtract[e]);
+}

@@ -777,6 +777,28 @@ pub fn sample_interval(row: &[f32], p: &SampleParams, id: usize) -> Option<(f64,
     Some((p.u, lo / total, (lo + w[id]) / total))
 }
 
+/// `apply_penalties`: for each entry (row, token) with its amount, the logit divided by
+/// the row's repetition penalty if positive, else multiplied by it (penalty 1: left
+/// alone), then the amount subtracted.
+pub fn apply_penalties(
+    logits: &mut [f32],
+    vocab: usize,
+    entries: &[(usize, usize)],
+    subtract: &[f32],
+    rep: &[f32],
+) {
+    for (&(row, tok), &sub) in entries.iter().zip(subtract) {
+        let l = &mut logits[row * vocab + tok];
+        let r = rep[row];
+        let x = if r != 1.0 {
+            if *l > 0.0 { *l / r } else { *l * r }
+        } else {
+            *l
+        };
+        *l = x - sub;
+    }
+}
+
 /// Largest `k` of `topk_rows`.
 pub const TOPK_MAX: usize = 1024;
 

@@ -17,7 +17,7 @@ use crate::backend::{Backend, SeqChunk};
 use crate::kv_cache::BlockManager;
 use crate::kv_cache::SeqId;
 use crate::metrics::Metrics;
-use crate::sampler::{RowPick, Sampler, SamplingParams};
+use crate::sampler::{RowPick, RowPlan, Sampler, SamplingParams};
 use crate::scheduler::{NewSequence, Scheduler, SchedulerConfig, StepPlan};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -496,14 +496,17 @@ impl Engine {
         // How each sampled row is to be picked (its draw taken now): the backend picks the
         // greedy rows and may draw the sampled ones where the logits are.
         let vocab = self.vocab_size;
-        let picks: Vec<RowPick> = plan
+        let picks: Vec<RowPlan> = plan
             .seqs
             .iter()
             .filter(|s| s.sample)
             .map(|s| {
+                let history = self.sched.seq_tokens(s.id).unwrap_or(&[]);
                 self.active
                     .get_mut(&s.id)
-                    .map_or(RowPick::Host { u: 0.0 }, |a| a.sampler.plan(vocab))
+                    .map_or(RowPick::Host { u: 0.0 }.into(), |a| {
+                        a.sampler.plan(vocab, history, &a.generated)
+                    })
             })
             .collect();
         let mut out = match self.backend.forward_step(&chunks, &picks) {
@@ -535,8 +538,8 @@ impl Engine {
                 (Some(t), _) => t,
                 (None, Some(row)) => {
                     let history = self.sched.seq_tokens(s.id).unwrap_or(&[]);
-                    let pick = picks.get(i).unwrap_or(&RowPick::Host { u: 0.0 });
-                    a.sampler.sample_planned(row, history, &a.generated, pick)
+                    let pick = picks.get(i).map_or(RowPick::Host { u: 0.0 }, |p| p.pick);
+                    a.sampler.sample_planned(row, history, &a.generated, &pick)
                 }
                 (None, None) => break,
             };

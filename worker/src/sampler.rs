@@ -220,6 +220,8 @@ pub struct Sampler {
     rng: Rng,
     /// Per-token occurrence counts; all zero between calls.
     counts: Vec<u32>,
+    /// Per-token marks for [`penalty_entries`]; all false between calls.
+    seen: Vec<bool>,
     /// Per-token unnormalized probabilities of the current call.
     weights: Vec<f32>,
     candidates: Vec<Candidate>,
@@ -244,6 +246,7 @@ impl Sampler {
             } else {
                 Vec::new()
             },
+            seen: Vec::new(),
             weights: vec![0.0; if sampled { vocab_size } else { 0 }],
             candidates: Vec::with_capacity(if sampled && filtered {
                 vocab_size.min(4096)
@@ -285,26 +288,40 @@ impl Sampler {
 
     /// Decides, before a step, how this sequence's next token is to be picked, drawing
     /// the uniform `u` the pick will use (one draw a token, whichever way it is picked):
-    /// [`RowPick::Greedy`] for plain greedy requests, [`RowPick::Sample`] when a device
-    /// backend can draw it where the logits are (no penalty: they need the token history),
-    /// [`RowPick::Host`] otherwise. `vocab` is the logits' length.
-    pub fn plan(&mut self, vocab: usize) -> RowPick {
-        if self.is_plain_greedy() {
-            return RowPick::Greedy;
-        }
-        let u = self.rng.next_f64();
+    /// [`RowPick::Greedy`] (temperature 0) or [`RowPick::Sample`], with the penalties the
+    /// logits get first (from `history`, the prompt and the tokens so far, and
+    /// `generated`, as [`Sampler::sample`] takes them), so that a device backend can pick
+    /// where the logits are. `vocab` is the logits' length.
+    pub fn plan(&mut self, vocab: usize, history: &[u32], generated: &[u32]) -> RowPlan {
         let p = self.params;
         let t = p.temperature;
-        if p.has_penalties() || t == 0.0 || !(1.0 / t).is_finite() {
-            return RowPick::Host { u };
-        }
-        RowPick::Sample(DeviceDraw {
-            temperature: t,
-            top_k: if p.top_k < vocab { p.top_k } else { 0 },
-            top_p: p.top_p,
-            min_p: p.min_p,
-            u,
-        })
+        let greedy = t == 0.0 || !(1.0 / t).is_finite();
+        let pick = if greedy {
+            // A draw only if penalties make `sample` take one.
+            if p.has_penalties() {
+                self.rng.next_f64();
+            }
+            RowPick::Greedy
+        } else {
+            RowPick::Sample(DeviceDraw {
+                temperature: t,
+                top_k: if p.top_k < vocab { p.top_k } else { 0 },
+                top_p: p.top_p,
+                min_p: p.min_p,
+                u: self.rng.next_f64(),
+            })
+        };
+        let penalties = p.has_penalties().then(|| {
+            penalty_entries(
+                &p,
+                history,
+                generated,
+                vocab,
+                &mut self.counts,
+                &mut self.seen,
+            )
+        });
+        RowPlan { pick, penalties }
     }
 
     /// [`Sampler::sample`] for a row planned with [`Sampler::plan`] whose logits came back
@@ -316,6 +333,9 @@ impl Sampler {
         generated: &[u32],
         pick: &RowPick,
     ) -> u32 {
+        if *pick == RowPick::Greedy && !self.params.has_penalties() {
+            return greedy_pick(logits);
+        }
         let u = match *pick {
             RowPick::Greedy => 0.0,
             RowPick::Sample(d) => d.u,
@@ -486,6 +506,130 @@ pub enum RowPick {
     Sample(DeviceDraw),
     /// Only the sampler can pick (penalties need the token history); `u` is its draw.
     Host { u: f64 },
+}
+
+/// A row's [`RowPick`] and the penalties its logits get before it ([`Sampler::plan`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowPlan {
+    pub pick: RowPick,
+    pub penalties: Option<Penalties>,
+}
+
+impl From<RowPick> for RowPlan {
+    fn from(pick: RowPick) -> Self {
+        Self {
+            pick,
+            penalties: None,
+        }
+    }
+}
+
+/// The penalties of one row as a device applies them ([`apply_penalties`]): every
+/// token they touch once, with what is subtracted from its logit after the repetition
+/// penalty (0 for tokens only in the prompt). Equal, bit for bit, to what
+/// [`Sampler::sample`] does to the logits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Penalties {
+    /// The repetition penalty (1 = off), applied to every listed token.
+    pub repetition: f32,
+    /// (token, subtracted: presence + frequency x count for generated tokens, else 0).
+    pub entries: Vec<(u32, f32)>,
+}
+
+/// The penalties `p` gives the next token's logits (see [`Penalties`]); `counts` and
+/// `seen` are scratch, left all zero / false.
+fn penalty_entries(
+    p: &SamplingParams,
+    history: &[u32],
+    generated: &[u32],
+    vocab: usize,
+    counts: &mut Vec<u32>,
+    seen: &mut Vec<bool>,
+) -> Penalties {
+    if counts.len() < vocab {
+        counts.resize(vocab, 0);
+    }
+    if seen.len() < vocab {
+        seen.resize(vocab, false);
+    }
+    let subtracts = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+    if subtracts {
+        for &t in generated {
+            if let Some(c) = counts[..vocab].get_mut(t as usize) {
+                *c = c.saturating_add(1);
+            }
+        }
+    }
+    // The repetition penalty touches the whole history, the others the generated tokens
+    // (a subset of it).
+    let touched = if p.repetition_penalty != 1.0 {
+        history
+    } else {
+        generated
+    };
+    let mut entries = Vec::new();
+    for &t in touched {
+        let i = t as usize;
+        if i < vocab && !seen[i] {
+            seen[i] = true;
+            let sub = if subtracts && counts[i] > 0 {
+                p.presence_penalty + p.frequency_penalty * counts[i] as f32
+            } else {
+                0.0
+            };
+            entries.push((t, sub));
+        }
+    }
+    for &(t, _) in &entries {
+        seen[t as usize] = false;
+    }
+    for &t in generated {
+        if let Some(c) = counts[..vocab].get_mut(t as usize) {
+            *c = 0;
+        }
+    }
+    Penalties {
+        repetition: p.repetition_penalty,
+        entries,
+    }
+}
+
+/// The penalties `p` gives logits after `history` (prompt and tokens so far) with
+/// `generated` (the tokens so far): what [`Sampler::plan`] attaches; `None` without
+/// penalties.
+pub fn penalties_for(
+    p: &SamplingParams,
+    history: &[u32],
+    generated: &[u32],
+    vocab: usize,
+) -> Option<Penalties> {
+    p.has_penalties().then(|| {
+        penalty_entries(
+            p,
+            history,
+            generated,
+            vocab,
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
+    })
+}
+
+/// Applies `pen` to one row of logits as the GPU's `apply_penalties` does: each listed
+/// token's logit divided by the repetition penalty if positive, else multiplied by it,
+/// then the entry's amount subtracted (each operation rounded on its own).
+pub fn apply_penalties(logits: &mut [f32], pen: &Penalties) {
+    let rp = pen.repetition;
+    for &(t, sub) in &pen.entries {
+        if let Some(l) = logits.get_mut(t as usize) {
+            let x = if rp != 1.0 {
+                if *l > 0.0 { *l / rp } else { *l * rp }
+            } else {
+                *l
+            };
+            *l = x - sub;
+        }
+    }
 }
 
 /// A draw a backend may make for the sampler: [`Sampler::sample`]'s semantics with these
@@ -1326,7 +1470,9 @@ mod tests {
     fn plan_routes_each_request_to_where_it_can_be_picked() {
         let vocab = 1000;
         assert_eq!(
-            sampler(params(|p| p.temperature = 0.0), vocab).plan(vocab),
+            sampler(params(|p| p.temperature = 0.0), vocab)
+                .plan(vocab, &[], &[])
+                .pick,
             RowPick::Greedy
         );
         let greedy_penalized = sampler(
@@ -1336,9 +1482,10 @@ mod tests {
             }),
             vocab,
         )
-        .plan(vocab);
-        assert!(matches!(greedy_penalized, RowPick::Host { .. }));
-        let RowPick::Sample(d) = sampler(params(|_| {}), vocab).plan(vocab) else {
+        .plan(vocab, &[], &[])
+        .pick;
+        assert_eq!(greedy_penalized, RowPick::Greedy);
+        let RowPick::Sample(d) = sampler(params(|_| {}), vocab).plan(vocab, &[], &[]).pick else {
             panic!("default sampling is a device draw");
         };
         assert_eq!(
@@ -1347,18 +1494,33 @@ mod tests {
         );
         assert!(!d.ranked() && (0.0..1.0).contains(&d.u));
         // top_k at or above the vocabulary keeps everything: off.
-        let RowPick::Sample(d) = sampler(params(|p| p.top_k = vocab), vocab).plan(vocab) else {
+        let RowPick::Sample(d) = sampler(params(|p| p.top_k = vocab), vocab)
+            .plan(vocab, &[], &[])
+            .pick
+        else {
             panic!("a device draw");
         };
         assert!(d.top_k == 0 && !d.ranked());
-        let RowPick::Sample(d) = sampler(params(|p| p.top_k = 40), vocab).plan(vocab) else {
+        let RowPick::Sample(d) = sampler(params(|p| p.top_k = 40), vocab)
+            .plan(vocab, &[], &[])
+            .pick
+        else {
             panic!("a device draw");
         };
         assert!(d.top_k == 40 && d.ranked());
-        assert!(matches!(
-            sampler(params(|p| p.repetition_penalty = 1.2), vocab).plan(vocab),
-            RowPick::Host { .. }
-        ));
+        // Penalties travel with the plan: the tokens they touch, once each.
+        let plan = sampler(
+            params(|p| {
+                p.repetition_penalty = 1.2;
+                p.presence_penalty = 0.5;
+            }),
+            vocab,
+        )
+        .plan(vocab, &[5, 9, 5, 2000, 7], &[9, 7, 9]);
+        assert!(matches!(plan.pick, RowPick::Sample(_)));
+        let pen = plan.penalties.expect("penalties");
+        assert_eq!(pen.repetition, 1.2);
+        assert_eq!(pen.entries, vec![(5, 0.0), (9, 0.5), (7, 0.5)]);
     }
 
     /// A planned pick whose logits come back is the pick `sample` makes: the same seed
@@ -1380,7 +1542,7 @@ mod tests {
             for step in 0..50 {
                 let logits = random_logits(vocab, step, 4.0);
                 let ta = a.sample(&mut logits.clone(), &gen_a, &gen_a);
-                let pick = b.plan(vocab);
+                let pick = b.plan(vocab, &[], &[]).pick;
                 let tb = b.sample_planned(&mut logits.clone(), &gen_b, &gen_b, &pick);
                 assert_eq!(ta, tb, "step {step}");
                 gen_a.push(ta);
@@ -1419,7 +1581,7 @@ mod tests {
                 p.temperature = 0.2;
             }),
         ] {
-            let RowPick::Sample(d) = sampler(p, vocab).plan(vocab) else {
+            let RowPick::Sample(d) = sampler(p, vocab).plan(vocab, &[], &[]).pick else {
                 panic!("a device draw");
             };
             let top = ranked(&logits, if d.top_k > 0 { d.top_k } else { 1024 });
@@ -1514,7 +1676,7 @@ mod tests {
                 p.temperature = 0.7;
             }),
         ] {
-            let RowPick::Sample(d) = sampler(p, vocab).plan(vocab) else {
+            let RowPick::Sample(d) = sampler(p, vocab).plan(vocab, &[], &[]).pick else {
                 panic!("a device draw");
             };
             let mut clean = logits.clone();
@@ -1538,6 +1700,69 @@ mod tests {
             let least = ranked(&logits, vocab)[vocab - 2].1;
             let excluded = d.top_k > 0 || d.min_p > 0.0;
             assert_eq!(draw_interval(&d, &logits, least).is_none(), excluded);
+        }
+    }
+
+    /// The penalty lists a device applies reproduce the sampler's own penalties bit for
+    /// bit, through this module's `apply_penalties` and through the GPU kernel's
+    /// reference (`kernels::gpu_ref::apply_penalties`), specials included.
+    #[test]
+    fn penalty_lists_are_the_samplers_penalties_bit_for_bit() {
+        let vocab = 300;
+        let mut logits = random_logits(vocab, 5, 4.0);
+        logits[1] = f32::NAN;
+        logits[2] = f32::INFINITY;
+        logits[3] = f32::NEG_INFINITY;
+        logits[4] = -0.0;
+        logits[6] = 0.0;
+        let mut history: Vec<u32> = (0..200).map(|i| (i * 37 % 97) as u32).collect();
+        history.extend([1, 2, 3, 4, 6, 4, 1000]); // specials, a repeat, an id beyond the vocabulary
+        let generated = history[150..].to_vec();
+        for p in [
+            params(|p| p.repetition_penalty = 1.3),
+            params(|p| p.repetition_penalty = 0.7),
+            params(|p| {
+                p.presence_penalty = 0.5;
+                p.frequency_penalty = -0.3;
+            }),
+            params(|p| {
+                p.repetition_penalty = 1.1;
+                p.presence_penalty = -1.0;
+                p.frequency_penalty = 0.25;
+            }),
+        ] {
+            let mut want = logits.clone();
+            sampler(p, vocab).apply_penalties(&mut want, &history, &generated);
+            let pen = penalties_for(&p, &history, &generated, vocab).expect("penalties");
+            let mut got = logits.clone();
+            apply_penalties(&mut got, &pen);
+            let entries: Vec<(usize, usize)> =
+                pen.entries.iter().map(|&(t, _)| (0, t as usize)).collect();
+            let subtract: Vec<f32> = pen.entries.iter().map(|&(_, x)| x).collect();
+            let mut kernel = logits.clone();
+            kernels::gpu_ref::apply_penalties(
+                &mut kernel,
+                vocab,
+                &entries,
+                &subtract,
+                &[pen.repetition],
+            );
+            let same = |a: &[f32], b: &[f32]| {
+                a.iter()
+                    .zip(b)
+                    .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
+            };
+            assert!(same(&want, &got), "{p:?}");
+            assert!(same(&want, &kernel), "{p:?}");
+            let changed = want
+                .iter()
+                .zip(&logits)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert!(
+                changed > 20,
+                "{p:?}: the penalties changed {changed} logits"
+            );
         }
     }
 }

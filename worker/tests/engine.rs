@@ -200,7 +200,7 @@ impl worker::backend::Backend for Instant {
     fn forward_step(
         &mut self,
         chunks: &[worker::backend::SeqChunk<'_>],
-        _picks: &[worker::backend::RowPick],
+        _plans: &[worker::backend::RowPlan],
     ) -> Result<worker::backend::StepOutput, worker::backend::BackendError> {
         let picked = chunks
             .iter()

@@ -1157,6 +1157,7 @@ fn check_sampling(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError> {
     let got = down(k, &idx)?[0];
     out.push(json!({"kernel": "argmax_rows", "case": "NaN then -inf", "gpu": got, "ok": got == 0}));
     out.extend(check_sample_rows(k, rng)?);
+    out.push(check_apply_penalties(k, rng)?);
     let finite: Vec<f32> = logits
         .iter()
         .map(|v| {
@@ -1205,6 +1206,49 @@ fn check_sample_rows(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError
         out.push(judge_sample_rows(&logits, vocab, &params, &got, &got_stats));
     }
     Ok(out)
+}
+
+/// `apply_penalties` against its reference, bit for bit: three rows of 49152 logits with
+/// NaN, both infinities and both zeros among the touched tokens, repetition penalties 1,
+/// 1.3 and 0.7, a few hundred tokens a row with amounts of either sign.
+fn check_apply_penalties(k: &Kernels, rng: &mut Rng) -> Result<Value, CudaError> {
+    let (vocab, rows) = (49_152usize, 3usize);
+    let mut logits: Vec<f32> = rng.f32s(rows * vocab).iter().map(|v| v * 20.0).collect();
+    for (i, x) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0]
+        .into_iter()
+        .enumerate()
+    {
+        logits[vocab + 10 * i + 1] = x;
+    }
+    let rep = [1.0f32, 1.3, 0.7];
+    let mut entries = Vec::new();
+    for row in 0..rows {
+        // Distinct tokens (a token once a row): every 97th, five more, and in row 1 the
+        // specials' slots.
+        entries.extend((0..vocab).step_by(97).map(|t| (row, t)));
+        entries.extend((0..5).map(|i| (row, 10 * i + 3)));
+    }
+    entries.extend((0..5).map(|i| (1, 10 * i + 1)));
+    let subtract: Vec<f32> = rng.f32s(entries.len());
+    let flat: Vec<i32> = entries
+        .iter()
+        .flat_map(|&(r, t)| [r as i32, t as i32])
+        .collect();
+    let mut ld = up(k, &logits)?;
+    let (ed, sd, rd) = (up(k, &flat)?, up(k, &subtract)?, up(k, &rep)?);
+    launch::apply_penalties(k, &mut ld, vocab, &ed, &sd, &rd, entries.len())?;
+    let got = down(k, &ld)?;
+    let mut want = logits;
+    gpu_ref::apply_penalties(&mut want, vocab, &entries, &subtract, &rep);
+    let bad = got
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| a.to_bits() != b.to_bits() && !(a.is_nan() && b.is_nan()))
+        .count();
+    Ok(
+        json!({"kernel": "apply_penalties", "vocab": vocab, "entries": entries.len(),
+        "values_differing": bad, "ok": bad == 0}),
+    )
 }
 
 /// Rows that differ only in their favourite token and parameters (see

@@ -1035,6 +1035,45 @@ pub fn sample_rows(
     Ok(())
 }
 
+/// `apply_penalties`: the sampler's penalties in place, `entries` (row, token) pairs
+/// (two i32 each, a token once a row), `subtract` one amount an entry, `rep` one
+/// repetition penalty a row (see `gpu_ref::apply_penalties`).
+pub fn apply_penalties(
+    k: &Kernels,
+    logits: &mut CudaSlice<f32>,
+    vocab: usize,
+    entries: &CudaSlice<i32>,
+    subtract: &CudaSlice<f32>,
+    rep: &CudaSlice<f32>,
+    n: usize,
+) -> Result<(), CudaError> {
+    if n == 0 {
+        return Ok(());
+    }
+    if entries.len() < 2 * n || subtract.len() < n {
+        return Err(CudaError::Shape(format!(
+            "apply_penalties: {n} entries need {} ids and {n} amounts",
+            2 * n
+        )));
+    }
+    let f = k.function("sampling.cu", "apply_penalties")?;
+    let (v, count) = (dim(vocab)?, dim(n)?);
+    let cfg = config(n.div_ceil(256), 1, 1, 256)?;
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&mut *logits)
+        .arg(&v)
+        .arg(entries)
+        .arg(subtract)
+        .arg(rep)
+        .arg(&count);
+    // SAFETY: argument types and order match `apply_penalties`; the entry arrays' lengths
+    // were checked above. The rows and tokens an entry names are the caller's to keep
+    // inside `logits` and `rep` (the backend builds them from its own rows and a
+    // vocabulary-bounded token list).
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
 /// `softmax_rows`: probabilities of `logits / temperature`.
 pub fn softmax_rows(
     k: &Kernels,

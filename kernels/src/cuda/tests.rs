@@ -155,7 +155,7 @@ fn kernels_compile_to_cubins_and_are_cached() {
             }
         }
         // The sampling entry points the worker's step launches.
-        for entry in ["argmax_rows", "sample_rows", "topk_rows"] {
+        for entry in ["apply_penalties", "argmax_rows", "sample_rows", "topk_rows"] {
             let want = format!("{entry}\0");
             let cubin = &cubins[&("sampling.cu", device)];
             assert!(

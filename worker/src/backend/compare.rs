@@ -12,8 +12,10 @@
 
 use serde_json::{Value, json};
 
-use super::{Backend, BackendError, RowPick, SeqChunk};
-use crate::sampler::{DeviceDraw, draw_interval, greedy_pick};
+use super::{Backend, BackendError, RowPick, RowPlan, SeqChunk};
+use crate::sampler::{
+    DeviceDraw, SamplingParams, apply_penalties, draw_interval, greedy_pick, penalties_for,
+};
 
 /// Pass thresholds. bf16 weights and activations against f32 over a whole model move
 /// the logits by about 1% (cosine above 0.99). The argmax may then differ where two
@@ -48,6 +50,18 @@ fn draw(n: usize) -> DeviceDraw {
         u,
     }
 }
+
+/// The penalties of the check's penalized rows.
+const PENALTIES: SamplingParams = SamplingParams {
+    temperature: 1.0,
+    top_k: 0,
+    top_p: 1.0,
+    min_p: 0.0,
+    seed: None,
+    repetition_penalty: 1.3,
+    presence_penalty: 0.5,
+    frequency_penalty: 0.3,
+};
 
 /// Whether `picked` is a right pick for `d` on `logits` (see [`DRAW_SLACK`]). A weight
 /// within rounding of the min-p threshold, or a running sum within rounding of the top-p
@@ -162,12 +176,31 @@ pub fn compare(
         // The same step again, with every row greedy: a backend that picks on its own
         // device must pick the argmax of its logits. (Writing the same K/V again is
         // idempotent.)
-        let picked = candidate.forward_step(&chunks, &vec![RowPick::Greedy; ids.len()])?;
+        let picked = candidate.forward_step(&chunks, &vec![RowPick::Greedy.into(); ids.len()])?;
         // And with sampled rows: a backend that draws on its own device must draw what
-        // the host sampler draws from its logits with the same `u`.
+        // the host sampler draws from its logits with the same `u`; every third row with
+        // penalties (repetition over the sequence so far, presence and frequency over its
+        // last 8 tokens), which the device applies first.
         let draws: Vec<DeviceDraw> = (0..ids.len()).map(|r| draw(step * 3 + r)).collect();
-        let sample_picks: Vec<RowPick> = draws.iter().map(|d| RowPick::Sample(*d)).collect();
-        let sampled = candidate.forward_step(&chunks, &sample_picks)?;
+        let sample_plans: Vec<RowPlan> = ids
+            .iter()
+            .zip(&spans)
+            .zip(&draws)
+            .enumerate()
+            .map(|(r, ((&i, &(_, b)), d))| {
+                let history = &seqs[i].toks[..b];
+                let generated = &history[b.saturating_sub(8)..];
+                RowPlan {
+                    pick: RowPick::Sample(*d),
+                    penalties: if (step * 3 + r) % 3 == 0 {
+                        penalties_for(&PENALTIES, history, generated, vocab)
+                    } else {
+                        None
+                    },
+                }
+            })
+            .collect();
+        let sampled = candidate.forward_step(&chunks, &sample_plans)?;
         let mut returned = sampled.logits.chunks_exact(vocab);
         for (r, &i) in ids.iter().enumerate() {
             let (w, g) = (
@@ -179,8 +212,16 @@ pub fn compare(
             let pick = picked.picked.get(r).copied().flatten();
             // A sampled row the backend did not pick comes back as logits (the sampler
             // then draws it): those must be the step's logits.
+            let penalized = sample_plans[r].penalties.as_ref().map(|pen| {
+                let mut x = g.to_vec();
+                apply_penalties(&mut x, pen);
+                x
+            });
             let (drawn, drawn_ok) = match sampled.picked.get(r).copied().flatten() {
-                Some(t) => (Some(t), sampled_pick_ok(&draws[r], g, t)),
+                Some(t) => (
+                    Some(t),
+                    sampled_pick_ok(&draws[r], penalized.as_deref().unwrap_or(g), t),
+                ),
                 None => (
                     None,
                     returned
@@ -196,6 +237,7 @@ pub fn compare(
                 json!({"step": step, "phase": phase, "seq": i, "cosine": cos,
                 "max_rel_diff": rel, "argmax_agrees": ag, "picked": pick,
                 "picked_is_own_argmax": pick == Some(own), "draw": format!("{:?}", draws[r]),
+                "penalized": penalized.is_some(),
                 "drawn": drawn, "drawn_ok": drawn_ok}),
             );
         }
@@ -263,19 +305,24 @@ mod tests {
         fn forward_step(
             &mut self,
             chunks: &[SeqChunk<'_>],
-            picks: &[RowPick],
+            plans: &[RowPlan],
         ) -> Result<super::super::StepOutput, BackendError> {
             // Greedy rows as the host picks them, sampled rows drawn as a device would
             // (every other one left to the sampler).
             let logits = self.forward(chunks)?;
             let mut out = super::super::StepOutput::default();
             for (i, row) in logits.chunks_exact(self.vocab).enumerate() {
-                match picks.get(i) {
+                let plan = plans.get(i);
+                match plan.map(|p| p.pick) {
                     Some(RowPick::Greedy) => out.picked.push(Some(greedy_pick(&mut row.to_vec()))),
                     Some(RowPick::Sample(d)) if i % 2 == 0 => {
-                        // The token whose interval holds u.
+                        // The token whose interval holds u, after the penalties.
+                        let mut x = row.to_vec();
+                        if let Some(pen) = plan.and_then(|p| p.penalties.as_ref()) {
+                            apply_penalties(&mut x, pen);
+                        }
                         let t = (0..self.vocab as u32).find(|&t| {
-                            draw_interval(d, row, t).is_some_and(|(lo, hi)| lo <= d.u && d.u < hi)
+                            draw_interval(&d, &x, t).is_some_and(|(lo, hi)| lo <= d.u && d.u < hi)
                         });
                         out.picked.push(t);
                         if t.is_none() {

@@ -23,7 +23,7 @@ use kernels::gpu_ref::to_bf16;
 use rayon::prelude::*;
 
 use super::kv_scales::KvScales;
-use super::{Backend, BackendError, KvDtype, RowPick, SeqChunk, StepOutput, check_chunks};
+use super::{Backend, BackendError, KvDtype, RowPick, RowPlan, SeqChunk, StepOutput, check_chunks};
 use crate::model::{Matrix, ModelConfig, Weights};
 
 /// Whether the GPU can pick a row planned as `p`: greedy, and sampled rows whose top-k
@@ -134,6 +134,12 @@ struct StepMeta {
     sample_stats: CudaSlice<f32>,
     top_logits: CudaSlice<f32>,
     top_ids: CudaSlice<i32>,
+    /// Rows with penalties: the logits with them applied, and `apply_penalties`'
+    /// entries ((row, token) pairs, amounts) and per-row repetition penalties.
+    pen_logits: CudaSlice<f32>,
+    pen_ids: CudaSlice<i32>,
+    pen_subtract: CudaSlice<f32>,
+    pen_rep: CudaSlice<f32>,
     split: SplitScratch,
     /// What was last copied into ids, positions, slots, cu_q, lens and tables: a buffer
     /// whose contents would not change is not copied again (a decode step's cu_q, and its
@@ -475,6 +481,10 @@ impl CudaBackend {
             sample_stats: s.alloc_zeros::<f32>(1).map_err(dev)?,
             top_logits: s.alloc_zeros::<f32>(1).map_err(dev)?,
             top_ids: z32()?,
+            pen_logits: s.alloc_zeros::<f32>(1).map_err(dev)?,
+            pen_ids: z32()?,
+            pen_subtract: s.alloc_zeros::<f32>(1).map_err(dev)?,
+            pen_rep: s.alloc_zeros::<f32>(1).map_err(dev)?,
             split: SplitScratch {
                 part_out: s.alloc_zeros::<f32>(1).map_err(dev)?,
                 part_ml: s.alloc_zeros::<f32>(1).map_err(dev)?,
@@ -578,12 +588,12 @@ impl CudaBackend {
         .map_err(dev)
     }
 
-    /// One step; `picks` as in [`Backend::forward_step`] (empty: every row's logits).
+    /// One step; `plans` as in [`Backend::forward_step`] (empty: every row's logits).
     fn forward_inner(
         &mut self,
         chunks: &[SeqChunk<'_>],
         t: usize,
-        picks: &[RowPick],
+        plans: &[RowPlan],
     ) -> Result<StepOutput, BackendError> {
         self.buffers(t)?;
         let cfg = self.cfg.clone();
@@ -760,11 +770,18 @@ impl CudaBackend {
             blas_sys::cudaDataType::CUDA_R_32F,
         )?;
         let vocab = cfg.vocab_size;
-        if picks.len() == rows.len() && picks.iter().all(|p| *p == RowPick::Greedy) {
+        // Rows with penalties are picked from a copy of the logits with the penalties
+        // applied; the rows that go back to the host stay as the model computed them (the
+        // sampler applies the penalties itself).
+        let penalized = plans.iter().take(rows.len()).any(|p| p.penalties.is_some());
+        if penalized {
+            Self::apply_penalties(&self.k, m, plans, rows.len(), vocab)?;
+        }
+        if plans.len() == rows.len() && plans.iter().all(|p| p.pick == RowPick::Greedy) {
             // Every row is greedy: pick on the GPU and copy back one id a row instead of
             // the logits (512 KB a row for a 128k vocabulary).
-            launch::argmax_rows(&self.k, &m.logits, &mut m.picked, rows.len(), vocab)
-                .map_err(dev)?;
+            let src = if penalized { &m.pen_logits } else { &m.logits };
+            launch::argmax_rows(&self.k, src, &mut m.picked, rows.len(), vocab).map_err(dev)?;
             let mut ids = vec![0i32; rows.len()];
             s.memcpy_dtoh(&m.picked.slice(0..rows.len()), &mut ids)
                 .map_err(dev)?;
@@ -774,8 +791,9 @@ impl CudaBackend {
                 logits: Vec::new(),
             });
         }
+        let picks: Vec<RowPick> = plans.iter().map(|p| p.pick).collect();
         let picked = if picks.iter().any(|p| device_pickable(p, vocab)) {
-            Self::pick_on_device(&self.k, m, picks, rows.len(), vocab)?
+            Self::pick_on_device(&self.k, m, &picks, rows.len(), vocab, penalized)?
         } else {
             vec![None; rows.len()]
         };
@@ -796,6 +814,60 @@ impl CudaBackend {
         })
     }
 
+    /// Copies the step's logits to `m.pen_logits` and applies the rows' penalties there
+    /// (`apply_penalties`: one launch for every entry of every row).
+    fn apply_penalties(
+        k: &Kernels,
+        m: &mut StepMeta,
+        plans: &[RowPlan],
+        rows: usize,
+        vocab: usize,
+    ) -> Result<(), BackendError> {
+        let s = &k.stream;
+        let mut unused_epoch = 0;
+        grow(s, &mut m.pen_logits, rows * vocab, &mut unused_epoch)?;
+        let (src, mut dst) = (
+            m.logits.slice(0..rows * vocab),
+            m.pen_logits.slice_mut(0..rows * vocab),
+        );
+        s.memcpy_dtod(&src, &mut dst).map_err(dev)?;
+        let (mut ids, mut subtract) = (Vec::new(), Vec::new());
+        let mut rep = vec![1f32; rows];
+        for (row, plan) in plans.iter().take(rows).enumerate() {
+            let Some(pen) = &plan.penalties else {
+                continue;
+            };
+            rep[row] = pen.repetition;
+            for &(tok, sub) in &pen.entries {
+                // The sampler lists each token once and only tokens of the vocabulary.
+                if (tok as usize) < vocab {
+                    ids.extend([row as i32, tok as i32]);
+                    subtract.push(sub);
+                }
+            }
+        }
+        let n = subtract.len();
+        if n == 0 {
+            return Ok(());
+        }
+        grow(s, &mut m.pen_ids, 2 * n, &mut unused_epoch)?;
+        grow(s, &mut m.pen_subtract, n, &mut unused_epoch)?;
+        grow(s, &mut m.pen_rep, rows, &mut unused_epoch)?;
+        s.memcpy_htod(&ids, &mut m.pen_ids).map_err(dev)?;
+        s.memcpy_htod(&subtract, &mut m.pen_subtract).map_err(dev)?;
+        s.memcpy_htod(&rep, &mut m.pen_rep).map_err(dev)?;
+        launch::apply_penalties(
+            k,
+            &mut m.pen_logits,
+            vocab,
+            &m.pen_ids,
+            &m.pen_subtract,
+            &m.pen_rep,
+            n,
+        )
+        .map_err(dev)
+    }
+
     /// Picks the greedy and device-drawable sampled rows of `m.logits` on the GPU: one
     /// `sample_rows` launch for all rows (greedy rows and rows left to the host get the
     /// greedy pick, the latter ignored), and for top-k / top-p rows `topk_rows`'
@@ -808,8 +880,13 @@ impl CudaBackend {
         picks: &[RowPick],
         rows: usize,
         vocab: usize,
+        penalized: bool,
     ) -> Result<Vec<Option<u32>>, BackendError> {
         let s = &k.stream;
+        let StepMeta {
+            logits, pen_logits, ..
+        } = m;
+        let src: &CudaSlice<f32> = if penalized { pen_logits } else { logits };
         let pick = |i: usize| picks.get(i).copied().unwrap_or(RowPick::Host { u: 0.0 });
         let params: Vec<kernels::gpu_ref::SampleParams> = (0..rows)
             .map(|i| match pick(i) {
@@ -839,7 +916,7 @@ impl CudaBackend {
         .map_err(dev)?;
         launch::sample_rows(
             k,
-            &m.logits,
+            src,
             &m.sample_params,
             &mut m.picked,
             &mut m.sample_stats,
@@ -859,16 +936,8 @@ impl CudaBackend {
         if top > 0 {
             grow(s, &mut m.top_logits, rows * top, &mut unused_epoch)?;
             grow(s, &mut m.top_ids, rows * top, &mut unused_epoch)?;
-            launch::topk_rows(
-                k,
-                &m.logits,
-                &mut m.top_logits,
-                &mut m.top_ids,
-                rows,
-                vocab,
-                top,
-            )
-            .map_err(dev)?;
+            launch::topk_rows(k, src, &mut m.top_logits, &mut m.top_ids, rows, vocab, top)
+                .map_err(dev)?;
         }
         let mut ids = vec![0i32; rows];
         let mut stats = vec![0f32; rows * 2];
@@ -1179,7 +1248,7 @@ impl Backend for CudaBackend {
     fn forward_step(
         &mut self,
         chunks: &[SeqChunk<'_>],
-        picks: &[RowPick],
+        plans: &[RowPlan],
     ) -> Result<StepOutput, BackendError> {
         let t = check_chunks(
             chunks,
@@ -1191,7 +1260,7 @@ impl Backend for CudaBackend {
         if t == 0 {
             return Ok(StepOutput::default());
         }
-        self.forward_inner(chunks, t, picks)
+        self.forward_inner(chunks, t, plans)
     }
 
     fn name(&self) -> String {

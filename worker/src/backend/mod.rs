@@ -10,7 +10,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod kv_scales;
 
-pub use crate::sampler::RowPick;
+pub use crate::sampler::{Penalties, RowPick, RowPlan};
 
 /// One sequence's share of a step.
 #[derive(Debug, Clone)]
@@ -88,21 +88,27 @@ pub trait Backend: Send {
     fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, BackendError>;
 
     /// Run one step for the engine: like [`Backend::forward`], but each chunk with
-    /// `want_logits` has a [`RowPick`] (one per such chunk, in order; missing ones count
+    /// `want_logits` has a [`RowPlan`] (one per such chunk, in order; missing ones count
     /// as [`RowPick::Host`]): the backend picks the [`RowPick::Greedy`] rows itself
-    /// ([`crate::sampler::greedy_pick`]'s rule), may draw the [`RowPick::Sample`] ones
-    /// (with the sampler's semantics and the planned draw), and returns the logits of the
-    /// rows it did not pick. A GPU backend thereby copies one id per row instead of a
-    /// vocabulary of logits. This default picks the greedy rows on the host.
+    /// ([`crate::sampler::greedy_pick`]'s rule, after the plan's penalties), may draw the
+    /// [`RowPick::Sample`] ones (with the sampler's semantics, penalties and the planned
+    /// draw), and returns the logits of the rows it did not pick, as the model computed
+    /// them (the sampler applies the penalties). A GPU backend thereby copies one id per
+    /// row instead of a vocabulary of logits. This default picks the unpenalized greedy
+    /// rows on the host.
     fn forward_step(
         &mut self,
         chunks: &[SeqChunk<'_>],
-        picks: &[RowPick],
+        plans: &[RowPlan],
     ) -> Result<StepOutput, BackendError> {
         let logits = self.forward(chunks)?;
         let vocab = self.vocab_size().max(1);
         let greedy: Vec<bool> = (0..logits.len() / vocab)
-            .map(|i| picks.get(i) == Some(&RowPick::Greedy))
+            .map(|i| {
+                plans
+                    .get(i)
+                    .is_some_and(|p| p.pick == RowPick::Greedy && p.penalties.is_none())
+            })
             .collect();
         Ok(pick_greedy_rows(logits, &greedy, vocab))
     }
