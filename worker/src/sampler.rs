@@ -287,7 +287,11 @@ impl Sampler {
     }
 
     /// Decides, before a step, how this sequence's next token is to be picked, drawing
-    /// the uniform `u` the pick will use (one draw a token, whichever way it is picked):
+    /// the uniform `u` the pick will use (one draw a sampled token, whichever way it is
+    /// picked; a greedy one takes none, or one with penalties, as `sample` does). The
+    /// penalty list is allocated per call (the one exception to this module's
+    /// no-allocation rule); `generated` must be the tail of `history`, as the engine
+    /// passes them:
     /// [`RowPick::Greedy`] (temperature 0) or [`RowPick::Sample`], with the penalties the
     /// logits get first (from `history`, the prompt and the tokens so far, and
     /// `generated`, as [`Sampler::sample`] takes them), so that a device backend can pick
@@ -504,7 +508,7 @@ pub enum RowPick {
     /// Temperature sampling with top-k / top-p / min-p and no penalty: a backend may draw
     /// it ([`DeviceDraw`]).
     Sample(DeviceDraw),
-    /// Only the sampler can pick (penalties need the token history); `u` is its draw.
+    /// Only the sampler can pick (a row without a plan); `u` is its draw.
     Host { u: f64 },
 }
 
@@ -1535,6 +1539,10 @@ mod tests {
                 p.temperature = 0.7;
             }),
             params(|p| p.frequency_penalty = 1.0),
+            params(|p| {
+                p.temperature = 0.0;
+                p.repetition_penalty = 1.5;
+            }),
         ] {
             let (mut a, mut b) = (sampler(p, vocab), sampler(p, vocab));
             let mut gen_a = Vec::new();
@@ -1542,9 +1550,16 @@ mod tests {
             for step in 0..50 {
                 let logits = random_logits(vocab, step, 4.0);
                 let ta = a.sample(&mut logits.clone(), &gen_a, &gen_a);
-                let pick = b.plan(vocab, &[], &[]).pick;
-                let tb = b.sample_planned(&mut logits.clone(), &gen_b, &gen_b, &pick);
+                let plan = b.plan(vocab, &gen_b, &gen_b);
+                let tb = b.sample_planned(&mut logits.clone(), &gen_b, &gen_b, &plan.pick);
                 assert_eq!(ta, tb, "step {step}");
+                // A device applying the plan's penalties and then picking the same way
+                // (here: greedy, or the sampler's draw with the planned u) picks it too.
+                if let (Some(pen), RowPick::Greedy) = (&plan.penalties, plan.pick) {
+                    let mut x = logits.clone();
+                    apply_penalties(&mut x, pen);
+                    assert_eq!(greedy_pick(&mut x), ta, "step {step}");
+                }
                 gen_a.push(ta);
                 gen_b.push(tb);
             }

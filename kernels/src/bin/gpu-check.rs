@@ -1209,15 +1209,14 @@ fn check_sample_rows(k: &Kernels, rng: &mut Rng) -> Result<Vec<Value>, CudaError
 }
 
 /// `apply_penalties` against its reference, bit for bit: three rows of 49152 logits with
-/// NaN, both infinities and both zeros among the touched tokens, repetition penalties 1,
+/// NaN, both infinities, both zeros and a subnormal among the touched tokens (amount 0), repetition penalties 1,
 /// 1.3 and 0.7, a few hundred tokens a row with amounts of either sign.
 fn check_apply_penalties(k: &Kernels, rng: &mut Rng) -> Result<Value, CudaError> {
     let (vocab, rows) = (49_152usize, 3usize);
     let mut logits: Vec<f32> = rng.f32s(rows * vocab).iter().map(|v| v * 20.0).collect();
-    for (i, x) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0]
-        .into_iter()
-        .enumerate()
-    {
+    // Specials, and a subnormal (a flush-to-zero build would lose it).
+    let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0, 1e-40];
+    for (i, x) in specials.into_iter().enumerate() {
         logits[vocab + 10 * i + 1] = x;
     }
     let rep = [1.0f32, 1.3, 0.7];
@@ -1228,8 +1227,11 @@ fn check_apply_penalties(k: &Kernels, rng: &mut Rng) -> Result<Value, CudaError>
         entries.extend((0..vocab).step_by(97).map(|t| (row, t)));
         entries.extend((0..5).map(|i| (row, 10 * i + 3)));
     }
-    entries.extend((0..5).map(|i| (1, 10 * i + 1)));
-    let subtract: Vec<f32> = rng.f32s(entries.len());
+    entries.extend((0..specials.len()).map(|i| (1, 10 * i + 1)));
+    let mut subtract: Vec<f32> = rng.f32s(entries.len());
+    // Amounts of 0 on the specials (prompt-only tokens: the repetition penalty alone).
+    let n = subtract.len();
+    subtract[n - specials.len()..].fill(0.0);
     let flat: Vec<i32> = entries
         .iter()
         .flat_map(|&(r, t)| [r as i32, t as i32])

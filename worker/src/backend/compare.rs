@@ -12,7 +12,7 @@
 
 use serde_json::{Value, json};
 
-use super::{Backend, BackendError, RowPick, RowPlan, SeqChunk};
+use super::{Backend, BackendError, Penalties, RowPick, RowPlan, SeqChunk};
 use crate::sampler::{
     DeviceDraw, SamplingParams, apply_penalties, draw_interval, greedy_pick, penalties_for,
 };
@@ -62,6 +62,23 @@ const PENALTIES: SamplingParams = SamplingParams {
     presence_penalty: 0.5,
     frequency_penalty: 0.3,
 };
+
+/// Whether logits a backend sent back (`l`) are the step's (`g`): the same row, and at
+/// every token the row's penalties touch the model's value, not the penalized one (the
+/// sampler applies the penalties itself; applied twice they would count double).
+fn returned_ok(g: &[f32], l: &[f32], penalties: Option<&Penalties>) -> bool {
+    let scale = g
+        .iter()
+        .fold(0f32, |m, x| m.max(x.abs()))
+        .max(f32::MIN_POSITIVE);
+    compare_row(g, l).0 > 0.9999
+        && penalties.is_none_or(|pen| {
+            pen.entries.iter().all(|&(t, _)| {
+                let t = t as usize;
+                (g[t] - l[t]).abs() <= 1e-3 * scale
+            })
+        })
+}
 
 /// Whether `picked` is a right pick for `d` on `logits` (see [`DRAW_SLACK`]). A weight
 /// within rounding of the min-p threshold, or a running sum within rounding of the top-p
@@ -174,30 +191,36 @@ pub fn compare(
             )));
         }
         // The same step again, with every row greedy: a backend that picks on its own
-        // device must pick the argmax of its logits. (Writing the same K/V again is
+        // device must pick the argmax of its logits, after the penalties of the rows that
+        // have them (repetition over the sequence so far, presence and frequency over its
+        // last 8 tokens; every other row, by step). (Writing the same K/V again is
         // idempotent.)
-        let picked = candidate.forward_step(&chunks, &vec![RowPick::Greedy.into(); ids.len()])?;
+        let n = ids.len();
+        let pen_of = |r: usize| {
+            let (i, b) = (ids[r], spans[r].1);
+            let history = &seqs[i].toks[..b];
+            penalties_for(&PENALTIES, history, &history[b.saturating_sub(8)..], vocab)
+        };
+        let greedy_plans: Vec<RowPlan> = (0..n)
+            .map(|r| RowPlan {
+                pick: RowPick::Greedy,
+                penalties: if (step + r) % 2 == 1 { pen_of(r) } else { None },
+            })
+            .collect();
+        let picked = candidate.forward_step(&chunks, &greedy_plans)?;
         // And with sampled rows: a backend that draws on its own device must draw what
-        // the host sampler draws from its logits with the same `u`; every third row with
-        // penalties (repetition over the sequence so far, presence and frequency over its
-        // last 8 tokens), which the device applies first.
-        let draws: Vec<DeviceDraw> = (0..ids.len()).map(|r| draw(step * 3 + r)).collect();
-        let sample_plans: Vec<RowPlan> = ids
-            .iter()
-            .zip(&spans)
-            .zip(&draws)
-            .enumerate()
-            .map(|(r, ((&i, &(_, b)), d))| {
-                let history = &seqs[i].toks[..b];
-                let generated = &history[b.saturating_sub(8)..];
-                RowPlan {
-                    pick: RowPick::Sample(*d),
-                    penalties: if (step * 3 + r) % 3 == 0 {
-                        penalties_for(&PENALTIES, history, generated, vocab)
-                    } else {
-                        None
-                    },
-                }
+        // the host sampler draws from its logits with the same `u`, penalties applied
+        // first (the other rows, by step); in steps of two or more rows, row 1 stays
+        // greedy (a mixed step).
+        let draws: Vec<DeviceDraw> = (0..n).map(|r| draw(step * 3 + r)).collect();
+        let sample_plans: Vec<RowPlan> = (0..n)
+            .map(|r| RowPlan {
+                pick: if n >= 2 && r == 1 {
+                    RowPick::Greedy
+                } else {
+                    RowPick::Sample(draws[r])
+                },
+                penalties: if (step + r) % 2 == 0 { pen_of(r) } else { None },
             })
             .collect();
         let sampled = candidate.forward_step(&chunks, &sample_plans)?;
@@ -208,25 +231,29 @@ pub fn compare(
                 &got[r * vocab..(r + 1) * vocab],
             );
             let (cos, rel, ag) = compare_row(w, g);
-            let own = greedy_pick(&mut g.to_vec());
-            let pick = picked.picked.get(r).copied().flatten();
-            // A sampled row the backend did not pick comes back as logits (the sampler
-            // then draws it): those must be the step's logits.
-            let penalized = sample_plans[r].penalties.as_ref().map(|pen| {
+            // The logits a plan's penalties make of g.
+            let after = |plan: &RowPlan| {
                 let mut x = g.to_vec();
-                apply_penalties(&mut x, pen);
+                if let Some(pen) = &plan.penalties {
+                    apply_penalties(&mut x, pen);
+                }
                 x
-            });
-            let (drawn, drawn_ok) = match sampled.picked.get(r).copied().flatten() {
-                Some(t) => (
-                    Some(t),
-                    sampled_pick_ok(&draws[r], penalized.as_deref().unwrap_or(g), t),
-                ),
-                None => (
+            };
+            let own = greedy_pick(&mut after(&greedy_plans[r]));
+            let pick = picked.picked.get(r).copied().flatten();
+            let plan = &sample_plans[r];
+            let penalized = after(plan);
+            let (drawn, drawn_ok) = match (sampled.picked.get(r).copied().flatten(), plan.pick) {
+                (Some(t), RowPick::Sample(d)) => (Some(t), sampled_pick_ok(&d, &penalized, t)),
+                (Some(t), _) => (Some(t), t == greedy_pick(&mut penalized.clone())),
+                // A row the backend did not pick comes back as logits (the sampler then
+                // draws it): those must be the step's logits as the model computed them,
+                // without the penalties (the sampler applies them).
+                (None, _) => (
                     None,
                     returned
                         .next()
-                        .is_some_and(|l| compare_row(g, l).0 > 0.9999),
+                        .is_some_and(|l| returned_ok(g, l, plan.penalties.as_ref())),
                 ),
             };
             min_cos = min_cos.min(cos);
@@ -236,8 +263,9 @@ pub fn compare(
             rows.push(
                 json!({"step": step, "phase": phase, "seq": i, "cosine": cos,
                 "max_rel_diff": rel, "argmax_agrees": ag, "picked": pick,
-                "picked_is_own_argmax": pick == Some(own), "draw": format!("{:?}", draws[r]),
-                "penalized": penalized.is_some(),
+                "picked_is_own_argmax": pick == Some(own),
+                "greedy_penalized": greedy_plans[r].penalties.is_some(),
+                "plan": format!("{:?}", plan.pick), "penalized": plan.penalties.is_some(),
                 "drawn": drawn, "drawn_ok": drawn_ok}),
             );
         }
@@ -273,11 +301,25 @@ mod tests {
     use super::*;
 
     /// Logits as a function of each chunk's last token and position; `skew` perturbs
-    /// them, `wrong_picks` makes `forward_step` pick a token other than the argmax.
+    /// them, `fault` makes `forward_step` wrong in one way.
     struct Toy {
         vocab: usize,
         skew: f32,
-        wrong_picks: bool,
+        fault: Fault,
+        /// Steps so far: which sampled rows are left to the sampler alternates with it.
+        calls: usize,
+    }
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Fault {
+        None,
+        /// Every pick one token off.
+        WrongPicks,
+        /// Picks and draws from the logits without the plans' penalties.
+        IgnoresPenalties,
+        /// Sends rows back with their penalties applied (the sampler would apply them
+        /// again).
+        ReturnsPenalized,
     }
 
     impl Backend for Toy {
@@ -309,33 +351,43 @@ mod tests {
         ) -> Result<super::super::StepOutput, BackendError> {
             // Greedy rows as the host picks them, sampled rows drawn as a device would
             // (every other one left to the sampler).
+            self.calls += 1;
             let logits = self.forward(chunks)?;
             let mut out = super::super::StepOutput::default();
             for (i, row) in logits.chunks_exact(self.vocab).enumerate() {
                 let plan = plans.get(i);
+                // The row after the plan's penalties (as a device applies them).
+                let mut x = row.to_vec();
+                if let Some(pen) = plan.and_then(|p| p.penalties.as_ref())
+                    && self.fault != Fault::IgnoresPenalties
+                {
+                    apply_penalties(&mut x, pen);
+                }
+                let back = if self.fault == Fault::ReturnsPenalized {
+                    &x
+                } else {
+                    row
+                };
                 match plan.map(|p| p.pick) {
-                    Some(RowPick::Greedy) => out.picked.push(Some(greedy_pick(&mut row.to_vec()))),
-                    Some(RowPick::Sample(d)) if i % 2 == 0 => {
-                        // The token whose interval holds u, after the penalties.
-                        let mut x = row.to_vec();
-                        if let Some(pen) = plan.and_then(|p| p.penalties.as_ref()) {
-                            apply_penalties(&mut x, pen);
-                        }
+                    Some(RowPick::Greedy) => out.picked.push(Some(greedy_pick(&mut x))),
+                    // (Two forward_steps a compared step: the sampled pass alternates.)
+                    Some(RowPick::Sample(d)) if (self.calls / 2 + i).is_multiple_of(2) => {
+                        // The token whose interval holds u.
                         let t = (0..self.vocab as u32).find(|&t| {
                             draw_interval(&d, &x, t).is_some_and(|(lo, hi)| lo <= d.u && d.u < hi)
                         });
                         out.picked.push(t);
                         if t.is_none() {
-                            out.logits.extend_from_slice(row);
+                            out.logits.extend_from_slice(back);
                         }
                     }
                     _ => {
                         out.picked.push(None);
-                        out.logits.extend_from_slice(row);
+                        out.logits.extend_from_slice(back);
                     }
                 }
             }
-            if self.wrong_picks {
+            if self.fault == Fault::WrongPicks {
                 for p in out.picked.iter_mut().flatten() {
                     *p = (*p + 1) % self.vocab as u32;
                 }
@@ -344,35 +396,37 @@ mod tests {
         }
     }
 
-    fn run(skew: f32, wrong_picks: bool) -> Value {
+    fn run(skew: f32, fault: Fault) -> Value {
         let vocab = 50;
         let mut a = Toy {
             vocab,
             skew: 0.0,
-            wrong_picks: false,
+            fault: Fault::None,
+            calls: 0,
         };
         let mut b = Toy {
             vocab,
             skew,
-            wrong_picks,
+            fault,
+            calls: 0,
         };
         compare(&mut a, &mut b, vocab).expect("compare runs")
     }
 
     #[test]
     fn identical_backends_pass_and_different_ones_fail() {
-        let same = run(0.0, false);
+        let same = run(0.0, Fault::None);
         assert_eq!(same["ok"], json!(true), "{same}");
         assert_eq!(same["rows"], json!(39));
-        let tiny = run(0.01, false);
+        let tiny = run(0.01, Fault::None);
         assert_eq!(
             tiny["ok"],
             json!(true),
             "a bf16-sized difference passes: {tiny}"
         );
-        let far = run(2.0, false);
+        let far = run(2.0, Fault::None);
         assert_eq!(far["ok"], json!(false), "different logits fail");
-        let picks = run(0.0, true);
+        let picks = run(0.0, Fault::WrongPicks);
         assert_eq!(
             picks["ok"],
             json!(false),
@@ -382,5 +436,14 @@ mod tests {
         assert_eq!(picks["draws_are_own_samples"], json!(false));
         assert_eq!(same["draws_are_own_samples"], json!(true));
         assert!(same["rows_drawn_on_device"].as_u64().unwrap() > 5, "{same}");
+        // Penalties ignored: greedy picks of penalized rows and penalized draws fail.
+        let ignored = run(0.0, Fault::IgnoresPenalties);
+        assert_eq!(ignored["ok"], json!(false));
+        assert_eq!(ignored["picks_are_own_argmax"], json!(false), "{ignored}");
+        // Rows sent back with their penalties applied fail.
+        let twice = run(0.0, Fault::ReturnsPenalized);
+        assert_eq!(twice["ok"], json!(false), "{twice}");
+        assert_eq!(twice["picks_are_own_argmax"], json!(true));
+        assert_eq!(twice["draws_are_own_samples"], json!(false), "{twice}");
     }
 }

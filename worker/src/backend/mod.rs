@@ -237,6 +237,48 @@ mod tests {
         }
     }
 
+    /// The default `forward_step` picks only unpenalized greedy rows: a greedy row with
+    /// penalties goes back as the model's logits (the sampler applies the penalties).
+    #[test]
+    fn the_default_step_leaves_penalized_greedy_rows_to_the_sampler() {
+        struct Fixed;
+        impl Backend for Fixed {
+            fn name(&self) -> String {
+                "fixed".into()
+            }
+            fn num_kv_blocks(&self) -> usize {
+                1
+            }
+            fn vocab_size(&self) -> usize {
+                3
+            }
+            fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, BackendError> {
+                Ok(chunks.iter().flat_map(|_| [1.0, 9.0, 2.0]).collect())
+            }
+        }
+        let table = [0u32];
+        let chunk = SeqChunk {
+            tokens: &[1],
+            start: 0,
+            block_table: &table,
+            want_logits: true,
+        };
+        let pen = Penalties {
+            repetition: 10.0,
+            entries: vec![(1, 0.0)],
+        };
+        let plans = [
+            RowPlan::from(RowPick::Greedy),
+            RowPlan {
+                pick: RowPick::Greedy,
+                penalties: Some(pen),
+            },
+        ];
+        let out = Fixed.forward_step(&[chunk.clone(), chunk], &plans).unwrap();
+        assert_eq!(out.picked, vec![Some(1), None]);
+        assert_eq!(out.logits, vec![1.0, 9.0, 2.0]);
+    }
+
     #[test]
     fn pick_greedy_rows_keeps_the_other_rows_in_order() {
         let logits = vec![0.0, 5.0, 1.0, 7.0, 9.0, 2.0, 3.0, 3.0];
