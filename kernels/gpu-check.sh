@@ -141,7 +141,7 @@ for shape in ["smollm2-135m", "eurollm-1.7b"]:
          "backend_check_prefill_wgmma_tma": check(f"{shape}.check-wgmma_tma.json"),
          "bench_kv_fp8": load(f"{shape}.fp8.json"), "backend_check_kv_fp8": check(f"{shape}.check-fp8.json")}
     # Sampled decoding against greedy, per batch size (same run, same model).
-    for smp in ["t1", "topp"]:
+    for smp in ["t1", "topp", "t1host"]:
         if not os.path.exists(os.path.join(tmp, f"{shape}.sampled-{smp}.json")):
             continue
         sb = e[f"bench_sampled_{smp}"] = load(f"{shape}.sampled-{smp}.json")
@@ -150,6 +150,12 @@ for shape in ["smollm2-135m", "eurollm-1.7b"]:
                                              for n in sb["decode"] if n in b.get("decode", {})}
         except Exception as ex:
             e[f"sampled_{smp}_note"] = f"no ratio: {ex}"
+    # Drawing on the GPU over drawing on the host, the same temperature-1 requests.
+    try:
+        dv, hv = e["bench_sampled_t1"]["decode"], e["bench_sampled_t1host"]["decode"]
+        e["sampled_t1_device_vs_host"] = {n: dv[n]["aggregate_tok_s"] / hv[n]["aggregate_tok_s"] for n in dv if n in hv}
+    except Exception:
+        pass
     if os.path.exists(os.path.join(tmp, f"{shape}.check-fp8-scales.json")):
         e["backend_check_kv_fp8_calibrated_scales"] = check(f"{shape}.check-fp8-scales.json")
     limit = None
@@ -335,13 +341,18 @@ for shape in eurollm-1.7b smollm2-135m; do
     # 1) and top-k 50 with a nucleus (top-p 0.95; with top-k the nucleus is always among
     # the candidates, whereas top-p alone over a random model's flat logits would send
     # most rows back to the host).
+    # `t1host`: the same temperature-1 draws on the host sampler (SOV_DEVICE_SAMPLING=0,
+    # the way before 2026-11-28): the side-by-side ratio of drawing on the GPU.
     if [ "$shape" = eurollm-1.7b ]; then
-      for smp in "t1:--temperature 1" "topp:--temperature 1 --top-k 50 --top-p 0.95"; do
-        say "$shape: sampled decoding ${smp#*:}"
+      for smp in "t1:--temperature 1" "topp:--temperature 1 --top-k 50 --top-p 0.95" "t1host:--temperature 1"; do
+        name=${smp%%:*}
+        say "$shape: sampled decoding $name (${smp#*:})"
+        dev=1
+        [ "$name" = t1host ] && dev=0
         # shellcheck disable=SC2086  # the options are words
-        RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 --kv-cache-mb 8192 \
-          --batches 1,32 --reps 2 --prompt-tokens 128 --decode-tokens 64 ${smp#*:} \
-          > "$PARTS/$shape.sampled-${smp%%:*}.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.sampled-${smp%%:*}.json"
+        SOV_DEVICE_SAMPLING=$dev RUST_BACKTRACE=0 timeout 60 "$BIN/worker" bench --model "$TMP/$shape" --device cuda:0 \
+          --kv-cache-mb 8192 --batches 1,32 --reps 2 --prompt-tokens 128 --decode-tokens 64 ${smp#*:} \
+          > "$PARTS/$shape.sampled-$name.json" 2>> "$LOG" || echo '{"error": "failed (see the log)"}' > "$PARTS/$shape.sampled-$name.json"
       done
     fi
     # The CUDA backend's forward pass against the CPU backend's, step by step.

@@ -225,6 +225,7 @@ pub fn compare(
             .collect();
         let sampled = candidate.forward_step(&chunks, &sample_plans)?;
         let mut returned = sampled.logits.chunks_exact(vocab);
+        let mut greedy_returned = picked.logits.chunks_exact(vocab);
         for (r, &i) in ids.iter().enumerate() {
             let (w, g) = (
                 &want[r * vocab..(r + 1) * vocab],
@@ -241,6 +242,18 @@ pub fn compare(
             };
             let own = greedy_pick(&mut after(&greedy_plans[r]));
             let pick = picked.picked.get(r).copied().flatten();
+            // A greedy row must be picked as its argmax after its penalties; a backend that
+            // leaves penalized rows to the sampler (the CPU's) sends their logits back.
+            let pen = greedy_plans[r].penalties.as_ref();
+            let greedy_ok = match pick {
+                Some(t) => t == own,
+                None => {
+                    pen.is_some()
+                        && greedy_returned
+                            .next()
+                            .is_some_and(|l| returned_ok(g, l, pen))
+                }
+            };
             let plan = &sample_plans[r];
             let penalized = after(plan);
             let (drawn, drawn_ok) = match (sampled.picked.get(r).copied().flatten(), plan.pick) {
@@ -263,7 +276,7 @@ pub fn compare(
             rows.push(
                 json!({"step": step, "phase": phase, "seq": i, "cosine": cos,
                 "max_rel_diff": rel, "argmax_agrees": ag, "picked": pick,
-                "picked_is_own_argmax": pick == Some(own),
+                "picked_is_own_argmax": greedy_ok,
                 "greedy_penalized": greedy_plans[r].penalties.is_some(),
                 "plan": format!("{:?}", plan.pick), "penalized": plan.penalties.is_some(),
                 "drawn": drawn, "drawn_ok": drawn_ok}),

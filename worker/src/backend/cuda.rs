@@ -26,6 +26,20 @@ use super::kv_scales::KvScales;
 use super::{Backend, BackendError, KvDtype, RowPick, RowPlan, SeqChunk, StepOutput, check_chunks};
 use crate::model::{Matrix, ModelConfig, Weights};
 
+/// The plans as `SOV_DEVICE_SAMPLING=0` leaves them: only unpenalized greedy rows are
+/// picked on the GPU, every other row goes back to the host sampler (with its draw).
+fn without_device_sampling(plans: &[RowPlan]) -> Vec<RowPlan> {
+    plans
+        .iter()
+        .map(|p| match (p.pick, &p.penalties) {
+            (RowPick::Greedy, None) => RowPick::Greedy.into(),
+            (RowPick::Sample(d), _) => RowPick::Host { u: d.u }.into(),
+            (RowPick::Host { u }, _) => RowPick::Host { u }.into(),
+            (RowPick::Greedy, Some(_)) => RowPick::Host { u: 0.0 }.into(),
+        })
+        .collect()
+}
+
 /// Whether the GPU can pick a row planned as `p`: greedy, and sampled rows whose top-k
 /// (if any) fits `topk_rows` (at most `TOPK_MAX` candidates).
 fn device_pickable(p: &RowPick, vocab: usize) -> bool {
@@ -278,6 +292,10 @@ pub struct CudaBackend {
     /// interleaved pairs (half-style q/k weight rows were permuted at load). With
     /// `SOV_GEMV_NORM=late` too, that GEMV applies the norm late as well.
     gemv_rope: bool,
+    /// Sampled and penalized rows picked on the GPU (`sample_rows`, `topk_rows`,
+    /// `apply_penalties`); `SOV_DEVICE_SAMPLING=0` sends their logits back to the host
+    /// sampler instead (greedy rows without penalties are still picked by `argmax_rows`).
+    device_sampling: bool,
     /// Batch sizes whose capture failed: they run without a graph.
     ungraphable: std::collections::HashSet<usize>,
     _blas_workspace: CudaSlice<u8>,
@@ -511,6 +529,7 @@ impl CudaBackend {
             graphs: std::collections::HashMap::new(),
             use_graphs: std::env::var("SOV_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             ungraphable: std::collections::HashSet::new(),
+            device_sampling: std::env::var("SOV_DEVICE_SAMPLING").map_or(true, |v| v != "0"),
             prefill_kind: launch::PrefillKernel::from_env(),
             gemv_norm_late: std::env::var("SOV_GEMV_NORM").is_ok_and(|v| v == "late"),
             gemv_rope,
@@ -1250,6 +1269,13 @@ impl Backend for CudaBackend {
         chunks: &[SeqChunk<'_>],
         plans: &[RowPlan],
     ) -> Result<StepOutput, BackendError> {
+        let host_sampled: Vec<RowPlan>;
+        let plans = if self.device_sampling {
+            plans
+        } else {
+            host_sampled = without_device_sampling(plans);
+            &host_sampled
+        };
         let t = check_chunks(
             chunks,
             self.max_pos,
@@ -1280,5 +1306,66 @@ impl Backend for CudaBackend {
 impl From<CudaError> for BackendError {
     fn from(e: CudaError) -> Self {
         dev(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampler::{DeviceDraw, Penalties};
+
+    #[test]
+    fn without_device_sampling_only_plain_greedy_rows_stay_on_the_gpu() {
+        let d = DeviceDraw {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            u: 0.25,
+        };
+        let pen = Penalties {
+            repetition: 1.2,
+            entries: vec![(3, 0.0)],
+        };
+        let plans = [
+            RowPick::Greedy.into(),
+            RowPlan {
+                pick: RowPick::Greedy,
+                penalties: Some(pen.clone()),
+            },
+            RowPick::Sample(d).into(),
+            RowPlan {
+                pick: RowPick::Sample(d),
+                penalties: Some(pen),
+            },
+            RowPick::Host { u: 0.5 }.into(),
+        ];
+        let out: Vec<RowPick> = without_device_sampling(&plans)
+            .iter()
+            .map(|p| p.pick)
+            .collect();
+        assert_eq!(
+            out,
+            vec![
+                RowPick::Greedy,
+                RowPick::Host { u: 0.0 },
+                RowPick::Host { u: 0.25 },
+                RowPick::Host { u: 0.25 },
+                RowPick::Host { u: 0.5 },
+            ]
+        );
+        assert!(
+            without_device_sampling(&plans)
+                .iter()
+                .all(|p| p.penalties.is_none())
+        );
+        // Nothing but plain greedy rows is left for the device.
+        assert_eq!(
+            without_device_sampling(&plans)
+                .iter()
+                .filter(|p| device_pickable(&p.pick, 100))
+                .count(),
+            1
+        );
     }
 }
