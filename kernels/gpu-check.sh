@@ -8,6 +8,8 @@
 #   4. end-to-end `worker bench --device cuda:0` on random-weight models shaped like
 #      SmolLM2-135M and EuroLLM-1.7B, against the bandwidth limit (copy bandwidth over
 #      the bytes a decode step reads: weights, less an untied embedding table, and K/V);
+#      on the EuroLLM shape also sampled decoding (temperature 1 drawn on the GPU and,
+#      SOV_DEVICE_SAMPLING=0, on the host; top-k 50 + top-p 0.95) beside greedy;
 #   5. the same attention shapes through PyTorch's scaled_dot_product_attention;
 #   6. `worker check-backend`: the CUDA backend's logits against the CPU backend's over
 #      prefill and decode steps (batch 3, 2, 1) on both model shapes, with each prefill
