@@ -1344,19 +1344,29 @@ fn judge_sample_rows(
         "ok": bad.is_empty()})
 }
 
-/// A draw aimed at the middle of the f64 interval of about the 1000th most likely token,
-/// the first from there towards the likelier ones whose probability reaches 1e-5.
-fn aimed_u(row: &[f32], inv_t: f32, min_w: f32) -> f64 {
+/// The sampler's weight of each token of `row` (as `sample_rows` computes them, in f64).
+fn row_weights(row: &[f32], inv_t: f32) -> Vec<f64> {
     let mx = row
         .iter()
         .map(|&v| gpu_ref::sanitize_logit(v))
         .fold(f32::NEG_INFINITY, f32::max);
-    let w: Vec<f64> = row
-        .iter()
+    row.iter()
         .map(|&l| {
-            let x = gpu_ref::sample_weight(gpu_ref::sanitize_logit(l), mx, inv_t);
-            if x >= min_w { f64::from(x) } else { 0.0 }
+            f64::from(gpu_ref::sample_weight(
+                gpu_ref::sanitize_logit(l),
+                mx,
+                inv_t,
+            ))
         })
+        .collect()
+}
+
+/// A draw aimed at the middle of the f64 interval of about the 1000th most likely token,
+/// the first from there towards the likelier ones whose probability reaches 1e-5.
+fn aimed_u(row: &[f32], inv_t: f32, min_w: f32) -> f64 {
+    let w: Vec<f64> = row_weights(row, inv_t)
+        .into_iter()
+        .map(|x| if x >= f64::from(min_w) { x } else { 0.0 })
         .collect();
     let mut before = vec![0f64; w.len() + 1];
     for (i, &x) in w.iter().enumerate() {
@@ -1376,19 +1386,8 @@ fn aimed_u(row: &[f32], inv_t: f32, min_w: f32) -> f64 {
 /// A min-p threshold near `min_w` that no token's weight is within 1e-4 (relative) of:
 /// the geometric middle of the first wide enough gap between sorted weights below it.
 fn gap_threshold(row: &[f32], inv_t: f32, min_w: f32) -> f32 {
-    let mx = row
-        .iter()
-        .map(|&v| gpu_ref::sanitize_logit(v))
-        .fold(f32::NEG_INFINITY, f32::max);
-    let mut w: Vec<f64> = row
-        .iter()
-        .map(|&l| {
-            f64::from(gpu_ref::sample_weight(
-                gpu_ref::sanitize_logit(l),
-                mx,
-                inv_t,
-            ))
-        })
+    let mut w: Vec<f64> = row_weights(row, inv_t)
+        .into_iter()
         .filter(|&x| x > 0.0 && x < f64::from(min_w))
         .collect();
     w.sort_by(|a, b| b.total_cmp(a));

@@ -25,6 +25,7 @@ use rayon::prelude::*;
 use super::kv_scales::KvScales;
 use super::{Backend, BackendError, KvDtype, RowPick, RowPlan, SeqChunk, StepOutput, check_chunks};
 use crate::model::{Matrix, ModelConfig, Weights};
+use crate::sampler::DeviceDraw;
 
 /// The plans as `SOV_DEVICE_SAMPLING=0` leaves them: only unpenalized greedy rows are
 /// picked on the GPU, every other row goes back to the host sampler (with its draw).
@@ -40,24 +41,41 @@ fn without_device_sampling(plans: &[RowPlan]) -> Vec<RowPlan> {
         .collect()
 }
 
-/// Whether the GPU can pick a row planned as `p`: greedy, and sampled rows whose top-k
-/// (if any) fits `topk_rows` (at most `TOPK_MAX` candidates).
-fn device_pickable(p: &RowPick, vocab: usize) -> bool {
-    match p {
-        RowPick::Greedy => true,
-        RowPick::Sample(d) => {
-            !d.ranked() || candidates_wanted(d, vocab) <= kernels::gpu_ref::TOPK_MAX
-        }
-        RowPick::Host { .. } => false,
-    }
+/// How the GPU picks a row planned as a [`RowPick`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum DevicePick {
+    /// `sample_rows`' (or `argmax_rows`') greedy pick.
+    Greedy,
+    /// `sample_rows`' dense draw.
+    Dense(DeviceDraw),
+    /// `topk_rows`' best `n` candidates, finished by `pick_from_ranked`.
+    Ranked(DeviceDraw, usize),
+    /// Not on the GPU: the row's logits go back.
+    Host,
 }
 
-/// How many ranked candidates a draw needs from `topk_rows`: its top-k, or for top-p
-/// alone as many as `topk_rows` gives (the nucleus of a real model's distribution is
-/// usually far smaller; a larger one sends the row's logits back).
-fn candidates_wanted(d: &crate::sampler::DeviceDraw, vocab: usize) -> usize {
-    let all = vocab.min(kernels::gpu_ref::TOPK_MAX);
-    if d.top_k > 0 { d.top_k.min(vocab) } else { all }
+/// Sampled rows are drawn on the GPU when their top-k (if any) fits `topk_rows` (at most
+/// `TOPK_MAX` candidates); top-p alone takes as many as `topk_rows` gives (the nucleus of
+/// a real model's distribution is usually far smaller; a larger one sends the row's logits
+/// back).
+fn device_pick(p: &RowPick, vocab: usize) -> DevicePick {
+    match *p {
+        RowPick::Greedy => DevicePick::Greedy,
+        RowPick::Sample(d) if !d.ranked() => DevicePick::Dense(d),
+        RowPick::Sample(d) => {
+            let n = if d.top_k > 0 {
+                d.top_k.min(vocab)
+            } else {
+                vocab.min(kernels::gpu_ref::TOPK_MAX)
+            };
+            if n <= kernels::gpu_ref::TOPK_MAX {
+                DevicePick::Ranked(d, n)
+            } else {
+                DevicePick::Host
+            }
+        }
+        RowPick::Host { .. } => DevicePick::Host,
+    }
 }
 
 /// Bytes one KV block takes across all layers with a bf16 cache.
@@ -811,7 +829,10 @@ impl CudaBackend {
             });
         }
         let picks: Vec<RowPick> = plans.iter().map(|p| p.pick).collect();
-        let picked = if picks.iter().any(|p| device_pickable(p, vocab)) {
+        let picked = if picks
+            .iter()
+            .any(|p| device_pick(p, vocab) != DevicePick::Host)
+        {
             Self::pick_on_device(&self.k, m, &picks, rows.len(), vocab, penalized)?
         } else {
             vec![None; rows.len()]
@@ -906,17 +927,23 @@ impl CudaBackend {
             logits, pen_logits, ..
         } = m;
         let src: &CudaSlice<f32> = if penalized { pen_logits } else { logits };
-        let pick = |i: usize| picks.get(i).copied().unwrap_or(RowPick::Host { u: 0.0 });
-        let params: Vec<kernels::gpu_ref::SampleParams> = (0..rows)
-            .map(|i| match pick(i) {
-                RowPick::Sample(d) if device_pickable(&pick(i), vocab) => {
-                    kernels::gpu_ref::SampleParams {
-                        inv_t: 1.0 / d.temperature,
-                        // Min-p over ranked candidates is applied on the host.
-                        min_w: if d.ranked() { 0.0 } else { d.min_p },
-                        u: d.u,
-                    }
-                }
+        let kinds: Vec<DevicePick> = (0..rows)
+            .map(|i| {
+                picks
+                    .get(i)
+                    .map_or(DevicePick::Host, |p| device_pick(p, vocab))
+            })
+            .collect();
+        let params: Vec<kernels::gpu_ref::SampleParams> = kinds
+            .iter()
+            .map(|kind| match *kind {
+                DevicePick::Dense(d) | DevicePick::Ranked(d, _) => kernels::gpu_ref::SampleParams {
+                    inv_t: 1.0 / d.temperature,
+                    // Min-p over ranked candidates is applied on the host.
+                    min_w: if d.ranked() { 0.0 } else { d.min_p },
+                    u: d.u,
+                },
+                // Greedy (the rows left to the host get it too, ignored).
                 _ => kernels::gpu_ref::SampleParams {
                     inv_t: 0.0,
                     min_w: 0.0,
@@ -943,11 +970,10 @@ impl CudaBackend {
             vocab,
         )
         .map_err(dev)?;
-        let top = (0..rows)
-            .filter_map(|i| match pick(i) {
-                RowPick::Sample(d) if d.ranked() && device_pickable(&pick(i), vocab) => {
-                    Some(candidates_wanted(&d, vocab))
-                }
+        let top = kinds
+            .iter()
+            .filter_map(|kind| match kind {
+                DevicePick::Ranked(_, n) => Some(*n),
                 _ => None,
             })
             .max()
@@ -973,12 +999,9 @@ impl CudaBackend {
         }
         s.synchronize().map_err(dev)?;
         Ok((0..rows)
-            .map(|i| match pick(i) {
-                RowPick::Greedy => Some(ids[i] as u32),
-                RowPick::Sample(d) if device_pickable(&pick(i), vocab) => {
-                    if !d.ranked() {
-                        return Some(ids[i] as u32);
-                    }
+            .map(|i| match kinds[i] {
+                DevicePick::Greedy | DevicePick::Dense(_) => Some(ids[i] as u32),
+                DevicePick::Ranked(d, _) => {
                     let cands: Vec<(f32, u32)> = top_logits[i * top..(i + 1) * top]
                         .iter()
                         .zip(&top_ids[i * top..(i + 1) * top])
@@ -987,7 +1010,7 @@ impl CudaBackend {
                     let weight_sum = f64::from(stats[2 * i + 1]);
                     crate::sampler::pick_from_ranked(&d, &cands, weight_sum, vocab)
                 }
-                _ => None,
+                DevicePick::Host => None,
             })
             .collect())
     }
@@ -1312,7 +1335,7 @@ impl From<CudaError> for BackendError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sampler::{DeviceDraw, Penalties};
+    use crate::sampler::Penalties;
 
     #[test]
     fn without_device_sampling_only_plain_greedy_rows_stay_on_the_gpu() {
@@ -1359,11 +1382,30 @@ mod tests {
                 .iter()
                 .all(|p| p.penalties.is_none())
         );
+        // Dense, ranked (top-k, or 1024 candidates for top-p alone) and too many for
+        // topk_rows.
+        let vocab = 128_000;
+        assert_eq!(
+            device_pick(&RowPick::Sample(d), vocab),
+            DevicePick::Dense(d)
+        );
+        let top_p = DeviceDraw { top_p: 0.9, ..d };
+        assert_eq!(
+            device_pick(&RowPick::Sample(top_p), vocab),
+            DevicePick::Ranked(top_p, 1024)
+        );
+        let top_k = DeviceDraw { top_k: 40, ..d };
+        assert_eq!(
+            device_pick(&RowPick::Sample(top_k), vocab),
+            DevicePick::Ranked(top_k, 40)
+        );
+        let wide = DeviceDraw { top_k: 2000, ..d };
+        assert_eq!(device_pick(&RowPick::Sample(wide), vocab), DevicePick::Host);
         // Nothing but plain greedy rows is left for the device.
         assert_eq!(
             without_device_sampling(&plans)
                 .iter()
-                .filter(|p| device_pickable(&p.pick, 100))
+                .filter(|p| device_pick(&p.pick, 100) != DevicePick::Host)
                 .count(),
             1
         );
